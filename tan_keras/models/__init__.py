@@ -1,0 +1,1 @@
+"""Models for private training: no BatchNorm anywhere."""

@@ -1,0 +1,1 @@
+"""Privacy accounting with the Total Amount of Noise (TAN)."""
