@@ -1,0 +1,105 @@
+"""Per-example clipping: the step that bounds each example's influence.
+
+Guarantee: for every example i, the contribution to the summed gradient is
+  g_i * min(1, C / ||g_i||_2)   if g_i is finite,   0 otherwise,
+where ||.||_2 is the GLOBAL norm over all trainable variables and g_i is the
+example's gradient averaged over its K augmented views. So one example moves
+the sum by at most C in L2 norm, which is the sensitivity the Gaussian noise
+is calibrated for.
+
+Edge cases:
+  * zero gradient: norm 0, scale 1, contributes 0 (no division by zero).
+  * non-finite gradient (NaN or Inf anywhere): the whole example is zeroed and
+    counted; a single bad example must never poison the update.
+  * padded rows (mask 0): contribute exactly 0, even when their gradient is
+    non-finite (selected with `tf.where`, not multiplied, since 0 * NaN = NaN).
+"""
+
+from typing import List, NamedTuple
+
+import tensorflow as tf
+
+
+class ClippedSum(NamedTuple):
+    """Result of clipping a micro-batch of per-example gradients.
+
+    Attributes:
+      grad_sum: One tensor per variable: sum over real examples of their
+        clipped gradients.
+      norms: [batch] global L2 norm of each example's gradient before clipping
+        (0 for non-finite examples).
+      num_clipped: Scalar count of real examples whose norm exceeded C.
+      num_nonfinite: Scalar count of real examples zeroed for NaN/Inf.
+      num_examples: Scalar count of real (mask > 0) examples.
+    """
+
+    grad_sum: List[tf.Tensor]
+    norms: tf.Tensor
+    num_clipped: tf.Tensor
+    num_nonfinite: tf.Tensor
+    num_examples: tf.Tensor
+
+
+def per_example_global_norms(per_example_grads: List[tf.Tensor]) -> tf.Tensor:
+    """L2 norm of each example's gradient over all variables.
+
+    Computed as max|g| * ||g / max|g|||, so that a finite but huge gradient
+    (entries near the float32 limit, whose squares overflow) still gets a
+    finite norm and is clipped rather than dropped.
+
+    Args:
+      per_example_grads: One tensor per variable, each [batch, *var_shape].
+
+    Returns:
+      A float32 tensor [batch]; NaN for examples with a non-finite entry.
+    """
+    flat = [tf.reshape(tf.cast(g, tf.float32), [tf.shape(g)[0], -1]) for g in per_example_grads]
+    scale = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(g), axis=1) for g in flat]), axis=0)
+    # scale = 0 means a zero gradient: divide by 1 instead (norm stays 0).
+    safe = tf.where(scale > 0, scale, tf.ones_like(scale))
+    squares = [tf.reduce_sum(tf.square(g / safe[:, None]), axis=1) for g in flat]
+    # NaN == 0 is False, so a NaN or Inf entry yields a NaN norm here.
+    return tf.where(scale == 0, tf.zeros_like(scale), safe * tf.sqrt(tf.add_n(squares)))
+
+
+def clip_and_sum(
+    per_example_grads: List[tf.Tensor],
+    l2_norm_clip: float,
+    mask: tf.Tensor,
+) -> ClippedSum:
+    """Clips each example's gradient to L2 norm `l2_norm_clip` and sums them.
+
+    Args:
+      per_example_grads: One tensor per variable, each [batch, *var_shape].
+      l2_norm_clip: C > 0.
+      mask: [batch] tensor; rows with mask <= 0 are padding and contribute 0.
+
+    Returns:
+      A `ClippedSum`.
+    """
+    norms = per_example_global_norms(per_example_grads)
+    real = tf.cast(mask, tf.float32) > 0
+    finite = tf.math.is_finite(norms)
+    keep = tf.logical_and(real, finite)
+    clip = tf.constant(l2_norm_clip, tf.float32)
+    # g * min(1, C / norm) computed as (g / max(norm, C)) * C: dividing first
+    # keeps huge norms from making C / norm subnormal (flushed to 0 on CPU).
+    # norm = 0 gives max(0, C) = C, so no division by zero.
+    denom = tf.where(keep, tf.maximum(norms, clip), tf.ones_like(norms))
+
+    grad_sum = []
+    for g in per_example_grads:
+        g = tf.cast(g, tf.float32)
+        shape = [-1] + [1] * (len(g.shape) - 1)
+        # Select before dividing: a dropped row may hold NaN and 0 * NaN = NaN.
+        g = tf.where(tf.reshape(keep, shape), g, tf.zeros_like(g))
+        grad_sum.append(tf.reduce_sum(g / tf.reshape(denom, shape), axis=0) * clip)
+
+    count = lambda b: tf.reduce_sum(tf.cast(b, tf.float32))  # noqa: E731
+    return ClippedSum(
+        grad_sum=grad_sum,
+        norms=tf.where(keep, norms, tf.zeros_like(norms)),
+        num_clipped=count(tf.logical_and(keep, norms > clip)),
+        num_nonfinite=count(tf.logical_and(real, tf.logical_not(finite))),
+        num_examples=count(real),
+    )

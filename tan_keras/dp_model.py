@@ -1,0 +1,450 @@
+"""`DPKerasModel`: a Keras model whose `fit` is DP-SGD as the TAN paper runs it.
+
+One logical DP-SGD step (see tan-method.md section 1):
+
+  g = ( sum_{i in batch} clip_C( mean_{k<K} grad l(w; view_k(x_i)) )
+        + N(0, sigma^2 C^2 I) ) / B
+
+The model only wires together pure functions that are tested on their own:
+per-example gradients (`per_example.py`), clipping (`clipping.py`), noise
+(`noise.py`). Batches come from `tan_keras.sampling` (Poisson sampling, padded
+to a static physical size, split into micro-batches). Each element is
+`(x, y, mask, step_end)`: `mask` marks real rows (padding contributes exactly
+nothing) and `step_end` marks the last micro-batch of a logical step, when the
+accumulated clipped sum gets its noise -- once -- and the update is applied.
+Plain `(x, y)` or `(x, y, sample_weight)` batches are each one logical step.
+"""
+
+import contextlib
+import inspect
+import warnings
+from typing import Optional
+
+import tensorflow as tf
+
+from tan_keras import clipping, model_checks, noise, per_example
+from tan_keras.dp_config import DPConfig
+
+_DP_CONFIG_KEYS = (
+    "l2_norm_clip",
+    "noise_multiplier",
+    "expected_batch_size",
+    "dataset_size",
+    "augmult",
+    "ema_decay",
+)
+
+_NOT_POISSON_WARNING = (
+    "DPKerasModel received batches without the `step_end` flag of "
+    "tan_keras.sampling's Poisson pipeline. Each batch is treated as one logical "
+    "step, divided by expected_batch_size={batch}. The epsilon reported by "
+    "tan_keras assumes Poisson sampling (each example included independently "
+    "with probability q); shuffled fixed-size batches do not satisfy it and the "
+    "reported epsilon would not be a valid bound."
+)
+
+
+class _Trackers:
+    """DP step metrics, kept out of the model's weights (a plain object)."""
+
+    def __init__(self):
+        self.loss = tf.keras.metrics.Mean(name="loss")
+        self.clipped = tf.keras.metrics.Mean(name="clipped_fraction")
+        self.norm = tf.keras.metrics.Mean(name="grad_norm")
+        self.nonfinite = tf.keras.metrics.Sum(name="nonfinite_examples")
+
+    def all(self):
+        return [self.loss, self.clipped, self.norm, self.nonfinite]
+
+
+class _SecretState:
+    """Holds state that must never be saved with the model's weights.
+
+    A plain (non-trackable) object, so Keras weight lists, `model.save` and
+    `tf.train.Checkpoint(model=...)` do not see what it holds: the noise RNG
+    (whoever has its state can regenerate and subtract the noise) and the
+    un-noised accumulated sum of clipped gradients.
+    """
+
+    def __init__(self, generator: tf.random.Generator):
+        self.generator = generator
+        self.accumulators = None
+        # Micro-batches accumulated since the last noisy update.
+        self.pending = tf.Variable(0, dtype=tf.int64, trainable=False, name="dp_pending")
+
+
+@tf.keras.utils.register_keras_serializable(package="tan_keras")
+class DPKerasModel(tf.keras.Model):
+    """A `tf.keras.Model` trained with DP-SGD.
+
+    Build it like a functional model, `DPKerasModel(inputs, outputs, ...)`, or
+    wrap an existing model with `make_private`. `compile`, `fit`, `evaluate`,
+    `predict`, callbacks and `save`/`load_model` work as in Keras.
+
+    Args:
+      *args: Positional arguments of `tf.keras.Model` (inputs, outputs).
+      l2_norm_clip: C > 0, per-example clip norm (global over all variables).
+      noise_multiplier: sigma >= 0; noise std on the sum is sigma * C.
+      expected_batch_size: B, the expected Poisson batch size; the noisy sum is
+        divided by it (a public constant), never by the realized size.
+      dataset_size: N, the number of distinct training examples.
+      augmult: K >= 1 views per example. With K > 1 training inputs are
+        `[batch, K, *input_shape]`; the K views' gradients are averaged before
+        clipping.
+      ema_decay: Optional EMA decay d in [0, 1) of the weights, with warm-up
+        d_t = min(d, (1 + t) / (10 + t)); see `ema_weights()`.
+      noise_seed: None (default) seeds the noise from OS entropy. An integer
+        makes the noise reproducible and the run NOT private against anyone who
+        knows it (a `NotPrivateWarning` says so).
+      **kwargs: Other `tf.keras.Model` keyword arguments (name, ...).
+
+    Raises:
+      ValueError: on an invalid DP argument, or a layer that breaks per-example
+        privacy (BatchNormalization, activity regularizers).
+    """
+
+    def __init__(
+        self,
+        *args,
+        l2_norm_clip: float,
+        noise_multiplier: float,
+        expected_batch_size: int,
+        dataset_size: int,
+        augmult: int = 1,
+        ema_decay: Optional[float] = None,
+        noise_seed: Optional[int] = None,
+        **kwargs,
+    ):
+        # Validate before building anything: bad input must fail fast.
+        config = DPConfig(
+            l2_norm_clip=l2_norm_clip,
+            noise_multiplier=noise_multiplier,
+            expected_batch_size=expected_batch_size,
+            dataset_size=dataset_size,
+            augmult=augmult,
+        )
+        if ema_decay is not None:
+            from tan_keras import _validate
+
+            ema_decay = _validate.real(
+                "ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False
+            )
+        super().__init__(*args, **kwargs)
+        model_checks.check_model_is_dp_compatible(self)
+        self._dp_config = config
+        self._ema_decay = ema_decay
+        self._secret = _SecretState(noise.make_noise_generator(noise_seed))
+        # Noisy updates applied so far: the accountant's step count. Saved with
+        # the weights so that a resumed run cannot under-report epsilon.
+        self.dp_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="dp_steps")
+        self._ema_variables = None
+        if ema_decay is not None:
+            # Created with the model (not at compile) so that save/load_model
+            # restores them.
+            self._ema_variables = [
+                tf.Variable(v, trainable=False, name="ema/" + v.name.split(":")[0])
+                for v in self.trainable_variables
+            ]
+        self._warned_not_poisson = False
+        self._trackers = _Trackers()
+
+    # ------------------------------------------------------------------ config
+    @property
+    def dp_config(self) -> DPConfig:
+        """The validated DP hyper-parameters (`DPConfig`)."""
+        return self._dp_config
+
+    @property
+    def noise_generator(self) -> tf.random.Generator:
+        """The noise RNG. Checkpoint it to resume; never publish its state."""
+        return self._secret.generator
+
+    @property
+    def ema_decay(self) -> Optional[float]:
+        return self._ema_decay
+
+    def get_config(self):
+        # Keras 2.15 drops the layer graph for Functional subclasses with a
+        # custom __init__; ask for the network config explicitly.
+        from keras.src.engine import functional
+
+        config = functional.get_network_config(
+            self, config={"name": self.name, "trainable": self.trainable}
+        )
+        dp = self._dp_config.to_dict()
+        dp["ema_decay"] = self._ema_decay
+        config.update(dp)
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        from keras.src.engine import functional
+
+        config = dict(config)
+        dp_kwargs = {key: config.pop(key) for key in _DP_CONFIG_KEYS if key in config}
+        inputs, outputs, _ = functional.reconstruct_from_config(config, custom_objects)
+        # A reloaded model draws fresh noise from OS entropy: seeds are never saved.
+        return cls(inputs=inputs, outputs=outputs, name=config.get("name"), **dp_kwargs)
+
+    # ----------------------------------------------------------------- compile
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
+        """Like `tf.keras.Model.compile`; `loss` must give one value per example.
+
+        `loss` is a Keras loss name, function or `tf.keras.losses.Loss`; its
+        unreduced per-example values are averaged over the K views, then
+        clipped. Keras-2-only arguments (`loss_weights`, `weighted_metrics`) are
+        passed through unchanged.
+
+        Raises:
+          ValueError: if `loss` is missing or a dict/list (multi-output losses
+            are not supported).
+        """
+        if loss is None or isinstance(loss, (dict, list, tuple)):
+            raise ValueError(
+                "Invalid value for `loss`: expected one Keras loss (name, function or "
+                f"tf.keras.losses.Loss) for a single-output model. Received: loss={loss!r}"
+            )
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+        self._per_example_loss = per_example.unreduced_loss_fn(loss)
+        self._build_dp_state()
+
+    def _build_dp_state(self):
+        variables = self.trainable_variables
+        if not variables:
+            raise ValueError("DPKerasModel has no trainable variables to train.")
+        with tf.init_scope():
+            if self._secret.accumulators is None:
+                self._secret.accumulators = [
+                    tf.Variable(tf.zeros_like(v), trainable=False, name="dp_accumulator")
+                    for v in variables
+                ]
+            # Build optimizer slots now: the update runs inside a tf.cond (it
+            # happens on the last micro-batch of a step only), where variable
+            # creation is not allowed.
+            build = getattr(self.optimizer, "build", None)
+            if build is not None and not getattr(self.optimizer, "built", True):
+                build(variables)
+
+    def compile_from_config(self, config):
+        """Recompiles a loaded model from its saved compile config."""
+        from keras.src.saving import serialization_lib
+
+        self.compile(**serialization_lib.deserialize_keras_object(config))
+
+    @property
+    def metrics(self):
+        metrics = self._trackers.all()
+        if self.compiled_metrics is not None:
+            metrics += self.compiled_metrics.metrics
+        return metrics
+
+    # --------------------------------------------------------------------- fit
+    def fit(self, *args, **kwargs):
+        """`tf.keras.Model.fit`, guarded against inputs that would void DP.
+
+        Batches should come from `tan_keras.sampling.make_poisson_dataset`
+        (endless by default: pass `steps_per_epoch`, counted in micro-batches).
+        A `sample_weight` acts as an inclusion mask only (rows with weight > 0
+        count fully): real weights would change each example's sensitivity.
+
+        Raises:
+          ValueError: for a finite dataset of unknown length with several
+            epochs (Keras would cut logical steps at epoch boundaries), or a
+            model that was not compiled.
+        """
+        bound = inspect.signature(tf.keras.Model.fit).bind(self, *args, **kwargs)
+        arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
+        data = arguments.get("x")
+        epochs = arguments.get("epochs", 1) - arguments.get("initial_epoch", 0)
+        if (
+            isinstance(data, tf.data.Dataset)
+            and arguments.get("steps_per_epoch") is None
+            and epochs > 1
+            and data.cardinality() == tf.data.UNKNOWN_CARDINALITY
+        ):
+            raise ValueError(
+                "Invalid value for `steps_per_epoch`: expected an integer when fitting "
+                "several epochs on a dataset of unknown length (a Poisson pipeline: "
+                "its number of micro-batches is random). Received: steps_per_epoch=None. "
+                "Keras would stop each epoch after the first epoch's count and cut "
+                "logical steps in two. Use an endless make_poisson_dataset(steps=None) "
+                "with steps_per_epoch, or epochs=1."
+            )
+        if self._secret.accumulators is None:
+            raise ValueError("Compile the DPKerasModel before calling fit.")
+        # A partial logical step left by an earlier fit holds examples sampled
+        # for THAT step; merging it into a new step could include an example
+        # twice in one noisy update (sensitivity 2C). Drop it.
+        self._reset_accumulators()
+        return super().fit(*args, **kwargs)
+
+    def _reset_accumulators(self):
+        for acc in self._secret.accumulators:
+            acc.assign(tf.zeros_like(acc))
+        self._secret.pending.assign(0)
+
+    def at_step_boundary(self) -> bool:
+        """Whether no logical step is half-accumulated (safe to checkpoint)."""
+        return int(self._secret.pending.numpy()) == 0
+
+    # -------------------------------------------------------------- train step
+    def _unpack(self, data):
+        step_end = None
+        if isinstance(data, (tuple, list)) and len(data) == 4:
+            x, y, mask, step_end = data
+        else:
+            x, y, mask = tf.keras.utils.unpack_x_y_sample_weight(data)
+            if not self._warned_not_poisson:
+                self._warned_not_poisson = True
+                warnings.warn(
+                    _NOT_POISSON_WARNING.format(batch=self._dp_config.expected_batch_size),
+                    stacklevel=3,
+                )
+        if y is None:
+            raise ValueError("DPKerasModel.fit needs labels: batches must be (x, y, ...).")
+        if mask is None:
+            mask = tf.ones(tf.shape(y)[:1], tf.float32)
+        return x, y, mask, step_end
+
+    def train_step(self, data):
+        """One micro-batch of DP-SGD; the update happens at the step's end."""
+        x, y, mask, step_end = self._unpack(data)
+        x = per_example.as_views(x, self._dp_config.augmult, self.inputs[0].shape.rank)
+        grads, losses, y_pred = per_example.per_example_gradients(
+            self, self._per_example_loss, x, y
+        )
+        clipped = clipping.clip_and_sum(grads, self._dp_config.l2_norm_clip, mask)
+
+        if step_end is None:
+            self._apply_noisy_update(clipped.grad_sum)
+        else:
+            for acc, g in zip(self._secret.accumulators, clipped.grad_sum):
+                acc.assign_add(g)
+            self._secret.pending.assign_add(1)
+
+            def finish_step():
+                self._apply_noisy_update([acc.read_value() for acc in self._secret.accumulators])
+                self._reset_accumulators()
+                return tf.constant(True)
+
+            tf.cond(tf.cast(step_end, tf.bool), finish_step, lambda: tf.constant(False))
+
+        real = tf.cast(mask > 0, tf.float32)
+        self._trackers.loss.update_state(losses, sample_weight=real)
+        n_real = tf.maximum(clipped.num_examples, 1.0)
+        self._trackers.clipped.update_state(
+            clipped.num_clipped / n_real, sample_weight=clipped.num_examples
+        )
+        self._trackers.norm.update_state(clipped.norms, sample_weight=real)
+        self._trackers.nonfinite.update_state(clipped.num_nonfinite)
+        return self.compute_metrics(None, y, y_pred, real)
+
+    def _apply_noisy_update(self, grad_sum):
+        config = self._dp_config
+        noisy_sum = noise.add_gaussian_noise(grad_sum, config.noise_stddev, self._secret.generator)
+        grads = [g / config.expected_batch_size for g in noisy_sum]
+        variables = self.trainable_variables
+        grads = self._add_weight_regularization(grads, variables)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        if self._ema_variables is not None:
+            self._update_ema(variables)
+        self.dp_steps.assign_add(1)
+
+    def _add_weight_regularization(self, grads, variables):
+        # Weight regularizers do not depend on data, so their gradient needs no
+        # clipping or noise; activity regularizers are refused at construction.
+        if not self.losses:
+            return grads
+        with tf.GradientTape() as tape:
+            penalty = tf.add_n(self.losses)
+        reg = tape.gradient(penalty, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return [g + r for g, r in zip(grads, reg)]
+
+    def _update_ema(self, variables):
+        t = tf.cast(self.dp_steps, tf.float32)
+        decay = tf.minimum(self._ema_decay, (1.0 + t) / (10.0 + t))
+        for shadow, v in zip(self._ema_variables, variables):
+            shadow.assign(decay * shadow + (1.0 - decay) * v)
+
+    # --------------------------------------------------------------- test step
+    def test_step(self, data):
+        x, y, sample_weight = tf.keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self(x, training=False)
+        losses = self._per_example_loss(y, y_pred)
+        self._trackers.loss.update_state(losses, sample_weight=sample_weight)
+        self.compute_metrics(x, y, y_pred, sample_weight)
+        return {m.name: m.result() for m in [self._trackers.loss] + self.compiled_metrics.metrics}
+
+    def compute_metrics(self, x, y, y_pred, sample_weight):
+        if self.compiled_metrics is not None:
+            self.compiled_metrics.update_state(y, y_pred, sample_weight)
+        return {m.name: m.result() for m in self.metrics}
+
+    # --------------------------------------------------------------------- EMA
+    @property
+    def ema_variables(self):
+        """EMA shadows of the trainable variables (None without `ema_decay`)."""
+        return self._ema_variables
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Context manager: the model holds its EMA weights inside the block.
+
+        Example: `with model.ema_weights(): model.evaluate(test_ds)`.
+
+        Raises:
+          ValueError: if the model has no EMA (`ema_decay` was None).
+        """
+        if self._ema_variables is None:
+            raise ValueError(
+                "This DPKerasModel keeps no EMA of its weights: pass ema_decay "
+                "(e.g. 0.999) and compile the model."
+            )
+        variables = self.trainable_variables
+        backup = [tf.identity(v) for v in variables]
+        for v, shadow in zip(variables, self._ema_variables):
+            v.assign(shadow)
+        try:
+            yield self
+        finally:
+            for v, saved in zip(variables, backup):
+                v.assign(saved)
+
+
+def make_private(model: tf.keras.Model, **dp_kwargs) -> DPKerasModel:
+    """Makes an existing Keras model private without rewriting it.
+
+    The returned `DPKerasModel` shares the layers (and so the weights) of
+    `model`; compile and fit the returned model.
+
+    Args:
+      model: A functional or Sequential model with known inputs, or any model
+        already called on data. Subclassed models: wrap them in a functional
+        model first (`x = tf.keras.Input(shape); DPKerasModel(x, model(x), ...)`).
+      **dp_kwargs: The DP arguments of `DPKerasModel` (l2_norm_clip,
+        noise_multiplier, expected_batch_size, dataset_size, augmult,
+        ema_decay, noise_seed).
+
+    Returns:
+      A `DPKerasModel`.
+
+    Raises:
+      ValueError: if the model's inputs are unknown, or on a bad DP argument.
+    """
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except AttributeError:
+        inputs = outputs = None
+    if not inputs or not outputs:
+        raise ValueError(
+            f"Invalid value for `model`: expected a Keras model with known inputs "
+            f"(functional or Sequential with an Input). Received: model={model.name!r}. "
+            "Wrap a subclassed model: x = tf.keras.Input(shape); "
+            "DPKerasModel(x, model(x), ...)."
+        )
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ValueError(
+            "Invalid value for `model`: expected a single-input, single-output model. "
+            f"Received: model with {len(inputs)} inputs and {len(outputs)} outputs."
+        )
+    return DPKerasModel(inputs=inputs[0], outputs=outputs[0], name=model.name, **dp_kwargs)

@@ -1,0 +1,107 @@
+"""Per-example gradients with `tf.vectorized_map`, augmentation multiplicity.
+
+An example and its K augmented views are ONE privacy unit: the model sees the
+K views as a batch of K, the per-view losses are averaged, and the gradient of
+that average (= the average of the K view gradients) is what gets clipped.
+"""
+
+from typing import Callable, List, Tuple
+
+import tensorflow as tf
+
+
+def unreduced_loss_fn(loss) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """Returns a function giving one loss value per example (no reduction).
+
+    Args:
+      loss: A Keras loss name, function, or `tf.keras.losses.Loss` instance.
+
+    Returns:
+      A callable `(y_true, y_pred) -> [batch]` losses.
+
+    Raises:
+      ValueError: if `loss` is not a Keras loss.
+    """
+    try:
+        resolved = tf.keras.losses.get(loss)
+    except ValueError as err:
+        raise ValueError(
+            f"Invalid value for `loss`: expected a Keras loss. Received: loss={loss!r}"
+        ) from err
+    if isinstance(resolved, tf.keras.losses.Loss):
+        # `Loss.call` is the unreduced per-example loss in Keras 2 and 3.
+        return resolved.call
+    return resolved
+
+
+def as_views(x: tf.Tensor, augmult: int, model_input_rank: int) -> tf.Tensor:
+    """Returns training inputs as [batch, K, *input_shape].
+
+    Args:
+      x: Either [batch, *input_shape] (only when K = 1) or
+        [batch, K, *input_shape].
+      augmult: K.
+      model_input_rank: Rank of the model's input including the batch axis.
+
+    Returns:
+      `x` with an explicit views axis of size K.
+
+    Raises:
+      ValueError: if the shape does not match K.
+    """
+    rank = x.shape.rank
+    if rank == model_input_rank + 1:
+        views = x.shape[1]
+        if views is not None and views != augmult:
+            raise ValueError(
+                f"Invalid training input shape {x.shape}: axis 1 holds {views} "
+                f"augmented views but the model was built with augmult={augmult}."
+            )
+        return x
+    if rank == model_input_rank:
+        if augmult != 1:
+            raise ValueError(
+                f"Invalid training input shape {x.shape}: augmult={augmult} expects "
+                f"inputs of shape [batch, {augmult}, ...] (the views of each example "
+                "together); build them with tan_keras.sampling.make_poisson_dataset."
+            )
+        return tf.expand_dims(x, 1)
+    raise ValueError(
+        f"Invalid training input shape {x.shape}: expected rank {model_input_rank} "
+        f"([batch, ...]) or {model_input_rank + 1} ([batch, K, ...])."
+    )
+
+
+def per_example_gradients(
+    model: tf.keras.Model,
+    loss_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
+    views: tf.Tensor,
+    y: tf.Tensor,
+) -> Tuple[List[tf.Tensor], tf.Tensor, tf.Tensor]:
+    """Gradient of each example's view-averaged loss, vectorized over examples.
+
+    Args:
+      model: The Keras model (called in training mode on K views at a time).
+      loss_fn: Unreduced loss, `(y_true, y_pred) -> [K]`.
+      views: [batch, K, *input_shape] inputs.
+      y: [batch, ...] labels, one per example (shared by its views).
+
+    Returns:
+      (grads, losses, predictions): grads is one [batch, *var_shape] tensor per
+      trainable variable; losses is [batch] view-averaged losses; predictions
+      is [batch, ...] model outputs averaged over the views.
+    """
+    variables = model.trainable_variables
+
+    def one_example(args):
+        example_views, label = args
+        num_views = tf.shape(example_views)[0]
+        labels = tf.repeat(tf.expand_dims(label, 0), num_views, axis=0)
+        with tf.GradientTape() as tape:
+            pred = model(example_views, training=True)
+            loss = tf.reduce_mean(loss_fn(labels, pred))
+        grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return grads, loss, tf.reduce_mean(pred, axis=0)
+
+    grads, losses, preds = tf.vectorized_map(one_example, (views, y))
+    return list(grads), losses, preds

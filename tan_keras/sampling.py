@@ -1,0 +1,228 @@
+"""Poisson sampling as a `tf.data` pipeline, with static shapes for XLA/TPU.
+
+The accountant's guarantee assumes Poisson sampling: at every logical step
+each of the N examples is included independently with probability q = B/N.
+Shuffled fixed-size batches do not satisfy it (audits measured 4-10x gaps).
+
+Static shapes: a logical batch has a random size n ~ Binomial(N, q). It is cut
+into micro-batches of a fixed physical size P, the last one padded; a `mask`
+marks real rows (padding contributes exactly nothing) and `step_end` marks the
+last micro-batch of the step. A large sample is never truncated: it spills
+into extra micro-batches of the same logical step. An empty sample is a valid
+step (one all-padding micro-batch: the update is pure noise). With the default
+P = B + 4 sqrt(B (1 - q)), a step needs a second micro-batch with probability
+about 3e-5, so almost all compute goes to real rows.
+
+Secrecy: amplification by sampling assumes nobody knows which examples were
+sampled, so the sampling RNG, like the noise RNG, is seeded from OS entropy
+unless a seed is given explicitly (debugging only; a warning says so).
+"""
+
+import math
+import secrets
+import warnings
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tan_keras import _validate
+from tan_keras.noise import NotPrivateWarning
+
+_INT64_MIN = -(2**63)
+
+SEEDED_SAMPLER_WARNING = (
+    "The Poisson sampler was given an explicit seed ({seed}). Privacy amplification "
+    "by sampling assumes the batches are secret; anyone who knows this seed knows "
+    "them, and the reported epsilon does not hold against them. Debugging only."
+)
+
+
+def default_physical_batch_size(expected_batch_size: int, dataset_size: int) -> int:
+    """Physical micro-batch size P = B + 4 std of the Poisson batch size (<= N).
+
+    Args:
+      expected_batch_size: B.
+      dataset_size: N.
+
+    Returns:
+      P, so that a logical step spills into a second micro-batch with
+      probability about 3e-5.
+    """
+    q = expected_batch_size / dataset_size
+    std = math.sqrt(expected_batch_size * (1.0 - q))
+    return min(dataset_size, expected_batch_size + int(math.ceil(4.0 * std)))
+
+
+class PoissonSampler(tf.Module):
+    """Draws Poisson-sampled logical batches of example indices.
+
+    Its state (secret key, step counter) is made of variables: put the
+    sampler in a `tf.train.Checkpoint` and call `resume_at` after restoring.
+
+    Args:
+      dataset_size: N, the number of distinct training examples.
+      expected_batch_size: B; q = B / N.
+      physical_batch_size: P, rows per micro-batch (static shape). Defaults to
+        `default_physical_batch_size(B, N)`.
+      seed: None (default) seeds from OS entropy; an integer makes sampling
+        reproducible and warns that the batches are then not secret.
+
+    Raises:
+      ValueError: on an invalid argument.
+    """
+
+    def __init__(
+        self,
+        dataset_size: int,
+        expected_batch_size: int,
+        physical_batch_size: Optional[int] = None,
+        seed: Optional[int] = None,
+    ):
+        super().__init__(name="poisson_sampler")
+        self.dataset_size = _validate.positive_int("dataset_size", dataset_size)
+        self.expected_batch_size = _validate.integer(
+            "expected_batch_size", expected_batch_size, low=1, high=self.dataset_size
+        )
+        if physical_batch_size is None:
+            physical_batch_size = default_physical_batch_size(
+                self.expected_batch_size, self.dataset_size
+            )
+        self.physical_batch_size = _validate.positive_int(
+            "physical_batch_size", physical_batch_size
+        )
+        if seed is None:
+            key = secrets.randbits(64) + _INT64_MIN
+        else:
+            key = _validate.integer("seed", seed, low=0)
+            warnings.warn(SEEDED_SAMPLER_WARNING.format(seed=seed), NotPrivateWarning, stacklevel=2)
+        # Step t's batch is a pure function of (key, t): a resumed run sets the
+        # counter to its number of completed updates and sees exactly the
+        # batches an uninterrupted run would have seen, while re-iterating the
+        # dataset continues the counter and never replays a batch.
+        self.key = tf.Variable(key, dtype=tf.int64, trainable=False, name="key")
+        self.next_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="next_step")
+
+    @property
+    def sampling_rate(self) -> float:
+        """q = B / N."""
+        return self.expected_batch_size / self.dataset_size
+
+    def resume_at(self, step: int) -> None:
+        """Makes the next logical batch the one of step `step` (0-based).
+
+        Call it after restoring a checkpoint, with the number of noisy updates
+        already applied (`model.dp_steps`): batches drawn ahead by the input
+        pipeline but never applied are drawn again, applied ones never are.
+
+        Args:
+          step: Number of logical steps already applied.
+
+        Raises:
+          ValueError: if `step` is not an integer >= 0.
+        """
+        self.next_step.assign(_validate.integer("step", step, low=0))
+
+    def sample_indices(self, step) -> tf.Tensor:
+        """Draws the logical batch of step `step`: each index kept with prob. q.
+
+        Args:
+          step: Scalar int64 step index.
+
+        Returns:
+          A 1-D int64 tensor of the selected indices (in increasing order).
+        """
+        seed = tf.stack([self.key, tf.cast(step, tf.int64)])
+        uniform = tf.random.stateless_uniform([self.dataset_size], seed=seed, dtype=tf.float64)
+        return tf.where(uniform < self.sampling_rate)[:, 0]
+
+    def micro_batches(self, steps: Optional[int] = None) -> tf.data.Dataset:
+        """Logical steps cut into padded micro-batches.
+
+        Args:
+          steps: Number of logical steps per iteration of the dataset; None
+            for an endless dataset. Each iteration draws fresh batches (the
+            RNG state carries on), so `fit(..., epochs=E)` sees E * steps
+            different logical batches.
+
+        Returns:
+          A dataset of `(indices [P] int64, mask [P] float32, step_end bool)`.
+
+        Raises:
+          ValueError: if `steps` is not a positive integer.
+        """
+        if steps is not None:
+            steps = _validate.positive_int("steps", steps)
+        size = self.physical_batch_size
+
+        def split(_):
+            indices = self.sample_indices(self.next_step.assign_add(1) - 1)
+            n = tf.shape(indices, out_type=tf.int64)[0]
+            num_micro = tf.maximum(tf.math.floordiv(n + size - 1, size), 1)
+            padded_len = num_micro * size
+            padded = tf.concat([indices, tf.zeros([padded_len - n], tf.int64)], 0)
+            mask = tf.cast(tf.range(padded_len) < n, tf.float32)
+            step_end = tf.range(num_micro) == num_micro - 1
+            return (
+                tf.reshape(padded, [num_micro, size]),
+                tf.reshape(mask, [num_micro, size]),
+                step_end,
+            )
+
+        ticks = tf.data.Dataset.from_tensors(0).repeat()
+        if steps is not None:
+            ticks = ticks.take(steps)
+        # Sequential map: the step counter is stateful.
+        return ticks.map(split).flat_map(
+            lambda idx, mask, end: tf.data.Dataset.from_tensor_slices((idx, mask, end))
+        )
+
+
+def make_poisson_dataset(
+    features: np.ndarray,
+    labels: np.ndarray,
+    sampler: PoissonSampler,
+    steps: Optional[int] = None,
+    augmult: int = 1,
+    augmenter: Optional[Callable[[tf.Tensor], tf.Tensor]] = None,
+) -> tf.data.Dataset:
+    """The training input of `DPKerasModel.fit` for an in-memory dataset.
+
+    Args:
+      features: [N, *input_shape] array of the N distinct training examples.
+      labels: [N, ...] array of labels.
+      sampler: A `PoissonSampler` with `dataset_size == N`.
+      steps: Logical steps per iteration (per Keras epoch); None for endless.
+      augmult: K views per example; K > 1 yields `[P, K, *input_shape]`.
+      augmenter: Optional `images -> images` random augmentation (one view per
+        call), e.g. from `tan_keras.augment.make_augmenter`. Without it the K
+        views are identical copies.
+
+    Returns:
+      A dataset of `(x, y, mask, step_end)` micro-batches.
+
+    Raises:
+      ValueError: if sizes disagree or `augmult` < 1.
+    """
+    augmult = _validate.positive_int("augmult", augmult)
+    if len(features) != sampler.dataset_size or len(labels) != sampler.dataset_size:
+        raise _validate.invalid(
+            "dataset_size",
+            f"the number of training examples ({len(features)} features, {len(labels)} labels)",
+            sampler.dataset_size,
+            "N must count the distinct training examples, before any repeat or augmentation",
+        )
+    features = tf.convert_to_tensor(features)
+    labels = tf.convert_to_tensor(labels)
+
+    def gather(indices, mask, step_end):
+        x = tf.gather(features, indices)
+        if augmenter is not None:
+            from tan_keras import augment
+
+            x = augment.make_views(x, augmult, augmenter)
+        elif augmult > 1:
+            x = tf.repeat(tf.expand_dims(x, 1), augmult, axis=1)
+        return x, tf.gather(labels, indices), mask, step_end
+
+    return sampler.micro_batches(steps).map(gather).prefetch(2)

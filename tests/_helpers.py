@@ -1,0 +1,56 @@
+"""Small models and one-step drivers shared by the DP tests."""
+
+import numpy as np
+import tensorflow as tf
+
+from tan_keras.dp_model import DPKerasModel
+
+LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def dense_model(inputs=4, hidden=5, classes=3, seed=0):
+    """A tiny functional MLP with fixed initial weights."""
+    tf.keras.utils.set_random_seed(seed)
+    inp = tf.keras.Input((inputs,))
+    h = tf.keras.layers.Dense(hidden, activation="tanh")(inp)
+    return tf.keras.Model(inp, tf.keras.layers.Dense(classes)(h))
+
+
+def dp_model(base, lr=0.1, jit_compile=False, **dp_kwargs):
+    """Wraps `base` (sharing nothing: a copy of its weights) as a compiled DP model."""
+    clone = tf.keras.models.clone_model(base)
+    clone.set_weights(base.get_weights())
+    model = DPKerasModel(inputs=clone.inputs, outputs=clone.outputs, **dp_kwargs)
+    model.compile(optimizer=tf.keras.optimizers.SGD(lr), loss=LOSS, jit_compile=jit_compile)
+    return model
+
+
+def micro_batches(x, y, mask, ends):
+    """A dataset of (x, y, mask, step_end) from stacked micro-batches."""
+    return tf.data.Dataset.from_tensor_slices(
+        (
+            np.asarray(x, np.float32),
+            np.asarray(y, np.int32),
+            np.asarray(mask, np.float32),
+            np.asarray(ends, bool),
+        )
+    )
+
+
+def one_step(model, x, y, mask=None, micro=1):
+    """Runs one logical step over `micro` equal micro-batches; returns weights."""
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
+    mask = np.ones(len(x), np.float32) if mask is None else np.asarray(mask, np.float32)
+    size = len(x) // micro
+    ds = micro_batches(
+        x.reshape((micro, size) + x.shape[1:]),
+        y.reshape(micro, size),
+        mask.reshape(micro, size),
+        [i == micro - 1 for i in range(micro)],
+    )
+    model.fit(ds, epochs=1, verbose=0)
+    return [v.numpy() for v in model.trainable_variables]
+
+
+def flat(weights):
+    return np.concatenate([np.ravel(w) for w in weights])
