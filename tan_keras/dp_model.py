@@ -22,7 +22,7 @@ from typing import Optional
 
 import tensorflow as tf
 
-from tan_keras import clipping, model_checks, noise, per_example
+from tan_keras import _validate, clipping, model_checks, noise, per_example
 from tan_keras.dp_config import DPConfig
 
 _DP_CONFIG_KEYS = (
@@ -71,6 +71,8 @@ class _SecretState:
         self.accumulators = None
         # Micro-batches accumulated since the last noisy update.
         self.pending = tf.Variable(0, dtype=tf.int64, trainable=False, name="dp_pending")
+        # Number of noisy updates after which no more are applied (-1: none).
+        self.step_limit = tf.Variable(-1, dtype=tf.int64, trainable=False, name="dp_limit")
 
 
 @tf.keras.utils.register_keras_serializable(package="tan_keras")
@@ -124,8 +126,6 @@ class DPKerasModel(tf.keras.Model):
             augmult=augmult,
         )
         if ema_decay is not None:
-            from tan_keras import _validate
-
             ema_decay = _validate.real(
                 "ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False
             )
@@ -283,6 +283,25 @@ class DPKerasModel(tf.keras.Model):
             acc.assign(tf.zeros_like(acc))
         self._secret.pending.assign(0)
 
+    def set_step_limit(self, steps: Optional[int]) -> None:
+        """Caps the total number of noisy updates (None removes the cap).
+
+        Enforced inside the compiled train step: once `dp_steps` reaches the
+        cap, further logical steps are discarded without touching the
+        weights, whatever Keras callbacks or `steps_per_execution` do. The
+        `PrivacyAccountant` callback sets it from its budget.
+
+        Args:
+          steps: The cap, an integer >= 0, or None.
+
+        Raises:
+          ValueError: if `steps` is not None or an integer >= 0.
+        """
+        if steps is None:
+            self._secret.step_limit.assign(-1)
+        else:
+            self._secret.step_limit.assign(_validate.integer("steps", steps, low=0))
+
     def at_step_boundary(self) -> bool:
         """Whether no logical step is half-accumulated (safe to checkpoint)."""
         return int(self._secret.pending.numpy()) == 0
@@ -315,19 +334,30 @@ class DPKerasModel(tf.keras.Model):
         )
         clipped = clipping.clip_and_sum(grads, self._dp_config.l2_norm_clip, mask)
 
-        if step_end is None:
-            self._apply_noisy_update(clipped.grad_sum)
-        else:
-            for acc, g in zip(self._secret.accumulators, clipped.grad_sum):
-                acc.assign_add(g)
-            self._secret.pending.assign_add(1)
+        for acc, g in zip(self._secret.accumulators, clipped.grad_sum):
+            acc.assign_add(g)
+        self._secret.pending.assign_add(1)
+        # Plain (x, y[, w]) batches are each a whole logical step.
+        step_end = tf.constant(True) if step_end is None else tf.cast(step_end, tf.bool)
+        limit = self._secret.step_limit
+        # Enforced in the graph, not only by callbacks: with steps_per_execution
+        # > 1 Keras runs several batches between two callback calls.
+        allowed = tf.logical_or(limit < 0, self.dp_steps < limit)
 
-            def finish_step():
-                self._apply_noisy_update([acc.read_value() for acc in self._secret.accumulators])
-                self._reset_accumulators()
-                return tf.constant(True)
+        def finish_step():
+            self._apply_noisy_update([acc.read_value() for acc in self._secret.accumulators])
+            self._reset_accumulators()
+            return tf.constant(True)
 
-            tf.cond(tf.cast(step_end, tf.bool), finish_step, lambda: tf.constant(False))
+        def discard_step():
+            self._reset_accumulators()
+            return tf.constant(False)
+
+        tf.cond(
+            step_end,
+            lambda: tf.cond(allowed, finish_step, discard_step),
+            lambda: tf.constant(False),
+        )
 
         real = tf.cast(mask > 0, tf.float32)
         self._trackers.loss.update_state(losses, sample_weight=real)

@@ -1,0 +1,189 @@
+"""Times the DP train step of DPKerasModel next to the plain Keras step.
+
+One run measures, on the same model and the same data, side by side:
+  plain  -- the ordinary Keras train step (a batch of B*K images, mean loss);
+  dp     -- tan_keras.DPKerasModel (per-example clipping of view-averaged
+            gradients, noise, division by the expected batch size);
+  tfp    -- TF Privacy's DPModel (K = 1 only: it has no augmentation
+            multiplicity).
+Each configuration runs in its own subprocess, so its peak memory (max RSS) is
+its own. Prints examples/s (medians over timed steps after warm-up), the ratio
+to the plain step and to TF Privacy, and peak memory; writes JSON.
+
+Example (CPU, a few minutes):
+  python benchmarks/dp_step_benchmark.py --models=small_cnn,wrn16_4 \
+      --batch_sizes=32,64 --augmults=1,4 --json=/tmp/bench.json
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = ("plain", "dp", "tfp")
+INPUT_SHAPES = {"small_cnn": (32, 32, 3), "wrn16_4": (32, 32, 3)}
+
+
+def _measure(model_name, method, batch, augmult, steps, warmup, jit):
+    """Runs in a child process: returns median seconds per step and max RSS."""
+    import numpy as np
+    import tensorflow as tf
+
+    from tan_keras.dp_model import make_private
+    from tan_keras.models import build_model
+
+    tf.keras.utils.set_random_seed(0)
+    shape = INPUT_SHAPES[model_name]
+    base = build_model(model_name, shape, 10)
+    loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, batch).astype(np.int32)
+    if method == "plain":
+        model = base
+        x = rng.random((batch * augmult,) + shape, dtype=np.float32)
+        data = (x, np.repeat(y, augmult))
+    elif method == "dp":
+        model = make_private(
+            base,
+            l2_norm_clip=1.0,
+            noise_multiplier=1.0,
+            expected_batch_size=batch,
+            dataset_size=50000,
+            augmult=augmult,
+        )
+        x = rng.random((batch, augmult) + shape, dtype=np.float32)
+        if augmult == 1:
+            x = x[:, 0]
+        data = (x, y, np.ones(batch, np.float32), True)
+    else:
+        from tensorflow_privacy.privacy.keras_models.dp_keras_model import DPModel
+
+        if augmult != 1:
+            return None
+        model = DPModel(
+            l2_norm_clip=1.0,
+            noise_multiplier=1.0,
+            inputs=base.inputs,
+            outputs=base.outputs,
+        )
+        x = rng.random((batch,) + shape, dtype=np.float32)
+        data = (x, y)
+    model.compile(optimizer=tf.keras.optimizers.SGD(0.01), loss=loss, jit_compile=jit)
+    dataset = tf.data.Dataset.from_tensors(data).repeat()
+    iterator = iter(dataset)
+    train_function = model.make_train_function()
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        logs = train_function(iterator)
+        tf.nest.map_structure(lambda t: t.numpy(), logs)  # wait for the step
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds_per_step": statistics.median(times), "peak_rss_mb": peak_mb}
+
+
+def _run_child(args, model_name, method, batch, augmult):
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        f"--models={model_name}",
+        f"--methods={method}",
+        f"--batch_sizes={batch}",
+        f"--augmults={augmult}",
+        f"--steps={args.steps}",
+        f"--warmup={args.warmup}",
+    ] + (["--jit"] if args.jit else [])
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"{model_name}/{method} failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="small_cnn,wrn16_4")
+    parser.add_argument("--batch_sizes", default="32,64")
+    parser.add_argument("--augmults", default="1,4")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (median)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--jit", action="store_true", help="jit_compile=True (XLA)")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    models = args.models.split(",")
+    methods = args.methods.split(",")
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    augmults = [int(k) for k in args.augmults.split(",")]
+    for name in models:
+        if name not in INPUT_SHAPES:
+            parser.error(f"--models: unknown model {name!r}; expected {sorted(INPUT_SHAPES)}")
+    for method in methods:
+        if method not in METHODS:
+            parser.error(f"--methods: unknown method {method!r}; expected {METHODS}")
+
+    if args.child:
+        result = _measure(
+            models[0], methods[0], batches[0], augmults[0], args.steps, args.warmup, args.jit
+        )
+        print("RESULT " + json.dumps(result))
+        return
+
+    rows = []
+    header = (
+        f"{'model':<10} {'B':>4} {'K':>2} {'method':<6} {'ex/s':>9} "
+        f"{'vs plain':>9} {'vs tfp':>7} {'peak MB':>8}"
+    )
+    print(header)
+    for name in models:
+        for batch in batches:
+            for augmult in augmults:
+                results = {}
+                for method in methods:
+                    result = _run_child(args, name, method, batch, augmult)
+                    if result is not None:
+                        results[method] = result
+                for method, result in results.items():
+                    throughput = batch / result["seconds_per_step"]
+                    row = dict(
+                        model=name,
+                        batch_size=batch,
+                        augmult=augmult,
+                        method=method,
+                        jit=args.jit,
+                        examples_per_s=throughput,
+                        peak_rss_mb=result["peak_rss_mb"],
+                    )
+                    # Ratios are slowdowns: step time relative to the baseline.
+                    for base in ("plain", "tfp"):
+                        if base in results:
+                            row[f"slowdown_vs_{base}"] = (
+                                result["seconds_per_step"] / results[base]["seconds_per_step"]
+                            )
+                    rows.append(row)
+                    vs_plain = row.get("slowdown_vs_plain")
+                    vs_tfp = row.get("slowdown_vs_tfp")
+                    print(
+                        f"{name:<10} {batch:>4} {augmult:>2} {method:<6} {throughput:>9.1f} "
+                        f"{_fmt(vs_plain):>9} {_fmt(vs_tfp):>7} {row['peak_rss_mb']:>8.0f}",
+                        flush=True,
+                    )
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=2)
+
+
+def _fmt(ratio):
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+if __name__ == "__main__":
+    main()
