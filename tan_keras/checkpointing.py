@@ -2,20 +2,20 @@
 
 A resumed DP run must report the same epsilon as an uninterrupted one and
 must never replay or skip noise. So a checkpoint holds: the weights, the
-optimizer, the EMA shadows, the noisy-update count (`dp_steps`, the
-accountant's step count), the noise RNG state and the Poisson sampler's key
-and counter. It also holds a fingerprint of the DP configuration: restoring a
-checkpoint written by a run with another (N, B, sigma, C, K) is refused,
-since continuing it would account the two runs' steps under the wrong
-parameters.
+optimizer, the EMA shadows, the noisy-update count (`dp_steps`: the
+accountant's step count and the noise stream's position), the noise key,
+and the Poisson sampler's key and counter. It also holds a fingerprint of
+the DP configuration (N, B, sigma, C, K): a checkpoint written by a run with
+another configuration is refused, since continuing it would account the two
+runs' steps under the wrong parameters.
 
 Checkpoints are taken at logical-step boundaries only (the accumulated,
 un-noised sum of clipped gradients is never written to disk).
 
-Secrecy: a checkpoint contains the noise RNG state, from which the noise of
-the whole run can be regenerated. Keep checkpoints as private as the training
+Secrecy: a checkpoint contains the noise key, from which the noise of the
+whole run can be regenerated. Keep checkpoints as private as the training
 data; publish only the final weights (`model.save_weights`, `model.save`),
-which exclude the RNG state.
+which exclude the key.
 """
 
 import json
@@ -65,7 +65,7 @@ class DPCheckpoint:
         self._fingerprint = tf.Variable(_fingerprint(model), trainable=False, dtype=tf.string)
         objects = dict(
             model=model,
-            noise_rng=model.noise_generator,
+            noise_key=model.noise_key,
             dp_fingerprint=self._fingerprint,
         )
         if model.optimizer is not None:

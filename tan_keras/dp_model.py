@@ -17,6 +17,7 @@ Plain `(x, y)` or `(x, y, sample_weight)` batches are each one logical step.
 
 import contextlib
 import inspect
+import math
 import warnings
 from typing import Optional
 
@@ -61,18 +62,36 @@ class _SecretState:
     """Holds state that must never be saved with the model's weights.
 
     A plain (non-trackable) object, so Keras weight lists, `model.save` and
-    `tf.train.Checkpoint(model=...)` do not see what it holds: the noise RNG
-    (whoever has its state can regenerate and subtract the noise) and the
-    un-noised accumulated sum of clipped gradients.
+    `tf.train.Checkpoint(model=...)` do not see what it holds: the noise key
+    (whoever has it can regenerate and subtract the noise) and the un-noised
+    accumulated sums of clipped gradients.
     """
 
-    def __init__(self, generator: tf.random.Generator):
-        self.generator = generator
+    def __init__(self, key):
+        self.key = tf.Variable(key, dtype=tf.int64, trainable=False, name="dp_noise_key")
         self.accumulators = None
         # Micro-batches accumulated since the last noisy update.
-        self.pending = tf.Variable(0, dtype=tf.int64, trainable=False, name="dp_pending")
+        self.pending = _replicated_counter(0, "dp_pending")
         # Number of noisy updates after which no more are applied (-1: none).
-        self.step_limit = tf.Variable(-1, dtype=tf.int64, trainable=False, name="dp_limit")
+        self.step_limit = _replicated_counter(-1, "dp_limit")
+
+
+def _replicated_counter(value, name):
+    # Every replica makes the same update; keep the first replica's value.
+    return tf.Variable(
+        value,
+        dtype=tf.int64,
+        trainable=False,
+        name=name,
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+    )
+
+
+def _assign_zero(variable):
+    # A per-replica (sync-on-read) accumulator cannot be assigned as a whole
+    # outside a replica context: zero each replica's copy.
+    for component in getattr(variable, "values", (variable,)):
+        component.assign(tf.zeros_like(component))
 
 
 @tf.keras.utils.register_keras_serializable(package="tan_keras")
@@ -133,16 +152,22 @@ class DPKerasModel(tf.keras.Model):
         model_checks.check_model_is_dp_compatible(self)
         self._dp_config = config
         self._ema_decay = ema_decay
-        self._secret = _SecretState(noise.make_noise_generator(noise_seed))
-        # Noisy updates applied so far: the accountant's step count. Saved with
-        # the weights so that a resumed run cannot under-report epsilon.
-        self.dp_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="dp_steps")
+        self._secret = _SecretState(noise.make_noise_key(noise_seed))
+        # Noisy updates applied so far: the accountant's step count and the
+        # noise stream's position. Saved with the weights so that a resumed
+        # run can neither under-report epsilon nor replay noise.
+        self.dp_steps = _replicated_counter(0, "dp_steps")
         self._ema_variables = None
         if ema_decay is not None:
             # Created with the model (not at compile) so that save/load_model
             # restores them.
             self._ema_variables = [
-                tf.Variable(v, trainable=False, name="ema/" + v.name.split(":")[0])
+                tf.Variable(
+                    v,
+                    trainable=False,
+                    name="ema/" + v.name.split(":")[0],
+                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+                )
                 for v in self.trainable_variables
             ]
         self._warned_not_poisson = False
@@ -155,9 +180,9 @@ class DPKerasModel(tf.keras.Model):
         return self._dp_config
 
     @property
-    def noise_generator(self) -> tf.random.Generator:
-        """The noise RNG. Checkpoint it to resume; never publish its state."""
-        return self._secret.generator
+    def noise_key(self) -> tf.Variable:
+        """The secret noise key. Checkpoint it to resume; never publish it."""
+        return self._secret.key
 
     @property
     def ema_decay(self) -> Optional[float]:
@@ -212,15 +237,22 @@ class DPKerasModel(tf.keras.Model):
         variables = self.trainable_variables
         if not variables:
             raise ValueError("DPKerasModel has no trainable variables to train.")
-        with tf.init_scope():
+        with tf.init_scope(), self.distribute_strategy.scope():
             if self._secret.accumulators is None:
+                # One copy per replica: each sums the clipped gradients of its
+                # own rows; the copies meet in the optimizer's all-reduce.
                 self._secret.accumulators = [
-                    tf.Variable(tf.zeros_like(v), trainable=False, name="dp_accumulator")
+                    tf.Variable(
+                        tf.zeros_like(v),
+                        trainable=False,
+                        name="dp_accumulator",
+                        synchronization=tf.VariableSynchronization.ON_READ,
+                        aggregation=tf.VariableAggregation.SUM,
+                    )
                     for v in variables
                 ]
-            # Build optimizer slots now: the update runs inside a tf.cond (it
-            # happens on the last micro-batch of a step only), where variable
-            # creation is not allowed.
+            # Build optimizer slots now, so that the gated update can snapshot
+            # and restore the complete optimizer state from the first step on.
             build = getattr(self.optimizer, "build", None)
             if build is not None and not getattr(self.optimizer, "built", True):
                 build(variables)
@@ -280,7 +312,10 @@ class DPKerasModel(tf.keras.Model):
 
     def _reset_accumulators(self):
         for acc in self._secret.accumulators:
-            acc.assign(tf.zeros_like(acc))
+            if tf.distribute.in_cross_replica_context():
+                _assign_zero(acc)
+            else:
+                acc.assign(tf.zeros_like(acc))
         self._secret.pending.assign(0)
 
     def set_step_limit(self, steps: Optional[int]) -> None:
@@ -334,30 +369,26 @@ class DPKerasModel(tf.keras.Model):
         )
         clipped = clipping.clip_and_sum(grads, self._dp_config.l2_norm_clip, mask)
 
-        for acc, g in zip(self._secret.accumulators, clipped.grad_sum):
+        accumulators = self._secret.accumulators
+        for acc, g in zip(accumulators, clipped.grad_sum):
             acc.assign_add(g)
-        self._secret.pending.assign_add(1)
-        # Plain (x, y[, w]) batches are each a whole logical step.
-        step_end = tf.constant(True) if step_end is None else tf.cast(step_end, tf.bool)
+        # Plain (x, y[, w]) batches are each a whole logical step. The Poisson
+        # pipeline repeats the flag on every row so that it survives the
+        # split of a global micro-batch across replicas.
+        if step_end is None:
+            step_end = tf.constant(True)
+        else:
+            step_end = tf.reduce_any(tf.cast(step_end, tf.bool))
         limit = self._secret.step_limit
-        # Enforced in the graph, not only by callbacks: with steps_per_execution
-        # > 1 Keras runs several batches between two callback calls.
-        allowed = tf.logical_or(limit < 0, self.dp_steps < limit)
-
-        def finish_step():
-            self._apply_noisy_update([acc.read_value() for acc in self._secret.accumulators])
-            self._reset_accumulators()
-            return tf.constant(True)
-
-        def discard_step():
-            self._reset_accumulators()
-            return tf.constant(False)
-
-        tf.cond(
-            step_end,
-            lambda: tf.cond(allowed, finish_step, discard_step),
-            lambda: tf.constant(False),
-        )
+        # The step cap is enforced here, not only by callbacks: with
+        # steps_per_execution > 1 Keras runs several batches between two
+        # callback calls.
+        apply = tf.logical_and(step_end, tf.logical_or(limit < 0, self.dp_steps < limit))
+        self._gated_noisy_update([acc.read_value() for acc in accumulators], apply)
+        for acc in accumulators:
+            acc.assign(tf.where(step_end, tf.zeros_like(acc), acc))
+        pending = self._secret.pending
+        pending.assign(tf.where(step_end, tf.zeros_like(pending), pending + 1))
 
         real = tf.cast(mask > 0, tf.float32)
         self._trackers.loss.update_state(losses, sample_weight=real)
@@ -369,16 +400,47 @@ class DPKerasModel(tf.keras.Model):
         self._trackers.nonfinite.update_state(clipped.num_nonfinite)
         return self.compute_metrics(None, y, y_pred, real)
 
-    def _apply_noisy_update(self, grad_sum):
+    def _gated_noisy_update(self, grad_sum, apply):
+        """Noises, normalizes and applies `grad_sum` where `apply` is True.
+
+        There is no tf.cond around the update: under MirroredStrategy the
+        optimizer's all-reduce and every update of a mirrored variable go
+        through `merge_call`, which control flow cannot contain. So the update
+        runs on every micro-batch and only takes effect when `apply` (end of
+        a logical step, within the step cap): otherwise the weights and the
+        optimizer state are put back as they were and nothing else changes.
+        """
         config = self._dp_config
-        noisy_sum = noise.add_gaussian_noise(grad_sum, config.noise_stddev, self._secret.generator)
+        replica = tf.distribute.get_replica_context()
+        # Each of the R replicas adds independent noise of std sigma*C/sqrt(R)
+        # to its partial sum; the optimizer's all-reduce SUMs them, giving the
+        # global clipped sum plus noise of std sigma*C, once per logical step.
+        stddev = config.noise_stddev / math.sqrt(replica.num_replicas_in_sync)
+        seed = noise.step_seed(self._secret.key, self.dp_steps, replica.replica_id_in_sync_group)
+        noisy_sum = noise.add_gaussian_noise(grad_sum, stddev, seed)
         grads = [g / config.expected_batch_size for g in noisy_sum]
         variables = self.trainable_variables
         grads = self._add_weight_regularization(grads, variables)
+        grads = [tf.where(apply, g, tf.zeros_like(g)) for g in grads]
+
+        state = list(variables) + self._optimizer_variables()
+        saved = [tf.identity(v) for v in state]
         self.optimizer.apply_gradients(zip(grads, variables))
+
+        def keep_update_if_applied(strategy, apply, saved):
+            for var, old in zip(state, saved):
+                strategy.extended.update(
+                    var, lambda v, o, ok: v.assign(tf.where(ok, v, o)), args=(old, apply)
+                )
+
+        replica.merge_call(keep_update_if_applied, args=(apply, saved))
         if self._ema_variables is not None:
-            self._update_ema(variables)
-        self.dp_steps.assign_add(1)
+            self._update_ema(variables, apply)
+        self.dp_steps.assign_add(tf.cast(apply, tf.int64))
+
+    def _optimizer_variables(self):
+        variables = self.optimizer.variables
+        return list(variables() if callable(variables) else variables)
 
     def _add_weight_regularization(self, grads, variables):
         # Weight regularizers do not depend on data, so their gradient needs no
@@ -390,11 +452,11 @@ class DPKerasModel(tf.keras.Model):
         reg = tape.gradient(penalty, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return [g + r for g, r in zip(grads, reg)]
 
-    def _update_ema(self, variables):
+    def _update_ema(self, variables, apply):
         t = tf.cast(self.dp_steps, tf.float32)
         decay = tf.minimum(self._ema_decay, (1.0 + t) / (10.0 + t))
         for shadow, v in zip(self._ema_variables, variables):
-            shadow.assign(decay * shadow + (1.0 - decay) * v)
+            shadow.assign(tf.where(apply, decay * shadow + (1.0 - decay) * v, shadow))
 
     # --------------------------------------------------------------- test step
     def test_step(self, data):

@@ -1,9 +1,16 @@
-"""Gaussian noise for DP-SGD, from an RNG that nobody can regenerate.
+"""Gaussian noise for DP-SGD, from a key that nobody can regenerate.
 
 The noise is what makes a DP-SGD run private: anyone who can regenerate it can
-subtract it. So the RNG is seeded from the operating system's entropy pool
-(`secrets`) by default; an explicit seed exists only for debugging and says
-loudly that the run is then not private against anyone who knows the seed.
+subtract it. So the noise key is drawn from the operating system's entropy
+pool (`secrets`) by default; an explicit seed exists only for debugging and
+says loudly that the run is then not private against anyone who knows it.
+
+Streams: the noise of logical step t on replica r, variable i, is drawn with a
+stateless Philox generator seeded by fold_in(fold_in(fold_in(key, t), r), i).
+So every (step, replica, variable) gets its own stream by construction: no
+two replicas share noise, no step reuses another's, and a run resumed at step
+t (the step count is checkpointed) continues exactly the noise of an
+uninterrupted run. Stateless ops also compile with XLA on TPU.
 
 Floating-point caveat (documented, not solved by any float-based DP-SGD
 library): sampling a Gaussian in floating point leaks through the low-order
@@ -22,7 +29,7 @@ from tan_keras import _validate
 _INT64_MIN = -(2**63)
 
 SEEDED_NOISE_WARNING = (
-    "The DP noise RNG was given an explicit seed ({seed}). The run is NOT private "
+    "The DP noise was given an explicit seed ({seed}). The run is NOT private "
     "against anyone who knows this seed: they can regenerate the noise and "
     "subtract it. Use an explicit seed for debugging only."
 )
@@ -32,49 +39,70 @@ class NotPrivateWarning(UserWarning):
     """Warned when a setting voids the privacy guarantee against some observer."""
 
 
-def make_noise_generator(seed: Optional[int] = None) -> tf.random.Generator:
-    """Creates the RNG that draws DP noise.
+def make_noise_key(seed: Optional[int] = None) -> List[int]:
+    """Creates the secret key of the DP noise.
 
     Args:
-      seed: None (default) seeds the full Philox state (counter and key) from
-        OS entropy. An integer gives a reproducible stream and warns that the
-        run is not private against anyone who knows it.
+      seed: None (default) draws the 128-bit key from OS entropy. An integer
+        gives a reproducible key and warns (`NotPrivateWarning`) that the run
+        is not private against anyone who knows it.
 
     Returns:
-      A `tf.random.Generator` (Philox). It is a trackable object: saving it in
-      a checkpoint saves its state, so a resumed run continues the stream
-      instead of replaying noise.
+      Two int64 words, the key of a stateless Philox generator.
 
     Raises:
       ValueError: if `seed` is not an integer >= 0.
     """
     if seed is None:
-        # Philox state is three 64-bit words: a 128-bit counter and a 64-bit key.
-        state = [secrets.randbits(64) + _INT64_MIN for _ in range(3)]
-        return tf.random.Generator.from_state(state, alg="philox")
-    seed = _validate.integer("noise_seed", seed, low=0)
+        return [secrets.randbits(64) + _INT64_MIN for _ in range(2)]
+    seed = _validate.integer("noise_seed", seed, low=0, high=2**63 - 1)
     warnings.warn(SEEDED_NOISE_WARNING.format(seed=seed), NotPrivateWarning, stacklevel=2)
-    return tf.random.Generator.from_seed(seed, alg="philox")
+    return [seed, 0x7A4E]
+
+
+def step_seed(key: tf.Tensor, step: tf.Tensor, replica_id=0) -> tf.Tensor:
+    """The seed of one logical step's noise on one replica.
+
+    Args:
+      key: [2] int64 noise key (see `make_noise_key`).
+      step: Scalar index of the logical step (noisy updates applied before it).
+      replica_id: Index of the replica in its sync group.
+
+    Returns:
+      A [2] stateless-RNG seed, distinct for every (key, step, replica).
+    """
+    seed = tf.random.experimental.stateless_fold_in(key, tf.cast(step, tf.int64))
+    return tf.random.experimental.stateless_fold_in(seed, tf.cast(replica_id, tf.int64))
 
 
 def add_gaussian_noise(
     grad_sum: List[tf.Tensor],
     stddev: float,
-    generator: tf.random.Generator,
+    seed: tf.Tensor,
 ) -> List[tf.Tensor]:
     """Adds N(0, stddev^2 I) to a summed gradient.
 
     This is the one place the package adds DP noise. `stddev` is the std on the
-    SUM of clipped gradients (sigma * C), never on the mean.
+    SUM of clipped gradients (sigma * C, or sigma * C / sqrt(R) for each of R
+    replicas whose sums are then added), never on the mean.
 
     Args:
       grad_sum: One tensor per variable.
-      stddev: sigma * C; 0 returns the sum unchanged (and draws nothing).
-      generator: The noise RNG (see `make_noise_generator`).
+      stddev: Noise std; 0 returns the sum unchanged (and draws nothing).
+      seed: [2] seed from `step_seed`.
 
     Returns:
       The noisy sum, one tensor per variable.
     """
     if stddev == 0:
         return list(grad_sum)
-    return [g + generator.normal(tf.shape(g), stddev=stddev, dtype=g.dtype) for g in grad_sum]
+    return [
+        g
+        + tf.random.stateless_normal(
+            tf.shape(g),
+            seed=tf.random.experimental.stateless_fold_in(seed, index),
+            stddev=stddev,
+            dtype=g.dtype,
+        )
+        for index, g in enumerate(grad_sum)
+    ]

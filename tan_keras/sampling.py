@@ -6,7 +6,7 @@ Shuffled fixed-size batches do not satisfy it (audits measured 4-10x gaps).
 
 Static shapes: a logical batch has a random size n ~ Binomial(N, q). It is cut
 into micro-batches of a fixed physical size P, the last one padded; a `mask`
-marks real rows (padding contributes exactly nothing) and `step_end` marks the
+marks real rows (padding contributes exactly nothing) and `step_end` marks (on every row) the
 last micro-batch of the step. A large sample is never truncated: it spills
 into extra micro-batches of the same logical step. An empty sample is a valid
 step (one all-padding micro-batch: the update is pure noise). With the default
@@ -146,7 +146,8 @@ class PoissonSampler(tf.Module):
             different logical batches.
 
         Returns:
-          A dataset of `(indices [P] int64, mask [P] float32, step_end bool)`.
+          A dataset of `(indices [P] int64, mask [P] float32, step_end [P] bool)`;
+          `step_end` is True on every row of a step's last micro-batch.
 
         Raises:
           ValueError: if `steps` is not a positive integer.
@@ -162,7 +163,9 @@ class PoissonSampler(tf.Module):
             padded_len = num_micro * size
             padded = tf.concat([indices, tf.zeros([padded_len - n], tf.int64)], 0)
             mask = tf.cast(tf.range(padded_len) < n, tf.float32)
-            step_end = tf.range(num_micro) == num_micro - 1
+            # The flag is repeated on every row: a global micro-batch may be
+            # split across replicas, and each must know where the step ends.
+            step_end = tf.tile((tf.range(num_micro) == num_micro - 1)[:, None], [1, size])
             return (
                 tf.reshape(padded, [num_micro, size]),
                 tf.reshape(mask, [num_micro, size]),

@@ -24,7 +24,7 @@ def _data():
     return rng.normal(size=(N, 4)).astype(np.float32), rng.integers(0, 3, N).astype(np.int32)
 
 
-def _run(directory, steps, resume=False, sigma=1.0, physical=4):
+def _run(directory, steps, resume=False, sigma=1.0, physical=4, noise_seed=11):
     """Builds model + sampler from scratch (as a new process would) and trains."""
     tf.keras.utils.set_random_seed(0)
     inp = tf.keras.Input((4,))
@@ -38,7 +38,7 @@ def _run(directory, steps, resume=False, sigma=1.0, physical=4):
             expected_batch_size=B,
             dataset_size=N,
             ema_decay=0.9,
-            noise_seed=11,
+            noise_seed=noise_seed,
         )
         sampler = sampling.PoissonSampler(N, B, physical_batch_size=physical, seed=5)
     model.compile(optimizer=tf.keras.optimizers.SGD(0.1, momentum=0.9), loss=LOSS)
@@ -70,19 +70,26 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
     np.testing.assert_allclose(flat(resumed.ema_variables), flat(full.ema_variables), atol=1e-6)
 
 
-def test_power_check_resume_without_rng_state_diverges(tmp_path, monkeypatch):
-    """If the noise RNG were not checkpointed, the weights would differ."""
+def test_power_check_resume_that_replays_batches_diverges(tmp_path, monkeypatch):
+    """If the sampler restarted at step 0 (replaying batches), weights would differ."""
     full, _ = _run(tmp_path / "full", steps=4)
     _run(tmp_path / "split", steps=2)
+    monkeypatch.setattr(sampling.PoissonSampler, "resume_at", lambda self, step: None)
     original = checkpointing.DPCheckpoint.__init__
 
-    def without_noise_rng(self, directory, model, sampler=None, max_to_keep=3):
+    def without_sampler(self, directory, model, sampler=None, max_to_keep=3):
         original(self, directory, model, sampler, max_to_keep)
-        del self._checkpoint.noise_rng  # the bug: RNG state not restored
+        del self._checkpoint.sampler  # the bug: sampler state not checkpointed
 
-    monkeypatch.setattr(checkpointing.DPCheckpoint, "__init__", without_noise_rng)
+    monkeypatch.setattr(checkpointing.DPCheckpoint, "__init__", without_sampler)
     resumed, _ = _run(tmp_path / "split", steps=4, resume=True)
     assert not np.allclose(flat(resumed.get_weights()), flat(full.get_weights()), atol=1e-6)
+
+
+def test_secret_noise_key_is_restored(tmp_path):
+    first, _ = _run(tmp_path / "a", steps=2, noise_seed=None)
+    resumed, _ = _run(tmp_path / "a", steps=3, resume=True, noise_seed=None)
+    np.testing.assert_array_equal(resumed.noise_key.numpy(), first.noise_key.numpy())
 
 
 def test_foreign_checkpoint_is_refused(tmp_path):

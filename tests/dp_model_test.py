@@ -211,27 +211,52 @@ def test_bad_dp_arguments_are_refused_by_name(name, value):
         DPKerasModel(inp, tf.keras.layers.Dense(2)(inp), **{**DP, name: value})
 
 
-def test_noise_rng_is_seeded_from_entropy_by_default():
-    a = noise.make_noise_generator().normal([4]).numpy()
-    b = noise.make_noise_generator().normal([4]).numpy()
-    assert not np.allclose(a, b)
+def _noise(key, step=0, replica=0, size=1000):
+    seed = noise.step_seed(tf.constant(key, tf.int64), step, replica)
+    return noise.add_gaussian_noise([tf.zeros([size])], 1.0, seed)[0].numpy()
+
+
+def _uncorrelated(a, b):
+    """|Pearson r| below 5/sqrt(n): 5 standard errors under independence."""
+    return abs(np.corrcoef(a, b)[0, 1]) < 5 / np.sqrt(len(a))
+
+
+def test_noise_key_is_drawn_from_entropy_by_default():
+    a, b = noise.make_noise_key(), noise.make_noise_key()
+    assert a != b
+    assert _uncorrelated(_noise(a), _noise(b))
+
+
+def test_noise_streams_differ_across_steps_replicas_and_variables():
+    key = noise.make_noise_key()
+    base = _noise(key)
+    assert _uncorrelated(base, _noise(key, step=1))
+    assert _uncorrelated(base, _noise(key, replica=1))
+    seed = noise.step_seed(tf.constant(key, tf.int64), 0, 0)
+    first, second = noise.add_gaussian_noise([tf.zeros([1000])] * 2, 1.0, seed)
+    assert _uncorrelated(first.numpy(), second.numpy())
+
+
+def test_power_check_correlation_test_detects_reused_noise():
+    key = noise.make_noise_key()
+    assert not _uncorrelated(_noise(key), _noise(key))  # same step, same replica
 
 
 def test_explicit_noise_seed_warns_not_private_and_is_reproducible():
     with pytest.warns(noise.NotPrivateWarning, match="NOT private"):
-        a = noise.make_noise_generator(7).normal([4]).numpy()
+        a = noise.make_noise_key(7)
     with pytest.warns(noise.NotPrivateWarning):
-        b = noise.make_noise_generator(7).normal([4]).numpy()
-    np.testing.assert_array_equal(a, b)
+        b = noise.make_noise_key(7)
+    np.testing.assert_array_equal(_noise(a), _noise(b))
 
 
 def test_saved_weights_hold_neither_noise_state_nor_accumulators(tmp_path):
     model = dp_model(dense_model(), **DP)
     names = [v.name for v in model.weights]
-    assert not any("accumulator" in n or "state" in n or "pending" in n for n in names), names
+    assert not any(k in n for n in names for k in ("accumulator", "key", "pending")), names
     prefix = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
     saved = [name for name, _ in tf.train.list_variables(prefix)]
-    assert not any("noise" in n or "generator" in n or "accumulator" in n for n in saved), saved
+    assert not any("noise" in n or "key" in n or "accumulator" in n for n in saved), saved
 
 
 def test_jit_compile_gives_the_same_update():

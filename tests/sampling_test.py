@@ -18,7 +18,9 @@ def _logical_batches(sampler, steps):
     for idx, mask, end in sampler.micro_batches(steps):
         assert idx.shape == (sampler.physical_batch_size,)
         current.extend(idx.numpy()[mask.numpy() > 0].tolist())
-        if end.numpy():
+        assert end.shape == (sampler.physical_batch_size,)
+        assert end.numpy().all() or not end.numpy().any()
+        if end.numpy()[0]:
             batches.append(current)
             current = []
     assert current == []
@@ -85,9 +87,9 @@ def test_large_samples_spill_into_more_micro_batches_never_truncated(poisson_bat
 def test_empty_steps_are_valid_steps():
     sampler = sampling.PoissonSampler(1000, 1, physical_batch_size=4)  # q = 0.001
     items = list(sampler.micro_batches(50))
-    ends = [bool(e.numpy()) for _, _, e in items]
+    ends = [bool(e.numpy()[0]) for _, _, e in items]
     assert sum(ends) == 50  # one step_end per logical step, empty or not
-    assert any(m.numpy().sum() == 0 and e.numpy() for _, m, e in items)
+    assert any(m.numpy().sum() == 0 and e.numpy()[0] for _, m, e in items)
 
 
 def test_reiterating_never_replays_and_resume_reproduces():

@@ -1,0 +1,101 @@
+"""Runs DP training under MirroredStrategy on R logical CPU devices.
+
+Usage: python _distributed_worker.py R VARIANT. Prints one JSON line. Run in a
+subprocess: the logical devices must be configured before TensorFlow starts.
+VARIANT "correct" is the package as shipped; "same_seed" (every replica draws
+the same noise) and "full_noise" (every replica adds noise of std sigma*C)
+are deliberately broken implementations for the power checks.
+"""
+
+import json
+import math
+import sys
+import warnings
+
+import numpy as np
+import tensorflow as tf
+
+R, VARIANT = int(sys.argv[1]), sys.argv[2]
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * R)
+
+from tan_keras import noise  # noqa: E402
+from tan_keras.callbacks import PrivacyAccountant  # noqa: E402
+from tan_keras.dp_model import DPKerasModel  # noqa: E402
+
+if VARIANT == "same_seed":
+    original_seed = noise.step_seed
+    noise.step_seed = lambda key, step, replica_id=0: original_seed(key, step, 0)
+elif VARIANT == "full_noise":
+    original_add = noise.add_gaussian_noise
+    noise.add_gaussian_noise = lambda g, std, seed: original_add(g, std * math.sqrt(R), seed)
+
+strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(R)])
+LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+P, B, N = 8, 8, 64  # physical rows per micro-batch (divisible by 4), expected batch
+
+
+def build(width, sigma, clip, input_dim):
+    with strategy.scope(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tf.keras.utils.set_random_seed(0)
+        inp = tf.keras.Input((input_dim,))
+        hidden = tf.keras.layers.Dense(width, activation="tanh")(inp)
+        model = DPKerasModel(
+            inp,
+            tf.keras.layers.Dense(3)(hidden),
+            l2_norm_clip=clip,
+            noise_multiplier=sigma,
+            expected_batch_size=B,
+            dataset_size=N,
+        )
+        model.compile(optimizer=tf.keras.optimizers.SGD(1.0), loss=LOSS)
+    return model
+
+
+def dataset(x, y, mask, steps, micro):
+    """`steps` logical steps of `micro` micro-batches of P rows each."""
+    ends = np.tile(np.arange(micro) == micro - 1, steps)
+    return tf.data.Dataset.from_tensor_slices(
+        (
+            x.reshape(-1, P, x.shape[-1]).astype(np.float32),
+            y.reshape(-1, P).astype(np.int32),
+            mask.reshape(-1, P).astype(np.float32),
+            np.repeat(ends[:, None], P, axis=1),
+        )
+    )
+
+
+result = {}
+rng = np.random.default_rng(0)
+
+# 1. Clipping on, no noise: 3 logical steps of 2 micro-batches.
+x = rng.normal(size=(48, 4)) * 3
+y = rng.integers(0, 3, 48)
+model = build(5, sigma=0.0, clip=0.1, input_dim=4)
+accountant = PrivacyAccountant(delta=1e-5)
+model.fit(dataset(x, y, np.ones(48), steps=3, micro=2), verbose=0, callbacks=[accountant])
+result["weights"] = [w.tolist() for w in model.get_weights()]
+result["dp_steps"] = int(model.dp_steps.numpy())
+
+# 2. Pure noise (all rows masked): one step on a 300x300 layer (~9e4 params).
+model = build(300, sigma=2.0, clip=0.5, input_dim=300)
+start = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
+model.fit(dataset(np.zeros((P, 300)), np.zeros(P), np.zeros(P), 1, 1), verbose=0)
+end = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
+result["noise_std"] = float((end - start).std())
+result["expected_std"] = 2.0 * 0.5 / B
+
+# 3. Each replica's own noise draw, for the correlation check.
+key = tf.constant(noise.make_noise_key(), tf.int64)
+
+
+def replica_noise():
+    ctx = tf.distribute.get_replica_context()
+    seed = noise.step_seed(key, 0, ctx.replica_id_in_sync_group)
+    return noise.add_gaussian_noise([tf.zeros([4000])], 1.0, seed)[0]
+
+
+per_replica = strategy.experimental_local_results(strategy.run(replica_noise))
+result["replica_noise"] = [v.numpy().tolist() for v in per_replica]
+print("RESULT " + json.dumps(result))
