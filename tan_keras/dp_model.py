@@ -23,7 +23,8 @@ from typing import Optional
 
 import tensorflow as tf
 
-from tan_keras import _validate, clipping, model_checks, noise, per_example
+from tan_keras import _validate, layerwise, model_checks, noise, per_example
+from tan_keras.clipping import clip_and_sum
 from tan_keras.dp_config import DPConfig
 
 _DP_CONFIG_KEYS = (
@@ -33,7 +34,10 @@ _DP_CONFIG_KEYS = (
     "dataset_size",
     "augmult",
     "ema_decay",
+    "clipping",
 )
+
+CLIPPING_MODES = ("auto", "layerwise", "vectorized")
 
 _NOT_POISSON_WARNING = (
     "DPKerasModel received batches without the `step_end` flag of "
@@ -117,6 +121,12 @@ class DPKerasModel(tf.keras.Model):
       noise_seed: None (default) seeds the noise from OS entropy. An integer
         makes the noise reproducible and the run NOT private against anyone who
         knows it (a `NotPrivateWarning` says so).
+      clipping: How per-example gradients are computed (all give the same
+        result): "layerwise" contracts each layer's activations with its
+        output gradients (fast; Dense, Conv2D, WSConv2D, GroupNormalization,
+        LayerNormalization), "vectorized" uses `tf.vectorized_map` over
+        examples (any model), "auto" (default) picks "layerwise" when every
+        trainable variable has a layerwise rule.
       **kwargs: Other `tf.keras.Model` keyword arguments (name, ...).
 
     Raises:
@@ -134,6 +144,7 @@ class DPKerasModel(tf.keras.Model):
         augmult: int = 1,
         ema_decay: Optional[float] = None,
         noise_seed: Optional[int] = None,
+        clipping: str = "auto",
         **kwargs,
     ):
         # Validate before building anything: bad input must fail fast.
@@ -144,6 +155,7 @@ class DPKerasModel(tf.keras.Model):
             dataset_size=dataset_size,
             augmult=augmult,
         )
+        clipping = _validate.one_of("clipping", clipping, CLIPPING_MODES)
         if ema_decay is not None:
             ema_decay = _validate.real(
                 "ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False
@@ -152,6 +164,16 @@ class DPKerasModel(tf.keras.Model):
         model_checks.check_model_is_dp_compatible(self)
         self._dp_config = config
         self._ema_decay = ema_decay
+        if clipping == "auto":
+            clipping = "layerwise" if layerwise.supports(self) else "vectorized"
+        elif clipping == "layerwise" and not layerwise.supports(self):
+            raise ValueError(
+                "Invalid value for `clipping`: expected 'auto' or 'vectorized' for this "
+                "model: some trainable variables have no layerwise rule (supported: "
+                "Dense, Conv2D, WSConv2D, GroupNormalization, LayerNormalization). "
+                "Received: clipping='layerwise'"
+            )
+        self._clipping = clipping
         self._secret = _SecretState(noise.make_noise_key(noise_seed))
         # Noisy updates applied so far: the accountant's step count and the
         # noise stream's position. Saved with the weights so that a resumed
@@ -185,6 +207,11 @@ class DPKerasModel(tf.keras.Model):
         return self._secret.key
 
     @property
+    def clipping(self) -> str:
+        """The per-example gradient method in use: "layerwise" or "vectorized"."""
+        return self._clipping
+
+    @property
     def ema_decay(self) -> Optional[float]:
         return self._ema_decay
 
@@ -198,6 +225,7 @@ class DPKerasModel(tf.keras.Model):
         )
         dp = self._dp_config.to_dict()
         dp["ema_decay"] = self._ema_decay
+        dp["clipping"] = self._clipping
         config.update(dp)
         return config
 
@@ -364,10 +392,13 @@ class DPKerasModel(tf.keras.Model):
         """One micro-batch of DP-SGD; the update happens at the step's end."""
         x, y, mask, step_end = self._unpack(data)
         x = per_example.as_views(x, self._dp_config.augmult, self.inputs[0].shape.rank)
-        grads, losses, y_pred = per_example.per_example_gradients(
-            self, self._per_example_loss, x, y
+        compute = (
+            layerwise.per_example_gradients
+            if self._clipping == "layerwise"
+            else per_example.per_example_gradients
         )
-        clipped = clipping.clip_and_sum(grads, self._dp_config.l2_norm_clip, mask)
+        grads, losses, y_pred = compute(self, self._per_example_loss, x, y)
+        clipped = clip_and_sum(grads, self._dp_config.l2_norm_clip, mask)
 
         accumulators = self._secret.accumulators
         for acc, g in zip(accumulators, clipped.grad_sum):

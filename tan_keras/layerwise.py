@@ -1,0 +1,252 @@
+"""Fast per-example gradients from layer activations and output gradients.
+
+`tf.vectorized_map` has no vectorized rule for `Conv2DBackpropFilter`, so the
+generic path (per_example.py) runs conv nets' weight gradients in a while
+loop. Here one batched forward and one batched backward pass give, for every
+supported layer, its inputs `a` and the gradient `g` of the summed loss with
+respect to its pre-activation output; each example's weight gradient is then
+a contraction over that example's rows only:
+
+  Dense:   dW_i = sum_s a_is (x) g_is             (s: positions, K views)
+  Conv2D:  dW_i = sum_s patches(a)_is (x) g_is    (patches: the receptive fields)
+  bias:    db_i = sum_s g_is
+  GroupNormalization / LayerNormalization (last axis):
+           dgamma_i = sum_s g_is * xhat_is,  dbeta_i = sum_s g_is
+  WSConv2D: the Conv2D rule on the standardized kernel, pulled back through
+           the (data-independent) standardization per example.
+
+This is exact, not an approximation: the loss is a sum over examples and no
+supported layer mixes examples (BatchNorm is refused), so row i of `g` is the
+gradient of example i's loss alone. The K views of an example are extra
+positions s of the same example, so their gradients are summed (the loss
+already averages over views) before clipping.
+
+A model with any trainable variable outside these rules (Embedding,
+depthwise or grouped convolutions, custom layers) uses the generic path.
+"""
+
+import contextlib
+from typing import Callable, Dict, List, Optional, Tuple
+
+import tensorflow as tf
+
+from tan_keras.models.ws_conv import WSConv2D
+
+_DENSE = tf.keras.layers.Dense
+_CONV = tf.keras.layers.Conv2D
+_GROUP_NORM = tf.keras.layers.GroupNormalization
+_LAYER_NORM = tf.keras.layers.LayerNormalization
+
+
+def _supported(layer) -> bool:
+    if not layer.trainable_weights:
+        return False
+    if type(layer) is _DENSE:
+        return True
+    if type(layer) in (_CONV, WSConv2D):
+        return (
+            layer.data_format == "channels_last"
+            and layer.groups == 1
+            and layer.padding in ("valid", "same")
+        )
+    if type(layer) is _GROUP_NORM:
+        return layer.axis in (-1, 3)
+    if type(layer) is _LAYER_NORM:
+        return _last_axis(layer)
+    return False
+
+
+def _last_axis(layer) -> bool:
+    rank = layer.input.shape.rank if hasattr(layer, "input") else None
+    return rank is not None and [a % rank for a in layer.axis] == [rank - 1]
+
+
+def supports(model: tf.keras.Model) -> bool:
+    """Whether every trainable variable of `model` has a layerwise rule.
+
+    Args:
+      model: A Keras model.
+
+    Returns:
+      True if `per_example_gradients` can handle the whole model.
+    """
+    covered = set()
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if _supported(layer):
+            covered.update(id(v) for v in layer.trainable_weights)
+    return all(id(v) in covered for v in model.trainable_variables)
+
+
+@contextlib.contextmanager
+def _tapping(model, taps: List[Tuple[object, tf.Tensor, tf.Tensor]]):
+    """While active, supported layers record (layer, input, pre-activation)."""
+    patched = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if not _supported(layer):
+            continue
+        original = layer.call
+
+        def call(inputs, *args, _layer=layer, _original=original, **kwargs):
+            activation = getattr(_layer, "activation", None)
+            if activation is None:
+                out = _original(inputs, *args, **kwargs)
+                taps.append((_layer, inputs, out))
+                return out
+            # Keep the pre-activation tensor z: its gradient is what the
+            # weight-gradient contraction needs.
+            _layer.activation = tf.keras.activations.linear
+            try:
+                z = _original(inputs, *args, **kwargs)
+            finally:
+                _layer.activation = activation
+            taps.append((_layer, inputs, z))
+            return activation(z)
+
+        layer.call = call
+        patched.append((layer, original))
+    try:
+        yield
+    finally:
+        for layer, original in patched:
+            layer.call = original
+
+
+def _per_example(t: tf.Tensor, batch: int) -> tf.Tensor:
+    """[B*K, ..., C] -> [B, K*positions, C]: an example's rows together."""
+    return tf.reshape(t, [batch, -1, t.shape[-1]])
+
+
+def _dense_grads(layer, a, g, batch) -> Dict[int, tf.Tensor]:
+    a, g = _per_example(a, batch), _per_example(g, batch)
+    grads = {id(layer.kernel): tf.einsum("bsi,bso->bio", a, g)}
+    if layer.use_bias:
+        grads[id(layer.bias)] = tf.reduce_sum(g, axis=1)
+    return grads
+
+
+def _conv_grads(layer, a, g, batch) -> Dict[int, tf.Tensor]:
+    kh, kw = layer.kernel_size
+    sh, sw = layer.strides
+    dh, dw = layer.dilation_rate
+    patches = tf.image.extract_patches(
+        a,
+        sizes=[1, kh, kw, 1],
+        strides=[1, sh, sw, 1],
+        rates=[1, dh, dw, 1],
+        padding=layer.padding.upper(),
+    )
+    patches, g = _per_example(patches, batch), _per_example(g, batch)
+    kernel_grad = tf.einsum("bsp,bso->bpo", patches, g)
+    kernel_grad = tf.reshape(kernel_grad, [batch] + layer.kernel.shape.as_list())
+    grads = {}
+    if isinstance(layer, WSConv2D):
+        grads.update(_standardization_pullback(layer, kernel_grad))
+    else:
+        grads[id(layer.kernel)] = kernel_grad
+    if layer.use_bias:
+        grads[id(layer.bias)] = tf.reduce_sum(g, axis=1)
+    return grads
+
+
+def _standardization_pullback(layer, effective_grads) -> Dict[int, tf.Tensor]:
+    # The standardized kernel depends on the weights only, so each example's
+    # gradient is pulled back through the same (linear) vector-Jacobian map.
+    def pullback(cotangent):
+        with tf.GradientTape() as tape:
+            tape.watch([layer.kernel, layer.gain])
+            effective = layer.standardized_kernel()
+        return tape.gradient(effective, [layer.kernel, layer.gain], output_gradients=cotangent)
+
+    kernel_grads, gain_grads = tf.vectorized_map(pullback, effective_grads)
+    return {id(layer.kernel): kernel_grads, id(layer.gain): gain_grads}
+
+
+def _normalized(layer, a) -> tf.Tensor:
+    """The layer's normalized input xhat, recomputed as the layer does."""
+    if isinstance(layer, _GROUP_NORM):
+        channels = a.shape[-1]
+        grouped = tf.reshape(
+            a, tf.concat([tf.shape(a)[:-1], [layer.groups, channels // layer.groups]], 0)
+        )
+        axes = list(range(1, grouped.shape.rank - 2)) + [grouped.shape.rank - 1]
+        mean, var = tf.nn.moments(grouped, axes=axes, keepdims=True)
+        xhat = (grouped - mean) * tf.math.rsqrt(var + layer.epsilon)
+        return tf.reshape(xhat, tf.shape(a))
+    mean, var = tf.nn.moments(a, axes=[a.shape.rank - 1], keepdims=True)
+    return (a - mean) * tf.math.rsqrt(var + layer.epsilon)
+
+
+def _norm_grads(layer, a, g, batch) -> Dict[int, tf.Tensor]:
+    grads = {}
+    g_rows = _per_example(g, batch)
+    if layer.scale:
+        xhat = _per_example(_normalized(layer, a), batch)
+        grads[id(layer.gamma)] = tf.reduce_sum(g_rows * xhat, axis=1)
+    if layer.center:
+        grads[id(layer.beta)] = tf.reduce_sum(g_rows, axis=1)
+    return grads
+
+
+def _layer_grads(layer, a, g, batch) -> Dict[int, tf.Tensor]:
+    a = tf.cast(a, tf.float32)
+    g = tf.cast(g, tf.float32)
+    if isinstance(layer, _DENSE):
+        return _dense_grads(layer, a, g, batch)
+    if isinstance(layer, _CONV):
+        return _conv_grads(layer, a, g, batch)
+    return _norm_grads(layer, a, g, batch)
+
+
+def per_example_gradients(
+    model: tf.keras.Model,
+    loss_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
+    views: tf.Tensor,
+    y: tf.Tensor,
+) -> Optional[Tuple[List[tf.Tensor], tf.Tensor, tf.Tensor]]:
+    """Per-example gradients of view-averaged losses, layer by layer.
+
+    Same contract as `per_example.per_example_gradients`.
+
+    Args:
+      model: The Keras model; every trainable variable needs a rule
+        (`supports(model)`).
+      loss_fn: Unreduced loss, `(y_true, y_pred) -> [rows]`.
+      views: [batch, K, *input_shape] inputs.
+      y: [batch, ...] labels, one per example.
+
+    Returns:
+      (grads, losses, predictions) as in `per_example.per_example_gradients`.
+
+    Raises:
+      ValueError: if the model has a trainable variable without a rule.
+    """
+    batch = views.shape[0] if views.shape[0] is not None else tf.shape(views)[0]
+    num_views = views.shape[1]
+    rows = tf.reshape(views, tf.concat([[-1], tf.shape(views)[2:]], 0))
+    labels = tf.repeat(y, num_views, axis=0)
+    taps = []
+    with tf.GradientTape() as tape, _tapping(model, taps):
+        pred = model(rows, training=True)
+        per_view = tf.reshape(loss_fn(labels, pred), [batch, num_views])
+        losses = tf.reduce_mean(per_view, axis=1)
+        total = tf.reduce_sum(losses)
+    out_grads = tape.gradient(total, [z for _, _, z in taps])
+    per_var: Dict[int, tf.Tensor] = {}
+    for (layer, a, z), g in zip(taps, out_grads):
+        if g is None:  # the layer does not reach the loss
+            g = tf.zeros_like(z)
+        for key, grad in _layer_grads(layer, a, g, batch).items():
+            # A layer called several times (shared weights) sums its calls.
+            per_var[key] = per_var[key] + grad if key in per_var else grad
+    grads = []
+    for variable in model.trainable_variables:
+        if id(variable) not in per_var:
+            raise ValueError(
+                f"No layerwise per-example gradient rule covers variable {variable.name}; "
+                "use clipping='vectorized'."
+            )
+        grads.append(per_var[id(variable)])
+    preds = tf.reduce_mean(
+        tf.reshape(pred, tf.concat([[batch, num_views], tf.shape(pred)[1:]], 0)), axis=1
+    )
+    return grads, losses, preds
