@@ -2,8 +2,10 @@
 
 One run measures, on the same model and the same data, side by side:
   plain  -- the ordinary Keras train step (a batch of B*K images, mean loss);
-  dp     -- tan_keras.DPKerasModel (per-example clipping of view-averaged
-            gradients, noise, division by the expected batch size);
+  dp     -- tan_keras.DPKerasModel with clipping="auto" (the layerwise
+            per-example gradients for these models);
+  dp_vmap -- tan_keras.DPKerasModel with clipping="vectorized" (the generic
+            tf.vectorized_map path);
   tfp    -- TF Privacy's DPModel (K = 1 only: it has no augmentation
             multiplicity).
 Each configuration runs in its own subprocess, so its peak memory (max RSS) is
@@ -24,7 +26,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("plain", "dp", "tfp")
+METHODS = ("plain", "dp", "dp_vmap", "tfp")
 INPUT_SHAPES = {"small_cnn": (32, 32, 3), "wrn16_4": (32, 32, 3)}
 
 
@@ -46,7 +48,7 @@ def _measure(model_name, method, batch, augmult, steps, warmup, jit):
         model = base
         x = rng.random((batch * augmult,) + shape, dtype=np.float32)
         data = (x, np.repeat(y, augmult))
-    elif method == "dp":
+    elif method in ("dp", "dp_vmap"):
         model = make_private(
             base,
             l2_norm_clip=1.0,
@@ -54,11 +56,12 @@ def _measure(model_name, method, batch, augmult, steps, warmup, jit):
             expected_batch_size=batch,
             dataset_size=50000,
             augmult=augmult,
+            clipping="auto" if method == "dp" else "vectorized",
         )
         x = rng.random((batch, augmult) + shape, dtype=np.float32)
         if augmult == 1:
             x = x[:, 0]
-        data = (x, y, np.ones(batch, np.float32), True)
+        data = (x, y, np.ones(batch, np.float32), np.ones(batch, bool))
     else:
         from tensorflow_privacy.privacy.keras_models.dp_keras_model import DPModel
 
@@ -139,7 +142,7 @@ def main(argv=None):
 
     rows = []
     header = (
-        f"{'model':<10} {'B':>4} {'K':>2} {'method':<6} {'ex/s':>9} "
+        f"{'model':<10} {'B':>4} {'K':>2} {'method':<7} {'ex/s':>9} "
         f"{'vs plain':>9} {'vs tfp':>7} {'peak MB':>8}"
     )
     print(header)
@@ -172,7 +175,7 @@ def main(argv=None):
                     vs_plain = row.get("slowdown_vs_plain")
                     vs_tfp = row.get("slowdown_vs_tfp")
                     print(
-                        f"{name:<10} {batch:>4} {augmult:>2} {method:<6} {throughput:>9.1f} "
+                        f"{name:<10} {batch:>4} {augmult:>2} {method:<7} {throughput:>9.1f} "
                         f"{_fmt(vs_plain):>9} {_fmt(vs_tfp):>7} {row['peak_rss_mb']:>8.0f}",
                         flush=True,
                     )

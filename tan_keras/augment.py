@@ -71,9 +71,7 @@ def random_crop(
     batch = shape[0]
     # maxval is exclusive, hence the + 1: every window position is possible.
     tops = tf.random.uniform([batch], 0, shape[1] - height + 1, tf.int32, seed=seed)
-    lefts = tf.random.uniform(
-        [batch], 0, shape[2] - width + 1, tf.int32, seed=_op_seed(seed, 1)
-    )
+    lefts = tf.random.uniform([batch], 0, shape[2] - width + 1, tf.int32, seed=_op_seed(seed, 1))
     rows = tops[:, tf.newaxis] + tf.range(height)[tf.newaxis, :]
     cols = lefts[:, tf.newaxis] + tf.range(width)[tf.newaxis, :]
     images = tf.gather(images, rows, axis=1, batch_dims=1)
@@ -117,9 +115,7 @@ def color_jitter(images: tf.Tensor, seed: Optional[int] = None) -> tf.Tensor:
     out = tf.clip_by_value(mean + (out - mean) * _per_image(factors(1)), 0.0, 1.0)
     gray = tf.image.rgb_to_grayscale(out)
     out = tf.clip_by_value(gray + (out - gray) * _per_image(factors(2)), 0.0, 1.0)
-    hue_shift = tf.random.uniform(
-        [batch], -_JITTER_HUE, _JITTER_HUE, seed=_op_seed(seed, 3)
-    )
+    hue_shift = tf.random.uniform([batch], -_JITTER_HUE, _JITTER_HUE, seed=_op_seed(seed, 3))
     hsv = tf.image.rgb_to_hsv(out)
     hue = tf.math.floormod(hsv[..., :1] + _per_image(hue_shift), 1.0)
     out = tf.image.hsv_to_rgb(tf.concat([hue, hsv[..., 1:]], axis=-1))
@@ -161,9 +157,7 @@ def make_augmenter(
     if seed is not None:
         seed = _validate.integer("seed", seed, low=0)
     if policy == "imagenet" and channels != 3:
-        raise _validate.invalid(
-            "image_shape", "3 channels for the 'imagenet' policy", image_shape
-        )
+        raise _validate.invalid("image_shape", "3 channels for the 'imagenet' policy", image_shape)
     if policy == "none":
 
         def identity(images):

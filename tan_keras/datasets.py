@@ -198,9 +198,7 @@ def load_tfds(
     train_x, train_y = read(split_train)
     test_x, test_y = read(split_test)
     num_classes = builder.info.features["label"].num_classes
-    return ArrayDataset(
-        train_x, train_y, test_x, test_y, num_classes=num_classes, name=name
-    )
+    return ArrayDataset(train_x, train_y, test_x, test_y, num_classes=num_classes, name=name)
 
 
 class _SourceView:
@@ -232,9 +230,7 @@ class _SourceView:
         return np.stack(items) if items else np.zeros((0, *self.shape[1:]), self.dtype)
 
 
-def load_imagenet(
-    data_dir: Optional[str] = None, *, download: bool = False
-) -> ArrayDataset:
+def load_imagenet(data_dir: Optional[str] = None, *, download: bool = False) -> ArrayDataset:
     """Opens ImageNet (ILSVRC 2012) as lazy random-access views.
 
     Images are decoded on access and go through `augment.imagenet_preprocess`
@@ -275,18 +271,14 @@ def load_imagenet(
             # NotImplementedError (no random access). Same fix for both.
             raise _unavailable(name, data_dir) from error
         return (
-            _SourceView(
-                images, "image", augment.imagenet_preprocess, image_shape, np.float32
-            ),
+            _SourceView(images, "image", augment.imagenet_preprocess, image_shape, np.float32),
             _SourceView(labels, "label", lambda label: label, (), np.int32),
         )
 
     train_x, train_y = views("train")
     test_x, test_y = views("validation")
     num_classes = builder.info.features["label"].num_classes
-    return ArrayDataset(
-        train_x, train_y, test_x, test_y, num_classes=num_classes, name=name
-    )
+    return ArrayDataset(train_x, train_y, test_x, test_y, num_classes=num_classes, name=name)
 
 
 def load_dataset(

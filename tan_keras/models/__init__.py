@@ -24,9 +24,7 @@ MODEL_NAMES = ("small_cnn", "wrn16_4", "nf_resnet50")
 _WRN_NAME = re.compile(r"wrn(\d+)_(\d+)")
 
 
-def build_model(
-    name: str, input_shape: Sequence[int], num_classes: int
-) -> tf.keras.Model:
+def build_model(name: str, input_shape: Sequence[int], num_classes: int) -> tf.keras.Model:
     """Builds a registered model by name.
 
     Args:

@@ -15,9 +15,7 @@ from tan_keras import _validate
 from tan_keras.models import _common
 
 
-def _conv(
-    filters: int, kernel_size: int, strides: int, name: str
-) -> tf.keras.layers.Layer:
+def _conv(filters: int, kernel_size: int, strides: int, name: str) -> tf.keras.layers.Layer:
     return tf.keras.layers.Conv2D(
         filters,
         kernel_size,
@@ -34,14 +32,10 @@ def _relu_norm(x: tf.Tensor, groups: int, name: str) -> tf.Tensor:
     return tf.keras.layers.GroupNormalization(groups=groups, name=f"{name}_gn")(x)
 
 
-def _block(
-    x: tf.Tensor, filters: int, strides: int, groups: int, name: str
-) -> tf.Tensor:
+def _block(x: tf.Tensor, filters: int, strides: int, groups: int, name: str) -> tf.Tensor:
     """Pre-activation basic block: two 3x3 convs plus an identity or 1x1 skip."""
     activated = tf.keras.layers.ReLU(name=f"{name}_relu1")(x)
-    out = tf.keras.layers.GroupNormalization(groups=groups, name=f"{name}_gn1")(
-        activated
-    )
+    out = tf.keras.layers.GroupNormalization(groups=groups, name=f"{name}_gn1")(activated)
     out = _conv(filters, 3, strides, f"{name}_conv1")(out)
     out = _relu_norm(out, groups, f"{name}_2")
     out = _conv(filters, 3, 1, f"{name}_conv2")(out)
@@ -49,9 +43,7 @@ def _block(
         skip = x
     else:
         # The projection shares the block's ReLU but has its own GroupNorm.
-        skip = tf.keras.layers.GroupNormalization(
-            groups=groups, name=f"{name}_skip_gn"
-        )(activated)
+        skip = tf.keras.layers.GroupNormalization(groups=groups, name=f"{name}_skip_gn")(activated)
         skip = _conv(filters, 1, strides, f"{name}_skip_conv")(skip)
     return tf.keras.layers.Add(name=f"{name}_add")([skip, out])
 
@@ -82,9 +74,7 @@ def wide_resnet(
     num_classes = _validate.positive_int("num_classes", num_classes)
     depth = _validate.integer("depth", depth, low=10)
     if (depth - 4) % 6:
-        raise _validate.invalid(
-            "depth", "an integer >= 10 with depth - 4 divisible by 6", depth
-        )
+        raise _validate.invalid("depth", "an integer >= 10 with depth - 4 divisible by 6", depth)
     width = _validate.positive_int("width", width)
     groups = _validate.positive_int("groups", groups)
     if 16 % groups:
@@ -93,9 +83,7 @@ def wide_resnet(
 
     inputs = tf.keras.Input(shape=input_shape, name="images")
     x = _conv(16, 3, 1, "stem_conv")(inputs)
-    for stage, (filters, strides) in enumerate(
-        ((16 * width, 1), (32 * width, 2), (64 * width, 2))
-    ):
+    for stage, (filters, strides) in enumerate(((16 * width, 1), (32 * width, 2), (64 * width, 2))):
         for index in range(blocks_per_stage):
             x = _block(
                 x,

@@ -37,9 +37,7 @@ class WSConv2D(tf.keras.layers.Conv2D):
       ValueError: if `eps` is not a float > 0.
     """
 
-    def __init__(
-        self, filters, kernel_size, eps=1e-4, gain_initializer="ones", **kwargs
-    ):
+    def __init__(self, filters, kernel_size, eps=1e-4, gain_initializer="ones", **kwargs):
         kwargs.setdefault(
             "kernel_initializer",
             tf.keras.initializers.VarianceScaling(1.0, "fan_in", "normal"),
@@ -83,9 +81,7 @@ class WSConv2D(tf.keras.layers.Conv2D):
         config.update(
             {
                 "eps": self.eps,
-                "gain_initializer": tf.keras.initializers.serialize(
-                    self.gain_initializer
-                ),
+                "gain_initializer": tf.keras.initializers.serialize(self.gain_initializer),
             }
         )
         return config
