@@ -40,11 +40,31 @@ class ClippedSum(NamedTuple):
     num_examples: tf.Tensor
 
 
+# Squared norms at or above this (norm 1e15) take the rescaling path: their
+# squares may overflow, and C / norm may fall into float32 subnormals, which
+# CPUs flush to zero.
+_SAFE_SQUARED_NORM = 1e30
+
+
+def _flatten(per_example_grads: List[tf.Tensor]) -> List[tf.Tensor]:
+    return [tf.reshape(tf.cast(g, tf.float32), [tf.shape(g)[0], -1]) for g in per_example_grads]
+
+
+def _rescaled_norms(flat: List[tf.Tensor]) -> tf.Tensor:
+    # max|g| * ||g / max|g|||: finite for any finite gradient.
+    scale = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(g), axis=1) for g in flat]), axis=0)
+    safe = tf.where(scale > 0, scale, tf.ones_like(scale))  # zero gradient: norm 0
+    squares = [tf.reduce_sum(tf.square(g / safe[:, None]), axis=1) for g in flat]
+    # NaN == 0 is False, so a NaN or Inf entry yields a NaN norm here.
+    return tf.where(scale == 0, tf.zeros_like(scale), safe * tf.sqrt(tf.add_n(squares)))
+
+
 def per_example_global_norms(per_example_grads: List[tf.Tensor]) -> tf.Tensor:
     """L2 norm of each example's gradient over all variables.
 
-    Computed as max|g| * ||g / max|g|||, so that a finite but huge gradient
-    (entries near the float32 limit, whose squares overflow) still gets a
+    One pass of dot products in the common case; when a squared norm is not
+    finite or very large, the norms are recomputed as max|g| * ||g / max|g|||
+    so that a finite but huge gradient (whose squares overflow) still gets a
     finite norm and is clipped rather than dropped.
 
     Args:
@@ -53,13 +73,16 @@ def per_example_global_norms(per_example_grads: List[tf.Tensor]) -> tf.Tensor:
     Returns:
       A float32 tensor [batch]; NaN for examples with a non-finite entry.
     """
-    flat = [tf.reshape(tf.cast(g, tf.float32), [tf.shape(g)[0], -1]) for g in per_example_grads]
-    scale = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(g), axis=1) for g in flat]), axis=0)
-    # scale = 0 means a zero gradient: divide by 1 instead (norm stays 0).
-    safe = tf.where(scale > 0, scale, tf.ones_like(scale))
-    squares = [tf.reduce_sum(tf.square(g / safe[:, None]), axis=1) for g in flat]
-    # NaN == 0 is False, so a NaN or Inf entry yields a NaN norm here.
-    return tf.where(scale == 0, tf.zeros_like(scale), safe * tf.sqrt(tf.add_n(squares)))
+    flat = _flatten(per_example_grads)
+    return _norms(flat)[0]
+
+
+def _norms(flat: List[tf.Tensor]):
+    """Returns (norms, fast) where fast says no rescaling was needed."""
+    squared = tf.add_n([tf.einsum("bn,bn->b", g, g) for g in flat])
+    fast = tf.reduce_all(squared < _SAFE_SQUARED_NORM)  # False for NaN too
+    norms = tf.cond(fast, lambda: tf.sqrt(squared), lambda: _rescaled_norms(flat))
+    return norms, fast
 
 
 def clip_and_sum(
@@ -77,23 +100,32 @@ def clip_and_sum(
     Returns:
       A `ClippedSum`.
     """
-    norms = per_example_global_norms(per_example_grads)
+    flat = _flatten(per_example_grads)
+    norms, fast = _norms(flat)
     real = tf.cast(mask, tf.float32) > 0
     finite = tf.math.is_finite(norms)
     keep = tf.logical_and(real, finite)
     clip = tf.constant(l2_norm_clip, tf.float32)
-    # g * min(1, C / norm) computed as (g / max(norm, C)) * C: dividing first
-    # keeps huge norms from making C / norm subnormal (flushed to 0 on CPU).
-    # norm = 0 gives max(0, C) = C, so no division by zero.
+    # norm = 0 gives max(0, C) = C: no division by zero.
     denom = tf.where(keep, tf.maximum(norms, clip), tf.ones_like(norms))
 
-    grad_sum = []
-    for g in per_example_grads:
-        g = tf.cast(g, tf.float32)
-        shape = [-1] + [1] * (len(g.shape) - 1)
-        # Select before dividing: a dropped row may hold NaN and 0 * NaN = NaN.
-        g = tf.where(tf.reshape(keep, shape), g, tf.zeros_like(g))
-        grad_sum.append(tf.reduce_sum(g / tf.reshape(denom, shape), axis=0) * clip)
+    def weighted_sum():
+        # All rows finite and of moderate norm: one matrix-vector product per
+        # variable, sum_i g_i * w_i with w_i = min(1, C / norm_i), 0 if dropped.
+        weights = tf.where(keep, clip / denom, tf.zeros_like(denom))
+        return [tf.linalg.matvec(g, weights, transpose_a=True) for g in flat]
+
+    def guarded_sum():
+        # Select before dividing: a dropped row may hold NaN and 0 * NaN = NaN;
+        # divide first so that huge norms do not make C / norm subnormal.
+        out = []
+        for g in flat:
+            g = tf.where(keep[:, None], g, tf.zeros_like(g))
+            out.append(tf.reduce_sum(g / denom[:, None], axis=0) * clip)
+        return out
+
+    sums = tf.cond(fast, weighted_sum, guarded_sum)
+    grad_sum = [tf.reshape(s, g.shape[1:]) for s, g in zip(sums, per_example_grads)]
 
     count = lambda b: tf.reduce_sum(tf.cast(b, tf.float32))  # noqa: E731
     return ClippedSum(
