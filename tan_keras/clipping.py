@@ -31,6 +31,8 @@ class ClippedSum(NamedTuple):
       num_clipped: Scalar count of real examples whose norm exceeded C.
       num_nonfinite: Scalar count of real examples zeroed for NaN/Inf.
       num_examples: Scalar count of real (mask > 0) examples.
+      kept: [batch] bool, True for real examples with a finite gradient (the
+        ones that contribute).
     """
 
     grad_sum: List[tf.Tensor]
@@ -38,6 +40,7 @@ class ClippedSum(NamedTuple):
     num_clipped: tf.Tensor
     num_nonfinite: tf.Tensor
     num_examples: tf.Tensor
+    kept: tf.Tensor
 
 
 # Squared norms at or above this (norm 1e15) take the rescaling path: their
@@ -134,4 +137,5 @@ def clip_and_sum(
         num_clipped=count(tf.logical_and(keep, norms > clip)),
         num_nonfinite=count(tf.logical_and(real, tf.logical_not(finite))),
         num_examples=count(real),
+        kept=keep,
     )

@@ -421,15 +421,24 @@ class DPKerasModel(tf.keras.Model):
         pending = self._secret.pending
         pending.assign(tf.where(step_end, tf.zeros_like(pending), pending + 1))
 
-        real = tf.cast(mask > 0, tf.float32)
-        self._trackers.loss.update_state(losses, sample_weight=real)
+        # Metrics describe the examples that contributed: padding and zeroed
+        # (non-finite) examples are left out, and selected away rather than
+        # weighted by 0, since 0 * NaN = NaN would still poison the averages
+        # (and trip TerminateOnNaN, EarlyStopping...).
+        kept = clipped.kept
+        weight = tf.cast(kept, tf.float32)
+        self._trackers.loss.update_state(
+            tf.where(kept, losses, tf.zeros_like(losses)), sample_weight=weight
+        )
         n_real = tf.maximum(clipped.num_examples, 1.0)
         self._trackers.clipped.update_state(
             clipped.num_clipped / n_real, sample_weight=clipped.num_examples
         )
-        self._trackers.norm.update_state(clipped.norms, sample_weight=real)
+        self._trackers.norm.update_state(clipped.norms, sample_weight=weight)
         self._trackers.nonfinite.update_state(clipped.num_nonfinite)
-        return self.compute_metrics(None, y, y_pred, real)
+        kept_rows = tf.reshape(kept, [-1] + [1] * (y_pred.shape.rank - 1))
+        y_pred = tf.where(kept_rows, y_pred, tf.zeros_like(y_pred))
+        return self.compute_metrics(None, y, y_pred, weight)
 
     def _gated_noisy_update(self, grad_sum, apply):
         """Noises, normalizes and applies `grad_sum` where `apply` is True.
