@@ -67,6 +67,10 @@ class PoissonSampler(tf.Module):
         `default_physical_batch_size(B, N)`.
       seed: None (default) seeds from OS entropy; an integer makes sampling
         reproducible and warns that the batches are then not secret.
+      secret_key: For multi-worker training, where every worker must draw the
+        SAME global batches: a 64-bit key from `new_secret_key()` on one host,
+        passed to the others over a private channel (never a constant in
+        code or flags that others can read).
 
     Raises:
       ValueError: on an invalid argument.
@@ -78,6 +82,7 @@ class PoissonSampler(tf.Module):
         expected_batch_size: int,
         physical_batch_size: Optional[int] = None,
         seed: Optional[int] = None,
+        secret_key: Optional[int] = None,
     ):
         super().__init__(name="poisson_sampler")
         self.dataset_size = _validate.positive_int("dataset_size", dataset_size)
@@ -91,7 +96,13 @@ class PoissonSampler(tf.Module):
         self.physical_batch_size = _validate.positive_int(
             "physical_batch_size", physical_batch_size
         )
-        if seed is None:
+        if seed is not None and secret_key is not None:
+            raise _validate.invalid(
+                "secret_key", "None when `seed` is given (they are alternatives)", secret_key
+            )
+        if secret_key is not None:
+            key = _validate.integer("secret_key", secret_key, low=0, high=2**64 - 1) + _INT64_MIN
+        elif seed is None:
             key = secrets.randbits(64) + _INT64_MIN
         else:
             key = _validate.integer("seed", seed, low=0)
@@ -102,6 +113,11 @@ class PoissonSampler(tf.Module):
         # dataset continues the counter and never replays a batch.
         self.key = tf.Variable(key, dtype=tf.int64, trainable=False, name="key")
         self.next_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="next_step")
+
+    @staticmethod
+    def new_secret_key() -> int:
+        """A fresh 64-bit sampling key from OS entropy (see `secret_key`)."""
+        return secrets.randbits(64)
 
     @property
     def sampling_rate(self) -> float:
@@ -188,6 +204,8 @@ def make_poisson_dataset(
     steps: Optional[int] = None,
     augmult: int = 1,
     augmenter: Optional[Callable[[tf.Tensor], tf.Tensor]] = None,
+    num_shards: int = 1,
+    shard_index: int = 0,
 ) -> tf.data.Dataset:
     """The training input of `DPKerasModel.fit` for an in-memory dataset.
 
@@ -200,14 +218,28 @@ def make_poisson_dataset(
       augmenter: Optional `images -> images` random augmentation (one view per
         call), e.g. from `tan_keras.augment.make_augmenter`. Without it the K
         views are identical copies.
+      num_shards: Number of input pipelines (hosts) sharing each global
+        micro-batch; each keeps P / num_shards rows. All shards must use
+        samplers with the same key (see `PoissonSampler.secret_key`).
+      shard_index: This pipeline's shard, in [0, num_shards).
 
     Returns:
       A dataset of `(x, y, mask, step_end)` micro-batches.
 
     Raises:
-      ValueError: if sizes disagree or `augmult` < 1.
+      ValueError: if sizes disagree, `augmult` < 1, or the shards do not
+        divide the physical batch size.
     """
     augmult = _validate.positive_int("augmult", augmult)
+    num_shards = _validate.positive_int("num_shards", num_shards)
+    shard_index = _validate.integer("shard_index", shard_index, low=0, high=num_shards - 1)
+    if sampler.physical_batch_size % num_shards:
+        raise _validate.invalid(
+            "num_shards",
+            f"a divisor of physical_batch_size={sampler.physical_batch_size}",
+            num_shards,
+        )
+    rows = sampler.physical_batch_size // num_shards
     if len(features) != sampler.dataset_size or len(labels) != sampler.dataset_size:
         raise _validate.invalid(
             "dataset_size",
@@ -219,6 +251,11 @@ def make_poisson_dataset(
     labels = tf.convert_to_tensor(labels)
 
     def gather(indices, mask, step_end):
+        # Every shard draws the same global micro-batch and keeps its rows, so
+        # the hosts together see each sampled example exactly once.
+        begin = shard_index * rows
+        indices, mask = indices[begin : begin + rows], mask[begin : begin + rows]
+        step_end = step_end[begin : begin + rows]
         x = tf.gather(features, indices)
         if augmenter is not None:
             from tan_keras import augment
@@ -228,4 +265,9 @@ def make_poisson_dataset(
             x = tf.repeat(tf.expand_dims(x, 1), augmult, axis=1)
         return x, tf.gather(labels, indices), mask, step_end
 
-    return sampler.micro_batches(steps).map(gather).prefetch(2)
+    dataset = sampler.micro_batches(steps).map(gather).prefetch(2)
+    # The rows are sharded above; tf.distribute must not shard again by
+    # whole micro-batches (that would split logical steps across hosts).
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return dataset.with_options(options)

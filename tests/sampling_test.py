@@ -166,3 +166,35 @@ def test_dataset_size_must_match_the_data():
         sampling.make_poisson_dataset(np.zeros((20, 2)), np.zeros(20), sampler)
     with pytest.raises(ValueError, match="`augmult`"):
         sampling.make_poisson_dataset(np.zeros((10, 2)), np.zeros(10), sampler, augmult=0)
+
+
+def test_shards_together_hold_each_global_micro_batch_exactly_once():
+    x = np.arange(N, dtype=np.float32)[:, None]
+    y = np.arange(N, dtype=np.int32)
+    key = sampling.PoissonSampler.new_secret_key()
+
+    def rows(num_shards, shard_index):
+        sampler = sampling.PoissonSampler(N, B, physical_batch_size=16, secret_key=key)
+        ds = sampling.make_poisson_dataset(
+            x, y, sampler, steps=6, num_shards=num_shards, shard_index=shard_index
+        )
+        return [(yb.numpy(), m.numpy(), e.numpy()) for _, yb, m, e in ds]
+
+    whole = rows(1, 0)
+    parts = [rows(4, i) for i in range(4)]
+    assert all(len(p) == len(whole) for p in parts)
+    for j, (yb, mask, end) in enumerate(whole):
+        np.testing.assert_array_equal(np.concatenate([p[j][0] for p in parts]), yb)
+        np.testing.assert_array_equal(np.concatenate([p[j][1] for p in parts]), mask)
+        np.testing.assert_array_equal(np.concatenate([p[j][2] for p in parts]), end)
+
+
+def test_shard_arguments_are_checked():
+    sampler = sampling.PoissonSampler(N, B, physical_batch_size=10)
+    x, y = np.zeros((N, 1)), np.zeros(N)
+    with pytest.raises(ValueError, match="`num_shards`"):
+        sampling.make_poisson_dataset(x, y, sampler, num_shards=4)
+    with pytest.raises(ValueError, match="`shard_index`"):
+        sampling.make_poisson_dataset(x, y, sampler, num_shards=2, shard_index=2)
+    with pytest.raises(ValueError, match="`secret_key`"):
+        sampling.PoissonSampler(N, B, seed=1, secret_key=2)
