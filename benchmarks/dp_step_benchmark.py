@@ -2,10 +2,10 @@
 
 One run measures, on the same model and the same data, side by side:
   plain  -- the ordinary Keras train step (a batch of B*K images, mean loss);
-  dp     -- tan_keras.DPKerasModel with clipping="auto" (the layerwise
-            per-example gradients for these models);
-  dp_vmap -- tan_keras.DPKerasModel with clipping="vectorized" (the generic
-            tf.vectorized_map path);
+  dp_vmap -- tan_keras.DPKerasModel with clipping="vectorized" (the
+            tf.vectorized_map path; what clipping="auto" picks without XLA);
+  dp_layer -- tan_keras.DPKerasModel with clipping="layerwise" (activations x
+            output gradients; what "auto" picks with --jit);
   tfp    -- TF Privacy's DPModel (K = 1 only: it has no augmentation
             multiplicity).
 Each configuration runs in its own subprocess, so its peak memory (max RSS) is
@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("plain", "dp", "dp_vmap", "tfp")
+METHODS = ("plain", "dp_vmap", "dp_layer", "tfp")
 INPUT_SHAPES = {"small_cnn": (32, 32, 3), "wrn16_4": (32, 32, 3)}
 
 
@@ -48,7 +48,7 @@ def _measure(model_name, method, batch, augmult, steps, warmup, jit):
         model = base
         x = rng.random((batch * augmult,) + shape, dtype=np.float32)
         data = (x, np.repeat(y, augmult))
-    elif method in ("dp", "dp_vmap"):
+    elif method in ("dp_vmap", "dp_layer"):
         model = make_private(
             base,
             l2_norm_clip=1.0,
@@ -56,7 +56,7 @@ def _measure(model_name, method, batch, augmult, steps, warmup, jit):
             expected_batch_size=batch,
             dataset_size=50000,
             augmult=augmult,
-            clipping="auto" if method == "dp" else "vectorized",
+            clipping="layerwise" if method == "dp_layer" else "vectorized",
         )
         x = rng.random((batch, augmult) + shape, dtype=np.float32)
         if augmult == 1:
@@ -142,7 +142,7 @@ def main(argv=None):
 
     rows = []
     header = (
-        f"{'model':<10} {'B':>4} {'K':>2} {'method':<7} {'ex/s':>9} "
+        f"{'model':<10} {'B':>4} {'K':>2} {'method':<8} {'ex/s':>9} "
         f"{'vs plain':>9} {'vs tfp':>7} {'peak MB':>8}"
     )
     print(header)
@@ -175,7 +175,7 @@ def main(argv=None):
                     vs_plain = row.get("slowdown_vs_plain")
                     vs_tfp = row.get("slowdown_vs_tfp")
                     print(
-                        f"{name:<10} {batch:>4} {augmult:>2} {method:<7} {throughput:>9.1f} "
+                        f"{name:<10} {batch:>4} {augmult:>2} {method:<8} {throughput:>9.1f} "
                         f"{_fmt(vs_plain):>9} {_fmt(vs_tfp):>7} {row['peak_rss_mb']:>8.0f}",
                         flush=True,
                     )

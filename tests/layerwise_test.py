@@ -115,15 +115,20 @@ def test_dp_model_updates_agree_between_clipping_modes():
     np.testing.assert_allclose(results["layerwise"], results["vectorized"], atol=1e-6)
 
 
-def test_auto_picks_layerwise_when_supported_and_refuses_impossible_layerwise():
+def test_auto_picks_layerwise_under_xla_when_supported_and_refuses_impossible_layerwise():
     from tan_keras.dp_model import DPKerasModel
 
     dp = dict(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=2, dataset_size=10)
     base = _model("dense")
-    assert DPKerasModel(base.inputs, base.outputs, **dp).clipping == "layerwise"
+    for jit, expected in ((True, "layerwise"), (False, "vectorized")):
+        model = DPKerasModel(base.inputs, base.outputs, **dp)
+        model.compile(optimizer="sgd", loss="mse", jit_compile=jit)
+        assert model.clipping == expected
     inp = tf.keras.Input((4,), dtype="int32")
     out = layers.Dense(2)(layers.Flatten()(layers.Embedding(10, 3)(inp)))
-    assert DPKerasModel(inp, out, **dp).clipping == "vectorized"
+    model = DPKerasModel(inp, out, **dp)
+    model.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    assert model.clipping == "vectorized"
     with pytest.raises(ValueError, match="Invalid value for `clipping`"):
         DPKerasModel(inp, out, clipping="layerwise", **dp)
     with pytest.raises(ValueError, match="Invalid value for `clipping`"):
