@@ -288,8 +288,9 @@ class DPKerasModel(tf.keras.Model):
                 ]
             # Build optimizer slots now, so that the gated update can snapshot
             # and restore the complete optimizer state from the first step on.
+            # (Keras 2.15 optimizers' build() returns at once if already built.)
             build = getattr(self.optimizer, "build", None)
-            if build is not None and not getattr(self.optimizer, "built", True):
+            if build is not None:
                 build(variables)
 
     def compile_from_config(self, config):

@@ -1,0 +1,137 @@
+r"""Cheap hyper-parameter search for a private run: `python -m tan_keras.search`.
+
+Tunes the non-privacy hyper-parameters of one private reference run
+(--ref_batch_size, --ref_noise_multiplier, --steps) on simulations at a small
+--batch_size with sigma = ref_noise_multiplier * batch_size / ref_batch_size
+and the same steps (same Total Amount of Noise; TAN paper, Section 4). The
+simulations are NOT private. It prints the ranking, the compute ledger and
+the exact command of the final private run with the best configuration.
+
+Grid syntax: `--grid='flag=v1,v2;flag2=v1,v2'` over `tan_keras.train` flags
+(';' separates axes, ',' values); --grid may also be repeated, one axis each.
+Every grid point runs once per --seeds entry. Extra fixed training flags go
+in --train_flags (a shell-quoted string).
+
+Example (digits, 2 x 2 grid, 2 seeds, 16x cheaper than the private run):
+  python -m tan_keras.search --dataset=digits --ref_batch_size=1024 \
+    --ref_noise_multiplier=5 --steps=100 --batch_size=64 \
+    --grid='lr=2,4;augmult=1,2' --seeds=0,1 --output_dir=runs/search_digits
+
+Several --batch_size values (e.g. 32,64) also fit the scaling law
+acc = a - b log2(B) for the best configuration and predict its accuracy at
+--ref_batch_size with a prediction interval. Runs whose metrics.json exists
+in --output_dir are skipped, so an interrupted search resumes where it
+stopped. Bad flags exit with status 2 and one line on stderr.
+"""
+
+import shlex
+import sys
+
+from absl import app, flags
+
+from tan_keras import _validate, search_lib
+from tan_keras.privacy.cli import parse_number
+
+# Numbers are read as text so that a bad value reaches the package's
+# validators and gets their one-line message naming the flag.
+_REF_BATCH_SIZE = flags.DEFINE_string(
+    "ref_batch_size", None, "B_ref of the private run to tune. Required."
+)
+_REF_NOISE_MULTIPLIER = flags.DEFINE_string(
+    "ref_noise_multiplier", None, "sigma_ref of the private run. Required."
+)
+_STEPS = flags.DEFINE_string("steps", None, "S: noisy updates of every run. Required.")
+_BATCH_SIZE = flags.DEFINE_list(
+    "batch_size", None, "Simulation batch size(s) B <= ref_batch_size, e.g. 64 or 32,64."
+)
+_DATASET = flags.DEFINE_string("dataset", "digits", "Dataset (a tan_keras.train --dataset).")
+_GRID = flags.DEFINE_multi_string(
+    "grid", None, "Grid axes 'flag=v1,v2;flag2=v1,v2' over tan_keras.train flags. Required."
+)
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Training seeds; each config runs once per seed.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/search", "Runs and results go here.")
+_TRAIN_FLAGS = flags.DEFINE_string(
+    "train_flags", "", "Fixed tan_keras.train flags for every run, e.g. '--model=small_cnn'."
+)
+_METRIC = flags.DEFINE_string(
+    "metric", "test_accuracy_ema", "Metrics key to rank by (test_accuracy without EMA)."
+)
+_CONFIDENCE = flags.DEFINE_string(
+    "confidence", "0.95", "Coverage of the prediction interval at B_ref."
+)
+_VERIFY = flags.DEFINE_bool(
+    "verify_final_command", True, "Check the final command with tan_keras.train --dry_run."
+)
+_QUIET = flags.DEFINE_bool(
+    "quiet", True, "Send each run's output to <output_dir>/logs instead of the terminal."
+)
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected positional arguments: {' '.join(argv[1:])!r}")
+    number = parse_number
+    try:
+        for name, holder in (
+            ("ref_batch_size", _REF_BATCH_SIZE),
+            ("ref_noise_multiplier", _REF_NOISE_MULTIPLIER),
+            ("steps", _STEPS),
+            ("batch_size", _BATCH_SIZE),
+            ("grid", _GRID),
+        ):
+            if not holder.value:
+                raise _validate.invalid(name, "a value (the flag is required)", None)
+        spec = search_lib.SearchSpec(
+            ref_batch_size=number(_REF_BATCH_SIZE.value),
+            ref_noise_multiplier=number(_REF_NOISE_MULTIPLIER.value),
+            steps=number(_STEPS.value),
+            batch_sizes=tuple(number(b) for b in _BATCH_SIZE.value),
+            dataset=_DATASET.value,
+            grid=search_lib.parse_grid(_GRID.value),
+            seeds=tuple(number(s) for s in _SEEDS.value),
+            output_dir=_OUTPUT_DIR.value,
+            train_flags=tuple(shlex.split(_TRAIN_FLAGS.value)),
+            metric=_METRIC.value,
+            confidence=number(_CONFIDENCE.value),
+        )
+    except ValueError as err:
+        _fail(str(err))
+    logs = f"{spec.output_dir}/logs" if _QUIET.value else None
+    runner = search_lib.subprocess_runner(logs)
+    try:
+        records, trained, skipped = search_lib.run_search(
+            spec, runner, log=lambda line: print(line, flush=True)
+        )
+        summary = search_lib.summarize(spec, records)
+        csv_path, json_path = search_lib.write_results(spec, records, summary)
+        print(search_lib.format_report(summary, trained, skipped))
+        if _VERIFY.value:
+            # The command must run as printed: tan_keras.train --dry_run checks
+            # every flag (and B_ref <= N), prints the privacy plan, writes nothing.
+            search_lib.check_command(summary["final_argv"], runner)
+            print("(final command checked: accepted by tan_keras.train --dry_run)")
+    except ValueError as err:
+        _fail(str(err))
+    except RuntimeError as err:
+        # A training run failed: keep its log tail readable (several lines).
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    print(f"results: {csv_path} {json_path}")
+
+
+def _parse_flags(argv):
+    # absl's own parse errors span two lines and exit 1; keep the one-line,
+    # status-2 contract for them too.
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        _fail(str(err))
+
+
+def _fail(message: str):
+    print("error: " + " ".join(message.split()), file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

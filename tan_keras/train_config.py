@@ -1,0 +1,392 @@
+"""The settings of one training run, validated before any work is done.
+
+`TrainConfig` holds every flag of `python -m tan_keras.train` as a plain
+value. Building it checks each value and every combination that needs no data
+(conflicting noise flags, augmentation multiplicity without augmentations,
+--resume without a model_dir, ...) and fills in the defaults that depend on
+the dataset (delta, augmentation policy). Checks that need the dataset size N
+(B <= N, calibration) live in `train_plan`.
+
+The defaults are the CPU recipe: small_cnn on scikit-learn's digits
+(N = 1437) at epsilon 8, a few minutes on 2 CPU cores.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import time
+from typing import Any, Dict, Optional
+
+from tan_keras import _validate
+from tan_keras.datasets import DATASET_NAMES
+from tan_keras.privacy.accounting import ACCOUNTANTS
+
+# Copies of tan_keras.augment.POLICIES and tan_keras.models.MODEL_NAMES
+# (pinned equal by tests/train_test.py): importing those modules loads
+# TensorFlow, and the flags are checked before that (a bad flag fails in a
+# second, with nothing but the error on stderr).
+POLICIES = ("none", "digits", "cifar", "imagenet")
+MODEL_NAMES = ("small_cnn", "wrn16_4", "nf_resnet50")
+
+# Layout of a model_dir.
+CONFIG_FILE = "train_config.json"
+CHECKPOINT_SUBDIR = "checkpoints"
+TENSORBOARD_SUBDIR = "tensorboard"
+METRICS_FILE = "metrics.json"
+
+# Epsilon targeted when none of --target_eps, --noise_multiplier or the
+# simulation flags is given.
+DEFAULT_TARGET_EPS = 8.0
+
+# delta per dataset. CIFAR and ImageNet: the TAN paper's values. digits
+# (N = 1437): 1e-5, 70x below 1/N (the usual rule is delta << 1/N: releasing
+# one random example in the clear already has delta = 1/N).
+DEFAULT_DELTA = {
+    "digits": 1e-5,
+    "cifar10": 1e-5,
+    "cifar100": 1e-5,
+    "imagenet2012": 8e-7,
+}
+
+# Augmentation policy per dataset (see tan_keras.augment.make_augmenter).
+DEFAULT_AUGMENT = {
+    "digits": "digits",
+    "cifar10": "cifar",
+    "cifar100": "cifar",
+    "imagenet2012": "imagenet",
+}
+
+# Flags that define what a run computes. Resuming a run with any of them
+# changed would silently continue another experiment, so it is refused.
+RUN_DEFINING_FLAGS = (
+    "dataset",
+    "model",
+    "batch_size",
+    "steps",
+    "augmult",
+    "augment",
+    "lr",
+    "momentum",
+    "ema_decay",
+    "l2_norm_clip",
+    "delta",
+    "target_eps",
+    "noise_multiplier",
+    "ref_batch_size",
+    "ref_noise_multiplier",
+    "accountant",
+    "seed",
+    "noise_seed",
+)
+
+_WRN_NAME = re.compile(r"wrn\d+_\d+")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """All settings of a training run; see `python -m tan_keras.train --help`.
+
+    Numbers may be given as Python numbers or as the numbers parsed from
+    flags; a value of the wrong type or out of range raises the package's
+    standard `ValueError` naming the flag. `None` means "not given": the
+    dataset-dependent defaults (delta, augment) and the default privacy target
+    (epsilon 8 when no noise flag is given) are filled in on construction.
+
+    Raises:
+      ValueError: on an invalid value or a nonsensical combination.
+    """
+
+    dataset: str = "digits"
+    data_dir: Optional[str] = None
+    model: str = "small_cnn"
+    batch_size: Any = 512
+    physical_batch_size: Any = None
+    steps: Any = 200
+    augmult: Any = 4
+    augment: Optional[str] = None
+    lr: Any = 4.0
+    momentum: Any = 0.0
+    ema_decay: Any = 0.99
+    l2_norm_clip: Any = 1.0
+    delta: Any = None
+    target_eps: Any = None
+    noise_multiplier: Any = None
+    ref_batch_size: Any = None
+    ref_noise_multiplier: Any = None
+    accountant: str = "rdp"
+    model_dir: Optional[str] = None
+    resume: bool = False
+    checkpoint_every: Any = 100
+    metrics_json: Optional[str] = None
+    seed: Any = 0
+    noise_seed: Any = None
+    test_augmult: Any = None
+    eval_every: Any = None
+    jit_compile: bool = False
+    dry_run: bool = False
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        _validate.one_of("dataset", self.dataset, DATASET_NAMES)
+        if not (
+            isinstance(self.model, str)
+            and (self.model in MODEL_NAMES or _WRN_NAME.fullmatch(self.model))
+        ):
+            raise _validate.invalid(
+                "model", "one of " + ", ".join(MODEL_NAMES) + " or wrn<depth>_<width>", self.model
+            )
+        set_(self, "batch_size", _validate.positive_int("batch_size", self.batch_size))
+        if self.physical_batch_size is not None:
+            set_(
+                self,
+                "physical_batch_size",
+                _validate.positive_int("physical_batch_size", self.physical_batch_size),
+            )
+        set_(self, "steps", _validate.positive_int("steps", self.steps))
+        set_(self, "augmult", _validate.positive_int("augmult", self.augmult))
+        augment = DEFAULT_AUGMENT[self.dataset] if self.augment is None else self.augment
+        set_(self, "augment", _validate.one_of("augment", augment, POLICIES))
+        if self.augmult > 1 and self.augment == "none":
+            raise _validate.invalid(
+                "augmult",
+                "1 with --augment=none",
+                self.augmult,
+                "K identical views average to the gradient of one view: K times the "
+                "compute for nothing. Choose an augmentation policy or --augmult=1",
+            )
+        set_(self, "lr", _validate.positive("lr", self.lr))
+        set_(
+            self,
+            "momentum",
+            _validate.real("momentum", self.momentum, low=0.0, high=1.0, high_inclusive=False),
+        )
+        if self.ema_decay is not None:
+            set_(
+                self,
+                "ema_decay",
+                _validate.real(
+                    "ema_decay", self.ema_decay, low=0.0, high=1.0, high_inclusive=False
+                ),
+            )
+        set_(self, "l2_norm_clip", _validate.positive("l2_norm_clip", self.l2_norm_clip))
+        delta = DEFAULT_DELTA[self.dataset] if self.delta is None else self.delta
+        set_(self, "delta", _validate.delta("delta", delta))
+        self._check_noise_flags()
+        _validate.one_of("accountant", self.accountant, ACCOUNTANTS)
+        if self.resume and not self.model_dir:
+            raise _validate.invalid(
+                "model_dir",
+                "the directory of the run to continue when --resume is given",
+                self.model_dir,
+            )
+        set_(
+            self,
+            "checkpoint_every",
+            _validate.positive_int("checkpoint_every", self.checkpoint_every),
+        )
+        set_(self, "seed", _validate.integer("seed", self.seed, low=0))
+        if self.noise_seed is not None:
+            set_(self, "noise_seed", _validate.integer("noise_seed", self.noise_seed, low=0))
+        if self.test_augmult is not None:
+            set_(
+                self,
+                "test_augmult",
+                _validate.integer(
+                    "test_augmult",
+                    self.test_augmult,
+                    low=2,
+                    hint="Test-time augmentation votes over >= 2 views; leave it unset "
+                    "to evaluate the plain test images only",
+                ),
+            )
+            if self.augment == "none":
+                raise _validate.invalid(
+                    "test_augmult",
+                    "unset with --augment=none (identical views cannot vote)",
+                    self.test_augmult,
+                )
+        if self.eval_every is not None:
+            set_(self, "eval_every", _validate.positive_int("eval_every", self.eval_every))
+
+    def _check_noise_flags(self):
+        """Exactly one way to set the noise: target_eps, noise_multiplier or ref_*."""
+        set_ = object.__setattr__
+        simulation = self.ref_batch_size is not None or self.ref_noise_multiplier is not None
+        if simulation:
+            for missing, given in (
+                ("ref_batch_size", "ref_noise_multiplier"),
+                ("ref_noise_multiplier", "ref_batch_size"),
+            ):
+                if getattr(self, missing) is None:
+                    raise _validate.invalid(
+                        missing,
+                        f"a value, since --{given} is given (a simulation needs both)",
+                        None,
+                    )
+            for name in ("noise_multiplier", "target_eps"):
+                if getattr(self, name) is not None:
+                    raise _validate.invalid(
+                        name,
+                        "unset in simulation mode (--ref_batch_size/--ref_noise_multiplier "
+                        "set the noise: sigma = ref_noise_multiplier * batch_size / "
+                        "ref_batch_size)",
+                        getattr(self, name),
+                    )
+            set_(
+                self,
+                "ref_batch_size",
+                _validate.positive_int("ref_batch_size", self.ref_batch_size),
+            )
+            if self.batch_size > self.ref_batch_size:
+                raise _validate.invalid(
+                    "batch_size",
+                    f"at most ref_batch_size={self.ref_batch_size} in simulation mode "
+                    "(a simulation is a smaller, cheaper run)",
+                    self.batch_size,
+                )
+            set_(
+                self,
+                "ref_noise_multiplier",
+                _validate.positive("ref_noise_multiplier", self.ref_noise_multiplier),
+            )
+            return
+        if self.noise_multiplier is not None:
+            if self.target_eps is not None:
+                raise _validate.invalid(
+                    "target_eps",
+                    "unset when --noise_multiplier is given (give one of them)",
+                    self.target_eps,
+                )
+            set_(
+                self,
+                "noise_multiplier",
+                _validate.non_negative("noise_multiplier", self.noise_multiplier),
+            )
+            return
+        target = DEFAULT_TARGET_EPS if self.target_eps is None else self.target_eps
+        set_(self, "target_eps", _validate.positive("target_eps", target))
+
+    @property
+    def noise_mode(self) -> str:
+        """How sigma is chosen: "target_eps", "noise_multiplier" or "simulation"."""
+        if self.ref_batch_size is not None:
+            return "simulation"
+        if self.noise_multiplier is not None:
+            return "noise_multiplier"
+        return "target_eps"
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The resolved settings as a JSON-ready dict (saved in model_dir)."""
+        return dataclasses.asdict(self)
+
+    def differences(self, saved: Dict[str, Any]) -> Dict[str, Any]:
+        """Run-defining flags whose value differs from a saved run's.
+
+        Args:
+          saved: `to_dict()` of the run saved in model_dir.
+
+        Returns:
+          {flag: saved value} for each flag of `RUN_DEFINING_FLAGS` that differs.
+        """
+        mine = self.to_dict()
+        return {
+            name: saved.get(name)
+            for name in RUN_DEFINING_FLAGS
+            if name not in saved or saved[name] != mine[name]
+        }
+
+
+def default_model_dir(dataset: str, model: str) -> str:
+    """A fresh directory name under ./runs/ (timestamp + pid: never reused).
+
+    Args:
+      dataset: Dataset name.
+      model: Model name.
+
+    Returns:
+      A relative path such as runs/digits_small_cnn_20260101-120000_1234.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", f"{dataset}_{model}_{stamp}_{os.getpid()}")
+
+
+def check_model_dir(model_dir: str, config: TrainConfig) -> None:
+    """Refuses to overwrite a run, or to resume something that is not there.
+
+    Without --resume, model_dir must not exist or be empty: an existing run is
+    never overwritten nor silently restarted at step 0. With --resume, it
+    must hold a checkpoint, and the run-defining flags saved in
+    train_config.json must equal this run's.
+
+    Args:
+      model_dir: The run directory.
+      config: The run settings.
+
+    Raises:
+      ValueError: naming the flag to change.
+      CheckpointError: if the checkpoint index or the saved settings are
+        unreadable.
+    """
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise _validate.invalid("model_dir", "a directory path", model_dir)
+    non_empty = os.path.isdir(model_dir) and bool(os.listdir(model_dir))
+    if not config.resume:
+        if non_empty:
+            raise _validate.invalid(
+                "model_dir",
+                "a new or empty directory",
+                model_dir,
+                "It already holds a run: pass --resume to continue it, or choose "
+                "another --model_dir",
+            )
+        return
+    # TensorFlow only now: resuming needs it anyway.
+    import tensorflow as tf
+
+    from tan_keras.checkpointing import CheckpointError
+
+    checkpoint_dir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
+    refusal = (
+        "Refusing to start over at step 0 silently (that would under-report "
+        "epsilon): delete model_dir to start a new run."
+    )
+    try:
+        latest = tf.train.latest_checkpoint(checkpoint_dir)
+    except (tf.errors.OpError, ValueError) as err:
+        raise CheckpointError(
+            f"Cannot read the checkpoint index in {checkpoint_dir!r} ({err}). {refusal}"
+        ) from None
+    if latest is None and os.path.isdir(checkpoint_dir) and os.listdir(checkpoint_dir):
+        # tf.train.latest_checkpoint logs a garbled index and returns None.
+        raise CheckpointError(
+            f"{checkpoint_dir!r} holds files but no readable checkpoint index: the "
+            f"checkpoint is corrupted. {refusal}"
+        )
+    if latest is None:
+        raise _validate.invalid(
+            "resume",
+            f"a checkpoint to continue in model_dir ({checkpoint_dir} has none)",
+            True,
+            "Drop --resume to start a new run in an empty --model_dir",
+        )
+    saved_path = os.path.join(model_dir, CONFIG_FILE)
+    if not os.path.exists(saved_path):
+        return  # The checkpoint's own DP fingerprint is still checked on restore.
+    try:
+        with open(saved_path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"Cannot read {saved_path!r} ({err}): model_dir is corrupted."
+        ) from None
+    differences = config.differences(saved)
+    if differences:
+        name, value = next(iter(differences.items()))
+        others = ", ".join(f"--{k}={v}" for k, v in list(differences.items())[1:])
+        raise _validate.invalid(
+            name,
+            f"{value!r}, the value of the run saved in {model_dir}, when resuming it",
+            getattr(config, name),
+            f"Other saved values that differ: {others}" if others else "",
+        )
