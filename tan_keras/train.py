@@ -133,6 +133,14 @@ _EVAL_EVERY = flags.DEFINE_string(
     "eval_every", None, "Evaluate the test set every this many updates (optional)."
 )
 _JIT_COMPILE = flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
+_STRATEGY = flags.DEFINE_string(
+    "strategy",
+    _D["strategy"],
+    "tf.distribute strategy: default (one device) | mirrored (all local GPUs, or CPU) | tpu.",
+)
+_TPU = flags.DEFINE_string(
+    "tpu", None, "With --strategy=tpu: TPU name or grpc:// address ('' or local on a TPU VM)."
+)
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Validate the flags, print the privacy plan and exit; writes nothing."
 )
@@ -190,6 +198,8 @@ def config_from_flags() -> TrainConfig:
         eval_every=number(_EVAL_EVERY.value),
         jit_compile=_JIT_COMPILE.value,
         dry_run=_DRY_RUN.value,
+        strategy=_STRATEGY.value,
+        tpu=_TPU.value,
     )
 
 
@@ -224,11 +234,18 @@ def train(config: TrainConfig, start: float) -> None:
     if config.dry_run:
         return
 
-    model = train_lib.build_model(config, plan, data.input_shape, data.num_classes)
+    strategy = train_lib.make_strategy(config.strategy, config.tpu)
+    with strategy.scope():
+        model = train_lib.build_model(config, plan, data.input_shape, data.num_classes)
     sampler = sampling.PoissonSampler(
         plan.dataset_size,
         plan.batch_size,
-        physical_batch_size=config.physical_batch_size,
+        physical_batch_size=train_lib.physical_batch_size(
+            config.physical_batch_size,
+            plan.batch_size,
+            plan.dataset_size,
+            strategy.num_replicas_in_sync,
+        ),
         seed=config.noise_seed,
     )
     # Restores on --resume (refusing corrupted or foreign checkpoints) before

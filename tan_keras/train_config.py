@@ -29,6 +29,13 @@ from tan_keras.privacy.accounting import ACCOUNTANTS
 POLICIES = ("none", "digits", "cifar", "imagenet")
 MODEL_NAMES = ("small_cnn", "wrn16_4", "nf_resnet50")
 
+# tf.distribute strategies the program can run under (see README, "Running on
+# TPU / multiple GPUs"). Multi-worker training needs every host to draw the
+# same Poisson batches from a shared secret key; the library has the pieces
+# (PoissonSampler(secret_key=...), make_poisson_dataset(num_shards=...)) but
+# the program does not wire them yet.
+STRATEGIES = ("default", "mirrored", "tpu")
+
 # Layout of a model_dir.
 CONFIG_FILE = "train_config.json"
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -125,6 +132,8 @@ class TrainConfig:
     eval_every: Any = None
     jit_compile: bool = False
     dry_run: bool = False
+    strategy: str = "default"
+    tpu: Optional[str] = None
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -208,6 +217,9 @@ class TrainConfig:
                 )
         if self.eval_every is not None:
             set_(self, "eval_every", _validate.positive_int("eval_every", self.eval_every))
+        _validate.one_of("strategy", self.strategy, STRATEGIES)
+        if self.tpu is not None and self.strategy != "tpu":
+            raise _validate.invalid("tpu", "unset unless --strategy=tpu", self.tpu)
 
     def _check_noise_flags(self):
         """Exactly one way to set the noise: target_eps, noise_multiplier or ref_*."""

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
-from tan_keras import checkpointing, models, sampling, train_data
+from tan_keras import _validate, checkpointing, models, sampling, train_data
 from tan_keras.callbacks import PrivacyAccountant
 from tan_keras.dp_model import DPKerasModel, make_private
 from tan_keras.privacy import accounting, tan
@@ -39,6 +39,70 @@ from tan_keras.train_plan import PrivacyPlan
 # Keras epochs (progress bars, TensorBoard points) per run when --eval_every
 # is not given.
 _EPOCHS_PER_RUN = 10
+
+
+def make_strategy(name: str, tpu: Optional[str] = None) -> tf.distribute.Strategy:
+    """The tf.distribute strategy to train under.
+
+    Under any strategy, DPKerasModel clips per example on each replica, sums
+    the clipped gradients across replicas, adds noise of total std sigma*C
+    once per logical step (independent streams of std sigma*C/sqrt(R) per
+    replica) and divides by the global expected batch size; each global
+    micro-batch of P rows is split across the R replicas.
+
+    Args:
+      name: "default", "mirrored" or "tpu".
+      tpu: TPU name or address for "tpu" (None: the local TPU VM).
+
+    Returns:
+      A `tf.distribute.Strategy`.
+
+    Raises:
+      ValueError: if `name` is unknown.
+    """
+    _validate.one_of("strategy", name, ("default", "mirrored", "tpu"))
+    tf.keras.backend.clear_session()
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def physical_batch_size(
+    requested: Optional[int], batch_size: int, dataset_size: int, num_replicas: int
+) -> int:
+    """Rows per global micro-batch: a multiple of the number of replicas.
+
+    Each global micro-batch is split evenly across the replicas (TPUs need
+    equal static shapes). The default P = B + 4 sqrt(B(1-q)) is rounded up to
+    a multiple of `num_replicas`; an explicit value must already be one.
+
+    Args:
+      requested: --physical_batch_size, or None for the default.
+      batch_size: B.
+      dataset_size: N.
+      num_replicas: R, replicas in sync.
+
+    Returns:
+      P.
+
+    Raises:
+      ValueError: if an explicit P is not a multiple of R.
+    """
+    if requested is None:
+        default = sampling.default_physical_batch_size(batch_size, dataset_size)
+        return -(-default // num_replicas) * num_replicas
+    if requested % num_replicas:
+        raise _validate.invalid(
+            "physical_batch_size",
+            f"a multiple of the {num_replicas} replicas (each gets an equal share)",
+            requested,
+        )
+    return requested
 
 
 def build_model(
@@ -59,7 +123,8 @@ def build_model(
     Raises:
       ValueError: if the model cannot be built for this input.
     """
-    tf.keras.backend.clear_session()
+    if not tf.distribute.has_strategy():  # never reset state under a strategy scope
+        tf.keras.backend.clear_session()
     # Model initialisation and augmentations only; noise and sampling draw
     # from OS entropy unless --noise_seed is given.
     tf.keras.utils.set_random_seed(config.seed)

@@ -115,6 +115,8 @@ BAD_FLAGS = [
     (["--resume"], "`model_dir`"),  # --resume needs the run's directory
     (["--no_such_flag=1"], "no_such_flag"),  # absl's error, kept on one line
     (["--jit_compile=maybe"], "jit_compile"),
+    (["--strategy=multiworker"], "`strategy`"),
+    (["--tpu=grpc://10.0.0.1:8470"], "`tpu`"),  # only with --strategy=tpu
 ]
 
 
@@ -277,3 +279,33 @@ def test_default_run_fast_variant_writes_all_metrics(capsys, tmp_path):
     assert (run_dir / "checkpoints" / "ckpt-3.index").exists()
     assert any((run_dir / "tensorboard").rglob("events.out.tfevents*"))
     assert not list(run_dir.glob("*.tmp-*"))  # the atomic write left no temp file
+
+
+def test_mirrored_strategy_runs_and_counts_global_steps(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli(
+        [
+            "--steps=2",
+            "--strategy=mirrored",
+            "--augmult=1",
+            "--augment=none",
+            f"--model_dir={run_dir}",
+        ],
+        capsys,
+    )
+    assert code == 0, err[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 2
+    assert metrics["epsilon"] == accounting.compute_epsilon(
+        metrics["noise_multiplier"], 512 / 1437, 2, 1e-5
+    )
+
+
+def test_physical_batch_size_is_a_multiple_of_the_replicas():
+    from tan_keras import train_lib
+
+    assert train_lib.physical_batch_size(None, 512, 1437, 4) % 4 == 0
+    assert train_lib.physical_batch_size(None, 512, 1437, 1) == 585  # B + 4 std
+    assert train_lib.physical_batch_size(64, 512, 1437, 8) == 64
+    with pytest.raises(ValueError, match="`physical_batch_size`"):
+        train_lib.physical_batch_size(66, 512, 1437, 4)
