@@ -116,6 +116,7 @@ BAD_FLAGS = [
     (["--no_such_flag=1"], "no_such_flag"),  # absl's error, kept on one line
     (["--jit_compile=maybe"], "jit_compile"),
     (["--strategy=multiworker"], "`strategy`"),
+    (["--dry_run=maybe"], "dry_run"),
     (["--tpu=grpc://10.0.0.1:8470"], "`tpu`"),  # only with --strategy=tpu
 ]
 
@@ -135,6 +136,13 @@ def test_bad_flag_is_refused_in_one_line_writing_nothing(
     assert len(lines) == 1, err
     assert name in lines[0], lines[0]
     assert "Traceback" not in err and "Privacy plan" not in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_metrics_json_that_is_a_directory_is_refused(tmp_path, capsys):
+    code, _, err = run_cli([f"--metrics_json={tmp_path}", f"--model_dir={tmp_path / 'r'}"], capsys)
+    assert code == 2
+    assert "`metrics_json`" in error_lines(err)[0]
     assert list(tmp_path.iterdir()) == []
 
 
