@@ -29,7 +29,7 @@ import sys
 
 from absl import app, flags
 
-from tan_keras import _validate, search_lib
+from tan_keras import _cli, _validate, search_lib
 from tan_keras.privacy.cli import parse_number
 
 # Numbers are read as text so that a bad value reaches the package's
@@ -69,7 +69,7 @@ _QUIET = flags.DEFINE_bool(
 
 def main(argv):
     if len(argv) > 1:
-        _fail(f"unexpected positional arguments: {' '.join(argv[1:])!r}")
+        _cli.fail(f"unexpected positional arguments: {' '.join(argv[1:])!r}")
     number = parse_number
     try:
         for name, holder in (
@@ -95,7 +95,7 @@ def main(argv):
             confidence=number(_CONFIDENCE.value),
         )
     except ValueError as err:
-        _fail(str(err))
+        _cli.fail(str(err))
     logs = f"{spec.output_dir}/logs" if _QUIET.value else None
     runner = search_lib.subprocess_runner(logs)
     try:
@@ -111,7 +111,7 @@ def main(argv):
             search_lib.check_command(summary["final_argv"], runner)
             print("(final command checked: accepted by tan_keras.train --dry_run)")
     except ValueError as err:
-        _fail(str(err))
+        _cli.fail(str(err))
     except RuntimeError as err:
         # A training run failed: keep its log tail readable (several lines).
         print(f"error: {err}", file=sys.stderr, flush=True)
@@ -119,19 +119,5 @@ def main(argv):
     print(f"results: {csv_path} {json_path}")
 
 
-def _parse_flags(argv):
-    # absl's own parse errors span two lines and exit 1; keep the one-line,
-    # status-2 contract for them too.
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as err:
-        _fail(str(err))
-
-
-def _fail(message: str):
-    print("error: " + " ".join(message.split()), file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=_cli.parse_flags)

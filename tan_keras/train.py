@@ -24,12 +24,11 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import dataclasses  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-from tan_keras import _validate  # noqa: E402
+from tan_keras import _cli, _validate  # noqa: E402
 from tan_keras.privacy.cli import parse_number  # noqa: E402
 from tan_keras.train_config import DEFAULT_DELTA, TrainConfig  # noqa: E402
 
@@ -149,13 +148,13 @@ _DRY_RUN = flags.DEFINE_bool(
 def main(argv):
     start = time.monotonic()
     if len(argv) > 1:
-        _fail(f"unexpected positional arguments: {' '.join(argv[1:])!r}")
+        _cli.fail(f"unexpected positional arguments: {' '.join(argv[1:])!r}")
     try:
         train(config_from_flags(), start)
     except ValueError as err:
         # Bad flags, unavailable datasets and refused checkpoints (all
         # ValueErrors) are reported before anything is written.
-        _fail(str(err))
+        _cli.fail(str(err))
 
 
 def config_from_flags() -> TrainConfig:
@@ -274,29 +273,13 @@ def train(config: TrainConfig, start: float) -> None:
     print(f"metrics: {metrics_path}", flush=True)
 
 
-def _parse_flags(argv):
-    # Reset first, so that a second in-process run (tests) starts from the
-    # defaults. absl's own parse errors (unknown flag, --resume=maybe) span two
-    # lines and exit 1; keep the one-line, status-2 contract for them too.
-    flags.FLAGS.unparse_flags()
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as err:
-        _fail(str(err))
-
-
-def _fail(message: str):
-    print("error: " + " ".join(message.split()), file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def cli(argv=None):
     """Runs the program as from the command line (exits via SystemExit).
 
     Args:
       argv: Full argument list including the program name; None uses sys.argv.
     """
-    app.run(main, argv=argv, flags_parser=_parse_flags)
+    app.run(main, argv=argv, flags_parser=_cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -92,8 +92,8 @@ def test_needs_a_dp_model():
         )
 
 
-def test_step_cap_holds_inside_the_graph_with_steps_per_execution():
-    """Keras calls callbacks every 4 batches here; the cap must still be exact."""
+def _fit_with_steps_per_execution(max_steps=3):
+    """Keras calls callbacks only every 4 batches here."""
     model = dp_model(
         dense_model(), l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=B, dataset_size=N
     )
@@ -101,14 +101,13 @@ def test_step_cap_holds_inside_the_graph_with_steps_per_execution():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(N, 4)).astype(np.float32), rng.integers(0, 3, N)
     ds = sampling.make_poisson_dataset(x, y, sampling.PoissonSampler(N, B))
-    model.fit(
-        ds,
-        epochs=2,
-        steps_per_epoch=8,
-        verbose=0,
-        callbacks=[PrivacyAccountant(DELTA, max_steps=3)],
-    )
-    assert int(model.dp_steps.numpy()) == 3
+    accountant = PrivacyAccountant(DELTA, max_steps=max_steps)
+    model.fit(ds, epochs=2, steps_per_epoch=8, verbose=0, callbacks=[accountant])
+    return int(model.dp_steps.numpy())
+
+
+def test_step_cap_holds_inside_the_graph_with_steps_per_execution():
+    assert _fit_with_steps_per_execution(max_steps=3) == 3
 
 
 def test_power_check_callback_alone_overshoots_with_steps_per_execution(monkeypatch):
@@ -116,18 +115,4 @@ def test_power_check_callback_alone_overshoots_with_steps_per_execution(monkeypa
     from tan_keras.dp_model import DPKerasModel
 
     monkeypatch.setattr(DPKerasModel, "set_step_limit", lambda self, steps: None)
-    model = dp_model(
-        dense_model(), l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=B, dataset_size=N
-    )
-    model.compile(optimizer="sgd", loss=model.loss, steps_per_execution=4)
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(N, 4)).astype(np.float32), rng.integers(0, 3, N)
-    ds = sampling.make_poisson_dataset(x, y, sampling.PoissonSampler(N, B))
-    model.fit(
-        ds,
-        epochs=2,
-        steps_per_epoch=8,
-        verbose=0,
-        callbacks=[PrivacyAccountant(DELTA, max_steps=3)],
-    )
-    assert int(model.dp_steps.numpy()) > 3
+    assert _fit_with_steps_per_execution(max_steps=3) > 3

@@ -17,10 +17,9 @@ top-level keys describe the reference (private) run; `simulation` is the run
 to launch. Bad input exits with status 2 and one line on stderr.
 """
 
-import sys
-
 from absl import app, flags
 
+from tan_keras import _cli
 from tan_keras.privacy import cli
 
 # Numbers are read as text and converted by cli.parse_number, so that a bad
@@ -69,7 +68,7 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 
 def main(argv):
     if len(argv) > 1:
-        _fail(f"unexpected positional arguments: {' '.join(argv[1:])!r}")
+        _cli.fail(f"unexpected positional arguments: {' '.join(argv[1:])!r}")
     number = cli.parse_number
     try:
         result = cli.report(
@@ -86,23 +85,9 @@ def main(argv):
             accountant=_ACCOUNTANT.value,
         )
     except ValueError as err:
-        _fail(str(err))
+        _cli.fail(str(err))
     print(cli.to_json(result) if _JSON.value else cli.format_report(result))
 
 
-def _parse_flags(argv):
-    # absl's own parse errors (unknown flag, --json=maybe) span two lines and
-    # exit 1; keep the one-line, status-2 contract for them too.
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as err:
-        _fail(str(err))
-
-
-def _fail(message: str):
-    print("error: " + " ".join(message.split()), file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=_cli.parse_flags)
