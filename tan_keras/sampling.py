@@ -271,3 +271,61 @@ def make_poisson_dataset(
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return dataset.with_options(options)
+
+
+def poisson_dataset_fn(
+    features: np.ndarray,
+    labels: np.ndarray,
+    sampler_fn: Callable[[], PoissonSampler],
+    augmult: int = 1,
+    augmenter: Optional[Callable[[tf.Tensor], tf.Tensor]] = None,
+) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
+    """Per-host input for `tf.keras.utils.experimental.DatasetCreator`.
+
+    For multi-worker training: every host draws the SAME global micro-batches
+    (its sampler must use the shared `secret_key`), keeps its 1/W of the rows
+    and hands them to its L local replicas as L consecutive per-replica
+    elements (tf.distribute feeds a host's replicas round-robin). So the R =
+    W * L replicas together hold each sampled example exactly once, and they
+    all agree on where each logical step ends.
+
+    Args:
+      features: [N, *input_shape] training examples (on every host).
+      labels: [N, ...] labels.
+      sampler_fn: Builds this host's `PoissonSampler` (same key on all hosts).
+      augmult: K views per example.
+      augmenter: Optional one-view augmentation.
+
+    Returns:
+      A function from `tf.distribute.InputContext` to the host's dataset.
+    """
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        sampler = sampler_fn()
+        hosts = context.num_input_pipelines
+        local = context.num_replicas_in_sync // hosts
+        dataset = make_poisson_dataset(
+            features,
+            labels,
+            sampler,
+            augmult=augmult,
+            augmenter=augmenter,
+            num_shards=hosts,
+            shard_index=context.input_pipeline_id,
+        )
+        rows = sampler.physical_batch_size // hosts
+        if rows % local:
+            raise _validate.invalid(
+                "physical_batch_size",
+                f"a multiple of the {context.num_replicas_in_sync} replicas",
+                sampler.physical_batch_size,
+            )
+
+        def split(*batch):
+            return tf.data.Dataset.from_tensor_slices(
+                tuple(tf.reshape(t, [local, rows // local, *t.shape[1:]]) for t in batch)
+            )
+
+        return dataset.flat_map(split)
+
+    return dataset_fn

@@ -1,0 +1,85 @@
+"""One worker of a 2-worker MultiWorkerMirroredStrategy run on localhost.
+
+Usage: python _multiworker_worker.py PORT0 PORT1 INDEX KEY OUT (INDEX "single":
+the one-device reference run). With sigma = 0
+and clipping on, writes the weights after 3 logical steps (JSON) to OUT.
+Workers: 2, each with 1 CPU replica; each draws the same global Poisson
+micro-batches (shared sampling key) and keeps half of the rows.
+"""
+
+import json
+import os
+import sys
+import warnings
+
+port0, port1, index, key, out = sys.argv[1:6]
+SINGLE = index == "single"  # the one-device reference run
+if not SINGLE:
+    os.environ["TF_CONFIG"] = json.dumps(
+        {
+            "cluster": {"worker": [f"localhost:{port0}", f"localhost:{port1}"]},
+            "task": {"type": "worker", "index": int(index)},
+        }
+    )
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tan_keras import sampling  # noqa: E402
+from tan_keras.dp_model import DPKerasModel  # noqa: E402
+
+N, B, P = 64, 8, 8
+strategy = tf.distribute.get_strategy() if SINGLE else tf.distribute.MultiWorkerMirroredStrategy()
+rng = np.random.default_rng(0)
+x = (rng.normal(size=(N, 4)) * 3).astype(np.float32)
+y = rng.integers(0, 3, N).astype(np.int32)
+with strategy.scope(), warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    tf.keras.utils.set_random_seed(0)
+    inp = tf.keras.Input((4,))
+    model = DPKerasModel(
+        inp,
+        tf.keras.layers.Dense(3)(tf.keras.layers.Dense(5, activation="tanh")(inp)),
+        l2_norm_clip=0.1,
+        noise_multiplier=0.0,
+        expected_batch_size=B,
+        dataset_size=N,
+    )
+    model.compile(
+        optimizer=tf.keras.optimizers.SGD(1.0),
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+
+
+def make_sampler():
+    return sampling.PoissonSampler(N, B, physical_batch_size=P, secret_key=int(key))
+
+
+if SINGLE:
+    data = sampling.make_poisson_dataset(x, y, make_sampler())
+elif os.environ.get("TAN_TEST_BROKEN_SHARDING"):
+    # The bug the test must catch: every host feeds the whole global batch.
+    data = tf.keras.utils.experimental.DatasetCreator(
+        lambda context: sampling.make_poisson_dataset(x, y, make_sampler())
+    )
+else:
+    data = tf.keras.utils.experimental.DatasetCreator(
+        sampling.poisson_dataset_fn(x, y, make_sampler)
+    )
+from tan_keras.callbacks import PrivacyAccountant  # noqa: E402
+
+model.fit(
+    data,
+    epochs=1,
+    steps_per_epoch=6,
+    verbose=0,
+    callbacks=[PrivacyAccountant(delta=1e-5, max_steps=3)],
+)
+with open(out, "w") as f:
+    json.dump(
+        {
+            "weights": [w.tolist() for w in model.get_weights()],
+            "steps": int(model.dp_steps.numpy()),
+        },
+        f,
+    )
