@@ -140,6 +140,12 @@ _STRATEGY = flags.DEFINE_string(
 _TPU = flags.DEFINE_string(
     "tpu", None, "With --strategy=tpu: TPU name or grpc:// address ('' or local on a TPU VM)."
 )
+_SAMPLING_KEY_FILE = flags.DEFINE_string(
+    "sampling_key_file",
+    None,
+    "With --strategy=multiworker: file with the secret 64-bit sampling key shared by "
+    "all workers (every worker must draw the same Poisson batches).",
+)
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Validate the flags, print the privacy plan and exit; writes nothing."
 )
@@ -199,6 +205,7 @@ def config_from_flags() -> TrainConfig:
         dry_run=_DRY_RUN.value,
         strategy=_STRATEGY.value,
         tpu=_TPU.value,
+        sampling_key_file=_SAMPLING_KEY_FILE.value,
     )
 
 
@@ -209,6 +216,11 @@ def train(config: TrainConfig, start: float) -> None:
     from tan_keras import datasets, train_config, train_plan
 
     model_dir = config.model_dir or train_config.default_model_dir(config.dataset, config.model)
+    worker = train_config.worker_index() if config.strategy == "multiworker" else 0
+    if worker:
+        # Workers other than the chief keep their own checkpoints, logs and
+        # metrics (identical state: every worker applies the same updates).
+        model_dir = os.path.join(model_dir, f"worker_{worker}")
     train_config.check_model_dir(model_dir, config)
     metrics_path = config.metrics_json or os.path.join(model_dir, train_config.METRICS_FILE)
     if os.path.isdir(metrics_path):
@@ -246,6 +258,11 @@ def train(config: TrainConfig, start: float) -> None:
             strategy.num_replicas_in_sync,
         ),
         seed=config.noise_seed,
+        secret_key=(
+            train_config.read_sampling_key(config.sampling_key_file)
+            if config.sampling_key_file and config.noise_seed is None
+            else None
+        ),
     )
     # Restores on --resume (refusing corrupted or foreign checkpoints) before
     # writing anything to model_dir.
@@ -255,7 +272,12 @@ def train(config: TrainConfig, start: float) -> None:
     # From here on, errors are bugs or crashes, not refusals: let them show.
     try:
         train_ds = train_data.train_dataset(
-            data.train_x, data.train_y, sampler, config.augmult, augmenter
+            data.train_x,
+            data.train_y,
+            sampler,
+            config.augmult,
+            augmenter,
+            per_host=config.strategy == "multiworker",
         )
         test_ds = train_data.test_dataset(data.test_x, data.test_y, sampler.physical_batch_size)
         dp_steps = train_lib.fit(

@@ -31,10 +31,8 @@ MODEL_NAMES = ("small_cnn", "wrn16_4", "nf_resnet50")
 
 # tf.distribute strategies the program can run under (see README, "Running on
 # TPU / multiple GPUs"). Multi-worker training needs every host to draw the
-# same Poisson batches from a shared secret key; the library has the pieces
-# (PoissonSampler(secret_key=...), make_poisson_dataset(num_shards=...)) but
-# the program does not wire them yet.
-STRATEGIES = ("default", "mirrored", "tpu")
+# same Poisson batches: from a shared secret key (--sampling_key_file).
+STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
 
 # Layout of a model_dir.
 CONFIG_FILE = "train_config.json"
@@ -134,6 +132,7 @@ class TrainConfig:
     dry_run: bool = False
     strategy: str = "default"
     tpu: Optional[str] = None
+    sampling_key_file: Optional[str] = None
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -220,6 +219,34 @@ class TrainConfig:
         _validate.one_of("strategy", self.strategy, STRATEGIES)
         if self.tpu is not None and self.strategy != "tpu":
             raise _validate.invalid("tpu", "unset unless --strategy=tpu", self.tpu)
+        self._check_multiworker()
+
+    def _check_multiworker(self):
+        if self.strategy != "multiworker":
+            if self.sampling_key_file is not None:
+                raise _validate.invalid(
+                    "sampling_key_file",
+                    "unset unless --strategy=multiworker",
+                    self.sampling_key_file,
+                )
+            return
+        if self.dataset == "imagenet2012":
+            raise _validate.invalid(
+                "strategy",
+                "default, mirrored or tpu for imagenet2012 (multiworker needs an "
+                "in-memory dataset)",
+                self.strategy,
+            )
+        if self.noise_seed is None:
+            if self.sampling_key_file is None:
+                raise _validate.invalid(
+                    "sampling_key_file",
+                    "a file holding a secret 64-bit key, the same on every worker, with "
+                    "--strategy=multiworker (create it once: python -c 'import secrets; "
+                    "print(secrets.randbits(64))' > key, copy it privately to each host)",
+                    None,
+                )
+            read_sampling_key(self.sampling_key_file)
 
     def _check_noise_flags(self):
         """Exactly one way to set the noise: target_eps, noise_multiplier or ref_*."""
@@ -309,6 +336,41 @@ class TrainConfig:
         }
 
 
+def read_sampling_key(path: str) -> int:
+    """Reads the shared secret sampling key of a multi-worker run.
+
+    Args:
+      path: A file holding one integer in [0, 2^64) (decimal or 0x-hex).
+
+    Returns:
+      The key.
+
+    Raises:
+      ValueError: naming `sampling_key_file` if the file is missing or bad.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = int(f.read().strip(), 0)
+    except (OSError, ValueError):
+        raise _validate.invalid(
+            "sampling_key_file", "a readable file holding one integer in [0, 2^64)", path
+        ) from None
+    if not 0 <= key < 2**64:
+        raise _validate.invalid(
+            "sampling_key_file", "a readable file holding one integer in [0, 2^64)", path
+        )
+    return key
+
+
+def worker_index() -> int:
+    """This process's worker index in a multi-worker cluster (TF_CONFIG), else 0."""
+    try:
+        task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
+    except ValueError:
+        return 0
+    return int(task.get("index", 0)) if task.get("type", "worker") in ("worker", "chief") else 0
+
+
 def default_model_dir(dataset: str, model: str) -> str:
     """A fresh directory name under ./runs/ (timestamp + pid: never reused).
 
@@ -342,7 +404,11 @@ def check_model_dir(model_dir: str, config: TrainConfig) -> None:
     """
     if os.path.exists(model_dir) and not os.path.isdir(model_dir):
         raise _validate.invalid("model_dir", "a directory path", model_dir)
-    non_empty = os.path.isdir(model_dir) and bool(os.listdir(model_dir))
+    entries = os.listdir(model_dir) if os.path.isdir(model_dir) else []
+    if config.strategy == "multiworker":
+        # The other workers' own directories may appear at any time.
+        entries = [e for e in entries if not re.fullmatch(r"worker_\d+", e)]
+    non_empty = bool(entries)
     if not config.resume:
         if non_empty:
             raise _validate.invalid(

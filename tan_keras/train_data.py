@@ -22,6 +22,7 @@ def train_dataset(
     sampler: sampling.PoissonSampler,
     augmult: int,
     augmenter: Optional[Callable[[tf.Tensor], tf.Tensor]],
+    per_host: bool = False,
 ) -> tf.data.Dataset:
     """The endless Poisson-sampled training input of `DPKerasModel.fit`.
 
@@ -31,12 +32,20 @@ def train_dataset(
       sampler: The `PoissonSampler` over the N examples.
       augmult: K views per example.
       augmenter: Random one-view augmentation, or None for identical views.
+      per_host: Multi-worker: a `DatasetCreator` whose per-host pipelines
+        each keep their share of every global micro-batch (in-memory data).
 
     Returns:
       An endless dataset of `(x, y, mask, step_end)` micro-batches, x of
       shape [P, K, H, W, C] (or [P, H, W, C] when K = 1 without augmenter).
     """
     augmenter = _without_autograph(augmenter)
+    if per_host:
+        return tf.keras.utils.experimental.DatasetCreator(
+            sampling.poisson_dataset_fn(
+                train_x, train_y, lambda: sampler, augmult=augmult, augmenter=augmenter
+            )
+        )
     if isinstance(train_x, np.ndarray):
         return sampling.make_poisson_dataset(
             train_x, train_y, sampler, steps=None, augmult=augmult, augmenter=augmenter

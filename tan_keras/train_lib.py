@@ -51,7 +51,7 @@ def make_strategy(name: str, tpu: Optional[str] = None) -> tf.distribute.Strateg
     micro-batch of P rows is split across the R replicas.
 
     Args:
-      name: "default", "mirrored" or "tpu".
+      name: "default", "mirrored", "multiworker" or "tpu".
       tpu: TPU name or address for "tpu" (None: the local TPU VM).
 
     Returns:
@@ -60,12 +60,14 @@ def make_strategy(name: str, tpu: Optional[str] = None) -> tf.distribute.Strateg
     Raises:
       ValueError: if `name` is unknown.
     """
-    _validate.one_of("strategy", name, ("default", "mirrored", "tpu"))
+    _validate.one_of("strategy", name, ("default", "mirrored", "multiworker", "tpu"))
     tf.keras.backend.clear_session()
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
+    if name == "multiworker":  # the cluster comes from the TF_CONFIG variable
+        return tf.distribute.MultiWorkerMirroredStrategy()
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)

@@ -63,3 +63,53 @@ def test_two_workers_equal_the_single_device_run_without_noise(tmp_path):
 def test_power_check_hosts_feeding_the_whole_batch_are_detected(tmp_path):
     worker0, _, single = _run(tmp_path, broken=True)
     assert not np.allclose(_flat(worker0), _flat(single), atol=1e-5)
+
+
+def test_training_program_runs_on_two_workers(tmp_path):
+    from tan_keras.privacy import accounting
+
+    key_file = tmp_path / "key"
+    key_file.write_text("1234567890123\n")
+    ports = [_free_port(), _free_port()]
+    procs = []
+    for index in range(2):
+        cluster = {"worker": [f"localhost:{p}" for p in ports]}
+        env = dict(
+            os.environ,
+            TF_CPP_MIN_LOG_LEVEL="3",
+            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+        )
+        args = [
+            "--strategy=multiworker",
+            f"--sampling_key_file={key_file}",
+            "--steps=3",
+            "--batch_size=64",
+            "--augmult=1",
+            "--augment=none",
+            f"--model_dir={tmp_path / 'run'}",
+        ]
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tan_keras.train", *args],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    chief = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    other = json.loads((tmp_path / "run" / "worker_1" / "metrics.json").read_text())
+    assert chief["steps"] == other["steps"] == 3
+    assert chief["epsilon"] == accounting.compute_epsilon(
+        chief["noise_multiplier"], 64 / 1437, 3, 1e-5
+    )
+    # Every worker applied the same updates.
+    assert chief["test_accuracy"] == other["test_accuracy"]
+    assert chief["test_accuracy_ema"] == other["test_accuracy_ema"]

@@ -115,7 +115,9 @@ BAD_FLAGS = [
     (["--resume"], "`model_dir`"),  # --resume needs the run's directory
     (["--no_such_flag=1"], "no_such_flag"),  # absl's error, kept on one line
     (["--jit_compile=maybe"], "jit_compile"),
-    (["--strategy=multiworker"], "`strategy`"),
+    (["--strategy=parameter_server"], "`strategy`"),
+    (["--strategy=multiworker"], "`sampling_key_file`"),  # the shared key is required
+    (["--sampling_key_file=/nonexistent"], "`sampling_key_file`"),
     (["--dry_run=maybe"], "dry_run"),
     (["--tpu=grpc://10.0.0.1:8470"], "`tpu`"),  # only with --strategy=tpu
 ]
