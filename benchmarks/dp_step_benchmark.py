@@ -7,7 +7,7 @@ One run measures, on the same model and the same data, side by side:
   dp_layer -- tan_keras.DPKerasModel with clipping="layerwise" (activations x
             output gradients; what "auto" picks with --jit);
   tfp    -- TF Privacy's DPModel (K = 1 only: it has no augmentation
-            multiplicity).
+            multiplicity), without XLA unless --tfp_use_xla.
 Each configuration runs in its own subprocess, so its peak memory (max RSS) is
 its own. Prints examples/s (medians over timed steps after warm-up), the ratio
 to the plain step and to TF Privacy, and peak memory; writes JSON.
@@ -30,7 +30,7 @@ METHODS = ("plain", "dp_vmap", "dp_layer", "tfp")
 INPUT_SHAPES = {"small_cnn": (32, 32, 3), "wrn16_4": (32, 32, 3)}
 
 
-def _measure(model_name, method, batch, augmult, steps, warmup, jit):
+def _measure(model_name, method, batch, augmult, steps, warmup, jit, tfp_use_xla):
     """Runs in a child process: returns median seconds per step and max RSS."""
     import numpy as np
     import tensorflow as tf
@@ -70,6 +70,7 @@ def _measure(model_name, method, batch, augmult, steps, warmup, jit):
         model = DPModel(
             l2_norm_clip=1.0,
             noise_multiplier=1.0,
+            use_xla=tfp_use_xla,
             inputs=base.inputs,
             outputs=base.outputs,
         )
@@ -91,17 +92,21 @@ def _measure(model_name, method, batch, augmult, steps, warmup, jit):
 
 
 def _run_child(args, model_name, method, batch, augmult):
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        f"--models={model_name}",
-        f"--methods={method}",
-        f"--batch_sizes={batch}",
-        f"--augmults={augmult}",
-        f"--steps={args.steps}",
-        f"--warmup={args.warmup}",
-    ] + (["--jit"] if args.jit else [])
+    cmd = (
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            f"--models={model_name}",
+            f"--methods={method}",
+            f"--batch_sizes={batch}",
+            f"--augmults={augmult}",
+            f"--steps={args.steps}",
+            f"--warmup={args.warmup}",
+        ]
+        + (["--jit"] if args.jit else [])
+        + (["--tfp_use_xla"] if args.tfp_use_xla else [])
+    )
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
@@ -119,6 +124,12 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--jit", action="store_true", help="jit_compile=True (XLA)")
+    parser.add_argument(
+        "--tfp_use_xla",
+        action="store_true",
+        help="TF Privacy DPModel with use_xla=True (its default); off by default so that "
+        "both DP steps run without XLA",
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -135,7 +146,14 @@ def main(argv=None):
 
     if args.child:
         result = _measure(
-            models[0], methods[0], batches[0], augmults[0], args.steps, args.warmup, args.jit
+            models[0],
+            methods[0],
+            batches[0],
+            augmults[0],
+            args.steps,
+            args.warmup,
+            args.jit,
+            args.tfp_use_xla,
         )
         print("RESULT " + json.dumps(result))
         return
