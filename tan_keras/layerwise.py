@@ -57,7 +57,10 @@ def _supported(layer) -> bool:
 
 
 def _last_axis(layer) -> bool:
-    rank = layer.input.shape.rank if hasattr(layer, "input") else None
+    try:
+        rank = layer.input.shape.rank
+    except (AttributeError, ValueError):  # unbuilt, or shared (several inputs)
+        return False
     return rank is not None and [a % rank for a in layer.axis] == [rank - 1]
 
 

@@ -39,6 +39,11 @@ class NotPrivateWarning(UserWarning):
     """Warned when a setting voids the privacy guarantee against some observer."""
 
 
+def entropy_int64() -> int:
+    """A 64-bit integer from OS entropy, as a signed int64 (for tf.Variable)."""
+    return secrets.randbits(64) + _INT64_MIN
+
+
 def make_noise_key(seed: Optional[int] = None) -> List[int]:
     """Creates the secret key of the DP noise.
 
@@ -54,7 +59,7 @@ def make_noise_key(seed: Optional[int] = None) -> List[int]:
       ValueError: if `seed` is not an integer >= 0.
     """
     if seed is None:
-        return [secrets.randbits(64) + _INT64_MIN for _ in range(2)]
+        return [entropy_int64() for _ in range(2)]
     seed = _validate.integer("noise_seed", seed, low=0, high=2**63 - 1)
     warnings.warn(SEEDED_NOISE_WARNING.format(seed=seed), NotPrivateWarning, stacklevel=2)
     return [seed, 0x7A4E]

@@ -27,9 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from tan_keras import _validate
-from tan_keras.noise import NotPrivateWarning
-
-_INT64_MIN = -(2**63)
+from tan_keras.noise import NotPrivateWarning, entropy_int64
 
 SEEDED_SAMPLER_WARNING = (
     "The Poisson sampler was given an explicit seed ({seed}). Privacy amplification "
@@ -101,11 +99,11 @@ class PoissonSampler(tf.Module):
                 "secret_key", "None when `seed` is given (they are alternatives)", secret_key
             )
         if secret_key is not None:
-            key = _validate.integer("secret_key", secret_key, low=0, high=2**64 - 1) + _INT64_MIN
+            key = _validate.integer("secret_key", secret_key, low=0, high=2**64 - 1) - 2**63
         elif seed is None:
-            key = secrets.randbits(64) + _INT64_MIN
+            key = entropy_int64()
         else:
-            key = _validate.integer("seed", seed, low=0)
+            key = _validate.integer("seed", seed, low=0, high=2**63 - 1)
             warnings.warn(SEEDED_SAMPLER_WARNING.format(seed=seed), NotPrivateWarning, stacklevel=2)
         # Step t's batch is a pure function of (key, t): a resumed run sets the
         # counter to its number of completed updates and sees exactly the

@@ -146,12 +146,6 @@ def build_model(
         metrics=["accuracy"],
         jit_compile=config.jit_compile,
     )
-    # Create the optimizer slots now, not in the first train step: a
-    # tf.function whose first call creates variables is traced twice, and
-    # tracing the per-example gradient graph of a large model takes longer
-    # than a short run's training. (DPKerasModel means to build them at
-    # compile but tests `optimizer.built`, which Keras 2.15 does not define.)
-    model.optimizer.build(model.trainable_variables)
     return model
 
 

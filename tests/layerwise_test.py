@@ -133,3 +133,16 @@ def test_auto_picks_layerwise_under_xla_when_supported_and_refuses_impossible_la
         DPKerasModel(inp, out, clipping="layerwise", **dp)
     with pytest.raises(ValueError, match="Invalid value for `clipping`"):
         DPKerasModel(base.inputs, base.outputs, clipping="ghost", **dp)
+
+
+def test_shared_layer_norm_matches_the_generic_path():
+    tf.keras.utils.set_random_seed(4)
+    inp = tf.keras.Input((4,))
+    norm = layers.LayerNormalization()
+    model = tf.keras.Model(inp, layers.Dense(3)(norm(layers.Dense(4)(norm(inp)))))
+    assert layerwise.supports(model)
+    x, y = _inputs(model, 3, 2, seed=0)
+    fast, _, _ = layerwise.per_example_gradients(model, LOSS_FN, x, y)
+    slow, _, _ = per_example.per_example_gradients(model, LOSS_FN, x, y)
+    for a, b in zip(fast, slow):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
