@@ -6,15 +6,22 @@ One run measures, on the same model and the same data, side by side:
             tf.vectorized_map path; what clipping="auto" picks without XLA);
   dp_layer -- tan_keras.DPKerasModel with clipping="layerwise" (activations x
             output gradients; what "auto" picks with --jit);
-  tfp    -- TF Privacy's DPModel (K = 1 only: it has no augmentation
-            multiplicity), without XLA unless --tfp_use_xla.
-Each configuration runs in its own subprocess, so its peak memory (max RSS) is
-its own. Prints examples/s (medians over timed steps after warm-up), the ratio
-to the plain step and to TF Privacy, and peak memory; writes JSON.
+  tfp    -- TF Privacy's DPModel as shipped (use_xla=True, its default);
+  tfp_noxla -- the same with use_xla=False, like for like with the steps
+            above when they run without --jit.
+TF Privacy has no augmentation multiplicity, so it runs at K = 1 only.
 
-Example (CPU, a few minutes):
+Each configuration runs in its own subprocess, so its peak memory (max RSS) is
+its own. With --repeats=R the methods of a configuration run R times,
+interleaved (plain, dp, ..., plain, dp, ...), so that a slow spell of the
+machine hits all of them alike; a method's time is the median over its runs of
+the median over timed steps after warm-up. Prints examples/s, the slowdown
+relative to the plain step and to both TF Privacy variants, and peak memory;
+writes JSON.
+
+Example (CPU, about 30 minutes):
   python benchmarks/dp_step_benchmark.py --models=small_cnn,wrn16_4 \
-      --batch_sizes=32,64 --augmults=1,4 --json=/tmp/bench.json
+      --batch_sizes=32,64 --augmults=1,4 --repeats=2 --json=/tmp/bench.json
 """
 
 import argparse
@@ -26,11 +33,12 @@ import subprocess
 import sys
 import time
 
-METHODS = ("plain", "dp_vmap", "dp_layer", "tfp")
+METHODS = ("plain", "dp_vmap", "dp_layer", "tfp", "tfp_noxla")
+BASELINES = ("plain", "tfp", "tfp_noxla")
 INPUT_SHAPES = {"small_cnn": (32, 32, 3), "wrn16_4": (32, 32, 3)}
 
 
-def _measure(model_name, method, batch, augmult, steps, warmup, jit, tfp_use_xla):
+def _measure(model_name, method, batch, augmult, steps, warmup, jit, examples_per_chunk):
     """Runs in a child process: returns median seconds per step and max RSS."""
     import numpy as np
     import tensorflow as tf
@@ -57,6 +65,7 @@ def _measure(model_name, method, batch, augmult, steps, warmup, jit, tfp_use_xla
             dataset_size=50000,
             augmult=augmult,
             clipping="layerwise" if method == "dp_layer" else "vectorized",
+            examples_per_chunk=examples_per_chunk,
         )
         x = rng.random((batch, augmult) + shape, dtype=np.float32)
         if augmult == 1:
@@ -70,7 +79,7 @@ def _measure(model_name, method, batch, augmult, steps, warmup, jit, tfp_use_xla
         model = DPModel(
             l2_norm_clip=1.0,
             noise_multiplier=1.0,
-            use_xla=tfp_use_xla,
+            use_xla=method == "tfp",
             inputs=base.inputs,
             outputs=base.outputs,
         )
@@ -105,7 +114,7 @@ def _run_child(args, model_name, method, batch, augmult):
             f"--warmup={args.warmup}",
         ]
         + (["--jit"] if args.jit else [])
-        + (["--tfp_use_xla"] if args.tfp_use_xla else [])
+        + [f"--examples_per_chunk={args.examples_per_chunk}"]
     )
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -125,10 +134,12 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--jit", action="store_true", help="jit_compile=True (XLA)")
     parser.add_argument(
-        "--tfp_use_xla",
-        action="store_true",
-        help="TF Privacy DPModel with use_xla=True (its default); off by default so that "
-        "both DP steps run without XLA",
+        "--repeats", type=int, default=1, help="interleaved runs of each method (median)"
+    )
+    parser.add_argument(
+        "--examples_per_chunk",
+        default="auto",
+        help="DPKerasModel's examples_per_chunk: 'auto', 'none' or an integer",
     )
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -140,6 +151,15 @@ def main(argv=None):
     for name in models:
         if name not in INPUT_SHAPES:
             parser.error(f"--models: unknown model {name!r}; expected {sorted(INPUT_SHAPES)}")
+    if args.repeats < 1:
+        parser.error(f"--repeats: expected an integer >= 1; received {args.repeats}")
+    try:
+        _chunk_arg(args.examples_per_chunk)
+    except ValueError:
+        parser.error(
+            "--examples_per_chunk: expected 'auto', 'none' or an integer >= 1; "
+            f"received {args.examples_per_chunk!r}"
+        )
     for method in methods:
         if method not in METHODS:
             parser.error(f"--methods: unknown method {method!r}; expected {METHODS}")
@@ -153,25 +173,37 @@ def main(argv=None):
             args.steps,
             args.warmup,
             args.jit,
-            args.tfp_use_xla,
+            _chunk_arg(args.examples_per_chunk),
         )
         print("RESULT " + json.dumps(result))
         return
 
     rows = []
     header = (
-        f"{'model':<10} {'B':>4} {'K':>2} {'method':<8} {'ex/s':>9} "
-        f"{'vs plain':>9} {'vs tfp':>7} {'peak MB':>8}"
+        f"{'model':<10} {'B':>4} {'K':>2} {'method':<10} {'ex/s':>9} "
+        + " ".join(f"{'vs ' + base:>9}" for base in BASELINES)
+        + f" {'peak MB':>8}"
     )
     print(header)
     for name in models:
         for batch in batches:
             for augmult in augmults:
-                results = {}
-                for method in methods:
-                    result = _run_child(args, name, method, batch, augmult)
-                    if result is not None:
-                        results[method] = result
+                runs = {method: [] for method in methods}
+                for _ in range(args.repeats):
+                    for method in methods:
+                        result = _run_child(args, name, method, batch, augmult)
+                        if result is not None:
+                            runs[method].append(result)
+                results = {
+                    method: {
+                        "seconds_per_step": statistics.median(
+                            r["seconds_per_step"] for r in method_runs
+                        ),
+                        "peak_rss_mb": max(r["peak_rss_mb"] for r in method_runs),
+                    }
+                    for method, method_runs in runs.items()
+                    if method_runs
+                }
                 for method, result in results.items():
                     throughput = batch / result["seconds_per_step"]
                     row = dict(
@@ -180,26 +212,36 @@ def main(argv=None):
                         augmult=augmult,
                         method=method,
                         jit=args.jit,
+                        repeats=args.repeats,
                         examples_per_s=throughput,
                         peak_rss_mb=result["peak_rss_mb"],
                     )
                     # Ratios are slowdowns: step time relative to the baseline.
-                    for base in ("plain", "tfp"):
+                    for base in BASELINES:
                         if base in results:
                             row[f"slowdown_vs_{base}"] = (
                                 result["seconds_per_step"] / results[base]["seconds_per_step"]
                             )
                     rows.append(row)
-                    vs_plain = row.get("slowdown_vs_plain")
-                    vs_tfp = row.get("slowdown_vs_tfp")
+                    ratios = " ".join(
+                        f"{_fmt(row.get('slowdown_vs_' + base)):>9}" for base in BASELINES
+                    )
                     print(
-                        f"{name:<10} {batch:>4} {augmult:>2} {method:<8} {throughput:>9.1f} "
-                        f"{_fmt(vs_plain):>9} {_fmt(vs_tfp):>7} {row['peak_rss_mb']:>8.0f}",
+                        f"{name:<10} {batch:>4} {augmult:>2} {method:<10} {throughput:>9.1f} "
+                        f"{ratios} {row['peak_rss_mb']:>8.0f}",
                         flush=True,
                     )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=2)
+
+
+def _chunk_arg(value):
+    if value == "auto":
+        return value
+    if value.lower() == "none":
+        return None
+    return int(value)
 
 
 def _fmt(ratio):

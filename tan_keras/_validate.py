@@ -8,7 +8,7 @@ result (a checkpoint, a metrics file) behind.
 
 import math
 import numbers
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
 
 
 def invalid(name: str, expected: str, value: Any, hint: str = "") -> ValueError:
@@ -176,3 +176,27 @@ def _describe_range(
 
 def _fmt(bound: float) -> str:
     return repr(int(bound)) if float(bound).is_integer() else repr(bound)
+
+
+def examples_per_chunk(value: Any) -> Union[int, str, None]:
+    """Checks `examples_per_chunk` (tan_keras.chunking), here so that CLIs need no TF.
+
+    Args:
+      value: "auto", None (the whole micro-batch at once) or an int >= 1.
+
+    Returns:
+      The value, an int normalized from integral types.
+
+    Raises:
+      ValueError: for anything else.
+    """
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return value
+    if isinstance(value, str):
+        raise ValueError(
+            "Invalid value for `examples_per_chunk`: expected 'auto', None or an integer "
+            f">= 1. Received: examples_per_chunk={value!r}"
+        )
+    return positive_int(
+        "examples_per_chunk", value, hint="Or 'auto', or None for the whole micro-batch at once."
+    )

@@ -65,7 +65,7 @@ def _rescaled_norms(flat: List[tf.Tensor]) -> tf.Tensor:
 def per_example_global_norms(per_example_grads: List[tf.Tensor]) -> tf.Tensor:
     """L2 norm of each example's gradient over all variables.
 
-    One pass of dot products in the common case; when a squared norm is not
+    One fused pass per variable in the common case; when a squared norm is not
     finite or very large, the norms are recomputed as max|g| * ||g / max|g|||
     so that a finite but huge gradient (whose squares overflow) still gets a
     finite norm and is clipped rather than dropped.
@@ -80,9 +80,28 @@ def per_example_global_norms(per_example_grads: List[tf.Tensor]) -> tf.Tensor:
     return _norms(flat)[0]
 
 
+def _in_xla_context() -> bool:
+    try:
+        from tensorflow.python.framework import ops
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # private modules: assume XLA, whose form works anywhere
+        return True
+    return control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
+
+
+def _squared_row_norms(g: tf.Tensor) -> tf.Tensor:
+    if _in_xla_context():
+        # XLA fuses square + sum, and has no kernel for EuclideanNorm.
+        return tf.reduce_sum(tf.square(g), axis=1)
+    # Without XLA, EuclideanNorm is one pass over g: 3x faster than square +
+    # sum (which writes g**2 out) and 10x faster than an einsum "bn,bn->b"
+    # (a batched matmul) on CPU for WideResNet-16-4's per-example gradients.
+    return tf.square(tf.math.reduce_euclidean_norm(g, axis=1))
+
+
 def _norms(flat: List[tf.Tensor]):
     """Returns (norms, fast) where fast says no rescaling was needed."""
-    squared = tf.add_n([tf.einsum("bn,bn->b", g, g) for g in flat])
+    squared = tf.add_n([_squared_row_norms(g) for g in flat])
     fast = tf.reduce_all(squared < _SAFE_SQUARED_NORM)  # False for NaN too
     norms = tf.cond(fast, lambda: tf.sqrt(squared), lambda: _rescaled_norms(flat))
     return norms, fast

@@ -19,12 +19,11 @@ import contextlib
 import inspect
 import math
 import warnings
-from typing import Optional
+from typing import Optional, Union
 
 import tensorflow as tf
 
-from tan_keras import _validate, layerwise, model_checks, noise, per_example
-from tan_keras.clipping import clip_and_sum
+from tan_keras import _validate, chunking, layerwise, model_checks, noise, per_example
 from tan_keras.dp_config import DPConfig
 
 _DP_CONFIG_KEYS = (
@@ -35,6 +34,7 @@ _DP_CONFIG_KEYS = (
     "augmult",
     "ema_decay",
     "clipping",
+    "examples_per_chunk",
 )
 
 CLIPPING_MODES = ("auto", "layerwise", "vectorized")
@@ -128,6 +128,11 @@ class DPKerasModel(tf.keras.Model):
         examples (any model), "auto" (default) picks "layerwise" when the
         model is compiled with `jit_compile=True` (XLA, TPU) and every
         trainable variable has a layerwise rule, else "vectorized".
+      examples_per_chunk: How many examples' per-example gradients are held
+        in memory at once: the micro-batch is processed in chunks of this
+        many examples, one after the other (same result, bounded memory).
+        "auto" (default) picks chunks whose gradients fit in 256 MiB; None
+        processes the whole micro-batch at once; or an int >= 1.
       **kwargs: Other `tf.keras.Model` keyword arguments (name, ...).
 
     Raises:
@@ -146,6 +151,7 @@ class DPKerasModel(tf.keras.Model):
         ema_decay: Optional[float] = None,
         noise_seed: Optional[int] = None,
         clipping: str = "auto",
+        examples_per_chunk: Union[int, str, None] = "auto",
         **kwargs,
     ):
         # Validate before building anything: bad input must fail fast.
@@ -157,6 +163,7 @@ class DPKerasModel(tf.keras.Model):
             augmult=augmult,
         )
         clipping = _validate.one_of("clipping", clipping, CLIPPING_MODES)
+        examples_per_chunk = _validate.examples_per_chunk(examples_per_chunk)
         if ema_decay is not None:
             ema_decay = _validate.real(
                 "ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False
@@ -175,6 +182,7 @@ class DPKerasModel(tf.keras.Model):
         # "auto" is resolved in compile(), where jit_compile is known.
         self._clipping_requested = clipping
         self._clipping = "vectorized" if clipping == "auto" else clipping
+        self._examples_per_chunk = examples_per_chunk
         self._secret = _SecretState(noise.make_noise_key(noise_seed))
         # Noisy updates applied so far: the accountant's step count and the
         # noise stream's position. Saved with the weights so that a resumed
@@ -227,6 +235,7 @@ class DPKerasModel(tf.keras.Model):
         dp = self._dp_config.to_dict()
         dp["ema_decay"] = self._ema_decay
         dp["clipping"] = self._clipping_requested
+        dp["examples_per_chunk"] = self._examples_per_chunk
         config.update(dp)
         return config
 
@@ -405,8 +414,16 @@ class DPKerasModel(tf.keras.Model):
             if self._clipping == "layerwise"
             else per_example.per_example_gradients
         )
-        grads, losses, y_pred = compute(self, self._per_example_loss, x, y)
-        clipped = clip_and_sum(grads, self._dp_config.l2_norm_clip, mask)
+        variables = self.trainable_variables
+        clipped, losses, y_pred = chunking.clip_in_chunks(
+            lambda views, labels: compute(self, self._per_example_loss, views, labels),
+            variables,
+            x,
+            y,
+            mask,
+            self._dp_config.l2_norm_clip,
+            chunking.chunk_size(x.shape[0], variables, self._examples_per_chunk),
+        )
 
         accumulators = self._secret.accumulators
         for acc, g in zip(accumulators, clipped.grad_sum):

@@ -132,6 +132,12 @@ _EVAL_EVERY = flags.DEFINE_string(
     "eval_every", None, "Evaluate the test set every this many updates (optional)."
 )
 _JIT_COMPILE = flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
+_EXAMPLES_PER_CHUNK = flags.DEFINE_string(
+    "examples_per_chunk",
+    "auto",
+    "Per-example gradients held in memory at once: auto (chunks of <= 256 MiB of "
+    "gradients), none (the whole micro-batch) or an integer >= 1.",
+)
 _STRATEGY = flags.DEFINE_string(
     "strategy",
     _D["strategy"],
@@ -161,6 +167,12 @@ def main(argv):
         # Bad flags, unavailable datasets and refused checkpoints (all
         # ValueErrors) are reported before anything is written.
         _cli.fail(str(err))
+
+
+def _chunk_setting(value: str):
+    if value.lower() in ("auto", "none"):
+        return None if value.lower() == "none" else "auto"
+    return parse_number(value)
 
 
 def config_from_flags() -> TrainConfig:
@@ -202,6 +214,7 @@ def config_from_flags() -> TrainConfig:
         test_augmult=number(_TEST_AUGMULT.value),
         eval_every=number(_EVAL_EVERY.value),
         jit_compile=_JIT_COMPILE.value,
+        examples_per_chunk=_chunk_setting(_EXAMPLES_PER_CHUNK.value),
         dry_run=_DRY_RUN.value,
         strategy=_STRATEGY.value,
         tpu=_TPU.value,

@@ -129,6 +129,7 @@ class TrainConfig:
     test_augmult: Any = None
     eval_every: Any = None
     jit_compile: bool = False
+    examples_per_chunk: Any = "auto"
     dry_run: bool = False
     strategy: str = "default"
     tpu: Optional[str] = None
@@ -178,6 +179,11 @@ class TrainConfig:
                 ),
             )
         set_(self, "l2_norm_clip", _validate.positive("l2_norm_clip", self.l2_norm_clip))
+        set_(
+            self,
+            "examples_per_chunk",
+            _validate.examples_per_chunk(self.examples_per_chunk),
+        )
         delta = DEFAULT_DELTA[self.dataset] if self.delta is None else self.delta
         set_(self, "delta", _validate.delta("delta", delta))
         self._check_noise_flags()

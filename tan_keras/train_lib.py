@@ -114,7 +114,7 @@ def build_model(
 
     Args:
       config: Run settings (model, lr, momentum, ema_decay, l2_norm_clip,
-        augmult, seed, noise_seed, jit_compile).
+        augmult, seed, noise_seed, jit_compile, examples_per_chunk).
       plan: The privacy plan (sigma, B, N).
       input_shape: (H, W, C) of one image.
       num_classes: Number of classes.
@@ -139,6 +139,7 @@ def build_model(
         augmult=config.augmult,
         ema_decay=config.ema_decay,
         noise_seed=config.noise_seed,
+        examples_per_chunk=config.examples_per_chunk,
     )
     model.compile(
         optimizer=tf.keras.optimizers.SGD(config.lr, momentum=config.momentum),
