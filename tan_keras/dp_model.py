@@ -270,7 +270,7 @@ class DPKerasModel(tf.keras.Model):
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
         if self._clipping_requested == "auto":
             # Measured on CPU (benchmarks/): without XLA, tf.vectorized_map is
-            # as fast or faster (small CNN 1.5x, WRN-16-4 1.2x); with XLA its
+            # as fast or faster (small CNN 1.4x, WRN-16-4 1.15x at batch 64); with XLA its
             # while-loop fallback compiles badly and layerwise is 2x faster.
             use_layerwise = bool(kwargs.get("jit_compile")) and layerwise.supports(self)
             self._clipping = "layerwise" if use_layerwise else "vectorized"
