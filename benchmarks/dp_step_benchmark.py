@@ -146,13 +146,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     models = args.models.split(",")
     methods = args.methods.split(",")
-    batches = [int(b) for b in args.batch_sizes.split(",")]
-    augmults = [int(k) for k in args.augmults.split(",")]
+    batches = _int_list(parser, "batch_sizes", args.batch_sizes)
+    augmults = _int_list(parser, "augmults", args.augmults)
     for name in models:
         if name not in INPUT_SHAPES:
             parser.error(f"--models: unknown model {name!r}; expected {sorted(INPUT_SHAPES)}")
-    if args.repeats < 1:
-        parser.error(f"--repeats: expected an integer >= 1; received {args.repeats}")
+    for name, low in (("repeats", 1), ("steps", 1), ("warmup", 0)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name}: expected an integer >= {low}; received {getattr(args, name)}")
     try:
         _chunk_arg(args.examples_per_chunk)
     except ValueError:
@@ -237,11 +238,24 @@ def main(argv=None):
 
 
 def _chunk_arg(value):
+    """--examples_per_chunk as DPKerasModel takes it; ValueError when invalid."""
+    from tan_keras import _validate
+
     if value == "auto":
         return value
     if value.lower() == "none":
         return None
-    return int(value)
+    return _validate.examples_per_chunk(int(value))
+
+
+def _int_list(parser, flag, text):
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        parser.error(f"--{flag}: expected comma-separated integers >= 1; received {text!r}")
+    return values
 
 
 def _fmt(ratio):

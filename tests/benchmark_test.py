@@ -1,11 +1,13 @@
-"""The DP step benchmark runs end to end and writes its rows."""
+"""The benchmarks run end to end, print their baselines and refuse bad arguments."""
 
 import json
 import pathlib
 import subprocess
 import sys
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "dp_step_benchmark.py"
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "dp_step_benchmark.py"
+OPS_SCRIPT = BENCHMARKS / "per_example_ops.py"
 
 
 def _run(*args):
@@ -37,7 +39,39 @@ def test_benchmark_writes_one_row_per_method_with_ratios(tmp_path):
 
 
 def test_benchmark_refuses_bad_arguments_before_running():
-    for bad in ("--repeats=0", "--examples_per_chunk=lots", "--methods=opacus"):
+    for bad in (
+        "--repeats=0",
+        "--steps=0",
+        "--warmup=-1",
+        "--batch_sizes=64,0",
+        "--augmults=four",
+        "--examples_per_chunk=lots",
+        "--examples_per_chunk=0",
+        "--methods=opacus",
+    ):
         result = _run(bad)
         assert result.returncode == 2, bad
         assert bad.split("=")[0] in result.stderr, result.stderr
+    result = subprocess.run(
+        [sys.executable, str(OPS_SCRIPT), "--sections=clip,gpu"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2 and "--sections" in result.stderr
+
+
+def test_per_example_ops_benchmark_prints_ratios_against_each_baseline():
+    result = subprocess.run(
+        [sys.executable, str(OPS_SCRIPT), "--batch=2", "--sections=clip,conv", "--steps=1"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    titles = [line for line in lines if not line.startswith(" ")]
+    assert len(titles) == 4  # clip, and conv at three stage shapes
+    for title in titles:
+        first = lines[lines.index(title) + 1]
+        assert first.rstrip().endswith("1.00x"), first

@@ -120,8 +120,22 @@ def test_no_more_than_a_chunk_of_examples_is_processed_at_once():
     assert seen == [3]
 
 
+def _spy_chunk_sizes(monkeypatch):
+    """Records the chunk size DPKerasModel hands to clip_in_chunks."""
+    sizes = []
+    original = chunking.clip_in_chunks
+
+    def spy(*args):
+        sizes.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(chunking, "clip_in_chunks", spy)
+    return sizes
+
+
 @pytest.mark.parametrize("jit_compile", [False, True])
-def test_dp_model_with_chunks_matches_one_pass(jit_compile):
+def test_dp_model_with_chunks_matches_one_pass(jit_compile, monkeypatch):
+    sizes = _spy_chunk_sizes(monkeypatch)
     base = dense_model(seed=3)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(10, 4)) * 3.0
@@ -131,12 +145,15 @@ def test_dp_model_with_chunks_matches_one_pass(jit_compile):
     for setting in (None, 3):
         model = dp_model(base, jit_compile=jit_compile, examples_per_chunk=setting, **dp)
         results.append(flat(one_step(model, x, y, micro=2)))
+    # Micro-batches of 5: the chunked model really ran in chunks of 3.
+    assert sizes == [None, 3]
     np.testing.assert_allclose(results[0], results[1], atol=1e-6)
     assert not np.allclose(results[0], flat(base.get_weights()))
 
 
-def test_dp_model_chunks_a_run_time_batch_size():
+def test_dp_model_chunks_a_run_time_batch_size(monkeypatch):
     # Batches of unknown static size (a generator dataset) still chunk.
+    sizes = _spy_chunk_sizes(monkeypatch)
     base = dense_model(seed=4)
     rng = np.random.default_rng(2)
     x = rng.normal(size=(5, 4)).astype(np.float32) * 3.0
@@ -156,6 +173,7 @@ def test_dp_model_chunks_a_run_time_batch_size():
         )
         model.fit(ds, verbose=0)
         results.append(flat(model.get_weights()))
+    assert sizes == [None, 2]
     np.testing.assert_allclose(results[0], results[1], atol=1e-6)
 
 

@@ -22,6 +22,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _wait_all_succeed(procs):
+    """Waits for every process (killing all if one hangs); each must exit 0."""
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+
+
 def _run(tmp_path, broken=False):
     key = "12345678901234567"
     ports = [str(_free_port()), str(_free_port())]
@@ -39,13 +50,7 @@ def _run(tmp_path, broken=False):
         )
         for index, out in zip(["0", "1", "single"], outs)
     ]
-    try:
-        results = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, results):
-        assert p.returncode == 0, err[-3000:]
+    _wait_all_succeed(procs)
     return [json.loads(o.read_text()) for o in outs]
 
 
@@ -97,13 +102,7 @@ def test_training_program_runs_on_two_workers(tmp_path):
                 text=True,
             )
         )
-    try:
-        results = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, results):
-        assert p.returncode == 0, err[-3000:]
+    _wait_all_succeed(procs)
     chief = json.loads((tmp_path / "run" / "metrics.json").read_text())
     other = json.loads((tmp_path / "run" / "worker_1" / "metrics.json").read_text())
     assert chief["steps"] == other["steps"] == 3
