@@ -15,7 +15,7 @@ and the ratio to the section's baseline):
             chunking.clip_in_chunks, for several chunk sizes (baseline: the
             whole batch at once).
 
-Example (CPU, about 3 minutes):
+Example (CPU, about 1-2 minutes):
   python benchmarks/per_example_ops.py --batch=64
 """
 
