@@ -35,7 +35,7 @@ LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 P, B, N = 8, 8, 64  # physical rows per micro-batch (divisible by 4), expected batch
 
 
-def build(width, sigma, clip, input_dim):
+def build(width, sigma, clip, input_dim, examples_per_chunk="auto"):
     with strategy.scope(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tf.keras.utils.set_random_seed(0)
@@ -48,6 +48,7 @@ def build(width, sigma, clip, input_dim):
             noise_multiplier=sigma,
             expected_batch_size=B,
             dataset_size=N,
+            examples_per_chunk=examples_per_chunk,
         )
         model.compile(optimizer=tf.keras.optimizers.SGD(1.0), loss=LOSS)
     return model
@@ -77,6 +78,14 @@ accountant = PrivacyAccountant(delta=1e-5)
 model.fit(dataset(x, y, np.ones(48), steps=3, micro=2), verbose=0, callbacks=[accountant])
 result["weights"] = [w.tolist() for w in model.get_weights()]
 result["dp_steps"] = int(model.dp_steps.numpy())
+# The same with chunked clipping: each replica clips its rows one at a time.
+model = build(5, sigma=0.0, clip=0.1, input_dim=4, examples_per_chunk=1)
+initial = model.get_weights()
+model.fit(dataset(x, y, np.ones(48), steps=3, micro=2), verbose=0)
+result["weights_chunked"] = [w.tolist() for w in model.get_weights()]
+result["chunked_moved"] = max(
+    float(np.abs(a - b).max()) for a, b in zip(model.get_weights(), initial)
+)
 
 # 2. Pure noise (all rows masked): one step on a 300x300 layer (~9e4 params).
 model = build(300, sigma=2.0, clip=0.5, input_dim=300)

@@ -46,6 +46,14 @@ def test_weights_equal_the_single_device_run_without_noise(replicas):
 
 
 @pytest.mark.parametrize("replicas", [1, 2, 4])
+def test_chunked_clipping_per_replica_equals_the_single_device_run(replicas):
+    single, multi = _run(1), _run(replicas)
+    for a, b in zip(single["weights"], multi["weights_chunked"]):
+        np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-5)
+    assert multi["chunked_moved"] > 1e-3  # the steps moved the weights: equality means something
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 4])
 def test_noise_std_is_sigma_c_over_global_batch(replicas):
     result = _run(replicas)
     assert _std_ok(result), result["noise_std"] / result["expected_std"]
