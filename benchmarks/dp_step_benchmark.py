@@ -2,8 +2,11 @@
 
 One run measures, on the same model and the same data, side by side:
   plain  -- the ordinary Keras train step (a batch of B*K images, mean loss);
-  dp_vmap -- tan_keras.DPKerasModel with clipping="vectorized" (the
-            tf.vectorized_map path; what clipping="auto" picks without XLA);
+  dp_ghost -- tan_keras.DPKerasModel with clipping="ghost" (tf.vectorized_map,
+            with ghost norms where they are cheaper; what clipping="auto"
+            picks without XLA);
+  dp_vmap -- tan_keras.DPKerasModel with clipping="vectorized" (every
+            per-example gradient formed by tf.vectorized_map);
   dp_layer -- tan_keras.DPKerasModel with clipping="layerwise" (activations x
             output gradients; what "auto" picks with --jit);
   tfp    -- TF Privacy's DPModel as shipped (use_xla=True, its default);
@@ -33,7 +36,8 @@ import subprocess
 import sys
 import time
 
-METHODS = ("plain", "dp_vmap", "dp_layer", "tfp", "tfp_noxla")
+METHODS = ("plain", "dp_ghost", "dp_vmap", "dp_layer", "tfp", "tfp_noxla")
+DP_CLIPPING = {"dp_ghost": "ghost", "dp_vmap": "vectorized", "dp_layer": "layerwise"}
 BASELINES = ("plain", "tfp", "tfp_noxla")
 INPUT_SHAPES = {"small_cnn": (32, 32, 3), "wrn16_4": (32, 32, 3)}
 
@@ -56,7 +60,7 @@ def _measure(model_name, method, batch, augmult, steps, warmup, jit, examples_pe
         model = base
         x = rng.random((batch * augmult,) + shape, dtype=np.float32)
         data = (x, np.repeat(y, augmult))
-    elif method in ("dp_vmap", "dp_layer"):
+    elif method in DP_CLIPPING:
         model = make_private(
             base,
             l2_norm_clip=1.0,
@@ -64,7 +68,7 @@ def _measure(model_name, method, batch, augmult, steps, warmup, jit, examples_pe
             expected_batch_size=batch,
             dataset_size=50000,
             augmult=augmult,
-            clipping="layerwise" if method == "dp_layer" else "vectorized",
+            clipping=DP_CLIPPING[method],
             examples_per_chunk=examples_per_chunk,
         )
         x = rng.random((batch, augmult) + shape, dtype=np.float32)

@@ -15,9 +15,11 @@ Edge cases:
     non-finite (selected with `tf.where`, not multiplied, since 0 * NaN = NaN).
 """
 
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Sequence, Union
 
 import tensorflow as tf
+
+from tan_keras.ghost import GhostGradient, split
 
 
 class ClippedSum(NamedTuple):
@@ -53,13 +55,24 @@ def _flatten(per_example_grads: List[tf.Tensor]) -> List[tf.Tensor]:
     return [tf.reshape(tf.cast(g, tf.float32), [tf.shape(g)[0], -1]) for g in per_example_grads]
 
 
-def _rescaled_norms(flat: List[tf.Tensor]) -> tf.Tensor:
+def _rescaled_row_norms(g: tf.Tensor) -> tf.Tensor:
     # max|g| * ||g / max|g|||: finite for any finite gradient.
-    scale = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(g), axis=1) for g in flat]), axis=0)
+    scale = tf.reduce_max(tf.abs(g), axis=1)
     safe = tf.where(scale > 0, scale, tf.ones_like(scale))  # zero gradient: norm 0
-    squares = [tf.reduce_sum(tf.square(g / safe[:, None]), axis=1) for g in flat]
     # NaN == 0 is False, so a NaN or Inf entry yields a NaN norm here.
-    return tf.where(scale == 0, tf.zeros_like(scale), safe * tf.sqrt(tf.add_n(squares)))
+    return scale * tf.sqrt(tf.reduce_sum(tf.square(g / safe[:, None]), axis=1))
+
+
+def _rescaled_norms(flat: List[tf.Tensor], ghosts: List[GhostGradient]) -> tf.Tensor:
+    """Global norms from each piece's norm, combined as max * ||pieces / max||."""
+    pieces = tf.stack(
+        [_rescaled_row_norms(g) for g in flat] + [gh.rescaled_norms() for gh in ghosts]
+    )
+    finite = tf.reduce_all(tf.math.is_finite(pieces), axis=0)
+    top = tf.reduce_max(tf.where(tf.math.is_finite(pieces), pieces, tf.zeros_like(pieces)), 0)
+    safe = tf.where(top > 0, top, tf.ones_like(top))
+    norms = top * tf.sqrt(tf.reduce_sum(tf.square(pieces / safe), axis=0))
+    return tf.where(finite, norms, tf.fill(tf.shape(norms), float("nan")))
 
 
 def per_example_global_norms(per_example_grads: List[tf.Tensor]) -> tf.Tensor:
@@ -77,7 +90,7 @@ def per_example_global_norms(per_example_grads: List[tf.Tensor]) -> tf.Tensor:
       A float32 tensor [batch]; NaN for examples with a non-finite entry.
     """
     flat = _flatten(per_example_grads)
-    return _norms(flat)[0]
+    return _norms(flat, [])[0]
 
 
 def _in_xla_context() -> bool:
@@ -99,31 +112,36 @@ def _squared_row_norms(g: tf.Tensor) -> tf.Tensor:
     return tf.square(tf.math.reduce_euclidean_norm(g, axis=1))
 
 
-def _norms(flat: List[tf.Tensor]):
+def _norms(flat: List[tf.Tensor], ghosts: List[GhostGradient]):
     """Returns (norms, fast) where fast says no rescaling was needed."""
-    squared = tf.add_n([_squared_row_norms(g) for g in flat])
+    squared = tf.add_n(
+        [_squared_row_norms(g) for g in flat] + [gh.squared_norms() for gh in ghosts]
+    )
     fast = tf.reduce_all(squared < _SAFE_SQUARED_NORM)  # False for NaN too
-    norms = tf.cond(fast, lambda: tf.sqrt(squared), lambda: _rescaled_norms(flat))
+    norms = tf.cond(fast, lambda: tf.sqrt(squared), lambda: _rescaled_norms(flat, ghosts))
     return norms, fast
 
 
 def clip_and_sum(
-    per_example_grads: List[tf.Tensor],
+    per_example_grads: Sequence[Union[tf.Tensor, GhostGradient]],
     l2_norm_clip: float,
     mask: tf.Tensor,
 ) -> ClippedSum:
     """Clips each example's gradient to L2 norm `l2_norm_clip` and sums them.
 
     Args:
-      per_example_grads: One tensor per variable, each [batch, *var_shape].
+      per_example_grads: One entry per variable: a [batch, *var_shape]
+        tensor, or a `GhostGradient` (ghost.py), whose norms and clipped sum
+        are computed without forming the per-example gradients.
       l2_norm_clip: C > 0.
       mask: [batch] tensor; rows with mask <= 0 are padding and contribute 0.
 
     Returns:
       A `ClippedSum`.
     """
-    flat = _flatten(per_example_grads)
-    norms, fast = _norms(flat)
+    formed, ghosts = split(per_example_grads)
+    flat = _flatten([g for _, g in formed])
+    norms, fast = _norms(flat, [gh for _, gh in ghosts])
     real = tf.cast(mask, tf.float32) > 0
     finite = tf.math.is_finite(norms)
     keep = tf.logical_and(real, finite)
@@ -146,8 +164,13 @@ def clip_and_sum(
             out.append(tf.reduce_sum(g / denom[:, None], axis=0) * clip)
         return out
 
-    sums = tf.cond(fast, weighted_sum, guarded_sum)
-    grad_sum = [tf.reshape(s, g.shape[1:]) for s, g in zip(sums, per_example_grads)]
+    grad_sum = [None] * len(per_example_grads)
+    if flat:
+        sums = tf.cond(fast, weighted_sum, guarded_sum)
+        for (index, g), total in zip(formed, sums):
+            grad_sum[index] = tf.reshape(total, g.shape[1:])
+    for index, gh in ghosts:
+        grad_sum[index] = gh.clipped_sum(keep, denom, clip)
 
     count = lambda b: tf.reduce_sum(tf.cast(b, tf.float32))  # noqa: E731
     return ClippedSum(

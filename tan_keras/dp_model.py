@@ -23,7 +23,7 @@ from typing import Optional, Union
 
 import tensorflow as tf
 
-from tan_keras import _validate, chunking, layerwise, model_checks, noise, per_example
+from tan_keras import _validate, chunking, ghost, layerwise, model_checks, noise, per_example
 from tan_keras.dp_config import DPConfig
 
 _DP_CONFIG_KEYS = (
@@ -37,7 +37,7 @@ _DP_CONFIG_KEYS = (
     "examples_per_chunk",
 )
 
-CLIPPING_MODES = ("auto", "layerwise", "vectorized")
+CLIPPING_MODES = ("auto", "ghost", "layerwise", "vectorized")
 
 _NOT_POISSON_WARNING = (
     "DPKerasModel received batches without the `step_end` flag of "
@@ -122,12 +122,17 @@ class DPKerasModel(tf.keras.Model):
         makes the noise reproducible and the run NOT private against anyone who
         knows it (a `NotPrivateWarning` says so).
       clipping: How per-example gradients are computed (all give the same
-        result): "layerwise" contracts each layer's activations with its
-        output gradients (fast; Dense, Conv2D, WSConv2D, GroupNormalization,
-        LayerNormalization), "vectorized" uses `tf.vectorized_map` over
-        examples (any model), "auto" (default) picks "layerwise" when the
-        model is compiled with `jit_compile=True` (XLA, TPU) and every
-        trainable variable has a layerwise rule, else "vectorized".
+        result): "vectorized" uses `tf.vectorized_map` over examples (any
+        model); "ghost" does the same except for the Dense and Conv2D
+        kernels whose ghost norm is cheaper than their per-example gradients
+        (few output positions, many weights, see `tan_keras.ghost`): those
+        are clipped from their inputs and output gradients without forming
+        per-example gradients; "layerwise" contracts each layer's
+        activations with its output gradients after one batched pass (Dense,
+        Conv2D, WSConv2D, GroupNormalization, LayerNormalization); "auto"
+        (default) picks "layerwise" when the model is compiled with
+        `jit_compile=True` (XLA, TPU) and every trainable variable has a
+        layerwise rule, else "ghost".
       examples_per_chunk: How many examples' per-example gradients are held
         in memory at once: the micro-batch is processed in chunks of this
         many examples, one after the other (same result, bounded memory).
@@ -174,14 +179,16 @@ class DPKerasModel(tf.keras.Model):
         self._ema_decay = ema_decay
         if clipping == "layerwise" and not layerwise.supports(self):
             raise ValueError(
-                "Invalid value for `clipping`: expected 'auto' or 'vectorized' for this "
+                "Invalid value for `clipping`: expected 'auto', 'ghost' or 'vectorized' for this "
                 "model: some trainable variables have no layerwise rule (supported: "
                 "Dense, Conv2D, WSConv2D, GroupNormalization, LayerNormalization). "
                 "Received: clipping='layerwise'"
             )
         # "auto" is resolved in compile(), where jit_compile is known.
         self._clipping_requested = clipping
-        self._clipping = "vectorized" if clipping == "auto" else clipping
+        self._clipping = "ghost" if clipping == "auto" else clipping
+        # The kernels clipped by ghost norm; chosen in compile().
+        self._ghost_layers = []
         self._examples_per_chunk = examples_per_chunk
         self._secret = _SecretState(noise.make_noise_key(noise_seed))
         # Noisy updates applied so far: the accountant's step count and the
@@ -217,7 +224,7 @@ class DPKerasModel(tf.keras.Model):
 
     @property
     def clipping(self) -> str:
-        """The per-example gradient method in use: "layerwise" or "vectorized"."""
+        """The per-example gradient method in use: "ghost", "layerwise" or "vectorized"."""
         return self._clipping
 
     @property
@@ -269,11 +276,15 @@ class DPKerasModel(tf.keras.Model):
             )
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
         if self._clipping_requested == "auto":
-            # Measured on CPU (benchmarks/): without XLA, tf.vectorized_map is
-            # as fast or faster (small CNN 1.4x, WRN-16-4 1.15x at batch 64); with XLA its
-            # while-loop fallback compiles badly and layerwise is 2x faster.
+            # Measured on CPU (benchmarks/): without XLA, tf.vectorized_map with
+            # ghost norms is the fastest (small CNN 1.4x, WRN-16-4 1.15x
+            # faster than layerwise at batch 64); with XLA its while-loop
+            # fallback compiles badly and layerwise is 2x faster.
             use_layerwise = bool(kwargs.get("jit_compile")) and layerwise.supports(self)
-            self._clipping = "layerwise" if use_layerwise else "vectorized"
+            self._clipping = "layerwise" if use_layerwise else "ghost"
+        self._ghost_layers = (
+            ghost.select_layers(self, self._dp_config.augmult) if self._clipping == "ghost" else []
+        )
         self._per_example_loss = per_example.unreduced_loss_fn(loss)
         self._build_dp_state()
 
@@ -409,20 +420,28 @@ class DPKerasModel(tf.keras.Model):
         """One micro-batch of DP-SGD; the update happens at the step's end."""
         x, y, mask, step_end = self._unpack(data)
         x = per_example.as_views(x, self._dp_config.augmult, self.inputs[0].shape.rank)
-        compute = (
-            layerwise.per_example_gradients
-            if self._clipping == "layerwise"
-            else per_example.per_example_gradients
-        )
+        ghost_layers = self._ghost_layers
+
+        def compute(views, labels):
+            if self._clipping == "layerwise":
+                return layerwise.per_example_gradients(self, self._per_example_loss, views, labels)
+            return per_example.per_example_gradients(
+                self, self._per_example_loss, views, labels, ghost_layers=ghost_layers
+            )
+
         variables = self.trainable_variables
+        # Ghost kernels' per-example gradients are never formed: only the
+        # others count against the chunk's memory budget.
+        ghost_kernels = {id(layer.kernel) for layer in ghost_layers}
+        formed = [v for v in variables if id(v) not in ghost_kernels]
         clipped, losses, y_pred = chunking.clip_in_chunks(
-            lambda views, labels: compute(self, self._per_example_loss, views, labels),
+            compute,
             variables,
             x,
             y,
             mask,
             self._dp_config.l2_norm_clip,
-            chunking.chunk_size(x.shape[0], variables, self._examples_per_chunk),
+            chunking.chunk_size(x.shape[0], formed, self._examples_per_chunk),
         )
 
         accumulators = self._secret.accumulators

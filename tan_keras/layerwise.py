@@ -25,11 +25,11 @@ A model with any trainable variable outside these rules (Embedding,
 depthwise or grouped convolutions, custom layers) uses the generic path.
 """
 
-import contextlib
 from typing import Callable, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
+from tan_keras import tapping
 from tan_keras.models.ws_conv import WSConv2D
 
 _DENSE = tf.keras.layers.Dense
@@ -64,6 +64,14 @@ def _last_axis(layer) -> bool:
     return rank is not None and [a % rank for a in layer.axis] == [rank - 1]
 
 
+def _supported_layers(model) -> List[tf.keras.layers.Layer]:
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if _supported(layer)
+    ]
+
+
 def supports(model: tf.keras.Model) -> bool:
     """Whether every trainable variable of `model` has a layerwise rule.
 
@@ -78,40 +86,6 @@ def supports(model: tf.keras.Model) -> bool:
         if _supported(layer):
             covered.update(id(v) for v in layer.trainable_weights)
     return all(id(v) in covered for v in model.trainable_variables)
-
-
-@contextlib.contextmanager
-def _tapping(model, taps: List[Tuple[object, tf.Tensor, tf.Tensor]]):
-    """While active, supported layers record (layer, input, pre-activation)."""
-    patched = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if not _supported(layer):
-            continue
-        original = layer.call
-
-        def call(inputs, *args, _layer=layer, _original=original, **kwargs):
-            activation = getattr(_layer, "activation", None)
-            if activation is None:
-                out = _original(inputs, *args, **kwargs)
-                taps.append((_layer, inputs, out))
-                return out
-            # Keep the pre-activation tensor z: its gradient is what the
-            # weight-gradient contraction needs.
-            _layer.activation = tf.keras.activations.linear
-            try:
-                z = _original(inputs, *args, **kwargs)
-            finally:
-                _layer.activation = activation
-            taps.append((_layer, inputs, z))
-            return activation(z)
-
-        layer.call = call
-        patched.append((layer, original))
-    try:
-        yield
-    finally:
-        for layer, original in patched:
-            layer.call = original
 
 
 def _per_example(t: tf.Tensor, batch: int) -> tf.Tensor:
@@ -227,8 +201,8 @@ def per_example_gradients(
     num_views = views.shape[1]
     rows = tf.reshape(views, tf.concat([[-1], tf.shape(views)[2:]], 0))
     labels = tf.repeat(y, num_views, axis=0)
-    taps = []
-    with tf.GradientTape() as tape, _tapping(model, taps):
+    taps: List[tapping.Tap] = []
+    with tf.GradientTape() as tape, tapping.recording(_supported_layers(model), taps):
         pred = model(rows, training=True)
         per_view = tf.reshape(loss_fn(labels, pred), [batch, num_views])
         losses = tf.reduce_mean(per_view, axis=1)

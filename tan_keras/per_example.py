@@ -5,9 +5,11 @@ K views as a batch of K, the per-view losses are averaged, and the gradient of
 that average (= the average of the K view gradients) is what gets clipped.
 """
 
-from typing import Callable, List, Tuple
+from typing import Callable, List, Sequence, Tuple, Union
 
 import tensorflow as tf
+
+from tan_keras import ghost, tapping
 
 
 def unreduced_loss_fn(loss) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
@@ -77,7 +79,8 @@ def per_example_gradients(
     loss_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
     views: tf.Tensor,
     y: tf.Tensor,
-) -> Tuple[List[tf.Tensor], tf.Tensor, tf.Tensor]:
+    ghost_layers: Sequence[tf.keras.layers.Layer] = (),
+) -> Tuple[List[Union[tf.Tensor, ghost.GhostGradient]], tf.Tensor, tf.Tensor]:
     """Gradient of each example's view-averaged loss, vectorized over examples.
 
     Args:
@@ -85,23 +88,57 @@ def per_example_gradients(
       loss_fn: Unreduced loss, `(y_true, y_pred) -> [K]`.
       views: [batch, K, *input_shape] inputs.
       y: [batch, ...] labels, one per example (shared by its views).
+      ghost_layers: Layers (from `ghost.select_layers`) whose kernels'
+        per-example gradients are not formed: the vectorized pass only
+        returns their inputs and pre-activation output gradients, as a
+        `ghost.GhostGradient`.
 
     Returns:
-      (grads, losses, predictions): grads is one [batch, *var_shape] tensor per
-      trainable variable; losses is [batch] view-averaged losses; predictions
+      (grads, losses, predictions): grads holds, per trainable variable, a
+      [batch, *var_shape] tensor, or a `ghost.GhostGradient` for the kernel
+      of a ghost layer; losses is [batch] view-averaged losses; predictions
       is [batch, ...] model outputs averaged over the views.
     """
     variables = model.trainable_variables
+    ghost_by_kernel = {id(layer.kernel): layer for layer in ghost_layers}
+    formed = [v for v in variables if id(v) not in ghost_by_kernel]
+    # Filled while tracing: which layer each tapped call belongs to.
+    tapped_layers: List[tf.keras.layers.Layer] = []
 
     def one_example(args):
         example_views, label = args
         num_views = tf.shape(example_views)[0]
         labels = tf.repeat(tf.expand_dims(label, 0), num_views, axis=0)
-        with tf.GradientTape() as tape:
+        taps: List[tapping.Tap] = []
+        with tf.GradientTape() as tape, tapping.recording(ghost_layers, taps):
             pred = model(example_views, training=True)
             loss = tf.reduce_mean(loss_fn(labels, pred))
-        grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return grads, loss, tf.reduce_mean(pred, axis=0)
+        tapped_layers[:] = [tap.layer for tap in taps]
+        grads = tape.gradient(
+            loss,
+            formed + [tap.output for tap in taps],
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        tapped = ([tap.inputs for tap in taps], grads[len(formed) :])
+        return grads[: len(formed)], tapped, loss, tf.reduce_mean(pred, axis=0)
 
-    grads, losses, preds = tf.vectorized_map(one_example, (views, y))
-    return list(grads), losses, preds
+    formed_grads, (tap_inputs, tap_grads), losses, preds = tf.vectorized_map(
+        one_example, (views, y)
+    )
+    if not ghost_layers:
+        return list(formed_grads), losses, preds
+    calls = {}
+    for layer, a, g in zip(tapped_layers, tap_inputs, tap_grads):
+        calls.setdefault(id(layer), []).append((a, g))
+    batch = tf.shape(y)[0]
+    grads, next_formed = [], iter(formed_grads)
+    for variable in variables:
+        layer = ghost_by_kernel.get(id(variable))
+        if layer is None:
+            grads.append(next(next_formed))
+        elif id(layer) in calls:
+            inputs, output_grads = zip(*calls[id(layer)])
+            grads.append(ghost.GhostGradient(layer, inputs, output_grads))
+        else:  # the layer was not called
+            grads.append(tf.zeros(tf.concat([[batch], variable.shape], 0), variable.dtype))
+    return grads, losses, preds

@@ -48,7 +48,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tan_keras import auditing, clipping, dp_model, noise
+from tan_keras import auditing, clipping, dp_model, ghost, noise
 from tan_keras.privacy import accounting
 
 SIGMA = 1.5  # one step at q = 1: epsilon 2.75 (PLD, exact here) / 2.98 (RDP)
@@ -188,9 +188,10 @@ def _report(name, stats):
     )
 
 
-# Both ways of computing per-example gradients are audited ("auto" picks
-# "layerwise" for this Dense model); the faults are injected into the default.
-MODES = ("layerwise", "vectorized")
+# Every way of computing per-example gradients is audited ("auto" picks
+# "ghost" for this Dense model: its kernel is clipped by ghost norm); the faults
+# are injected into the default.
+MODES = ("ghost", "layerwise", "vectorized")
 
 
 @functools.cache
@@ -275,7 +276,13 @@ def _unclipped_gradient_added(monkeypatch):
         def leaky(grads, c, mask):
             result = original(grads, c, mask)
             real = tf.cast(mask > 0, tf.float32)
-            raw = [tf.tensordot(real, tf.cast(g, tf.float32), axes=1) for g in grads]
+            raw = [
+                # A ghost kernel's unclipped sum: every example weighted by 1.
+                g.clipped_sum(mask > 0, tf.ones_like(real), 1.0)
+                if isinstance(g, ghost.GhostGradient)
+                else tf.tensordot(real, tf.cast(g, tf.float32), axes=1)
+                for g in grads
+            ]
             return result._replace(grad_sum=[s + r for s, r in zip(result.grad_sum, raw)])
 
         return leaky

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from _helpers import LOSS, dense_model, dp_model, flat, one_step
 
-from tan_keras import _validate, chunking, layerwise, per_example
+from tan_keras import _validate, chunking, ghost, layerwise, per_example
 from tan_keras.clipping import clip_and_sum
 from tan_keras.models import build_model
 
@@ -69,12 +69,21 @@ def _assert_same(got, want):
     np.testing.assert_allclose(p1.numpy(), p2.numpy(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["vectorized", "layerwise"])
+def _per_example_fn(model, method):
+    if method == "layerwise":
+        return lambda v, labels: layerwise.per_example_gradients(model, LOSS_FN, v, labels)
+    # "ghost": every kernel that has a ghost rule, whatever its cost.
+    layers = [layer for layer in model.layers if ghost.has_rule(layer)] if method == "ghost" else []
+    return lambda v, labels: per_example.per_example_gradients(
+        model, LOSS_FN, v, labels, ghost_layers=layers
+    )
+
+
+@pytest.mark.parametrize("method", ["vectorized", "layerwise", "ghost"])
 @pytest.mark.parametrize("size", [1, 3, 4, 7])
 def test_chunks_equal_the_whole_micro_batch(method, size):
     model, x, y, mask = _case()
-    module = layerwise if method == "layerwise" else per_example
-    fn = lambda v, labels: module.per_example_gradients(model, LOSS_FN, v, labels)  # noqa: E731
+    fn = _per_example_fn(model, method)
     want = _whole(fn, x, y, mask, 0.5)
     assert float(want[0].num_clipped) >= 1
     got = chunking.clip_in_chunks(fn, model.trainable_variables, x, y, mask, 0.5, size)

@@ -120,7 +120,7 @@ def test_auto_picks_layerwise_under_xla_when_supported_and_refuses_impossible_la
 
     dp = dict(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=2, dataset_size=10)
     base = _model("dense")
-    for jit, expected in ((True, "layerwise"), (False, "vectorized")):
+    for jit, expected in ((True, "layerwise"), (False, "ghost")):
         model = DPKerasModel(base.inputs, base.outputs, **dp)
         model.compile(optimizer="sgd", loss="mse", jit_compile=jit)
         assert model.clipping == expected
@@ -128,11 +128,11 @@ def test_auto_picks_layerwise_under_xla_when_supported_and_refuses_impossible_la
     out = layers.Dense(2)(layers.Flatten()(layers.Embedding(10, 3)(inp)))
     model = DPKerasModel(inp, out, **dp)
     model.compile(optimizer="sgd", loss="mse", jit_compile=True)
-    assert model.clipping == "vectorized"
+    assert model.clipping == "ghost"
     with pytest.raises(ValueError, match="Invalid value for `clipping`"):
         DPKerasModel(inp, out, clipping="layerwise", **dp)
     with pytest.raises(ValueError, match="Invalid value for `clipping`"):
-        DPKerasModel(base.inputs, base.outputs, clipping="ghost", **dp)
+        DPKerasModel(base.inputs, base.outputs, clipping="bogus", **dp)
 
 
 def test_shared_layer_norm_matches_the_generic_path():

@@ -29,8 +29,8 @@ def _wait_all_succeed(procs):
     finally:
         for p in procs:
             p.kill()
-    for p, (_, err) in zip(procs, results):
-        assert p.returncode == 0, err[-3000:]
+    failed = [(p.returncode, err[-3000:]) for p, (_, err) in zip(procs, results) if p.returncode]
+    assert not failed, failed
 
 
 def _run(tmp_path, broken=False):

@@ -81,6 +81,9 @@ SETTINGS = [
     (np.inf, 1, 2, True, "layerwise"),
     (np.nan, 3, 2, True, "vectorized"),
     (-np.inf, 3, 2, True, "layerwise"),
+    (np.nan, 1, 2, False, "ghost"),
+    (np.inf, 3, 2, False, "ghost"),
+    (-np.inf, 1, 1, True, "ghost"),
 ]
 
 
@@ -121,7 +124,9 @@ def _sqrt_model(seed=0):
     return tf.keras.Model(inp, tf.keras.layers.Dense(3)(h))
 
 
-@pytest.mark.parametrize("mode,jit", [("layerwise", False), ("vectorized", False), ("auto", True)])
+@pytest.mark.parametrize(
+    "mode,jit", [("layerwise", False), ("vectorized", False), ("ghost", False), ("auto", True)]
+)
 def test_finite_input_with_nonfinite_gradient_is_zeroed(mode, jit):
     base = _sqrt_model()
     x, y = _data()
