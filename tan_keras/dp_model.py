@@ -459,7 +459,7 @@ class DPKerasModel(tf.keras.Model):
         # steps_per_execution > 1 Keras runs several batches between two
         # callback calls.
         apply = tf.logical_and(step_end, tf.logical_or(limit < 0, self.dp_steps < limit))
-        self._gated_noisy_update([acc.read_value() for acc in accumulators], apply)
+        self._noisy_update([acc.read_value() for acc in accumulators], apply)
         for acc in accumulators:
             acc.assign(tf.where(step_end, tf.zeros_like(acc), acc))
         pending = self._secret.pending
@@ -484,8 +484,43 @@ class DPKerasModel(tf.keras.Model):
         y_pred = tf.where(kept_rows, y_pred, tf.zeros_like(y_pred))
         return self.compute_metrics(None, y, y_pred, weight)
 
+    def _noisy_update(self, grad_sum, apply):
+        """Noises, normalizes and applies `grad_sum` where `apply` is True."""
+        if tf.distribute.has_strategy():
+            self._gated_noisy_update(grad_sum, apply)
+            return
+
+        # One device, no merge_call: a tf.cond skips the noise and the update
+        # on micro-batches that end no logical step, and saves the gated
+        # path's three extra passes over the weights on those that do.
+        def update():
+            variables = self.trainable_variables
+            self.optimizer.apply_gradients(zip(self._noisy_gradients(grad_sum), variables))
+            if self._ema_variables is not None:
+                self._update_ema(variables, tf.constant(True))
+            self.dp_steps.assign_add(1)
+            return tf.constant(True)
+
+        tf.cond(apply, update, lambda: tf.constant(False))
+
+    def _noisy_gradients(self, grad_sum):
+        """The gradient the optimizer sees: (sum + noise) / B, plus weight penalties.
+
+        Under a strategy with R replicas each adds independent noise of std
+        sigma*C/sqrt(R) to its partial sum; the optimizer's all-reduce SUMs
+        them, giving the global clipped sum plus noise of std sigma*C, once
+        per logical step.
+        """
+        config = self._dp_config
+        replica = tf.distribute.get_replica_context()
+        stddev = config.noise_stddev / math.sqrt(replica.num_replicas_in_sync)
+        seed = noise.step_seed(self._secret.key, self.dp_steps, replica.replica_id_in_sync_group)
+        noisy_sum = noise.add_gaussian_noise(grad_sum, stddev, seed)
+        grads = [g / config.expected_batch_size for g in noisy_sum]
+        return self._add_weight_regularization(grads, self.trainable_variables)
+
     def _gated_noisy_update(self, grad_sum, apply):
-        """Noises, normalizes and applies `grad_sum` where `apply` is True.
+        """`_noisy_update` under a distribution strategy.
 
         There is no tf.cond around the update: under MirroredStrategy the
         optimizer's all-reduce and every update of a mirrored variable go
@@ -494,18 +529,9 @@ class DPKerasModel(tf.keras.Model):
         a logical step, within the step cap): otherwise the weights and the
         optimizer state are put back as they were and nothing else changes.
         """
-        config = self._dp_config
         replica = tf.distribute.get_replica_context()
-        # Each of the R replicas adds independent noise of std sigma*C/sqrt(R)
-        # to its partial sum; the optimizer's all-reduce SUMs them, giving the
-        # global clipped sum plus noise of std sigma*C, once per logical step.
-        stddev = config.noise_stddev / math.sqrt(replica.num_replicas_in_sync)
-        seed = noise.step_seed(self._secret.key, self.dp_steps, replica.replica_id_in_sync_group)
-        noisy_sum = noise.add_gaussian_noise(grad_sum, stddev, seed)
-        grads = [g / config.expected_batch_size for g in noisy_sum]
         variables = self.trainable_variables
-        grads = self._add_weight_regularization(grads, variables)
-        grads = [tf.where(apply, g, tf.zeros_like(g)) for g in grads]
+        grads = [tf.where(apply, g, tf.zeros_like(g)) for g in self._noisy_gradients(grad_sum)]
 
         state = list(variables) + self._optimizer_variables()
         saved = [tf.identity(v) for v in state]

@@ -113,6 +113,26 @@ def test_noise_is_added_once_per_logical_step_with_accumulation():
     assert _std_matches(update, expected), (update.std(), expected)
 
 
+def test_one_device_draws_noise_only_on_micro_batches_that_end_a_step(monkeypatch):
+    # Without a distribution strategy the noise and the update sit in a
+    # tf.cond: micro-batches that end no step draw nothing (they used to
+    # draw and discard a full-size sample each).
+    draws = tf.Variable(0, dtype=tf.int64, trainable=False)
+    original = noise.add_gaussian_noise
+
+    def counting(grad_sum, stddev, seed):
+        with tf.control_dependencies([draws.assign_add(1)]):
+            return [tf.identity(g) for g in original(grad_sum, stddev, seed)]
+
+    monkeypatch.setattr(noise, "add_gaussian_noise", counting)
+    model = dp_model(dense_model(), **{**DP, "noise_multiplier": 1.0})
+    x, y = _data(16)
+    one_step(model, x, y, micro=4)
+    one_step(model, x, y, micro=4)
+    assert int(model.dp_steps.numpy()) == 2
+    assert int(draws.numpy()) == 2
+
+
 @pytest.mark.parametrize("micro", [2, 4])
 def test_gradient_accumulation_gives_the_same_update(micro):
     base = dense_model()
