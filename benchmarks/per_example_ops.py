@@ -10,7 +10,10 @@ and the ratio to the section's baseline):
             stage shapes: batched over the examples (baseline: what a plain
             step computes), per example with tf.vectorized_map (a while loop),
             per example from unfolded patches and a batched matmul (the
-            layerwise rule), and per example as one grouped convolution.
+            layerwise rule), per example as one grouped convolution, and
+            ghost clipping (tan_keras.ghost: norms from the Gram matrices of
+            inputs and output gradients, then one batched weight gradient of
+            the clip-weighted output gradients).
   chunk  -- per-example gradients plus clipping of WRN-16-4 through
             chunking.clip_in_chunks, for several chunk sizes (baseline: the
             whole batch at once).
@@ -129,14 +132,37 @@ def conv_section(batch, steps, warmup):
                 )
             )
 
+        ghost_kernel = _ghost_kernel(x, g, size, channels)
+
         candidates = {
             "batched (not per example)": batched,
             "per example: while loop": while_loop,
             "per example: patches+matmul": patches,
             "per example: grouped conv": grouped,
+            "ghost norms + clipped sum": ghost_kernel,
         }
         timings = {n: _median_ms(tf.function(f), steps, warmup) for n, f in candidates.items()}
         _report(f"conv: 3x3 weight gradient, {size}x{size}x{channels}, batch {batch}", timings)
+
+
+def _ghost_kernel(x, g, size, channels):
+    """Ghost clipping of one 3x3 "same" convolution's kernel, as ghost.py does it."""
+    import tensorflow as tf
+
+    from tan_keras.ghost import GhostGradient
+
+    inputs = tf.keras.Input((size, size, channels))
+    layer = tf.keras.layers.Conv2D(channels, 3, padding="same")
+    tf.keras.Model(inputs, layer(inputs))
+    keep = tf.ones([x.shape[0]], tf.bool)
+    clip = tf.constant(1.0)
+
+    def run():
+        ghost = GhostGradient(layer, (x[:, None],), (g[:, None],))
+        denom = tf.maximum(tf.sqrt(ghost.squared_norms()), clip)
+        return tf.reduce_sum(ghost.clipped_sum(keep, denom, clip))
+
+    return run
 
 
 def chunk_section(batch, steps, warmup):

@@ -136,8 +136,9 @@ class DPKerasModel(tf.keras.Model):
       examples_per_chunk: How many examples' per-example gradients are held
         in memory at once: the micro-batch is processed in chunks of this
         many examples, one after the other (same result, bounded memory).
-        "auto" (default) picks chunks whose gradients fit in 256 MiB; None
-        processes the whole micro-batch at once; or an int >= 1.
+        "auto" (default) picks chunks whose formed per-example gradients
+        fit in 256 MiB (ghost-clipped kernels form none); None processes the
+        whole micro-batch at once; or an int >= 1.
       **kwargs: Other `tf.keras.Model` keyword arguments (name, ...).
 
     Raises:
@@ -277,7 +278,7 @@ class DPKerasModel(tf.keras.Model):
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
         if self._clipping_requested == "auto":
             # Measured on CPU (benchmarks/): without XLA, tf.vectorized_map with
-            # ghost norms is the fastest (small CNN 1.4x, WRN-16-4 1.15x
+            # ghost norms is the fastest (small CNN 1.5x, WRN-16-4 1.3x
             # faster than layerwise at batch 64); with XLA its while-loop
             # fallback compiles badly and layerwise is 2x faster.
             use_layerwise = bool(kwargs.get("jit_compile")) and layerwise.supports(self)
