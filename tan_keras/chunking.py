@@ -108,6 +108,11 @@ def clip_in_chunks(
         return clipping.clip_and_sum(grads, l2_norm_clip, mask), losses, preds
 
     batch = tf.shape(y)[0]
+    if y.shape[0] is None:
+        # A run-time micro-batch smaller than the chunk is one chunk of its
+        # own size: padding it up to the chunk would compute the padding rows
+        # (tens of thousands of them under a large "auto" limit).
+        size = tf.maximum(tf.minimum(size, batch), 1)
     num_chunks = (batch + size - 1) // size
     pad = num_chunks * size - batch
     # Padding rows are masked out: they contribute exactly 0 to every sum.

@@ -129,6 +129,28 @@ def test_no_more_than_a_chunk_of_examples_is_processed_at_once():
     assert seen == [3]
 
 
+@pytest.mark.parametrize("size,batch,rows", [(1000, 5, 5), (3, 7, 3), (4, 3, 3)])
+def test_a_run_time_batch_is_never_padded_beyond_itself(size, batch, rows):
+    # With the batch size unknown while tracing, a huge "auto" limit used to
+    # pad a micro-batch of 5 up to the limit and compute every padding row.
+    model, x, y, mask = _case(batch=batch)
+    processed = tf.Variable(0)
+
+    def fn(views, labels):
+        with tf.control_dependencies([processed.assign(tf.maximum(processed, tf.shape(views)[0]))]):
+            return per_example.per_example_gradients(model, LOSS_FN, tf.identity(views), labels)
+
+    spec = [tf.TensorSpec([None] + x.shape[1:]), tf.TensorSpec([None], tf.int32)]
+    run = tf.function(
+        lambda v, t, m: chunking.clip_in_chunks(fn, model.trainable_variables, v, t, m, 0.5, size),
+        input_signature=spec + [tf.TensorSpec([None])],
+    )
+    got = run(x, y, mask)
+    assert int(processed.numpy()) == rows
+    whole = lambda v, t: per_example.per_example_gradients(model, LOSS_FN, v, t)  # noqa: E731
+    _assert_same(got, _whole(whole, x, y, mask, 0.5))
+
+
 def _spy_chunk_sizes(monkeypatch):
     """Records the chunk size DPKerasModel hands to clip_in_chunks."""
     sizes = []
