@@ -54,3 +54,21 @@ def one_step(model, x, y, mask=None, micro=1):
 
 def flat(weights):
     return np.concatenate([np.ravel(w) for w in weights])
+
+
+def updates_by_clipping_mode(base, x, y, modes, micro=2, lr=0.5, **dp_kwargs):
+    """One logical step from `base`'s weights for each `clipping` mode.
+
+    Returns:
+      {mode: flat weights after the step}; each model is checked to really
+      use its mode.
+    """
+    results = {}
+    for mode in modes:
+        clone = tf.keras.models.clone_model(base)
+        clone.set_weights(base.get_weights())
+        model = DPKerasModel(clone.inputs, clone.outputs, clipping=mode, **dp_kwargs)
+        model.compile(optimizer=tf.keras.optimizers.SGD(lr), loss=LOSS)
+        assert model.clipping == mode
+        results[mode] = flat(one_step(model, x, y, micro=micro))
+    return results

@@ -87,32 +87,18 @@ def test_unsupported_layers_are_detected():
 
 
 def test_dp_model_updates_agree_between_clipping_modes():
-    from _helpers import LOSS, flat, one_step
-
-    from tan_keras.dp_model import DPKerasModel
+    from _helpers import updates_by_clipping_mode
 
     base = _model("conv_same_stride")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(6, 2, 7, 7, 2)).astype(np.float32)
     y = rng.integers(0, 3, 6)
-    results = {}
-    for mode in ("layerwise", "vectorized"):
-        clone = tf.keras.models.clone_model(base)
-        clone.set_weights(base.get_weights())
-        model = DPKerasModel(
-            clone.inputs,
-            clone.outputs,
-            l2_norm_clip=0.05,
-            noise_multiplier=0.0,
-            expected_batch_size=6,
-            dataset_size=60,
-            augmult=2,
-            clipping=mode,
-        )
-        assert model.clipping == mode
-        model.compile(optimizer=tf.keras.optimizers.SGD(0.5), loss=LOSS)
-        results[mode] = flat(one_step(model, x, y, micro=2))
+    dp = dict(l2_norm_clip=0.05, noise_multiplier=0.0, expected_batch_size=6, dataset_size=60)
+    results = updates_by_clipping_mode(
+        base, x, y, ("layerwise", "vectorized", "ghost"), augmult=2, **dp
+    )
     np.testing.assert_allclose(results["layerwise"], results["vectorized"], atol=1e-6)
+    np.testing.assert_allclose(results["ghost"], results["vectorized"], atol=1e-6)
 
 
 def test_auto_picks_layerwise_under_xla_when_supported_and_refuses_impossible_layerwise():
