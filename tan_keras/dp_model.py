@@ -136,9 +136,10 @@ class DPKerasModel(tf.keras.Model):
       examples_per_chunk: How many examples' per-example gradients are held
         in memory at once: the micro-batch is processed in chunks of this
         many examples, one after the other (same result, bounded memory).
-        "auto" (default) picks chunks whose formed per-example gradients
-        fit in 256 MiB (ghost-clipped kernels form none); None processes the
-        whole micro-batch at once; or an int >= 1.
+        "auto" (default) picks chunks whose per-example gradients would fit
+        in 256 MiB if all were formed (whatever the clipping mode, so that
+        the chunk also bounds the activations); None processes the whole
+        micro-batch at once; or an int >= 1.
       **kwargs: Other `tf.keras.Model` keyword arguments (name, ...).
 
     Raises:
@@ -431,10 +432,11 @@ class DPKerasModel(tf.keras.Model):
             )
 
         variables = self.trainable_variables
-        # Ghost kernels' per-example gradients are never formed: only the
-        # others count against the chunk's memory budget.
-        ghost_kernels = {id(layer.kernel) for layer in ghost_layers}
-        formed = [v for v in variables if id(v) not in ghost_kernels]
+        # "auto" sizes chunks by all the variables, ghost kernels included,
+        # although those form no per-example gradients: the chunk also bounds
+        # the vectorized pass's activations, and budgeting only the formed
+        # gradients let WRN-16-4 run unchunked at 1.49x the plain step's
+        # peak memory, against 1.03x in chunks of 16, at the same speed.
         clipped, losses, y_pred = chunking.clip_in_chunks(
             compute,
             variables,
@@ -442,7 +444,7 @@ class DPKerasModel(tf.keras.Model):
             y,
             mask,
             self._dp_config.l2_norm_clip,
-            chunking.chunk_size(x.shape[0], formed, self._examples_per_chunk),
+            chunking.chunk_size(x.shape[0], variables, self._examples_per_chunk),
         )
 
         accumulators = self._secret.accumulators
