@@ -98,7 +98,17 @@ def per_example_gradients(
       [batch, *var_shape] tensor, or a `ghost.GhostGradient` for the kernel
       of a ghost layer; losses is [batch] view-averaged losses; predictions
       is [batch, ...] model outputs averaged over the views.
+
+    Raises:
+      ValueError: if a layer in `ghost_layers` has no ghost rule.
     """
+    unsupported = [layer.name for layer in ghost_layers if not ghost.has_rule(layer)]
+    if unsupported:
+        raise ValueError(
+            "Invalid value for `ghost_layers`: expected Dense or ungrouped channels-last "
+            "Conv2D layers with 'valid' or 'same' padding (see ghost.select_layers). "
+            f"Received: layers without a ghost rule {unsupported}"
+        )
     variables = model.trainable_variables
     ghost_by_kernel = {id(layer.kernel): layer for layer in ghost_layers}
     formed = [v for v in variables if id(v) not in ghost_by_kernel]

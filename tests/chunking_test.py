@@ -208,15 +208,11 @@ def test_dp_model_chunks_a_run_time_batch_size(monkeypatch):
     np.testing.assert_allclose(results[0], results[1], atol=1e-6)
 
 
+_SMALL_DP = dict(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=4, dataset_size=40)
+
+
 def test_examples_per_chunk_survives_save_and_load(tmp_path):
-    model = dp_model(
-        dense_model(),
-        examples_per_chunk=5,
-        l2_norm_clip=1.0,
-        noise_multiplier=1.0,
-        expected_batch_size=4,
-        dataset_size=40,
-    )
+    model = dp_model(dense_model(), examples_per_chunk=5, **_SMALL_DP)
     assert model.get_config()["examples_per_chunk"] == 5
     path = str(tmp_path / "m.keras")
     model.save(path)
@@ -226,11 +222,4 @@ def test_examples_per_chunk_survives_save_and_load(tmp_path):
 
 def test_dp_model_refuses_a_bad_examples_per_chunk():
     with pytest.raises(ValueError, match=r"examples_per_chunk.*Received: examples_per_chunk=0"):
-        dp_model(
-            dense_model(),
-            examples_per_chunk=0,
-            l2_norm_clip=1.0,
-            noise_multiplier=1.0,
-            expected_batch_size=4,
-            dataset_size=40,
-        )
+        dp_model(dense_model(), examples_per_chunk=0, **_SMALL_DP)

@@ -211,3 +211,11 @@ def test_dp_model_ghost_agrees_with_vectorized(monkeypatch):
     assert selected  # the 2x2 stage and the classifier
     np.testing.assert_allclose(results["ghost"], results["vectorized"], atol=1e-6)
     assert not np.allclose(results["ghost"], flat(base.get_weights()))
+
+
+def test_a_layer_without_a_ghost_rule_is_refused_before_any_work():
+    # WSConv2D standardizes its kernel: a ghost rule on the raw kernel would be wrong.
+    model = _model("ws_conv")
+    x, y = _inputs(model, 2, 1, seed=0)
+    with pytest.raises(ValueError, match="ghost_layers.*Received"):
+        per_example.per_example_gradients(model, LOSS_FN, x, y, ghost_layers=model.layers[1:2])
