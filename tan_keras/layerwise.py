@@ -21,15 +21,21 @@ gradient of example i's loss alone. The K views of an example are extra
 positions s of the same example, so their gradients are summed (the loss
 already averages over views) before clipping.
 
-A model with any trainable variable outside these rules (Embedding,
-depthwise or grouped convolutions, custom layers) uses the generic path.
+The batched pass is what makes this exact only under two conditions, both
+checked before the route is taken (`unsupported_reason`): no op mixes the
+examples of the batch (every layer is of an allow-listed per-example type,
+and a gradient probe finds no dependence of one example's output on
+another's input), and every variable is used only by the calls of the layer
+that owns it (no tied weights: a rule sees its own layer's use only). A
+model outside these rules (Embedding, depthwise or grouped convolutions,
+custom layers, Lambdas, tied weights) uses the generic path.
 """
 
 from typing import Callable, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
-from tan_keras import tapping
+from tan_keras import model_analysis, tapping
 from tan_keras.models.ws_conv import WSConv2D
 
 _DENSE = tf.keras.layers.Dense
@@ -72,20 +78,58 @@ def _supported_layers(model) -> List[tf.keras.layers.Layer]:
     ]
 
 
-def supports(model: tf.keras.Model) -> bool:
-    """Whether every trainable variable of `model` has a layerwise rule.
+def supports(model: tf.keras.Model, augmult: Optional[int] = None) -> bool:
+    """Whether `per_example_gradients` is exact and private for `model`.
 
     Args:
       model: A Keras model.
+      augmult: K, the views per example; default: the model's
+        `dp_config.augmult` if it has one, else 1.
 
     Returns:
-      True if `per_example_gradients` can handle the whole model.
+      True if `unsupported_reason` finds nothing.
+    """
+    return unsupported_reason(model, augmult) is None
+
+
+def unsupported_reason(model: tf.keras.Model, augmult: Optional[int] = None) -> Optional[str]:
+    """Why the layerwise route would be wrong or leak for `model`, or None.
+
+    Checked in this order (the cross-example probe runs the model, so last):
+    every trainable variable has a layerwise rule; no trainable variable is
+    used outside its owning layer's calls (`model_analysis.tied_variables`:
+    the rules only count those calls); one batched pass does not mix examples
+    (`model_analysis.cross_example_reason`: allow-listed layer types and a
+    gradient probe).
+
+    Args:
+      model: A Keras model.
+      augmult: K; default as in `supports`.
+
+    Returns:
+      None, or a sentence naming the variable or layer at fault.
     """
     covered = set()
     for layer in model._flatten_layers(include_self=False, recursive=True):
         if _supported(layer):
             covered.update(id(v) for v in layer.trainable_weights)
-    return all(id(v) in covered for v in model.trainable_variables)
+    for variable in model.trainable_variables:
+        if id(variable) not in covered:
+            return (
+                f"trainable variable `{variable.name}` has no layerwise rule (supported: "
+                "Dense, Conv2D, WSConv2D, GroupNormalization, LayerNormalization)"
+            )
+    ties = model_analysis.tied_variables(model)
+    for variable in model.trainable_variables:
+        if id(variable) in ties:
+            return (
+                f"{ties[id(variable)].describe()}: the layerwise rules only count the calls "
+                "of the layer that owns a variable"
+            )
+    if augmult is None:
+        config = getattr(model, "dp_config", None)
+        augmult = config.augmult if config is not None else 1
+    return model_analysis.cross_example_reason(model, augmult)
 
 
 def _per_example(t: tf.Tensor, batch: int) -> tf.Tensor:

@@ -4,10 +4,14 @@ DP-SGD bounds each example's influence through its clipped gradient only.
 Layers that mix examples (BatchNormalization normalizes with batch statistics)
 or keep state updated from data (moving means, activity regularizers feeding
 data-dependent losses) leak outside that bound, so they are refused with an
-error that says why and what to use instead.
+error that says why and what to use instead. State updates are found by
+behaviour, whatever the layer's class: one training-mode call is traced and
+every variable it writes is reported (`model_analysis.state_updates`).
 """
 
 import tensorflow as tf
+
+from tan_keras import model_analysis
 
 _BATCH_NORM_HINT = (
     "BatchNormalization mixes the examples of a batch (each output depends on the "
@@ -19,7 +23,13 @@ _BATCH_NORM_HINT = (
 
 
 def _batch_norm_classes():
-    classes = [tf.keras.layers.BatchNormalization]
+    classes = [tf.keras.layers.BatchNormalization, tf.compat.v1.keras.layers.BatchNormalization]
+    try:  # The base of every Keras 2 BatchNormalization (v1, v2, sync, legacy tf.layers).
+        from keras.src.layers.normalization.batch_normalization import BatchNormalizationBase
+
+        classes.append(BatchNormalizationBase)
+    except ImportError:
+        pass
     sync = getattr(tf.keras.layers.experimental, "SyncBatchNormalization", None)
     if sync is not None:
         classes.append(sync)
@@ -34,7 +44,9 @@ def check_model_is_dp_compatible(model: tf.keras.Model) -> None:
 
     Raises:
       ValueError: naming the first offending layer, saying why it breaks the
-        guarantee and what to use instead.
+        guarantee and what to use instead: BatchNormalization (any version),
+        an activity regularizer, or any layer whose training-mode call writes
+        a variable (found by tracing one call, see `model_analysis`).
     """
     batch_norms = _batch_norm_classes()
     for layer in model._flatten_layers(include_self=False, recursive=True):
@@ -50,3 +62,17 @@ def check_model_is_dp_compatible(model: tf.keras.Model) -> None:
                 "the DP guarantee would not hold. Remove it (weight regularizers "
                 "such as kernel_regularizer are fine: they do not depend on data)."
             )
+    for write in model_analysis.state_updates(model):
+        where = "Code outside every layer"
+        if write.layer is not None:
+            where = f"Layer `{write.layer}` ({write.layer_type})"
+        raise ValueError(
+            f"{where} writes the variable `{write.resource}` (op {write.op_type}) when "
+            "called in training mode, so it cannot be trained with DP-SGD: values "
+            "computed from single examples would be written into the model's weights "
+            "(and saved with them) unclipped and un-noised, outside the per-example "
+            "bound of DP-SGD. Keep such state fixed during training (a non-trainable "
+            "weight that is only read is fine), compute statistics on public data "
+            "beforehand, or use a layer without data-dependent state (e.g. "
+            "GroupNormalization instead of BatchNormalization)."
+        )

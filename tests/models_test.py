@@ -44,9 +44,7 @@ def test_wrn16_4_matches_the_tan_model(wrn16_4):
     assert wrn16_4(np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 10)
     _assert_dp_friendly(wrn16_4)
     norms = [
-        layer
-        for layer in wrn16_4.layers
-        if isinstance(layer, tf.keras.layers.GroupNormalization)
+        layer for layer in wrn16_4.layers if isinstance(layer, tf.keras.layers.GroupNormalization)
     ]
     assert norms and all(layer.groups == 16 for layer in norms)
 
@@ -73,9 +71,7 @@ def test_nf_resnet50_size_and_forward(nf_resnet):
     # ResNet-50's 25,557,032: gain + bias per conv channel replace BN's
     # gamma + beta one for one.
     assert 25_400_000 <= nf_resnet.count_params() <= 25_700_000
-    logits = nf_resnet(
-        np.random.default_rng(0).normal(size=(1, 64, 64, 3)).astype(np.float32)
-    )
+    logits = nf_resnet(np.random.default_rng(0).normal(size=(1, 64, 64, 3)).astype(np.float32))
     assert logits.shape == (1, 1000)
     assert np.all(np.isfinite(logits.numpy()))
     _assert_dp_friendly(nf_resnet)

@@ -124,9 +124,9 @@ def _sqrt_model(seed=0):
     return tf.keras.Model(inp, tf.keras.layers.Dense(3)(h))
 
 
-@pytest.mark.parametrize(
-    "mode,jit", [("layerwise", False), ("vectorized", False), ("ghost", False), ("auto", True)]
-)
+# No "layerwise": a Lambda may mix examples, so that route refuses this model
+# (non-finite gradients on the layerwise route are tested above).
+@pytest.mark.parametrize("mode,jit", [("vectorized", False), ("ghost", False), ("auto", True)])
 def test_finite_input_with_nonfinite_gradient_is_zeroed(mode, jit):
     base = _sqrt_model()
     x, y = _data()
