@@ -64,11 +64,26 @@ class PrivacyAccountant(tf.keras.callbacks.Callback):
         return config
 
     def epsilon(self, steps: Optional[int] = None) -> float:
-        """Epsilon after `steps` noisy updates (default: the model's count)."""
+        """Epsilon after `steps` noisy updates (default: the model's count).
+
+        With sampling="shuffled" the epsilon depends on the epochs in which
+        updates were released, not on the steps: `steps` is then ignored
+        and the model's epoch count is used (see `shuffled_epsilon`).
+        """
         config = self._dp()
+        if config.sampling == "shuffled":
+            return self.shuffled_epsilon()
         steps = int(self.model.dp_steps.numpy()) if steps is None else steps
         return accounting.compute_epsilon(
             config.noise_multiplier, config.sampling_rate, steps, self.delta, self.accountant
+        )
+
+    def shuffled_epsilon(self, epochs: Optional[int] = None) -> float:
+        """sampling="shuffled": epsilon (replace-one, no amplification) after `epochs`."""
+        config = self._dp()
+        epochs = int(self.model.dp_epochs.numpy()) if epochs is None else epochs
+        return accounting.compute_shuffled_epsilon(
+            config.noise_multiplier, epochs, self.delta, self.accountant
         )
 
     def on_train_begin(self, logs=None):
@@ -83,7 +98,8 @@ class PrivacyAccountant(tf.keras.callbacks.Callback):
                     "noise_multiplier=0 (every update has infinite epsilon). Received: "
                     f"target_epsilon={self.target_epsilon}"
                 )
-            limits.append(self._max_steps_within_budget(config))
+            if config.sampling == "poisson":
+                limits.append(self._max_steps_within_budget(config))
         self._step_limit = min(limits) if limits else None
         # The model enforces the cap in its train step; stopping from the
         # callback only saves the compute of the discarded batches.
@@ -108,6 +124,18 @@ class PrivacyAccountant(tf.keras.callbacks.Callback):
             return True
         return False
 
+    def on_epoch_begin(self, epoch, logs=None):
+        config = self._dp()
+        if config.sampling != "shuffled" or self.target_epsilon is None:
+            return
+        # One more epoch would count one more mechanism: refuse to start it
+        # (the cap also stops the train step from releasing any update).
+        if self.shuffled_epsilon(int(self.model.dp_epochs.numpy()) + 1) > self.target_epsilon:
+            steps = int(self.model.dp_steps.numpy())
+            self._step_limit = steps if self._step_limit is None else min(self._step_limit, steps)
+            self.model.set_step_limit(self._step_limit)
+            self.model.stop_training = True
+
     def on_train_batch_end(self, batch, logs=None):
         self._stop_if_done()
         if self.log_every_steps:
@@ -128,6 +156,13 @@ class PrivacyAccountant(tf.keras.callbacks.Callback):
         else:
             eta = tan.eta(config.noise_multiplier, config.sampling_rate, steps) if steps else 0.0
         record = {"dp_steps": steps, "epsilon": eps, "eta": eta}
+        if config.sampling == "shuffled":
+            # eta describes Poisson sampling only.
+            record = {
+                "dp_steps": steps,
+                "dp_epochs": int(self.model.dp_epochs.numpy()),
+                "epsilon": eps,
+            }
         self.history.append(record)
         if logs is not None:
             logs.update(record)

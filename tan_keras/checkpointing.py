@@ -5,7 +5,7 @@ must never replay or skip noise. So a checkpoint holds: the weights, the
 optimizer, the EMA shadows, the noisy-update count (`dp_steps`: the
 accountant's step count and the noise stream's position), the noise key,
 and the Poisson sampler's key and counter. It also holds a fingerprint of
-the DP configuration (N, B, sigma, C, K): a checkpoint written by a run with
+the DP configuration (N, B, sigma, C, K, sampling): a checkpoint written by a run with
 another configuration is refused, since continuing it would account the two
 runs' steps under the wrong parameters.
 
@@ -31,6 +31,7 @@ _FINGERPRINT_KEYS = (
     "expected_batch_size",
     "dataset_size",
     "augmult",
+    "sampling",
 )
 
 
@@ -66,6 +67,9 @@ class DPCheckpoint:
         objects = dict(
             model=model,
             noise_key=model.noise_key,
+            # The ledger is not a model weight (restoring weights must not
+            # rewind it); the checkpoint carries it explicitly.
+            dp_steps=model.dp_steps,
             dp_fingerprint=self._fingerprint,
         )
         if model.optimizer is not None:
@@ -108,7 +112,10 @@ class DPCheckpoint:
             checkpoint at all, nothing is restored and 0 is returned.
 
         Returns:
-          The restored number of noisy updates (`dp_steps`).
+          The privacy ledger after the restore (`dp_steps`): the checkpoint's
+          count, or more when this model or a newer checkpoint in the
+          directory already released more updates (the ledger never moves
+          back; the sampler continues from it).
 
         Raises:
           CheckpointError: if the checkpoint is unreadable or was written by a
@@ -118,6 +125,7 @@ class DPCheckpoint:
         if path is None:
             return 0
         expected = self._fingerprint.numpy()
+        spent_before = int(self.model.dp_steps.numpy())
         try:
             status = self._checkpoint.restore(path)
             status.assert_existing_objects_matched()
@@ -136,10 +144,27 @@ class DPCheckpoint:
                 f"{found.decode()} != {expected.decode()}. Continuing it would account "
                 "its steps under the wrong parameters. Use a new checkpoint directory."
             )
-        steps = int(self.model.dp_steps.numpy())
+        # The ledger only moves forward. Restoring an older checkpoint (in
+        # this process, or while newer ones exist) brings back its weights,
+        # not its step count: the updates released after it were spent, and
+        # their noise and batches must not be drawn again.
+        spent = max(spent_before, int(self.model.dp_steps.numpy()), self._latest_steps())
+        self.model.dp_steps.assign(spent)
         if self.sampler is not None:
-            self.sampler.resume_at(steps)
-        return steps
+            self.sampler.resume_at(spent)
+        return spent
+
+    def _latest_steps(self) -> int:
+        latest = self.latest
+        if latest is None:
+            return 0
+        try:
+            return int(tf.train.load_variable(latest, "dp_steps/.ATTRIBUTES/VARIABLE_VALUE"))
+        except (tf.errors.NotFoundError, ValueError) as err:
+            raise CheckpointError(
+                f"DP checkpoint {latest!r} holds no privacy ledger (dp_steps): it was not "
+                "written by this version of tan_keras. Use a new checkpoint directory."
+            ) from err
 
 
 class DPCheckpointCallback(tf.keras.callbacks.Callback):

@@ -5,6 +5,8 @@ import math
 
 from tan_keras import _validate
 
+SAMPLING_MODES = ("poisson", "shuffled")
+
 
 @dataclasses.dataclass(frozen=True)
 class DPConfig:
@@ -22,6 +24,14 @@ class DPConfig:
         repeat or augmentation); q = B / N.
       augmult: K, the number of augmented views per example. Views of one
         example are one privacy unit: q and N never depend on K.
+      sampling: How batches are drawn, which decides the accounting.
+        "poisson" (default): each example independently with probability q
+        at every step (tan_keras.sampling), accounted with amplification by
+        sampling. "shuffled": fixed-size batches that partition the data
+        once per pass (`fit(x, y, batch_size=B)`), accounted WITHOUT
+        amplification: each pass is one Gaussian mechanism in which a
+        replaced example moves one batch's sum by at most 2C
+        (replace-one adjacency), so epsilon grows with the number of passes.
     """
 
     l2_norm_clip: float
@@ -29,6 +39,7 @@ class DPConfig:
     expected_batch_size: int
     dataset_size: int
     augmult: int = 1
+    sampling: str = "poisson"
 
     def __post_init__(self):
         # Normalise types while validating, so a config built from flags or
@@ -57,6 +68,7 @@ class DPConfig:
             ),
         )
         set_(self, "augmult", _validate.positive_int("augmult", self.augmult))
+        set_(self, "sampling", _validate.one_of("sampling", self.sampling, SAMPLING_MODES))
 
     @property
     def sampling_rate(self) -> float:

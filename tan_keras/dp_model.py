@@ -18,12 +18,22 @@ Plain `(x, y)` or `(x, y, sample_weight)` batches are each one logical step.
 import contextlib
 import inspect
 import math
-import warnings
 from typing import Optional, Union
 
 import tensorflow as tf
 
-from tan_keras import _validate, chunking, ghost, layerwise, model_checks, noise, per_example
+from tan_keras import (
+    _validate,
+    chunking,
+    fit_inputs,
+    ghost,
+    labels,
+    layerwise,
+    model_checks,
+    noise,
+    per_example,
+    precision,
+)
 from tan_keras.dp_config import DPConfig
 
 _DP_CONFIG_KEYS = (
@@ -35,18 +45,10 @@ _DP_CONFIG_KEYS = (
     "ema_decay",
     "clipping",
     "examples_per_chunk",
+    "sampling",
 )
 
 CLIPPING_MODES = ("auto", "ghost", "layerwise", "vectorized")
-
-_NOT_POISSON_WARNING = (
-    "DPKerasModel received batches without the `step_end` flag of "
-    "tan_keras.sampling's Poisson pipeline. Each batch is treated as one logical "
-    "step, divided by expected_batch_size={batch}. The epsilon reported by "
-    "tan_keras assumes Poisson sampling (each example included independently "
-    "with probability q); shuffled fixed-size batches do not satisfy it and the "
-    "reported epsilon would not be a valid bound."
-)
 
 
 class _Trackers:
@@ -63,17 +65,31 @@ class _Trackers:
 
 
 class _SecretState:
-    """Holds state that must never be saved with the model's weights.
+    """Holds the DP state that is not a model weight.
 
-    A plain (non-trackable) object, so Keras weight lists, `model.save` and
-    `tf.train.Checkpoint(model=...)` do not see what it holds: the noise key
-    (whoever has it can regenerate and subtract the noise) and the un-noised
-    accumulated sums of clipped gradients.
+    A plain (non-trackable) object, so Keras weight lists, `model.save`,
+    `set_weights`/`load_weights` and `tf.train.Checkpoint(model=...)` do not
+    see what it holds:
+      * the noise key (whoever has it can regenerate and subtract the noise)
+        and the un-noised accumulated sums of clipped gradients: secret;
+      * the privacy ledger `dp_steps`, the number of noisy updates released
+        so far: the accountant's step count and the noise stream's position.
+        Restoring weights (EarlyStopping(restore_best_weights=True),
+        load_weights, set_weights) must not rewind it: the reported epsilon
+        would drop below what was spent, and the next updates would reuse
+        noise already released. Only `DPCheckpoint` and `load_model` set it,
+        and only forward (`_advance_ledger`).
     """
 
     def __init__(self, key):
         self.key = tf.Variable(key, dtype=tf.int64, trainable=False, name="dp_noise_key")
         self.accumulators = None
+        self.dp_steps = _replicated_counter(0, "dp_steps")
+        # sampling="shuffled": epochs in which an update was released (each
+        # example takes part once per epoch), and whether the current
+        # epoch has released one yet.
+        self.dp_epochs = _replicated_counter(0, "dp_epochs")
+        self.epoch_open = _replicated_counter(0, "dp_epoch_open")
         # Micro-batches accumulated since the last noisy update.
         self.pending = _replicated_counter(0, "dp_pending")
         # Number of noisy updates after which no more are applied (-1: none).
@@ -89,6 +105,21 @@ def _replicated_counter(value, name):
         name=name,
         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
     )
+
+
+class _EpochOpener(tf.keras.callbacks.Callback):
+    """sampling="shuffled": marks each Keras epoch (one pass) as not yet counted.
+
+    The count itself moves in the train step, with the first update of the
+    epoch, so an epoch interrupted after releasing an update is counted.
+    """
+
+    def __init__(self, epoch_open):
+        super().__init__()
+        self._epoch_open = epoch_open
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_open.assign(0)
 
 
 def _assign_zero(variable):
@@ -127,12 +158,15 @@ class DPKerasModel(tf.keras.Model):
         kernels whose ghost norm is cheaper than their per-example gradients
         (few output positions, many weights, see `tan_keras.ghost`): those
         are clipped from their inputs and output gradients without forming
-        per-example gradients; "layerwise" contracts each layer's
-        activations with its output gradients after one batched pass (Dense,
-        Conv2D, WSConv2D, GroupNormalization, LayerNormalization); "auto"
+        per-example gradients (never a kernel that another layer also uses:
+        tied weights); "layerwise" contracts each layer's activations with
+        its output gradients after one batched pass (Dense, Conv2D,
+        WSConv2D, GroupNormalization, LayerNormalization), only for models
+        whose every layer is known to keep examples apart, with no tied
+        variables (`layerwise.unsupported_reason` says why not); "auto"
         (default) picks "layerwise" when the model is compiled with
-        `jit_compile=True` (XLA, TPU) and every trainable variable has a
-        layerwise rule, else "ghost".
+        `jit_compile=True` (XLA, TPU) and layerwise supports it, else
+        "ghost".
       examples_per_chunk: How many examples' per-example gradients are held
         in memory at once: the micro-batch is processed in chunks of this
         many examples, one after the other (same result, bounded memory).
@@ -140,11 +174,19 @@ class DPKerasModel(tf.keras.Model):
         in 256 MiB if all were formed (whatever the clipping mode, so that
         the chunk also bounds the activations); None processes the whole
         micro-batch at once; or an int >= 1.
+      sampling: "poisson" (default): batches from
+        `tan_keras.sampling.make_poisson_dataset`, accounted with
+        amplification by sampling; plain `(x, y)` batches are refused.
+        "shuffled": `fit(x, y, batch_size=expected_batch_size)` on arrays,
+        accounted without amplification (see `DPConfig.sampling` and
+        `tan_keras.fit_inputs`).
       **kwargs: Other `tf.keras.Model` keyword arguments (name, ...).
 
     Raises:
-      ValueError: on an invalid DP argument, or a layer that breaks per-example
-        privacy (BatchNormalization, activity regularizers).
+      ValueError: on an invalid DP argument, "layerwise" for a model it would
+        get wrong, float16 computation, or a layer that breaks per-example
+        privacy (BatchNormalization, activity regularizers, any layer whose
+        training call updates a variable).
     """
 
     def __init__(
@@ -159,6 +201,7 @@ class DPKerasModel(tf.keras.Model):
         noise_seed: Optional[int] = None,
         clipping: str = "auto",
         examples_per_chunk: Union[int, str, None] = "auto",
+        sampling: str = "poisson",
         **kwargs,
     ):
         # Validate before building anything: bad input must fail fast.
@@ -168,6 +211,7 @@ class DPKerasModel(tf.keras.Model):
             expected_batch_size=expected_batch_size,
             dataset_size=dataset_size,
             augmult=augmult,
+            sampling=sampling,
         )
         clipping = _validate.one_of("clipping", clipping, CLIPPING_MODES)
         examples_per_chunk = _validate.examples_per_chunk(examples_per_chunk)
@@ -176,14 +220,16 @@ class DPKerasModel(tf.keras.Model):
                 "ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False
             )
         super().__init__(*args, **kwargs)
+        precision.check_precision(self)
         model_checks.check_model_is_dp_compatible(self)
         self._dp_config = config
         self._ema_decay = ema_decay
-        if clipping == "layerwise" and not layerwise.supports(self):
+        reason = layerwise.unsupported_reason(self) if clipping == "layerwise" else None
+        if reason is not None:
             raise ValueError(
                 "Invalid value for `clipping`: expected 'auto', 'ghost' or 'vectorized' for this "
-                "model: some trainable variables have no layerwise rule (supported: "
-                "Dense, Conv2D, WSConv2D, GroupNormalization, LayerNormalization). "
+                f"model: {reason}. Use clipping='vectorized' (exact for any model: each "
+                "example's views run through the model alone) or 'auto'. "
                 "Received: clipping='layerwise'"
             )
         # "auto" is resolved in compile(), where jit_compile is known.
@@ -193,10 +239,6 @@ class DPKerasModel(tf.keras.Model):
         self._ghost_layers = []
         self._examples_per_chunk = examples_per_chunk
         self._secret = _SecretState(noise.make_noise_key(noise_seed))
-        # Noisy updates applied so far: the accountant's step count and the
-        # noise stream's position. Saved with the weights so that a resumed
-        # run can neither under-report epsilon nor replay noise.
-        self.dp_steps = _replicated_counter(0, "dp_steps")
         self._ema_variables = None
         if ema_decay is not None:
             # Created with the model (not at compile) so that save/load_model
@@ -210,7 +252,6 @@ class DPKerasModel(tf.keras.Model):
                 )
                 for v in self.trainable_variables
             ]
-        self._warned_not_poisson = False
         self._trackers = _Trackers()
 
     # ------------------------------------------------------------------ config
@@ -223,6 +264,29 @@ class DPKerasModel(tf.keras.Model):
     def noise_key(self) -> tf.Variable:
         """The secret noise key. Checkpoint it to resume; never publish it."""
         return self._secret.key
+
+    @property
+    def dp_steps(self) -> tf.Variable:
+        """Noisy updates released so far (the privacy ledger; read it, never assign).
+
+        It only moves forward: restoring weights does not rewind it, so the
+        accountant never under-reports and no noise is drawn twice. A run
+        resumed with `DPCheckpoint` or `load_model` continues from the saved
+        count.
+        """
+        return self._secret.dp_steps
+
+    @property
+    def dp_epochs(self) -> tf.Variable:
+        """With sampling="shuffled": epochs in which an update was released."""
+        return self._secret.dp_epochs
+
+    def _advance_ledger(self, steps: int, epochs: int = 0) -> int:
+        """Moves the ledger forward to `steps` (never back); returns its value."""
+        for name, value in (("dp_steps", steps), ("dp_epochs", epochs)):
+            counter = getattr(self._secret, name)
+            counter.assign(max(int(counter.numpy()), _validate.integer(name, value, low=0)))
+        return int(self._secret.dp_steps.numpy())
 
     @property
     def clipping(self) -> str:
@@ -245,7 +309,11 @@ class DPKerasModel(tf.keras.Model):
         dp["ema_decay"] = self._ema_decay
         dp["clipping"] = self._clipping_requested
         dp["examples_per_chunk"] = self._examples_per_chunk
+        dp["dp_epochs"] = int(self._secret.dp_epochs.numpy())
         config.update(dp)
+        # The updates already released travel with a saved model, so that a
+        # reloaded model that trains on accounts for them too.
+        config["dp_steps"] = int(self._secret.dp_steps.numpy())
         return config
 
     @classmethod
@@ -254,9 +322,13 @@ class DPKerasModel(tf.keras.Model):
 
         config = dict(config)
         dp_kwargs = {key: config.pop(key) for key in _DP_CONFIG_KEYS if key in config}
+        spent = config.pop("dp_steps", 0)
+        epochs = config.pop("dp_epochs", 0)
         inputs, outputs, _ = functional.reconstruct_from_config(config, custom_objects)
         # A reloaded model draws fresh noise from OS entropy: seeds are never saved.
-        return cls(inputs=inputs, outputs=outputs, name=config.get("name"), **dp_kwargs)
+        model = cls(inputs=inputs, outputs=outputs, name=config.get("name"), **dp_kwargs)
+        model._advance_ledger(spent, epochs)
+        return model
 
     # ----------------------------------------------------------------- compile
     def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
@@ -277,17 +349,23 @@ class DPKerasModel(tf.keras.Model):
                 f"tf.keras.losses.Loss) for a single-output model. Received: loss={loss!r}"
             )
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+        precision.check_optimizer(self.optimizer)
         if self._clipping_requested == "auto":
             # Measured on CPU (benchmarks/): without XLA, tf.vectorized_map with
             # ghost norms is the fastest (small CNN 1.5x, WRN-16-4 1.3x
             # faster than layerwise at batch 64); with XLA its while-loop
             # fallback compiles badly and layerwise is 2x faster.
-            use_layerwise = bool(kwargs.get("jit_compile")) and layerwise.supports(self)
+            # layerwise.supports also rules out tied variables and models that
+            # mix examples in one batched pass (ghost is exact for both).
+            use_layerwise = bool(kwargs.get("jit_compile")) and layerwise.supports(
+                self, self._dp_config.augmult
+            )
             self._clipping = "layerwise" if use_layerwise else "ghost"
         self._ghost_layers = (
             ghost.select_layers(self, self._dp_config.augmult) if self._clipping == "ghost" else []
         )
         self._per_example_loss = per_example.unreduced_loss_fn(loss)
+        self._sparse_classes = labels.sparse_classes(loss, self)
         self._build_dp_state()
 
     def _build_dp_state(self):
@@ -344,6 +422,9 @@ class DPKerasModel(tf.keras.Model):
         """
         bound = inspect.signature(tf.keras.Model.fit).bind(self, *args, **kwargs)
         arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
+        arguments.pop("self", None)
+        arguments.pop("kwargs", None)
+        arguments = fit_inputs.prepare(self._dp_config, arguments)
         data = arguments.get("x")
         epochs = arguments.get("epochs", 1) - arguments.get("initial_epoch", 0)
         if (
@@ -366,7 +447,10 @@ class DPKerasModel(tf.keras.Model):
         # for THAT step; merging it into a new step could include an example
         # twice in one noisy update (sensitivity 2C). Drop it.
         self._reset_accumulators()
-        return super().fit(*args, **kwargs)
+        if self._dp_config.sampling == "shuffled":
+            callbacks = list(arguments.get("callbacks") or [])
+            arguments["callbacks"] = [_EpochOpener(self._secret.epoch_open)] + callbacks
+        return super().fit(**arguments)
 
     def _reset_accumulators(self):
         for acc in self._secret.accumulators:
@@ -402,16 +486,14 @@ class DPKerasModel(tf.keras.Model):
     # -------------------------------------------------------------- train step
     def _unpack(self, data):
         step_end = None
-        if isinstance(data, (tuple, list)) and len(data) == 4:
+        kind = fit_inputs.check_element(self._dp_config, data)
+        if kind == fit_inputs.POISSON:
+            # The tag was checked against (N, B) as the dataset was read.
+            x, y, mask, step_end, _ = data
+        elif kind == fit_inputs.MICRO_BATCHES:
             x, y, mask, step_end = data
         else:
             x, y, mask = tf.keras.utils.unpack_x_y_sample_weight(data)
-            if not self._warned_not_poisson:
-                self._warned_not_poisson = True
-                warnings.warn(
-                    _NOT_POISSON_WARNING.format(batch=self._dp_config.expected_batch_size),
-                    stacklevel=3,
-                )
         if y is None:
             raise ValueError("DPKerasModel.fit needs labels: batches must be (x, y, ...).")
         if mask is None:
@@ -421,6 +503,9 @@ class DPKerasModel(tf.keras.Model):
     def train_step(self, data):
         """One micro-batch of DP-SGD; the update happens at the step's end."""
         x, y, mask, step_end = self._unpack(data)
+        num_invalid = 0.0
+        if self._sparse_classes is not None:
+            y, mask, num_invalid = labels.drop_invalid(y, mask, self._sparse_classes)
         x = per_example.as_views(x, self._dp_config.augmult, self.inputs[0].shape.rank)
         ghost_layers = self._ghost_layers
 
@@ -482,7 +567,9 @@ class DPKerasModel(tf.keras.Model):
             clipped.num_clipped / n_real, sample_weight=clipped.num_examples
         )
         self._trackers.norm.update_state(clipped.norms, sample_weight=weight)
-        self._trackers.nonfinite.update_state(clipped.num_nonfinite)
+        # Examples dropped for an invalid label count with the non-finite ones
+        # (see labels.py): either way their loss has no value.
+        self._trackers.nonfinite.update_state(clipped.num_nonfinite + num_invalid)
         kept_rows = tf.reshape(kept, [-1] + [1] * (y_pred.shape.rank - 1))
         y_pred = tf.where(kept_rows, y_pred, tf.zeros_like(y_pred))
         return self.compute_metrics(None, y, y_pred, weight)
@@ -501,7 +588,7 @@ class DPKerasModel(tf.keras.Model):
             self.optimizer.apply_gradients(zip(self._noisy_gradients(grad_sum), variables))
             if self._ema_variables is not None:
                 self._update_ema(variables, tf.constant(True))
-            self.dp_steps.assign_add(1)
+            self._count_release(tf.constant(True))
             return tf.constant(True)
 
         tf.cond(apply, update, lambda: tf.constant(False))
@@ -549,7 +636,16 @@ class DPKerasModel(tf.keras.Model):
         replica.merge_call(keep_update_if_applied, args=(apply, saved))
         if self._ema_variables is not None:
             self._update_ema(variables, apply)
-        self.dp_steps.assign_add(tf.cast(apply, tf.int64))
+        self._count_release(apply)
+
+    def _count_release(self, applied):
+        """Advances the ledger by one released update where `applied`."""
+        applied = tf.cast(applied, tf.int64)
+        self.dp_steps.assign_add(applied)
+        if self._dp_config.sampling == "shuffled":
+            secret = self._secret
+            secret.dp_epochs.assign_add(applied * (1 - secret.epoch_open))
+            secret.epoch_open.assign(tf.maximum(secret.epoch_open, applied))
 
     def _optimizer_variables(self):
         variables = self.optimizer.variables
@@ -563,7 +659,10 @@ class DPKerasModel(tf.keras.Model):
         with tf.GradientTape() as tape:
             penalty = tf.add_n(self.losses)
         reg = tape.gradient(penalty, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return [g + r for g, r in zip(grads, reg)]
+        # Each replica's gradient is SUMMED across replicas by the optimizer:
+        # each adds 1/R of the penalty's gradient, so it counts exactly once.
+        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+        return [g + r / replicas for g, r in zip(grads, reg)]
 
     def _update_ema(self, variables, apply):
         t = tf.cast(self.dp_steps, tf.float32)

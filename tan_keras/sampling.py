@@ -195,6 +195,59 @@ class PoissonSampler(tf.Module):
         )
 
 
+def sampling_tag(sampler: "PoissonSampler", rows: int) -> tf.Tensor:
+    """[rows, 2] int64 rows of (N, B): the sampling a micro-batch was drawn with.
+
+    Every element of a Poisson pipeline carries it (on every row, so that it
+    survives the split of a micro-batch across replicas), and `DPKerasModel`
+    refuses a batch drawn for another (N, B) than the one it accounts for.
+
+    Args:
+      sampler: The `PoissonSampler` that drew the batch.
+      rows: Rows of the micro-batch.
+
+    Returns:
+      The tag tensor.
+    """
+    pair = tf.constant([sampler.dataset_size, sampler.expected_batch_size], tf.int64)
+    return tf.tile(pair[None], [rows, 1])
+
+
+def check_sampling_tags(
+    dataset: tf.data.Dataset, dataset_size: int, expected_batch_size: int
+) -> tf.data.Dataset:
+    """`dataset` with every element's sampling tag checked against (N, B).
+
+    Args:
+      dataset: Elements `(x, y, mask, step_end, tag)` of a Poisson pipeline.
+      dataset_size: N the consumer accounts for.
+      expected_batch_size: B the consumer accounts for.
+
+    Returns:
+      The same elements; iterating raises `tf.errors.InvalidArgumentError`
+      at the first element drawn for another (N, B), before it reaches the
+      model.
+    """
+    expected = tf.constant([dataset_size, expected_batch_size], tf.int64)
+    message = (
+        "This Poisson pipeline was built for another sampling than the model accounts "
+        f"for: the model has dataset_size={dataset_size}, expected_batch_size="
+        f"{expected_batch_size}; the batch's (dataset_size, expected_batch_size) "
+        "follows. The accountant would report the epsilon of the wrong sampling rate. "
+        "Build the PoissonSampler with the model's dataset_size and expected_batch_size."
+    )
+
+    def check(*element):
+        tag = tf.cast(element[4], tf.int64)
+        matches = tf.reduce_all(tf.equal(tag, expected[None]))
+        with tf.control_dependencies(
+            [tf.debugging.Assert(matches, [message, tag[:1]], summarize=2)]
+        ):
+            return tuple(tf.identity(t) for t in element)
+
+    return dataset.map(check)
+
+
 def make_poisson_dataset(
     features: np.ndarray,
     labels: np.ndarray,
@@ -222,7 +275,8 @@ def make_poisson_dataset(
       shard_index: This pipeline's shard, in [0, num_shards).
 
     Returns:
-      A dataset of `(x, y, mask, step_end)` micro-batches.
+      A dataset of `(x, y, mask, step_end, tag)` micro-batches; `tag` holds
+      (N, B) on every row (see `sampling_tag`).
 
     Raises:
       ValueError: if sizes disagree, `augmult` < 1, or the shards do not
@@ -261,7 +315,7 @@ def make_poisson_dataset(
             x = augment.make_views(x, augmult, augmenter)
         elif augmult > 1:
             x = tf.repeat(tf.expand_dims(x, 1), augmult, axis=1)
-        return x, tf.gather(labels, indices), mask, step_end
+        return x, tf.gather(labels, indices), mask, step_end, sampling_tag(sampler, rows)
 
     dataset = sampler.micro_batches(steps).map(gather).prefetch(2)
     # The rows are sharded above; tf.distribute must not shard again by

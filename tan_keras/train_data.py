@@ -36,7 +36,7 @@ def train_dataset(
         each keep their share of every global micro-batch (in-memory data).
 
     Returns:
-      An endless dataset of `(x, y, mask, step_end)` micro-batches, x of
+      An endless dataset of `(x, y, mask, step_end, tag)` micro-batches, x of
       shape [P, K, H, W, C] (or [P, H, W, C] when K = 1 without augmenter).
     """
     augmenter = _without_autograph(augmenter)
@@ -71,7 +71,7 @@ def train_dataset(
             x = augment.make_views(x, augmult, augmenter)
         elif augmult > 1:
             x = tf.repeat(tf.expand_dims(x, 1), augmult, axis=1)
-        return x, y, mask, step_end
+        return x, y, mask, step_end, sampling.sampling_tag(sampler, sampler.physical_batch_size)
 
     return (
         sampler.micro_batches(None)

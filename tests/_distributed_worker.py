@@ -29,18 +29,31 @@ if VARIANT == "same_seed":
 elif VARIANT == "full_noise":
     original_add = noise.add_gaussian_noise
     noise.add_gaussian_noise = lambda g, std, seed: original_add(g, std * math.sqrt(R), seed)
+elif VARIANT == "reg_every_replica":
+    # Each replica adds the whole penalty gradient (the shipped bug): R times.
+    def _regularized(self, grads, variables):
+        if not self.losses:
+            return grads
+        with tf.GradientTape() as tape:
+            penalty = tf.add_n(self.losses)
+        reg = tape.gradient(penalty, variables, unconnected_gradients="zero")
+        return [g + r for g, r in zip(grads, reg)]
+
+    DPKerasModel._add_weight_regularization = _regularized
 
 strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(R)])
 LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 P, B, N = 8, 8, 64  # physical rows per micro-batch (divisible by 4), expected batch
 
 
-def build(width, sigma, clip, input_dim, examples_per_chunk="auto"):
+def build(width, sigma, clip, input_dim, examples_per_chunk="auto", regularizer=None):
     with strategy.scope(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tf.keras.utils.set_random_seed(0)
         inp = tf.keras.Input((input_dim,))
-        hidden = tf.keras.layers.Dense(width, activation="tanh")(inp)
+        hidden = tf.keras.layers.Dense(width, activation="tanh", kernel_regularizer=regularizer)(
+            inp
+        )
         model = DPKerasModel(
             inp,
             tf.keras.layers.Dense(3)(hidden),
@@ -78,6 +91,9 @@ accountant = PrivacyAccountant(delta=1e-5)
 model.fit(dataset(x, y, np.ones(48), steps=3, micro=2), verbose=0, callbacks=[accountant])
 result["weights"] = [w.tolist() for w in model.get_weights()]
 result["dp_steps"] = int(model.dp_steps.numpy())
+# Restoring weights under the strategy does not rewind the ledger.
+model.set_weights([np.zeros_like(w) for w in model.get_weights()])
+result["dp_steps_after_set_weights"] = int(model.dp_steps.numpy())
 # The same with chunked clipping: each replica clips its rows one at a time.
 model = build(5, sigma=0.0, clip=0.1, input_dim=4, examples_per_chunk=1)
 initial = model.get_weights()
@@ -94,6 +110,15 @@ model.fit(dataset(np.zeros((P, 300)), np.zeros(P), np.zeros(P), 1, 1), verbose=0
 end = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
 result["noise_std"] = float((end - start).std())
 result["expected_std"] = 2.0 * 0.5 / B
+
+# 2b. A weight penalty, no data (all rows masked), no noise: the update is
+# -lr * grad(penalty), applied once whatever the number of replicas.
+model = build(5, sigma=0.0, clip=1.0, input_dim=4, regularizer=tf.keras.regularizers.L2(0.5))
+kernel = model.trainable_variables[0]
+before = kernel.numpy()
+model.fit(dataset(np.ones((P, 4)), np.zeros(P), np.zeros(P), 1, 1), verbose=0)
+result["reg_update"] = float(np.abs(kernel.numpy() - before).max())
+result["reg_expected"] = float(np.abs(1.0 * 0.5 * 2 * before).max())
 
 # 3. Each replica's own noise draw, for the correlation check.
 key = tf.constant(noise.make_noise_key(), tf.int64)

@@ -8,11 +8,7 @@ from tan_keras import augment
 
 
 def _images(batch, size=8, channels=3, seed=0):
-    return (
-        np.random.default_rng(seed)
-        .random((batch, size, size, channels))
-        .astype(np.float32)
-    )
+    return np.random.default_rng(seed).random((batch, size, size, channels)).astype(np.float32)
 
 
 def _windows(image, pad, mode, flips):
@@ -36,9 +32,7 @@ def _matches_a_window(view, windows):
 def test_shapes_and_range(policy):
     size = 24 if policy == "imagenet" else 8
     images = _images(4, size)
-    views = augment.make_views(
-        images, 3, augment.make_augmenter(policy, images.shape[1:], seed=0)
-    )
+    views = augment.make_views(images, 3, augment.make_augmenter(policy, images.shape[1:], seed=0))
     assert views.shape == (4, 3, size, size, 3) and views.dtype == tf.float32
     assert float(tf.reduce_min(views)) >= 0.0 and float(tf.reduce_max(views)) <= 1.0
 
@@ -51,9 +45,7 @@ def test_none_is_identity():
 
 def test_cifar_views_are_reflect_padded_crops_with_horizontal_flips():
     image = _images(1)
-    views = augment.make_views(
-        image, 16, augment.make_augmenter("cifar", (8, 8, 3), seed=3)
-    )
+    views = augment.make_views(image, 16, augment.make_augmenter("cifar", (8, 8, 3), seed=3))
     views = views.numpy()[0]
     windows = _windows(image[0], 4, "reflect", flips=True)
     assert all(_matches_a_window(view, windows) for view in views)
@@ -66,9 +58,7 @@ def test_cifar_views_are_reflect_padded_crops_with_horizontal_flips():
 
 def test_digits_views_are_translations_without_flips():
     image = _images(1, channels=1)
-    views = augment.make_views(
-        image, 16, augment.make_augmenter("digits", (8, 8, 1), seed=4)
-    )
+    views = augment.make_views(image, 16, augment.make_augmenter("digits", (8, 8, 1), seed=4))
     windows = _windows(image[0], 1, "constant", flips=False)
     assert all(_matches_a_window(view, windows) for view in views.numpy()[0])
 
@@ -76,17 +66,13 @@ def test_digits_views_are_translations_without_flips():
 def test_views_stay_grouped_by_image():
     # Two very different images: each row of views must come from its image.
     images = np.stack([np.zeros((8, 8, 3)), np.ones((8, 8, 3))]).astype(np.float32)
-    views = augment.make_views(
-        images, 4, augment.make_augmenter("cifar", (8, 8, 3), seed=0)
-    )
+    views = augment.make_views(images, 4, augment.make_augmenter("cifar", (8, 8, 3), seed=0))
     np.testing.assert_array_equal(views.numpy()[0], 0.0)
     np.testing.assert_array_equal(views.numpy()[1], 1.0)
 
 
 def test_k_equal_one_keeps_the_views_axis():
-    views = augment.make_views(
-        _images(3), 1, augment.make_augmenter("cifar", (8, 8, 3))
-    )
+    views = augment.make_views(_images(3), 1, augment.make_augmenter("cifar", (8, 8, 3)))
     assert views.shape == (3, 1, 8, 8, 3)
 
 

@@ -86,9 +86,7 @@ def test_unprepared_dataset_fails_fast_with_instructions(tmp_path, name, needle)
     assert "\n" not in message  # One paragraph.
     assert isinstance(error.value, ValueError)
     # Nothing was downloaded or prepared.
-    assert not (tmp_path / name).exists() or not any(
-        (tmp_path / name).rglob("*.tfrecord*")
-    )
+    assert not (tmp_path / name).exists() or not any((tmp_path / name).rglob("*.tfrecord*"))
 
 
 @pytest.mark.parametrize(
@@ -108,6 +106,4 @@ def test_bad_arguments_are_refused(call, name):
 def test_array_dataset_refuses_mismatched_labels():
     x = np.zeros((3, 2, 2, 1), np.float32)
     with pytest.raises(ValueError, match="Invalid value for `train_y`"):
-        datasets.ArrayDataset(
-            x, np.zeros(2, np.int32), x, np.zeros(3, np.int32), 2, "toy"
-        )
+        datasets.ArrayDataset(x, np.zeros(2, np.int32), x, np.zeros(3, np.int32), 2, "toy")

@@ -81,5 +81,17 @@ def test_power_check_same_seed_replicas_are_correlated():
 def test_step_count_and_epsilon_do_not_depend_on_replicas():
     steps = {r: _run(r)["dp_steps"] for r in (1, 2, 4)}
     assert steps == {1: 3, 2: 3, 4: 3}
+    assert all(_run(r)["dp_steps_after_set_weights"] == 3 for r in (1, 2, 4))
     eps = {r: accounting.compute_epsilon(1.0, 8 / 64, s, 1e-5) for r, s in steps.items()}
     assert len(set(eps.values())) == 1
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 4])
+def test_weight_penalty_gradient_is_applied_once(replicas):
+    result = _run(replicas)
+    assert result["reg_update"] == pytest.approx(result["reg_expected"], rel=1e-5)
+
+
+def test_power_check_penalty_added_on_every_replica_is_caught():
+    result = _run(2, "reg_every_replica")
+    assert result["reg_update"] == pytest.approx(2 * result["reg_expected"], rel=1e-5)

@@ -1,7 +1,5 @@
 """DPKerasModel: the DP-SGD step is exactly the algorithm of tan-method.md."""
 
-import warnings
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -364,10 +362,17 @@ def test_fit_refuses_epochs_on_unknown_length_dataset():
         model.fit(ds, epochs=2, verbose=0)
 
 
-def test_plain_batches_warn_that_accounting_assumes_poisson():
+def test_plain_batches_are_refused_before_any_update():
     model = dp_model(dense_model(), **DP)
     x, y = _data()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    before = flat(model.get_weights())
+    with pytest.raises(ValueError, match="Poisson sampling"):
         model.fit(x, y, batch_size=8, epochs=1, verbose=0)
-    assert any("Poisson" in str(w.message) for w in caught)
+    plain = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(8).batch(8)
+    with pytest.raises(ValueError, match="make_poisson_dataset"):
+        model.fit(plain, epochs=1, verbose=0)
+    # A generator is only seen batch by batch: refused when the step is traced.
+    with pytest.raises(ValueError, match="Poisson sampling"):
+        model.fit(iter([(x, y)]), steps_per_epoch=1, verbose=0)
+    np.testing.assert_array_equal(flat(model.get_weights()), before)
+    assert int(model.dp_steps.numpy()) == 0

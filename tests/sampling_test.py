@@ -136,8 +136,9 @@ def test_make_poisson_dataset_shapes_and_views():
     y = np.arange(N, dtype=np.int32)
     sampler = sampling.PoissonSampler(N, B, physical_batch_size=32)
     ds = sampling.make_poisson_dataset(x, y, sampler, steps=3, augmult=3)
-    for xb, yb, mask, _ in ds:
+    for xb, yb, mask, _, tag in ds:
         assert xb.shape == (32, 3, 2) and yb.shape == (32,) and mask.shape == (32,)
+        np.testing.assert_array_equal(tag.numpy(), np.tile([[N, B]], (32, 1)))
         real = mask.numpy() > 0
         np.testing.assert_array_equal(xb.numpy()[real, 1, :], x[yb.numpy()[real]])
 
@@ -178,7 +179,7 @@ def test_shards_together_hold_each_global_micro_batch_exactly_once():
         ds = sampling.make_poisson_dataset(
             x, y, sampler, steps=6, num_shards=num_shards, shard_index=shard_index
         )
-        return [(yb.numpy(), m.numpy(), e.numpy()) for _, yb, m, e in ds]
+        return [(yb.numpy(), m.numpy(), e.numpy()) for _, yb, m, e, _ in ds]
 
     whole = rows(1, 0)
     parts = [rows(4, i) for i in range(4)]

@@ -16,7 +16,8 @@ returning.
 
 The event names the sampler: these numbers are valid only if batches really
 are Poisson samples. Shuffled fixed-size batches need a different (weaker)
-analysis and must not be reported with this module.
+analysis: `shuffled_dp_event` / `compute_shuffled_epsilon`, without
+amplification.
 
 Two accountants:
   * "rdp": Renyi DP with the Balle et al. (2020) conversion, the number the
@@ -172,6 +173,67 @@ def dp_event_for(noise_multiplier: float, sampling_rate: float, steps: int) -> d
         return dp_event.NoOpDpEvent()
     step = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma))
     return dp_event.SelfComposedDpEvent(step, steps)
+
+
+def shuffled_dp_event(noise_multiplier: float, epochs: int) -> dp_event.DpEvent:
+    """The event of DP-SGD on shuffled fixed-size batches, without amplification.
+
+    When every epoch cuts the N examples into a partition of fixed-size
+    batches (as `fit(x, y, batch_size=B)` does), an example takes part in
+    exactly one update per epoch. Replacing it by another example (datasets
+    of equal size: replace-one adjacency) moves that batch's sum of clipped
+    gradients by at most 2C and no other batch's sum. Each epoch is then at
+    most one Gaussian mechanism with noise multiplier sigma / 2 (the other
+    updates, chosen adaptively, are post-processing). No amplification by
+    shuffling is claimed: no sound one is known to apply to this setting
+    without extra assumptions (Chua et al. 2024 measure that the Poisson
+    number would under-report it).
+
+    Args:
+      noise_multiplier: sigma, the noise std divided by the clip norm, >= 0.
+      epochs: Epochs in which at least one update was released, >= 0.
+
+    Returns:
+      `SelfComposedDpEvent(GaussianDpEvent(sigma / 2), epochs)`, or
+      `NoOpDpEvent()` for 0 epochs.
+
+    Raises:
+      ValueError: if an argument is out of range.
+    """
+    sigma = _validate.non_negative("noise_multiplier", noise_multiplier)
+    epochs = _validate.integer("epochs", epochs, low=0)
+    if epochs == 0:
+        return dp_event.NoOpDpEvent()
+    return dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(sigma / 2.0), epochs)
+
+
+def compute_shuffled_epsilon(
+    noise_multiplier: float, epochs: int, delta: float, accountant: str = "rdp"
+) -> float:
+    """Epsilon of `shuffled_dp_event` (replace-one adjacency) at `delta`.
+
+    Args:
+      noise_multiplier: sigma, >= 0; 0 gives math.inf after one epoch.
+      epochs: Epochs in which at least one update was released, >= 0.
+      delta: Target delta, a float in (0, 1).
+      accountant: "rdp" (default) or "pld".
+
+    Returns:
+      Epsilon, a float >= 0.
+
+    Raises:
+      ValueError: if an argument is out of range.
+    """
+    event = shuffled_dp_event(noise_multiplier, epochs)
+    delta = _validate.delta("delta", delta)
+    accountant = _validate.one_of("accountant", accountant, ACCOUNTANTS)
+    if epochs == 0:
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    if accountant == "rdp":
+        return float(rdp.RdpAccountant().compose(event).get_epsilon(delta))
+    return float(pld.PLDAccountant().compose(event).get_epsilon(delta))
 
 
 def compute_epsilon(
