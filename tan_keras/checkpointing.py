@@ -124,8 +124,25 @@ class DPCheckpoint:
         path = path or self.latest
         if path is None:
             return 0
-        expected = self._fingerprint.numpy()
         spent_before = int(self.model.dp_steps.numpy())
+        try:
+            self._restore_checked(path)
+        finally:
+            # Even a refused checkpoint must not leave the ledger rewound.
+            ledger = self.model.dp_steps
+            ledger.assign(max(spent_before, int(ledger.numpy())))
+        # The ledger only moves forward. Restoring an older checkpoint (in
+        # this process, or while newer ones exist) brings back its weights,
+        # not its step count: the updates released after it were spent, and
+        # their noise and batches must not be drawn again.
+        spent = max(int(self.model.dp_steps.numpy()), self._latest_steps())
+        self.model.dp_steps.assign(spent)
+        if self.sampler is not None:
+            self.sampler.resume_at(spent)
+        return spent
+
+    def _restore_checked(self, path: str) -> None:
+        expected = self._fingerprint.numpy()
         try:
             status = self._checkpoint.restore(path)
             status.assert_existing_objects_matched()
@@ -144,15 +161,6 @@ class DPCheckpoint:
                 f"{found.decode()} != {expected.decode()}. Continuing it would account "
                 "its steps under the wrong parameters. Use a new checkpoint directory."
             )
-        # The ledger only moves forward. Restoring an older checkpoint (in
-        # this process, or while newer ones exist) brings back its weights,
-        # not its step count: the updates released after it were spent, and
-        # their noise and batches must not be drawn again.
-        spent = max(spent_before, int(self.model.dp_steps.numpy()), self._latest_steps())
-        self.model.dp_steps.assign(spent)
-        if self.sampler is not None:
-            self.sampler.resume_at(spent)
-        return spent
 
     def _latest_steps(self) -> int:
         latest = self.latest

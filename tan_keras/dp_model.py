@@ -309,11 +309,11 @@ class DPKerasModel(tf.keras.Model):
         dp["ema_decay"] = self._ema_decay
         dp["clipping"] = self._clipping_requested
         dp["examples_per_chunk"] = self._examples_per_chunk
-        dp["dp_epochs"] = int(self._secret.dp_epochs.numpy())
         config.update(dp)
         # The updates already released travel with a saved model, so that a
         # reloaded model that trains on accounts for them too.
         config["dp_steps"] = int(self._secret.dp_steps.numpy())
+        config["dp_epochs"] = int(self._secret.dp_epochs.numpy())
         return config
 
     @classmethod
@@ -451,6 +451,23 @@ class DPKerasModel(tf.keras.Model):
             callbacks = list(arguments.get("callbacks") or [])
             arguments["callbacks"] = [_EpochOpener(self._secret.epoch_open)] + callbacks
         return super().fit(**arguments)
+
+    def train_on_batch(self, *args, **kwargs):
+        """Refused: a single batch carries no sampling the accountant can count.
+
+        Raises:
+          ValueError: always. Under sampling="poisson" a batch outside a
+            Poisson pipeline is not a Poisson sample; under
+            sampling="shuffled" the epochs that the accounting counts are
+            `fit`'s, and batches fed one by one could revisit an example
+            within what would be counted as one epoch.
+        """
+        raise ValueError(
+            "DPKerasModel.train_on_batch is not supported: the accountant could not "
+            "know how the batch was sampled. Use fit() with "
+            "tan_keras.sampling.make_poisson_dataset (sampling='poisson') or with "
+            "in-memory arrays (sampling='shuffled')."
+        )
 
     def _reset_accumulators(self):
         for acc in self._secret.accumulators:
@@ -727,7 +744,7 @@ def make_private(model: tf.keras.Model, **dp_kwargs) -> DPKerasModel:
         model first (`x = tf.keras.Input(shape); DPKerasModel(x, model(x), ...)`).
       **dp_kwargs: The DP arguments of `DPKerasModel` (l2_norm_clip,
         noise_multiplier, expected_batch_size, dataset_size, augmult,
-        ema_decay, noise_seed).
+        ema_decay, noise_seed, clipping, examples_per_chunk, sampling).
 
     Returns:
       A `DPKerasModel`.

@@ -44,6 +44,7 @@ elif VARIANT == "reg_every_replica":
 strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(R)])
 LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 P, B, N = 8, 8, 64  # physical rows per micro-batch (divisible by 4), expected batch
+BASE_DP = dict(l2_norm_clip=1.0, noise_multiplier=0.0, expected_batch_size=B, dataset_size=N)
 
 
 def build(width, sigma, clip, input_dim, examples_per_chunk="auto", regularizer=None):
@@ -119,6 +120,41 @@ before = kernel.numpy()
 model.fit(dataset(np.ones((P, 4)), np.zeros(P), np.zeros(P), 1, 1), verbose=0)
 result["reg_update"] = float(np.abs(kernel.numpy() - before).max())
 result["reg_expected"] = float(np.abs(1.0 * 0.5 * 2 * before).max())
+
+# 2c. An out-of-range label is dropped and counted on every replica count.
+model = build(5, sigma=0.0, clip=1.0, input_dim=4)
+labels = np.zeros(P)
+labels[[1, 6]] = [9, -1]
+history = model.fit(dataset(np.ones((P, 4)), labels, np.ones(P), 1, 1), verbose=0)
+result["invalid_labels_counted"] = float(history.history["nonfinite_examples"][-1])
+
+
+# 2d. The model checks hold when the model is built under the strategy.
+class _Running(tf.keras.layers.Layer):
+    def build(self, shape):
+        self.running = self.add_weight("running", shape[-1:], trainable=False)
+
+    def call(self, x, training=None):
+        if training:
+            self.running.assign(tf.reduce_mean(x, 0))
+        return x
+
+
+with strategy.scope():
+    inp = tf.keras.Input((4,))
+    try:
+        DPKerasModel(inp, tf.keras.layers.Dense(3)(_Running()(inp)), **BASE_DP)
+        result["state_write_refused"] = False
+    except ValueError as err:
+        result["state_write_refused"] = "running" in str(err)
+    encoder = tf.keras.layers.Dense(16)
+    hidden = encoder(inp)
+    decoded = tf.keras.layers.Lambda(lambda h: tf.matmul(h, encoder.kernel, transpose_b=True))(
+        hidden
+    )
+    tied = DPKerasModel(inp, tf.keras.layers.Dense(3)(decoded), **BASE_DP)
+    tied.compile(optimizer=tf.keras.optimizers.SGD(1.0), loss=LOSS)
+result["tied_kernel_ghosted"] = any(layer is encoder for layer in tied._ghost_layers)
 
 # 3. Each replica's own noise draw, for the correlation check.
 key = tf.constant(noise.make_noise_key(), tf.int64)

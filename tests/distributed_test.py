@@ -95,3 +95,11 @@ def test_weight_penalty_gradient_is_applied_once(replicas):
 def test_power_check_penalty_added_on_every_replica_is_caught():
     result = _run(2, "reg_every_replica")
     assert result["reg_update"] == pytest.approx(2 * result["reg_expected"], rel=1e-5)
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 4])
+def test_invalid_labels_and_model_checks_hold_under_the_strategy(replicas):
+    result = _run(replicas)
+    assert result["invalid_labels_counted"] == 2
+    assert result["state_write_refused"]
+    assert not result["tied_kernel_ghosted"]

@@ -132,3 +132,14 @@ def test_element_kinds():
 def test_bad_sampling_mode_is_refused_by_name():
     with pytest.raises(ValueError, match="`sampling`"):
         _shuffled_model(sampling="uniform")
+
+
+@pytest.mark.parametrize("mode", ["poisson", "shuffled"])
+def test_train_on_batch_is_refused(mode):
+    # Shuffled: batches fed one by one would never open a new epoch, so the
+    # per-epoch accounting would under-count.
+    model = dp_model(dense_model(), **{**DP, "sampling": mode})
+    x, y = _data()
+    with pytest.raises(ValueError, match="train_on_batch"):
+        model.train_on_batch(x[:B], y[:B])
+    assert int(model.dp_steps.numpy()) == 0

@@ -369,18 +369,18 @@ def test_a_cancelling_example_gets_a_norm_above_its_true_norm(kind):
     assert float(_old_norms(gh)[0]) < true[0] / 100
 
 
-def _dp_step(model, views, x, y, mask, clip, lr):
+def _dp_step(model, views, x, y, mask, clip, lr, jit_compile=False):
     dp = dict(l2_norm_clip=clip, noise_multiplier=0.0, expected_batch_size=len(x), dataset_size=100)
     clone = tf.keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
     dp_model = DPKerasModel(clone.inputs, clone.outputs, clipping="ghost", augmult=views, **dp)
-    dp_model.compile(optimizer=tf.keras.optimizers.SGD(lr), loss=LOSS)
+    dp_model.compile(optimizer=tf.keras.optimizers.SGD(lr), loss=LOSS, jit_compile=jit_compile)
     assert dp_model.clipping == "ghost"
     assert "attacked" in [layer.name for layer in dp_model._ghost_layers]
     return flat(one_step(dp_model, x, y, mask))
 
 
-def _update_shift(kind, clip=1.0, lr=0.5, batch=4):
+def _update_shift(kind, clip=1.0, lr=0.5, batch=4, jit_compile=False):
     """How far adding the crafted example to a batch moves one noiseless DP step."""
     model, views, example, label = _attack(kind)
     rng = np.random.default_rng(1)
@@ -388,14 +388,15 @@ def _update_shift(kind, clip=1.0, lr=0.5, batch=4):
     x = rng.normal(size=shape)
     x[0] = example if views > 1 else example[0]
     y = np.r_[label, rng.integers(0, 3, batch - 1)]
-    with_it = _dp_step(model, views, x, y, np.ones(batch), clip, lr)
-    without = _dp_step(model, views, x, y, np.r_[0.0, np.ones(batch - 1)], clip, lr)
+    with_it = _dp_step(model, views, x, y, np.ones(batch), clip, lr, jit_compile)
+    without = _dp_step(model, views, x, y, np.r_[0.0, np.ones(batch - 1)], clip, lr, jit_compile)
     return np.linalg.norm(with_it - without) / (lr * clip / batch)
 
 
 @pytest.mark.parametrize("kind", ATTACKS)
 def test_a_cancelling_example_moves_the_dp_update_by_at_most_lr_c_over_b(kind, monkeypatch):
     assert _update_shift(kind) <= 1 + 1e-4
+    assert _update_shift(kind, jit_compile=True) <= 1 + 1e-4
     # Power check: with the old formula the example escapes clipping.
     monkeypatch.setattr(ghost.GhostGradient, "norms", _old_norms)
     assert _update_shift(kind) > 10

@@ -134,3 +134,14 @@ def test_the_ledger_is_no_model_weight():
     model = _model()
     names = [v.name for v in model.weights]
     assert not any("dp_steps" in n for n in names), names
+
+
+def test_a_refused_checkpoint_leaves_the_ledger_where_it_was(tmp_path):
+    other = dp_model(dense_model(inputs=30, hidden=40), lr=1.0, **{**NOISY, "dataset_size": 2 * N})
+    foreign = checkpointing.DPCheckpoint(str(tmp_path), other, sampling.PoissonSampler(2 * N, B))
+    foreign.save()  # another N, at step 0: restoring it first rewrites dp_steps to 0
+    model, _, ckpt = _checkpointed(tmp_path)
+    _pure_noise_step(model)
+    with pytest.raises(checkpointing.CheckpointError, match="another DP configuration"):
+        ckpt.restore()
+    assert int(model.dp_steps.numpy()) == 1
