@@ -23,6 +23,7 @@ from typing import Optional, Union
 import tensorflow as tf
 
 from tan_keras import (
+    _keras_internals,
     _validate,
     chunking,
     fit_inputs,
@@ -298,13 +299,7 @@ class DPKerasModel(tf.keras.Model):
         return self._ema_decay
 
     def get_config(self):
-        # Keras 2.15 drops the layer graph for Functional subclasses with a
-        # custom __init__; ask for the network config explicitly.
-        from keras.src.engine import functional
-
-        config = functional.get_network_config(
-            self, config={"name": self.name, "trainable": self.trainable}
-        )
+        config = _keras_internals.network_config(self)
         dp = self._dp_config.to_dict()
         dp["ema_decay"] = self._ema_decay
         dp["clipping"] = self._clipping_requested
@@ -318,13 +313,11 @@ class DPKerasModel(tf.keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        from keras.src.engine import functional
-
         config = dict(config)
         dp_kwargs = {key: config.pop(key) for key in _DP_CONFIG_KEYS if key in config}
         spent = config.pop("dp_steps", 0)
         epochs = config.pop("dp_epochs", 0)
-        inputs, outputs, _ = functional.reconstruct_from_config(config, custom_objects)
+        inputs, outputs = _keras_internals.network_from_config(config, custom_objects)
         # A reloaded model draws fresh noise from OS entropy: seeds are never saved.
         model = cls(inputs=inputs, outputs=outputs, name=config.get("name"), **dp_kwargs)
         model._advance_ledger(spent, epochs)
@@ -395,9 +388,7 @@ class DPKerasModel(tf.keras.Model):
 
     def compile_from_config(self, config):
         """Recompiles a loaded model from its saved compile config."""
-        from keras.src.saving import serialization_lib
-
-        self.compile(**serialization_lib.deserialize_keras_object(config))
+        self.compile(**_keras_internals.deserialize(config))
 
     @property
     def metrics(self):

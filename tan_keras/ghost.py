@@ -67,7 +67,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
-from tan_keras import model_analysis
+from tan_keras import _keras_internals, model_analysis
 
 _DENSE = tf.keras.layers.Dense
 _CONV = tf.keras.layers.Conv2D
@@ -153,7 +153,7 @@ def select_layers(model: tf.keras.Model, augmult: int) -> List[tf.keras.layers.L
     trainable = {id(v) for v in model.trainable_variables}
     chosen = []
     tied = None
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in _keras_internals.all_layers(model):
         rule = _rule(layer)
         if rule is None or id(getattr(layer, "kernel", None)) not in trainable:
             continue

@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
-from tan_keras import model_analysis, tapping
+from tan_keras import _keras_internals, model_analysis, tapping
 from tan_keras.models.ws_conv import WSConv2D
 
 _DENSE = tf.keras.layers.Dense
@@ -71,11 +71,7 @@ def _last_axis(layer) -> bool:
 
 
 def _supported_layers(model) -> List[tf.keras.layers.Layer]:
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
-        if _supported(layer)
-    ]
+    return [layer for layer in _keras_internals.all_layers(model) if _supported(layer)]
 
 
 def supports(model: tf.keras.Model, augmult: Optional[int] = None) -> bool:
@@ -110,7 +106,7 @@ def unsupported_reason(model: tf.keras.Model, augmult: Optional[int] = None) -> 
       None, or a sentence naming the variable or layer at fault.
     """
     covered = set()
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in _keras_internals.all_layers(model):
         if _supported(layer):
             covered.update(id(v) for v in layer.trainable_weights)
     for variable in model.trainable_variables:

@@ -34,6 +34,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from tan_keras import _keras_internals
 from tan_keras.models.ws_conv import WSConv2D
 
 # Ops that use a variable's resource handle without writing it.
@@ -153,10 +154,8 @@ def per_example_layer_types() -> Tuple[type, ...]:
       Keras layer classes, the package's WSConv2D, and the functional and
       Sequential containers (their sub-layers are checked one by one).
     """
-    from keras.src.engine import functional
-
     types = [getattr(tf.keras.layers, name, None) for name in _PER_EXAMPLE_LAYER_NAMES]
-    types += [WSConv2D, functional.Functional, tf.keras.Sequential]
+    types += [WSConv2D, *_keras_internals.functional_types()]
     return tuple(t for t in types if t is not None)
 
 
@@ -265,7 +264,7 @@ def _input_spec(model):
 
 
 def _trace(model) -> Tuple[Tuple[VariableWrite, ...], Dict[int, VariableTie]]:
-    layers = list(model._flatten_layers(include_self=True, recursive=True))
+    layers = _keras_internals.all_layers(model, include_self=True)
     calls: List[Tuple[tf.Graph, int, int, int]] = []
     patched = []
     for index, layer in enumerate(layers):
@@ -499,7 +498,7 @@ def cross_example_reason(model: tf.keras.Model, augmult: int = 1) -> Optional[st
       None, or a sentence naming the layer or the check that failed.
     """
     allowed = per_example_layer_types()
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in _keras_internals.all_layers(model):
         if type(layer) not in allowed:
             return (
                 f"layer `{layer.name}` ({type(layer).__name__}) is not one of the layer types "

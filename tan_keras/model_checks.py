@@ -11,7 +11,7 @@ every variable it writes is reported (`model_analysis.state_updates`).
 
 import tensorflow as tf
 
-from tan_keras import model_analysis
+from tan_keras import _keras_internals, model_analysis
 
 _BATCH_NORM_HINT = (
     "BatchNormalization mixes the examples of a batch (each output depends on the "
@@ -24,12 +24,7 @@ _BATCH_NORM_HINT = (
 
 def _batch_norm_classes():
     classes = [tf.keras.layers.BatchNormalization, tf.compat.v1.keras.layers.BatchNormalization]
-    try:  # The base of every Keras 2 BatchNormalization (v1, v2, sync, legacy tf.layers).
-        from keras.src.layers.normalization.batch_normalization import BatchNormalizationBase
-
-        classes.append(BatchNormalizationBase)
-    except ImportError:
-        pass
+    classes.append(_keras_internals.batch_norm_base())
     sync = getattr(tf.keras.layers.experimental, "SyncBatchNormalization", None)
     if sync is not None:
         classes.append(sync)
@@ -49,7 +44,7 @@ def check_model_is_dp_compatible(model: tf.keras.Model) -> None:
         a variable (found by tracing one call, see `model_analysis`).
     """
     batch_norms = _batch_norm_classes()
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in _keras_internals.all_layers(model):
         if isinstance(layer, batch_norms):
             raise ValueError(
                 f"Layer `{layer.name}` ({type(layer).__name__}) cannot be trained "

@@ -5,11 +5,26 @@ K views as a batch of K, the per-view losses are averaged, and the gradient of
 that average (= the average of the K view gradients) is what gets clipped.
 """
 
+import logging
 from typing import Callable, List, Sequence, Tuple, Union
 
 import tensorflow as tf
 
 from tan_keras import ghost, tapping
+
+# pfor logs this for every convolution it vectorizes; the fallback is known
+# and measured (see README, Benchmarks: ghost and layerwise exist for it), and
+# the line would repeat on every trace of the train step. Only this exact
+# message is dropped; every other TensorFlow warning still shows.
+_PFOR_WHILE_LOOP_NOTE = "uses a while_loop. Fix that!"
+
+
+class _DropPforWhileLoopNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _PFOR_WHILE_LOOP_NOTE not in record.getMessage()
+
+
+tf.get_logger().addFilter(_DropPforWhileLoopNote())
 
 
 def unreduced_loss_fn(loss) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:

@@ -15,6 +15,8 @@
 
 import tensorflow as tf
 
+from tan_keras import _keras_internals
+
 
 def check_precision(model: tf.keras.Model) -> None:
     """Refuses float16 computation in `model`.
@@ -25,7 +27,7 @@ def check_precision(model: tf.keras.Model) -> None:
     Raises:
       ValueError: naming the first layer that computes in float16.
     """
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in _keras_internals.all_layers(model):
         if getattr(layer, "compute_dtype", None) == "float16":
             raise ValueError(
                 f"Layer `{layer.name}` computes in float16 (dtype policy "

@@ -8,7 +8,7 @@ import tensorflow as tf
 from _helpers import LOSS, flat, one_step, updates_by_clipping_mode
 from layerwise_test import KINDS, _inputs, _model
 
-from tan_keras import ghost, per_example
+from tan_keras import _keras_internals, ghost, per_example
 from tan_keras.clipping import clip_and_sum
 from tan_keras.dp_model import DPKerasModel
 from tan_keras.models import build_model
@@ -20,11 +20,7 @@ layers = tf.keras.layers
 
 def _ghostable(model):
     """Every layer with a ghost rule, cheaper or not: the widest test."""
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
-        if ghost.has_rule(layer)
-    ]
+    return [layer for layer in _keras_internals.all_layers(model) if ghost.has_rule(layer)]
 
 
 def _both(model, x, y, mask, clip, layers=None):

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from _helpers import LOSS, flat, one_step
 
-from tan_keras import clipping, ghost, layerwise, model_analysis, per_example
+from tan_keras import _keras_internals, clipping, ghost, layerwise, model_analysis, per_example
 from tan_keras.dp_model import DPKerasModel
 from tan_keras.models import build_model
 
@@ -252,7 +252,7 @@ def test_layers_writing_variables_from_data_are_refused_at_construction(kind, ma
     # Not caught by the old class check: none is a (v2) BatchNormalization.
     assert not any(
         isinstance(layer, tf.keras.layers.BatchNormalization)
-        for layer in model._flatten_layers(include_self=False)
+        for layer in _keras_internals.all_layers(model)
     )
     with pytest.raises(ValueError, match=match):
         DPKerasModel(model.inputs, model.outputs, **DP)

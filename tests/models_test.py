@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tan_keras import models
+from tan_keras import _keras_internals, models
 from tan_keras.models import WSConv2D
 
 
@@ -23,7 +23,7 @@ def wrn16_4():
 def _assert_dp_friendly(model):
     assert not any(
         isinstance(layer, tf.keras.layers.BatchNormalization)
-        for layer in model._flatten_layers(include_self=False, recursive=True)
+        for layer in _keras_internals.all_layers(model)
     )
     # Nothing updated from data: every weight is trained by the optimizer.
     assert model.non_trainable_weights == []

@@ -1,5 +1,7 @@
 """Per-example gradients equal a loop of single-example gradients."""
 
+import logging
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -77,3 +79,17 @@ def test_as_views_adds_axis_for_k1_and_checks_k():
 def test_unknown_loss_is_refused():
     with pytest.raises(ValueError, match="`loss`"):
         per_example.unreduced_loss_fn("no_such_loss")
+
+
+def test_only_pfors_while_loop_note_is_dropped_from_the_tensorflow_log():
+    logger = tf.get_logger()
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        logger.warning("Conv2DBackpropFilter uses a while_loop. Fix that!")
+        logger.warning("A real warning")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["A real warning"]
