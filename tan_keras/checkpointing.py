@@ -19,7 +19,7 @@ which exclude the key.
 """
 
 import json
-from typing import Optional
+from typing import Optional, Tuple
 
 import tensorflow as tf
 
@@ -70,6 +70,9 @@ class DPCheckpoint:
             # The ledger is not a model weight (restoring weights must not
             # rewind it); the checkpoint carries it explicitly.
             dp_steps=model.dp_steps,
+            # sampling="shuffled" accounts per epoch: its epoch count is
+            # part of the ledger too.
+            dp_epochs=model.dp_epochs,
             dp_fingerprint=self._fingerprint,
         )
         if model.optimizer is not None:
@@ -124,19 +127,22 @@ class DPCheckpoint:
         path = path or self.latest
         if path is None:
             return 0
-        spent_before = int(self.model.dp_steps.numpy())
+        counters = (self.model.dp_steps, self.model.dp_epochs)
+        before = [int(c.numpy()) for c in counters]
         try:
             self._restore_checked(path)
         finally:
             # Even a refused checkpoint must not leave the ledger rewound.
-            ledger = self.model.dp_steps
-            ledger.assign(max(spent_before, int(ledger.numpy())))
+            for counter, value in zip(counters, before):
+                counter.assign(max(value, int(counter.numpy())))
         # The ledger only moves forward. Restoring an older checkpoint (in
         # this process, or while newer ones exist) brings back its weights,
         # not its step count: the updates released after it were spent, and
         # their noise and batches must not be drawn again.
-        spent = max(int(self.model.dp_steps.numpy()), self._latest_steps())
-        self.model.dp_steps.assign(spent)
+        latest = self._latest_ledger()
+        for counter, value in zip(counters, latest):
+            counter.assign(max(int(counter.numpy()), value))
+        spent = int(self.model.dp_steps.numpy())
         if self.sampler is not None:
             self.sampler.resume_at(spent)
         return spent
@@ -162,16 +168,20 @@ class DPCheckpoint:
                 "its steps under the wrong parameters. Use a new checkpoint directory."
             )
 
-    def _latest_steps(self) -> int:
+    def _latest_ledger(self) -> Tuple[int, int]:
+        """(dp_steps, dp_epochs) of the newest checkpoint in the directory."""
         latest = self.latest
         if latest is None:
-            return 0
+            return 0, 0
         try:
-            return int(tf.train.load_variable(latest, "dp_steps/.ATTRIBUTES/VARIABLE_VALUE"))
+            return tuple(
+                int(tf.train.load_variable(latest, f"{name}/.ATTRIBUTES/VARIABLE_VALUE"))
+                for name in ("dp_steps", "dp_epochs")
+            )
         except (tf.errors.NotFoundError, ValueError) as err:
             raise CheckpointError(
-                f"DP checkpoint {latest!r} holds no privacy ledger (dp_steps): it was not "
-                "written by this version of tan_keras. Use a new checkpoint directory."
+                f"DP checkpoint {latest!r} holds no privacy ledger (dp_steps, dp_epochs): it "
+                "was not written by this version of tan_keras. Use a new checkpoint directory."
             ) from err
 
 

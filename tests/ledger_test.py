@@ -145,3 +145,22 @@ def test_a_refused_checkpoint_leaves_the_ledger_where_it_was(tmp_path):
     with pytest.raises(checkpointing.CheckpointError, match="another DP configuration"):
         ckpt.restore()
     assert int(model.dp_steps.numpy()) == 1
+
+
+def test_shuffled_epochs_travel_with_checkpoints_and_saved_models(tmp_path):
+    # The per-epoch accounting of sampling="shuffled" depends on dp_epochs:
+    # a resume that lost it would report the epsilon of the new epochs only.
+    def shuffled():
+        model = dp_model(dense_model(), **{**NOISY, "sampling": "shuffled"})
+        return model, checkpointing.DPCheckpoint(str(tmp_path / "ckpt"), model)
+
+    model, ckpt = shuffled()
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(N, 4)).astype(np.float32), rng.integers(0, 3, N)
+    model.fit(x, y, batch_size=B, epochs=2, verbose=0)
+    ckpt.save()
+    resumed, resumed_ckpt = shuffled()
+    assert resumed_ckpt.restore() == 2 * N // B
+    assert int(resumed.dp_epochs.numpy()) == 2
+    model.save(str(tmp_path / "m.keras"))
+    assert int(tf.keras.models.load_model(str(tmp_path / "m.keras")).dp_epochs.numpy()) == 2
