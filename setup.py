@@ -2,19 +2,20 @@
 
 import setuptools
 
-# tensorflow-privacy 0.9.0 imports only with TensorFlow <= 2.15, which caps the
-# whole stack: Keras 2.15 (tf.keras), numpy < 2, tensorflow-metadata 1.16.1
-# (newer releases need a protobuf that TF 2.15 cannot load).
+# Keras 3 on the TensorFlow backend is the one supported Keras. TF 2.20 (with
+# Keras 3.13) is Colab's stack; TF 2.21 no longer pulls in tensorboard, which
+# the TensorBoard callback needs. tensorflow-privacy is not a dependency: it
+# is only the benchmark's comparison baseline, in its own environment
+# (benchmarks/README.md).
 INSTALL_REQUIRES = [
-    "tensorflow==2.15.1",
-    "tensorflow-privacy==0.9.0",
-    "dp-accounting>=0.4.3,<0.5",
-    "keras-cv==0.9.0",
-    "tensorflow-datasets>=4.9,<4.10",
-    "tensorflow-metadata==1.16.1",
+    "tensorflow>=2.20,<2.22",
+    "keras>=3.13,<4",
+    "dp-accounting>=0.6,<0.7",
+    "tensorflow-datasets>=4.9",
+    "tensorboard",
     # TFDS's download path imports it without declaring it.
     "importlib_resources",
-    "numpy<2",
+    "numpy>=2",
     "absl-py",
     "matplotlib",
     # Ships the default dataset (handwritten digits) so training works offline.
@@ -33,7 +34,7 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["tan_keras", "tan_keras.*"]),
-    python_requires=">=3.9,<3.12",
+    python_requires=">=3.10,<3.14",
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
     license="Apache-2.0",

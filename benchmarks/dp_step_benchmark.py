@@ -14,6 +14,14 @@ One run measures, on the same model and the same data, side by side:
             above when they run without --jit.
 TF Privacy has no augmentation multiplicity, so it runs at K = 1 only.
 
+TF Privacy 0.9 (its last release) runs only on TensorFlow 2.15 / Keras 2 /
+Python <= 3.11, so its methods run in their own environment, given by
+--tfp_python (see benchmarks/README.md), next to that stack's own plain step.
+Every slowdown is against the plain step of the same stack: "vs plain" is
+the method's step time over its stack's plain step, and "vs tfp" divides
+tan_keras's slowdown by TF Privacy's, so that the two TensorFlow versions'
+own speeds cancel out. Without --tfp_python the tfp methods are skipped.
+
 Each configuration runs in its own subprocess, so its peak memory (max RSS) is
 its own. With --repeats=R the methods of a configuration run R times,
 interleaved (plain, dp, ..., plain, dp, ...), so that a slow spell of the
@@ -37,6 +45,9 @@ import sys
 import time
 
 METHODS = ("plain", "dp_ghost", "dp_vmap", "dp_layer", "tfp", "tfp_noxla")
+TFP_METHODS = ("tfp", "tfp_noxla")
+# The plain step timed in TF Privacy's environment: the baseline of its ratios.
+TFP_PLAIN = "tfp_plain"
 DP_CLIPPING = {"dp_ghost": "ghost", "dp_vmap": "vectorized", "dp_layer": "layerwise"}
 BASELINES = ("plain", "tfp", "tfp_noxla")
 INPUT_SHAPES = {"small_cnn": (32, 32, 3), "wrn16_4": (32, 32, 3)}
@@ -44,23 +55,25 @@ INPUT_SHAPES = {"small_cnn": (32, 32, 3), "wrn16_4": (32, 32, 3)}
 
 def _measure(model_name, method, batch, augmult, steps, warmup, jit, examples_per_chunk):
     """Runs in a child process: returns median seconds per step and max RSS."""
+    import keras
     import numpy as np
     import tensorflow as tf
 
-    from tan_keras.dp_model import make_private
     from tan_keras.models import build_model
 
-    tf.keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(0)
     shape = INPUT_SHAPES[model_name]
     base = build_model(model_name, shape, 10)
-    loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     rng = np.random.default_rng(0)
     y = rng.integers(0, 10, batch).astype(np.int32)
-    if method == "plain":
+    if method in ("plain", TFP_PLAIN):
         model = base
         x = rng.random((batch * augmult,) + shape, dtype=np.float32)
         data = (x, np.repeat(y, augmult))
     elif method in DP_CLIPPING:
+        from tan_keras.dp_model import make_private
+
         model = make_private(
             base,
             l2_norm_clip=1.0,
@@ -89,14 +102,18 @@ def _measure(model_name, method, batch, augmult, steps, warmup, jit, examples_pe
         )
         x = rng.random((batch,) + shape, dtype=np.float32)
         data = (x, y)
-    model.compile(optimizer=tf.keras.optimizers.SGD(0.01), loss=loss, jit_compile=jit)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss, jit_compile=jit)
     dataset = tf.data.Dataset.from_tensors(data).repeat()
     iterator = iter(dataset)
-    train_function = model.make_train_function()
+    # Keras 2 returns the function, Keras 3 only sets it; both set it.
+    model.make_train_function()
+    train_function = model.train_function
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
         logs = train_function(iterator)
+        if isinstance(logs, tf.experimental.Optional):  # Keras 3
+            logs = logs.get_value()
         tf.nest.map_structure(lambda t: t.numpy(), logs)  # wait for the step
         if i >= warmup:
             times.append(time.perf_counter() - start)
@@ -105,9 +122,11 @@ def _measure(model_name, method, batch, augmult, steps, warmup, jit, examples_pe
 
 
 def _run_child(args, model_name, method, batch, augmult):
+    in_tfp_env = method in TFP_METHODS or method == TFP_PLAIN
+    python = args.tfp_python if in_tfp_env else sys.executable
     cmd = (
         [
-            sys.executable,
+            python,
             __file__,
             "--child",
             f"--models={model_name}",
@@ -121,6 +140,11 @@ def _run_child(args, model_name, method, batch, augmult):
         + [f"--examples_per_chunk={args.examples_per_chunk}"]
     )
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    if in_tfp_env:
+        # The child imports tan_keras.models (plain Keras layers, which Keras 2
+        # has too) from this checkout, not from an installed copy.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
@@ -145,6 +169,12 @@ def main(argv=None):
         default="auto",
         help="DPKerasModel's examples_per_chunk: 'auto', 'none' or an integer",
     )
+    parser.add_argument(
+        "--tfp_python",
+        default=os.environ.get("TAN_TFP_PYTHON"),
+        help="Python of TF Privacy's environment (benchmarks/README.md); "
+        "without it the tfp methods are skipped",
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -166,8 +196,19 @@ def main(argv=None):
             f"received {args.examples_per_chunk!r}"
         )
     for method in methods:
-        if method not in METHODS:
+        if method not in METHODS + (TFP_PLAIN,) or (method == TFP_PLAIN and not args.child):
             parser.error(f"--methods: unknown method {method!r}; expected {METHODS}")
+    if args.tfp_python is not None and not os.access(args.tfp_python, os.X_OK):
+        parser.error(f"--tfp_python: expected an executable Python; received {args.tfp_python!r}")
+    if not args.child and args.tfp_python is None and any(m in TFP_METHODS for m in methods):
+        print(
+            "tfp, tfp_noxla: skipped (no --tfp_python: TF Privacy needs its own "
+            "TensorFlow 2.15 environment, see benchmarks/README.md)",
+            flush=True,
+        )
+        methods = [m for m in methods if m not in TFP_METHODS]
+    if not args.child and any(m in TFP_METHODS for m in methods):
+        methods = methods + [TFP_PLAIN]
 
     if args.child:
         result = _measure(
@@ -209,7 +250,18 @@ def main(argv=None):
                     for method, method_runs in runs.items()
                     if method_runs
                 }
+                # Each slowdown is against the plain step of the method's own
+                # stack (TF Privacy's environment has its own plain step).
+                vs_plain = {}
                 for method, result in results.items():
+                    own = TFP_PLAIN if method in TFP_METHODS else "plain"
+                    if own in results:
+                        vs_plain[method] = (
+                            result["seconds_per_step"] / results[own]["seconds_per_step"]
+                        )
+                for method, result in results.items():
+                    if method == TFP_PLAIN:
+                        continue
                     throughput = batch / result["seconds_per_step"]
                     row = dict(
                         model=name,
@@ -223,10 +275,8 @@ def main(argv=None):
                     )
                     # Ratios are slowdowns: step time relative to the baseline.
                     for base in BASELINES:
-                        if base in results:
-                            row[f"slowdown_vs_{base}"] = (
-                                result["seconds_per_step"] / results[base]["seconds_per_step"]
-                            )
+                        if method in vs_plain and base in vs_plain:
+                            row[f"slowdown_vs_{base}"] = vs_plain[method] / vs_plain[base]
                     rows.append(row)
                     ratios = " ".join(
                         f"{_fmt(row.get('slowdown_vs_' + base)):>9}" for base in BASELINES

@@ -44,7 +44,24 @@ def _report(title, timings):
     base = next(iter(timings.values()))
     print(title)
     for name, ms in timings.items():
-        print(f"  {name:<28} {ms:>9.1f} ms {ms / base:>7.2f}x", flush=True)
+        if ms is None:
+            print(f"  {name:<28} {'n/a':>9}    (no kernel for it on this device)", flush=True)
+        else:
+            print(f"  {name:<28} {ms:>9.1f} ms {ms / base:>7.2f}x", flush=True)
+
+
+def _median_ms_if_supported(fn, steps, warmup):
+    """`_median_ms`, or None where the device has no kernel for the method.
+
+    The grouped convolution's filter gradient exists on GPUs (cuDNN) and on
+    oneDNN CPU builds, not in TensorFlow's generic CPU kernel.
+    """
+    import tensorflow as tf
+
+    try:
+        return _median_ms(fn, steps, warmup)
+    except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+        return None
 
 
 def _wrn():
@@ -141,19 +158,23 @@ def conv_section(batch, steps, warmup):
             "per example: grouped conv": grouped,
             "ghost norms + clipped sum": ghost_kernel,
         }
-        timings = {n: _median_ms(tf.function(f), steps, warmup) for n, f in candidates.items()}
+        timings = {
+            n: _median_ms_if_supported(tf.function(f), steps, warmup)
+            for n, f in candidates.items()
+        }
         _report(f"conv: 3x3 weight gradient, {size}x{size}x{channels}, batch {batch}", timings)
 
 
 def _ghost_kernel(x, g, size, channels):
     """Ghost clipping of one 3x3 "same" convolution's kernel, as ghost.py does it."""
+    import keras
     import tensorflow as tf
 
     from tan_keras.ghost import GhostGradient
 
-    inputs = tf.keras.Input((size, size, channels))
-    layer = tf.keras.layers.Conv2D(channels, 3, padding="same")
-    tf.keras.Model(inputs, layer(inputs))
+    inputs = keras.Input((size, size, channels))
+    layer = keras.layers.Conv2D(channels, 3, padding="same")
+    keras.Model(inputs, layer(inputs))
     keep = tf.ones([x.shape[0]], tf.bool)
     clip = tf.constant(1.0)
 
@@ -166,6 +187,7 @@ def _ghost_kernel(x, g, size, channels):
 
 
 def chunk_section(batch, steps, warmup):
+    import keras
     import numpy as np
     import tensorflow as tf
 
@@ -173,7 +195,7 @@ def chunk_section(batch, steps, warmup):
 
     model = _wrn()
     loss_fn = per_example.unreduced_loss_fn(
-        tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     )
     rng = np.random.default_rng(0)
     views = tf.constant(rng.random((batch, 1, 32, 32, 3), dtype=np.float32))

@@ -1,19 +1,17 @@
 """Every private Keras API tan_keras relies on, in one place.
 
-Keras has no public route for these. Keeping them here means a new Keras
-release (the Keras 3 port) is one file's work, and nothing else in the
-package imports from `keras.src`.
+Keras 3 has no public route for these. Keeping them here means a new Keras
+release is one file's work, and nothing else in the package imports from
+`keras.src` or calls a private Keras method.
 """
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, List, Tuple
 
-import tensorflow as tf
-from keras.src.engine import functional
-from keras.src.layers.normalization.batch_normalization import BatchNormalizationBase
-from keras.src.saving import serialization_lib
+import keras
+from keras.src.models import functional
 
 
-def all_layers(model: tf.keras.layers.Layer, include_self: bool = False) -> List[Any]:
+def all_layers(model: keras.layers.Layer, include_self: bool = False) -> List[Any]:
     """Every layer inside `model`, nested models' layers included, each once.
 
     Args:
@@ -28,31 +26,89 @@ def all_layers(model: tf.keras.layers.Layer, include_self: bool = False) -> List
 
 def functional_types() -> Tuple[type, ...]:
     """The container classes of functional and Sequential models."""
-    return (functional.Functional, tf.keras.Sequential)
+    return (functional.Functional, keras.Sequential)
 
 
-def network_config(model: tf.keras.Model) -> Dict[str, Any]:
-    """The layer-graph config of a functional model (what `Functional.get_config` returns).
+def compiled_metrics(model: keras.Model) -> List[keras.metrics.Metric]:
+    """The metrics given to `compile(metrics=...)` (a container metric), or []."""
+    container = getattr(model, "_compile_metrics", None)
+    return [] if container is None else [container]
 
-    Keras 2.15 drops the layer graph for Functional subclasses with a custom
-    `__init__`, so a subclass asks for it explicitly.
+
+def build_compiled_metrics(model: keras.Model, y_spec) -> None:
+    """Creates the compiled metrics (and their variables) before training.
+
+    Keras builds them on the first batch it reads; under a strategy
+    DPKerasModel builds them itself (see `skip_first_batch_build`). The
+    labels' shape decides what a metric name such as "accuracy" resolves to.
+
+    Args:
+      model: A compiled single-output model.
+      y_spec: Shape and dtype of a batch of labels (a `tf.TensorSpec`, an
+        array, or anything with `.shape` and `.dtype`).
     """
-    return functional.get_network_config(
-        model, config={"name": model.name, "trainable": model.trainable}
-    )
+    container = getattr(model, "_compile_metrics", None)
+    if container is None or container.built:
+        return
+    y_pred = keras.KerasTensor(model.output.shape, model.output.dtype)
+    dtype = keras.backend.standardize_dtype(y_spec.dtype)
+    y = keras.KerasTensor((None, *tuple(y_spec.shape)[1:]), dtype)
+    container.build(y, y_pred)
 
 
-def network_from_config(config: Dict[str, Any], custom_objects=None):
-    """(inputs, outputs) rebuilt from `network_config`'s output."""
-    inputs, outputs, _ = functional.reconstruct_from_config(config, custom_objects)
-    return inputs, outputs
+def skip_first_batch_build(model_class: type) -> type:
+    """Makes `fit`/`evaluate` under a strategy build without reading a batch.
+
+    Under a `tf.distribute` strategy, Keras 3 reads the first batch of the
+    dataset (and averages it across replicas) only to build the model,
+    metrics and optimizer before training. For a DP model that read advances
+    the Poisson sampler, discards a micro-batch, and averages a boolean
+    step-end flag (an error). DPKerasModel builds its state at `compile`, so
+    the class's `_dp_build_for_fit()` replaces that read.
+
+    Args:
+      model_class: The Keras Model subclass; it must define
+        `_dp_build_for_fit(self)`.
+
+    Returns:
+      The same class, with Keras's hook overridden.
+    """
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if self._distribute_strategy is None:
+            return
+        with self.distribute_strategy.scope():
+            self._dp_build_for_fit()
+            if not self.optimizer.built:
+                self.optimizer.build(self.trainable_variables)
+
+    model_class._maybe_symbolic_build = _maybe_symbolic_build
+    return model_class
 
 
-def deserialize(config: Any) -> Any:
-    """Keras objects (losses, optimizers, metrics...) from their serialized config."""
-    return serialization_lib.deserialize_keras_object(config)
+def own_variables(layer: keras.layers.Layer) -> List[Any]:
+    """The variables `layer` itself holds (not those of its sub-layers)."""
+    return list(layer._trainable_variables) + list(layer._non_trainable_variables)
 
 
-def batch_norm_base() -> type:
-    """The base class of every Keras 2 BatchNormalization (v1, v2, sync, legacy)."""
-    return BatchNormalizationBase
+def seed_generator_states(layer: keras.layers.Layer) -> List[Any]:
+    """The state variables of the `keras.random.SeedGenerator`s `layer` holds.
+
+    Keras 3's random layers (Dropout, GaussianNoise, the random
+    augmentations) draw stateless random numbers from a seed that their
+    SeedGenerator advances by a constant on each call: a write that holds no
+    data.
+    """
+    return [generator.state for generator in layer._seed_generators]
+
+
+def graph_operations(model: keras.layers.Layer) -> List[Any]:
+    """The operations of a functional model's graph (layers and `keras.ops` calls).
+
+    A Keras 3 functional model may apply `keras.ops` functions (or TF ops
+    through them) between layers; those are graph operations, not layers,
+    and do not appear among its layers. Returns [] for other layers.
+    """
+    if isinstance(model, functional.Functional):
+        return list(model.operations)
+    return []

@@ -11,7 +11,8 @@ All functions are pure TensorFlow and work eagerly and inside
 `tf.data.Dataset.map`. Images are float in [0, 1], channels last.
 """
 
-from typing import Callable, Optional, Sequence
+import inspect
+from typing import Callable, Optional, Sequence, Union
 
 import tensorflow as tf
 
@@ -43,26 +44,38 @@ def _check_image_shape(image_shape: Sequence[int]):
     return dims
 
 
-def _op_seed(seed: Optional[int], offset: int) -> Optional[int]:
-    # Distinct op seeds so that, e.g., crop offsets and jitter factors are not
-    # drawn from the same stream.
-    return None if seed is None else seed + offset
+Seed = Union[None, int, tf.Tensor]
 
 
-def random_crop(
-    images: tf.Tensor, height: int, width: int, seed: Optional[int] = None
-) -> tf.Tensor:
+def _op_seed(seed: Seed, offset: int) -> Seed:
+    # Distinct seeds so that, e.g., crop offsets and jitter factors are not
+    # drawn from the same stream: an op-level seed for the stateful ops, or a
+    # stateless [2] seed folded with the offset.
+    if seed is None:
+        return None
+    if isinstance(seed, int):
+        return seed + offset
+    return tf.random.experimental.stateless_fold_in(seed, offset)
+
+
+def _uniform(shape, minval, maxval, dtype, seed: Seed) -> tf.Tensor:
+    """Uniform draws: stateless when `seed` is a [2] tensor, else op-seeded."""
+    if seed is None or isinstance(seed, int):
+        return tf.random.uniform(shape, minval, maxval, dtype, seed=seed)
+    return tf.random.stateless_uniform(shape, seed, minval, maxval, dtype)
+
+
+def random_crop(images: tf.Tensor, height: int, width: int, seed: Seed = None) -> tf.Tensor:
     """Crops a random height x width window from each image independently.
 
-    `keras_cv.layers.RandomCrop` is not used: it resamples through
-    `crop_and_resize` with non-integer offsets, so about half of its outputs
-    duplicate or skip a row or column instead of being a true crop.
+    Every output is an exact window (integer offsets, no resampling), which
+    is what TAN's reflect-pad-and-crop recipe means.
 
     Args:
       images: [batch, H, W, C] with H >= height and W >= width.
       height: Output height.
       width: Output width.
-      seed: Op-level seed, or None.
+      seed: An op-level seed (int), a stateless [2] integer seed tensor, or None.
 
     Returns:
       [batch, height, width, C], each a window of the matching input.
@@ -70,31 +83,45 @@ def random_crop(
     shape = tf.shape(images)
     batch = shape[0]
     # maxval is exclusive, hence the + 1: every window position is possible.
-    tops = tf.random.uniform([batch], 0, shape[1] - height + 1, tf.int32, seed=seed)
-    lefts = tf.random.uniform([batch], 0, shape[2] - width + 1, tf.int32, seed=_op_seed(seed, 1))
+    tops = _uniform([batch], 0, shape[1] - height + 1, tf.int32, seed=seed)
+    lefts = _uniform([batch], 0, shape[2] - width + 1, tf.int32, seed=_op_seed(seed, 1))
     rows = tops[:, tf.newaxis] + tf.range(height)[tf.newaxis, :]
     cols = lefts[:, tf.newaxis] + tf.range(width)[tf.newaxis, :]
     images = tf.gather(images, rows, axis=1, batch_dims=1)
     return tf.gather(images, cols, axis=2, batch_dims=1)
 
 
+def random_flip_left_right(images: tf.Tensor, seed: Seed = None) -> tf.Tensor:
+    """Mirrors each image horizontally with probability 1/2, independently.
+
+    Args:
+      images: [batch, H, W, C].
+      seed: An op-level seed (int), a stateless [2] integer seed tensor, or None.
+
+    Returns:
+      Images of the same shape: each is either unchanged or exactly mirrored.
+    """
+    flip = _uniform([tf.shape(images)[0]], 0.0, 1.0, tf.float32, seed=seed) < 0.5
+    return tf.where(_per_image(flip), tf.reverse(images, axis=[2]), images)
+
+
 def _per_image(values: tf.Tensor) -> tf.Tensor:
     return values[:, tf.newaxis, tf.newaxis, tf.newaxis]
 
 
-def color_jitter(images: tf.Tensor, seed: Optional[int] = None) -> tf.Tensor:
+def color_jitter(images: tf.Tensor, seed: Seed = None) -> tf.Tensor:
     """torchvision-style ColorJitter(0.8, 0.8, 0.8, 0.2) on 30% of the images.
 
     Each chosen image gets brightness, contrast and saturation multiplied by
     factors drawn uniformly in [0.2, 1.8] and its hue rotated by up to 0.2 of
     a turn, with per-image factors, in that fixed order (torchvision shuffles
-    the order); the others are returned unchanged. The keras_cv jitter layers
-    define brightness additively and saturation on another scale, so the
+    the order); the others are returned unchanged. Keras's RandomColorJitter
+    defines brightness additively and saturation on another scale, so the
     torchvision definitions used by TAN are written out here.
 
     Args:
       images: [batch, H, W, 3] floats in [0, 1].
-      seed: Op-level seed, or None.
+      seed: An op-level seed (int), a stateless [2] integer seed tensor, or None.
 
     Returns:
       Images of the same shape, still in [0, 1].
@@ -102,10 +129,11 @@ def color_jitter(images: tf.Tensor, seed: Optional[int] = None) -> tf.Tensor:
     batch = tf.shape(images)[0]
 
     def factors(offset):
-        return tf.random.uniform(
+        return _uniform(
             [batch],
             1.0 - _JITTER_STRENGTH,
             1.0 + _JITTER_STRENGTH,
+            tf.float32,
             seed=_op_seed(seed, offset),
         )
 
@@ -115,11 +143,11 @@ def color_jitter(images: tf.Tensor, seed: Optional[int] = None) -> tf.Tensor:
     out = tf.clip_by_value(mean + (out - mean) * _per_image(factors(1)), 0.0, 1.0)
     gray = tf.image.rgb_to_grayscale(out)
     out = tf.clip_by_value(gray + (out - gray) * _per_image(factors(2)), 0.0, 1.0)
-    hue_shift = tf.random.uniform([batch], -_JITTER_HUE, _JITTER_HUE, seed=_op_seed(seed, 3))
+    hue_shift = _uniform([batch], -_JITTER_HUE, _JITTER_HUE, tf.float32, seed=_op_seed(seed, 3))
     hsv = tf.image.rgb_to_hsv(out)
     hue = tf.math.floormod(hsv[..., :1] + _per_image(hue_shift), 1.0)
     out = tf.image.hsv_to_rgb(tf.concat([hue, hsv[..., 1:]], axis=-1))
-    apply = tf.random.uniform([batch], seed=_op_seed(seed, 4)) < _JITTER_PROB
+    apply = _uniform([batch], 0.0, 1.0, tf.float32, seed=_op_seed(seed, 4)) < _JITTER_PROB
     return tf.where(_per_image(apply), tf.clip_by_value(out, 0.0, 1.0), images)
 
 
@@ -144,8 +172,12 @@ def make_augmenter(
       seed: Optional integer seed for reproducible draws.
 
     Returns:
-      A function mapping images [batch, H, W, C] to images of the same shape
-      and dtype float32, each augmented independently.
+      A function `augment(images, seed=None)` mapping images [batch, H, W, C]
+      to images of the same shape and dtype float32, each augmented
+      independently. With a [2] integer `seed` tensor its draws are
+      stateless: a function of that seed only (the Poisson pipeline passes
+      one per micro-batch, so a resumed run draws the same views); without,
+      they come from stateful ops seeded by `seed` above.
 
     Raises:
       ValueError: if `policy` is unknown, `image_shape` is not three positive
@@ -160,12 +192,11 @@ def make_augmenter(
         raise _validate.invalid("image_shape", "3 channels for the 'imagenet' policy", image_shape)
     if policy == "none":
 
-        def identity(images):
+        def identity(images, seed=None):
+            del seed  # nothing random
             return tf.convert_to_tensor(images, tf.float32)
 
         return identity
-
-    import keras_cv  # Slow to import; only needed for flipping policies.
 
     pad, mode = _PAD[policy]
     if mode == "REFLECT" and min(height, width) <= pad:
@@ -174,30 +205,34 @@ def make_augmenter(
             f"height and width > {pad} for the {policy!r} policy (reflect padding)",
             image_shape,
         )
-    flip = None
-    if policy != "digits":
-        flip = keras_cv.layers.RandomFlip("horizontal", seed=_op_seed(seed, 10))
+    flip = policy != "digits"
+    base_seed = seed
 
-    def augment(images):
+    def augment(images, seed=None):
+        draw = base_seed if seed is None else tf.cast(seed, tf.int64)
         images = tf.convert_to_tensor(images, tf.float32)
         padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode=mode)
-        images = random_crop(padded, height, width, seed=seed)
-        if flip is not None:
-            images = flip(images)
+        images = random_crop(padded, height, width, seed=draw)
+        if flip:
+            images = random_flip_left_right(images, seed=_op_seed(draw, 10))
         if policy == "imagenet":
-            images = color_jitter(images, seed=_op_seed(seed, 20))
+            images = color_jitter(images, seed=_op_seed(draw, 20))
         return tf.ensure_shape(images, [None, height, width, channels])
 
     return augment
 
 
-def make_views(images: tf.Tensor, augmult: int, augmenter: Augmenter) -> tf.Tensor:
+def make_views(
+    images: tf.Tensor, augmult: int, augmenter: Augmenter, seed: Optional[tf.Tensor] = None
+) -> tf.Tensor:
     """Draws `augmult` independent augmented views of every image.
 
     Args:
       images: [batch, H, W, C].
       augmult: K >= 1, the augmentation multiplicity.
-      augmenter: Function from `make_augmenter`.
+      augmenter: Function from `make_augmenter`, or any `images -> images`.
+      seed: Optional stateless [2] seed, passed on to an augmenter that takes
+        a `seed` argument (one from `make_augmenter` does).
 
     Returns:
       [batch, K, H, W, C]; row i holds the K views of image i (K = 1 still
@@ -210,10 +245,20 @@ def make_views(images: tf.Tensor, augmult: int, augmenter: Augmenter) -> tf.Tens
     images = tf.convert_to_tensor(images)
     # One augmenter call on [batch * K] images: each copy gets its own draw.
     repeated = tf.repeat(images, augmult, axis=0)
-    views = augmenter(repeated)
+    if seed is not None and _takes_seed(augmenter):
+        views = augmenter(repeated, seed=seed)
+    else:
+        views = augmenter(repeated)
     out_shape = tf.concat([[-1, augmult], tf.shape(views)[1:]], axis=0)
     views = tf.reshape(views, out_shape)
     return tf.ensure_shape(views, [images.shape[0], augmult, *views.shape[-3:]])
+
+
+def _takes_seed(augmenter) -> bool:
+    try:
+        return "seed" in inspect.signature(augmenter).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
 
 
 def imagenet_preprocess(

@@ -3,13 +3,13 @@
 import math
 from typing import Optional
 
-import tensorflow as tf
+import keras
 
 from tan_keras import _validate
 from tan_keras.privacy import accounting, tan
 
 
-class PrivacyAccountant(tf.keras.callbacks.Callback):
+class PrivacyAccountant(keras.callbacks.Callback):
     """Counts noisy updates, logs epsilon and eta, stops at the budget.
 
     The step count is the model's `dp_steps` (noisy optimizer updates actually

@@ -21,9 +21,10 @@ which exclude the key.
 import json
 from typing import Optional, Tuple
 
+import keras
 import tensorflow as tf
 
-from tan_keras import _validate
+from tan_keras import _validate, per_example
 
 _FINGERPRINT_KEYS = (
     "l2_norm_clip",
@@ -66,6 +67,11 @@ class DPCheckpoint:
         self._fingerprint = tf.Variable(_fingerprint(model), trainable=False, dtype=tf.string)
         objects = dict(
             model=model,
+            # Keras 3 tracks a model's variables with its own tracker, which
+            # tf.train.Checkpoint does not follow past the layers' own
+            # weights: the EMA shadows and the random layers' seed states are
+            # listed explicitly (in the model's fixed variable order).
+            model_variables=[per_example.tf_variable(v) for v in model.variables],
             noise_key=model.noise_key,
             # The ledger is not a model weight (restoring weights must not
             # rewind it); the checkpoint carries it explicitly.
@@ -185,7 +191,7 @@ class DPCheckpoint:
             ) from err
 
 
-class DPCheckpointCallback(tf.keras.callbacks.Callback):
+class DPCheckpointCallback(keras.callbacks.Callback):
     """Saves a `DPCheckpoint` every `every_steps` noisy updates and at the end.
 
     Args:

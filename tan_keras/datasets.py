@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 
-from tan_keras import _validate
+from tan_keras import _startup, _validate
 
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagenet2012")
 _IN_MEMORY_TFDS = ("cifar10", "cifar100")
@@ -140,6 +140,7 @@ def _unavailable(name: str, data_dir: Optional[str]) -> DatasetUnavailableError:
 
 
 def _builder(name: str, data_dir: Optional[str], download: bool):
+    _startup.load_tensorflow()  # before TFDS imports it, without its C++ log
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir)
@@ -176,6 +177,7 @@ def load_tfds(
       DatasetUnavailableError: if the dataset is not prepared in `data_dir`.
     """
     _validate.one_of("dataset", name, _IN_MEMORY_TFDS)
+    _startup.load_tensorflow()  # before TFDS imports it, without its C++ log
     import tensorflow_datasets as tfds
 
     builder = _builder(name, data_dir, download)
@@ -252,6 +254,7 @@ def load_imagenet(data_dir: Optional[str] = None, *, download: bool = False) -> 
       DatasetUnavailableError: if ImageNet is not prepared (in array_record
         format) in `data_dir`.
     """
+    _startup.load_tensorflow()  # before TFDS imports it, without its C++ log
     import tensorflow_datasets as tfds
 
     from tan_keras import augment

@@ -18,12 +18,14 @@ Plain `(x, y)` or `(x, y, sample_weight)` batches are each one logical step.
 import contextlib
 import inspect
 import math
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
+import keras
 import tensorflow as tf
 
 from tan_keras import (
     _keras_internals,
+    _stack,  # noqa: F401  (refuses another Keras or backend)
     _validate,
     chunking,
     fit_inputs,
@@ -51,15 +53,20 @@ _DP_CONFIG_KEYS = (
 
 CLIPPING_MODES = ("auto", "ghost", "layerwise", "vectorized")
 
+# What Keras's Functional.get_config writes (the layer graph).
+_FUNCTIONAL_CONFIG_KEYS = frozenset(
+    {"name", "trainable", "layers", "input_layers", "output_layers"}
+)
+
 
 class _Trackers:
     """DP step metrics, kept out of the model's weights (a plain object)."""
 
     def __init__(self):
-        self.loss = tf.keras.metrics.Mean(name="loss")
-        self.clipped = tf.keras.metrics.Mean(name="clipped_fraction")
-        self.norm = tf.keras.metrics.Mean(name="grad_norm")
-        self.nonfinite = tf.keras.metrics.Sum(name="nonfinite_examples")
+        self.loss = keras.metrics.Mean(name="loss")
+        self.clipped = keras.metrics.Mean(name="clipped_fraction")
+        self.norm = keras.metrics.Mean(name="grad_norm")
+        self.nonfinite = keras.metrics.Sum(name="nonfinite_examples")
 
     def all(self):
         return [self.loss, self.clipped, self.norm, self.nonfinite]
@@ -108,7 +115,7 @@ def _replicated_counter(value, name):
     )
 
 
-class _EpochOpener(tf.keras.callbacks.Callback):
+class _EpochOpener(keras.callbacks.Callback):
     """sampling="shuffled": marks each Keras epoch (one pass) as not yet counted.
 
     The count itself moves in the train step, with the first update of the
@@ -123,6 +130,36 @@ class _EpochOpener(tf.keras.callbacks.Callback):
         self._epoch_open.assign(0)
 
 
+def _logs_for_strategy(logs):
+    """The step's logs in the shape Keras can reduce across workers.
+
+    Keras 3 averages each log over replicas with `strategy.reduce("MEAN", v,
+    axis=0)` under a multi-worker strategy, which fails on a scalar; a
+    one-element vector reduces to the same scalar.
+    """
+    if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+        return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+    return logs
+
+
+def _is_array(data) -> bool:
+    return hasattr(data, "shape") and hasattr(data, "dtype")
+
+
+def _label_spec(arguments):
+    """Shape and dtype of a batch of labels in fit's/evaluate's data, or None."""
+    data = arguments.get("x")
+    if isinstance(data, (tf.data.Dataset, tf.distribute.DistributedDataset)):
+        spec = data.element_spec
+        if isinstance(spec, tuple) and len(spec) >= 2 and hasattr(spec[1], "shape"):
+            return spec[1]
+        return None
+    labels = arguments.get("y")
+    if labels is None or not hasattr(labels, "shape") or not hasattr(labels, "dtype"):
+        return None
+    return tf.TensorSpec(tuple(labels.shape), tf.as_dtype(labels.dtype))
+
+
 def _assign_zero(variable):
     # A per-replica (sync-on-read) accumulator cannot be assigned as a whole
     # outside a replica context: zero each replica's copy.
@@ -130,16 +167,17 @@ def _assign_zero(variable):
         component.assign(tf.zeros_like(component))
 
 
-@tf.keras.utils.register_keras_serializable(package="tan_keras")
-class DPKerasModel(tf.keras.Model):
-    """A `tf.keras.Model` trained with DP-SGD.
+@keras.saving.register_keras_serializable(package="tan_keras")
+@_keras_internals.skip_first_batch_build
+class DPKerasModel(keras.Model):
+    """A `keras.Model` trained with DP-SGD.
 
     Build it like a functional model, `DPKerasModel(inputs, outputs, ...)`, or
     wrap an existing model with `make_private`. `compile`, `fit`, `evaluate`,
     `predict`, callbacks and `save`/`load_model` work as in Keras.
 
     Args:
-      *args: Positional arguments of `tf.keras.Model` (inputs, outputs).
+      *args: Positional arguments of `keras.Model` (inputs, outputs).
       l2_norm_clip: C > 0, per-example clip norm (global over all variables).
       noise_multiplier: sigma >= 0; noise std on the sum is sigma * C.
       expected_batch_size: B, the expected Poisson batch size; the noisy sum is
@@ -181,7 +219,7 @@ class DPKerasModel(tf.keras.Model):
         "shuffled": `fit(x, y, batch_size=expected_batch_size)` on arrays,
         accounted without amplification (see `DPConfig.sampling` and
         `tan_keras.fit_inputs`).
-      **kwargs: Other `tf.keras.Model` keyword arguments (name, ...).
+      **kwargs: Other `keras.Model` keyword arguments (name, ...).
 
     Raises:
       ValueError: on an invalid DP argument, "layerwise" for a model it would
@@ -245,15 +283,19 @@ class DPKerasModel(tf.keras.Model):
             # Created with the model (not at compile) so that save/load_model
             # restores them.
             self._ema_variables = [
-                tf.Variable(
-                    v,
+                keras.Variable(
+                    # A copy: a Keras variable built from a TensorFlow
+                    # variable would share its storage.
+                    tf.convert_to_tensor(v),
                     trainable=False,
-                    name="ema/" + v.name.split(":")[0],
-                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+                    name="ema_" + v.path.replace("/", "_"),
+                    aggregation="only_first_replica",
                 )
                 for v in self.trainable_variables
             ]
         self._trackers = _Trackers()
+        # Shape of a batch of labels, for building the compiled metrics.
+        self._label_spec = None
 
     # ------------------------------------------------------------------ config
     @property
@@ -299,7 +341,8 @@ class DPKerasModel(tf.keras.Model):
         return self._ema_decay
 
     def get_config(self):
-        config = _keras_internals.network_config(self)
+        # Functional.get_config: the layer graph.
+        config = super().get_config()
         dp = self._dp_config.to_dict()
         dp["ema_decay"] = self._ema_decay
         dp["clipping"] = self._clipping_requested
@@ -317,17 +360,24 @@ class DPKerasModel(tf.keras.Model):
         dp_kwargs = {key: config.pop(key) for key in _DP_CONFIG_KEYS if key in config}
         spent = config.pop("dp_steps", 0)
         epochs = config.pop("dp_epochs", 0)
-        inputs, outputs = _keras_internals.network_from_config(config, custom_objects)
-        # A reloaded model draws fresh noise from OS entropy: seeds are never saved.
-        model = cls(inputs=inputs, outputs=outputs, name=config.get("name"), **dp_kwargs)
+        unknown = sorted(set(config) - _FUNCTIONAL_CONFIG_KEYS)
+        if unknown:
+            raise ValueError(
+                f"Invalid DPKerasModel config: unknown keys {unknown}. Expected the keys "
+                "that DPKerasModel.get_config writes."
+            )
+        # Keras rebuilds the layer graph and calls cls(inputs, outputs, name,
+        # trainable, **dp_kwargs). A reloaded model draws fresh noise from OS
+        # entropy: seeds are never saved.
+        model = super().from_config({**config, **dp_kwargs}, custom_objects=custom_objects)
         model._advance_ledger(spent, epochs)
         return model
 
     # ----------------------------------------------------------------- compile
     def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
-        """Like `tf.keras.Model.compile`; `loss` must give one value per example.
+        """Like `keras.Model.compile`; `loss` must give one value per example.
 
-        `loss` is a Keras loss name, function or `tf.keras.losses.Loss`; its
+        `loss` is a Keras loss name, function or `keras.losses.Loss`; its
         unreduced per-example values are averaged over the K views, then
         clipped. Keras-2-only arguments (`loss_weights`, `weighted_metrics`) are
         passed through unchanged.
@@ -339,7 +389,7 @@ class DPKerasModel(tf.keras.Model):
         if loss is None or isinstance(loss, (dict, list, tuple)):
             raise ValueError(
                 "Invalid value for `loss`: expected one Keras loss (name, function or "
-                f"tf.keras.losses.Loss) for a single-output model. Received: loss={loss!r}"
+                f"keras.losses.Loss) for a single-output model. Received: loss={loss!r}"
             )
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
         precision.check_optimizer(self.optimizer)
@@ -350,7 +400,7 @@ class DPKerasModel(tf.keras.Model):
             # fallback compiles badly and layerwise is 2x faster.
             # layerwise.supports also rules out tied variables and models that
             # mix examples in one batched pass (ghost is exact for both).
-            use_layerwise = bool(kwargs.get("jit_compile")) and layerwise.supports(
+            use_layerwise = bool(self.jit_compile) and layerwise.supports(
                 self, self._dp_config.augmult
             )
             self._clipping = "layerwise" if use_layerwise else "ghost"
@@ -388,18 +438,22 @@ class DPKerasModel(tf.keras.Model):
 
     def compile_from_config(self, config):
         """Recompiles a loaded model from its saved compile config."""
-        self.compile(**_keras_internals.deserialize(config))
+        self.compile(**keras.saving.deserialize_keras_object(config))
 
     @property
     def metrics(self):
-        metrics = self._trackers.all()
-        if self.compiled_metrics is not None:
-            metrics += self.compiled_metrics.metrics
-        return metrics
+        return self._trackers.all() + _keras_internals.compiled_metrics(self)
+
+    def _dp_build_for_fit(self):
+        # Called by Keras under a strategy instead of reading a batch (see
+        # _keras_internals.skip_first_batch_build): everything else was built
+        # at compile; the compiled metrics need the labels' shape.
+        if self._label_spec is not None:
+            _keras_internals.build_compiled_metrics(self, self._label_spec)
 
     # --------------------------------------------------------------------- fit
     def fit(self, *args, **kwargs):
-        """`tf.keras.Model.fit`, guarded against inputs that would void DP.
+        """`keras.Model.fit`, guarded against inputs that would void DP.
 
         Batches should come from `tan_keras.sampling.make_poisson_dataset`
         (endless by default: pass `steps_per_epoch`, counted in micro-batches).
@@ -411,7 +465,7 @@ class DPKerasModel(tf.keras.Model):
             epochs (Keras would cut logical steps at epoch boundaries), or a
             model that was not compiled.
         """
-        bound = inspect.signature(tf.keras.Model.fit).bind(self, *args, **kwargs)
+        bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
         arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
         arguments.pop("self", None)
         arguments.pop("kwargs", None)
@@ -434,6 +488,11 @@ class DPKerasModel(tf.keras.Model):
             )
         if self._secret.accumulators is None:
             raise ValueError("Compile the DPKerasModel before calling fit.")
+        self._label_spec = _label_spec(arguments)
+        if not _is_array(data) and "shuffle" not in arguments:
+            # Datasets and generators are never shuffled by Keras; its
+            # default shuffle=True only draws a warning for them.
+            arguments["shuffle"] = False
         # A partial logical step left by an earlier fit holds examples sampled
         # for THAT step; merging it into a new step could include an example
         # twice in one noisy update (sensitivity 2C). Drop it.
@@ -442,6 +501,14 @@ class DPKerasModel(tf.keras.Model):
             callbacks = list(arguments.get("callbacks") or [])
             arguments["callbacks"] = [_EpochOpener(self._secret.epoch_open)] + callbacks
         return super().fit(**arguments)
+
+    def evaluate(self, *args, **kwargs):
+        """`keras.Model.evaluate` (the test step is the plain one: no DP needed)."""
+        bound = inspect.signature(keras.Model.evaluate).bind(self, *args, **kwargs)
+        spec = _label_spec(bound.arguments)
+        if spec is not None and self._label_spec is None:
+            self._label_spec = spec
+        return super().evaluate(*args, **kwargs)
 
     def train_on_batch(self, *args, **kwargs):
         """Refused: a single batch carries no sampling the accountant can count.
@@ -501,7 +568,7 @@ class DPKerasModel(tf.keras.Model):
         elif kind == fit_inputs.MICRO_BATCHES:
             x, y, mask, step_end = data
         else:
-            x, y, mask = tf.keras.utils.unpack_x_y_sample_weight(data)
+            x, y, mask = keras.utils.unpack_x_y_sample_weight(data)
         if y is None:
             raise ValueError("DPKerasModel.fit needs labels: batches must be (x, y, ...).")
         if mask is None:
@@ -514,7 +581,7 @@ class DPKerasModel(tf.keras.Model):
         num_invalid = 0.0
         if self._sparse_classes is not None:
             y, mask, num_invalid = labels.drop_invalid(y, mask, self._sparse_classes)
-        x = per_example.as_views(x, self._dp_config.augmult, self.inputs[0].shape.rank)
+        x = per_example.as_views(x, self._dp_config.augmult, len(self.inputs[0].shape))
         ghost_layers = self._ghost_layers
 
         def compute(views, labels):
@@ -580,7 +647,7 @@ class DPKerasModel(tf.keras.Model):
         self._trackers.nonfinite.update_state(clipped.num_nonfinite + num_invalid)
         kept_rows = tf.reshape(kept, [-1] + [1] * (y_pred.shape.rank - 1))
         y_pred = tf.where(kept_rows, y_pred, tf.zeros_like(y_pred))
-        return self.compute_metrics(None, y, y_pred, weight)
+        return _logs_for_strategy(self.compute_metrics(None, y, y_pred, weight))
 
     def _noisy_update(self, grad_sum, apply):
         """Noises, normalizes and applies `grad_sum` where `apply` is True."""
@@ -631,7 +698,7 @@ class DPKerasModel(tf.keras.Model):
         variables = self.trainable_variables
         grads = [tf.where(apply, g, tf.zeros_like(g)) for g in self._noisy_gradients(grad_sum)]
 
-        state = list(variables) + self._optimizer_variables()
+        state = [per_example.tf_variable(v) for v in list(variables) + self._optimizer_variables()]
         saved = [tf.identity(v) for v in state]
         self.optimizer.apply_gradients(zip(grads, variables))
 
@@ -656,8 +723,7 @@ class DPKerasModel(tf.keras.Model):
             secret.epoch_open.assign(tf.maximum(secret.epoch_open, applied))
 
     def _optimizer_variables(self):
-        variables = self.optimizer.variables
-        return list(variables() if callable(variables) else variables)
+        return list(self.optimizer.variables)
 
     def _add_weight_regularization(self, grads, variables):
         # Weight regularizers do not depend on data, so their gradient needs no
@@ -666,7 +732,11 @@ class DPKerasModel(tf.keras.Model):
             return grads
         with tf.GradientTape() as tape:
             penalty = tf.add_n(self.losses)
-        reg = tape.gradient(penalty, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        reg = tape.gradient(
+            penalty,
+            [per_example.tf_variable(v) for v in variables],
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
         # Each replica's gradient is SUMMED across replicas by the optimizer:
         # each adds 1/R of the penalty's gradient, so it counts exactly once.
         replicas = tf.distribute.get_replica_context().num_replicas_in_sync
@@ -680,17 +750,16 @@ class DPKerasModel(tf.keras.Model):
 
     # --------------------------------------------------------------- test step
     def test_step(self, data):
-        x, y, sample_weight = tf.keras.utils.unpack_x_y_sample_weight(data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         y_pred = self(x, training=False)
         losses = self._per_example_loss(y, y_pred)
         self._trackers.loss.update_state(losses, sample_weight=sample_weight)
         self.compute_metrics(x, y, y_pred, sample_weight)
-        return {m.name: m.result() for m in [self._trackers.loss] + self.compiled_metrics.metrics}
-
-    def compute_metrics(self, x, y, y_pred, sample_weight):
-        if self.compiled_metrics is not None:
-            self.compiled_metrics.update_state(y, y_pred, sample_weight)
-        return {m.name: m.result() for m in self.metrics}
+        logs = {"loss": self._trackers.loss.result()}
+        for metric in _keras_internals.compiled_metrics(self):
+            result = metric.result()
+            logs.update(result if isinstance(result, dict) else {metric.name: result})
+        return _logs_for_strategy(logs)
 
     # --------------------------------------------------------------------- EMA
     @property
@@ -713,7 +782,7 @@ class DPKerasModel(tf.keras.Model):
                 "(e.g. 0.999) and compile the model."
             )
         variables = self.trainable_variables
-        backup = [tf.identity(v) for v in variables]
+        backup = [tf.identity(per_example.tf_variable(v)) for v in variables]
         for v, shadow in zip(variables, self._ema_variables):
             v.assign(shadow)
         try:
@@ -723,16 +792,21 @@ class DPKerasModel(tf.keras.Model):
                 v.assign(saved)
 
 
-def make_private(model: tf.keras.Model, **dp_kwargs) -> DPKerasModel:
+def make_private(
+    model: keras.Model, input_shape: Optional[Sequence[int]] = None, **dp_kwargs
+) -> DPKerasModel:
     """Makes an existing Keras model private without rewriting it.
 
     The returned `DPKerasModel` shares the layers (and so the weights) of
     `model`; compile and fit the returned model.
 
     Args:
-      model: A functional or Sequential model with known inputs, or any model
-        already called on data. Subclassed models: wrap them in a functional
-        model first (`x = tf.keras.Input(shape); DPKerasModel(x, model(x), ...)`).
+      model: A Keras 3 model: functional or Sequential with known inputs, or
+        subclassed (then pass `input_shape`).
+      input_shape: Shape of one example without the batch axis, for a model
+        without known inputs (subclassed): it is called once on a
+        `keras.Input` of that shape to make the functional model to train.
+        Ignored if the model has inputs.
       **dp_kwargs: The DP arguments of `DPKerasModel` (l2_norm_clip,
         noise_multiplier, expected_batch_size, dataset_size, augmult,
         ema_decay, noise_seed, clipping, examples_per_chunk, sampling).
@@ -741,22 +815,36 @@ def make_private(model: tf.keras.Model, **dp_kwargs) -> DPKerasModel:
       A `DPKerasModel`.
 
     Raises:
-      ValueError: if the model's inputs are unknown, or on a bad DP argument.
+      ValueError: if `model` is not a Keras 3 model, its inputs are unknown
+        and no `input_shape` is given, it has several inputs or outputs, or
+        on a bad DP argument.
     """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            "Invalid value for `model`: expected a Keras 3 model (built with `import keras`). "
+            f"Received: {type(model).__module__}.{type(model).__name__}. Models of the legacy "
+            "Keras 2 package (tf_keras, or tf.keras with TF_USE_LEGACY_KERAS=1) cannot be "
+            "trained by tan_keras."
+        )
     try:
         inputs, outputs = model.inputs, model.outputs
-    except AttributeError:
+    except (AttributeError, ValueError):
         inputs = outputs = None
+    if (not inputs or not outputs) and input_shape is not None:
+        shape = tuple(_validate.positive_int("input_shape", d) for d in input_shape)
+        inputs = [keras.Input(shape)]
+        outputs = [model(inputs[0])]
     if not inputs or not outputs:
         raise ValueError(
-            f"Invalid value for `model`: expected a Keras model with known inputs "
-            f"(functional or Sequential with an Input). Received: model={model.name!r}. "
-            "Wrap a subclassed model: x = tf.keras.Input(shape); "
-            "DPKerasModel(x, model(x), ...)."
+            f"Invalid value for `input_shape`: expected the shape of one example for a model "
+            f"without known inputs (subclassed). Received: input_shape=None for "
+            f"model={model.name!r}."
         )
-    if len(inputs) != 1 or len(outputs) != 1:
+    if len(inputs) != 1 or len(tf.nest.flatten(outputs)) != 1:
         raise ValueError(
             "Invalid value for `model`: expected a single-input, single-output model. "
             f"Received: model with {len(inputs)} inputs and {len(outputs)} outputs."
         )
-    return DPKerasModel(inputs=inputs[0], outputs=outputs[0], name=model.name, **dp_kwargs)
+    return DPKerasModel(
+        inputs=inputs[0], outputs=tf.nest.flatten(outputs)[0], name=model.name, **dp_kwargs
+    )

@@ -110,31 +110,30 @@ def prepare(config: DPConfig, arguments: Dict[str, Any]) -> Dict[str, Any]:
             )
             return {**arguments, "x": wrapped}
         return arguments
-    creator = getattr(tf.keras.utils.experimental, "DatasetCreator", None)
-    if creator is not None and isinstance(data, creator):
+    if isinstance(data, tf.distribute.DistributedDataset):
         if config.sampling == "shuffled":
             return _check_shuffled_arrays(config, arguments)  # refuses it
-        return {**arguments, "x": _checked_creator(config, data, creator)}
+        drawn_for = sampling.distributed_sampling(data)
+        accounted = (config.dataset_size, config.expected_batch_size)
+        if drawn_for is None:
+            raise ValueError(
+                "Invalid value for `x`: a distributed dataset not made by "
+                "tan_keras.sampling.distribute_poisson_dataset, so its sampling cannot be "
+                "checked. Pass the Poisson dataset itself (Keras distributes it) or build "
+                "per-host input with distribute_poisson_dataset."
+            )
+        if tuple(drawn_for) != accounted:
+            raise ValueError(
+                "Invalid value for `x`: its Poisson samplers draw for (dataset_size, "
+                f"expected_batch_size)={tuple(drawn_for)} but the model accounts for "
+                f"{accounted}. Build the PoissonSampler with the model's values."
+            )
+        return arguments
     if config.sampling == "poisson":
         if _is_array(data):
             raise ValueError(NOT_POISSON_ERROR)
         return arguments  # generators...: their elements are checked in train_step
     return _check_shuffled_arrays(config, arguments)
-
-
-def _checked_creator(config: DPConfig, data, creator):
-    """A `DatasetCreator` whose per-host Poisson pipelines have their tags checked."""
-
-    def dataset_fn(context):
-        dataset = data.dataset_fn(context)
-        check_element(config, dataset.element_spec)
-        if element_kind(dataset.element_spec) != POISSON:
-            return dataset
-        return sampling.check_sampling_tags(
-            dataset, config.dataset_size, config.expected_batch_size
-        )
-
-    return creator(dataset_fn, data.input_options)
 
 
 def _is_array(data: Any) -> bool:

@@ -65,12 +65,13 @@ WideResNet-16-4 (batch 16, K = 1): the bound is 0.5% above the true norm
 
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
+import keras
 import tensorflow as tf
 
 from tan_keras import _keras_internals, model_analysis
 
-_DENSE = tf.keras.layers.Dense
-_CONV = tf.keras.layers.Conv2D
+_DENSE = keras.layers.Dense
+_CONV = keras.layers.Conv2D
 
 
 def _rule(layer) -> Optional[str]:
@@ -88,7 +89,7 @@ def _rule(layer) -> Optional[str]:
     return None
 
 
-def has_rule(layer: tf.keras.layers.Layer) -> bool:
+def has_rule(layer: keras.layers.Layer) -> bool:
     """Whether `layer`'s kernel can be clipped by ghost norm (whatever the cost).
 
     Args:
@@ -129,7 +130,7 @@ def is_cheaper(rows: int, fan_in: int, units: int) -> bool:
     return rows * (fan_in + units) < fan_in * units
 
 
-def select_layers(model: tf.keras.Model, augmult: int) -> List[tf.keras.layers.Layer]:
+def select_layers(model: keras.Model, augmult: int) -> List[keras.layers.Layer]:
     """The layers of `model` whose kernels are clipped by ghost norm.
 
     A layer qualifies when its kernel is trainable, it is a Dense or a
@@ -369,7 +370,7 @@ class GhostGradient(NamedTuple):
         output.
     """
 
-    layer: tf.keras.layers.Layer
+    layer: keras.layers.Layer
     inputs: Tuple[tf.Tensor, ...]
     output_grads: Tuple[tf.Tensor, ...]
 

@@ -11,12 +11,13 @@ your labels if that metric is not 0.
 
 from typing import Optional, Tuple
 
+import keras
 import tensorflow as tf
 
 _SPARSE_NAMES = ("sparse_categorical_crossentropy",)
 
 
-def sparse_classes(loss, model: tf.keras.Model) -> Optional[int]:
+def sparse_classes(loss, model: keras.Model) -> Optional[int]:
     """The number of classes when `loss` takes integer class labels, else None.
 
     Args:
@@ -28,9 +29,9 @@ def sparse_classes(loss, model: tf.keras.Model) -> Optional[int]:
       output whose class axis is unknown.
     """
     sparse = (
-        isinstance(loss, tf.keras.losses.SparseCategoricalCrossentropy)
+        isinstance(loss, keras.losses.SparseCategoricalCrossentropy)
         or loss in _SPARSE_NAMES
-        or loss is tf.keras.losses.sparse_categorical_crossentropy
+        or loss is keras.losses.sparse_categorical_crossentropy
     )
     if not sparse:
         return None

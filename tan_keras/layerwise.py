@@ -33,15 +33,16 @@ custom layers, Lambdas, tied weights) uses the generic path.
 
 from typing import Callable, Dict, List, Optional, Tuple
 
+import keras
 import tensorflow as tf
 
 from tan_keras import _keras_internals, model_analysis, tapping
 from tan_keras.models.ws_conv import WSConv2D
 
-_DENSE = tf.keras.layers.Dense
-_CONV = tf.keras.layers.Conv2D
-_GROUP_NORM = tf.keras.layers.GroupNormalization
-_LAYER_NORM = tf.keras.layers.LayerNormalization
+_DENSE = keras.layers.Dense
+_CONV = keras.layers.Conv2D
+_GROUP_NORM = keras.layers.GroupNormalization
+_LAYER_NORM = keras.layers.LayerNormalization
 
 
 def _supported(layer) -> bool:
@@ -64,17 +65,17 @@ def _supported(layer) -> bool:
 
 def _last_axis(layer) -> bool:
     try:
-        rank = layer.input.shape.rank
+        rank = len(layer.input.shape)
     except (AttributeError, ValueError):  # unbuilt, or shared (several inputs)
         return False
     return rank is not None and [a % rank for a in layer.axis] == [rank - 1]
 
 
-def _supported_layers(model) -> List[tf.keras.layers.Layer]:
+def _supported_layers(model) -> List[keras.layers.Layer]:
     return [layer for layer in _keras_internals.all_layers(model) if _supported(layer)]
 
 
-def supports(model: tf.keras.Model, augmult: Optional[int] = None) -> bool:
+def supports(model: keras.Model, augmult: Optional[int] = None) -> bool:
     """Whether `per_example_gradients` is exact and private for `model`.
 
     Args:
@@ -88,7 +89,7 @@ def supports(model: tf.keras.Model, augmult: Optional[int] = None) -> bool:
     return unsupported_reason(model, augmult) is None
 
 
-def unsupported_reason(model: tf.keras.Model, augmult: Optional[int] = None) -> Optional[str]:
+def unsupported_reason(model: keras.Model, augmult: Optional[int] = None) -> Optional[str]:
     """Why the layerwise route would be wrong or leak for `model`, or None.
 
     Checked in this order (the cross-example probe runs the model, so last):
@@ -154,7 +155,7 @@ def _conv_grads(layer, a, g, batch) -> Dict[int, tf.Tensor]:
     )
     patches, g = _per_example(patches, batch), _per_example(g, batch)
     kernel_grad = tf.einsum("bsp,bso->bpo", patches, g)
-    kernel_grad = tf.reshape(kernel_grad, [batch] + layer.kernel.shape.as_list())
+    kernel_grad = tf.reshape(kernel_grad, [batch] + list(layer.kernel.shape))
     grads = {}
     if isinstance(layer, WSConv2D):
         grads.update(_standardization_pullback(layer, kernel_grad))
@@ -169,10 +170,12 @@ def _standardization_pullback(layer, effective_grads) -> Dict[int, tf.Tensor]:
     # The standardized kernel depends on the weights only, so each example's
     # gradient is pulled back through the same (linear) vector-Jacobian map.
     def pullback(cotangent):
+        # The TensorFlow variables under the Keras ones are what a tape watches.
+        weights = [layer.kernel.value, layer.gain.value]
         with tf.GradientTape() as tape:
-            tape.watch([layer.kernel, layer.gain])
+            tape.watch(weights)
             effective = layer.standardized_kernel()
-        return tape.gradient(effective, [layer.kernel, layer.gain], output_gradients=cotangent)
+        return tape.gradient(effective, weights, output_gradients=cotangent)
 
     kernel_grads, gain_grads = tf.vectorized_map(pullback, effective_grads)
     return {id(layer.kernel): kernel_grads, id(layer.gain): gain_grads}
@@ -215,7 +218,7 @@ def _layer_grads(layer, a, g, batch) -> Dict[int, tf.Tensor]:
 
 
 def per_example_gradients(
-    model: tf.keras.Model,
+    model: keras.Model,
     loss_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
     views: tf.Tensor,
     y: tf.Tensor,

@@ -9,8 +9,9 @@ private, and none of them can be read off layer classes alone:
   tracing one training-mode call in a `tf.function` and following every
   captured resource handle to the ops that use it, into the bodies of nested
   functions (`tf.cond`, `tf.while_loop`, nested `tf.function`s): any op other
-  than a read, or the random number ops of a `tf.random.Generator`, counts as
-  a write.
+  than a read, the random number ops of a `tf.random.Generator`, or an
+  assignment to the state of a Keras `SeedGenerator` (which random layers
+  advance by a constant), counts as a write.
 * **Tied variables.** A variable read outside the calls of the layer that
   owns it (a transposed-Dense decoder reading the encoder's kernel, a custom
   layer holding another layer's kernel) gets gradient through paths that
@@ -31,6 +32,7 @@ per model and number of views); nothing here runs per training step.
 import weakref
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -67,6 +69,8 @@ _RNG_OPS = frozenset(
         "StatefulRandomBinomial",
     }
 )
+# How a Keras SeedGenerator advances its state (SeedGenerator.next).
+_SEED_WRITE_OPS = frozenset({"AssignVariableOp", "AssignAddVariableOp"})
 _PASS_OPS = frozenset({"Identity", "IdentityN"})
 # Calls whose first input is a predicate or branch index, not a function argument.
 _CALLS_WITH_SELECTOR = frozenset({"If", "StatelessIf", "Case", "StatelessCase"})
@@ -154,7 +158,7 @@ def per_example_layer_types() -> Tuple[type, ...]:
       Keras layer classes, the package's WSConv2D, and the functional and
       Sequential containers (their sub-layers are checked one by one).
     """
-    types = [getattr(tf.keras.layers, name, None) for name in _PER_EXAMPLE_LAYER_NAMES]
+    types = [getattr(keras.layers, name, None) for name in _PER_EXAMPLE_LAYER_NAMES]
     types += [WSConv2D, *_keras_internals.functional_types()]
     return tuple(t for t in types if t is not None)
 
@@ -227,7 +231,7 @@ def _analysis(model) -> _Analysis:
     return entry
 
 
-def state_updates(model: tf.keras.Model) -> Tuple[VariableWrite, ...]:
+def state_updates(model: keras.Model) -> Tuple[VariableWrite, ...]:
     """Every variable write of one training-mode call of `model` (traced once).
 
     Args:
@@ -239,7 +243,7 @@ def state_updates(model: tf.keras.Model) -> Tuple[VariableWrite, ...]:
     return _analysis(model).writes
 
 
-def tied_variables(model: tf.keras.Model) -> Dict[int, VariableTie]:
+def tied_variables(model: keras.Model) -> Dict[int, VariableTie]:
     """Variables of `model` used outside the calls of their owning layer.
 
     Args:
@@ -306,6 +310,9 @@ def _trace(model) -> Tuple[Tuple[VariableWrite, ...], Dict[int, VariableTie]]:
     for variable in known:
         for handle in _handles(variable):
             by_handle.setdefault(id(handle), variable)
+    seed_states = {
+        id(state) for layer in layers for state in _keras_internals.seed_generator_states(layer)
+    }
     uses = _resource_uses(graph)
     writes, readers = [], {}
     unidentified = False  # a resource read that maps to no known variable
@@ -316,8 +323,10 @@ def _trace(model) -> Tuple[Tuple[VariableWrite, ...], Dict[int, VariableTie]]:
         for node, op_type, kind in uses.get(internal.op.name, ()):
             index = creator[op_index[node]] if node in op_index else None
             layer = None if index is None else layers[index]
+            if kind == "write" and id(variable) in seed_states and op_type in _SEED_WRITE_OPS:
+                kind = "rng"
             if kind == "write":
-                resource = variable.name if variable is not None else internal.op.name
+                resource = _name(variable) if variable is not None else internal.op.name
                 writes.append(
                     VariableWrite(
                         None if layer is None else layer.name,
@@ -333,12 +342,20 @@ def _trace(model) -> Tuple[Tuple[VariableWrite, ...], Dict[int, VariableTie]]:
     return tuple(writes), _ties(layers, readers, unidentified)
 
 
+def _name(variable) -> str:
+    # A Keras variable's path names its layer ("dense/kernel").
+    return getattr(variable, "path", None) or variable.name
+
+
 def _handles(variable) -> List[tf.Tensor]:
     """The resource handles a traced read of `variable` may capture.
 
-    A distributed variable (MirroredStrategy) is read through one of its
-    per-device components, or a packed handle, not through a handle of its own.
+    A Keras variable is read through the TensorFlow variable it wraps; a
+    distributed variable (MirroredStrategy) through one of its per-device
+    components, or a packed handle, not through a handle of its own.
     """
+    if isinstance(variable, keras.Variable):
+        variable = variable.value
     holders = [variable]
     try:
         holders += list(getattr(variable, "values", None) or ())
@@ -360,10 +377,7 @@ def _ties(layers, readers, unidentified: bool) -> Dict[int, VariableTie]:
     owners: Dict[int, list] = {}
     variables = {}
     for layer in layers:
-        direct = list(getattr(layer, "_trainable_weights", [])) + list(
-            getattr(layer, "_non_trainable_weights", [])
-        )
-        for variable in direct:
+        for variable in _keras_internals.own_variables(layer):
             held = owners.setdefault(id(variable), [])
             if all(layer is not other for other in held):
                 held.append(layer)
@@ -382,7 +396,7 @@ def _ties(layers, readers, unidentified: bool) -> Dict[int, VariableTie]:
             others = [None]
         if len(held) > 1 or others:
             ties[key] = VariableTie(
-                variables[key].name,
+                _name(variables[key]),
                 tuple(layer.name for layer in held),
                 tuple(None if layer is None else layer.name for layer in others),
             )
@@ -475,14 +489,15 @@ def _follow(scope, key, caller, library, scopes, found, seen):
             _follow(scope, scope.output(node, position), caller, library, scopes, found, seen)
 
 
-def cross_example_reason(model: tf.keras.Model, augmult: int = 1) -> Optional[str]:
+def cross_example_reason(model: keras.Model, augmult: int = 1) -> Optional[str]:
     """Why one batched pass over `model` may mix examples, or None if it may not.
 
     The layerwise route runs all B * K rows through the model at once, so
     each example's rows must not influence another example's outputs. Two
     checks, both needed: every layer (recursively) is of a type in
-    `per_example_layer_types()` (a gradient check cannot see a mixing hidden
-    behind `tf.stop_gradient`); and in one training-mode call on 3 random
+    `per_example_layer_types()`, and every operation of a functional graph
+    is such a layer, not a `keras.ops` call (a gradient check cannot see a
+    mixing hidden behind `stop_gradient`); and in one training-mode call on 3 random
     examples of K views each (rows ordered as the layerwise route orders
     them), the gradients of the first and of the last example's outputs with
     respect to the other examples' input rows are exactly zero (this catches
@@ -498,13 +513,22 @@ def cross_example_reason(model: tf.keras.Model, augmult: int = 1) -> Optional[st
       None, or a sentence naming the layer or the check that failed.
     """
     allowed = per_example_layer_types()
-    for layer in _keras_internals.all_layers(model):
-        if type(layer) not in allowed:
+    for layer in _keras_internals.all_layers(model, include_self=True):
+        for operation in _keras_internals.graph_operations(layer):
+            if not isinstance(operation, keras.layers.Layer):
+                return (
+                    f"operation `{operation.name}` ({type(operation).__name__}) of the "
+                    "functional graph is not a layer of a type known to compute each "
+                    "example's output from that example's rows alone (`keras.ops` "
+                    "calls between layers may mix the rows of a batch, e.g. centering "
+                    "by the batch mean)"
+                )
+        if layer is not model and type(layer) not in allowed:
             return (
                 f"layer `{layer.name}` ({type(layer).__name__}) is not one of the layer types "
                 "known to compute each example's output from that example's rows alone "
-                "(Lambda layers, TF ops in functional models and custom layers may mix "
-                "the rows of a batch, e.g. centering by the batch mean)"
+                "(Lambda layers, `keras.ops` in functional models and custom layers may "
+                "mix the rows of a batch, e.g. centering by the batch mean)"
             )
     entry = _CACHE.get(model)
     if entry is None:
@@ -518,8 +542,8 @@ def _probe(model, views: int) -> Optional[str]:
     inputs = getattr(model, "inputs", None) or []
     if len(inputs) != 1:
         return "the cross-example check needs a model with exactly one input"
-    shape, dtype = inputs[0].shape[1:], inputs[0].dtype
-    if not shape.is_fully_defined() or not dtype.is_floating:
+    shape, dtype = tuple(inputs[0].shape[1:]), tf.as_dtype(inputs[0].dtype)
+    if None in shape or not dtype.is_floating:
         return (
             "the cross-example check needs a static, floating-point input shape "
             f"(got {dtype.name} {shape})"
@@ -544,7 +568,7 @@ def _probe(model, views: int) -> Optional[str]:
                     [
                         tf.reduce_sum(
                             tf.cast(out[e * views : (e + 1) * views], tf.float32)
-                            * _weights(rng, [views] + out.shape[1:].as_list())
+                            * _weights(rng, [views] + list(out.shape[1:]))
                         )
                         for out in outputs
                     ]

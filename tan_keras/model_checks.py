@@ -9,7 +9,7 @@ behaviour, whatever the layer's class: one training-mode call is traced and
 every variable it writes is reported (`model_analysis.state_updates`).
 """
 
-import tensorflow as tf
+import keras
 
 from tan_keras import _keras_internals, model_analysis
 
@@ -17,21 +17,12 @@ _BATCH_NORM_HINT = (
     "BatchNormalization mixes the examples of a batch (each output depends on the "
     "batch mean and variance) and updates moving statistics from the data; neither "
     "is covered by per-example clipping, so the DP guarantee would not hold. Use "
-    "tf.keras.layers.GroupNormalization (e.g. groups=16) or LayerNormalization, or "
+    "keras.layers.GroupNormalization (e.g. groups=16) or LayerNormalization, or "
     "weight-standardized convolutions as in tan_keras.models.nf_resnet50."
 )
 
 
-def _batch_norm_classes():
-    classes = [tf.keras.layers.BatchNormalization, tf.compat.v1.keras.layers.BatchNormalization]
-    classes.append(_keras_internals.batch_norm_base())
-    sync = getattr(tf.keras.layers.experimental, "SyncBatchNormalization", None)
-    if sync is not None:
-        classes.append(sync)
-    return tuple(classes)
-
-
-def check_model_is_dp_compatible(model: tf.keras.Model) -> None:
+def check_model_is_dp_compatible(model: keras.Model) -> None:
     """Raises if `model` contains a layer that breaks per-example privacy.
 
     Args:
@@ -39,13 +30,12 @@ def check_model_is_dp_compatible(model: tf.keras.Model) -> None:
 
     Raises:
       ValueError: naming the first offending layer, saying why it breaks the
-        guarantee and what to use instead: BatchNormalization (any version),
+        guarantee and what to use instead: BatchNormalization,
         an activity regularizer, or any layer whose training-mode call writes
         a variable (found by tracing one call, see `model_analysis`).
     """
-    batch_norms = _batch_norm_classes()
     for layer in _keras_internals.all_layers(model):
-        if isinstance(layer, batch_norms):
+        if isinstance(layer, keras.layers.BatchNormalization):
             raise ValueError(
                 f"Layer `{layer.name}` ({type(layer).__name__}) cannot be trained "
                 f"with DP-SGD. {_BATCH_NORM_HINT}"

@@ -8,6 +8,7 @@ that average (= the average of the K view gradients) is what gets clipped.
 import logging
 from typing import Callable, List, Sequence, Tuple, Union
 
+import keras
 import tensorflow as tf
 
 from tan_keras import ghost, tapping
@@ -27,11 +28,20 @@ class _DropPforWhileLoopNote(logging.Filter):
 tf.get_logger().addFilter(_DropPforWhileLoopNote())
 
 
+def tf_variable(variable):
+    """The TensorFlow variable under a Keras 3 variable (others unchanged).
+
+    Gradient tapes, `tf.distribute` updates and `tf.where` take TensorFlow
+    variables; under a strategy a Keras variable wraps a distributed one.
+    """
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
 def unreduced_loss_fn(loss) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     """Returns a function giving one loss value per example (no reduction).
 
     Args:
-      loss: A Keras loss name, function, or `tf.keras.losses.Loss` instance.
+      loss: A Keras loss name, function, or `keras.losses.Loss` instance.
 
     Returns:
       A callable `(y_true, y_pred) -> [batch]` losses.
@@ -40,12 +50,12 @@ def unreduced_loss_fn(loss) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
       ValueError: if `loss` is not a Keras loss.
     """
     try:
-        resolved = tf.keras.losses.get(loss)
+        resolved = keras.losses.get(loss)
     except ValueError as err:
         raise ValueError(
             f"Invalid value for `loss`: expected a Keras loss. Received: loss={loss!r}"
         ) from err
-    if isinstance(resolved, tf.keras.losses.Loss):
+    if isinstance(resolved, keras.losses.Loss):
         # `Loss.call` is the unreduced per-example loss in Keras 2 and 3.
         return resolved.call
     return resolved
@@ -90,11 +100,11 @@ def as_views(x: tf.Tensor, augmult: int, model_input_rank: int) -> tf.Tensor:
 
 
 def per_example_gradients(
-    model: tf.keras.Model,
+    model: keras.Model,
     loss_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
     views: tf.Tensor,
     y: tf.Tensor,
-    ghost_layers: Sequence[tf.keras.layers.Layer] = (),
+    ghost_layers: Sequence[keras.layers.Layer] = (),
 ) -> Tuple[List[Union[tf.Tensor, ghost.GhostGradient]], tf.Tensor, tf.Tensor]:
     """Gradient of each example's view-averaged loss, vectorized over examples.
 
@@ -126,9 +136,9 @@ def per_example_gradients(
         )
     variables = model.trainable_variables
     ghost_by_kernel = {id(layer.kernel): layer for layer in ghost_layers}
-    formed = [v for v in variables if id(v) not in ghost_by_kernel]
+    formed = [tf_variable(v) for v in variables if id(v) not in ghost_by_kernel]
     # Filled while tracing: which layer each tapped call belongs to.
-    tapped_layers: List[tf.keras.layers.Layer] = []
+    tapped_layers: List[keras.layers.Layer] = []
 
     def one_example(args):
         example_views, label = args

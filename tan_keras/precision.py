@@ -13,12 +13,12 @@
   handling before clipping. Refused rather than silently inexact.
 """
 
-import tensorflow as tf
+import keras
 
 from tan_keras import _keras_internals
 
 
-def check_precision(model: tf.keras.Model) -> None:
+def check_precision(model: keras.Model) -> None:
     """Refuses float16 computation in `model`.
 
     Args:
@@ -35,7 +35,7 @@ def check_precision(model: tf.keras.Model) -> None:
                 "DP-SGD in tan_keras does not support float16: it needs loss scaling, "
                 "which Keras applies to the batch loss while the DP step clips "
                 "per-example gradients, so small gradients would underflow. Use "
-                "tf.keras.mixed_precision.set_global_policy('mixed_bfloat16') (no loss "
+                "keras.mixed_precision.set_global_policy('mixed_bfloat16') (no loss "
                 "scaling needed) or float32."
             )
 
@@ -49,7 +49,7 @@ def check_optimizer(optimizer) -> None:
     Raises:
       ValueError: if it is a `LossScaleOptimizer`.
     """
-    if isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer):
+    if isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
         raise ValueError(
             "Invalid value for `optimizer`: expected an optimizer without loss scaling. "
             "Received: a LossScaleOptimizer. The DP step clips per-example gradients of "

@@ -21,7 +21,8 @@ unless a seed is given explicitly (debugging only; a warning says so).
 import math
 import secrets
 import warnings
-from typing import Callable, Optional
+import weakref
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -150,7 +151,9 @@ class PoissonSampler(tf.Module):
         uniform = tf.random.stateless_uniform([self.dataset_size], seed=seed, dtype=tf.float64)
         return tf.where(uniform < self.sampling_rate)[:, 0]
 
-    def micro_batches(self, steps: Optional[int] = None) -> tf.data.Dataset:
+    def micro_batches(
+        self, steps: Optional[int] = None, with_seeds: bool = False
+    ) -> tf.data.Dataset:
         """Logical steps cut into padded micro-batches.
 
         Args:
@@ -158,10 +161,14 @@ class PoissonSampler(tf.Module):
             for an endless dataset. Each iteration draws fresh batches (the
             RNG state carries on), so `fit(..., epochs=E)` sees E * steps
             different logical batches.
+          with_seeds: Also give each micro-batch a stateless [2] int64 seed
+            for its augmentations, a function of the key, the step and the
+            micro-batch's place in it (so a resumed run draws the same views).
 
         Returns:
-          A dataset of `(indices [P] int64, mask [P] float32, step_end [P] bool)`;
-          `step_end` is True on every row of a step's last micro-batch.
+          A dataset of `(indices [P] int64, mask [P] float32, step_end [P] bool)`
+          (then `seed [2] int64` with `with_seeds`); `step_end` is True on every
+          row of a step's last micro-batch.
 
         Raises:
           ValueError: if `steps` is not a positive integer.
@@ -171,7 +178,8 @@ class PoissonSampler(tf.Module):
         size = self.physical_batch_size
 
         def split(_):
-            indices = self.sample_indices(self.next_step.assign_add(1) - 1)
+            step = self.next_step.assign_add(1) - 1
+            indices = self.sample_indices(step)
             n = tf.shape(indices, out_type=tf.int64)[0]
             num_micro = tf.maximum(tf.math.floordiv(n + size - 1, size), 1)
             padded_len = num_micro * size
@@ -180,19 +188,30 @@ class PoissonSampler(tf.Module):
             # The flag is repeated on every row: a global micro-batch may be
             # split across replicas, and each must know where the step ends.
             step_end = tf.tile((tf.range(num_micro) == num_micro - 1)[:, None], [1, size])
-            return (
+            parts = (
                 tf.reshape(padded, [num_micro, size]),
                 tf.reshape(mask, [num_micro, size]),
                 step_end,
             )
+            if with_seeds:
+                # Derived from the key through Philox, apart from the
+                # sampling stream (another first word), so the views say
+                # nothing about which examples were sampled.
+                step_seed = tf.random.experimental.stateless_fold_in(
+                    tf.stack([self.key, tf.constant(_AUGMENT_STREAM, tf.int64)]), step
+                )
+                parts += (tf.random.experimental.stateless_split(step_seed, num_micro),)
+            return parts
 
         ticks = tf.data.Dataset.from_tensors(0).repeat()
         if steps is not None:
             ticks = ticks.take(steps)
         # Sequential map: the step counter is stateful.
-        return ticks.map(split).flat_map(
-            lambda idx, mask, end: tf.data.Dataset.from_tensor_slices((idx, mask, end))
-        )
+        return ticks.map(split).flat_map(lambda *parts: tf.data.Dataset.from_tensor_slices(parts))
+
+
+# Second seed word of the augmentation stream (the sampling stream's is the step).
+_AUGMENT_STREAM = -(2**62)
 
 
 def sampling_tag(sampler: "PoissonSampler", rows: int) -> tf.Tensor:
@@ -302,7 +321,7 @@ def make_poisson_dataset(
     features = tf.convert_to_tensor(features)
     labels = tf.convert_to_tensor(labels)
 
-    def gather(indices, mask, step_end):
+    def gather(indices, mask, step_end, seed=None):
         # Every shard draws the same global micro-batch and keeps its rows, so
         # the hosts together see each sampled example exactly once.
         begin = shard_index * rows
@@ -312,12 +331,15 @@ def make_poisson_dataset(
         if augmenter is not None:
             from tan_keras import augment
 
-            x = augment.make_views(x, augmult, augmenter)
+            # Each shard's rows get their own draws.
+            seed = tf.random.experimental.stateless_fold_in(seed, shard_index)
+            x = augment.make_views(x, augmult, augmenter, seed=seed)
         elif augmult > 1:
             x = tf.repeat(tf.expand_dims(x, 1), augmult, axis=1)
         return x, tf.gather(labels, indices), mask, step_end, sampling_tag(sampler, rows)
 
-    dataset = sampler.micro_batches(steps).map(gather).prefetch(2)
+    dataset = sampler.micro_batches(steps, with_seeds=augmenter is not None)
+    dataset = dataset.map(gather).prefetch(2)
     # The rows are sharded above; tf.distribute must not shard again by
     # whole micro-batches (that would split logical steps across hosts).
     options = tf.data.Options()
@@ -332,7 +354,9 @@ def poisson_dataset_fn(
     augmult: int = 1,
     augmenter: Optional[Callable[[tf.Tensor], tf.Tensor]] = None,
 ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
-    """Per-host input for `tf.keras.utils.experimental.DatasetCreator`.
+    """Per-host input for `tf.distribute.Strategy.distribute_datasets_from_function`.
+
+    `distribute_poisson_dataset` wraps it for `DPKerasModel.fit`.
 
     For multi-worker training: every host draws the SAME global micro-batches
     (its sampler must use the shared `secret_key`), keeps its 1/W of the rows
@@ -381,3 +405,53 @@ def poisson_dataset_fn(
         return dataset.flat_map(split)
 
     return dataset_fn
+
+
+# Distributed Poisson datasets made here -> the (N, B) their samplers draw for.
+_DISTRIBUTED_SAMPLING = weakref.WeakKeyDictionary()
+
+
+def distribute_poisson_dataset(
+    strategy: tf.distribute.Strategy,
+    features: np.ndarray,
+    labels: np.ndarray,
+    sampler_fn: Callable[[], PoissonSampler],
+    augmult: int = 1,
+    augmenter: Optional[Callable[[tf.Tensor], tf.Tensor]] = None,
+):
+    """Per-host Poisson input for multi-worker `fit` (see `poisson_dataset_fn`).
+
+    Every host builds its own pipeline from `sampler_fn` (same secret key on
+    all hosts), so no host ships its data to another. Each element's
+    sampling tag is checked on its host; `DPKerasModel.fit` checks the
+    sampler's (N, B) against the model's.
+
+    Args:
+      strategy: The `tf.distribute` strategy the model was built under.
+      features: [N, *input_shape] training examples (on every host).
+      labels: [N, ...] labels.
+      sampler_fn: Builds this host's `PoissonSampler` (same key on all hosts).
+      augmult: K views per example.
+      augmenter: Optional one-view augmentation.
+
+    Returns:
+      A `tf.distribute.DistributedDataset` to pass to `fit`.
+    """
+    probe = sampler_fn()
+    sampling = (probe.dataset_size, probe.expected_batch_size)
+    make = poisson_dataset_fn(features, labels, sampler_fn, augmult=augmult, augmenter=augmenter)
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        return check_sampling_tags(make(context), *sampling)
+
+    dataset = strategy.distribute_datasets_from_function(dataset_fn)
+    _DISTRIBUTED_SAMPLING[dataset] = sampling
+    return dataset
+
+
+def distributed_sampling(dataset) -> Optional[Tuple[int, int]]:
+    """(N, B) of a dataset from `distribute_poisson_dataset`, else None."""
+    try:
+        return _DISTRIBUTED_SAMPLING.get(dataset)
+    except TypeError:  # not weak-referenceable: not one of ours
+        return None

@@ -12,6 +12,7 @@ layer so that `z` itself is the pre-activation tensor.
 import contextlib
 from typing import Iterable, List, NamedTuple
 
+import keras
 import tensorflow as tf
 
 
@@ -24,13 +25,13 @@ class Tap(NamedTuple):
       output: Its output before the activation (the activation's input).
     """
 
-    layer: tf.keras.layers.Layer
+    layer: keras.layers.Layer
     inputs: tf.Tensor
     output: tf.Tensor
 
 
 @contextlib.contextmanager
-def recording(layers: Iterable[tf.keras.layers.Layer], taps: List[Tap]):
+def recording(layers: Iterable[keras.layers.Layer], taps: List[Tap]):
     """While active, every call of one of `layers` appends a `Tap` to `taps`.
 
     Args:
@@ -50,7 +51,7 @@ def recording(layers: Iterable[tf.keras.layers.Layer], taps: List[Tap]):
                 out = _original(inputs, *args, **kwargs)
                 taps.append(Tap(_layer, inputs, out))
                 return out
-            _layer.activation = tf.keras.activations.linear
+            _layer.activation = keras.activations.linear
             try:
                 z = _original(inputs, *args, **kwargs)
             finally:

@@ -226,7 +226,7 @@ def train(config: TrainConfig, start: float) -> None:
     """The training program, top to bottom. A ValueError means "refused"."""
     # TensorFlow loads only after the cheap checks (train_config and
     # train_plan do not import it), so most bad flags fail in a second.
-    from tan_keras import datasets, train_config, train_plan
+    from tan_keras import _startup, datasets, train_config, train_plan
 
     model_dir = config.model_dir or train_config.default_model_dir(config.dataset, config.model)
     worker = train_config.worker_index() if config.strategy == "multiworker" else 0
@@ -241,6 +241,7 @@ def train(config: TrainConfig, start: float) -> None:
     data = datasets.load_dataset(config.dataset, config.data_dir)
     plan = train_plan.plan_privacy(config, data.size)
 
+    _startup.load_tensorflow()
     from tan_keras import augment, sampling, train_data, train_lib
 
     augmenter = None
@@ -290,7 +291,7 @@ def train(config: TrainConfig, start: float) -> None:
             sampler,
             config.augmult,
             augmenter,
-            per_host=config.strategy == "multiworker",
+            per_host=strategy if config.strategy == "multiworker" else None,
         )
         test_ds = train_data.test_dataset(data.test_x, data.test_y, sampler.physical_batch_size)
         dp_steps = train_lib.fit(

@@ -10,6 +10,7 @@ same.
 
 from typing import Any, Callable, Optional
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -22,7 +23,7 @@ def train_dataset(
     sampler: sampling.PoissonSampler,
     augmult: int,
     augmenter: Optional[Callable[[tf.Tensor], tf.Tensor]],
-    per_host: bool = False,
+    per_host: Optional[tf.distribute.Strategy] = None,
 ) -> tf.data.Dataset:
     """The endless Poisson-sampled training input of `DPKerasModel.fit`.
 
@@ -32,19 +33,23 @@ def train_dataset(
       sampler: The `PoissonSampler` over the N examples.
       augmult: K views per example.
       augmenter: Random one-view augmentation, or None for identical views.
-      per_host: Multi-worker: a `DatasetCreator` whose per-host pipelines
-        each keep their share of every global micro-batch (in-memory data).
+      per_host: Multi-worker: the strategy; the input is then a
+        distributed dataset whose per-host pipelines each keep their share
+        of every global micro-batch (in-memory data).
 
     Returns:
       An endless dataset of `(x, y, mask, step_end, tag)` micro-batches, x of
       shape [P, K, H, W, C] (or [P, H, W, C] when K = 1 without augmenter).
     """
     augmenter = _without_autograph(augmenter)
-    if per_host:
-        return tf.keras.utils.experimental.DatasetCreator(
-            sampling.poisson_dataset_fn(
-                train_x, train_y, lambda: sampler, augmult=augmult, augmenter=augmenter
-            )
+    if per_host is not None:
+        return sampling.distribute_poisson_dataset(
+            per_host,
+            train_x,
+            train_y,
+            lambda: sampler,
+            augmult=augmult,
+            augmenter=augmenter,
         )
     if isinstance(train_x, np.ndarray):
         return sampling.make_poisson_dataset(
@@ -63,18 +68,18 @@ def train_dataset(
             y[:n] = train_y[indices[:n]]
         return x, y
 
-    def gather(indices, mask, step_end):
+    def gather(indices, mask, step_end, seed=None):
         x, y = tf.numpy_function(read, [indices, mask], [tf.float32, tf.int32], stateful=False)
         x = tf.ensure_shape(x, [sampler.physical_batch_size, *image_shape])
         y = tf.ensure_shape(y, [sampler.physical_batch_size])
         if augmenter is not None:
-            x = augment.make_views(x, augmult, augmenter)
+            x = augment.make_views(x, augmult, augmenter, seed=seed)
         elif augmult > 1:
             x = tf.repeat(tf.expand_dims(x, 1), augmult, axis=1)
         return x, y, mask, step_end, sampling.sampling_tag(sampler, sampler.physical_batch_size)
 
     return (
-        sampler.micro_batches(None)
+        sampler.micro_batches(None, with_seeds=augmenter is not None)
         .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(2)
     )
@@ -82,7 +87,7 @@ def train_dataset(
 
 def _without_autograph(augmenter):
     # The augmentations are straight-line TensorFlow code; autograph would
-    # still transpile them (keras_cv layers included) on every trace of the
+    # still transpile them on every trace of the
     # pipeline, which measured ~8 s of a CIFAR run's start-up on 2 cores.
     if augmenter is None:
         return None
@@ -121,7 +126,7 @@ def test_dataset(test_x: Any, test_y: Any, batch_size: int) -> tf.data.Dataset:
 
 
 def tta_accuracy(
-    model: tf.keras.Model,
+    model: keras.Model,
     test: tf.data.Dataset,
     views: int,
     augmenter: Callable[[tf.Tensor], tf.Tensor],

@@ -22,6 +22,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
+import keras
 import tensorflow as tf
 
 from tan_keras import _validate, checkpointing, models, sampling, train_data
@@ -61,7 +62,7 @@ def make_strategy(name: str, tpu: Optional[str] = None) -> tf.distribute.Strateg
       ValueError: if `name` is unknown.
     """
     _validate.one_of("strategy", name, ("default", "mirrored", "multiworker", "tpu"))
-    tf.keras.backend.clear_session()
+    keras.backend.clear_session()
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
@@ -126,10 +127,10 @@ def build_model(
       ValueError: if the model cannot be built for this input.
     """
     if not tf.distribute.has_strategy():  # never reset state under a strategy scope
-        tf.keras.backend.clear_session()
+        keras.backend.clear_session()
     # Model initialisation and augmentations only; noise and sampling draw
     # from OS entropy unless --noise_seed is given.
-    tf.keras.utils.set_random_seed(config.seed)
+    keras.utils.set_random_seed(config.seed)
     model = make_private(
         models.build_model(config.model, input_shape, num_classes),
         l2_norm_clip=config.l2_norm_clip,
@@ -142,8 +143,8 @@ def build_model(
         examples_per_chunk=config.examples_per_chunk,
     )
     model.compile(
-        optimizer=tf.keras.optimizers.SGD(config.lr, momentum=config.momentum),
-        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        optimizer=keras.optimizers.SGD(config.lr, momentum=config.momentum),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         jit_compile=config.jit_compile,
     )
@@ -233,7 +234,7 @@ def fit(
     callbacks = [
         accountant,  # First: it adds epsilon/eta to the epoch logs the others read.
         checkpointing.DPCheckpointCallback(checkpoint, every_steps=config.checkpoint_every),
-        tf.keras.callbacks.TensorBoard(
+        keras.callbacks.TensorBoard(
             os.path.join(model_dir, TENSORBOARD_SUBDIR), write_graph=False, profile_batch=0
         ),
     ]

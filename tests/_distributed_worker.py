@@ -12,6 +12,7 @@ import math
 import sys
 import warnings
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -36,13 +37,15 @@ elif VARIANT == "reg_every_replica":
             return grads
         with tf.GradientTape() as tape:
             penalty = tf.add_n(self.losses)
-        reg = tape.gradient(penalty, variables, unconnected_gradients="zero")
+        reg = tape.gradient(
+            penalty, [v.value for v in variables], unconnected_gradients="zero"
+        )
         return [g + r for g, r in zip(grads, reg)]
 
     DPKerasModel._add_weight_regularization = _regularized
 
 strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(R)])
-LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 P, B, N = 8, 8, 64  # physical rows per micro-batch (divisible by 4), expected batch
 BASE_DP = dict(l2_norm_clip=1.0, noise_multiplier=0.0, expected_batch_size=B, dataset_size=N)
 
@@ -50,21 +53,21 @@ BASE_DP = dict(l2_norm_clip=1.0, noise_multiplier=0.0, expected_batch_size=B, da
 def build(width, sigma, clip, input_dim, examples_per_chunk="auto", regularizer=None):
     with strategy.scope(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tf.keras.utils.set_random_seed(0)
-        inp = tf.keras.Input((input_dim,))
-        hidden = tf.keras.layers.Dense(width, activation="tanh", kernel_regularizer=regularizer)(
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((input_dim,))
+        hidden = keras.layers.Dense(width, activation="tanh", kernel_regularizer=regularizer)(
             inp
         )
         model = DPKerasModel(
             inp,
-            tf.keras.layers.Dense(3)(hidden),
+            keras.layers.Dense(3)(hidden),
             l2_norm_clip=clip,
             noise_multiplier=sigma,
             expected_batch_size=B,
             dataset_size=N,
             examples_per_chunk=examples_per_chunk,
         )
-        model.compile(optimizer=tf.keras.optimizers.SGD(1.0), loss=LOSS)
+        model.compile(optimizer=keras.optimizers.SGD(1.0), loss=LOSS)
     return model
 
 
@@ -114,7 +117,7 @@ result["expected_std"] = 2.0 * 0.5 / B
 
 # 2b. A weight penalty, no data (all rows masked), no noise: the update is
 # -lr * grad(penalty), applied once whatever the number of replicas.
-model = build(5, sigma=0.0, clip=1.0, input_dim=4, regularizer=tf.keras.regularizers.L2(0.5))
+model = build(5, sigma=0.0, clip=1.0, input_dim=4, regularizer=keras.regularizers.L2(0.5))
 kernel = model.trainable_variables[0]
 before = kernel.numpy()
 model.fit(dataset(np.ones((P, 4)), np.zeros(P), np.zeros(P), 1, 1), verbose=0)
@@ -130,7 +133,7 @@ result["invalid_labels_counted"] = float(history.history["nonfinite_examples"][-
 
 
 # 2d. The model checks hold when the model is built under the strategy.
-class _Running(tf.keras.layers.Layer):
+class _Running(keras.layers.Layer):
     def build(self, shape):
         self.running = self.add_weight("running", shape[-1:], trainable=False)
 
@@ -141,19 +144,19 @@ class _Running(tf.keras.layers.Layer):
 
 
 with strategy.scope():
-    inp = tf.keras.Input((4,))
+    inp = keras.Input((4,))
     try:
-        DPKerasModel(inp, tf.keras.layers.Dense(3)(_Running()(inp)), **BASE_DP)
+        DPKerasModel(inp, keras.layers.Dense(3)(_Running()(inp)), **BASE_DP)
         result["state_write_refused"] = False
     except ValueError as err:
         result["state_write_refused"] = "running" in str(err)
-    encoder = tf.keras.layers.Dense(16)
+    encoder = keras.layers.Dense(16)
     hidden = encoder(inp)
-    decoded = tf.keras.layers.Lambda(lambda h: tf.matmul(h, encoder.kernel, transpose_b=True))(
+    decoded = keras.layers.Lambda(lambda h: tf.matmul(h, encoder.kernel, transpose_b=True))(
         hidden
     )
-    tied = DPKerasModel(inp, tf.keras.layers.Dense(3)(decoded), **BASE_DP)
-    tied.compile(optimizer=tf.keras.optimizers.SGD(1.0), loss=LOSS)
+    tied = DPKerasModel(inp, keras.layers.Dense(3)(decoded), **BASE_DP)
+    tied.compile(optimizer=keras.optimizers.SGD(1.0), loss=LOSS)
 result["tied_kernel_ghosted"] = any(layer is encoder for layer in tied._ghost_layers)
 
 # 3. Each replica's own noise draw, for the correlation check.

@@ -1,27 +1,28 @@
 """Small models and one-step drivers shared by the DP tests."""
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from tan_keras.dp_model import DPKerasModel
 
-LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def dense_model(inputs=4, hidden=5, classes=3, seed=0):
     """A tiny functional MLP with fixed initial weights."""
-    tf.keras.utils.set_random_seed(seed)
-    inp = tf.keras.Input((inputs,))
-    h = tf.keras.layers.Dense(hidden, activation="tanh")(inp)
-    return tf.keras.Model(inp, tf.keras.layers.Dense(classes)(h))
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((inputs,))
+    h = keras.layers.Dense(hidden, activation="tanh")(inp)
+    return keras.Model(inp, keras.layers.Dense(classes)(h))
 
 
 def dp_model(base, lr=0.1, jit_compile=False, **dp_kwargs):
     """Wraps `base` (sharing nothing: a copy of its weights) as a compiled DP model."""
-    clone = tf.keras.models.clone_model(base)
+    clone = keras.models.clone_model(base)
     clone.set_weights(base.get_weights())
     model = DPKerasModel(inputs=clone.inputs, outputs=clone.outputs, **dp_kwargs)
-    model.compile(optimizer=tf.keras.optimizers.SGD(lr), loss=LOSS, jit_compile=jit_compile)
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss=LOSS, jit_compile=jit_compile)
     return model
 
 
@@ -65,10 +66,10 @@ def updates_by_clipping_mode(base, x, y, modes, micro=2, lr=0.5, **dp_kwargs):
     """
     results = {}
     for mode in modes:
-        clone = tf.keras.models.clone_model(base)
+        clone = keras.models.clone_model(base)
         clone.set_weights(base.get_weights())
         model = DPKerasModel(clone.inputs, clone.outputs, clipping=mode, **dp_kwargs)
-        model.compile(optimizer=tf.keras.optimizers.SGD(lr), loss=LOSS)
+        model.compile(optimizer=keras.optimizers.SGD(lr), loss=LOSS)
         assert model.clipping == mode
         results[mode] = flat(one_step(model, x, y, micro=micro))
     return results

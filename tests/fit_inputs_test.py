@@ -6,6 +6,7 @@ Poisson pipeline built for one (N, B) fed a model accounting for another
 q, silently.
 """
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -75,7 +76,7 @@ def test_an_interrupted_epoch_that_released_an_update_is_counted():
     model = _shuffled_model()
     x, y = _data()
 
-    class StopAfterOneBatch(tf.keras.callbacks.Callback):
+    class StopAfterOneBatch(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             self.model.stop_training = True
 

@@ -2,6 +2,7 @@
 
 import math
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -15,7 +16,7 @@ from tan_keras.models import build_model
 from tan_keras.models.wrn import wide_resnet
 
 LOSS_FN = per_example.unreduced_loss_fn(LOSS)
-layers = tf.keras.layers
+layers = keras.layers
 
 
 def _ghostable(model):
@@ -78,7 +79,7 @@ def test_the_ghost_entries_really_stand_in_for_the_kernels():
         model, LOSS_FN, x, y, ghost_layers=_ghostable(model)
     )
     kinds = [isinstance(g, ghost.GhostGradient) for g in grads]
-    kernels = [v.name.endswith("kernel:0") for v in model.trainable_variables]
+    kernels = [v.path.endswith("kernel") for v in model.trainable_variables]
     assert kinds == kernels
 
 
@@ -123,10 +124,10 @@ def test_under_xla_and_in_chunks():
 
 
 def _conv_model(size=8, **conv):
-    tf.keras.utils.set_random_seed(6)
-    inp = tf.keras.Input((size, size, 3))
+    keras.utils.set_random_seed(6)
+    inp = keras.Input((size, size, 3))
     h = layers.Conv2D(4, 3, **conv)(inp)
-    return tf.keras.Model(inp, layers.Dense(3)(layers.Flatten()(h)))
+    return keras.Model(inp, layers.Dense(3)(layers.Flatten()(h)))
 
 
 CONVS = [
@@ -207,7 +208,7 @@ def test_frozen_kernels_are_not_selected():
 
 
 def test_dp_model_ghost_agrees_with_vectorized(monkeypatch):
-    tf.keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(0)
     base = wide_resnet((8, 8, 3), 10, depth=10, width=1, groups=4)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(6, 8, 8, 3)).astype(np.float32)
@@ -283,18 +284,18 @@ def _triangle(gh):
 
 def _pooled_dense():
     """Dense on a 2-step sequence, then average pooling: both steps share one output gradient."""
-    tf.keras.utils.set_random_seed(3)
-    inp = tf.keras.Input((2, 8))
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((2, 8))
     h = layers.GlobalAveragePooling1D()(layers.Dense(8, name="attacked")(inp))
-    return tf.keras.Model(inp, layers.Dense(3)(h))
+    return keras.Model(inp, layers.Dense(3)(h))
 
 
 def _pooled_conv():
     """A 3x3 "same" convolution, then global average pooling (the shifted-Gram route)."""
-    tf.keras.utils.set_random_seed(4)
-    inp = tf.keras.Input((4, 4, 16))
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((4, 4, 16))
     conv = layers.Conv2D(32, 3, padding="same", name="attacked")
-    model = tf.keras.Model(inp, layers.Dense(3)(layers.GlobalAveragePooling2D()(conv(inp))))
+    model = keras.Model(inp, layers.Dense(3)(layers.GlobalAveragePooling2D()(conv(inp))))
     # Input channels 0-3 unused by the kernel (dead channels): the attack,
     # which lives there, reaches the Gram matrix but not the forward pass.
     kernel = conv.kernel.numpy()
@@ -305,10 +306,10 @@ def _pooled_conv():
 
 def _two_views_dense():
     """A Dense whose input features 0-3 are dead: views differing there give one output."""
-    tf.keras.utils.set_random_seed(5)
-    inp = tf.keras.Input((8,))
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((8,))
     first = layers.Dense(8, name="attacked")
-    model = tf.keras.Model(inp, layers.Dense(3)(first(inp)))
+    model = keras.Model(inp, layers.Dense(3)(first(inp)))
     kernel = first.kernel.numpy()
     kernel[:4] = 0
     first.kernel.assign(kernel)
@@ -367,10 +368,10 @@ def test_a_cancelling_example_gets_a_norm_above_its_true_norm(kind):
 
 def _dp_step(model, views, x, y, mask, clip, lr, jit_compile=False):
     dp = dict(l2_norm_clip=clip, noise_multiplier=0.0, expected_batch_size=len(x), dataset_size=100)
-    clone = tf.keras.models.clone_model(model)
+    clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
     dp_model = DPKerasModel(clone.inputs, clone.outputs, clipping="ghost", augmult=views, **dp)
-    dp_model.compile(optimizer=tf.keras.optimizers.SGD(lr), loss=LOSS, jit_compile=jit_compile)
+    dp_model.compile(optimizer=keras.optimizers.SGD(lr), loss=LOSS, jit_compile=jit_compile)
     assert dp_model.clipping == "ghost"
     assert "attacked" in [layer.name for layer in dp_model._ghost_layers]
     return flat(one_step(dp_model, x, y, mask))
@@ -401,7 +402,7 @@ def test_a_cancelling_example_moves_the_dp_update_by_at_most_lr_c_over_b(kind, m
 def _random_ill_conditioned(kind, rng):
     """A GhostGradient on random rows: scales 1e-20..1e20, cancelling, shared, subnormal."""
     batch, views = 4, int(rng.integers(1, 3))
-    inp = tf.keras.Input((4, 6) if kind.startswith("dense") else (6, 6, 2))
+    inp = keras.Input((4, 6) if kind.startswith("dense") else (6, 6, 2))
     if kind == "conv_same":  # stride 1: the shifted-Gram route
         layer = layers.Conv2D(3, 3, padding="same")
     elif kind == "conv_strided":  # unfolded patches

@@ -6,9 +6,9 @@ example is dropped and counted on every route. float16 compute (which needs
 loss scaling the DP step does not do) is refused; bfloat16 trains.
 """
 
+import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from _helpers import LOSS, dense_model, flat, micro_batches, one_step
 
 from tan_keras.dp_model import DPKerasModel
@@ -18,10 +18,10 @@ ROUTES = ["vectorized", "ghost", "layerwise"]
 
 
 def _model(base, clipping, jit_compile, loss=LOSS):
-    clone = tf.keras.models.clone_model(base)
+    clone = keras.models.clone_model(base)
     clone.set_weights(base.get_weights())
     model = DPKerasModel(clone.inputs, clone.outputs, clipping=clipping, **DP)
-    model.compile(optimizer=tf.keras.optimizers.SGD(0.5), loss=loss, jit_compile=jit_compile)
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss=loss, jit_compile=jit_compile)
     return model
 
 
@@ -48,7 +48,7 @@ def test_the_loss_name_and_function_forms_are_covered_too():
     x = np.zeros((8, 4), np.float32)
     for loss in (
         "sparse_categorical_crossentropy",
-        tf.keras.losses.sparse_categorical_crossentropy,
+        keras.losses.sparse_categorical_crossentropy,
     ):
         model = _model(base, "vectorized", False, loss=loss)
         history = model.fit(
@@ -59,14 +59,14 @@ def test_the_loss_name_and_function_forms_are_covered_too():
 
 @pytest.fixture
 def policy():
-    yield tf.keras.mixed_precision.set_global_policy
-    tf.keras.mixed_precision.set_global_policy("float32")
+    yield keras.mixed_precision.set_global_policy
+    keras.mixed_precision.set_global_policy("float32")
 
 
 def _mlp():
-    inp = tf.keras.Input((4,))
-    hidden = tf.keras.layers.Dense(5, activation="tanh")(inp)
-    return inp, tf.keras.layers.Dense(3, dtype="float32")(hidden)
+    inp = keras.Input((4,))
+    hidden = keras.layers.Dense(5, activation="tanh")(inp)
+    return inp, keras.layers.Dense(3, dtype="float32")(hidden)
 
 
 def test_mixed_float16_is_refused_with_the_alternative(policy):
@@ -79,7 +79,7 @@ def test_mixed_float16_is_refused_with_the_alternative(policy):
 def test_a_loss_scale_optimizer_is_refused():
     inp, out = _mlp()
     model = DPKerasModel(inp, out, **DP)
-    optimizer = tf.keras.mixed_precision.LossScaleOptimizer(tf.keras.optimizers.SGD(0.1))
+    optimizer = keras.mixed_precision.LossScaleOptimizer(keras.optimizers.SGD(0.1))
     with pytest.raises(ValueError, match="`optimizer`"):
         model.compile(optimizer=optimizer, loss=LOSS)
 
@@ -91,10 +91,10 @@ def test_mixed_bfloat16_trains_and_clips_like_float32(clipping, policy):
     updates = {}
     for name in ("float32", "mixed_bfloat16"):
         policy(name)
-        tf.keras.utils.set_random_seed(0)
+        keras.utils.set_random_seed(0)
         inp, out = _mlp()
         model = DPKerasModel(inp, out, clipping=clipping, **DP)
-        model.compile(optimizer=tf.keras.optimizers.SGD(0.5), loss=LOSS)
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss=LOSS)
         start = flat(model.get_weights())
         updates[name] = flat(one_step(model, x, y)) - start
     # Every example is clipped (C = 0.1): each update is at most lr * C.

@@ -1,5 +1,6 @@
 """The layerwise fast path equals the generic per-example path."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -9,39 +10,39 @@ from tan_keras.models import build_model
 from tan_keras.models.ws_conv import WSConv2D
 
 LOSS_FN = per_example.unreduced_loss_fn(
-    tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 )
-layers = tf.keras.layers
+layers = keras.layers
 
 
 def _model(kind):
-    tf.keras.utils.set_random_seed(2)
+    keras.utils.set_random_seed(2)
     if kind == "dense":
-        inp = tf.keras.Input((5,))
+        inp = keras.Input((5,))
         out = layers.Dense(3)(layers.Dense(4, activation="tanh")(inp))
     elif kind == "dense_sequence":  # Dense on [batch, T, features]
-        inp = tf.keras.Input((3, 5))
+        inp = keras.Input((3, 5))
         out = layers.Dense(3)(layers.Flatten()(layers.Dense(4, activation="relu")(inp)))
     elif kind == "conv_same_stride":
-        inp = tf.keras.Input((7, 7, 2))
+        inp = keras.Input((7, 7, 2))
         h = layers.Conv2D(4, 3, strides=2, padding="same", activation="relu")(inp)
         h = layers.GroupNormalization(groups=2)(h)
         out = layers.Dense(3)(layers.GlobalAveragePooling2D()(h))
     elif kind == "conv_valid_dilated":
-        inp = tf.keras.Input((8, 8, 2))
+        inp = keras.Input((8, 8, 2))
         h = layers.Conv2D(3, 3, dilation_rate=2, use_bias=False)(inp)
         out = layers.Dense(3)(layers.Flatten()(h))
     elif kind == "ws_conv":
-        inp = tf.keras.Input((6, 6, 2))
+        inp = keras.Input((6, 6, 2))
         h = WSConv2D(4, 3, padding="same")(inp)
         out = layers.Dense(3)(layers.Flatten()(layers.LayerNormalization()(h)))
     elif kind == "shared_layer":
-        inp = tf.keras.Input((4,))
+        inp = keras.Input((4,))
         shared = layers.Dense(4, activation="tanh")
         out = layers.Dense(3)(shared(shared(inp)))
     elif kind == "small_cnn":
         return build_model("small_cnn", (8, 8, 1), 10)
-    return tf.keras.Model(inp, out)
+    return keras.Model(inp, out)
 
 
 def _inputs(model, batch, views, seed):
@@ -78,12 +79,12 @@ def test_equals_the_generic_path(kind, batch, views):
 
 
 def test_unsupported_layers_are_detected():
-    inp = tf.keras.Input((4,), dtype="int32")
+    inp = keras.Input((4,), dtype="int32")
     out = layers.Dense(2)(layers.Flatten()(layers.Embedding(10, 3)(inp)))
-    assert not layerwise.supports(tf.keras.Model(inp, out))
-    inp = tf.keras.Input((6, 6, 4))
+    assert not layerwise.supports(keras.Model(inp, out))
+    inp = keras.Input((6, 6, 4))
     out = layers.Flatten()(layers.Conv2D(4, 3, groups=2)(inp))
-    assert not layerwise.supports(tf.keras.Model(inp, out))
+    assert not layerwise.supports(keras.Model(inp, out))
 
 
 def test_dp_model_updates_agree_between_clipping_modes():
@@ -110,7 +111,7 @@ def test_auto_picks_layerwise_under_xla_when_supported_and_refuses_impossible_la
         model = DPKerasModel(base.inputs, base.outputs, **dp)
         model.compile(optimizer="sgd", loss="mse", jit_compile=jit)
         assert model.clipping == expected
-    inp = tf.keras.Input((4,), dtype="int32")
+    inp = keras.Input((4,), dtype="int32")
     out = layers.Dense(2)(layers.Flatten()(layers.Embedding(10, 3)(inp)))
     model = DPKerasModel(inp, out, **dp)
     model.compile(optimizer="sgd", loss="mse", jit_compile=True)
@@ -122,10 +123,10 @@ def test_auto_picks_layerwise_under_xla_when_supported_and_refuses_impossible_la
 
 
 def test_shared_layer_norm_matches_the_generic_path():
-    tf.keras.utils.set_random_seed(4)
-    inp = tf.keras.Input((4,))
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((4,))
     norm = layers.LayerNormalization()
-    model = tf.keras.Model(inp, layers.Dense(3)(norm(layers.Dense(4)(norm(inp)))))
+    model = keras.Model(inp, layers.Dense(3)(norm(layers.Dense(4)(norm(inp)))))
     assert layerwise.supports(model)
     x, y = _inputs(model, 3, 2, seed=0)
     fast, _, _ = layerwise.per_example_gradients(model, LOSS_FN, x, y)

@@ -8,6 +8,7 @@ noise of steps already released: two released updates with the same noise
 let anyone subtract it.
 """
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -48,7 +49,7 @@ def _set_weights(model, start, directory):
 
 
 def _load_weights(model, start, directory):
-    path = str(directory / "w.h5")
+    path = str(directory / "w.weights.h5")
     current = model.get_weights()
     model.set_weights(start)
     model.save_weights(path)
@@ -84,7 +85,7 @@ def test_early_stopping_restore_best_weights_keeps_the_spent_steps():
     accountant = PrivacyAccountant(delta=1e-5)
     # mode="max" on the loss: every epoch after the first is "worse", so
     # Keras stops and restores the weights of epoch 1.
-    stopper = tf.keras.callbacks.EarlyStopping(
+    stopper = keras.callbacks.EarlyStopping(
         monitor="loss", mode="max", patience=1, restore_best_weights=True
     )
     model.fit(ds, epochs=6, steps_per_epoch=8, verbose=0, callbacks=[accountant, stopper])
@@ -102,7 +103,7 @@ def test_a_saved_model_carries_the_spent_steps_after_a_restore(tmp_path):
     model.set_weights(start)
     path = str(tmp_path / "m.keras")
     model.save(path)
-    loaded = tf.keras.models.load_model(path)
+    loaded = keras.models.load_model(path)
     assert int(loaded.dp_steps.numpy()) == 3
 
 
@@ -163,4 +164,4 @@ def test_shuffled_epochs_travel_with_checkpoints_and_saved_models(tmp_path):
     assert resumed_ckpt.restore() == 2 * N // B
     assert int(resumed.dp_epochs.numpy()) == 2
     model.save(str(tmp_path / "m.keras"))
-    assert int(tf.keras.models.load_model(str(tmp_path / "m.keras")).dp_epochs.numpy()) == 2
+    assert int(keras.models.load_model(str(tmp_path / "m.keras")).dp_epochs.numpy()) == 2

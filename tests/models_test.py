@@ -1,5 +1,6 @@
 """Tests of the model zoo: shapes, sizes, no BatchNorm, WSConv2D's algebra."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -22,7 +23,7 @@ def wrn16_4():
 
 def _assert_dp_friendly(model):
     assert not any(
-        isinstance(layer, tf.keras.layers.BatchNormalization)
+        isinstance(layer, keras.layers.BatchNormalization)
         for layer in _keras_internals.all_layers(model)
     )
     # Nothing updated from data: every weight is trained by the optimizer.
@@ -44,7 +45,7 @@ def test_wrn16_4_matches_the_tan_model(wrn16_4):
     assert wrn16_4(np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 10)
     _assert_dp_friendly(wrn16_4)
     norms = [
-        layer for layer in wrn16_4.layers if isinstance(layer, tf.keras.layers.GroupNormalization)
+        layer for layer in wrn16_4.layers if isinstance(layer, keras.layers.GroupNormalization)
     ]
     assert norms and all(layer.groups == 16 for layer in norms)
 
@@ -52,9 +53,9 @@ def test_wrn16_4_matches_the_tan_model(wrn16_4):
 def test_wrn_blocks_put_relu_before_groupnorm(wrn16_4):
     # Every GroupNorm inside a block reads a ReLU (the TAN / De et al. order).
     for layer in wrn16_4.layers:
-        if isinstance(layer, tf.keras.layers.GroupNormalization):
-            source = layer._inbound_nodes[0].inbound_layers
-            assert isinstance(source, tf.keras.layers.ReLU), layer.name
+        if isinstance(layer, keras.layers.GroupNormalization):
+            source = layer.input._keras_history.operation
+            assert isinstance(source, keras.layers.ReLU), layer.name
 
 
 def test_wrn_init_is_fan_in_truncated_normal(wrn16_4):
@@ -80,7 +81,7 @@ def test_nf_resnet50_size_and_forward(nf_resnet):
 
 def test_models_can_be_rewrapped_functionally():
     model = models.build_model("small_cnn", (8, 8, 1), 10)
-    rewrapped = tf.keras.Model(inputs=model.inputs, outputs=model.outputs)
+    rewrapped = keras.Model(inputs=model.inputs, outputs=model.outputs)
     x = np.random.default_rng(0).random((3, 8, 8, 1)).astype(np.float32)
     np.testing.assert_allclose(rewrapped(x).numpy(), model(x).numpy())
 
@@ -149,12 +150,12 @@ def test_ws_conv_config_round_trip(tmp_path):
     clone = WSConv2D.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
 
-    inputs = tf.keras.Input((4, 4, 2))
-    model = tf.keras.Model(inputs, WSConv2D(3, 2, name="ws")(inputs))
+    inputs = keras.Input((4, 4, 2))
+    model = keras.Model(inputs, WSConv2D(3, 2, name="ws")(inputs))
     model.get_layer("ws").gain.assign([0.5, 1.0, 2.0])
     path = str(tmp_path / "model.keras")
     model.save(path)
-    loaded = tf.keras.models.load_model(path)
+    loaded = keras.models.load_model(path)
     assert isinstance(loaded.get_layer("ws"), WSConv2D)
     x = np.random.default_rng(0).random((1, 4, 4, 2)).astype(np.float32)
     np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), rtol=1e-6)

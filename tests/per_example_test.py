@@ -2,35 +2,36 @@
 
 import logging
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tan_keras import per_example
 
-LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def _model(kind):
-    tf.keras.utils.set_random_seed(1)
-    layers = tf.keras.layers
+    keras.utils.set_random_seed(1)
+    layers = keras.layers
     if kind == "dense":
-        inp = tf.keras.Input((5,))
+        inp = keras.Input((5,))
         out = layers.Dense(3)(layers.Dense(4, activation="tanh")(inp))
     elif kind == "conv_groupnorm":
-        inp = tf.keras.Input((6, 6, 2))
+        inp = keras.Input((6, 6, 2))
         h = layers.Conv2D(4, 3, activation="relu")(inp)
         h = layers.GroupNormalization(groups=2)(h)
         out = layers.Dense(3)(layers.Flatten()(h))
     elif kind == "layernorm":
-        inp = tf.keras.Input((5,))
+        inp = keras.Input((5,))
         h = layers.LayerNormalization()(layers.Dense(6)(inp))
         out = layers.Dense(3)(h)
     elif kind == "embedding":
-        inp = tf.keras.Input((4,), dtype="int32")
+        inp = keras.Input((4,), dtype="int32")
         h = layers.Embedding(11, 3)(inp)
         out = layers.Dense(3)(layers.Flatten()(h))
-    return tf.keras.Model(inp, out)
+    return keras.Model(inp, out)
 
 
 def _inputs(kind, batch, views, rng):

@@ -39,9 +39,11 @@ def test_rdp_epsilon_matches_paper(run, expected, tol):
 
 
 def test_overcharged_cifar_simulation_epsilon():
-    # (B, sigma) = (512, 3/8): same eta as the CIFAR recipe, epsilon ~62.
+    # (B, sigma) = (512, 3/8): same eta as the CIFAR recipe, epsilon ~62
+    # (63.0 with dp-accounting >= 0.4.4, whose fractional orders near 1 do
+    # not converge at this sigma and are left out: a looser, valid bound).
     eps = accounting.compute_epsilon(3 / 8, 512 / 50000, 2500, 1e-5)
-    assert eps == pytest.approx(62.0, abs=0.5)
+    assert eps == pytest.approx(63.0, abs=0.5)
 
 
 @pytest.mark.parametrize("run", [CIFAR, IMAGENET_18K], ids=["cifar10", "imagenet"])

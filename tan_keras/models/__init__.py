@@ -1,6 +1,6 @@
 """Models for private training: no BatchNorm anywhere.
 
-Every model is a functional `tf.keras.Model` built from `tf.keras.Input` that
+Every model is a functional `keras.Model` built from `keras.Input` that
 returns logits, so the training code can rewrap it as
 `DPKerasModel(inputs=model.inputs, outputs=model.outputs)`. No layer keeps
 state updated from data (BatchNorm would mix examples inside a batch and void
@@ -10,7 +10,7 @@ the per-example sensitivity bound of DP-SGD).
 import re
 from typing import Sequence
 
-import tensorflow as tf
+import keras
 
 from tan_keras import _validate
 from tan_keras.models.cnn import small_cnn
@@ -24,7 +24,7 @@ MODEL_NAMES = ("small_cnn", "wrn16_4", "nf_resnet50")
 _WRN_NAME = re.compile(r"wrn(\d+)_(\d+)")
 
 
-def build_model(name: str, input_shape: Sequence[int], num_classes: int) -> tf.keras.Model:
+def build_model(name: str, input_shape: Sequence[int], num_classes: int) -> keras.Model:
     """Builds a registered model by name.
 
     Args:
@@ -34,7 +34,7 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int) -> tf.k
       num_classes: Number of output logits.
 
     Returns:
-      A functional `tf.keras.Model` mapping images to logits.
+      A functional `keras.Model` mapping images to logits.
 
     Raises:
       ValueError: if `name` is unknown or another argument is out of range.

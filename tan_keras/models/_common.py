@@ -2,7 +2,7 @@
 
 from typing import Sequence, Tuple
 
-import tensorflow as tf
+import keras
 
 from tan_keras import _validate
 
@@ -32,10 +32,10 @@ def check_input_shape(input_shape: Sequence[int]) -> Tuple[int, int, int]:
         raise _validate.invalid("input_shape", expected, input_shape) from None
 
 
-def fan_in_truncated_normal() -> tf.keras.initializers.Initializer:
+def fan_in_truncated_normal() -> keras.initializers.Initializer:
     """Truncated normal whose *actual* standard deviation is 1/sqrt(fan_in).
 
-    `tf.keras.initializers.TruncatedNormal(stddev=s)` cuts at 2s and so ends up
+    `keras.initializers.TruncatedNormal(stddev=s)` cuts at 2s and so ends up
     with a standard deviation of about 0.88 s; `VarianceScaling` corrects for
     the truncation, which is what "std 1/sqrt(fan_in)" in the TAN (and De et
     al. 2022) WideResNet recipe asks for.
@@ -43,6 +43,6 @@ def fan_in_truncated_normal() -> tf.keras.initializers.Initializer:
     Returns:
       A fresh initializer (one per layer, so layers don't share values).
     """
-    return tf.keras.initializers.VarianceScaling(
+    return keras.initializers.VarianceScaling(
         scale=1.0, mode="fan_in", distribution="truncated_normal"
     )

@@ -8,7 +8,7 @@ independent of the rest of the batch.
 
 from typing import Sequence
 
-import tensorflow as tf
+import keras
 
 from tan_keras import _validate
 from tan_keras.models import _common
@@ -22,7 +22,7 @@ def small_cnn(
     input_shape: Sequence[int] = (8, 8, 1),
     num_classes: int = 10,
     groups: int = 4,
-) -> tf.keras.Model:
+) -> keras.Model:
     """Builds Conv16-ReLU-GN -> Conv32/2-ReLU-GN -> pool to 4x4 -> Dense.
 
     ReLU comes before GroupNorm, the order that worked best for private
@@ -34,7 +34,7 @@ def small_cnn(
       groups: GroupNorm groups; must divide 16 (and so 32).
 
     Returns:
-      A functional `tf.keras.Model` mapping images to logits (no softmax).
+      A functional `keras.Model` mapping images to logits (no softmax).
 
     Raises:
       ValueError: if an argument is out of range.
@@ -45,24 +45,24 @@ def small_cnn(
     if 16 % groups:
         raise _validate.invalid("groups", "a positive integer dividing 16", groups)
 
-    inputs = tf.keras.Input(shape=input_shape, name="images")
+    inputs = keras.Input(shape=input_shape, name="images")
     x = inputs
     for filters, strides in ((16, 1), (32, 2)):
-        x = tf.keras.layers.Conv2D(
+        x = keras.layers.Conv2D(
             filters,
             3,
             strides=strides,
             padding="same",
             kernel_initializer=_common.fan_in_truncated_normal(),
         )(x)
-        x = tf.keras.layers.ReLU()(x)
-        x = tf.keras.layers.GroupNormalization(groups=groups)(x)
+        x = keras.layers.ReLU()(x)
+        x = keras.layers.GroupNormalization(groups=groups)(x)
     # After the stride-2 conv the map is ceil(H/2) x ceil(W/2).
     pool = (max(1, -(-height // 2) // _HEAD_SIZE), max(1, -(-width // 2) // _HEAD_SIZE))
     if pool != (1, 1):
-        x = tf.keras.layers.AveragePooling2D(pool_size=pool)(x)
-    x = tf.keras.layers.Flatten()(x)
-    logits = tf.keras.layers.Dense(
+        x = keras.layers.AveragePooling2D(pool_size=pool)(x)
+    x = keras.layers.Flatten()(x)
+    logits = keras.layers.Dense(
         num_classes, kernel_initializer=_common.fan_in_truncated_normal(), name="logits"
     )(x)
-    return tf.keras.Model(inputs, logits, name="small_cnn")
+    return keras.Model(inputs, logits, name="small_cnn")

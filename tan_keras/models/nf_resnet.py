@@ -15,6 +15,7 @@ Without BatchNorm, signal propagation is controlled analytically instead:
 import math
 from typing import Sequence
 
+import keras
 import tensorflow as tf
 
 from tan_keras import _validate
@@ -30,8 +31,8 @@ _BOTTLENECK_RATIO = 0.25
 
 
 def _scaled_relu(x: tf.Tensor, scale: float, name: str) -> tf.Tensor:
-    x = tf.keras.layers.ReLU(name=f"{name}_relu")(x)
-    return tf.keras.layers.Rescaling(scale, name=f"{name}_scale")(x)
+    x = keras.layers.ReLU(name=f"{name}_relu")(x)
+    return keras.layers.Rescaling(scale, name=f"{name}_scale")(x)
 
 
 def _ws_conv(filters: int, kernel_size: int, strides: int, name: str) -> WSConv2D:
@@ -51,7 +52,7 @@ def _block(
         # keeps all pixels, where a strided 1x1 conv would drop 3 in 4.
         shortcut = out
         if strides != 1:
-            shortcut = tf.keras.layers.AveragePooling2D(
+            shortcut = keras.layers.AveragePooling2D(
                 pool_size=2, strides=strides, padding="same", name=f"{name}_skip_pool"
             )(shortcut)
         skip = _ws_conv(filters, 1, 1, f"{name}_skip_conv")(shortcut)
@@ -60,15 +61,15 @@ def _block(
     out = _ws_conv(mid, 3, strides, f"{name}_conv2")(out)
     out = _scaled_relu(out, RELU_GAMMA, f"{name}_act3")
     out = _ws_conv(filters, 1, 1, f"{name}_conv3")(out)
-    out = tf.keras.layers.Rescaling(alpha, name=f"{name}_alpha")(out)
-    return tf.keras.layers.Add(name=f"{name}_add")([skip, out])
+    out = keras.layers.Rescaling(alpha, name=f"{name}_alpha")(out)
+    return keras.layers.Add(name=f"{name}_add")([skip, out])
 
 
 def nf_resnet50(
     input_shape: Sequence[int] = (224, 224, 3),
     num_classes: int = 1000,
     alpha: float = ALPHA,
-) -> tf.keras.Model:
+) -> keras.Model:
     """Builds NF-ResNet-50: ResNet-50 with weight-standardized convs, no BatchNorm.
 
     Args:
@@ -79,7 +80,7 @@ def nf_resnet50(
       alpha: Scale of each residual branch before it is added to the skip.
 
     Returns:
-      A functional `tf.keras.Model` mapping images to logits (no softmax).
+      A functional `keras.Model` mapping images to logits (no softmax).
 
     Raises:
       ValueError: if an argument is out of range.
@@ -88,9 +89,9 @@ def nf_resnet50(
     num_classes = _validate.positive_int("num_classes", num_classes)
     alpha = _validate.positive("alpha", alpha)
 
-    inputs = tf.keras.Input(shape=input_shape, name="images")
+    inputs = keras.Input(shape=input_shape, name="images")
     x = _ws_conv(64, 7, 2, "stem_conv")(inputs)
-    x = tf.keras.layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
+    x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
     expected_var = 1.0
     for stage, (depth, filters) in enumerate(zip(_STAGE_DEPTHS, _STAGE_CHANNELS)):
         for index in range(depth):
@@ -109,11 +110,11 @@ def nf_resnet50(
                 expected_var = 1.0
             expected_var += alpha**2
     x = _scaled_relu(x, RELU_GAMMA, "final_act")
-    x = tf.keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    logits = tf.keras.layers.Dense(
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    logits = keras.layers.Dense(
         num_classes,
-        kernel_initializer=tf.keras.initializers.RandomNormal(stddev=0.01),
+        kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
         bias_initializer="zeros",
         name="logits",
     )(x)
-    return tf.keras.Model(inputs, logits, name="nf_resnet50")
+    return keras.Model(inputs, logits, name="nf_resnet50")

@@ -9,14 +9,15 @@ WRN-16-4 with 16 groups is the CIFAR-10 model of the TAN recipe.
 
 from typing import Sequence
 
+import keras
 import tensorflow as tf
 
 from tan_keras import _validate
 from tan_keras.models import _common
 
 
-def _conv(filters: int, kernel_size: int, strides: int, name: str) -> tf.keras.layers.Layer:
-    return tf.keras.layers.Conv2D(
+def _conv(filters: int, kernel_size: int, strides: int, name: str) -> keras.layers.Layer:
+    return keras.layers.Conv2D(
         filters,
         kernel_size,
         strides=strides,
@@ -28,14 +29,14 @@ def _conv(filters: int, kernel_size: int, strides: int, name: str) -> tf.keras.l
 
 
 def _relu_norm(x: tf.Tensor, groups: int, name: str) -> tf.Tensor:
-    x = tf.keras.layers.ReLU(name=f"{name}_relu")(x)
-    return tf.keras.layers.GroupNormalization(groups=groups, name=f"{name}_gn")(x)
+    x = keras.layers.ReLU(name=f"{name}_relu")(x)
+    return keras.layers.GroupNormalization(groups=groups, name=f"{name}_gn")(x)
 
 
 def _block(x: tf.Tensor, filters: int, strides: int, groups: int, name: str) -> tf.Tensor:
     """Pre-activation basic block: two 3x3 convs plus an identity or 1x1 skip."""
-    activated = tf.keras.layers.ReLU(name=f"{name}_relu1")(x)
-    out = tf.keras.layers.GroupNormalization(groups=groups, name=f"{name}_gn1")(activated)
+    activated = keras.layers.ReLU(name=f"{name}_relu1")(x)
+    out = keras.layers.GroupNormalization(groups=groups, name=f"{name}_gn1")(activated)
     out = _conv(filters, 3, strides, f"{name}_conv1")(out)
     out = _relu_norm(out, groups, f"{name}_2")
     out = _conv(filters, 3, 1, f"{name}_conv2")(out)
@@ -43,9 +44,9 @@ def _block(x: tf.Tensor, filters: int, strides: int, groups: int, name: str) -> 
         skip = x
     else:
         # The projection shares the block's ReLU but has its own GroupNorm.
-        skip = tf.keras.layers.GroupNormalization(groups=groups, name=f"{name}_skip_gn")(activated)
+        skip = keras.layers.GroupNormalization(groups=groups, name=f"{name}_skip_gn")(activated)
         skip = _conv(filters, 1, strides, f"{name}_skip_conv")(skip)
-    return tf.keras.layers.Add(name=f"{name}_add")([skip, out])
+    return keras.layers.Add(name=f"{name}_add")([skip, out])
 
 
 def wide_resnet(
@@ -54,7 +55,7 @@ def wide_resnet(
     depth: int = 16,
     width: int = 4,
     groups: int = 16,
-) -> tf.keras.Model:
+) -> keras.Model:
     """Builds a WideResNet-depth-width with GroupNorm.
 
     Args:
@@ -65,7 +66,7 @@ def wide_resnet(
       groups: GroupNorm groups; must divide 16 (the stem's channel count).
 
     Returns:
-      A functional `tf.keras.Model` mapping images to logits (no softmax).
+      A functional `keras.Model` mapping images to logits (no softmax).
 
     Raises:
       ValueError: if an argument is out of range.
@@ -81,7 +82,7 @@ def wide_resnet(
         raise _validate.invalid("groups", "a positive integer dividing 16", groups)
     blocks_per_stage = (depth - 4) // 6
 
-    inputs = tf.keras.Input(shape=input_shape, name="images")
+    inputs = keras.Input(shape=input_shape, name="images")
     x = _conv(16, 3, 1, "stem_conv")(inputs)
     for stage, (filters, strides) in enumerate(((16 * width, 1), (32 * width, 2), (64 * width, 2))):
         for index in range(blocks_per_stage):
@@ -93,11 +94,11 @@ def wide_resnet(
                 name=f"stage{stage + 1}_block{index + 1}",
             )
     x = _relu_norm(x, groups, "final")
-    x = tf.keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    logits = tf.keras.layers.Dense(
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    logits = keras.layers.Dense(
         num_classes,
         kernel_initializer=_common.fan_in_truncated_normal(),
         bias_initializer="zeros",
         name="logits",
     )(x)
-    return tf.keras.Model(inputs, logits, name=f"wrn{depth}_{width}")
+    return keras.Model(inputs, logits, name=f"wrn{depth}_{width}")

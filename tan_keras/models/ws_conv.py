@@ -9,13 +9,14 @@ so per-example gradients stay per-example (unlike BatchNorm, which mixes
 examples and breaks the DP-SGD guarantee).
 """
 
+import keras
 import tensorflow as tf
 
 from tan_keras import _validate
 
 
-@tf.keras.utils.register_keras_serializable(package="tan_keras")
-class WSConv2D(tf.keras.layers.Conv2D):
+@keras.utils.register_keras_serializable(package="tan_keras")
+class WSConv2D(keras.layers.Conv2D):
     """`Conv2D` whose kernel is standardized per output channel at every call.
 
     The convolution uses `gain * (kernel - mean) / sqrt(max(var * fan_in, eps))`
@@ -24,12 +25,12 @@ class WSConv2D(tf.keras.layers.Conv2D):
 
     Args:
       filters: Number of output channels.
-      kernel_size: As for `tf.keras.layers.Conv2D`.
+      kernel_size: As for `keras.layers.Conv2D`.
       eps: Floor on `var * fan_in`; keeps a constant kernel from dividing by
         zero.
       gain_initializer: Initializer of the per-channel gain (ones by default,
         which makes the layer variance preserving at initialization).
-      **kwargs: Any other `tf.keras.layers.Conv2D` argument. The default
+      **kwargs: Any other `keras.layers.Conv2D` argument. The default
         `kernel_initializer` is a fan-in normal; after standardization only its
         shape matters, not its scale.
 
@@ -40,11 +41,11 @@ class WSConv2D(tf.keras.layers.Conv2D):
     def __init__(self, filters, kernel_size, eps=1e-4, gain_initializer="ones", **kwargs):
         kwargs.setdefault(
             "kernel_initializer",
-            tf.keras.initializers.VarianceScaling(1.0, "fan_in", "normal"),
+            keras.initializers.VarianceScaling(1.0, "fan_in", "normal"),
         )
         super().__init__(filters, kernel_size, **kwargs)
         self.eps = _validate.positive("eps", eps)
-        self.gain_initializer = tf.keras.initializers.get(gain_initializer)
+        self.gain_initializer = keras.initializers.get(gain_initializer)
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -76,12 +77,26 @@ class WSConv2D(tf.keras.layers.Conv2D):
     def convolution_op(self, inputs, kernel):
         return super().convolution_op(inputs, self.standardized_kernel(kernel))
 
+    # Keras 3's Conv2D saves and loads its kernel and bias only (as entries
+    # "0" and "1"); the gain is a trained weight too and goes after them.
+    def _gain_key(self) -> str:
+        return str(2 if self.use_bias else 1)
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        if self.built:
+            store[self._gain_key()] = self.gain
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        self.gain.assign(store[self._gain_key()])
+
     def get_config(self):
         config = super().get_config()
         config.update(
             {
                 "eps": self.eps,
-                "gain_initializer": tf.keras.initializers.serialize(self.gain_initializer),
+                "gain_initializer": keras.initializers.serialize(self.gain_initializer),
             }
         )
         return config

@@ -1,0 +1,47 @@
+"""TensorFlow's start-up, without its C++ log lines on the program's console.
+
+TensorFlow 2.20+ logs through absl's C++ logging when it loads and finds its
+devices: on a CPU machine, "Could not find cuda drivers", a "failed call to
+cuInit" error, the oneDNN notice, each twice. `TF_CPP_MIN_LOG_LEVEL` no longer
+silences them, and none is news to someone training on CPU. The training
+program loads TensorFlow through `load_tensorflow`, which sends stderr to
+/dev/null only while TensorFlow loads and lists its devices (Python errors
+still propagate and print), then says itself what a user needs: that an
+NVIDIA device is present but TensorFlow found no GPU. Set
+TAN_KERAS_TF_STARTUP_LOG=1 to see TensorFlow's own lines.
+"""
+
+import os
+import sys
+import warnings
+
+_SHOW_ENV = "TAN_KERAS_TF_STARTUP_LOG"
+
+
+def load_tensorflow():
+    """Imports TensorFlow and lists its devices with stderr muted; returns `tf`."""
+    if os.environ.get(_SHOW_ENV, "").strip() not in ("", "0"):
+        import tensorflow as tf
+
+        return tf
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    if not gpus and os.path.exists("/dev/nvidia0"):
+        warnings.warn(
+            "An NVIDIA device is present but TensorFlow found no GPU: training runs on "
+            f"the CPU. Run with {_SHOW_ENV}=1 to see TensorFlow's start-up log (drivers, "
+            "CUDA libraries).",
+            stacklevel=2,
+        )
+    return tf
