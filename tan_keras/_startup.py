@@ -8,9 +8,11 @@ program loads TensorFlow through `load_tensorflow`, which sends stderr to
 /dev/null only while TensorFlow loads and lists its devices (Python errors
 still propagate and print), then says itself what a user needs: that an
 NVIDIA device is present but TensorFlow found no GPU. Set
-TAN_KERAS_TF_STARTUP_LOG=1 to see TensorFlow's own lines.
+TAN_KERAS_TF_STARTUP_LOG=1 to see TensorFlow's own lines. TensorFlow's
+Python INFO messages are turned off too; its warnings stay.
 """
 
+import logging
 import os
 import sys
 import warnings
@@ -37,6 +39,9 @@ def load_tensorflow():
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+    # TensorFlow's Python INFO lines (e.g. the checkpoint saver's "Sharding
+    # callback duration") would reach the console through absl's handler.
+    tf.get_logger().setLevel(logging.WARNING)
     if not gpus and os.path.exists("/dev/nvidia0"):
         warnings.warn(
             "An NVIDIA device is present but TensorFlow found no GPU: training runs on "

@@ -428,11 +428,8 @@ def distribute_poisson_dataset(
 
     Args:
       strategy: The `tf.distribute` strategy the model was built under.
-      features: [N, *input_shape] training examples (on every host).
-      labels: [N, ...] labels.
-      sampler_fn: Builds this host's `PoissonSampler` (same key on all hosts).
-      augmult: K views per example.
-      augmenter: Optional one-view augmentation.
+      features, labels, sampler_fn, augmult, augmenter: As for
+        `poisson_dataset_fn`.
 
     Returns:
       A `tf.distribute.DistributedDataset` to pass to `fit`.
