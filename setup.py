@@ -3,13 +3,13 @@
 import setuptools
 
 # Keras 3 on the TensorFlow backend is the one supported Keras. TF 2.20 (with
-# Keras 3.13) is Colab's stack; TF 2.21 no longer pulls in tensorboard, which
-# the TensorBoard callback needs. tensorflow-privacy is not a dependency: it
-# is only the benchmark's comparison baseline, in its own environment
-# (benchmarks/README.md).
+# Keras 3.13) is Colab's stack; Keras 3.12 is the last release for Python
+# 3.10. TF 2.21 no longer pulls in tensorboard, which the TensorBoard callback
+# needs. tensorflow-privacy is not a dependency: it is only the benchmark's
+# comparison baseline, in its own environment (benchmarks/README.md).
 INSTALL_REQUIRES = [
     "tensorflow>=2.20,<2.22",
-    "keras>=3.13,<4",
+    "keras>=3.12,<4",
     "dp-accounting>=0.6,<0.7",
     "tensorflow-datasets>=4.9",
     "tensorboard",
