@@ -20,6 +20,10 @@ import warnings
 _SHOW_ENV = "TAN_KERAS_TF_STARTUP_LOG"
 
 
+def _drop_tensorflow_info(record: logging.LogRecord) -> bool:
+    return record.levelno > logging.INFO or f"{os.sep}tensorflow{os.sep}" not in record.pathname
+
+
 def load_tensorflow():
     """Imports TensorFlow and lists its devices with stderr muted; returns `tf`."""
     if os.environ.get(_SHOW_ENV, "").strip() not in ("", "0"):
@@ -40,8 +44,9 @@ def load_tensorflow():
         os.close(saved)
         os.close(devnull)
     # TensorFlow's Python INFO lines (e.g. the checkpoint saver's "Sharding
-    # callback duration") would reach the console through absl's handler.
+    # callback duration", logged through absl) would reach the console.
     tf.get_logger().setLevel(logging.WARNING)
+    logging.getLogger("absl").addFilter(_drop_tensorflow_info)
     if not gpus and os.path.exists("/dev/nvidia0"):
         warnings.warn(
             "An NVIDIA device is present but TensorFlow found no GPU: training runs on "
