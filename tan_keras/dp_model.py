@@ -142,10 +142,6 @@ def _logs_for_strategy(logs):
     return logs
 
 
-def _is_array(data) -> bool:
-    return hasattr(data, "shape") and hasattr(data, "dtype")
-
-
 def _label_spec(arguments):
     """Shape and dtype of a batch of labels in fit's/evaluate's data, or None."""
     data = arguments.get("x")
@@ -489,7 +485,7 @@ class DPKerasModel(keras.Model):
         if self._secret.accumulators is None:
             raise ValueError("Compile the DPKerasModel before calling fit.")
         self._label_spec = _label_spec(arguments)
-        if not _is_array(data) and "shuffle" not in arguments:
+        if not fit_inputs.is_array(data) and "shuffle" not in arguments:
             # Datasets and generators are never shuffled by Keras; its
             # default shuffle=True only draws a warning for them.
             arguments["shuffle"] = False
@@ -831,6 +827,10 @@ def make_private(
     except (AttributeError, ValueError):
         inputs = outputs = None
     if (not inputs or not outputs) and input_shape is not None:
+        if isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__iter__"):
+            raise _validate.invalid(
+                "input_shape", "a sequence of positive integers (one example)", input_shape
+            )
         shape = tuple(_validate.positive_int("input_shape", d) for d in input_shape)
         inputs = [keras.Input(shape)]
         outputs = [model(inputs[0])]

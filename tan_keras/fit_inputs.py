@@ -130,19 +130,20 @@ def prepare(config: DPConfig, arguments: Dict[str, Any]) -> Dict[str, Any]:
             )
         return arguments
     if config.sampling == "poisson":
-        if _is_array(data):
+        if is_array(data):
             raise ValueError(NOT_POISSON_ERROR)
         return arguments  # generators...: their elements are checked in train_step
     return _check_shuffled_arrays(config, arguments)
 
 
-def _is_array(data: Any) -> bool:
+def is_array(data: Any) -> bool:
+    """Whether `data` is in-memory arrays (Keras batches and shuffles those itself)."""
     return isinstance(data, (np.ndarray, tf.Tensor, list, dict)) or hasattr(data, "__array__")
 
 
 def _check_shuffled_arrays(config: DPConfig, arguments: Dict[str, Any]) -> Dict[str, Any]:
     data = arguments.get("x")
-    if not _is_array(data) or isinstance(data, (list, dict)):
+    if not is_array(data) or isinstance(data, (list, dict)):
         raise _validate.invalid(
             "x",
             "an in-memory array with sampling='shuffled' (Keras then cuts each epoch into "

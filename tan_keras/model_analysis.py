@@ -310,8 +310,14 @@ def _trace(model) -> Tuple[Tuple[VariableWrite, ...], Dict[int, VariableTie]]:
     for variable in known:
         for handle in _handles(variable):
             by_handle.setdefault(id(handle), variable)
-    seed_states = {
-        id(state) for layer in layers for state in _keras_internals.seed_generator_states(layer)
+    # A seed state is exempt only when written by the Keras random layer that
+    # holds it (Keras's own code advances it by a constant); any other
+    # writer, e.g. a custom layer assigning data into it, is a write.
+    seed_owner = {
+        id(state): layer
+        for layer in layers
+        if type(layer).__module__.startswith("keras.")
+        for state in _keras_internals.seed_generator_states(layer)
     }
     uses = _resource_uses(graph)
     writes, readers = [], {}
@@ -323,7 +329,12 @@ def _trace(model) -> Tuple[Tuple[VariableWrite, ...], Dict[int, VariableTie]]:
         for node, op_type, kind in uses.get(internal.op.name, ()):
             index = creator[op_index[node]] if node in op_index else None
             layer = None if index is None else layers[index]
-            if kind == "write" and id(variable) in seed_states and op_type in _SEED_WRITE_OPS:
+            if (
+                kind == "write"
+                and op_type in _SEED_WRITE_OPS
+                and layer is not None
+                and seed_owner.get(id(variable)) is layer
+            ):
                 kind = "rng"
             if kind == "write":
                 resource = _name(variable) if variable is not None else internal.op.name

@@ -94,9 +94,13 @@ def test_keras3_model_trains_saves_reloads_and_resumes_with_the_same_epsilon(kin
     model.save(path)
     # The noise key is secret state: its value is nowhere in the file.
     key = model.noise_key.numpy()
-    with zipfile.ZipFile(path) as archive:
-        blob = b"".join(archive.read(name) for name in archive.namelist())
-    assert key.tobytes() not in blob
+    assert key.tobytes() not in _saved_bytes(path)
+    # Power check: the same search finds the key where a model does save it.
+    holder = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    holder.layers[0].bias.assign(key.astype(np.float32).view(np.float32)[:1])
+    leaky = str(tmp_path / "leaky.keras")
+    holder.save(leaky)
+    assert key.astype(np.float32).view(np.float32)[:1].tobytes() in _saved_bytes(leaky)
 
     loaded = keras.models.load_model(path)
     assert isinstance(loaded, DPKerasModel) and loaded.dp_config == model.dp_config
@@ -125,12 +129,20 @@ def test_keras3_model_trains_saves_reloads_and_resumes_with_the_same_epsilon(kin
     assert resumed.epsilon() > eps_3
 
 
+def _saved_bytes(path):
+    with zipfile.ZipFile(path) as archive:  # read() decompresses
+        return b"".join(archive.read(name) for name in archive.namelist())
+
+
 def test_make_private_refuses_a_legacy_or_foreign_model():
     class NotKeras:
         name = "legacy"
 
     with pytest.raises(ValueError, match="expected a Keras 3 model"):
         make_private(NotKeras(), **DP)
+    for bad in (5, "5", (5, 0)):
+        with pytest.raises(ValueError, match="input_shape"):
+            make_private(Classifier(), input_shape=bad, **DP)
 
 
 def _import_in_subprocess(prelude="", **env):

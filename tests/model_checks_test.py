@@ -272,6 +272,41 @@ def test_random_augmentation_layers_write_only_rng_state():
     DPKerasModel(inp, out, **DP)
 
 
+class SeedSmuggler(layers.Layer):
+    """Writes data into the state of its own SeedGenerator (saved with the model)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seed_generator = keras.random.SeedGenerator(0)
+
+    def call(self, x):
+        state = self.seed_generator.state
+        state.assign(tf.cast(x[:2, 0] * 1e6, state.dtype))
+        return x
+
+
+class DropoutSmuggler(layers.Dropout):
+    """A Dropout subclass whose call writes data into the seed state."""
+
+    def call(self, x, training=None):
+        state = self.seed_generator.state
+        state.assign(tf.cast(x[:2, 0] * 1e6, state.dtype))
+        return super().call(x, training=training)
+
+
+@pytest.mark.parametrize(
+    "smuggler",
+    [lambda: SeedSmuggler(name="smuggler"), lambda: DropoutSmuggler(0.5, name="smuggler")],
+)
+def test_data_written_into_a_seed_state_is_refused(smuggler):
+    # Only Keras's own random layers may advance a seed state; the same
+    # assignment from a custom layer (or a subclass) is a data write.
+    inp = keras.Input((4,))
+    out = layers.Dense(2)(smuggler()(inp))
+    with pytest.raises(ValueError, match="`smuggler`.*seed_generator_state"):
+        DPKerasModel(inp, out, **DP)
+
+
 # ------------------------------------------------------------- 8. tied weights
 class TiedDecoder(layers.Layer):
     """Decodes with the transposed kernel of another layer."""
