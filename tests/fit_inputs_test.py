@@ -55,6 +55,35 @@ def test_power_check_without_the_tag_check_the_mismatch_trains(monkeypatch):
     assert int(model.dp_steps.numpy()) >= 1
 
 
+def test_distributed_input_is_checked_against_the_model_sampling():
+    # A real (one-device) strategy: the default one hands back plain datasets.
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        model = dp_model(dense_model(), **DP)
+    before = flat(model.get_weights())
+    x, y = _data(2 * N)
+    other = sampling.distribute_poisson_dataset(
+        strategy, x, y, lambda: sampling.PoissonSampler(2 * N, B)
+    )
+    with pytest.raises(ValueError, match=r"draw for .*\(128, 8\).*accounts for \(64, 8\)"):
+        model.fit(other, steps_per_epoch=3, verbose=0)
+    # A distributed dataset that tan_keras did not make: its sampling is unknown.
+    x, y = _data()
+    foreign = strategy.experimental_distribute_dataset(
+        sampling.make_poisson_dataset(x, y, sampling.PoissonSampler(N, B))
+    )
+    with pytest.raises(ValueError, match="not made by.*distribute_poisson_dataset"):
+        model.fit(foreign, steps_per_epoch=3, verbose=0)
+    np.testing.assert_array_equal(flat(model.get_weights()), before)
+    assert int(model.dp_steps.numpy()) == 0
+    # Power check: the matching per-host input trains.
+    matching = sampling.distribute_poisson_dataset(
+        strategy, x, y, lambda: sampling.PoissonSampler(N, B)
+    )
+    model.fit(matching, steps_per_epoch=3, verbose=0)
+    assert int(model.dp_steps.numpy()) >= 1
+
+
 def _shuffled_model(**kwargs):
     return dp_model(dense_model(), **{**DP, "sampling": "shuffled", **kwargs})
 
