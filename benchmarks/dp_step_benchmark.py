@@ -72,7 +72,7 @@ def _measure(model_name, method, batch, augmult, steps, warmup, jit, examples_pe
         x = rng.random((batch * augmult,) + shape, dtype=np.float32)
         data = (x, np.repeat(y, augmult))
     elif method in DP_CLIPPING:
-        from tan_keras.dp_model import make_private
+        from tan_keras.keras_dp.dp_model import make_private
 
         model = make_private(
             base,

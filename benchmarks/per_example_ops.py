@@ -11,7 +11,7 @@ and the ratio to the section's baseline):
             step computes), per example with tf.vectorized_map (a while loop),
             per example from unfolded patches and a batched matmul (the
             layerwise rule), per example as one grouped convolution, and
-            ghost clipping (tan_keras.ghost: norms from the Gram matrices of
+            ghost clipping (tan_keras.mechanism.ghost: norms from the Gram matrices of
             inputs and output gradients, then one batched weight gradient of
             the clip-weighted output gradients).
   chunk  -- per-example gradients plus clipping of WRN-16-4 through
@@ -73,7 +73,7 @@ def _wrn():
 def clip_section(batch, steps, warmup):
     import tensorflow as tf
 
-    from tan_keras.clipping import clip_and_sum
+    from tan_keras.mechanism.clipping import clip_and_sum
 
     grads = [
         tf.Variable(tf.random.normal([batch] + v.shape.as_list()))
@@ -159,8 +159,7 @@ def conv_section(batch, steps, warmup):
             "ghost norms + clipped sum": ghost_kernel,
         }
         timings = {
-            n: _median_ms_if_supported(tf.function(f), steps, warmup)
-            for n, f in candidates.items()
+            n: _median_ms_if_supported(tf.function(f), steps, warmup) for n, f in candidates.items()
         }
         _report(f"conv: 3x3 weight gradient, {size}x{size}x{channels}, batch {batch}", timings)
 
@@ -170,7 +169,7 @@ def _ghost_kernel(x, g, size, channels):
     import keras
     import tensorflow as tf
 
-    from tan_keras.ghost import GhostGradient
+    from tan_keras.mechanism.ghost import GhostGradient
 
     inputs = keras.Input((size, size, channels))
     layer = keras.layers.Conv2D(channels, 3, padding="same")
@@ -191,7 +190,7 @@ def chunk_section(batch, steps, warmup):
     import numpy as np
     import tensorflow as tf
 
-    from tan_keras import chunking, per_example
+    from tan_keras.mechanism import chunking, per_example
 
     model = _wrn()
     loss_fn = per_example.unreduced_loss_fn(

@@ -3,7 +3,7 @@ r"""Batch scaling at a fixed TAN on digits: is accuracy log-linear in log2 B?
 Trains small_cnn on scikit-learn's digits at B in {B_ref/16, ..., B_ref} with
 sigma = sigma_ref * B / B_ref and the same S (hence the same eta), several
 seeds each, through the training program (`tan_keras.train`, in process, by
-way of `tan_keras.search_lib`). Fits acc = a - b log2 B on the small batches
+way of `tan_keras.training.search_lib`). Fits acc = a - b log2 B on the small batches
 only (B <= B_ref / 4), extrapolates to the larger ones and reports whether
 the prediction interval (for the mean of the seeds) covers the measured mean.
 
@@ -11,7 +11,7 @@ Full mode (the plot in experiments/README.md; ~6 min on 2 busy CPU cores):
   python experiments/batch_scaling.py --output_dir=experiments/results/batch_scaling
 Quick mode (a smoke test: 5 runs of 3 steps):
   python experiments/batch_scaling.py --quick --output_dir=/tmp/batch_scaling
-Runs already finished in --output_dir are reused (see tan_keras.search_lib).
+Runs already finished in --output_dir are reused (see tan_keras.training.search_lib).
 """
 
 import math
@@ -20,7 +20,8 @@ import sys
 import _common
 import numpy as np
 
-from tan_keras import scaling, search_lib
+from tan_keras.analysis import scaling
+from tan_keras.training import search_lib
 
 
 def measure(args, output_dir):

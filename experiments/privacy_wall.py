@@ -94,7 +94,7 @@ def main(argv=None):
         etas, steps_list, sigmas = [0.95], [1000, 10000], [0.5, 1.0, 2.0, 5.0]
     else:
         etas, steps_list = [0.95, 0.13], [1000, 10000, 100000]
-        # A log grid plus the sigmas tabulated in tan-method.md, section 3.
+        # A log grid plus the sigmas tabulated in docs/tan-method.md, section 3.
         grid = np.round(np.geomspace(0.4, 10.0, 19), 3)
         sigmas = sorted({float(s) for s in grid} | {0.5, 1.0, 2.0, 3.0, 5.0})
     rows = run(etas, steps_list, sigmas, args.delta)

@@ -3,9 +3,9 @@ r"""Do cheap simulations rank hyper-parameters as the large run does? (digits)
 A grid (learning rate x augmentation multiplicity K) is trained at two batch
 sizes with the same S and sigma/B (sigma = sigma_ref * B / B_ref), several
 seeds each, through the training program (in process, via
-`tan_keras.search_lib`). Configurations are ranked by their mean accuracy at
+`tan_keras.training.search_lib`). Configurations are ranked by their mean accuracy at
 each batch size and the two rankings compared with Spearman's rho and
-Kendall's tau-b (numpy implementations in `tan_keras.scaling`; checked
+Kendall's tau-b (numpy implementations in `tan_keras.analysis.scaling`; checked
 against scipy when it is installed).
 
 Full mode (the plot in experiments/README.md; ~5 min on 2 busy CPU cores):
@@ -18,7 +18,8 @@ import sys
 
 import _common
 
-from tan_keras import scaling, search_lib
+from tan_keras.analysis import scaling
+from tan_keras.training import search_lib
 
 
 def rank_both(records, batch_sizes, configs, metric):

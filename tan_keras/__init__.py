@@ -9,37 +9,25 @@ Importing `tan_keras` is cheap: the TensorFlow-backed names below load on
 first use, so `python -m tan_keras.privacy` runs without TensorFlow.
 """
 
-import importlib
+from tan_keras import _lazy
 
 __version__ = "0.1.0"
 
 # Public name -> module that defines it.
 _EXPORTS = {
-    "DPConfig": "tan_keras.dp_config",
-    "DPKerasModel": "tan_keras.dp_model",
-    "make_private": "tan_keras.dp_model",
-    "PoissonSampler": "tan_keras.sampling",
-    "make_poisson_dataset": "tan_keras.sampling",
-    "PrivacyAccountant": "tan_keras.callbacks",
-    "DPCheckpoint": "tan_keras.checkpointing",
-    "DPCheckpointCallback": "tan_keras.checkpointing",
-    "CheckpointError": "tan_keras.checkpointing",
-    "NotPrivateWarning": "tan_keras.noise",
-    "make_augmenter": "tan_keras.augment",
-    "make_views": "tan_keras.augment",
+    "DPConfig": "tan_keras.keras_dp.dp_config",
+    "DPKerasModel": "tan_keras.keras_dp.dp_model",
+    "make_private": "tan_keras.keras_dp.dp_model",
+    "PoissonSampler": "tan_keras.mechanism.sampling",
+    "make_poisson_dataset": "tan_keras.mechanism.sampling",
+    "PrivacyAccountant": "tan_keras.keras_dp.callbacks",
+    "DPCheckpoint": "tan_keras.keras_dp.checkpointing",
+    "DPCheckpointCallback": "tan_keras.keras_dp.checkpointing",
+    "CheckpointError": "tan_keras.keras_dp.checkpointing",
+    "NotPrivateWarning": "tan_keras.mechanism.noise",
+    "make_augmenter": "tan_keras.data.augment",
+    "make_views": "tan_keras.mechanism.views",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
-
-
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tan_keras' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = _lazy.exports(__name__, _EXPORTS)
+__all__ = __all__ + ["__version__"]

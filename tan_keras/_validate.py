@@ -179,7 +179,7 @@ def _fmt(bound: float) -> str:
 
 
 def examples_per_chunk(value: Any) -> Union[int, str, None]:
-    """Checks `examples_per_chunk` (tan_keras.chunking), here so that CLIs need no TF.
+    """Checks `examples_per_chunk` (tan_keras.mechanism.chunking), here so that CLIs need no TF.
 
     Args:
       value: "auto", None (the whole micro-batch at once) or an int >= 1.

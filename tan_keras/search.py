@@ -9,6 +9,7 @@ the exact command of the final private run with the best configuration.
 
 Grid syntax: `--grid='flag=v1,v2;flag2=v1,v2'` over `tan_keras.train` flags
 (';' separates axes, ',' values); --grid may also be repeated, one axis each.
+Each value is checked as tan_keras.train would check it before any run.
 Every grid point runs once per --seeds entry. Extra fixed training flags go
 in --train_flags (a shell-quoted string).
 
@@ -19,9 +20,10 @@ Example (digits, 2 x 2 grid, 2 seeds, 16x cheaper than the private run):
 
 Several --batch_size values (e.g. 32,64) also fit the scaling law
 acc = a - b log2(B) for the best configuration and predict its accuracy at
---ref_batch_size with a prediction interval. Runs whose metrics.json exists
-in --output_dir are skipped, so an interrupted search resumes where it
-stopped. Bad flags exit with status 2 and one line on stderr.
+--ref_batch_size with a prediction interval. Every run trains in this
+process (TensorFlow loads once). Runs whose metrics.json exists in
+--output_dir are skipped, so an interrupted search resumes where it stopped.
+Bad flags exit with status 2 and one line on stderr.
 """
 
 import shlex
@@ -29,18 +31,31 @@ import sys
 
 from absl import app, flags
 
-from tan_keras import _cli, _validate, search_lib
-from tan_keras.privacy.cli import parse_number
+from tan_keras import _cli, _validate
+from tan_keras.training import search_lib, search_results
 
-# Numbers are read as text so that a bad value reaches the package's
-# validators and gets their one-line message naming the flag.
-_REF_BATCH_SIZE = flags.DEFINE_string(
-    "ref_batch_size", None, "B_ref of the private run to tune. Required."
+# Typed flags, checked when parsed (one-line message naming flag and range).
+_REF_BATCH_SIZE = _cli.define_checked(
+    "ref_batch_size",
+    None,
+    "B_ref of the private run to tune. Required.",
+    int,
+    lambda v: _validate.positive_int("ref_batch_size", v),
 )
-_REF_NOISE_MULTIPLIER = flags.DEFINE_string(
-    "ref_noise_multiplier", None, "sigma_ref of the private run. Required."
+_REF_NOISE_MULTIPLIER = _cli.define_checked(
+    "ref_noise_multiplier",
+    None,
+    "sigma_ref of the private run. Required.",
+    float,
+    lambda v: _validate.positive("ref_noise_multiplier", v),
 )
-_STEPS = flags.DEFINE_string("steps", None, "S: noisy updates of every run. Required.")
+_STEPS = _cli.define_checked(
+    "steps",
+    None,
+    "S: noisy updates of every run. Required.",
+    int,
+    lambda v: _validate.positive_int("steps", v),
+)
 _BATCH_SIZE = flags.DEFINE_list(
     "batch_size", None, "Simulation batch size(s) B <= ref_batch_size, e.g. 64 or 32,64."
 )
@@ -56,8 +71,8 @@ _TRAIN_FLAGS = flags.DEFINE_string(
 _METRIC = flags.DEFINE_string(
     "metric", "test_accuracy_ema", "Metrics key to rank by (test_accuracy without EMA)."
 )
-_CONFIDENCE = flags.DEFINE_string(
-    "confidence", "0.95", "Coverage of the prediction interval at B_ref."
+_CONFIDENCE = _cli.define_checked(
+    "confidence", 0.95, "Coverage of the prediction interval at B_ref, in (0, 1).", float
 )
 _VERIFY = flags.DEFINE_bool(
     "verify_final_command", True, "Check the final command with tan_keras.train --dry_run."
@@ -70,7 +85,7 @@ _QUIET = flags.DEFINE_bool(
 def main(argv):
     if len(argv) > 1:
         _cli.fail(f"unexpected positional arguments: {' '.join(argv[1:])!r}")
-    number = parse_number
+    number = _cli.parse_number
     try:
         for name, holder in (
             ("ref_batch_size", _REF_BATCH_SIZE),
@@ -82,9 +97,9 @@ def main(argv):
             if not holder.value:
                 raise _validate.invalid(name, "a value (the flag is required)", None)
         spec = search_lib.SearchSpec(
-            ref_batch_size=number(_REF_BATCH_SIZE.value),
-            ref_noise_multiplier=number(_REF_NOISE_MULTIPLIER.value),
-            steps=number(_STEPS.value),
+            ref_batch_size=_REF_BATCH_SIZE.value,
+            ref_noise_multiplier=_REF_NOISE_MULTIPLIER.value,
+            steps=_STEPS.value,
             batch_sizes=tuple(number(b) for b in _BATCH_SIZE.value),
             dataset=_DATASET.value,
             grid=search_lib.parse_grid(_GRID.value),
@@ -92,19 +107,19 @@ def main(argv):
             output_dir=_OUTPUT_DIR.value,
             train_flags=tuple(shlex.split(_TRAIN_FLAGS.value)),
             metric=_METRIC.value,
-            confidence=number(_CONFIDENCE.value),
+            confidence=_CONFIDENCE.value,
         )
     except ValueError as err:
         _cli.fail(str(err))
     logs = f"{spec.output_dir}/logs" if _QUIET.value else None
-    runner = search_lib.subprocess_runner(logs)
+    runner = search_lib.in_process_runner(logs)
     try:
         records, trained, skipped = search_lib.run_search(
             spec, runner, log=lambda line: print(line, flush=True)
         )
-        summary = search_lib.summarize(spec, records)
-        csv_path, json_path = search_lib.write_results(spec, records, summary)
-        print(search_lib.format_report(summary, trained, skipped))
+        summary = search_results.summarize(spec, records)
+        csv_path, json_path = search_results.write_results(spec, records, summary)
+        print(search_results.format_report(summary, trained, skipped))
         if _VERIFY.value:
             # The command must run as printed: tan_keras.train --dry_run checks
             # every flag (and B_ref <= N), prints the privacy plan, writes nothing.

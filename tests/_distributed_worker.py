@@ -20,9 +20,9 @@ R, VARIANT = int(sys.argv[1]), sys.argv[2]
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * R)
 
-from tan_keras import noise  # noqa: E402
-from tan_keras.callbacks import PrivacyAccountant  # noqa: E402
-from tan_keras.dp_model import DPKerasModel  # noqa: E402
+from tan_keras.keras_dp.callbacks import PrivacyAccountant  # noqa: E402
+from tan_keras.keras_dp.dp_model import DPKerasModel  # noqa: E402
+from tan_keras.mechanism import noise  # noqa: E402
 
 if VARIANT == "same_seed":
     original_seed = noise.step_seed

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tan_keras.dp_model import DPKerasModel
+from tan_keras.keras_dp.dp_model import DPKerasModel
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -73,3 +73,19 @@ def updates_by_clipping_mode(base, x, y, modes, micro=2, lr=0.5, **dp_kwargs):
         assert model.clipping == mode
         results[mode] = flat(one_step(model, x, y, micro=micro))
     return results
+
+
+def refusal_line(code, stderr, name=None):
+    """Checks the command lines' refusal contract and returns its one line.
+
+    Exit status 2, exactly one "error: ..." line on stderr (the last one), no
+    traceback; with `name`, the line names that flag in backticks.
+    """
+    assert code == 2, (code, stderr[-2000:])
+    assert "Traceback" not in stderr, stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr[-2000:]
+    assert stderr.rstrip().endswith(lines[0]), stderr[-2000:]
+    if name is not None:
+        assert f"`{name}`" in lines[0], lines[0]
+    return lines[0]

@@ -26,8 +26,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tan_keras import sampling  # noqa: E402
-from tan_keras.dp_model import DPKerasModel  # noqa: E402
+from tan_keras.keras_dp.dp_model import DPKerasModel  # noqa: E402
+from tan_keras.mechanism import sampling  # noqa: E402
 
 N, B, P = 64, 8, 8
 strategy = tf.distribute.get_strategy() if SINGLE else tf.distribute.MultiWorkerMirroredStrategy()
@@ -67,7 +67,7 @@ elif os.environ.get("TAN_TEST_BROKEN_SHARDING"):
     sampling._DISTRIBUTED_SAMPLING[data] = (N, B)
 else:
     data = sampling.distribute_poisson_dataset(strategy, x, y, make_sampler)
-from tan_keras.callbacks import PrivacyAccountant  # noqa: E402
+from tan_keras.keras_dp.callbacks import PrivacyAccountant  # noqa: E402
 
 model.fit(
     data,

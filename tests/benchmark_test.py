@@ -8,6 +8,7 @@ import sys
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPT = BENCHMARKS / "dp_step_benchmark.py"
 OPS_SCRIPT = BENCHMARKS / "per_example_ops.py"
+CALIBRATION_SCRIPT = BENCHMARKS / "calibration_benchmark.py"
 
 
 def _run(*args):
@@ -75,3 +76,18 @@ def test_per_example_ops_benchmark_prints_ratios_against_each_baseline():
     for title in titles:
         first = lines[lines.index(title) + 1]
         assert first.rstrip().endswith("1.00x"), first
+
+
+def test_calibration_benchmark_compares_both_searches_within_budget():
+    result = subprocess.run(
+        [sys.executable, str(CALIBRATION_SCRIPT), "--cases=1"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("digits")]
+    assert [row[2] for row in rows] == ["tan_keras", "dp-accounting"]
+    assert all(row[5] == "yes" for row in rows)  # neither overshoots the budget
+    assert "dp-accounting / tan_keras time" in result.stdout

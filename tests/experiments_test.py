@@ -44,7 +44,7 @@ def test_privacy_wall_quick(tmp_path):
         assert list(curve.values()) == sorted(curve.values(), reverse=True)  # the wall
         assert curve[5.0] == pytest.approx(eps_tan, rel=0.1)  # collapse to eps_TAN
         assert curve[0.5] > 3 * eps_tan
-    # tan-method.md section 3: eta = 0.95, S = 1e4, delta = 8e-7. dp-accounting
+    # docs/tan-method.md, section 3: eta = 0.95, S = 1e4, delta = 8e-7. dp-accounting
     # >= 0.4.4 reports 35.0 where 0.4.3 reported 34.4 at sigma = 0.5: its
     # fractional orders 1.1-1.9 fail to converge there and are left out (a
     # looser, still valid bound); sigma = 2 is unchanged.

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from tan_keras import PrivacyAccountant, make_poisson_dataset, make_private
-from tan_keras.dp_model import DPKerasModel
-from tan_keras.sampling import PoissonSampler
+from tan_keras.keras_dp.dp_model import DPKerasModel
+from tan_keras.mechanism.sampling import PoissonSampler
 
 N, B, DELTA = 64, 16, 1e-5
 DP = dict(l2_norm_clip=1.0, noise_multiplier=1.2, expected_batch_size=B, dataset_size=N)
@@ -147,7 +147,7 @@ def test_make_private_refuses_a_legacy_or_foreign_model():
 
 def _import_in_subprocess(prelude="", **env):
     return subprocess.run(
-        [sys.executable, "-c", prelude + "import tan_keras.dp_model"],
+        [sys.executable, "-c", prelude + "import tan_keras.keras_dp.dp_model"],
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env},
         capture_output=True,
         text=True,

@@ -3,7 +3,8 @@
 Modules:
   accounting: epsilon of Poisson-sampled DP-SGD (dp_accounting's RDP or PLD
     accountant) and calibration of sigma, steps or batch size to a budget.
-  tan: eta, eps_TAN and the overcharge check of Sander et al. (ICML 2023).
+  tan: eta and eps_TAN of Sander et al. (ICML 2023), formulas only.
+  overcharge: the overcharged regime (exact epsilon far above eps_TAN).
   planning: cheap, non-private simulations of a private run, step search.
   cli: the work behind `python -m tan_keras.privacy`.
 
@@ -20,8 +21,9 @@ from tan_keras.privacy.accounting import (
     sampling_rate,
     steps_to_epochs,
 )
+from tan_keras.privacy.overcharge import check_overcharge
 from tan_keras.privacy.planning import plan_simulation, step_search
-from tan_keras.privacy.tan import check_overcharge, eps_tan, eta, eta_for_epsilon
+from tan_keras.privacy.tan import eps_tan, eta, eta_for_epsilon
 
 __all__ = [
     "calibrate_batch_size",

@@ -19,48 +19,84 @@ to launch. Bad input exits with status 2 and one line on stderr.
 
 from absl import app, flags
 
-from tan_keras import _cli
+from tan_keras import _cli, _validate
 from tan_keras.privacy import cli
 
-# Numbers are read as text and converted by cli.parse_number, so that a bad
-# value (2500.5 steps, "abc") reaches the package's validators and gets their
-# one-line message naming the flag and its range, not absl's.
-_DATASET_SIZE = flags.DEFINE_string(
-    "dataset_size", None, "N: distinct training examples (integer >= 1). Required."
+# Typed flags: each number is checked when parsed, with the package's one-line
+# message naming the flag, its range and the value. A required flag left out
+# is reported by `cli.report`, which knows what may replace it.
+_DATASET_SIZE = _cli.define_checked(
+    "dataset_size",
+    None,
+    "N: distinct training examples (integer >= 1). Required.",
+    int,
+    lambda v: _validate.positive_int("dataset_size", v),
 )
-_BATCH_SIZE = flags.DEFINE_string(
+_BATCH_SIZE = _cli.define_checked(
     "batch_size",
     None,
     "B: expected batch size, integer in [1, N] (in a plan: the simulation's, "
     "<= ref_batch_size). Required.",
+    int,
+    lambda v: _validate.positive_int("batch_size", v),
 )
-_NOISE_MULTIPLIER = flags.DEFINE_string(
-    "noise_multiplier", None, "sigma > 0 (or give --target_eps)."
+_NOISE_MULTIPLIER = _cli.define_checked(
+    "noise_multiplier",
+    None,
+    "sigma > 0 (or give --target_eps).",
+    float,
+    lambda v: _validate.positive("noise_multiplier", v),
 )
-_STEPS = flags.DEFINE_string("steps", None, "S: noisy updates, integer >= 1.")
-_EPOCHS = flags.DEFINE_string(
+_STEPS = _cli.define_checked(
+    "steps",
+    None,
+    "S: noisy updates, integer >= 1.",
+    int,
+    lambda v: _validate.positive_int("steps", v),
+)
+_EPOCHS = _cli.define_checked(
     "epochs",
     None,
     "Instead of --steps: passes over the data, S = ceil(epochs * N / B) "
     "(B = ref_batch_size in a plan).",
+    float,
+    lambda v: _validate.positive("epochs", v),
 )
-_DELTA = flags.DEFINE_string(
+_DELTA = _cli.define_checked(
     "delta",
     None,
     "Target delta in (0, 1), well below 1/N (paper: 1e-5 CIFAR-10, 8e-7 "
     "ImageNet). Required: no default fits every dataset.",
+    float,
+    lambda v: _validate.delta("delta", v),
 )
-_TARGET_EPS = flags.DEFINE_string(
-    "target_eps", None, "Solve for the noise multiplier that meets this epsilon."
+_TARGET_EPS = _cli.define_checked(
+    "target_eps",
+    None,
+    "Solve for the noise multiplier that meets this epsilon.",
+    float,
+    lambda v: _validate.positive("target_eps", v),
 )
-_REF_BATCH_SIZE = flags.DEFINE_string(
-    "ref_batch_size", None, "Plan: B_ref of the private run to simulate."
+_REF_BATCH_SIZE = _cli.define_checked(
+    "ref_batch_size",
+    None,
+    "Plan: B_ref of the private run to simulate.",
+    int,
+    lambda v: _validate.positive_int("ref_batch_size", v),
 )
-_REF_NOISE_MULTIPLIER = flags.DEFINE_string(
-    "ref_noise_multiplier", None, "Plan: sigma_ref of the private run to simulate."
+_REF_NOISE_MULTIPLIER = _cli.define_checked(
+    "ref_noise_multiplier",
+    None,
+    "Plan: sigma_ref of the private run to simulate.",
+    float,
+    lambda v: _validate.positive("ref_noise_multiplier", v),
 )
-_AUGMULT = flags.DEFINE_string(
-    "augmult", "1", "K: augmentation multiplicity (changes only compute)."
+_AUGMULT = _cli.define_checked(
+    "augmult",
+    1,
+    "K: augmentation multiplicity (changes only compute).",
+    int,
+    lambda v: _validate.positive_int("augmult", v),
 )
 _ACCOUNTANT = flags.DEFINE_string("accountant", "rdp", "rdp or pld.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
@@ -69,19 +105,18 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 def main(argv):
     if len(argv) > 1:
         _cli.fail(f"unexpected positional arguments: {' '.join(argv[1:])!r}")
-    number = cli.parse_number
     try:
         result = cli.report(
-            dataset_size=number(_DATASET_SIZE.value),
-            batch_size=number(_BATCH_SIZE.value),
-            delta=number(_DELTA.value),
-            noise_multiplier=number(_NOISE_MULTIPLIER.value),
-            steps=number(_STEPS.value),
-            epochs=number(_EPOCHS.value),
-            target_eps=number(_TARGET_EPS.value),
-            ref_batch_size=number(_REF_BATCH_SIZE.value),
-            ref_noise_multiplier=number(_REF_NOISE_MULTIPLIER.value),
-            augmult=number(_AUGMULT.value),
+            dataset_size=_DATASET_SIZE.value,
+            batch_size=_BATCH_SIZE.value,
+            delta=_DELTA.value,
+            noise_multiplier=_NOISE_MULTIPLIER.value,
+            steps=_STEPS.value,
+            epochs=_EPOCHS.value,
+            target_eps=_TARGET_EPS.value,
+            ref_batch_size=_REF_BATCH_SIZE.value,
+            ref_noise_multiplier=_REF_NOISE_MULTIPLIER.value,
+            augmult=_AUGMULT.value,
             accountant=_ACCOUNTANT.value,
         )
     except ValueError as err:

@@ -40,6 +40,7 @@ from dp_accounting import dp_event, pld, rdp
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from tan_keras import _validate
+from tan_keras.privacy import tan
 
 # dp-accounting >= 0.4.4 logs one warning per RDP order it leaves out when its
 # series for a fractional order below 2 does not converge (large sampling
@@ -345,14 +346,11 @@ def calibrate_noise_multiplier(
     def eps(sigma: float) -> float:
         return _epsilon(sigma, q, steps, delta, accountant)
 
-    # Start from the TAN estimate (tan.eta_for_epsilon, inlined: tan imports
-    # this module): exact epsilon is within ~10% of eps_TAN for sigma >~ 2, so
-    # the bracket is usually found in two or three accountant calls. That
-    # matters at large sigma, where dp_accounting's fractional-order RDP
-    # series costs up to ~1.5 s per call (sigma ~ 600).
-    log_inv_delta = math.log(1.0 / delta)
-    eta_target = math.sqrt(log_inv_delta + target) - math.sqrt(log_inv_delta)
-    guess = q * math.sqrt(steps) / (math.sqrt(2.0) * eta_target)
+    # Start from the TAN estimate: exact epsilon is within ~10% of eps_TAN
+    # for sigma >~ 2, so the bracket is usually found in two or three
+    # accountant calls. That matters at large sigma, where dp_accounting's
+    # fractional-order RDP series costs up to ~1.5 s per call (sigma ~ 600).
+    guess = tan.noise_multiplier_for_eta(tan.eta_for_epsilon(target, delta), q, steps)
     guess = min(_MAX_NOISE_MULTIPLIER, max(_MIN_NOISE_MULTIPLIER, guess))
     if accountant == "pld":
         # PLD calls cost 10-100x RDP ones, most at small sigma, where eps_TAN

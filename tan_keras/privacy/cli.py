@@ -14,35 +14,11 @@ describe the reference run, the one whose epsilon can be claimed; the
 """
 
 import json
-import math
 from typing import Any, Dict, Optional
 
 from tan_keras import _validate
-from tan_keras.privacy import accounting, planning, tan
-
-
-def parse_number(text: Optional[str]) -> Any:
-    """A flag's text as an int or float; anything else is returned unchanged.
-
-    Non-numbers are passed through so that the validators, which know each
-    flag's range, reject them with the package's standard message.
-
-    Args:
-      text: The flag's value as typed, or None when the flag was not given.
-
-    Returns:
-      int, float, None, or `text` itself when it is not a number.
-    """
-    if text is None:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        return text
+from tan_keras._numbers import json_safe, short
+from tan_keras.privacy import accounting, overcharge, plan, planning, tan
 
 
 def report(
@@ -105,69 +81,21 @@ def report(
     )
     augmult = _validate.positive_int("augmult", augmult)
     accountant = _validate.one_of("accountant", accountant, accounting.ACCOUNTANTS)
-    is_plan = ref_batch_size is not None or ref_noise_multiplier is not None
-    if is_plan:
-        if ref_batch_size is None or ref_noise_multiplier is None:
-            missing = "ref_batch_size" if ref_batch_size is None else "ref_noise_multiplier"
-            given = "ref_noise_multiplier" if ref_batch_size is None else "ref_batch_size"
-            raise _validate.invalid(
-                missing,
-                f"a value, since --{given} is given (a plan needs both)",
-                None,
-            )
-        for name, value in (("noise_multiplier", noise_multiplier), ("target_eps", target_eps)):
-            if value is not None:
-                raise _validate.invalid(
-                    name,
-                    "unset in a simulation plan (the simulation's noise multiplier "
-                    "is ref_noise_multiplier * batch_size / ref_batch_size)",
-                    value,
-                )
+    mode = plan.noise_mode(
+        target_eps=target_eps,
+        noise_multiplier=noise_multiplier,
+        ref_batch_size=ref_batch_size,
+        ref_noise_multiplier=ref_noise_multiplier,
+    )
+    if mode == "simulation":
         ref_batch_size = _validate.integer("ref_batch_size", ref_batch_size, low=1, high=n)
     batch_size = _validate.positive_int(
         "batch_size", batch_size, hint=_required("batch_size", batch_size)
     )
-    steps = _steps(steps, epochs, ref_batch_size if is_plan else batch_size, n)
-
-    warnings = []
-    if delta >= 1.0 / n:
-        warnings.append(
-            f"delta={delta:g} is not below 1/dataset_size={1.0 / n:.3g}; the "
-            "usual rule is delta << 1/N, since releasing one random training "
-            "example in the clear already has delta = 1/N."
-        )
-
-    if is_plan:
-        plan = planning.plan_simulation(
-            ref_batch_size=ref_batch_size,
-            ref_noise_multiplier=ref_noise_multiplier,
-            steps=steps,
-            dataset_size=n,
-            delta=delta,
-            batch_size=batch_size,
-            augmult=augmult,
-            accountant=accountant,
-        )
-        return _plan_report(plan, warnings)
-
-    q = accounting.sampling_rate(batch_size, n)
-    if target_eps is not None:
-        if noise_multiplier is not None:
-            raise _validate.invalid(
-                "target_eps",
-                "unset when --noise_multiplier is given (give one of them)",
-                target_eps,
-            )
-        target = _validate.positive("target_eps", target_eps)
-        try:
-            sigma = accounting.calibrate_noise_multiplier(target, q, steps, delta, accountant)
-        except ValueError as err:
-            # The library names its argument `target_epsilon`; the user typed
-            # --target_eps, and the message must name what they typed.
-            raise ValueError(str(err).replace("target_epsilon", "target_eps")) from None
-        mode = "calibrate"
-    else:
-        sigma = _validate.positive(
+    steps = _steps(steps, epochs, ref_batch_size if mode == "simulation" else batch_size, n)
+    if mode != "simulation" and target_eps is None:
+        # This command has no default target, and sigma = 0 is no question to ask.
+        noise_multiplier = _validate.positive(
             "noise_multiplier",
             noise_multiplier,
             hint=_required(
@@ -176,20 +104,34 @@ def report(
                 "(or give --target_eps to solve for it); 0 means no noise and no privacy",
             ),
         )
-        mode = "epsilon"
-    check = tan.check_overcharge(sigma, q, steps, delta, accountant)
+    the_plan = plan.make_plan(
+        dataset_size=n,
+        batch_size=batch_size,
+        steps=steps,
+        delta=delta,
+        augmult=augmult,
+        accountant=accountant,
+        target_eps=target_eps,
+        noise_multiplier=noise_multiplier,
+        ref_batch_size=ref_batch_size,
+        ref_noise_multiplier=ref_noise_multiplier,
+    )
+    if the_plan.simulation:
+        return _plan_report(the_plan)
+    run = the_plan.run_privacy()
+    check = _overcharge(run, delta)
     result = {
-        "mode": mode,
+        "mode": "calibrate" if mode == "target_eps" else "epsilon",
         "accountant": accountant,
         "dataset_size": n,
         "delta": delta,
         **_run_keys(check, batch_size, n, augmult),
         "message": check.message,
-        "warnings": warnings,
+        "warnings": list(the_plan.warnings),
     }
-    if mode == "calibrate":
-        result["target_epsilon"] = target
-    return _json_safe(result)
+    if mode == "target_eps":
+        result["target_epsilon"] = the_plan.target_epsilon
+    return json_safe(result)
 
 
 def format_report(result: Dict[str, Any]) -> str:
@@ -206,18 +148,18 @@ def format_report(result: Dict[str, Any]) -> str:
     lines = [f"DP-SGD with Poisson sampling, {result['accountant']} accountant"]
     if result["mode"] == "calibrate":
         lines.append(
-            f"  calibrated noise_multiplier {_num(result['noise_multiplier'])} "
-            f"for target_eps {_num(result['target_epsilon'])}"
+            f"  calibrated noise_multiplier {short(result['noise_multiplier'])} "
+            f"for target_eps {short(result['target_epsilon'])}"
         )
     lines += [
         f"  dataset_size N     {result['dataset_size']}",
-        f"  batch_size B       {result['batch_size']}  (q = {_num(result['sampling_rate'])})",
-        f"  noise_multiplier   {_num(result['noise_multiplier'])}  "
-        f"(sigma/B = {_num(result['sigma_over_batch_size'])})",
-        f"  steps S            {result['steps']}  ({_num(result['epochs'])} epochs)",
+        f"  batch_size B       {result['batch_size']}  (q = {short(result['sampling_rate'])})",
+        f"  noise_multiplier   {short(result['noise_multiplier'])}  "
+        f"(sigma/B = {short(result['sigma_over_batch_size'])})",
+        f"  steps S            {result['steps']}  ({short(result['epochs'])} epochs)",
         f"  delta              {result['delta']:g}",
         f"  epsilon            {_eps(result['epsilon'])}",
-        f"  eta (TAN)          {_num(result['eta'])}",
+        f"  eta (TAN)          {short(result['eta'])}",
         f"  eps_TAN            {_eps(result['eps_tan'])}",
         "",
         result["message"],
@@ -238,7 +180,7 @@ def to_json(result: Dict[str, Any]) -> str:
     Raises:
       ValueError: if a non-finite float slipped through (a bug).
     """
-    return json.dumps(_json_safe(result), allow_nan=False)
+    return json.dumps(json_safe(result), allow_nan=False)
 
 
 def _steps(steps: Any, epochs: Any, batch_size: int, n: int) -> int:
@@ -251,7 +193,7 @@ def _steps(steps: Any, epochs: Any, batch_size: int, n: int) -> int:
     )
 
 
-def _run_keys(check: tan.OverchargeReport, batch_size: int, n: int, augmult: int):
+def _run_keys(check: overcharge.OverchargeReport, batch_size: int, n: int, augmult: int):
     return {
         "batch_size": batch_size,
         "noise_multiplier": check.noise_multiplier,
@@ -269,9 +211,10 @@ def _run_keys(check: tan.OverchargeReport, batch_size: int, n: int, augmult: int
     }
 
 
-def _plan_report(plan: planning.SimulationPlan, warnings) -> Dict[str, Any]:
-    ref, sim = plan.reference, plan.simulation
-    ref_check = _overcharge(ref, plan.delta)
+def _plan_report(the_plan: plan.PrivacyPlan) -> Dict[str, Any]:
+    ref, sim = the_plan.reference, the_plan.run_privacy()
+    runs = the_plan.runs_dict()
+    ref_check = _overcharge(ref, the_plan.delta)
     message = (
         f"The simulation (batch_size={sim.batch_size}, noise_multiplier="
         f"{sim.noise_multiplier:g}, steps={sim.steps}) is NOT private: it has "
@@ -289,30 +232,30 @@ def _plan_report(plan: planning.SimulationPlan, warnings) -> Dict[str, Any]:
         + f" Only the reference run (batch_size={ref.batch_size}, "
         f"noise_multiplier={ref.noise_multiplier:g}, steps={ref.steps}) gives "
         f"the privacy guarantee epsilon={_eps(ref.epsilon)} at "
-        f"delta={plan.delta:g}."
+        f"delta={the_plan.delta:g}."
     )
     if ref.overcharged:
         message += " The reference run itself is overcharged: " + ref_check.message
     result = {
         "mode": "plan",
-        "accountant": plan.accountant,
-        "dataset_size": plan.dataset_size,
-        "delta": plan.delta,
-        **_run_keys(ref_check, ref.batch_size, plan.dataset_size, plan.augmult),
+        "accountant": the_plan.accountant,
+        "dataset_size": the_plan.dataset_size,
+        "delta": the_plan.delta,
+        **_run_keys(ref_check, ref.batch_size, the_plan.dataset_size, the_plan.augmult),
         "private": ref.private,
-        "compute_saving": plan.compute_saving,
-        "simulation": sim.to_dict(),
-        "reference": ref.to_dict(),
+        "compute_saving": the_plan.compute_saving,
+        "simulation": runs["simulation"],
+        "reference": runs["reference"],
         "message": message,
-        "warnings": warnings,
+        "warnings": list(the_plan.warnings),
     }
-    return _json_safe(result)
+    return json_safe(result)
 
 
-def _overcharge(run: planning.RunPrivacy, delta: float) -> tan.OverchargeReport:
+def _overcharge(run: planning.RunPrivacy, delta: float) -> overcharge.OverchargeReport:
     # Built from the plan's numbers rather than by check_overcharge, which
     # would run the accountant a second time.
-    return tan.OverchargeReport(
+    return overcharge.OverchargeReport(
         noise_multiplier=run.noise_multiplier,
         sampling_rate=run.sampling_rate,
         steps=run.steps,
@@ -344,9 +287,9 @@ def _format_plan(result: Dict[str, Any]) -> str:
             row.format(
                 name,
                 run["batch_size"],
-                _num(run["noise_multiplier"]),
-                _num(run["sampling_rate"]),
-                _num(run["eta"]),
+                short(run["noise_multiplier"]),
+                short(run["sampling_rate"]),
+                short(run["eta"]),
                 _eps(run["eps_tan"]),
                 _eps(run["epsilon"]),
                 verdict,
@@ -354,12 +297,12 @@ def _format_plan(result: Dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"Compute saving: {_num(result['compute_saving'])}x per run "
+        f"Compute saving: {short(result['compute_saving'])}x per run "
         f"(ref_batch_size/batch_size = {ref['batch_size']}/{sim['batch_size']}; "
         f"{sim['gradient_evaluations']:.3g} vs {ref['gradient_evaluations']:.3g} "
         "gradient evaluations).",
         f"Launch now: batch_size={sim['batch_size']}, noise_multiplier="
-        f"{_num(sim['noise_multiplier'])}, steps={sim['steps']}.",
+        f"{short(sim['noise_multiplier'])}, steps={sim['steps']}.",
         "",
         result["message"],
     ]
@@ -371,21 +314,6 @@ def _required(name: str, value: Any, extra: str = "") -> str:
     if value is not None:
         return ""
     return f"--{name} is required {extra}".strip()
-
-
-def _json_safe(value: Any) -> Any:
-    """Replaces non-finite floats by None, recursively (JSON has no Infinity)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    return value
-
-
-def _num(value: Optional[float]) -> str:
-    return "inf" if value is None else f"{value:.4g}"
 
 
 def _eps(value: Optional[float]) -> str:

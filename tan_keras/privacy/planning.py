@@ -15,9 +15,9 @@ and the learning rate keeps lr * S constant (the paper's ImageNet search:
 
 import dataclasses
 import math
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List
 
-from tan_keras import _validate
+from tan_keras import _numbers, _validate
 from tan_keras.privacy import accounting, tan
 
 
@@ -56,7 +56,7 @@ class RunPrivacy:
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready dict; a non-finite epsilon becomes None."""
         return {
-            field.name: _finite_or_none(getattr(self, field.name))
+            field.name: _numbers.json_safe(getattr(self, field.name))
             for field in dataclasses.fields(self)
         }
 
@@ -195,7 +195,7 @@ class StepSearchPoint:
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready dict; a non-finite epsilon becomes None."""
         return {
-            field.name: _finite_or_none(getattr(self, field.name))
+            field.name: _numbers.json_safe(getattr(self, field.name))
             for field in dataclasses.fields(self)
         }
 
@@ -305,9 +305,3 @@ def _is_iterable(value: Any) -> bool:
     except TypeError:
         return False
     return True
-
-
-def _finite_or_none(value: Any) -> Optional[Any]:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

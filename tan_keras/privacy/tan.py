@@ -11,15 +11,15 @@ by the closed form
 
 which comes from the per-step RDP of the subsampled Gaussian being about
 alpha * eta_step**2 at large sigma. Below sigma ~ 2 the exact epsilon rises
-far above eps_TAN: the run is "overcharged". eps_TAN is a planning tool; the
-accountant (`accounting.compute_epsilon`) gives the number to report.
+far above eps_TAN: the run is "overcharged" (`overcharge.check_overcharge`).
+eps_TAN is a planning tool; the accountant (`accounting.compute_epsilon`)
+gives the number to report. This module is formulas only: the accountant
+starts its calibration from them.
 """
 
-import dataclasses
 import math
 
 from tan_keras import _validate
-from tan_keras.privacy import accounting
 
 # Below this noise multiplier the exact epsilon is markedly above eps_TAN
 # (paper, Section 3; e.g. eta = 0.95, S = 1e4: eps 8.04 at sigma 2 vs 10.5 at
@@ -27,7 +27,7 @@ from tan_keras.privacy import accounting
 OVERCHARGE_SIGMA = 2.0
 
 # Below this noise multiplier no meaningful epsilon exists at any TAN.
-_NO_PRIVACY_SIGMA = 0.5
+NO_PRIVACY_SIGMA = 0.5
 
 
 def eta_step(noise_multiplier: float, sampling_rate: float) -> float:
@@ -111,103 +111,21 @@ def eta_for_epsilon(epsilon: float, delta: float) -> float:
     return math.sqrt(log_inv_delta + epsilon) - math.sqrt(log_inv_delta)
 
 
-@dataclasses.dataclass(frozen=True)
-class OverchargeReport:
-    """How the exact epsilon of a run compares with its TAN estimate.
-
-    Attributes:
-      noise_multiplier: sigma of the run.
-      sampling_rate: q of the run.
-      steps: S of the run.
-      delta: Target delta.
-      epsilon: Exact epsilon from the accountant.
-      eps_tan: The TAN estimate eps_TAN(eta, delta).
-      eta: Total Amount of Noise of the run.
-      ratio: epsilon / eps_tan (>= ~1; well above 1 when overcharged).
-      overcharged: True when sigma < OVERCHARGE_SIGMA.
-    """
-
-    noise_multiplier: float
-    sampling_rate: float
-    steps: int
-    delta: float
-    epsilon: float
-    eps_tan: float
-    eta: float
-    ratio: float
-    overcharged: bool
-
-    @property
-    def message(self) -> str:
-        """A plain-words explanation of the verdict, one paragraph."""
-        sigma = self.noise_multiplier
-        numbers = (
-            f"epsilon={_fmt(self.epsilon)} vs eps_TAN={_fmt(self.eps_tan)} "
-            f"(ratio {_fmt(self.ratio)}) at eta={self.eta:.4g}"
-        )
-        if not self.overcharged:
-            return (
-                f"Not overcharged: noise_multiplier={sigma:g} >= "
-                f"{OVERCHARGE_SIGMA:g}, so the privacy budget is spent about as the "
-                f"TAN estimate predicts (eps_TAN is then close, often slightly "
-                f"above); {numbers}."
-            )
-        text = (
-            f"Overcharged: noise_multiplier={sigma:g} < {OVERCHARGE_SIGMA:g}, so "
-            "the privacy budget is spent faster than the TAN estimate predicts; "
-            f"{numbers}. Raising sigma and the batch size together at a fixed "
-            "sigma/B keeps eta (and the training dynamics) but buys it for less "
-            "epsilon."
-        )
-        if sigma < _NO_PRIVACY_SIGMA:
-            text += (
-                f" Below noise_multiplier ~{_NO_PRIVACY_SIGMA:g} there is no "
-                "meaningful epsilon at all: treat this run as not private."
-            )
-        return text
-
-
-def check_overcharge(
-    noise_multiplier: float,
-    sampling_rate: float,
-    steps: int,
-    delta: float,
-    accountant: str = "rdp",
-) -> OverchargeReport:
-    """Compares a run's exact epsilon with its TAN estimate.
+def noise_multiplier_for_eta(eta: float, sampling_rate: float, steps: int) -> float:
+    """Inverse of `eta` in sigma: q * sqrt(S) / (sqrt(2) * eta).
 
     Args:
-      noise_multiplier: sigma, a float > 0.
+      eta: Total Amount of Noise, a float > 0.
       sampling_rate: Poisson sampling rate q, a float in (0, 1].
-      steps: Number of noisy updates, an integer >= 1.
-      delta: Target delta, a float in (0, 1).
-      accountant: "rdp" or "pld", for the exact epsilon.
+      steps: Number of noisy updates S, an integer >= 1.
 
     Returns:
-      An `OverchargeReport`; its `message` explains the verdict.
+      The noise multiplier sigma whose run has this eta.
 
     Raises:
       ValueError: if an argument is out of range.
     """
-    sigma = _validate.positive("noise_multiplier", noise_multiplier)
+    eta = _validate.positive("eta", eta)
     q = _validate.sampling_rate("sampling_rate", sampling_rate)
     steps = _validate.positive_int("steps", steps)
-    delta = _validate.delta("delta", delta)
-    epsilon = accounting.compute_epsilon(sigma, q, steps, delta, accountant)
-    total = eta(sigma, q, steps)
-    estimate = eps_tan(total, delta)
-    return OverchargeReport(
-        noise_multiplier=sigma,
-        sampling_rate=q,
-        steps=steps,
-        delta=delta,
-        epsilon=epsilon,
-        eps_tan=estimate,
-        eta=total,
-        ratio=epsilon / estimate,
-        overcharged=sigma < OVERCHARGE_SIGMA,
-    )
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.4g}" if math.isfinite(value) else "inf"
+    return q * math.sqrt(steps) / (math.sqrt(2.0) * eta)

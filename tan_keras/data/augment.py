@@ -1,0 +1,258 @@
+"""Data augmentation for augmentation multiplicity (De et al. 2022, TAN).
+
+With augmentation multiplicity each sampled example is expanded into K random
+views and the *per-example* gradient is the average of the K view gradients,
+clipped once. The views must therefore stay grouped by example:
+`tan_keras.make_views` returns [batch, K, H, W, C], never a
+flat [batch * K, ...] that a clipping step could mistake for batch * K
+distinct examples (which would silently under-count the privacy cost by a
+factor K).
+
+All functions are pure TensorFlow and work eagerly and inside
+`tf.data.Dataset.map`. Images are float in [0, 1], channels last.
+"""
+
+from typing import Callable, Optional, Sequence, Union
+
+import tensorflow as tf
+
+from tan_keras import _validate
+from tan_keras.data.policies import POLICIES
+
+IMAGENET_RESIZE = 256
+IMAGENET_CROP = 224
+
+# Padding before the random crop: CIFAR 4 (reflect), ImageNet 20 (reflect) as
+# in TAN; digits 1 with zeros, the background colour of the digits images.
+_PAD = {"digits": (1, "CONSTANT"), "cifar": (4, "REFLECT"), "imagenet": (20, "REFLECT")}
+# torchvision ColorJitter(0.8, 0.8, 0.8, 0.2) applied with probability 0.3.
+_JITTER_STRENGTH = 0.8
+_JITTER_HUE = 0.2
+_JITTER_PROB = 0.3
+
+Augmenter = Callable[[tf.Tensor], tf.Tensor]
+
+
+def _check_image_shape(image_shape: Sequence[int]):
+    expected = "a (height, width, channels) tuple of positive integers"
+    try:
+        dims = tuple(int(_validate.positive_int("image_shape", d)) for d in image_shape)
+    except (TypeError, ValueError):
+        raise _validate.invalid("image_shape", expected, image_shape) from None
+    if len(dims) != 3:
+        raise _validate.invalid("image_shape", expected, image_shape)
+    return dims
+
+
+Seed = Union[None, int, tf.Tensor]
+
+
+def _op_seed(seed: Seed, offset: int) -> Seed:
+    # Distinct seeds so that, e.g., crop offsets and jitter factors are not
+    # drawn from the same stream: an op-level seed for the stateful ops, or a
+    # stateless [2] seed folded with the offset.
+    if seed is None:
+        return None
+    if isinstance(seed, int):
+        return seed + offset
+    return tf.random.experimental.stateless_fold_in(seed, offset)
+
+
+def _uniform(shape, minval, maxval, dtype, seed: Seed) -> tf.Tensor:
+    """Uniform draws: stateless when `seed` is a [2] tensor, else op-seeded."""
+    if seed is None or isinstance(seed, int):
+        return tf.random.uniform(shape, minval, maxval, dtype, seed=seed)
+    return tf.random.stateless_uniform(shape, seed, minval, maxval, dtype)
+
+
+def random_crop(images: tf.Tensor, height: int, width: int, seed: Seed = None) -> tf.Tensor:
+    """Crops a random height x width window from each image independently.
+
+    Every output is an exact window (integer offsets, no resampling), which
+    is what TAN's reflect-pad-and-crop recipe means.
+
+    Args:
+      images: [batch, H, W, C] with H >= height and W >= width.
+      height: Output height.
+      width: Output width.
+      seed: An op-level seed (int), a stateless [2] integer seed tensor, or None.
+
+    Returns:
+      [batch, height, width, C], each a window of the matching input.
+    """
+    shape = tf.shape(images)
+    batch = shape[0]
+    # maxval is exclusive, hence the + 1: every window position is possible.
+    tops = _uniform([batch], 0, shape[1] - height + 1, tf.int32, seed=seed)
+    lefts = _uniform([batch], 0, shape[2] - width + 1, tf.int32, seed=_op_seed(seed, 1))
+    rows = tops[:, tf.newaxis] + tf.range(height)[tf.newaxis, :]
+    cols = lefts[:, tf.newaxis] + tf.range(width)[tf.newaxis, :]
+    images = tf.gather(images, rows, axis=1, batch_dims=1)
+    return tf.gather(images, cols, axis=2, batch_dims=1)
+
+
+def random_flip_left_right(images: tf.Tensor, seed: Seed = None) -> tf.Tensor:
+    """Mirrors each image horizontally with probability 1/2, independently.
+
+    Args:
+      images: [batch, H, W, C].
+      seed: An op-level seed (int), a stateless [2] integer seed tensor, or None.
+
+    Returns:
+      Images of the same shape: each is either unchanged or exactly mirrored.
+    """
+    flip = _uniform([tf.shape(images)[0]], 0.0, 1.0, tf.float32, seed=seed) < 0.5
+    return tf.where(_per_image(flip), tf.reverse(images, axis=[2]), images)
+
+
+def _per_image(values: tf.Tensor) -> tf.Tensor:
+    return values[:, tf.newaxis, tf.newaxis, tf.newaxis]
+
+
+def color_jitter(images: tf.Tensor, seed: Seed = None) -> tf.Tensor:
+    """torchvision-style ColorJitter(0.8, 0.8, 0.8, 0.2) on 30% of the images.
+
+    Each chosen image gets brightness, contrast and saturation multiplied by
+    factors drawn uniformly in [0.2, 1.8] and its hue rotated by up to 0.2 of
+    a turn, with per-image factors, in that fixed order (torchvision shuffles
+    the order); the others are returned unchanged. Keras's RandomColorJitter
+    defines brightness additively and saturation on another scale, so the
+    torchvision definitions used by TAN are written out here.
+
+    Args:
+      images: [batch, H, W, 3] floats in [0, 1].
+      seed: An op-level seed (int), a stateless [2] integer seed tensor, or None.
+
+    Returns:
+      Images of the same shape, still in [0, 1].
+    """
+    batch = tf.shape(images)[0]
+
+    def factors(offset):
+        return _uniform(
+            [batch],
+            1.0 - _JITTER_STRENGTH,
+            1.0 + _JITTER_STRENGTH,
+            tf.float32,
+            seed=_op_seed(seed, offset),
+        )
+
+    out = tf.clip_by_value(images * _per_image(factors(0)), 0.0, 1.0)
+    gray = tf.image.rgb_to_grayscale(out)
+    mean = tf.reduce_mean(gray, axis=[1, 2, 3], keepdims=True)
+    out = tf.clip_by_value(mean + (out - mean) * _per_image(factors(1)), 0.0, 1.0)
+    gray = tf.image.rgb_to_grayscale(out)
+    out = tf.clip_by_value(gray + (out - gray) * _per_image(factors(2)), 0.0, 1.0)
+    hue_shift = _uniform([batch], -_JITTER_HUE, _JITTER_HUE, tf.float32, seed=_op_seed(seed, 3))
+    hsv = tf.image.rgb_to_hsv(out)
+    hue = tf.math.floormod(hsv[..., :1] + _per_image(hue_shift), 1.0)
+    out = tf.image.hsv_to_rgb(tf.concat([hue, hsv[..., 1:]], axis=-1))
+    apply = _uniform([batch], 0.0, 1.0, tf.float32, seed=_op_seed(seed, 4)) < _JITTER_PROB
+    return tf.where(_per_image(apply), tf.clip_by_value(out, 0.0, 1.0), images)
+
+
+def make_augmenter(
+    policy: str, image_shape: Sequence[int], seed: Optional[int] = None
+) -> Augmenter:
+    """Builds a function drawing one random view of each image in a batch.
+
+    Policies:
+      "none": identity.
+      "digits": 1-pixel zero padding and random crop (a translation); no flip,
+        digits are not mirror invariant.
+      "cifar": 4-pixel reflect padding, random crop, horizontal flip (TAN
+        CIFAR-10 recipe).
+      "imagenet": 20-pixel reflect padding, random crop, horizontal flip, then
+        `color_jitter` (TAN ImageNet recipe); resizing to 256 and the center
+        crop to 224 belong to `imagenet_preprocess`, applied before.
+
+    Args:
+      policy: One of `POLICIES`.
+      image_shape: (H, W, C) of the images the augmenter will receive.
+      seed: Optional integer seed for reproducible draws.
+
+    Returns:
+      A function `augment(images, seed=None)` mapping images [batch, H, W, C]
+      to images of the same shape and dtype float32, each augmented
+      independently. With a [2] integer `seed` tensor its draws are
+      stateless: a function of that seed only (the Poisson pipeline passes
+      one per micro-batch, so a resumed run draws the same views); without,
+      they come from stateful ops seeded by `seed` above.
+
+    Raises:
+      ValueError: if `policy` is unknown, `image_shape` is not three positive
+        integers (too small to reflect-pad, or not RGB for "imagenet"), or
+        `seed` is negative.
+    """
+    _validate.one_of("policy", policy, POLICIES)
+    height, width, channels = _check_image_shape(image_shape)
+    if seed is not None:
+        seed = _validate.integer("seed", seed, low=0)
+    if policy == "imagenet" and channels != 3:
+        raise _validate.invalid("image_shape", "3 channels for the 'imagenet' policy", image_shape)
+    if policy == "none":
+
+        def identity(images, seed=None):
+            del seed  # nothing random
+            return tf.convert_to_tensor(images, tf.float32)
+
+        return identity
+
+    pad, mode = _PAD[policy]
+    if mode == "REFLECT" and min(height, width) <= pad:
+        raise _validate.invalid(
+            "image_shape",
+            f"height and width > {pad} for the {policy!r} policy (reflect padding)",
+            image_shape,
+        )
+    flip = policy != "digits"
+    base_seed = seed
+
+    def augment(images, seed=None):
+        draw = base_seed if seed is None else tf.cast(seed, tf.int64)
+        images = tf.convert_to_tensor(images, tf.float32)
+        padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode=mode)
+        images = random_crop(padded, height, width, seed=draw)
+        if flip:
+            images = random_flip_left_right(images, seed=_op_seed(draw, 10))
+        if policy == "imagenet":
+            images = color_jitter(images, seed=_op_seed(draw, 20))
+        return tf.ensure_shape(images, [None, height, width, channels])
+
+    return augment
+
+
+def imagenet_preprocess(
+    image: tf.Tensor, resize: int = IMAGENET_RESIZE, crop: int = IMAGENET_CROP
+) -> tf.Tensor:
+    """Resizes the shorter side to `resize` and center-crops `crop` x `crop`.
+
+    Args:
+      image: One image [H, W, C], uint8 in [0, 255] or float in [0, 1].
+      resize: Length of the shorter side after resizing.
+      crop: Side of the square center crop.
+
+    Returns:
+      float32 [crop, crop, C] in [0, 1].
+
+    Raises:
+      ValueError: if `crop` > `resize` or either is not a positive integer.
+    """
+    resize = _validate.positive_int("resize", resize)
+    crop = _validate.integer(
+        "crop", crop, low=1, high=resize, hint="The crop must fit in the resized image"
+    )
+    image = tf.convert_to_tensor(image)
+    if image.dtype == tf.uint8:
+        image = tf.cast(image, tf.float32) / 255.0
+    image = tf.cast(image, tf.float32)
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = resize / tf.reduce_min(shape)
+    # Round, and never below `resize`, so the crop always fits.
+    new_size = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), resize)
+    image = tf.image.resize(image, new_size, method="bilinear", antialias=True)
+    top = (new_size[0] - crop) // 2
+    left = (new_size[1] - crop) // 2
+    image = image[top : top + crop, left : left + crop]
+    image = tf.ensure_shape(image, [crop, crop, None])
+    return tf.clip_by_value(image, 0.0, 1.0)

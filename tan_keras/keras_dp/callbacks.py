@@ -1,0 +1,170 @@
+"""Keras callbacks for private training: online accounting and budget stop."""
+
+from typing import Optional
+
+import keras
+
+from tan_keras import _validate
+from tan_keras.privacy import accounting, tan
+
+
+class PrivacyAccountant(keras.callbacks.Callback):
+    """Counts noisy updates, logs epsilon and eta, stops at the budget.
+
+    The step count is the model's `dp_steps` (noisy optimizer updates actually
+    applied, restored with the weights on resume), never Keras' batch or
+    epoch counters: with gradient accumulation several batches make one step.
+
+    Logged at every epoch end (and every `log_every_steps` updates if set):
+    `epsilon`, `eta`, `dp_steps`. Training stops BEFORE an update that would
+    take epsilon above `target_epsilon`, and after `max_steps` updates.
+
+    Args:
+      delta: DP delta in (0, 1).
+      target_epsilon: Optional budget; None never stops on epsilon.
+      max_steps: Optional number of noisy updates after which to stop.
+      log_every_steps: Optional period (in updates) of an extra printed line.
+      accountant: "rdp" (default) or "pld".
+
+    Raises:
+      ValueError: on an invalid argument.
+    """
+
+    def __init__(
+        self,
+        delta: float,
+        target_epsilon: Optional[float] = None,
+        max_steps: Optional[int] = None,
+        log_every_steps: Optional[int] = None,
+        accountant: str = "rdp",
+    ):
+        super().__init__()
+        self.delta = _validate.delta("delta", delta)
+        self.target_epsilon = (
+            None if target_epsilon is None else _validate.positive("target_epsilon", target_epsilon)
+        )
+        self.max_steps = (
+            None if max_steps is None else _validate.positive_int("max_steps", max_steps)
+        )
+        self.log_every_steps = (
+            None
+            if log_every_steps is None
+            else _validate.positive_int("log_every_steps", log_every_steps)
+        )
+        self.accountant = _validate.one_of("accountant", accountant, ("rdp", "pld"))
+        self._step_limit = None
+        self._last_logged = None
+        self.history = []
+
+    def _dp(self):
+        config = getattr(self.model, "dp_config", None)
+        if config is None:
+            raise ValueError("PrivacyAccountant needs a DPKerasModel (a model with a `dp_config`).")
+        return config
+
+    def epsilon(self, steps: Optional[int] = None) -> float:
+        """Epsilon after `steps` noisy updates (default: the model's count).
+
+        With sampling="shuffled" the epsilon depends on the epochs in which
+        updates were released, not on the steps: `steps` is then ignored
+        and the model's epoch count is used (see `shuffled_epsilon`).
+        """
+        config = self._dp()
+        if config.sampling == "shuffled":
+            return self.shuffled_epsilon()
+        steps = int(self.model.dp_steps.numpy()) if steps is None else steps
+        return accounting.compute_epsilon(
+            config.noise_multiplier, config.sampling_rate, steps, self.delta, self.accountant
+        )
+
+    def shuffled_epsilon(self, epochs: Optional[int] = None) -> float:
+        """sampling="shuffled": epsilon (replace-one, no amplification) after `epochs`."""
+        config = self._dp()
+        epochs = int(self.model.dp_epochs.numpy()) if epochs is None else epochs
+        return accounting.compute_shuffled_epsilon(
+            config.noise_multiplier, epochs, self.delta, self.accountant
+        )
+
+    def on_train_begin(self, logs=None):
+        config = self._dp()
+        limits = []
+        if self.max_steps is not None:
+            limits.append(self.max_steps)
+        if self.target_epsilon is not None:
+            if config.noise_multiplier == 0:
+                raise ValueError(
+                    "Invalid value for `target_epsilon`: a budget cannot be met with "
+                    "noise_multiplier=0 (every update has infinite epsilon). Received: "
+                    f"target_epsilon={self.target_epsilon}"
+                )
+            if config.sampling == "poisson":
+                limits.append(self._max_steps_within_budget(config))
+        self._step_limit = min(limits) if limits else None
+        # The model enforces the cap in its train step; stopping from the
+        # callback only saves the compute of the discarded batches.
+        self.model.set_step_limit(self._step_limit)
+        self._stop_if_done()
+
+    def _max_steps_within_budget(self, config) -> int:
+        if self.epsilon(1) > self.target_epsilon:
+            return 0
+        return accounting.calibrate_steps(
+            self.target_epsilon,
+            config.noise_multiplier,
+            config.sampling_rate,
+            self.delta,
+            self.accountant,
+        )
+
+    def _stop_if_done(self) -> bool:
+        steps = int(self.model.dp_steps.numpy())
+        if self._step_limit is not None and steps >= self._step_limit:
+            self.model.stop_training = True
+            return True
+        return False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        config = self._dp()
+        if config.sampling != "shuffled" or self.target_epsilon is None:
+            return
+        # One more epoch would count one more mechanism: refuse to start it
+        # (the cap also stops the train step from releasing any update).
+        if self.shuffled_epsilon(int(self.model.dp_epochs.numpy()) + 1) > self.target_epsilon:
+            steps = int(self.model.dp_steps.numpy())
+            self._step_limit = steps if self._step_limit is None else min(self._step_limit, steps)
+            self.model.set_step_limit(self._step_limit)
+            self.model.stop_training = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._stop_if_done()
+        if self.log_every_steps:
+            steps = int(self.model.dp_steps.numpy())
+            if steps != self._last_logged and steps % self.log_every_steps == 0:
+                self._last_logged = steps
+                print(f"\ndp_steps={steps} epsilon={self.epsilon(steps):.4f}")
+
+    def on_train_end(self, logs=None):
+        self.model.set_step_limit(None)
+
+    def on_epoch_end(self, epoch, logs=None):
+        config = self._dp()
+        steps = int(self.model.dp_steps.numpy())
+        eps = self.epsilon(steps)
+        eta = tan.eta(config.noise_multiplier, config.sampling_rate, steps)
+        record = {"dp_steps": steps, "epsilon": eps, "eta": eta}
+        if config.sampling == "shuffled":
+            # eta describes Poisson sampling only.
+            record = {
+                "dp_steps": steps,
+                "dp_epochs": int(self.model.dp_epochs.numpy()),
+                "epsilon": eps,
+            }
+        self.history.append(record)
+        if logs is not None:
+            logs.update(record)
+        self._stop_if_done()
+
+    @property
+    def step_limit(self) -> Optional[int]:
+        """The number of updates after which training stops (None: no limit)."""
+        return self._step_limit

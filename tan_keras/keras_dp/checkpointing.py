@@ -1,0 +1,225 @@
+"""Checkpoint and resume everything a DP run needs, and refuse foreign ones.
+
+A resumed DP run must report the same epsilon as an uninterrupted one and
+must never replay or skip noise. So a checkpoint holds: the weights, the
+optimizer, the EMA shadows, the noisy-update count (`dp_steps`: the
+accountant's step count and the noise stream's position), the noise key,
+and the Poisson sampler's key and counter. It also holds a fingerprint of
+the DP configuration (N, B, sigma, C, K, sampling): a checkpoint written by a run with
+another configuration is refused, since continuing it would account the two
+runs' steps under the wrong parameters.
+
+Checkpoints are taken at logical-step boundaries only (the accumulated,
+un-noised sum of clipped gradients is never written to disk).
+
+Secrecy: a checkpoint contains the noise key, from which the noise of the
+whole run can be regenerated. Keep checkpoints as private as the training
+data; publish only the final weights (`model.save_weights`, `model.save`),
+which exclude the key.
+"""
+
+import json
+from typing import Optional, Tuple
+
+import keras
+import tensorflow as tf
+
+from tan_keras import _validate
+from tan_keras.mechanism import per_example
+
+_FINGERPRINT_KEYS = (
+    "l2_norm_clip",
+    "noise_multiplier",
+    "expected_batch_size",
+    "dataset_size",
+    "augmult",
+    "sampling",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is corrupted or belongs to another DP configuration."""
+
+
+def _fingerprint(model) -> str:
+    config = model.dp_config.to_dict()
+    return json.dumps({k: config[k] for k in _FINGERPRINT_KEYS}, sort_keys=True)
+
+
+class DPCheckpoint:
+    """Saves and restores the complete state of a DP training run.
+
+    Args:
+      directory: Where checkpoints are written.
+      model: A compiled `DPKerasModel`.
+      sampler: The `PoissonSampler` feeding the model, if any.
+      max_to_keep: How many recent checkpoints to keep.
+
+    Raises:
+      ValueError: on an invalid argument.
+    """
+
+    def __init__(self, directory: str, model, sampler=None, max_to_keep: int = 3):
+        if not directory:
+            raise _validate.invalid("directory", "a non-empty path", directory)
+        self.directory = directory
+        self.model = model
+        self.sampler = sampler
+        self._fingerprint = tf.Variable(_fingerprint(model), trainable=False, dtype=tf.string)
+        objects = dict(
+            model=model,
+            # Keras 3 tracks a model's variables with its own tracker, which
+            # tf.train.Checkpoint does not follow past the layers' own
+            # weights: the EMA shadows and the random layers' seed states are
+            # listed explicitly (in the model's fixed variable order).
+            model_variables=[per_example.tf_variable(v) for v in model.variables],
+            noise_key=model.noise_key,
+            # The ledger is not a model weight (restoring weights must not
+            # rewind it); the checkpoint carries it explicitly.
+            dp_steps=model.dp_steps,
+            # sampling="shuffled" accounts per epoch: its epoch count is
+            # part of the ledger too.
+            dp_epochs=model.dp_epochs,
+            dp_fingerprint=self._fingerprint,
+        )
+        if model.optimizer is not None:
+            objects["optimizer"] = model.optimizer
+        if sampler is not None:
+            objects["sampler"] = sampler
+        self._checkpoint = tf.train.Checkpoint(**objects)
+        max_to_keep = _validate.positive_int("max_to_keep", max_to_keep)
+        self._manager = tf.train.CheckpointManager(
+            self._checkpoint, directory, max_to_keep=max_to_keep
+        )
+
+    @property
+    def latest(self) -> Optional[str]:
+        """Path prefix of the newest checkpoint, or None."""
+        return self._manager.latest_checkpoint
+
+    def save(self) -> str:
+        """Writes a checkpoint numbered by the model's `dp_steps`.
+
+        Returns:
+          The checkpoint's path prefix.
+
+        Raises:
+          RuntimeError: if called in the middle of a logical step (the
+            accumulated clipped gradients would be lost on resume).
+        """
+        if not self.model.at_step_boundary():
+            raise RuntimeError(
+                "DPCheckpoint.save called in the middle of a logical step; save at "
+                "step boundaries (DPCheckpointCallback does)."
+            )
+        return self._manager.save(checkpoint_number=int(self.model.dp_steps.numpy()))
+
+    def restore(self, path: Optional[str] = None) -> int:
+        """Restores a checkpoint (default: the latest) and rewinds the sampler.
+
+        Args:
+          path: A checkpoint path prefix; None restores the latest one. With no
+            checkpoint at all, nothing is restored and 0 is returned.
+
+        Returns:
+          The privacy ledger after the restore (`dp_steps`): the checkpoint's
+          count, or more when this model or a newer checkpoint in the
+          directory already released more updates (the ledger never moves
+          back; the sampler continues from it).
+
+        Raises:
+          CheckpointError: if the checkpoint is unreadable or was written by a
+            run with a different DP configuration.
+        """
+        path = path or self.latest
+        if path is None:
+            return 0
+        counters = (self.model.dp_steps, self.model.dp_epochs)
+        before = [int(c.numpy()) for c in counters]
+        try:
+            self._restore_checked(path)
+        finally:
+            # Even a refused checkpoint must not leave the ledger rewound.
+            for counter, value in zip(counters, before):
+                counter.assign(max(value, int(counter.numpy())))
+        # The ledger only moves forward. Restoring an older checkpoint (in
+        # this process, or while newer ones exist) brings back its weights,
+        # not its step count: the updates released after it were spent, and
+        # their noise and batches must not be drawn again.
+        latest = self._latest_ledger()
+        for counter, value in zip(counters, latest):
+            counter.assign(max(int(counter.numpy()), value))
+        spent = int(self.model.dp_steps.numpy())
+        if self.sampler is not None:
+            self.sampler.resume_at(spent)
+        return spent
+
+    def _restore_checked(self, path: str) -> None:
+        expected = self._fingerprint.numpy()
+        try:
+            status = self._checkpoint.restore(path)
+            status.assert_existing_objects_matched()
+        except Exception as err:  # noqa: BLE001 -- any unreadable checkpoint is refused
+            raise CheckpointError(
+                f"Cannot restore DP checkpoint {path!r}: {err}. It is corrupted or was "
+                "not written by tan_keras for this model. Refusing to start over at "
+                "step 0 silently (that would under-report epsilon): delete the "
+                "checkpoint directory to start a new run."
+            ) from err
+        found = self._fingerprint.numpy()
+        if found != expected:
+            self._fingerprint.assign(expected)
+            raise CheckpointError(
+                f"DP checkpoint {path!r} belongs to another DP configuration: "
+                f"{found.decode()} != {expected.decode()}. Continuing it would account "
+                "its steps under the wrong parameters. Use a new checkpoint directory."
+            )
+
+    def _latest_ledger(self) -> Tuple[int, int]:
+        """(dp_steps, dp_epochs) of the newest checkpoint in the directory."""
+        latest = self.latest
+        if latest is None:
+            return 0, 0
+        try:
+            return tuple(
+                int(tf.train.load_variable(latest, f"{name}/.ATTRIBUTES/VARIABLE_VALUE"))
+                for name in ("dp_steps", "dp_epochs")
+            )
+        except (tf.errors.NotFoundError, ValueError) as err:
+            raise CheckpointError(
+                f"DP checkpoint {latest!r} holds no privacy ledger (dp_steps, dp_epochs): it "
+                "was not written by this version of tan_keras. Use a new checkpoint directory."
+            ) from err
+
+
+class DPCheckpointCallback(keras.callbacks.Callback):
+    """Saves a `DPCheckpoint` every `every_steps` noisy updates and at the end.
+
+    Args:
+      checkpoint: The `DPCheckpoint` to write.
+      every_steps: Save period in noisy updates.
+
+    Raises:
+      ValueError: if `every_steps` is not a positive integer.
+    """
+
+    def __init__(self, checkpoint: DPCheckpoint, every_steps: int):
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.every_steps = _validate.positive_int("every_steps", every_steps)
+        self._last_saved = None
+
+    def _maybe_save(self, force: bool = False):
+        model = self.checkpoint.model
+        steps = int(model.dp_steps.numpy())
+        if steps == self._last_saved or not model.at_step_boundary():
+            return
+        if force or steps % self.every_steps == 0:
+            self.checkpoint.save()
+            self._last_saved = steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._maybe_save()
+
+    def on_train_end(self, logs=None):
+        self._maybe_save(force=True)

@@ -1,0 +1,179 @@
+"""What `DPKerasModel.fit` accepts as training input, and what it refuses.
+
+The accountant's epsilon is only valid for the sampling that actually
+happened, so the input decides it, not a warning:
+
+* `sampling="poisson"` (default): batches must come from a Poisson pipeline
+  (`tan_keras.make_poisson_dataset`, elements
+  `(x, y, mask, step_end, tag)`). Its tag holds the (N, B) it was drawn
+  with, checked against the model's before each element reaches the model.
+  Elements `(x, y, mask, step_end)` are the low-level protocol for callers
+  who draw Poisson micro-batches themselves (they vouch for the sampling).
+  Plain `(x, y)` batches -- `fit(x, y, batch_size=...)`, a shuffled and
+  batched dataset -- are refused: they are not Poisson samples.
+* `sampling="shuffled"`: `fit(x, y, batch_size=B)` on in-memory arrays,
+  which Keras cuts into a partition of the N examples at every epoch. Each
+  epoch is accounted as one unamplified Gaussian mechanism (see
+  `tan_keras.privacy.accounting.shuffled_dp_event`); the model counts the
+  epochs in which it released an update.
+"""
+
+from typing import Any, Dict
+
+import numpy as np
+import tensorflow as tf
+
+from tan_keras import _validate
+from tan_keras.keras_dp.dp_config import DPConfig
+from tan_keras.mechanism import sampling
+
+POISSON = "poisson"
+MICRO_BATCHES = "micro_batches"
+PLAIN = "plain"
+
+NOT_POISSON_ERROR = (
+    "DPKerasModel received plain (x, y) batches, but its epsilon is accounted for "
+    "Poisson sampling (sampling='poisson'): each example included independently with "
+    "probability q = B/N at every step. Shuffled fixed-size batches do not satisfy it "
+    "and the reported epsilon would not be a valid bound (audits measured 4-10x gaps). "
+    "Feed tan_keras.make_poisson_dataset(...) instead, or build the model with "
+    "sampling='shuffled' to train on fit(x, y, batch_size=expected_batch_size) with the "
+    "(larger) epsilon of shuffled batches without amplification."
+)
+
+
+def element_kind(data: Any) -> str:
+    """Which protocol one training element follows.
+
+    Args:
+      data: A training element (or its structure spec).
+
+    Returns:
+      POISSON for `(x, y, mask, step_end, tag)`, MICRO_BATCHES for
+      `(x, y, mask, step_end)`, PLAIN for anything else (`(x, y)`,
+      `(x, y, sample_weight)`, `x`).
+    """
+    if isinstance(data, (tuple, list)):
+        if len(data) == 5:
+            return POISSON
+        if len(data) == 4:
+            return MICRO_BATCHES
+    return PLAIN
+
+
+def check_element(config: DPConfig, data: Any) -> str:
+    """Refuses an element whose sampling the model cannot account for.
+
+    Args:
+      config: The model's DP configuration.
+      data: A training element.
+
+    Returns:
+      Its `element_kind`.
+
+    Raises:
+      ValueError: plain batches under sampling="poisson", or Poisson
+        micro-batches under sampling="shuffled".
+    """
+    kind = element_kind(data)
+    if config.sampling == "poisson" and kind == PLAIN:
+        raise ValueError(NOT_POISSON_ERROR)
+    if config.sampling == "shuffled" and kind != PLAIN:
+        raise ValueError(
+            "Invalid value for `sampling`: expected 'poisson' for batches of a Poisson "
+            "pipeline (x, y, mask, step_end[, tag]). Received: sampling='shuffled'"
+        )
+    return kind
+
+
+def prepare(config: DPConfig, arguments: Dict[str, Any]) -> Dict[str, Any]:
+    """Checks `fit`'s arguments before any work; returns them, `x` maybe wrapped.
+
+    Args:
+      config: The model's DP configuration.
+      arguments: `fit`'s bound arguments by name.
+
+    Returns:
+      The arguments to pass on: a Poisson dataset's elements get their
+      sampling tag checked against (N, B) as they are read.
+
+    Raises:
+      ValueError: for input whose sampling the model cannot account for.
+    """
+    data = arguments.get("x")
+    if isinstance(data, tf.data.Dataset):
+        check_element(config, data.element_spec)
+        if config.sampling == "shuffled":
+            return _check_shuffled_arrays(config, arguments)  # refuses the dataset
+        if element_kind(data.element_spec) == POISSON:
+            wrapped = sampling.check_sampling_tags(
+                data, config.dataset_size, config.expected_batch_size
+            )
+            return {**arguments, "x": wrapped}
+        return arguments
+    if isinstance(data, tf.distribute.DistributedDataset):
+        if config.sampling == "shuffled":
+            return _check_shuffled_arrays(config, arguments)  # refuses it
+        drawn_for = sampling.distributed_sampling(data)
+        accounted = (config.dataset_size, config.expected_batch_size)
+        if drawn_for is None:
+            raise ValueError(
+                "Invalid value for `x`: a distributed dataset not made by "
+                "tan_keras.mechanism.sampling.distribute_poisson_dataset, so its sampling "
+                "cannot be checked. Pass the Poisson dataset itself (Keras distributes it) "
+                "or build per-host input with distribute_poisson_dataset."
+            )
+        if tuple(drawn_for) != accounted:
+            raise ValueError(
+                "Invalid value for `x`: its Poisson samplers draw for (dataset_size, "
+                f"expected_batch_size)={tuple(drawn_for)} but the model accounts for "
+                f"{accounted}. Build the PoissonSampler with the model's values."
+            )
+        return arguments
+    if config.sampling == "poisson":
+        if is_array(data):
+            raise ValueError(NOT_POISSON_ERROR)
+        return arguments  # generators...: their elements are checked in train_step
+    return _check_shuffled_arrays(config, arguments)
+
+
+def is_array(data: Any) -> bool:
+    """Whether `data` is in-memory arrays (Keras batches and shuffles those itself)."""
+    return isinstance(data, (np.ndarray, tf.Tensor, list, dict)) or hasattr(data, "__array__")
+
+
+def _check_shuffled_arrays(config: DPConfig, arguments: Dict[str, Any]) -> Dict[str, Any]:
+    data = arguments.get("x")
+    if not is_array(data) or isinstance(data, (list, dict)):
+        raise _validate.invalid(
+            "x",
+            "an in-memory array with sampling='shuffled' (Keras then cuts each epoch into "
+            "a partition of the examples, which the accounting relies on)",
+            type(data).__name__,
+            "For a tf.data pipeline use sampling='poisson' and make_poisson_dataset",
+        )
+    rows = int(np.shape(data)[0])
+    if rows != config.dataset_size:
+        raise _validate.invalid(
+            "dataset_size",
+            f"the number of training examples passed to fit ({rows})",
+            config.dataset_size,
+        )
+    batch_size = arguments.get("batch_size")
+    if batch_size != config.expected_batch_size:
+        raise _validate.invalid(
+            "batch_size",
+            f"the model's expected_batch_size ({config.expected_batch_size}): the noisy "
+            "sum is divided by it",
+            batch_size,
+        )
+    for name, neutral in (("steps_per_epoch", None), ("validation_split", 0.0)):
+        value = arguments.get(name, neutral)
+        if value not in (neutral, 0):
+            raise _validate.invalid(
+                name,
+                f"{neutral} with sampling='shuffled' (each epoch must be one pass over "
+                "the dataset_size examples)",
+                value,
+            )
+    return arguments

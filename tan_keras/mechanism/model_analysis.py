@@ -1,0 +1,631 @@
+"""What a model's training-mode forward pass does, found by running it once.
+
+Three properties decide which per-example gradient routes are exact and
+private, and none of them can be read off layer classes alone:
+
+* **State updates.** A layer that writes a variable while called in training
+  mode (moving statistics, counters, any `v.assign(f(x))`) stores values of
+  single examples in the model's weights, unclipped and un-noised. Found by
+  tracing one training-mode call in a `tf.function` and following every
+  captured resource handle to the ops that use it, into the bodies of nested
+  functions (`tf.cond`, `tf.while_loop`, nested `tf.function`s): any op other
+  than a read, the random number ops of a `tf.random.Generator`, or an
+  assignment to the state of a Keras `SeedGenerator` (which random layers
+  advance by a constant), counts as a write.
+* **Tied variables.** A variable read outside the calls of the layer that
+  owns it (a transposed-Dense decoder reading the encoder's kernel, a custom
+  layer holding another layer's kernel) gets gradient through paths that
+  the ghost and layerwise rules, which look at the owning layer's calls
+  only, do not see. Found in the same trace: every layer's `call` is wrapped
+  to record which graph ops it created, and each use of a variable is
+  attributed to the innermost layer call that created it.
+* **Cross-example computation.** The layerwise route runs ONE batched pass
+  over all rows, so an op that mixes rows (centering by the batch mean)
+  mixes examples. It is allowed only for models built from an explicit
+  allow-list of per-example layer types (exact types) whose training-mode
+  outputs pass a gradient check on a small random batch (`cross_example_reason`).
+
+The trace runs once per model and is cached (the probe of the last point once
+per model and number of views); nothing here runs per training step.
+"""
+
+import weakref
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tan_keras import _keras_internals
+
+# Ops that use a variable's resource handle without writing it.
+_READ_OPS = frozenset(
+    {
+        "ReadVariableOp",
+        "ResourceGather",
+        "ResourceGatherNd",
+        "VariableShape",
+        "VarIsInitializedOp",
+        "DisableCopyOnRead",
+        "LookupTableFindV2",
+        "LookupTableSizeV2",
+    }
+)
+# Ops of a `tf.random.Generator`: they advance its counter by the number of
+# values drawn and write nothing else, so its state holds no data. (Keras
+# 2.15's random preprocessing layers use one; Dropout and GaussianNoise use
+# stateless or legacy stateful random ops, which own no variable.)
+_RNG_OPS = frozenset(
+    {
+        "RngReadAndSkip",
+        "RngSkip",
+        "StatefulUniform",
+        "StatefulUniformFullInt",
+        "StatefulUniformInt",
+        "StatefulStandardNormal",
+        "StatefulStandardNormalV2",
+        "StatefulTruncatedNormal",
+        "StatefulRandomBinomial",
+    }
+)
+# How a Keras SeedGenerator advances its state (SeedGenerator.next).
+_SEED_WRITE_OPS = frozenset({"AssignVariableOp", "AssignAddVariableOp"})
+_PASS_OPS = frozenset({"Identity", "IdentityN"})
+# Calls whose first input is a predicate or branch index, not a function argument.
+_CALLS_WITH_SELECTOR = frozenset({"If", "StatelessIf", "Case", "StatelessCase"})
+_LOOPS = frozenset({"While", "StatelessWhile"})
+
+# Layers computing each example's output from that example's rows alone,
+# whatever their (non-batch-axis) configuration. Exact types: a subclass may
+# override `call`. Lambda, TFOpLambda (TF ops in functional models) and
+# custom layers are not on it: they may mix the rows of a batch.
+_PER_EXAMPLE_LAYER_NAMES = (
+    "InputLayer",
+    "Dense",
+    "Conv1D",
+    "Conv2D",
+    "Conv3D",
+    "Conv1DTranspose",
+    "Conv2DTranspose",
+    "Conv3DTranspose",
+    "DepthwiseConv1D",
+    "DepthwiseConv2D",
+    "SeparableConv1D",
+    "SeparableConv2D",
+    "Embedding",
+    "GroupNormalization",
+    "LayerNormalization",
+    "UnitNormalization",
+    "Activation",
+    "ReLU",
+    "LeakyReLU",
+    "PReLU",
+    "ELU",
+    "Softmax",
+    "ThresholdedReLU",
+    "AveragePooling1D",
+    "AveragePooling2D",
+    "AveragePooling3D",
+    "MaxPooling1D",
+    "MaxPooling2D",
+    "MaxPooling3D",
+    "GlobalAveragePooling1D",
+    "GlobalAveragePooling2D",
+    "GlobalAveragePooling3D",
+    "GlobalMaxPooling1D",
+    "GlobalMaxPooling2D",
+    "GlobalMaxPooling3D",
+    "Flatten",
+    "Reshape",
+    "Permute",
+    "RepeatVector",
+    "Cropping1D",
+    "Cropping2D",
+    "Cropping3D",
+    "ZeroPadding1D",
+    "ZeroPadding2D",
+    "ZeroPadding3D",
+    "UpSampling1D",
+    "UpSampling2D",
+    "UpSampling3D",
+    "Add",
+    "Subtract",
+    "Multiply",
+    "Average",
+    "Maximum",
+    "Minimum",
+    "Concatenate",
+    "Dot",
+    "Dropout",
+    "SpatialDropout1D",
+    "SpatialDropout2D",
+    "SpatialDropout3D",
+    "GaussianNoise",
+    "GaussianDropout",
+    "AlphaDropout",
+    "Rescaling",
+    "Identity",
+)
+
+_PROBE_EXAMPLES = 3
+
+# Layer types added by the packages that define them (tan_keras.models).
+_REGISTERED_TYPES: List[type] = []
+
+
+def register_per_example_layer_type(layer_type: type) -> None:
+    """Adds a layer type that never mixes the examples of a batch.
+
+    Only for layers whose output for one example depends on that example's
+    input alone, with no state written in a training call: the gradient probe
+    still runs, but the allow-list is the first line of the guarantee.
+
+    Args:
+      layer_type: A `keras.layers.Layer` subclass (matched exactly).
+
+    Raises:
+      TypeError: if `layer_type` is not a Layer subclass.
+    """
+    if not (isinstance(layer_type, type) and issubclass(layer_type, keras.layers.Layer)):
+        raise TypeError(f"layer_type must be a keras.layers.Layer subclass, got {layer_type!r}")
+    if layer_type not in _REGISTERED_TYPES:
+        _REGISTERED_TYPES.append(layer_type)
+
+
+def per_example_layer_types() -> Tuple[type, ...]:
+    """The layer types the layerwise route accepts (exact types, no subclasses).
+
+    Returns:
+      Keras layer classes, the types added by `register_per_example_layer_type`
+      (the package's WSConv2D), and the functional and Sequential containers
+      (their sub-layers are checked one by one).
+    """
+    types = [getattr(keras.layers, name, None) for name in _PER_EXAMPLE_LAYER_NAMES]
+    types += [*_REGISTERED_TYPES, *_keras_internals.functional_types()]
+    return tuple(t for t in types if t is not None)
+
+
+# Both records hold names, not layers: the cache must not keep a model alive.
+class VariableWrite(NamedTuple):
+    """A write to a variable (or other resource) in a training-mode call.
+
+    Attributes:
+      layer: Name of the innermost layer whose call made the write (None:
+        outside every layer call).
+      layer_type: Its class name (None with `layer`).
+      resource: The variable's name, or the traced placeholder's name for a
+        resource that is no known variable.
+      op_type: The writing op, e.g. "AssignVariableOp".
+    """
+
+    layer: Optional[str]
+    layer_type: Optional[str]
+    resource: str
+    op_type: str
+
+
+class VariableTie(NamedTuple):
+    """A variable used outside the calls of its (single) owning layer.
+
+    Attributes:
+      variable: The variable's name.
+      owners: Names of the layers that list it among their own weights.
+      readers: Names of the other layers whose calls use it (None: outside
+        every layer call, or a read the trace could not map to a variable).
+    """
+
+    variable: str
+    owners: Tuple[str, ...]
+    readers: Tuple[Optional[str], ...]
+
+    def describe(self) -> str:
+        owners = ", ".join(f"`{name}`" for name in self.owners)
+        readers = ", ".join(
+            "code outside its layer's calls" if name is None else f"layer `{name}`"
+            for name in self.readers
+        )
+        text = f"variable `{self.variable}` (weight of layer {owners})"
+        if len(self.owners) > 1:
+            text += " is held by several layers"
+        if readers:
+            text += f" is also used by {readers}"
+        return text + " (tied weights)"
+
+
+class _Analysis:
+    """The cached results for one model."""
+
+    def __init__(self):
+        self.writes: Optional[Tuple[VariableWrite, ...]] = None
+        self.ties: Optional[Dict[int, VariableTie]] = None
+        self.probe: Dict[int, Optional[str]] = {}
+
+
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _analysis(model) -> _Analysis:
+    entry = _CACHE.get(model)
+    if entry is None:
+        entry = _CACHE[model] = _Analysis()
+    if entry.writes is None:
+        entry.writes, entry.ties = _trace(model)
+    return entry
+
+
+def state_updates(model: keras.Model) -> Tuple[VariableWrite, ...]:
+    """Every variable write of one training-mode call of `model` (traced once).
+
+    Args:
+      model: A built Keras model with known inputs.
+
+    Returns:
+      The writes, in graph order; empty for a model without state updates.
+    """
+    return _analysis(model).writes
+
+
+def tied_variables(model: keras.Model) -> Dict[int, VariableTie]:
+    """Variables of `model` used outside the calls of their owning layer.
+
+    Args:
+      model: A built Keras model with known inputs.
+
+    Returns:
+      {id(variable): VariableTie}; a layer called several times on its own
+      weights (a shared layer) is not a tie.
+    """
+    return _analysis(model).ties
+
+
+def _input_spec(model):
+    inputs = getattr(model, "inputs", None)
+    if not inputs:
+        raise ValueError(
+            f"Invalid value for `model`: expected a Keras model with known inputs "
+            f"(functional or Sequential with an Input). Received: model={model.name!r}"
+        )
+    specs = [tf.TensorSpec(t.shape, t.dtype) for t in inputs]
+    return specs[0] if len(specs) == 1 else specs
+
+
+def _trace(model) -> Tuple[Tuple[VariableWrite, ...], Dict[int, VariableTie]]:
+    layers = _keras_internals.all_layers(model, include_self=True)
+    calls: List[Tuple[tf.Graph, int, int, int]] = []
+    patched = []
+    for index, layer in enumerate(layers):
+        had_own = "call" in layer.__dict__
+        original = layer.call
+
+        def call(*args, _index=index, _original=original, **kwargs):
+            graph = tf.compat.v1.get_default_graph()
+            start = len(graph.get_operations())
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                calls.append((graph, start, len(graph.get_operations()), _index))
+
+        layer.call = call
+        patched.append((layer, original, had_own))
+    try:
+        traced = tf.function(lambda x: model(x, training=True))
+        graph = traced.get_concrete_function(_input_spec(model)).graph
+    finally:
+        for layer, original, had_own in reversed(patched):
+            if had_own:
+                layer.call = original
+            else:
+                delattr(layer, "call")
+    operations = graph.get_operations()
+    # The innermost layer call that created each op of the traced graph
+    # (outer calls first, inner ones overwrite; an inner call ends, and so is
+    # recorded, before an outer call of the same extent). Ops of nested
+    # function bodies count for the op that calls them.
+    creator = [None] * len(operations)
+    own = [(order, c) for order, c in enumerate(calls) if c[0] is graph]
+    for _, (_, start, end, index) in sorted(own, key=lambda p: (p[1][1] - p[1][2], -p[0])):
+        creator[start:end] = [index] * (end - start)
+    op_index = {op.name: i for i, op in enumerate(operations)}
+
+    known = list(model.variables) + list(graph.variables)
+    by_handle = {}
+    for variable in known:
+        for handle in _handles(variable):
+            by_handle.setdefault(id(handle), variable)
+    # A seed state is exempt only when written by the Keras random layer that
+    # holds it (Keras's own code advances it by a constant); any other
+    # writer, e.g. a custom layer assigning data into it, is a write.
+    seed_owner = {
+        id(state): layer
+        for layer in layers
+        if type(layer).__module__.startswith("keras.")
+        for state in _keras_internals.seed_generator_states(layer)
+    }
+    uses = _resource_uses(graph)
+    writes, readers = [], {}
+    unidentified = False  # a resource read that maps to no known variable
+    for external, internal in graph.captures:
+        if internal.dtype != tf.resource:
+            continue
+        variable = by_handle.get(id(external))
+        for node, op_type, kind in uses.get(internal.op.name, ()):
+            index = creator[op_index[node]] if node in op_index else None
+            layer = None if index is None else layers[index]
+            if (
+                kind == "write"
+                and op_type in _SEED_WRITE_OPS
+                and layer is not None
+                and seed_owner.get(id(variable)) is layer
+            ):
+                kind = "rng"
+            if kind == "write":
+                resource = _name(variable) if variable is not None else internal.op.name
+                writes.append(
+                    VariableWrite(
+                        None if layer is None else layer.name,
+                        None if layer is None else type(layer).__name__,
+                        resource,
+                        op_type,
+                    )
+                )
+            elif variable is not None:
+                readers.setdefault(id(variable), []).append(layer)
+            elif kind == "read":
+                unidentified = True
+    return tuple(writes), _ties(layers, readers, unidentified)
+
+
+def _name(variable) -> str:
+    # A Keras variable's path names its layer ("dense/kernel").
+    return getattr(variable, "path", None) or variable.name
+
+
+def _handles(variable) -> List[tf.Tensor]:
+    """The resource handles a traced read of `variable` may capture.
+
+    A Keras variable is read through the TensorFlow variable it wraps; a
+    distributed variable (MirroredStrategy) through one of its per-device
+    components, or a packed handle, not through a handle of its own.
+    """
+    if isinstance(variable, keras.Variable):
+        variable = variable.value
+    holders = [variable]
+    try:
+        holders += list(getattr(variable, "values", None) or ())
+    except (TypeError, ValueError):
+        pass
+    packed = getattr(variable, "_packed_var", None)
+    if packed is not None:
+        holders.append(packed)
+    handles = []
+    for holder in holders:
+        try:
+            handles.append(holder.handle)
+        except (AttributeError, ValueError, RuntimeError):
+            continue
+    return handles
+
+
+def _ties(layers, readers, unidentified: bool) -> Dict[int, VariableTie]:
+    owners: Dict[int, list] = {}
+    variables = {}
+    for layer in layers:
+        for variable in _keras_internals.own_variables(layer):
+            held = owners.setdefault(id(variable), [])
+            if all(layer is not other for other in held):
+                held.append(layer)
+            variables[id(variable)] = variable
+    ties = {}
+    for key, held in owners.items():
+        others = []
+        for layer in readers.get(key, ()):
+            if all(layer is not owner for owner in held) and all(
+                layer is not other for other in others
+            ):
+                others.append(layer)
+        if key not in readers and unidentified:
+            # Fail safe: if some read could not be mapped to its variable, a
+            # weight seen unread may be read there, by anyone.
+            others = [None]
+        if len(held) > 1 or others:
+            ties[key] = VariableTie(
+                _name(variables[key]),
+                tuple(layer.name for layer in held),
+                tuple(None if layer is None else layer.name for layer in others),
+            )
+    return ties
+
+
+def _inputs_of(node) -> List[Tuple[int, str]]:
+    return [(i, name) for i, name in enumerate(node.input) if not name.startswith("^")]
+
+
+def _graph_key(name: str) -> str:
+    """Names a tensor of the outer GraphDef as "op:k" ("op" means "op:0")."""
+    return name if ":" in name else name + ":0"
+
+
+def _resource_uses(graph) -> Dict[str, List[Tuple[str, str, str]]]:
+    """For each resource placeholder of `graph`: (outer op, op type, kind) of its uses.
+
+    kind is "read", "rng" or "write"; uses inside a nested function body are
+    reported with the outer op that calls the function.
+    """
+    graph_def = graph.as_graph_def()
+    library = {f.signature.name: f for f in graph_def.library.function}
+    outer = _Scope(graph_def.node, outer=True)
+    scopes = {name: _Scope(f.node_def, outer=False) for name, f in library.items()}
+    result = {}
+    for node in graph_def.node:
+        if node.op != "Placeholder" or node.attr["dtype"].type != tf.resource.as_datatype_enum:
+            continue
+        found = []
+        _follow(outer, node.name + ":0", None, library, scopes, found, set())
+        result[node.name] = found
+    return result
+
+
+class _Scope:
+    """The consumers of every tensor of a graph or function body."""
+
+    def __init__(self, nodes, outer: bool):
+        self.outer = outer
+        self.consumers: Dict[str, List[Tuple[object, int]]] = {}
+        for node in nodes:
+            for position, name in _inputs_of(node):
+                key = _graph_key(name) if outer else name
+                self.consumers.setdefault(key, []).append((node, position))
+
+    def output(self, node, index: int) -> str:
+        return f"{node.name}:{index}" if self.outer else f"{node.name}:output:{index}"
+
+
+def _called_functions(node, library) -> List[str]:
+    names = []
+    if node.op in library:
+        names.append(node.op)
+    for value in node.attr.values():
+        if value.HasField("func") and value.func.name in library:
+            names.append(value.func.name)
+        names += [f.name for f in value.list.func if f.name in library]
+    return names
+
+
+def _follow(scope, key, caller, library, scopes, found, seen):
+    """Appends the uses of the resource tensor `key` of `scope` to `found`."""
+    if (id(scope), key) in seen:
+        return
+    seen.add((id(scope), key))
+    for node, position in scope.consumers.get(key, ()):
+        site = caller if caller is not None else node.name
+        if node.op in _PASS_OPS:
+            out = 0 if node.op == "Identity" else position
+            _follow(scope, scope.output(node, out), caller, library, scopes, found, seen)
+            continue
+        if node.op in _READ_OPS:
+            found.append((site, node.op, "read"))
+            continue
+        if node.op in _RNG_OPS:
+            found.append((site, node.op, "rng"))
+            continue
+        functions = _called_functions(node, library)
+        if not functions:
+            found.append((site, node.op, "write"))
+            continue
+        argument = position - (1 if node.op in _CALLS_WITH_SELECTOR else 0)
+        for name in functions:
+            args = library[name].signature.input_arg
+            if 0 <= argument < len(args):
+                _follow(scopes[name], args[argument].name, site, library, scopes, found, seen)
+        if node.op in _LOOPS:
+            # A loop passes its variables through: output i is input i.
+            _follow(scope, scope.output(node, position), caller, library, scopes, found, seen)
+
+
+def cross_example_reason(model: keras.Model, augmult: int = 1) -> Optional[str]:
+    """Why one batched pass over `model` may mix examples, or None if it may not.
+
+    The layerwise route runs all B * K rows through the model at once, so
+    each example's rows must not influence another example's outputs. Two
+    checks, both needed: every layer (recursively) is of a type in
+    `per_example_layer_types()`, and every operation of a functional graph
+    is such a layer, not a `keras.ops` call (a gradient check cannot see a
+    mixing hidden behind `stop_gradient`); and in one training-mode call on 3 random
+    examples of K views each (rows ordered as the layerwise route orders
+    them), the gradients of the first and of the last example's outputs with
+    respect to the other examples' input rows are exactly zero (this catches
+    allowed layers configured to reduce over the batch axis, e.g.
+    `Softmax(axis=0)`). A single call, so random layers (Dropout) draw one
+    mask.
+
+    Args:
+      model: A built Keras model.
+      augmult: K, the views per example.
+
+    Returns:
+      None, or a sentence naming the layer or the check that failed.
+    """
+    allowed = per_example_layer_types()
+    for layer in _keras_internals.all_layers(model, include_self=True):
+        for operation in _keras_internals.graph_operations(layer):
+            if not isinstance(operation, keras.layers.Layer):
+                return (
+                    f"operation `{operation.name}` ({type(operation).__name__}) of the "
+                    "functional graph is not a layer of a type known to compute each "
+                    "example's output from that example's rows alone (`keras.ops` "
+                    "calls between layers may mix the rows of a batch, e.g. centering "
+                    "by the batch mean)"
+                )
+        if layer is not model and type(layer) not in allowed:
+            return (
+                f"layer `{layer.name}` ({type(layer).__name__}) is not one of the layer types "
+                "known to compute each example's output from that example's rows alone "
+                "(Lambda layers, `keras.ops` in functional models and custom layers may "
+                "mix the rows of a batch, e.g. centering by the batch mean)"
+            )
+    entry = _CACHE.get(model)
+    if entry is None:
+        entry = _CACHE[model] = _Analysis()
+    if augmult not in entry.probe:
+        entry.probe[augmult] = _probe(model, augmult)
+    return entry.probe[augmult]
+
+
+def _probe(model, views: int) -> Optional[str]:
+    inputs = getattr(model, "inputs", None) or []
+    if len(inputs) != 1:
+        return "the cross-example check needs a model with exactly one input"
+    shape, dtype = tuple(inputs[0].shape[1:]), tf.as_dtype(inputs[0].dtype)
+    if None in shape or not dtype.is_floating:
+        return (
+            "the cross-example check needs a static, floating-point input shape "
+            f"(got {dtype.name} {shape})"
+        )
+    rows = _PROBE_EXAMPLES * views
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(rows,) + tuple(shape)), dtype)
+    examples = (0, _PROBE_EXAMPLES - 1)
+    try:
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            outputs = tf.nest.flatten(model(x, training=True))
+            for out in outputs:
+                if out.shape.rank == 0 or out.shape[0] != rows:
+                    return (
+                        f"a training-mode call on {rows} rows returned an output of shape "
+                        f"{out.shape}: the model changes the number of rows"
+                    )
+            # A random projection of the first and of the last example's outputs.
+            targets = [
+                tf.add_n(
+                    [
+                        tf.reduce_sum(
+                            tf.cast(out[e * views : (e + 1) * views], tf.float32)
+                            * _weights(rng, [views] + list(out.shape[1:]))
+                        )
+                        for out in outputs
+                    ]
+                )
+                for e in examples
+            ]
+        for example, target in zip(examples, targets):
+            grad = tape.gradient(target, x)
+            if grad is None:
+                continue
+            own = slice(example * views, (example + 1) * views)
+            others = tf.concat([grad[: own.start], grad[own.stop :]], axis=0)
+            if bool(tf.reduce_any(others != 0)):
+                return (
+                    "in a training-mode call, the outputs of one example depend on the "
+                    "inputs of other examples (nonzero gradient across examples on a "
+                    f"random batch of {_PROBE_EXAMPLES} examples x {views} view(s)); look "
+                    "for a layer that reduces over the batch axis, e.g. Softmax(axis=0) "
+                    "or LayerNormalization(axis=0)"
+                )
+    except (ValueError, TypeError, tf.errors.OpError) as err:
+        return f"the cross-example check could not run ({type(err).__name__}: {err})"
+    return None
+
+
+def _weights(rng, shape: Sequence[int]) -> tf.Tensor:
+    return tf.constant(rng.normal(size=tuple(shape)), tf.float32)

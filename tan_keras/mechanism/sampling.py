@@ -1,0 +1,451 @@
+"""Poisson sampling as a `tf.data` pipeline, with static shapes for XLA/TPU.
+
+The accountant's guarantee assumes Poisson sampling: at every logical step
+each of the N examples is included independently with probability q = B/N.
+Shuffled fixed-size batches do not satisfy it (audits measured 4-10x gaps).
+
+Static shapes: a logical batch has a random size n ~ Binomial(N, q). It is cut
+into micro-batches of a fixed physical size P, the last one padded; a `mask`
+marks real rows (padding contributes exactly nothing) and `step_end` marks (on every row) the
+last micro-batch of the step. A large sample is never truncated: it spills
+into extra micro-batches of the same logical step. An empty sample is a valid
+step (one all-padding micro-batch: the update is pure noise). With the default
+P = B + 4 sqrt(B (1 - q)), a step needs a second micro-batch with probability
+about 3e-5, so almost all compute goes to real rows.
+
+Secrecy: amplification by sampling assumes nobody knows which examples were
+sampled, so the sampling RNG, like the noise RNG, is seeded from OS entropy
+unless a seed is given explicitly (debugging only; a warning says so).
+"""
+
+import math
+import secrets
+import warnings
+import weakref
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from tan_keras import _validate
+from tan_keras.mechanism import views
+from tan_keras.mechanism.noise import NotPrivateWarning, entropy_int64
+
+SEEDED_SAMPLER_WARNING = (
+    "The Poisson sampler was given an explicit seed ({seed}). Privacy amplification "
+    "by sampling assumes the batches are secret; anyone who knows this seed knows "
+    "them, and the reported epsilon does not hold against them. Debugging only."
+)
+
+
+def default_physical_batch_size(expected_batch_size: int, dataset_size: int) -> int:
+    """Physical micro-batch size P = B + 4 std of the Poisson batch size (<= N).
+
+    Args:
+      expected_batch_size: B.
+      dataset_size: N.
+
+    Returns:
+      P, so that a logical step spills into a second micro-batch with
+      probability about 3e-5.
+    """
+    q = expected_batch_size / dataset_size
+    std = math.sqrt(expected_batch_size * (1.0 - q))
+    return min(dataset_size, expected_batch_size + int(math.ceil(4.0 * std)))
+
+
+class PoissonSampler(tf.Module):
+    """Draws Poisson-sampled logical batches of example indices.
+
+    Its state (secret key, step counter) is made of variables: put the
+    sampler in a `tf.train.Checkpoint` and call `resume_at` after restoring.
+
+    Args:
+      dataset_size: N, the number of distinct training examples.
+      expected_batch_size: B; q = B / N.
+      physical_batch_size: P, rows per micro-batch (static shape). Defaults to
+        `default_physical_batch_size(B, N)`.
+      seed: None (default) seeds from OS entropy; an integer makes sampling
+        reproducible and warns that the batches are then not secret.
+      secret_key: For multi-worker training, where every worker must draw the
+        SAME global batches: a 64-bit key from `new_secret_key()` on one host,
+        passed to the others over a private channel (never a constant in
+        code or flags that others can read).
+
+    Raises:
+      ValueError: on an invalid argument.
+    """
+
+    def __init__(
+        self,
+        dataset_size: int,
+        expected_batch_size: int,
+        physical_batch_size: Optional[int] = None,
+        seed: Optional[int] = None,
+        secret_key: Optional[int] = None,
+    ):
+        super().__init__(name="poisson_sampler")
+        self.dataset_size = _validate.positive_int("dataset_size", dataset_size)
+        self.expected_batch_size = _validate.integer(
+            "expected_batch_size", expected_batch_size, low=1, high=self.dataset_size
+        )
+        if physical_batch_size is None:
+            physical_batch_size = default_physical_batch_size(
+                self.expected_batch_size, self.dataset_size
+            )
+        self.physical_batch_size = _validate.positive_int(
+            "physical_batch_size", physical_batch_size
+        )
+        if seed is not None and secret_key is not None:
+            raise _validate.invalid(
+                "secret_key", "None when `seed` is given (they are alternatives)", secret_key
+            )
+        if secret_key is not None:
+            key = _validate.integer("secret_key", secret_key, low=0, high=2**64 - 1) - 2**63
+        elif seed is None:
+            key = entropy_int64()
+        else:
+            key = _validate.integer("seed", seed, low=0, high=2**63 - 1)
+            warnings.warn(SEEDED_SAMPLER_WARNING.format(seed=seed), NotPrivateWarning, stacklevel=2)
+        # Step t's batch is a pure function of (key, t): a resumed run sets the
+        # counter to its number of completed updates and sees exactly the
+        # batches an uninterrupted run would have seen, while re-iterating the
+        # dataset continues the counter and never replays a batch.
+        self.key = tf.Variable(key, dtype=tf.int64, trainable=False, name="key")
+        self.next_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="next_step")
+
+    @staticmethod
+    def new_secret_key() -> int:
+        """A fresh 64-bit sampling key from OS entropy (see `secret_key`)."""
+        return secrets.randbits(64)
+
+    @property
+    def sampling_rate(self) -> float:
+        """q = B / N."""
+        return self.expected_batch_size / self.dataset_size
+
+    def resume_at(self, step: int) -> None:
+        """Makes the next logical batch the one of step `step` (0-based).
+
+        Call it after restoring a checkpoint, with the number of noisy updates
+        already applied (`model.dp_steps`): batches drawn ahead by the input
+        pipeline but never applied are drawn again, applied ones never are.
+
+        Args:
+          step: Number of logical steps already applied.
+
+        Raises:
+          ValueError: if `step` is not an integer >= 0.
+        """
+        self.next_step.assign(_validate.integer("step", step, low=0))
+
+    def sample_indices(self, step) -> tf.Tensor:
+        """Draws the logical batch of step `step`: each index kept with prob. q.
+
+        Args:
+          step: Scalar int64 step index.
+
+        Returns:
+          A 1-D int64 tensor of the selected indices (in increasing order).
+        """
+        seed = tf.stack([self.key, tf.cast(step, tf.int64)])
+        uniform = tf.random.stateless_uniform([self.dataset_size], seed=seed, dtype=tf.float64)
+        return tf.where(uniform < self.sampling_rate)[:, 0]
+
+    def micro_batches(
+        self, steps: Optional[int] = None, with_seeds: bool = False
+    ) -> tf.data.Dataset:
+        """Logical steps cut into padded micro-batches.
+
+        Args:
+          steps: Number of logical steps per iteration of the dataset; None
+            for an endless dataset. Each iteration draws fresh batches (the
+            RNG state carries on), so `fit(..., epochs=E)` sees E * steps
+            different logical batches.
+          with_seeds: Also give each micro-batch a stateless [2] int64 seed
+            for its augmentations, a function of the key, the step and the
+            micro-batch's place in it (so a resumed run draws the same views).
+
+        Returns:
+          A dataset of `(indices [P] int64, mask [P] float32, step_end [P] bool)`
+          (then `seed [2] int64` with `with_seeds`); `step_end` is True on every
+          row of a step's last micro-batch.
+
+        Raises:
+          ValueError: if `steps` is not a positive integer.
+        """
+        if steps is not None:
+            steps = _validate.positive_int("steps", steps)
+        size = self.physical_batch_size
+
+        def split(_):
+            step = self.next_step.assign_add(1) - 1
+            indices = self.sample_indices(step)
+            n = tf.shape(indices, out_type=tf.int64)[0]
+            num_micro = tf.maximum(tf.math.floordiv(n + size - 1, size), 1)
+            padded_len = num_micro * size
+            padded = tf.concat([indices, tf.zeros([padded_len - n], tf.int64)], 0)
+            mask = tf.cast(tf.range(padded_len) < n, tf.float32)
+            # The flag is repeated on every row: a global micro-batch may be
+            # split across replicas, and each must know where the step ends.
+            step_end = tf.tile((tf.range(num_micro) == num_micro - 1)[:, None], [1, size])
+            parts = (
+                tf.reshape(padded, [num_micro, size]),
+                tf.reshape(mask, [num_micro, size]),
+                step_end,
+            )
+            if with_seeds:
+                # Derived from the key through Philox, apart from the
+                # sampling stream (another first word), so the views say
+                # nothing about which examples were sampled.
+                step_seed = tf.random.experimental.stateless_fold_in(
+                    tf.stack([self.key, tf.constant(_AUGMENT_STREAM, tf.int64)]), step
+                )
+                parts += (tf.random.experimental.stateless_split(step_seed, num_micro),)
+            return parts
+
+        ticks = tf.data.Dataset.from_tensors(0).repeat()
+        if steps is not None:
+            ticks = ticks.take(steps)
+        # Sequential map: the step counter is stateful.
+        return ticks.map(split).flat_map(lambda *parts: tf.data.Dataset.from_tensor_slices(parts))
+
+
+# Second seed word of the augmentation stream (the sampling stream's is the step).
+_AUGMENT_STREAM = -(2**62)
+
+
+def sampling_tag(sampler: "PoissonSampler", rows: int) -> tf.Tensor:
+    """[rows, 2] int64 rows of (N, B): the sampling a micro-batch was drawn with.
+
+    Every element of a Poisson pipeline carries it (on every row, so that it
+    survives the split of a micro-batch across replicas), and `DPKerasModel`
+    refuses a batch drawn for another (N, B) than the one it accounts for.
+
+    Args:
+      sampler: The `PoissonSampler` that drew the batch.
+      rows: Rows of the micro-batch.
+
+    Returns:
+      The tag tensor.
+    """
+    pair = tf.constant([sampler.dataset_size, sampler.expected_batch_size], tf.int64)
+    return tf.tile(pair[None], [rows, 1])
+
+
+def check_sampling_tags(
+    dataset: tf.data.Dataset, dataset_size: int, expected_batch_size: int
+) -> tf.data.Dataset:
+    """`dataset` with every element's sampling tag checked against (N, B).
+
+    Args:
+      dataset: Elements `(x, y, mask, step_end, tag)` of a Poisson pipeline.
+      dataset_size: N the consumer accounts for.
+      expected_batch_size: B the consumer accounts for.
+
+    Returns:
+      The same elements; iterating raises `tf.errors.InvalidArgumentError`
+      at the first element drawn for another (N, B), before it reaches the
+      model.
+    """
+    expected = tf.constant([dataset_size, expected_batch_size], tf.int64)
+    message = (
+        "This Poisson pipeline was built for another sampling than the model accounts "
+        f"for: the model has dataset_size={dataset_size}, expected_batch_size="
+        f"{expected_batch_size}; the batch's (dataset_size, expected_batch_size) "
+        "follows. The accountant would report the epsilon of the wrong sampling rate. "
+        "Build the PoissonSampler with the model's dataset_size and expected_batch_size."
+    )
+
+    def check(*element):
+        tag = tf.cast(element[4], tf.int64)
+        matches = tf.reduce_all(tf.equal(tag, expected[None]))
+        with tf.control_dependencies(
+            [tf.debugging.Assert(matches, [message, tag[:1]], summarize=2)]
+        ):
+            return tuple(tf.identity(t) for t in element)
+
+    return dataset.map(check)
+
+
+def make_poisson_dataset(
+    features: np.ndarray,
+    labels: np.ndarray,
+    sampler: PoissonSampler,
+    steps: Optional[int] = None,
+    augmult: int = 1,
+    augmenter: Optional[Callable[[tf.Tensor], tf.Tensor]] = None,
+    num_shards: int = 1,
+    shard_index: int = 0,
+) -> tf.data.Dataset:
+    """The training input of `DPKerasModel.fit` for an in-memory dataset.
+
+    Args:
+      features: [N, *input_shape] array of the N distinct training examples.
+      labels: [N, ...] array of labels.
+      sampler: A `PoissonSampler` with `dataset_size == N`.
+      steps: Logical steps per iteration (per Keras epoch); None for endless.
+      augmult: K views per example; K > 1 yields `[P, K, *input_shape]`.
+      augmenter: Optional `images -> images` random augmentation (one view per
+        call), e.g. from `tan_keras.make_augmenter`. Without it the K
+        views are identical copies.
+      num_shards: Number of input pipelines (hosts) sharing each global
+        micro-batch; each keeps P / num_shards rows. All shards must use
+        samplers with the same key (see `PoissonSampler.secret_key`).
+      shard_index: This pipeline's shard, in [0, num_shards).
+
+    Returns:
+      A dataset of `(x, y, mask, step_end, tag)` micro-batches; `tag` holds
+      (N, B) on every row (see `sampling_tag`).
+
+    Raises:
+      ValueError: if sizes disagree, `augmult` < 1, or the shards do not
+        divide the physical batch size.
+    """
+    augmult = _validate.positive_int("augmult", augmult)
+    num_shards = _validate.positive_int("num_shards", num_shards)
+    shard_index = _validate.integer("shard_index", shard_index, low=0, high=num_shards - 1)
+    if sampler.physical_batch_size % num_shards:
+        raise _validate.invalid(
+            "num_shards",
+            f"a divisor of physical_batch_size={sampler.physical_batch_size}",
+            num_shards,
+        )
+    rows = sampler.physical_batch_size // num_shards
+    if len(features) != sampler.dataset_size or len(labels) != sampler.dataset_size:
+        raise _validate.invalid(
+            "dataset_size",
+            f"the number of training examples ({len(features)} features, {len(labels)} labels)",
+            sampler.dataset_size,
+            "N must count the distinct training examples, before any repeat or augmentation",
+        )
+    features = tf.convert_to_tensor(features)
+    labels = tf.convert_to_tensor(labels)
+
+    def gather(indices, mask, step_end, seed=None):
+        # Every shard draws the same global micro-batch and keeps its rows, so
+        # the hosts together see each sampled example exactly once.
+        begin = shard_index * rows
+        indices, mask = indices[begin : begin + rows], mask[begin : begin + rows]
+        step_end = step_end[begin : begin + rows]
+        x = tf.gather(features, indices)
+        if augmenter is not None:
+            # Each shard's rows get their own draws.
+            seed = tf.random.experimental.stateless_fold_in(seed, shard_index)
+        x = views.sampled_views(x, augmult, augmenter, seed=seed)
+        return x, tf.gather(labels, indices), mask, step_end, sampling_tag(sampler, rows)
+
+    dataset = sampler.micro_batches(steps, with_seeds=augmenter is not None)
+    dataset = dataset.map(gather).prefetch(2)
+    # The rows are sharded above; tf.distribute must not shard again by
+    # whole micro-batches (that would split logical steps across hosts).
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return dataset.with_options(options)
+
+
+def poisson_dataset_fn(
+    features: np.ndarray,
+    labels: np.ndarray,
+    sampler_fn: Callable[[], PoissonSampler],
+    augmult: int = 1,
+    augmenter: Optional[Callable[[tf.Tensor], tf.Tensor]] = None,
+) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
+    """Per-host input for `tf.distribute.Strategy.distribute_datasets_from_function`.
+
+    `distribute_poisson_dataset` wraps it for `DPKerasModel.fit`.
+
+    For multi-worker training: every host draws the SAME global micro-batches
+    (its sampler must use the shared `secret_key`), keeps its 1/W of the rows
+    and hands them to its L local replicas as L consecutive per-replica
+    elements (tf.distribute feeds a host's replicas round-robin). So the R =
+    W * L replicas together hold each sampled example exactly once, and they
+    all agree on where each logical step ends.
+
+    Args:
+      features: [N, *input_shape] training examples (on every host).
+      labels: [N, ...] labels.
+      sampler_fn: Builds this host's `PoissonSampler` (same key on all hosts).
+      augmult: K views per example.
+      augmenter: Optional one-view augmentation.
+
+    Returns:
+      A function from `tf.distribute.InputContext` to the host's dataset.
+    """
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        sampler = sampler_fn()
+        hosts = context.num_input_pipelines
+        local = context.num_replicas_in_sync // hosts
+        dataset = make_poisson_dataset(
+            features,
+            labels,
+            sampler,
+            augmult=augmult,
+            augmenter=augmenter,
+            num_shards=hosts,
+            shard_index=context.input_pipeline_id,
+        )
+        rows = sampler.physical_batch_size // hosts
+        if rows % local:
+            raise _validate.invalid(
+                "physical_batch_size",
+                f"a multiple of the {context.num_replicas_in_sync} replicas",
+                sampler.physical_batch_size,
+            )
+
+        def split(*batch):
+            return tf.data.Dataset.from_tensor_slices(
+                tuple(tf.reshape(t, [local, rows // local, *t.shape[1:]]) for t in batch)
+            )
+
+        return dataset.flat_map(split)
+
+    return dataset_fn
+
+
+# Distributed Poisson datasets made here -> the (N, B) their samplers draw for.
+_DISTRIBUTED_SAMPLING = weakref.WeakKeyDictionary()
+
+
+def distribute_poisson_dataset(
+    strategy: tf.distribute.Strategy,
+    features: np.ndarray,
+    labels: np.ndarray,
+    sampler_fn: Callable[[], PoissonSampler],
+    augmult: int = 1,
+    augmenter: Optional[Callable[[tf.Tensor], tf.Tensor]] = None,
+):
+    """Per-host Poisson input for multi-worker `fit` (see `poisson_dataset_fn`).
+
+    Every host builds its own pipeline from `sampler_fn` (same secret key on
+    all hosts), so no host ships its data to another. Each element's
+    sampling tag is checked on its host; `DPKerasModel.fit` checks the
+    sampler's (N, B) against the model's.
+
+    Args:
+      strategy: The `tf.distribute` strategy the model was built under.
+      features, labels, sampler_fn, augmult, augmenter: As for
+        `poisson_dataset_fn`.
+
+    Returns:
+      A `tf.distribute.DistributedDataset` to pass to `fit`.
+    """
+    probe = sampler_fn()
+    sampling = (probe.dataset_size, probe.expected_batch_size)
+    make = poisson_dataset_fn(features, labels, sampler_fn, augmult=augmult, augmenter=augmenter)
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        return check_sampling_tags(make(context), *sampling)
+
+    dataset = strategy.distribute_datasets_from_function(dataset_fn)
+    _DISTRIBUTED_SAMPLING[dataset] = sampling
+    return dataset
+
+
+def distributed_sampling(dataset) -> Optional[Tuple[int, int]]:
+    """(N, B) of a dataset from `distribute_poisson_dataset`, else None."""
+    try:
+        return _DISTRIBUTED_SAMPLING.get(dataset)
+    except TypeError:  # not weak-referenceable: not one of ours
+        return None

@@ -1,0 +1,122 @@
+"""The training program as a library: `run(config) -> metrics`.
+
+`python -m tan_keras.train` parses its flags into a `TrainConfig` and calls
+`run`; the search calls it in process for every grid point. TensorFlow loads
+only after the checks that need no data or model (`train_config`,
+`train_plan` and the dataset's availability), so a refused run fails in a
+second, with nothing written.
+"""
+
+import os
+import time
+from typing import Any, Dict, Optional
+
+from tan_keras import _startup, _validate
+from tan_keras.data import datasets
+from tan_keras.training import train_config, train_plan
+from tan_keras.training.train_config import TrainConfig
+
+
+def run(config: TrainConfig, start: Optional[float] = None) -> Optional[Dict[str, Any]]:
+    """One training run, top to bottom: validate, plan, train, evaluate.
+
+    Prints the privacy plan, the progress and the results; writes
+    checkpoints, TensorBoard logs and the metrics JSON under the model_dir.
+
+    Args:
+      config: The run's settings.
+      start: `time.monotonic()` when the run was asked for (its wall time
+        counts from there); None: now.
+
+    Returns:
+      The metrics written to the metrics JSON, or None for a dry run.
+
+    Raises:
+      ValueError: when the run is refused (a bad setting, an unavailable
+        dataset, a checkpoint it must not resume), before anything is written.
+      RuntimeError: when training fails after it started.
+    """
+    start = time.monotonic() if start is None else start
+    model_dir = config.model_dir or train_config.default_model_dir(config.dataset, config.model)
+    worker = train_config.worker_index() if config.strategy == "multiworker" else 0
+    if worker:
+        # Workers other than the chief keep their own checkpoints, logs and
+        # metrics (identical state: every worker applies the same updates).
+        model_dir = os.path.join(model_dir, f"worker_{worker}")
+    train_config.check_model_dir(model_dir, config)
+    metrics_path = config.metrics_json or os.path.join(model_dir, train_config.METRICS_FILE)
+    if os.path.isdir(metrics_path):
+        raise _validate.invalid("metrics_json", "a file path, not a directory", metrics_path)
+    data = datasets.load_dataset(config.dataset, config.data_dir)
+    plan = train_plan.plan_privacy(config, data.size)
+
+    # TensorFlow loads only now, after the checks that need no model.
+    _startup.load_tensorflow()
+    from tan_keras.data import augment
+    from tan_keras.mechanism import sampling
+    from tan_keras.training import train_data, train_lib
+
+    augmenter = None
+    if config.augment != "none":
+        try:
+            augmenter = augment.make_augmenter(config.augment, data.input_shape, seed=config.seed)
+        except ValueError as err:
+            raise _validate.invalid(
+                "augment",
+                f"a policy that fits {config.dataset} images of shape {data.input_shape}",
+                config.augment,
+                str(err),
+            ) from None
+    print(train_plan.format_plan(plan, config.dataset), flush=True)
+    if config.dry_run:
+        return None
+
+    strategy = train_lib.make_strategy(config.strategy, config.tpu)
+    with strategy.scope():
+        model = train_lib.build_model(config, plan, data.input_shape, data.num_classes)
+    sampler = sampling.PoissonSampler(
+        plan.dataset_size,
+        plan.batch_size,
+        physical_batch_size=train_lib.physical_batch_size(
+            config.physical_batch_size,
+            plan.batch_size,
+            plan.dataset_size,
+            strategy.num_replicas_in_sync,
+        ),
+        seed=config.noise_seed,
+        secret_key=(
+            train_config.read_sampling_key(config.sampling_key_file)
+            if config.sampling_key_file and config.noise_seed is None
+            else None
+        ),
+    )
+    # Restores on --resume (refusing corrupted or foreign checkpoints) before
+    # writing anything to model_dir.
+    checkpoint = train_lib.restore_or_start(model_dir, config, model, sampler)
+    print(f"model_dir: {model_dir}", flush=True)
+
+    # From here on, errors are bugs or crashes, not refusals: let them show.
+    try:
+        train_ds = train_data.train_dataset(
+            data.train_x,
+            data.train_y,
+            sampler,
+            config.augmult,
+            augmenter,
+            per_host=strategy if config.strategy == "multiworker" else None,
+        )
+        test_ds = train_data.test_dataset(data.test_x, data.test_y, sampler.physical_batch_size)
+        dp_steps = train_lib.fit(
+            model, train_ds, sampler, checkpoint, plan, config, model_dir, test_ds
+        )
+        accuracies = train_lib.evaluate(model, test_ds, config.test_augmult, augmenter)
+        metrics = train_lib.final_metrics(
+            config, plan, dp_steps, accuracies, time.monotonic() - start, model_dir
+        )
+        train_lib.write_metrics(metrics_path, metrics)
+    except ValueError as err:
+        raise RuntimeError(str(err)) from err
+    for line in train_lib.describe_metrics(metrics):
+        print(line)
+    print(f"metrics: {metrics_path}", flush=True)
+    return metrics

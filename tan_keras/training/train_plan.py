@@ -1,0 +1,107 @@
+"""The training program's privacy plan, computed and printed before training.
+
+`plan_privacy` applies the one planning rule (`tan_keras.privacy.plan`) to a
+run's settings and N; `format_plan` prints it for the person who launched
+the run (with a NOT PRIVATE mark for simulations and seeded runs).
+"""
+
+from tan_keras._numbers import short
+from tan_keras.privacy import tan
+from tan_keras.privacy.plan import PrivacyPlan, make_plan
+from tan_keras.training.train_config import TrainConfig
+
+
+def plan_privacy(config: TrainConfig, dataset_size: int) -> PrivacyPlan:
+    """Fixes sigma for `config` on N examples and computes the run's privacy.
+
+    Args:
+      config: The validated run settings.
+      dataset_size: N, the number of distinct training examples.
+
+    Returns:
+      The `PrivacyPlan` (`tan_keras.privacy.plan.make_plan`).
+
+    Raises:
+      ValueError: naming the flag, if B or B_ref exceeds N, or the target
+        epsilon cannot be met.
+    """
+    return make_plan(
+        dataset_size=dataset_size,
+        batch_size=config.batch_size,
+        steps=config.steps,
+        delta=config.delta,
+        augmult=config.augmult,
+        accountant=config.accountant,
+        target_eps=config.target_eps,
+        noise_multiplier=config.noise_multiplier,
+        ref_batch_size=config.ref_batch_size,
+        ref_noise_multiplier=config.ref_noise_multiplier,
+        noise_seeded=config.noise_seed is not None,
+    )
+
+
+def format_plan(plan: PrivacyPlan, dataset: str) -> str:
+    """The plan as text for a person, printed before training.
+
+    Args:
+      plan: The `PrivacyPlan`.
+      dataset: Dataset name, for the header.
+
+    Returns:
+      Multi-line text without a trailing newline.
+    """
+    if plan.mode == "target_eps":
+        how = f"calibrated for target_eps={plan.target_epsilon:g}"
+    elif plan.mode == "noise_multiplier":
+        how = "from --noise_multiplier"
+    else:
+        how = "ref_noise_multiplier * batch_size / ref_batch_size"
+    epochs = plan.steps * plan.sampling_rate
+    lines = [
+        f"Privacy plan ({plan.accountant} accountant, Poisson sampling)",
+        f"  dataset              {dataset}, N={plan.dataset_size} training examples",
+        f"  batch_size B         {plan.batch_size}  (q = B/N = {plan.sampling_rate:.4g})",
+        f"  noise_multiplier     {plan.noise_multiplier:.4g}  ({how})",
+        f"  sigma/B              {short(plan.noise_multiplier / plan.batch_size)}",
+        f"  steps S              {plan.steps}  (noisy updates, {epochs:.3g} epochs)",
+        f"  augmult K            {plan.augmult}",
+        f"  gradient evals S*B*K {plan.gradient_evaluations:,}",
+        f"  delta                {plan.delta:g}",
+        f"  epsilon              {short(plan.epsilon)}  (this run)",
+        f"  eta (TAN)            {short(plan.eta)}",
+        f"  eps_TAN              {short(plan.eps_tan)}",
+    ]
+    ref = plan.reference
+    if ref is not None:
+        lines += [
+            "  reference run        "
+            f"batch_size={ref.batch_size} noise_multiplier={ref.noise_multiplier:.4g} "
+            f"steps={ref.steps}",
+            f"  reference epsilon    {short(ref.epsilon)}",
+            f"  reference eta        {short(ref.eta)}  (equal to this run's: same S and sigma/B)",
+            f"  compute saving       {plan.compute_saving:.4g}x  (ref_batch_size / batch_size)",
+            "NOT PRIVATE: this simulated run is NOT private. It reproduces the training "
+            "dynamics of the reference run at a fraction of the cost, to tune "
+            "hyper-parameters; only the reference run, once trained, guarantees "
+            f"epsilon={short(ref.epsilon)} at delta={plan.delta:g}.",
+        ]
+    elif plan.noise_multiplier == 0:
+        lines.append("NOT PRIVATE: --noise_multiplier=0 adds no noise (epsilon is infinite).")
+    if plan.noise_seeded:
+        lines.append(
+            "NOT PRIVATE: --noise_seed makes the noise and the Poisson batches "
+            "reproducible; anyone who knows the seed can undo them. Debugging only."
+        )
+    if plan.private:
+        lines.append(
+            f"Private: this run guarantees ({short(plan.epsilon)}, {plan.delta:g})-DP "
+            "for each training example."
+        )
+    lines += [f"Warning: {note}" for note in plan.warnings]
+    if not plan.simulation and plan.noise_multiplier > 0 and plan.overcharged:
+        lines.append(
+            f"Warning: noise_multiplier={plan.noise_multiplier:.4g} < "
+            f"{tan.OVERCHARGE_SIGMA:g}: the run is overcharged (epsilon well above eps_TAN). "
+            "A larger batch at the same sigma/B keeps eta and costs less epsilon."
+        )
+    return "\n".join(lines)
