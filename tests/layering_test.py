@@ -186,3 +186,19 @@ def test_flags_plans_and_names_load_no_tensorflow():
         ]
     )
     assert _loads_tensorflow(["tan_keras.models.build"])  # power check
+
+
+def test_model_layers_import_without_the_mechanism():
+    # TF Privacy's baseline (benchmarks/) builds the same models on Keras 2:
+    # the architectures import Keras alone, not the DP machinery's Keras 3
+    # internals (their per-example rules live in tan_keras.models.layer_rules).
+    code = (
+        "import sys\nfrom tan_keras.models import build_model\n"
+        "build_model('nf_resnet50', (32, 32, 3), 10)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('tan_keras.mechanism')"
+        " or m == 'tan_keras._keras_internals'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -31,6 +31,7 @@ from tan_keras import (
 from tan_keras.keras_dp import dp_state, ema, fit_inputs, labels, model_checks, precision
 from tan_keras.keras_dp.dp_config import DPConfig
 from tan_keras.mechanism import chunking, ghost, layerwise, noise, per_example
+from tan_keras.models import layer_rules  # noqa: F401  (the package's layers' rules)
 
 _DP_CONFIG_KEYS = (
     "l2_norm_clip",

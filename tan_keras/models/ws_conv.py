@@ -13,7 +13,6 @@ import keras
 import tensorflow as tf
 
 from tan_keras import _validate
-from tan_keras.mechanism import layerwise
 
 
 @keras.utils.register_keras_serializable(package="tan_keras")
@@ -101,14 +100,3 @@ class WSConv2D(keras.layers.Conv2D):
             }
         )
         return config
-
-
-# Per-example gradients in closed form: the Conv2D rule on the standardized
-# kernel, pulled back to (kernel, gain).
-layerwise.register_reparametrized_conv(
-    WSConv2D,
-    layerwise.ReparametrizedConv(
-        weights=lambda layer: [layer.kernel, layer.gain],
-        effective_kernel=lambda layer: layer.standardized_kernel(),
-    ),
-)

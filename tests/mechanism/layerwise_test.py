@@ -6,7 +6,10 @@ import pytest
 import tensorflow as tf
 
 from tan_keras.mechanism import layerwise, per_example
-from tan_keras.models import build_model
+from tan_keras.models import (
+    build_model,
+    layer_rules,  # noqa: F401  (WSConv2D's layerwise rule)
+)
 from tan_keras.models.ws_conv import WSConv2D
 
 LOSS_FN = per_example.unreduced_loss_fn(
