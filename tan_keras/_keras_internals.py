@@ -5,7 +5,7 @@ release is one file's work, and nothing else in the package imports from
 `keras.src` or calls a private Keras method.
 """
 
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import keras
 from keras.src.models import functional
@@ -112,3 +112,19 @@ def graph_operations(model: keras.layers.Layer) -> List[Any]:
     if isinstance(model, functional.Functional):
         return list(model.operations)
     return []
+
+
+def optimizer_built_for(optimizer: Any) -> Optional[List[Any]]:
+    """The variables a built Keras 3 optimizer updates (None: not built yet).
+
+    A built optimizer keeps one slot per variable it was built for and
+    refuses others: after a change of what trains, it cannot be reused.
+    """
+    if not getattr(optimizer, "built", False):
+        return None
+    return list(getattr(optimizer, "_trainable_variables", []))
+
+
+def call_losses(layer: keras.layers.Layer) -> List[Any]:
+    """The losses `layer` added with `add_loss` in its latest call."""
+    return list(getattr(layer, "_losses", ()))

@@ -7,6 +7,7 @@ the same noise) and "full_noise" (every replica adds noise of std sigma*C)
 are deliberately broken implementations for the power checks.
 """
 
+import contextlib
 import json
 import math
 import sys
@@ -48,8 +49,18 @@ P, B, N = 8, 8, 64  # physical rows per micro-batch (divisible by 4), expected b
 BASE_DP = dict(l2_norm_clip=1.0, noise_multiplier=0.0, expected_batch_size=B, dataset_size=N)
 
 
-def build(width, sigma, clip, input_dim, examples_per_chunk="auto", regularizer=None):
-    with strategy.scope(), warnings.catch_warnings():
+def build(
+    width,
+    sigma,
+    clip,
+    input_dim,
+    examples_per_chunk="auto",
+    regularizer=None,
+    optimizer=None,
+    distributed=True,
+):
+    scope = strategy.scope() if distributed else contextlib.nullcontext()
+    with scope, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         keras.utils.set_random_seed(0)
         inp = keras.Input((input_dim,))
@@ -63,7 +74,8 @@ def build(width, sigma, clip, input_dim, examples_per_chunk="auto", regularizer=
             dataset_size=N,
             examples_per_chunk=examples_per_chunk,
         )
-        model.compile(optimizer=keras.optimizers.SGD(1.0), loss=LOSS)
+        # Made in the scope: an optimizer's own variables belong to its strategy.
+        model.compile(optimizer=optimizer() if optimizer else keras.optimizers.SGD(1.0), loss=LOSS)
     return model
 
 
@@ -80,12 +92,39 @@ def dataset(x, y, mask, steps, micro):
     )
 
 
+def adam_run(distributed):
+    """A stateful optimizer: Adam, 3 logical steps of 2 micro-batches.
+
+    On micro-batches that end no logical step the gated update must put back
+    Adam's moments and iteration count too. VARIANT "adam_no_strategy" runs
+    it without any strategy (the ungated one-device path, the reference), in
+    a process of its own: Keras's global seed state must not be shared
+    across strategies.
+    """
+    model = build(
+        5,
+        sigma=0.0,
+        clip=0.1,
+        input_dim=4,
+        optimizer=lambda: keras.optimizers.Adam(0.05),
+        distributed=distributed,
+    )
+    model.fit(dataset(x, y, np.ones(48), steps=3, micro=2), verbose=0)
+    return {
+        "weights_adam": [w.tolist() for w in model.get_weights()],
+        "adam_iterations": int(model.optimizer.iterations.numpy()),
+    }
+
+
 result = {}
 rng = np.random.default_rng(0)
 
 # 1. Clipping on, no noise: 3 logical steps of 2 micro-batches.
 x = rng.normal(size=(48, 4)) * 3
 y = rng.integers(0, 3, 48)
+if VARIANT == "adam_no_strategy":
+    print("RESULT " + json.dumps(adam_run(distributed=False)))
+    sys.exit(0)
 model = build(5, sigma=0.0, clip=0.1, input_dim=4)
 accountant = PrivacyAccountant(delta=1e-5)
 model.fit(dataset(x, y, np.ones(48), steps=3, micro=2), verbose=0, callbacks=[accountant])
@@ -102,6 +141,23 @@ result["weights_chunked"] = [w.tolist() for w in model.get_weights()]
 result["chunked_moved"] = max(
     float(np.abs(a - b).max()) for a, b in zip(model.get_weights(), initial)
 )
+
+# 1b. The same steps with Adam (see adam_run).
+result.update(adam_run(distributed=True))
+# 1c. Optimizer-side clipping: Keras clips each replica's partial gradient
+# before the all-reduce, a function of partial sums that carry only
+# sigma*C/sqrt(R) of noise each: refused with several replicas.
+try:
+    build(
+        5,
+        sigma=0.0,
+        clip=0.1,
+        input_dim=4,
+        optimizer=lambda: keras.optimizers.Adam(0.05, global_clipnorm=0.01),
+    )
+    result["optimizer_clipping_refused"] = False
+except ValueError as err:
+    result["optimizer_clipping_refused"] = "global_clipnorm" in str(err)
 
 # 2. Pure noise (all rows masked): one step on a 300x300 layer (~9e4 params).
 model = build(300, sigma=2.0, clip=0.5, input_dim=300)

@@ -314,10 +314,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     Raises:
       ValueError: if the lengths differ or fewer than 2 items are given.
     """
-    a, b = _paired(x, y)
-    if _constant(a) or _constant(b):
-        return math.nan
-    return float(stats.spearmanr(a, b).statistic)
+    return _rank_correlation(stats.spearmanr, x, y)
 
 
 def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
@@ -333,15 +330,15 @@ def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
     Raises:
       ValueError: if the lengths differ or fewer than 2 items are given.
     """
+    return _rank_correlation(stats.kendalltau, x, y)
+
+
+def _rank_correlation(statistic, x: Sequence[float], y: Sequence[float]) -> float:
     a, b = _paired(x, y)
-    if _constant(a) or _constant(b):
+    # SciPy warns (and returns nan) on a constant side; nan is the answer.
+    if np.all(a == a[0]) or np.all(b == b[0]):
         return math.nan
-    return float(stats.kendalltau(a, b).statistic)
-
-
-def _constant(values: np.ndarray) -> bool:
-    # SciPy warns (and returns nan) on a constant input; nan is the answer.
-    return bool(np.all(values == values[0]))
+    return float(statistic(a, b).statistic)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,15 @@ from tan_keras import (
     _stack,  # noqa: F401  (refuses another Keras or backend)
     _validate,
 )
-from tan_keras.keras_dp import dp_state, ema, fit_inputs, labels, model_checks, precision
+from tan_keras.keras_dp import (
+    dp_state,
+    ema,
+    example_weights,
+    fit_inputs,
+    labels,
+    model_checks,
+    precision,
+)
 from tan_keras.keras_dp.dp_config import DPConfig
 from tan_keras.mechanism import chunking, ghost, layerwise, noise, per_example
 from tan_keras.models import layer_rules  # noqa: F401  (the package's layers' rules)
@@ -63,6 +71,10 @@ def _logs_for_strategy(logs):
     if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
         return {name: tf.reshape(value, [1]) for name, value in logs.items()}
     return logs
+
+
+def _is_float(variable) -> bool:
+    return tf.as_dtype(variable.dtype).is_floating
 
 
 def _label_spec(arguments):
@@ -170,7 +182,9 @@ class DPKerasModel(keras.Model):
             ema_decay = _validate.real(
                 "ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False
             )
+        model_checks.check_no_custom_training_step(self, DPKerasModel)
         super().__init__(*args, **kwargs)
+        model_checks.check_model_structure(self)
         precision.check_precision(self)
         model_checks.check_model_is_dp_compatible(self)
         self._dp_config = config
@@ -191,9 +205,14 @@ class DPKerasModel(keras.Model):
         self._examples_per_chunk = examples_per_chunk
         self._secret = dp_state.SecretState(noise.make_noise_key(noise_seed))
         self._ema_variables = None
+        self._ema_sources = []
         if ema_decay is not None:
+            # One shadow per floating-point weight, frozen ones too, so that
+            # a layer unfrozen before a re-compile has its shadow, and the
+            # list saved with the model does not depend on what is trainable.
             # Created with the model (not at compile) so that save/load_model
             # restores them.
+            self._ema_sources = [v for v in self.weights if _is_float(v)]
             self._ema_variables = [
                 keras.Variable(
                     # A copy: a Keras variable built from a TensorFlow
@@ -203,9 +222,11 @@ class DPKerasModel(keras.Model):
                     name="ema_" + v.path.replace("/", "_"),
                     aggregation="only_first_replica",
                 )
-                for v in self.trainable_variables
+                for v in self._ema_sources
             ]
         self._trackers = dp_state.StepMetrics()
+        # fit's class_weight, as a lookup vector (example_weights.py).
+        self._class_table = None
         # Shape of a batch of labels, for building the compiled metrics.
         self._label_spec = None
 
@@ -305,6 +326,7 @@ class DPKerasModel(keras.Model):
             )
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
         precision.check_optimizer(self.optimizer)
+        self._check_optimizer_clipping()
         if self._clipping_requested == "auto":
             # Measured on CPU (benchmarks/): without XLA, tf.vectorized_map with
             # ghost norms is the fastest (small CNN 1.5x, WRN-16-4 1.3x
@@ -323,12 +345,40 @@ class DPKerasModel(keras.Model):
         self._sparse_classes = labels.sparse_classes(loss, self)
         self._build_dp_state()
 
+    def _check_optimizer_clipping(self):
+        # Keras applies clipnorm / global_clipnorm / clipvalue to each
+        # replica's partial gradient before the all-reduce. Each partial sum
+        # carries noise of std sigma*C/sqrt(R) only, and a nonlinear function
+        # of the partials is not post-processing of the noisy total: with
+        # R > 1 the accounted sigma would not hold.
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        options = {
+            name: getattr(self.optimizer, name, None)
+            for name in ("clipnorm", "global_clipnorm", "clipvalue")
+        }
+        given = {name: value for name, value in options.items() if value is not None}
+        if given and replicas > 1:
+            name, value = next(iter(given.items()))
+            raise ValueError(
+                f"Invalid value for `{name}`: expected None with {replicas} replicas. "
+                f"Received: {name}={value}. Keras clips each replica's partial gradient "
+                "before summing them, and each partial carries only 1/sqrt(replicas) of "
+                "the noise, so the accounted noise multiplier would not hold. Per-example "
+                "clipping is l2_norm_clip; drop the optimizer's clipping (on one device it "
+                "is allowed: it then acts on the whole noisy gradient)."
+            )
+
     def _build_dp_state(self):
         variables = self.trainable_variables
         if not variables:
             raise ValueError("DPKerasModel has no trainable variables to train.")
+        trained = [(id(v), tuple(v.shape)) for v in variables]
         with tf.init_scope(), self.distribute_strategy.scope():
-            if self._secret.accumulators is None:
+            if self._secret.accumulators is None or trained != self._secret.trained:
+                # First compile, or a re-compile after layers were frozen or
+                # unfrozen: one accumulator per trainable variable. A partial
+                # step is dropped (as by every fit); the ledger and the noise
+                # key stay, so no update is forgotten and no noise reused.
                 # One copy per replica: each sums the clipped gradients of its
                 # own rows; the copies meet in the optimizer's all-reduce.
                 self._secret.accumulators = [
@@ -341,12 +391,42 @@ class DPKerasModel(keras.Model):
                     )
                     for v in variables
                 ]
+                self._secret.trained = trained
+                self._secret.pending.assign(0)
+            # A weight that does not train is its own average: its shadow
+            # follows its value (e.g. a frozen backbone loaded after
+            # make_private), and the EMA of the others goes on.
+            trainable = {id(v) for v in variables}
+            for source, shadow in zip(self._ema_sources, self._ema_variables or []):
+                if id(source) not in trainable:
+                    shadow.assign(source)
             # Build optimizer slots now, so that the gated update can snapshot
             # and restore the complete optimizer state from the first step on.
-            # (Keras 2.15 optimizers' build() returns at once if already built.)
-            build = getattr(self.optimizer, "build", None)
-            if build is not None:
-                build(variables)
+            built_for = _keras_internals.optimizer_built_for(self.optimizer)
+            if built_for is None:
+                self.optimizer.build(variables)
+            elif [id(v) for v in built_for] != [id(v) for v in variables]:
+                raise ValueError(
+                    "Invalid value for `optimizer`: expected a new optimizer (or a name "
+                    "such as 'sgd') when the trainable variables changed since it was "
+                    f"built ({len(built_for)} variables then, {len(variables)} now): a "
+                    "built optimizer keeps state for the variables it was built for. "
+                    f"Received: optimizer={self.optimizer!r} (already built)"
+                )
+
+    def add_loss(self, loss):
+        """Refused: a loss term beside the per-example loss is not clipped.
+
+        Raises:
+          ValueError: always, saying what to use instead.
+        """
+        raise ValueError(
+            "DPKerasModel.add_loss is not supported: DP-SGD clips each example's "
+            "gradient of the loss given to compile(), and a term added to the model "
+            "would escape that bound. Put a per-example term into the loss function, "
+            "and a data-independent penalty into a weight regularizer "
+            "(kernel_regularizer=...), which the model applies exactly."
+        )
 
     def compile_from_config(self, config):
         """Recompiles a loaded model from its saved compile config."""
@@ -369,8 +449,10 @@ class DPKerasModel(keras.Model):
 
         Batches should come from `tan_keras.make_poisson_dataset`
         (endless by default: pass `steps_per_epoch`, counted in micro-batches).
-        A `sample_weight` acts as an inclusion mask only (rows with weight > 0
-        count fully): real weights would change each example's sensitivity.
+        `sample_weight` and `class_weight` weigh each example's loss before
+        its gradient is clipped (`example_weights.py`): clipping still bounds
+        every example's contribution by C; a weight of 0 leaves the example
+        out, a negative one is refused.
 
         Raises:
           ValueError: for a finite dataset of unknown length with several
@@ -382,6 +464,11 @@ class DPKerasModel(keras.Model):
         arguments.pop("self", None)
         arguments.pop("kwargs", None)
         arguments = fit_inputs.prepare(self._dp_config, arguments)
+        class_table = example_weights.class_weight_table(arguments.pop("class_weight", None))
+        if not example_weights.same_table(class_table, self._class_table):
+            # The traced step holds the table as a constant: trace it again.
+            self._class_table = class_table
+            self.train_function = None
         data = arguments.get("x")
         epochs = arguments.get("epochs", 1) - arguments.get("initial_epoch", 0)
         if (
@@ -472,7 +559,8 @@ class DPKerasModel(keras.Model):
 
     # -------------------------------------------------------------- train step
     def _unpack(self, data):
-        step_end = None
+        """(x, y, mask, step_end, sample_weight): mask marks the real rows."""
+        step_end, sample_weight = None, None
         kind = fit_inputs.check_element(self._dp_config, data)
         if kind == fit_inputs.POISSON:
             # The tag was checked against (N, B) as the dataset was read.
@@ -480,12 +568,16 @@ class DPKerasModel(keras.Model):
         elif kind == fit_inputs.MICRO_BATCHES:
             x, y, mask, step_end = data
         else:
-            x, y, mask = keras.utils.unpack_x_y_sample_weight(data)
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+            mask = None
+            if sample_weight is not None:
+                # A weight of 0 leaves the example out, as in Keras.
+                mask = tf.cast(tf.reshape(sample_weight, [-1]) > 0, tf.float32)
         if y is None:
             raise ValueError("DPKerasModel.fit needs labels: batches must be (x, y, ...).")
         if mask is None:
             mask = tf.ones(tf.shape(y)[:1], tf.float32)
-        return x, y, mask, step_end
+        return x, y, mask, step_end, sample_weight
 
     def train_step(self, data):
         """One micro-batch of DP-SGD (docs/tan-method.md, section 1).
@@ -497,27 +589,35 @@ class DPKerasModel(keras.Model):
         divided by the expected batch size, EMA and ledger); the metrics of
         the examples that contributed.
         """
-        x, y, mask, step_end = self._unpack(data)
+        x, y, mask, step_end, sample_weight = self._unpack(data)
+        weights = example_weights.example_weights(y, sample_weight, self._class_table)
         num_invalid = 0.0
         if self._sparse_classes is not None:
             y, mask, num_invalid = labels.drop_invalid(y, mask, self._sparse_classes)
-        clipped, losses, y_pred = self._clipped_sum(x, y, mask)
+        clipped, losses, y_pred = self._clipped_sum(x, y, mask, weights)
         self._accumulate(clipped.grad_sum)
         step_end = self._ends_logical_step(step_end)
         self._noisy_update(self._accumulated(), self._releases_update(step_end))
         self._close_logical_step(step_end)
         return self._training_logs(clipped, losses, y, y_pred, num_invalid)
 
-    def _clipped_sum(self, x, y, mask):
-        """Per-example gradients of the micro-batch, clipped to C and summed."""
+    def _clipped_sum(self, x, y, mask, weights):
+        """Per-example gradients of the micro-batch (losses weighted), clipped to C, summed."""
         x = per_example.as_views(x, self._dp_config.augmult, len(self.inputs[0].shape))
         ghost_layers = self._ghost_layers
 
-        def compute(views, labels):
+        def compute(views, labels, loss_weights=None):
             if self._clipping == "layerwise":
-                return layerwise.per_example_gradients(self, self._per_example_loss, views, labels)
+                return layerwise.per_example_gradients(
+                    self, self._per_example_loss, views, labels, example_weights=loss_weights
+                )
             return per_example.per_example_gradients(
-                self, self._per_example_loss, views, labels, ghost_layers=ghost_layers
+                self,
+                self._per_example_loss,
+                views,
+                labels,
+                ghost_layers=ghost_layers,
+                example_weights=loss_weights,
             )
 
         variables = self.trainable_variables
@@ -534,6 +634,7 @@ class DPKerasModel(keras.Model):
             mask,
             self._dp_config.l2_norm_clip,
             chunking.chunk_size(x.shape[0], variables, self._examples_per_chunk),
+            example_weights=weights,
         )
 
     def _accumulate(self, grad_sum):
@@ -680,7 +781,11 @@ class DPKerasModel(keras.Model):
         return [g + r / replicas for g, r in zip(grads, reg)]
 
     def _update_ema(self, variables, apply):
-        ema.update(self._ema_variables, variables, self._ema_decay, self.dp_steps, apply)
+        ema.update(self._shadows_of(variables), variables, self._ema_decay, self.dp_steps, apply)
+
+    def _shadows_of(self, variables):
+        shadow = {id(v): s for v, s in zip(self._ema_sources, self._ema_variables)}
+        return [shadow[id(v)] for v in variables]
 
     # --------------------------------------------------------------- test step
     def test_step(self, data):
@@ -698,8 +803,10 @@ class DPKerasModel(keras.Model):
     # --------------------------------------------------------------------- EMA
     @property
     def ema_variables(self):
-        """EMA shadows of the trainable variables (None without `ema_decay`)."""
-        return self._ema_variables
+        """EMA shadows of the trainable variables, in their order (None without `ema_decay`)."""
+        if self._ema_variables is None:
+            return None
+        return self._shadows_of(self.trainable_variables)
 
     @contextlib.contextmanager
     def ema_weights(self):
@@ -715,7 +822,7 @@ class DPKerasModel(keras.Model):
                 "This DPKerasModel keeps no EMA of its weights: pass ema_decay "
                 "(e.g. 0.999) and compile the model."
             )
-        with ema.swapped_in(self.trainable_variables, self._ema_variables):
+        with ema.swapped_in(self._ema_sources, self._ema_variables):
             yield self
 
 
@@ -742,9 +849,9 @@ def make_private(
       A `DPKerasModel`.
 
     Raises:
-      ValueError: if `model` is not a Keras 3 model, its inputs are unknown
-        and no `input_shape` is given, it has several inputs or outputs, or
-        on a bad DP argument.
+      ValueError: if `model` is not a Keras 3 model, overrides train_step or
+        compute_loss, its inputs are unknown and no `input_shape` is given,
+        it has several inputs or outputs, or on a bad DP argument.
     """
     if not isinstance(model, keras.Model):
         raise ValueError(
@@ -753,6 +860,7 @@ def make_private(
             "Keras 2 package (tf_keras, or tf.keras with TF_USE_LEGACY_KERAS=1) cannot be "
             "trained by tan_keras."
         )
+    model_checks.check_no_custom_training_step(model, keras.Model)
     try:
         inputs, outputs = model.inputs, model.outputs
     except (AttributeError, ValueError):

@@ -44,6 +44,8 @@ class SecretState:
     def __init__(self, key):
         self.key = tf.Variable(key, dtype=tf.int64, trainable=False, name="dp_noise_key")
         self.accumulators = None
+        # (id, shape) of the variables the accumulators were built for.
+        self.trained = None
         self.dp_steps = replicated_counter(0, "dp_steps")
         # sampling="shuffled": epochs in which an update was released (each
         # example takes part once per epoch), and whether the current

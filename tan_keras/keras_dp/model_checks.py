@@ -9,7 +9,10 @@ behaviour, whatever the layer's class: one training-mode call is traced and
 every variable it writes is reported (`model_analysis.state_updates`).
 """
 
+import os
+
 import keras
+import tensorflow as tf
 
 from tan_keras import _keras_internals
 from tan_keras.mechanism import model_analysis
@@ -32,7 +35,8 @@ def check_model_is_dp_compatible(model: keras.Model) -> None:
     Raises:
       ValueError: naming the first offending layer, saying why it breaks the
         guarantee and what to use instead: BatchNormalization,
-        an activity regularizer, or any layer whose training-mode call writes
+        an activity regularizer, a layer calling add_loss on its inputs, or
+        any layer whose training-mode call writes
         a variable (found by tracing one call, see `model_analysis`).
     """
     for layer in _keras_internals.all_layers(model):
@@ -41,6 +45,21 @@ def check_model_is_dp_compatible(model: keras.Model) -> None:
                 f"Layer `{layer.name}` ({type(layer).__name__}) cannot be trained "
                 f"with DP-SGD. {_BATCH_NORM_HINT}"
             )
+        if isinstance(layer, keras.layers.RNN) and not layer.unroll:
+            raise ValueError(
+                f"Layer `{layer.name}` ({type(layer).__name__}) runs its time steps in a "
+                "while loop, which the per-example gradients cannot vectorize. Build it "
+                "with unroll=True (the sequence length must then be fixed; fine for short "
+                "sequences), or use a convolution or attention block over the sequence."
+            )
+        if isinstance(layer, keras.layers.MultiHeadAttention) and _onednn_on_cpu():
+            raise ValueError(
+                f"Layer `{layer.name}` (MultiHeadAttention) cannot run per example on "
+                "this CPU with oneDNN enabled: oneDNN's batched matrix products under "
+                "tf.vectorized_map abort TensorFlow (measured on TF 2.21, free(): invalid "
+                "pointer). Set the environment variable TF_ENABLE_ONEDNN_OPTS=0 before "
+                "TensorFlow loads (then it is supported), or train on a GPU."
+            )
         if getattr(layer, "activity_regularizer", None) is not None:
             raise ValueError(
                 f"Layer `{layer.name}` has an activity_regularizer. Its loss depends "
@@ -48,6 +67,16 @@ def check_model_is_dp_compatible(model: keras.Model) -> None:
                 "the DP guarantee would not hold. Remove it (weight regularizers "
                 "such as kernel_regularizer are fine: they do not depend on data)."
             )
+    loss_layers = model_analysis.call_loss_layers(model)
+    if loss_layers:
+        raise ValueError(
+            f"Layer `{loss_layers[0]}` calls add_loss in its call: that loss depends on "
+            "the data of the whole batch and is not part of any example's clipped "
+            "gradient, so the DP guarantee would not hold (and the term would be "
+            "dropped). Fold a per-example term into the loss given to compile() (it is "
+            "then clipped with the example), or use a weight regularizer such as "
+            "kernel_regularizer for a penalty that does not depend on data."
+        )
     for write in model_analysis.state_updates(model):
         where = "Code outside every layer"
         if write.layer is not None:
@@ -62,3 +91,76 @@ def check_model_is_dp_compatible(model: keras.Model) -> None:
             "beforehand, or use a layer without data-dependent state (e.g. "
             "GroupNormalization instead of BatchNormalization)."
         )
+
+
+def check_model_structure(model: keras.Model) -> None:
+    """Refuses the input and output structures the DP step does not handle yet.
+
+    The per-example routes take one input tensor of numbers (the K views of
+    each example are stacked on it) and compare one output with one label.
+
+    Args:
+      model: The functional or Sequential model wrapped by DPKerasModel.
+
+    Raises:
+      ValueError: for several inputs (a list or dict), a string input, or
+        several outputs, saying what to use instead.
+    """
+    inputs, outputs = list(model.inputs or []), list(model.outputs or [])
+    if len(inputs) != 1:
+        raise ValueError(
+            f"Invalid value for `inputs`: expected one input tensor. Received: "
+            f"{len(inputs)} inputs ({', '.join(t.name for t in inputs)}). DPKerasModel "
+            "stacks each example's K views on a single input: concatenate the features "
+            "into one tensor before the model (or split them again inside it)."
+        )
+    if inputs[0].dtype == "string":
+        raise ValueError(
+            f"Invalid value for `inputs`: expected a numeric input. Received: input "
+            f"`{inputs[0].name}` of dtype string. Turn text into token ids before the "
+            "model, e.g. keras.layers.TextVectorization adapted on public data and "
+            "applied in the tf.data pipeline, and start the model at the ids."
+        )
+    if len(outputs) != 1:
+        raise ValueError(
+            f"Invalid value for `outputs`: expected one output. Received: {len(outputs)} "
+            "outputs. One loss would be broadcast over all of them (cross terms between "
+            "outputs and labels). Train a single-output model, e.g. concatenate the heads "
+            "and write one per-example loss over the concatenation."
+        )
+
+
+def _onednn_on_cpu() -> bool:
+    # TensorFlow enables oneDNN on x86 CPUs unless TF_ENABLE_ONEDNN_OPTS=0.
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip() in ("0", "false", "False"):
+        return False
+    return not tf.config.list_logical_devices("GPU")
+
+
+# Methods whose override would be silently bypassed, or would bypass DP:
+# the DP step is DPKerasModel.train_step and computes the compiled loss per
+# example itself.
+_DP_STEP_METHODS = ("train_step", "compute_loss")
+
+
+def check_no_custom_training_step(model: keras.Model, base: type) -> None:
+    """Refuses a model class that overrides the training step or its loss.
+
+    Args:
+      model: The model to train privately (or wrap with make_private).
+      base: The class whose methods count as not overridden (keras.Model
+        for a model to wrap, DPKerasModel for a subclass of it).
+
+    Raises:
+      ValueError: naming the method and what to do instead.
+    """
+    for name in _DP_STEP_METHODS:
+        if getattr(type(model), name) is not getattr(base, name):
+            raise ValueError(
+                f"{type(model).__name__} overrides {name}(), which private training "
+                f"cannot honour: DPKerasModel's own train_step computes each example's "
+                "loss with the loss given to compile(), clips and noises it; a custom "
+                f"{name} would either be skipped silently or bypass the clipping and "
+                "noise. Put custom loss logic into the loss function passed to compile(); "
+                "test_step and compute_metrics may be overridden."
+            )

@@ -85,12 +85,14 @@ def clip_in_chunks(
     mask: tf.Tensor,
     l2_norm_clip: float,
     size: Optional[int],
+    example_weights: Optional[tf.Tensor] = None,
 ) -> Tuple[ClippedSum, tf.Tensor, tf.Tensor]:
     """Per-example gradients, clipped and summed, `size` examples at a time.
 
     Args:
       per_example_fn: `(views, y) -> (grads, losses, predictions)` with one
-        `[rows, *var_shape]` gradient per variable.
+        `[rows, *var_shape]` gradient per variable; with `example_weights`,
+        `(views, y, weights)`.
       variables: The trainable variables, in the order of the gradients.
       views: [batch, K, *input_shape] inputs.
       y: [batch, ...] labels.
@@ -98,13 +100,22 @@ def clip_in_chunks(
       l2_norm_clip: C > 0.
       size: Examples per chunk (from `chunk_size`); None does the whole
         micro-batch at once.
+      example_weights: Optional [batch] weights of each example's loss
+        (sample and class weights), handed to `per_example_fn` chunk by
+        chunk: they act before clipping.
 
     Returns:
       (clipped, losses, predictions) for the whole micro-batch, equal to
       `clipping.clip_and_sum` on its unchunked per-example gradients.
     """
+
+    def compute(views, y, weights):
+        if weights is None:
+            return per_example_fn(views, y)
+        return per_example_fn(views, y, weights)
+
     if size is None:
-        grads, losses, preds = per_example_fn(views, y)
+        grads, losses, preds = compute(views, y, example_weights)
         return clipping.clip_and_sum(grads, l2_norm_clip, mask), losses, preds
 
     batch = tf.shape(y)[0]
@@ -119,9 +130,15 @@ def clip_in_chunks(
     chunked_views = _split(_pad_rows(views, pad), num_chunks, size)
     chunked_y = _split(_pad_rows(y, pad), num_chunks, size)
     chunked_mask = _split(_pad_rows(tf.cast(mask, tf.float32), pad), num_chunks, size)
+    chunked_weights = None
+    if example_weights is not None:
+        chunked_weights = _split(
+            _pad_rows(tf.cast(example_weights, tf.float32), pad), num_chunks, size
+        )
 
     def body(i, sums, counts, arrays):
-        grads, losses, preds = per_example_fn(chunked_views[i], chunked_y[i])
+        weights = None if chunked_weights is None else chunked_weights[i]
+        grads, losses, preds = compute(chunked_views[i], chunked_y[i], weights)
         clipped = clipping.clip_and_sum(grads, l2_norm_clip, chunked_mask[i])
         sums = [s + g for s, g in zip(sums, clipped.grad_sum)]
         counts = counts + tf.stack(

@@ -269,6 +269,7 @@ def per_example_gradients(
     loss_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
     views: tf.Tensor,
     y: tf.Tensor,
+    example_weights: Optional[tf.Tensor] = None,
 ) -> Optional[Tuple[List[tf.Tensor], tf.Tensor, tf.Tensor]]:
     """Per-example gradients of view-averaged losses, layer by layer.
 
@@ -280,6 +281,7 @@ def per_example_gradients(
       loss_fn: Unreduced loss, `(y_true, y_pred) -> [rows]`.
       views: [batch, K, *input_shape] inputs.
       y: [batch, ...] labels, one per example.
+      example_weights: Optional [batch] weights of each example's loss.
 
     Returns:
       (grads, losses, predictions) as in `per_example.per_example_gradients`.
@@ -296,6 +298,8 @@ def per_example_gradients(
         pred = model(rows, training=True)
         per_view = tf.reshape(loss_fn(labels, pred), [batch, num_views])
         losses = tf.reduce_mean(per_view, axis=1)
+        if example_weights is not None:
+            losses = losses * tf.cast(example_weights, losses.dtype)
         total = tf.reduce_sum(losses)
     out_grads = tape.gradient(total, [z for _, _, z in taps])
     per_var: Dict[int, tf.Tensor] = {}

@@ -238,6 +238,7 @@ class _Analysis:
     def __init__(self):
         self.writes: Optional[Tuple[VariableWrite, ...]] = None
         self.ties: Optional[Dict[int, VariableTie]] = None
+        self.loss_layers: Tuple[str, ...] = ()
         self.probe: Dict[int, Optional[str]] = {}
 
 
@@ -249,7 +250,7 @@ def _analysis(model) -> _Analysis:
     if entry is None:
         entry = _CACHE[model] = _Analysis()
     if entry.writes is None:
-        entry.writes, entry.ties = _trace(model)
+        entry.writes, entry.ties, entry.loss_layers = _trace(model)
     return entry
 
 
@@ -263,6 +264,18 @@ def state_updates(model: keras.Model) -> Tuple[VariableWrite, ...]:
       The writes, in graph order; empty for a model without state updates.
     """
     return _analysis(model).writes
+
+
+def call_loss_layers(model: keras.Model) -> Tuple[str, ...]:
+    """Layers that call `add_loss` in a training-mode call of `model`.
+
+    Args:
+      model: A built Keras model with known inputs.
+
+    Returns:
+      Their names (traced once, with `state_updates`); empty for most models.
+    """
+    return _analysis(model).loss_layers
 
 
 def tied_variables(model: keras.Model) -> Dict[int, VariableTie]:
@@ -289,7 +302,7 @@ def _input_spec(model):
     return specs[0] if len(specs) == 1 else specs
 
 
-def _trace(model) -> Tuple[Tuple[VariableWrite, ...], Dict[int, VariableTie]]:
+def _trace(model) -> Tuple[Tuple[VariableWrite, ...], Dict[int, VariableTie], Tuple[str, ...]]:
     layers = _keras_internals.all_layers(model, include_self=True)
     calls: List[Tuple[tf.Graph, int, int, int]] = []
     patched = []
@@ -307,8 +320,15 @@ def _trace(model) -> Tuple[Tuple[VariableWrite, ...], Dict[int, VariableTie]]:
 
         layer.call = call
         patched.append((layer, original, had_own))
+    loss_layers: List[str] = []
+
+    def training_call(x):
+        out = model(x, training=True)
+        loss_layers[:] = [layer.name for layer in layers if _keras_internals.call_losses(layer)]
+        return out
+
     try:
-        traced = tf.function(lambda x: model(x, training=True))
+        traced = tf.function(training_call)
         graph = traced.get_concrete_function(_input_spec(model)).graph
     finally:
         for layer, original, had_own in reversed(patched):
@@ -372,7 +392,7 @@ def _trace(model) -> Tuple[Tuple[VariableWrite, ...], Dict[int, VariableTie]]:
                 readers.setdefault(id(variable), []).append(layer)
             elif kind == "read":
                 unidentified = True
-    return tuple(writes), _ties(layers, readers, unidentified)
+    return tuple(writes), _ties(layers, readers, unidentified), tuple(loss_layers)
 
 
 def _name(variable) -> str:

@@ -6,7 +6,7 @@ that average (= the average of the K view gradients) is what gets clipped.
 """
 
 import logging
-from typing import Callable, List, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import keras
 import tensorflow as tf
@@ -105,6 +105,7 @@ def per_example_gradients(
     views: tf.Tensor,
     y: tf.Tensor,
     ghost_layers: Sequence[keras.layers.Layer] = (),
+    example_weights: Optional[tf.Tensor] = None,
 ) -> Tuple[List[Union[tf.Tensor, ghost.GhostGradient]], tf.Tensor, tf.Tensor]:
     """Gradient of each example's view-averaged loss, vectorized over examples.
 
@@ -117,6 +118,8 @@ def per_example_gradients(
         per-example gradients are not formed: the vectorized pass only
         returns their inputs and pre-activation output gradients, as a
         `ghost.GhostGradient`.
+      example_weights: Optional [batch] weights: example i's loss is
+        weights[i] times its view-averaged loss (before any clipping).
 
     Returns:
       (grads, losses, predictions): grads holds, per trainable variable, a
@@ -141,13 +144,15 @@ def per_example_gradients(
     tapped_layers: List[keras.layers.Layer] = []
 
     def one_example(args):
-        example_views, label = args
+        example_views, label, weight = args
         num_views = tf.shape(example_views)[0]
         labels = tf.repeat(tf.expand_dims(label, 0), num_views, axis=0)
         taps: List[tapping.Tap] = []
         with tf.GradientTape() as tape, tapping.recording(ghost_layers, taps):
             pred = model(example_views, training=True)
             loss = tf.reduce_mean(loss_fn(labels, pred))
+            if example_weights is not None:
+                loss = loss * tf.cast(weight, loss.dtype)
         tapped_layers[:] = [tap.layer for tap in taps]
         grads = tape.gradient(
             loss,
@@ -157,8 +162,11 @@ def per_example_gradients(
         tapped = ([tap.inputs for tap in taps], grads[len(formed) :])
         return grads[: len(formed)], tapped, loss, tf.reduce_mean(pred, axis=0)
 
+    weights = example_weights
+    if weights is None:  # a placeholder the loss never reads
+        weights = tf.zeros(tf.shape(y)[:1], tf.float32)
     formed_grads, (tap_inputs, tap_grads), losses, preds = tf.vectorized_map(
-        one_example, (views, y)
+        one_example, (views, y, weights)
     )
     if not ghost_layers:
         return list(formed_grads), losses, preds

@@ -46,6 +46,30 @@ def test_weights_equal_the_single_device_run_without_noise(replicas):
 
 
 @pytest.mark.parametrize("replicas", [1, 2, 4])
+def test_adam_equals_the_run_without_a_strategy(replicas):
+    # The gated update puts Adam's state back on micro-batches that end no
+    # logical step: 3 updates, not 6, and the same weights as the one-device
+    # path (no strategy, no gating).
+    multi, reference = _run(replicas), _run(1, "adam_no_strategy")
+    assert multi["adam_iterations"] == reference["adam_iterations"] == 3
+    for a, b in zip(reference["weights_adam"], multi["weights_adam"]):
+        np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-5)
+    moved = max(
+        float(np.abs(np.array(a) - np.array(b)).max())
+        for a, b in zip(reference["weights_adam"], _run(1)["weights"])
+    )
+    assert moved > 1e-4  # Adam's update differs from SGD's: the comparison means something
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 4])
+def test_optimizer_clipping_is_refused_with_several_replicas(replicas):
+    # Keras clips each replica's partial (noisy) gradient before the
+    # all-reduce: with R > 1 that is not post-processing of the noisy sum.
+    # On one replica the optimizer sees the whole noisy gradient: accepted.
+    assert _run(replicas)["optimizer_clipping_refused"] == (replicas > 1)
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 4])
 def test_chunked_clipping_per_replica_equals_the_single_device_run(replicas):
     single, multi = _run(1), _run(replicas)
     for a, b in zip(single["weights"], multi["weights_chunked"]):

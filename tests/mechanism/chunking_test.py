@@ -158,9 +158,9 @@ def _spy_chunk_sizes(monkeypatch):
     sizes = []
     original = chunking.clip_in_chunks
 
-    def spy(*args):
-        sizes.append(args[-1])
-        return original(*args)
+    def spy(*args, **kwargs):
+        sizes.append(args[6])  # the chunk size, after the clip norm
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(chunking, "clip_in_chunks", spy)
     return sizes

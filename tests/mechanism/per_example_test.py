@@ -1,6 +1,9 @@
 """Per-example gradients equal a loop of single-example gradients."""
 
 import logging
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -31,12 +34,38 @@ def _model(kind):
         inp = keras.Input((4,), dtype="int32")
         h = layers.Embedding(11, 3)(inp)
         out = layers.Dense(3)(layers.Flatten()(h))
+    elif kind in ("lstm", "gru", "simple_rnn"):
+        # Recurrent layers run per example only unrolled (model_checks).
+        rnn = {"lstm": layers.LSTM, "gru": layers.GRU, "simple_rnn": layers.SimpleRNN}[kind]
+        inp = keras.Input((4,), dtype="int32")
+        h = layers.Embedding(11, 3)(inp)
+        out = layers.Dense(3)(rnn(5, unroll=True)(h))
+    elif kind == "attention":
+        inp = keras.Input((4, 6))
+        h = layers.MultiHeadAttention(num_heads=2, key_dim=3)(inp, inp)
+        h = layers.LayerNormalization()(h + inp)
+        out = layers.Dense(3)(layers.GlobalAveragePooling1D()(h))
+    elif kind == "conv1d_depthwise":
+        inp = keras.Input((6, 6, 2))
+        h = layers.DepthwiseConv2D(3, activation="relu")(inp)
+        h = layers.TimeDistributed(layers.Conv1D(3, 2))(h)
+        out = layers.Dense(3)(layers.Flatten()(h))
     return keras.Model(inp, out)
 
 
 def _inputs(kind, batch, views, rng):
-    shape = {"dense": (5,), "conv_groupnorm": (6, 6, 2), "layernorm": (5,), "embedding": (4,)}[kind]
-    if kind == "embedding":
+    shape = {
+        "dense": (5,),
+        "conv_groupnorm": (6, 6, 2),
+        "layernorm": (5,),
+        "embedding": (4,),
+        "lstm": (4,),
+        "gru": (4,),
+        "simple_rnn": (4,),
+        "attention": (4, 6),
+        "conv1d_depthwise": (6, 6, 2),
+    }[kind]
+    if kind in ("embedding", "lstm", "gru", "simple_rnn"):
         x = rng.integers(0, 11, size=(batch, views) + shape).astype(np.int32)
     else:
         x = rng.normal(size=(batch, views) + shape).astype(np.float32)
@@ -44,7 +73,23 @@ def _inputs(kind, batch, views, rng):
     return x, y
 
 
-@pytest.mark.parametrize("kind", ["dense", "conv_groupnorm", "layernorm", "embedding"])
+KINDS = [
+    "dense",
+    "conv_groupnorm",
+    "layernorm",
+    "embedding",
+    "lstm",
+    "gru",
+    "simple_rnn",
+    "conv1d_depthwise",
+]
+# "attention" (MultiHeadAttention) runs in its own process below: on CPU,
+# oneDNN's batched matmul under tf.vectorized_map aborts the process
+# (free(): invalid pointer, TF 2.21, batch > 1), so DPKerasModel refuses it
+# there unless TF_ENABLE_ONEDNN_OPTS=0.
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("batch", [1, 7])
 @pytest.mark.parametrize("views", [1, 3])
 def test_matches_loop_of_single_example_gradients(kind, batch, views):
@@ -94,3 +139,20 @@ def test_only_pfors_while_loop_note_is_dropped_from_the_tensorflow_log():
     finally:
         logger.removeHandler(handler)
     assert seen == ["A real warning"]
+
+
+def test_attention_matches_the_loop_with_onednn_off():
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        f"import sys; sys.path[:0] = [{here!r}, {os.path.dirname(here)!r}]\n"
+        "import per_example_test as t\n"
+        "for batch in (1, 7):\n"
+        "    t.test_matches_loop_of_single_example_gradients('attention', batch, 3)\n"
+        "print('attention ok')"
+    )
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("attention ok")

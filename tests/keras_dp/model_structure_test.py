@@ -1,0 +1,127 @@
+"""Model structures and loss terms the DP step cannot honour are refused clearly.
+
+Each used to crash deep inside TensorFlow or, worse, train something else
+than asked (a loss term dropped, one loss broadcast over several outputs).
+"""
+
+import keras
+import pytest
+import tensorflow as tf
+
+from tan_keras.keras_dp.dp_model import DPKerasModel, make_private
+
+DP = dict(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=8, dataset_size=100)
+
+
+def _wrap(inputs, outputs):
+    return DPKerasModel(inputs=inputs, outputs=outputs, **DP)
+
+
+def test_one_numeric_input_and_output_is_accepted():  # power check for the refusals
+    inp = keras.Input((4,))
+    _wrap(inp, keras.layers.Dense(3)(inp))
+
+
+def test_several_inputs_are_refused():
+    a, b = keras.Input((4,), name="a"), keras.Input((2,), name="b")
+    out = keras.layers.Dense(3)(keras.layers.Concatenate()([a, b]))
+    with pytest.raises(ValueError, match="Invalid value for `inputs`: expected one input"):
+        _wrap([a, b], out)
+
+
+def test_string_input_is_refused():
+    inp = keras.Input((1,), dtype="string")
+    ids = keras.layers.StringLookup(vocabulary=["a", "b"], output_mode="one_hot")(inp)
+    out = keras.layers.Dense(3)(ids)
+    with pytest.raises(ValueError, match="expected a numeric input.*TextVectorization"):
+        _wrap(inp, out)
+
+
+def test_several_outputs_are_refused():
+    inp = keras.Input((4,))
+    heads = [keras.layers.Dense(3)(inp), keras.layers.Dense(2)(inp)]
+    with pytest.raises(ValueError, match="Invalid value for `outputs`: expected one output"):
+        _wrap(inp, heads)
+
+
+class _DataLoss(keras.layers.Layer):
+    def call(self, x):
+        self.add_loss(tf.reduce_mean(tf.square(x)))
+        return x
+
+
+def test_a_layer_adding_a_data_dependent_loss_is_refused():
+    inp = keras.Input((4,))
+    out = keras.layers.Dense(3)(_DataLoss(name="penalty")(inp))
+    with pytest.raises(ValueError, match="Layer `penalty` calls add_loss"):
+        _wrap(inp, out)
+
+
+def test_weight_regularizers_are_accepted():
+    # Power check: a penalty on the weights alone is not a call loss.
+    inp = keras.Input((4,))
+    _wrap(inp, keras.layers.Dense(3, kernel_regularizer="l2")(inp))
+
+
+def test_add_loss_on_the_model_is_refused():
+    inp = keras.Input((4,))
+    model = _wrap(inp, keras.layers.Dense(3)(inp))
+    with pytest.raises(ValueError, match="DPKerasModel.add_loss is not supported"):
+        model.add_loss(tf.constant(1.0))
+
+
+@pytest.mark.parametrize("rnn", [keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN])
+def test_a_recurrent_layer_must_be_unrolled(rnn):
+    inp = keras.Input((5,), dtype="int32")
+    h = keras.layers.Embedding(20, 4)(inp)
+    with pytest.raises(ValueError, match="unroll=True"):
+        _wrap(inp, keras.layers.Dense(2)(rnn(3, name="rec")(h)))
+    # Power check: unrolled, it is accepted (and its per-example gradients are
+    # tested against a loop in tests/mechanism/per_example_test.py).
+    _wrap(inp, keras.layers.Dense(2)(rnn(3, unroll=True)(h)))
+
+
+def test_attention_is_refused_where_onednn_would_abort_tensorflow(monkeypatch):
+    inp = keras.Input((4, 6))
+    h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3, name="mha")(inp, inp)
+    out = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling1D()(h))
+    if tf.config.list_logical_devices("GPU"):
+        pytest.skip("the refusal concerns CPU-only machines")
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    with pytest.raises(ValueError, match="TF_ENABLE_ONEDNN_OPTS=0"):
+        _wrap(inp, out)
+    # Power check: with oneDNN off the model is accepted (its per-example
+    # gradients are tested in tests/mechanism/per_example_test.py).
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    _wrap(inp, out)
+
+
+class OwnStepModel(DPKerasModel):
+    def train_step(self, data):  # e.g. a plain Keras step: no clipping, no noise
+        return {}
+
+
+class OwnEvaluationModel(DPKerasModel):
+    def test_step(self, data):
+        return super().test_step(data)
+
+
+def test_a_subclass_overriding_the_training_step_is_refused():
+    inp = keras.Input((4,))
+    with pytest.raises(ValueError, match="overrides train_step"):
+        OwnStepModel(inputs=inp, outputs=keras.layers.Dense(3)(inp), **DP)
+    # Power check: overriding the evaluation step is fine.
+    OwnEvaluationModel(inputs=inp, outputs=keras.layers.Dense(3)(inp), **DP)
+
+
+class CustomLossModel(keras.Model):
+    def compute_loss(self, *args, **kwargs):
+        return super().compute_loss(*args, **kwargs) * 2.0
+
+
+def test_make_private_refuses_a_model_whose_loss_would_be_skipped():
+    inp = keras.Input((4,))
+    model = CustomLossModel(inp, keras.layers.Dense(3)(inp))
+    with pytest.raises(ValueError, match="overrides compute_loss"):
+        make_private(model, **DP)
+    make_private(keras.Model(inp, keras.layers.Dense(3)(inp)), **DP)  # power check
