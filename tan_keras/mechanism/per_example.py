@@ -144,7 +144,7 @@ def per_example_gradients(
     tapped_layers: List[keras.layers.Layer] = []
 
     def one_example(args):
-        example_views, label, weight = args
+        example_views, label = args[:2]
         num_views = tf.shape(example_views)[0]
         labels = tf.repeat(tf.expand_dims(label, 0), num_views, axis=0)
         taps: List[tapping.Tap] = []
@@ -152,7 +152,7 @@ def per_example_gradients(
             pred = model(example_views, training=True)
             loss = tf.reduce_mean(loss_fn(labels, pred))
             if example_weights is not None:
-                loss = loss * tf.cast(weight, loss.dtype)
+                loss = loss * tf.cast(args[2], loss.dtype)
         tapped_layers[:] = [tap.layer for tap in taps]
         grads = tape.gradient(
             loss,
@@ -162,12 +162,9 @@ def per_example_gradients(
         tapped = ([tap.inputs for tap in taps], grads[len(formed) :])
         return grads[: len(formed)], tapped, loss, tf.reduce_mean(pred, axis=0)
 
-    weights = example_weights
-    if weights is None:  # a placeholder the loss never reads
-        weights = tf.zeros(tf.shape(y)[:1], tf.float32)
-    formed_grads, (tap_inputs, tap_grads), losses, preds = tf.vectorized_map(
-        one_example, (views, y, weights)
-    )
+    # The weights travel only when given: an unused input still costs pfor.
+    elems = (views, y) if example_weights is None else (views, y, example_weights)
+    formed_grads, (tap_inputs, tap_grads), losses, preds = tf.vectorized_map(one_example, elems)
     if not ghost_layers:
         return list(formed_grads), losses, preds
     calls = {}
