@@ -822,7 +822,10 @@ class DPKerasModel(keras.Model):
                 "This DPKerasModel keeps no EMA of its weights: pass ema_decay "
                 "(e.g. 0.999) and compile the model."
             )
-        with ema.swapped_in(self._ema_sources, self._ema_variables):
+        # Only what trains has an average; a frozen weight is used as it is
+        # (also when it was loaded after the last compile).
+        variables = self.trainable_variables
+        with ema.swapped_in(variables, self._shadows_of(variables)):
             yield self
 
 

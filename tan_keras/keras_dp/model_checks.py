@@ -131,10 +131,15 @@ def check_model_structure(model: keras.Model) -> None:
 
 
 def _onednn_on_cpu() -> bool:
-    # TensorFlow enables oneDNN on x86 CPUs unless TF_ENABLE_ONEDNN_OPTS=0.
-    if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip() in ("0", "false", "False"):
-        return False
-    return not tf.config.list_logical_devices("GPU")
+    # oneDNN's state is fixed when TensorFlow loads (TF_ENABLE_ONEDNN_OPTS is
+    # read then): ask TensorFlow rather than the environment as it is now.
+    try:
+        from tensorflow.python.util import _pywrap_util_port  # private TF API
+
+        enabled = bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        enabled = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip() not in ("0", "false")
+    return enabled and not tf.config.list_logical_devices("GPU")
 
 
 # Methods whose override would be silently bypassed, or would bypass DP:

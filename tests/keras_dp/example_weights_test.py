@@ -80,16 +80,22 @@ def test_class_weight_equals_the_sample_weights_of_the_classes(clipping):
 def test_a_new_class_weight_retraces_the_step():
     base = dense_model()
     x, y = _data()
-    model = dp_model(base, **DP)
     ds = micro_batches(x[None], y[None], np.ones((1, B)), [True])
+    model = dp_model(base, **DP)
     model.fit(ds, class_weight={0: 1.0}, epochs=1, verbose=0)
-    first = flat(model.trainable_variables)
+    after_first = model.get_weights()
     model.fit(ds, class_weight={0: 10.0}, epochs=1, verbose=0)
-    second = flat(model.trainable_variables)
-    model.fit(ds, class_weight={0: 1.0}, epochs=1, verbose=0)
-    third = flat(model.trainable_variables)
-    # Different weights, different updates (a stale trace would repeat one).
-    assert not np.allclose(second - first, third - second, atol=1e-6)
+    # The same second step on a fresh model from the same weights: a stale
+    # trace (still weighting class 0 by 1) would give the first reference.
+    references = {}
+    for weight in (10.0, 1.0):
+        fresh = dp_model(base, **DP)
+        fresh.set_weights(after_first)
+        fresh.fit(ds, class_weight={0: weight}, epochs=1, verbose=0)
+        references[weight] = flat(fresh.trainable_variables)
+    got = flat(model.trainable_variables)
+    np.testing.assert_allclose(got, references[10.0], atol=1e-6)
+    assert not np.allclose(references[10.0], references[1.0], atol=1e-4)  # power check
 
 
 def test_negative_sample_weight_is_refused():

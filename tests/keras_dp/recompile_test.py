@@ -98,3 +98,15 @@ def test_frozen_weights_are_their_own_average():
         trained_ema = flat(model.layers[2].weights)
     np.testing.assert_array_equal(flat(hidden.weights), flat(loaded))
     assert not np.allclose(trained_ema, flat(model.layers[2].weights))
+
+
+def test_weights_loaded_into_a_frozen_layer_after_compile_are_kept_by_ema_weights():
+    model, hidden = _model(ema_decay=0.9)
+    hidden.trainable = False
+    _compile(model)
+    x, y = _data()
+    one_step(model, x, y)
+    loaded = [np.full(w.shape, -0.5, np.float32) for w in hidden.get_weights()]
+    hidden.set_weights(loaded)  # e.g. a backbone restored after compile
+    with model.ema_weights():
+        np.testing.assert_array_equal(flat(hidden.weights), flat(loaded))
