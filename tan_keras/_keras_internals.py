@@ -8,6 +8,7 @@ release is one file's work, and nothing else in the package imports from
 from typing import Any, List, Optional, Tuple
 
 import keras
+from keras import tree
 from keras.src.models import functional
 
 
@@ -43,17 +44,40 @@ def build_compiled_metrics(model: keras.Model, y_spec) -> None:
     labels' shape decides what a metric name such as "accuracy" resolves to.
 
     Args:
-      model: A compiled single-output model.
+      model: A compiled functional model.
       y_spec: Shape and dtype of a batch of labels (a `tf.TensorSpec`, an
-        array, or anything with `.shape` and `.dtype`).
+        array, or anything with `.shape` and `.dtype`), or a structure of
+        them in the structure of the model's outputs.
     """
     container = getattr(model, "_compile_metrics", None)
     if container is None or container.built:
         return
-    y_pred = keras.KerasTensor(model.output.shape, model.output.dtype)
-    dtype = keras.backend.standardize_dtype(y_spec.dtype)
-    y = keras.KerasTensor((None, *tuple(y_spec.shape)[1:]), dtype)
+    y_pred = tree.map_structure(
+        lambda t: keras.KerasTensor(t.shape, t.dtype), outputs_structure(model)
+    )
+
+    def symbolic(spec):
+        dtype = keras.backend.standardize_dtype(spec.dtype)
+        return keras.KerasTensor((None, *tuple(spec.shape)[1:]), dtype)
+
+    y = tree.map_structure(symbolic, y_spec)
+    if tree.is_nested(y_pred) and tree.is_nested(y):
+        y = tree.pack_sequence_as(y_pred, tree.flatten(y))
+    elif tree.is_nested(y_pred) and len(tree.flatten(y_pred)) == 1:
+        y_pred = tree.flatten(y_pred)[0]
     container.build(y, y_pred)
+
+
+def inputs_structure(model: keras.Model) -> Any:
+    """The model's inputs as it was built with them (a tensor, list or dict)."""
+    structure = getattr(model, "_inputs_struct", None)
+    return model.inputs if structure is None else structure
+
+
+def outputs_structure(model: keras.Model) -> Any:
+    """The model's outputs as it was built with them (a tensor, list or dict)."""
+    structure = getattr(model, "_outputs_struct", None)
+    return model.outputs if structure is None else structure
 
 
 def skip_first_batch_build(model_class: type) -> type:

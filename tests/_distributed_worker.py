@@ -23,7 +23,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 
 from tan_keras.keras_dp.callbacks import PrivacyAccountant  # noqa: E402
 from tan_keras.keras_dp.dp_model import DPKerasModel  # noqa: E402
-from tan_keras.mechanism import noise  # noqa: E402
+from tan_keras.mechanism import noise, sampling  # noqa: E402
 
 if VARIANT == "same_seed":
     original_seed = noise.step_seed
@@ -158,6 +158,18 @@ try:
     result["optimizer_clipping_refused"] = False
 except ValueError as err:
     result["optimizer_clipping_refused"] = "global_clipnorm" in str(err)
+# 1d. The same option set after compile is refused by fit, before any step.
+model = build(5, sigma=0.0, clip=0.1, input_dim=4)
+model.optimizer.clipnorm = 0.01
+before = [w.copy() for w in model.get_weights()]
+try:
+    model.fit(dataset(np.ones((P, 4)), np.zeros(P), np.ones(P), 1, 1), verbose=0)
+    result["late_clipnorm_refused"] = False
+except ValueError as err:
+    result["late_clipnorm_refused"] = "clipnorm" in str(err)
+result["late_clipnorm_untouched"] = all(
+    np.array_equal(a, b) for a, b in zip(before, model.get_weights())
+)
 
 # 2. Pure noise (all rows masked): one step on a 300x300 layer (~9e4 params).
 model = build(300, sigma=2.0, clip=0.5, input_dim=300)
@@ -182,6 +194,34 @@ labels = np.zeros(P)
 labels[[1, 6]] = [9, -1]
 history = model.fit(dataset(np.ones((P, 4)), labels, np.ones(P), 1, 1), verbose=0)
 result["invalid_labels_counted"] = float(history.history["nonfinite_examples"][-1])
+
+# 2e. Two inputs and two outputs (dicts), per-host Poisson input built from
+# dicts of arrays: the weights must not depend on the number of replicas.
+rng = np.random.default_rng(3)
+features = {"a": rng.normal(size=(N, 3)), "b": rng.normal(size=(N, 2))}
+features = {k: v.astype(np.float32) for k, v in features.items()}
+targets = {"cls": rng.integers(0, 3, N).astype(np.int32), "reg": features["b"][:, :1]}
+with strategy.scope():
+    keras.utils.set_random_seed(0)
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    h = keras.layers.Dense(6, activation="tanh")(keras.layers.Concatenate()([a, b]))
+    heads = {"cls": keras.layers.Dense(3)(h), "reg": keras.layers.Dense(1)(h)}
+    model = DPKerasModel({"a": a, "b": b}, heads, **BASE_DP)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.5),
+        loss={"cls": LOSS, "reg": "mse"},
+        loss_weights={"reg": 0.5},
+    )
+structured = sampling.distribute_poisson_dataset(
+    strategy,
+    features,
+    targets,
+    # A fixed key: every run of this test draws the same batches.
+    lambda: sampling.PoissonSampler(N, B, physical_batch_size=16, secret_key=12345),
+)
+model.fit(structured, steps_per_epoch=3, verbose=0)
+result["structured_weights"] = [w.tolist() for w in model.get_weights()]
+result["structured_steps"] = int(model.dp_steps.numpy())
 
 
 # 2d. The model checks hold when the model is built under the strategy.

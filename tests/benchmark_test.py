@@ -91,3 +91,28 @@ def test_calibration_benchmark_compares_both_searches_within_budget():
     assert [row[2] for row in rows] == ["tan_keras", "dp-accounting"]
     assert all(row[5] == "yes" for row in rows)  # neither overshoots the budget
     assert "dp-accounting / tan_keras time" in result.stdout
+
+
+def test_embedding_ghost_benchmark_prints_ratios_against_the_vectorized_step():
+    script = OPS_SCRIPT.parent / "embedding_ghost_benchmark.py"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--vocab=300",
+            "--dim=8",
+            "--length=4",
+            "--batch=4",
+            "--steps=1",
+            "--warmup=1",
+            "--repeats=1",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
+    assert "dp_vmap" in rows and "dp_ghost" in rows
+    assert "embedding" in rows["dp_ghost"]  # the table took the ghost route

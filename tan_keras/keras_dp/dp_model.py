@@ -35,6 +35,7 @@ from tan_keras.keras_dp import (
     fit_inputs,
     labels,
     model_checks,
+    output_losses,
     precision,
 )
 from tan_keras.keras_dp.dp_config import DPConfig
@@ -78,17 +79,25 @@ def _is_float(variable) -> bool:
 
 
 def _label_spec(arguments):
-    """Shape and dtype of a batch of labels in fit's/evaluate's data, or None."""
+    """Shape and dtype of a batch of labels in fit's/evaluate's data, or None.
+
+    For several outputs, the same structure of specs as the labels.
+    """
     data = arguments.get("x")
     if isinstance(data, (tf.data.Dataset, tf.distribute.DistributedDataset)):
         spec = data.element_spec
-        if isinstance(spec, tuple) and len(spec) >= 2 and hasattr(spec[1], "shape"):
-            return spec[1]
+        if isinstance(spec, tuple) and len(spec) >= 2:
+            leaves = tf.nest.flatten(spec[1])
+            if leaves and all(hasattr(leaf, "shape") for leaf in leaves):
+                return spec[1]
         return None
     labels = arguments.get("y")
-    if labels is None or not hasattr(labels, "shape") or not hasattr(labels, "dtype"):
+    leaves = tf.nest.flatten(labels) if labels is not None else []
+    if not leaves or not all(hasattr(t, "shape") and hasattr(t, "dtype") for t in leaves):
         return None
-    return tf.TensorSpec(tuple(labels.shape), tf.as_dtype(labels.dtype))
+    return tf.nest.map_structure(
+        lambda t: tf.TensorSpec(tuple(t.shape), tf.as_dtype(t.dtype)), labels
+    )
 
 
 @keras.saving.register_keras_serializable(package="tan_keras")
@@ -118,11 +127,12 @@ class DPKerasModel(keras.Model):
       clipping: How per-example gradients are computed (all give the same
         result): "vectorized" uses `tf.vectorized_map` over examples (any
         model); "ghost" does the same except for the Dense and Conv2D
-        kernels whose ghost norm is cheaper than their per-example gradients
-        (few output positions, many weights, see `tan_keras.mechanism.ghost`): those
-        are clipped from their inputs and output gradients without forming
-        per-example gradients (never a kernel that another layer also uses:
-        tied weights); "layerwise" contracts each layer's activations with
+        kernels and Embedding tables whose ghost norm is cheaper than their
+        per-example gradients (few output positions, many weights; fewer ids
+        per example than the vocabulary, see `tan_keras.mechanism.ghost`):
+        those are clipped from their inputs and output gradients without
+        forming per-example gradients (never a weight that another layer also
+        uses: tied weights); "layerwise" contracts each layer's activations with
         its output gradients after one batched pass (Dense, Conv2D,
         WSConv2D, GroupNormalization, LayerNormalization), only for models
         whose every layer is known to keep examples apart, with no tied
@@ -308,22 +318,22 @@ class DPKerasModel(keras.Model):
 
     # ----------------------------------------------------------------- compile
     def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
-        """Like `keras.Model.compile`; `loss` must give one value per example.
+        """Like `keras.Model.compile`; the loss is evaluated per example.
 
-        `loss` is a Keras loss name, function or `keras.losses.Loss`; its
-        unreduced per-example values are averaged over the K views, then
-        clipped. Keras-2-only arguments (`loss_weights`, `weighted_metrics`) are
-        passed through unchanged.
+        `loss` is a Keras loss name, function or `keras.losses.Loss`; for a
+        model with several outputs, one loss for all of them, a list with one
+        per output or a dict keyed by output name, with `loss_weights` alike
+        (`output_losses.py`). Each example's loss is the weighted sum over
+        outputs of their unreduced losses averaged over the K views; its
+        gradient is clipped.
 
         Raises:
-          ValueError: if `loss` is missing or a dict/list (multi-output losses
-            are not supported).
+          ValueError: if `loss` is missing, or `loss`/`loss_weights` do not
+            match the outputs; an optimizer option that would void DP (see
+            `_check_optimizer`).
         """
-        if loss is None or isinstance(loss, (dict, list, tuple)):
-            raise ValueError(
-                "Invalid value for `loss`: expected one Keras loss (name, function or "
-                f"keras.losses.Loss) for a single-output model. Received: loss={loss!r}"
-            )
+        # Resolved before Keras compiles anything: bad input fails fast.
+        resolved = output_losses.resolve(self, loss, kwargs.get("loss_weights"))
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
         precision.check_optimizer(self.optimizer)
         self._check_optimizer_clipping()
@@ -341,8 +351,8 @@ class DPKerasModel(keras.Model):
         self._ghost_layers = (
             ghost.select_layers(self, self._dp_config.augmult) if self._clipping == "ghost" else []
         )
-        self._per_example_loss = per_example.unreduced_loss_fn(loss)
-        self._sparse_classes = labels.sparse_classes(loss, self)
+        self._output_losses = resolved
+        self._per_example_loss = resolved.per_example_loss
         self._build_dp_state()
 
     def _check_optimizer_clipping(self):
@@ -464,7 +474,15 @@ class DPKerasModel(keras.Model):
         arguments.pop("self", None)
         arguments.pop("kwargs", None)
         arguments = fit_inputs.prepare(self._dp_config, arguments)
-        class_table = example_weights.class_weight_table(arguments.pop("class_weight", None))
+        class_weight = arguments.pop("class_weight", None)
+        if class_weight is not None and len(self.outputs) > 1:
+            raise _validate.invalid(
+                "class_weight",
+                "None for a model with several outputs (as in Keras: the class of an "
+                "example is not defined); weigh examples with sample_weight",
+                class_weight,
+            )
+        class_table = example_weights.class_weight_table(class_weight)
         if not example_weights.same_table(class_table, self._class_table):
             # The traced step holds the table as a constant: trace it again.
             self._class_table = class_table
@@ -487,6 +505,8 @@ class DPKerasModel(keras.Model):
             )
         if self._secret.accumulators is None:
             raise ValueError("Compile the DPKerasModel before calling fit.")
+        # Again here: an option set on the optimizer after compile.
+        self._check_optimizer_clipping()
         self._label_spec = _label_spec(arguments)
         if not fit_inputs.is_array(data) and "shuffle" not in arguments:
             # Datasets and generators are never shuffled by Keras; its
@@ -575,9 +595,28 @@ class DPKerasModel(keras.Model):
                 mask = tf.cast(tf.reshape(sample_weight, [-1]) > 0, tf.float32)
         if y is None:
             raise ValueError("DPKerasModel.fit needs labels: batches must be (x, y, ...).")
+        y = self._labels_per_output(y)
         if mask is None:
-            mask = tf.ones(tf.shape(y)[:1], tf.float32)
+            mask = tf.ones(tf.shape(per_example.first_leaf(y))[:1], tf.float32)
+        if tf.nest.is_nested(sample_weight):
+            raise ValueError(
+                "Invalid value for `sample_weight`: expected one weight per example (a "
+                "vector): it weighs the example's whole loss, all outputs together. "
+                "Received: a structure of weights. Put per-output weights into "
+                "loss_weights, or into the loss functions."
+            )
         return x, y, mask, step_end, sample_weight
+
+    def _labels_per_output(self, y):
+        """`y` as one tensor per output (a list for several outputs)."""
+        y = self._output_losses.flat_labels(y)
+        if not self._output_losses.several:
+            return y
+        present = [t for t in y if t is not None]
+        rows = tf.shape(present[0])[:1]
+        # An output without loss needs no labels: a placeholder keeps the
+        # structure (nothing compares it with a prediction).
+        return [tf.zeros(rows, tf.float32) if t is None else t for t in y]
 
     def train_step(self, data):
         """One micro-batch of DP-SGD (docs/tan-method.md, section 1).
@@ -591,9 +630,7 @@ class DPKerasModel(keras.Model):
         """
         x, y, mask, step_end, sample_weight = self._unpack(data)
         weights = example_weights.example_weights(y, sample_weight, self._class_table)
-        num_invalid = 0.0
-        if self._sparse_classes is not None:
-            y, mask, num_invalid = labels.drop_invalid(y, mask, self._sparse_classes)
+        y, mask, num_invalid = self._drop_invalid_labels(y, mask)
         clipped, losses, y_pred = self._clipped_sum(x, y, mask, weights)
         self._accumulate(clipped.grad_sum)
         step_end = self._ends_logical_step(step_end)
@@ -601,9 +638,25 @@ class DPKerasModel(keras.Model):
         self._close_logical_step(step_end)
         return self._training_logs(clipped, losses, y, y_pred, num_invalid)
 
+    def _drop_invalid_labels(self, y, mask):
+        """Drops the examples with a class label out of range in any output (labels.py)."""
+        classes = self._output_losses.sparse_classes
+        if not self._output_losses.several:
+            if classes[0] is None:
+                return y, mask, 0.0
+            return labels.drop_invalid(y, mask, classes[0])
+        real = mask
+        y = list(y)
+        for index, count in enumerate(classes):
+            if count is not None:
+                y[index], mask, _ = labels.drop_invalid(y[index], mask, count)
+        dropped = tf.logical_and(tf.cast(real, tf.float32) > 0, tf.cast(mask, tf.float32) <= 0)
+        return y, mask, tf.reduce_sum(tf.cast(dropped, tf.float32))
+
     def _clipped_sum(self, x, y, mask, weights):
         """Per-example gradients of the micro-batch (losses weighted), clipped to C, summed."""
-        x = per_example.as_views(x, self._dp_config.augmult, len(self.inputs[0].shape))
+        ranks = per_example.input_ranks(_keras_internals.inputs_structure(self), x)
+        x = per_example.as_views(x, self._dp_config.augmult, ranks)
         ghost_layers = self._ghost_layers
 
         def compute(views, labels, loss_weights=None):
@@ -633,8 +686,11 @@ class DPKerasModel(keras.Model):
             y,
             mask,
             self._dp_config.l2_norm_clip,
-            chunking.chunk_size(x.shape[0], variables, self._examples_per_chunk),
+            chunking.chunk_size(
+                per_example.first_leaf(x).shape[0], variables, self._examples_per_chunk
+            ),
             example_weights=weights,
+            num_outputs=len(self.outputs),
         )
 
     def _accumulate(self, grad_sum):
@@ -683,8 +739,13 @@ class DPKerasModel(keras.Model):
         # Examples dropped for an invalid label count with the non-finite ones
         # (see labels.py): either way their loss has no value.
         self._trackers.nonfinite.update_state(clipped.num_nonfinite + num_invalid)
-        kept_rows = tf.reshape(kept, [-1] + [1] * (y_pred.shape.rank - 1))
-        y_pred = tf.where(kept_rows, y_pred, tf.zeros_like(y_pred))
+
+        def kept_only(prediction):
+            kept_rows = tf.reshape(kept, [-1] + [1] * (prediction.shape.rank - 1))
+            return tf.where(kept_rows, prediction, tf.zeros_like(prediction))
+
+        y_pred = tf.nest.map_structure(kept_only, y_pred)
+        y = self._output_losses.predictions_like_labels(y, y_pred)
         return _logs_for_strategy(self.compute_metrics(None, y, y_pred, weight))
 
     def _noisy_update(self, grad_sum, apply):
@@ -791,8 +852,10 @@ class DPKerasModel(keras.Model):
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         y_pred = self(x, training=False)
+        y = self._labels_per_output(y)
         losses = self._per_example_loss(y, y_pred)
         self._trackers.loss.update_state(losses, sample_weight=sample_weight)
+        y = self._output_losses.predictions_like_labels(y, y_pred)
         self.compute_metrics(x, y, y_pred, sample_weight)
         logs = {"loss": self._trackers.loss.result()}
         for metric in _keras_internals.compiled_metrics(self):
@@ -854,7 +917,7 @@ def make_private(
     Raises:
       ValueError: if `model` is not a Keras 3 model, overrides train_step or
         compute_loss, its inputs are unknown and no `input_shape` is given,
-        it has several inputs or outputs, or on a bad DP argument.
+        has a string input, or on a bad DP argument.
     """
     if not isinstance(model, keras.Model):
         raise ValueError(
@@ -868,25 +931,29 @@ def make_private(
         inputs, outputs = model.inputs, model.outputs
     except (AttributeError, ValueError):
         inputs = outputs = None
-    if (not inputs or not outputs) and input_shape is not None:
+    known = bool(inputs) and bool(outputs)
+    if known:
+        # The structures the model was built with (a list or dict of inputs
+        # or outputs), so that fit takes the same data as the original model.
+        inputs = _keras_internals.inputs_structure(model)
+        outputs = _keras_internals.outputs_structure(model)
+    elif input_shape is not None:
         if isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__iter__"):
             raise _validate.invalid(
                 "input_shape", "a sequence of positive integers (one example)", input_shape
             )
         shape = tuple(_validate.positive_int("input_shape", d) for d in input_shape)
-        inputs = [keras.Input(shape)]
-        outputs = [model(inputs[0])]
-    if not inputs or not outputs:
+        inputs = keras.Input(shape)
+        outputs = model(inputs)
+        known = True
+    if not known:
         raise ValueError(
             f"Invalid value for `input_shape`: expected the shape of one example for a model "
             f"without known inputs (subclassed). Received: input_shape=None for "
             f"model={model.name!r}."
         )
-    if len(inputs) != 1 or len(tf.nest.flatten(outputs)) != 1:
-        raise ValueError(
-            "Invalid value for `model`: expected a single-input, single-output model. "
-            f"Received: model with {len(inputs)} inputs and {len(outputs)} outputs."
-        )
-    return DPKerasModel(
-        inputs=inputs[0], outputs=tf.nest.flatten(outputs)[0], name=model.name, **dp_kwargs
-    )
+    if isinstance(inputs, list) and len(inputs) == 1:
+        inputs = inputs[0]
+    if isinstance(outputs, list) and len(outputs) == 1:
+        outputs = outputs[0]
+    return DPKerasModel(inputs=inputs, outputs=outputs, name=model.name, **dp_kwargs)

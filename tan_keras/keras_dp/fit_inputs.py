@@ -144,15 +144,23 @@ def is_array(data: Any) -> bool:
 
 def _check_shuffled_arrays(config: DPConfig, arguments: Dict[str, Any]) -> Dict[str, Any]:
     data = arguments.get("x")
-    if not is_array(data) or isinstance(data, (list, dict)):
+    leaves = tf.nest.flatten(data) if isinstance(data, (list, tuple, dict)) else [data]
+    if not leaves or not all(
+        is_array(leaf) and not isinstance(leaf, (list, dict)) and np.ndim(leaf) >= 1
+        for leaf in leaves
+    ):
         raise _validate.invalid(
             "x",
-            "an in-memory array with sampling='shuffled' (Keras then cuts each epoch into "
+            "in-memory arrays (one, or a list or dict of them) with sampling='shuffled' "
+            "(Keras then cuts each epoch into "
             "a partition of the examples, which the accounting relies on)",
             type(data).__name__,
             "For a tf.data pipeline use sampling='poisson' and make_poisson_dataset",
         )
-    rows = int(np.shape(data)[0])
+    counts = sorted({int(np.shape(leaf)[0]) for leaf in leaves})
+    if len(counts) != 1:
+        raise _validate.invalid("x", "arrays with one row per example each", counts)
+    rows = counts[0]
     if rows != config.dataset_size:
         raise _validate.invalid(
             "dataset_size",

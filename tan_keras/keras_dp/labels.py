@@ -17,12 +17,13 @@ import tensorflow as tf
 _SPARSE_NAMES = ("sparse_categorical_crossentropy",)
 
 
-def sparse_classes(loss, model: keras.Model) -> Optional[int]:
+def sparse_classes(loss, output) -> Optional[int]:
     """The number of classes when `loss` takes integer class labels, else None.
 
     Args:
-      loss: The loss given to `compile`.
-      model: The model (its single output's last axis holds the classes).
+      loss: The loss given to `compile` for this output.
+      output: The model output it applies to (its last axis holds the
+        classes), anything with a `shape`.
 
     Returns:
       The class count, or None for a loss without class-index labels or an
@@ -35,7 +36,7 @@ def sparse_classes(loss, model: keras.Model) -> Optional[int]:
     )
     if not sparse:
         return None
-    classes = model.outputs[0].shape[-1]
+    classes = output.shape[-1]
     return None if classes is None else int(classes)
 
 

@@ -94,40 +94,29 @@ def check_model_is_dp_compatible(model: keras.Model) -> None:
 
 
 def check_model_structure(model: keras.Model) -> None:
-    """Refuses the input and output structures the DP step does not handle yet.
+    """Refuses the input structures the DP step does not handle.
 
-    The per-example routes take one input tensor of numbers (the K views of
-    each example are stacked on it) and compare one output with one label.
+    Inputs may be one tensor, a list or a dict of numeric tensors (each
+    example's K views are stacked on every one of them); outputs may be one
+    tensor or several, each with its own loss (`output_losses.py`). String
+    inputs cannot run per example under `tf.vectorized_map`.
 
     Args:
       model: The functional or Sequential model wrapped by DPKerasModel.
 
     Raises:
-      ValueError: for several inputs (a list or dict), a string input, or
-        several outputs, saying what to use instead.
+      ValueError: for a string input, saying what to use instead.
     """
-    inputs, outputs = list(model.inputs or []), list(model.outputs or [])
-    if len(inputs) != 1:
-        raise ValueError(
-            f"Invalid value for `inputs`: expected one input tensor. Received: "
-            f"{len(inputs)} inputs ({', '.join(t.name for t in inputs)}). DPKerasModel "
-            "stacks each example's K views on a single input: concatenate the features "
-            "into one tensor before the model (or split them again inside it)."
-        )
-    if inputs[0].dtype == "string":
-        raise ValueError(
-            f"Invalid value for `inputs`: expected a numeric input. Received: input "
-            f"`{inputs[0].name}` of dtype string. Turn text into token ids before the "
-            "model, e.g. keras.layers.TextVectorization adapted on public data and "
-            "applied in the tf.data pipeline, and start the model at the ids."
-        )
-    if len(outputs) != 1:
-        raise ValueError(
-            f"Invalid value for `outputs`: expected one output. Received: {len(outputs)} "
-            "outputs. One loss would be broadcast over all of them (cross terms between "
-            "outputs and labels). Train a single-output model, e.g. concatenate the heads "
-            "and write one per-example loss over the concatenation."
-        )
+    for tensor in list(model.inputs or []):
+        if tensor.dtype == "string":
+            raise ValueError(
+                f"Invalid value for `inputs`: expected numeric inputs. Received: input "
+                f"`{tensor.name}` of dtype string. Per-example gradients vectorize the "
+                "model over examples, which string operations do not support. Turn "
+                "text into token ids before the model, e.g. "
+                "keras.layers.TextVectorization adapted on public data and applied in "
+                "the tf.data pipeline, and start the model at the ids."
+            )
 
 
 def _onednn_on_cpu() -> bool:

@@ -10,7 +10,7 @@ is what keeps them from being scheduled side by side.
 """
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import tensorflow as tf
 
@@ -86,7 +86,8 @@ def clip_in_chunks(
     l2_norm_clip: float,
     size: Optional[int],
     example_weights: Optional[tf.Tensor] = None,
-) -> Tuple[ClippedSum, tf.Tensor, tf.Tensor]:
+    num_outputs: int = 1,
+) -> Tuple[ClippedSum, tf.Tensor, Any]:
     """Per-example gradients, clipped and summed, `size` examples at a time.
 
     Args:
@@ -94,8 +95,8 @@ def clip_in_chunks(
         `[rows, *var_shape]` gradient per variable; with `example_weights`,
         `(views, y, weights)`.
       variables: The trainable variables, in the order of the gradients.
-      views: [batch, K, *input_shape] inputs.
-      y: [batch, ...] labels.
+      views: [batch, K, *input_shape] inputs (or a list or dict of them).
+      y: [batch, ...] labels (or a list of them, one per model output).
       mask: [batch] weights; rows <= 0 are padding.
       l2_norm_clip: C > 0.
       size: Examples per chunk (from `chunk_size`); None does the whole
@@ -103,6 +104,8 @@ def clip_in_chunks(
       example_weights: Optional [batch] weights of each example's loss
         (sample and class weights), handed to `per_example_fn` chunk by
         chunk: they act before clipping.
+      num_outputs: How many tensors the predictions hold (the model's
+        outputs).
 
     Returns:
       (clipped, losses, predictions) for the whole micro-batch, equal to
@@ -118,17 +121,24 @@ def clip_in_chunks(
         grads, losses, preds = compute(views, y, example_weights)
         return clipping.clip_and_sum(grads, l2_norm_clip, mask), losses, preds
 
-    batch = tf.shape(y)[0]
-    if y.shape[0] is None:
+    first_label = tf.nest.flatten(y)[0]
+    batch = tf.shape(first_label)[0]
+    if first_label.shape[0] is None:
         # A run-time micro-batch smaller than the chunk is one chunk of its
         # own size: padding it up to the chunk would compute the padding rows
         # (tens of thousands of them under a large "auto" limit).
         size = tf.maximum(tf.minimum(size, batch), 1)
     num_chunks = (batch + size - 1) // size
     pad = num_chunks * size - batch
+
     # Padding rows are masked out: they contribute exactly 0 to every sum.
-    chunked_views = _split(_pad_rows(views, pad), num_chunks, size)
-    chunked_y = _split(_pad_rows(y, pad), num_chunks, size)
+    def chunked(structure):
+        return tf.nest.map_structure(
+            lambda t: _split(_pad_rows(t, pad), num_chunks, size), structure
+        )
+
+    chunked_views = chunked(views)
+    chunked_y = chunked(y)
     chunked_mask = _split(_pad_rows(tf.cast(mask, tf.float32), pad), num_chunks, size)
     chunked_weights = None
     if example_weights is not None:
@@ -136,9 +146,18 @@ def clip_in_chunks(
             _pad_rows(tf.cast(example_weights, tf.float32), pad), num_chunks, size
         )
 
+    # The predictions' structure (one tensor per model output), learnt as the
+    # loop body is traced, to pack them again after the loop.
+    prediction_structure = []
+
     def body(i, sums, counts, arrays):
         weights = None if chunked_weights is None else chunked_weights[i]
-        grads, losses, preds = compute(chunked_views[i], chunked_y[i], weights)
+        grads, losses, preds = compute(
+            tf.nest.map_structure(lambda t: t[i], chunked_views),
+            tf.nest.map_structure(lambda t: t[i], chunked_y),
+            weights,
+        )
+        prediction_structure[:] = [preds]
         clipped = clipping.clip_and_sum(grads, l2_norm_clip, chunked_mask[i])
         sums = [s + g for s, g in zip(sums, clipped.grad_sum)]
         counts = counts + tf.stack(
@@ -148,14 +167,14 @@ def clip_in_chunks(
             clipped.norms,
             clipped.kept,
             tf.cast(losses, tf.float32),
-            tf.cast(preds, tf.float32),
+            *(tf.cast(p, tf.float32) for p in tf.nest.flatten(preds)),
         )
         arrays = tuple(a.write(i, v) for a, v in zip(arrays, values))
         return i + 1, sums, counts, arrays
 
     arrays = tuple(
         tf.TensorArray(dtype, size=num_chunks)
-        for dtype in (tf.float32, tf.bool, tf.float32, tf.float32)
+        for dtype in (tf.float32, tf.bool, tf.float32) + (tf.float32,) * num_outputs
     )
     _, sums, counts, arrays = tf.while_loop(
         lambda i, *_: i < num_chunks,
@@ -168,10 +187,14 @@ def clip_in_chunks(
         ),
         parallel_iterations=1,
     )
-    norms, kept, losses, preds = (_merge(a.stack(), batch) for a in arrays)
-    static_batch = y.shape[0]
-    for t in (norms, kept, losses, preds):
+    norms, kept, losses, *flat_preds = (_merge(a.stack(), batch) for a in arrays)
+    static_batch = first_label.shape[0]
+    for t in (norms, kept, losses, *flat_preds):
         t.set_shape([static_batch] + t.shape.as_list()[1:])
+    if prediction_structure:
+        preds = tf.nest.pack_sequence_as(prediction_structure[0], flat_preds)
+    else:  # eager and no chunk ran (an empty batch)
+        preds = flat_preds[0] if num_outputs == 1 else flat_preds
     clipped = ClippedSum(
         grad_sum=sums,
         norms=norms,

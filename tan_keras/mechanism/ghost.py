@@ -61,6 +61,34 @@ weight gradient of `clipped_sum` at C / sqrt(k) in total: their rounding
 there cannot wipe out the other examples' contributions. Measured on
 WideResNet-16-4 (batch 16, K = 1): the bound is 0.5% above the true norm
 (median; 0.8% at most) per ghost layer, 0.2% on the global norm.
+
+Embedding. Example i's gradient of the [vocab, dim] table has one nonzero
+row per distinct token among its ids t_j (all positions of its K views and
+of every call): row v is R_iv = sum_{j: t_j = v} g_j, g_j the gradient of
+the example's view-averaged loss with respect to looked-up row j (the 1/K is
+in g already, as for Dense). The Gram form of its norm,
+sum_{j,k} [t_j = t_k] g_j . g_k, costs rows^2 dim. Sorting each example's
+ids instead puts equal tokens side by side, and one segment sum forms R_i
+itself (at most rows x dim values, as many as the g_j) for rows dim plus the
+sort: the formed gradient's nonzero rows, summed the same way, without its
+vocab x dim zeros. A repeated token's row is one sum, so the cross terms
+[t_j = t_k] g_j . g_k are in, and no Gram matrix means no cancellation of
+the kind above. The norm is again a provable upper bound: with g divided by
+a power of two as in 1. (entries below 4, flush eta each), in scaled units
+  * an entry of R_iv, a sum of n_v values in any order, errs by at most
+    gamma_{n_v - 1} times the sum of their magnitudes, plus 2 n_v eta for
+    flushed inputs and sums; so any computed R'_i is within E + c of the
+    exact R_i, E = sqrt(sum_v (gamma_{n_v - 1} sum_{j: t_j = v} ||g_j||)^2)
+    and c = 2 rows sqrt(dim) eta (E = 0 when no id repeats);
+  * the computed sum of R'_i's squares (over dim, then a pairwise tree over
+    the slots) is below the true one by at most gamma_{dim + depth} of it
+    plus 2 rows dim 2^-126 (flushed squares and sums): S_up undoes both.
+The norm is (sqrt(S_up) + 2 (2 E + c)) (1 + 2^-20), E doubled for its own
+rounding: it bounds the exact ||R_i|| (within E + c of ||R'_i||) and the
+R_i that `clipped_sum` sums again, in an order of its own (within 2 E + 2 c).
+`clipped_sum` forms each example's scaled R_i before examples are added
+together, by token, into the table: an example's cancelling rows meet no
+other example's in a rounded sum.
 """
 
 from typing import List, NamedTuple, Optional, Sequence, Tuple
@@ -73,10 +101,11 @@ from tan_keras.mechanism import model_analysis
 
 _DENSE = keras.layers.Dense
 _CONV = keras.layers.Conv2D
+_EMBEDDING = keras.layers.Embedding
 
 
 def _rule(layer) -> Optional[str]:
-    """ "dense" or "conv" when `layer`'s kernel has a ghost rule, else None."""
+    """ "dense", "conv" or "embedding" when `layer` has a ghost rule, else None."""
     # Exact types: subclasses (WSConv2D...) may transform the kernel.
     if type(layer) is _DENSE:
         return "dense"
@@ -87,20 +116,45 @@ def _rule(layer) -> Optional[str]:
         and layer.padding in ("valid", "same")
     ):
         return "conv"
+    if (
+        type(layer) is _EMBEDDING
+        # LoRA looks rows up in table + A B (trainable A and B, frozen table);
+        # a quantized table is not a float variable: both keep formed gradients.
+        and not getattr(layer, "lora_rank", None)
+        and not getattr(layer, "lora_enabled", False)
+        and getattr(layer, "quantization_mode", None) is None
+    ):
+        return "embedding"
     return None
 
 
 def has_rule(layer: keras.layers.Layer) -> bool:
-    """Whether `layer`'s kernel can be clipped by ghost norm (whatever the cost).
+    """Whether `layer`'s weight matrix can be clipped by ghost norm (whatever the cost).
 
     Args:
       layer: A Keras layer.
 
     Returns:
-      True for a Dense, or a channels-last ungrouped Conv2D with "valid" or
-      "same" padding (exact types, not subclasses).
+      True for a Dense, a channels-last ungrouped Conv2D with "valid" or
+      "same" padding, or an Embedding without LoRA or quantization (exact
+      types, not subclasses).
     """
     return _rule(layer) is not None
+
+
+def clipped_variable(layer: keras.layers.Layer):
+    """The variable whose per-example gradients a `GhostGradient` of `layer` holds.
+
+    Args:
+      layer: A built layer with `has_rule`.
+
+    Returns:
+      Its `kernel`, or an Embedding's `embeddings`.
+
+    Raises:
+      AttributeError: if the layer is not built.
+    """
+    return layer.embeddings if _rule(layer) == "embedding" else layer.kernel
 
 
 def _output_positions(layer) -> Optional[int]:
@@ -131,15 +185,49 @@ def is_cheaper(rows: int, fan_in: int, units: int) -> bool:
     return rows * (fan_in + units) < fan_in * units
 
 
-def select_layers(model: keras.Model, augmult: int) -> List[keras.layers.Layer]:
-    """The layers of `model` whose kernels are clipped by ghost norm.
+def embedding_is_cheaper(rows: int, vocab: int, dim: int) -> bool:
+    """Whether an Embedding's ghost route costs less than its formed gradient.
 
-    A layer qualifies when its kernel is trainable, it is a Dense or a
-    channels-last, ungrouped Conv2D with "valid" or "same" padding, its output
-    shape is static, `is_cheaper` holds for its rows per example, and its
-    kernel is used by nothing but the layer's own calls (a tied kernel, e.g.
-    read by a transposed decoder, also gets gradient from the other use,
-    which the layer's taps do not see: it keeps the per-example path).
+    Per example, the formed gradient is a dense [vocab, dim] tensor, written
+    (zeros and the scattered rows), read for the norm and again for the
+    clipped sum, and held for the whole micro-batch at once. The ghost route
+    sorts the example's ids (rows log2 rows comparisons) and passes over its
+    rows * dim output gradients (already held) a few times: gather, segment
+    sum, squares, and the clipped sum's scatter. Both make a few passes per
+    value, so the leading terms decide. (The Gram form of the norm, rows^2 dim,
+    is never cheaper than the segment sum and is not used.) In effect: ghost
+    when an example has fewer positions (times views) than the vocabulary.
+
+    Args:
+      rows: Ids per example (positions x K views).
+      vocab: Rows of the table (`input_dim`).
+      dim: Its columns (`output_dim`).
+
+    Returns:
+      True when rows * (dim + ceil(log2 rows)) < vocab * dim.
+    """
+    return rows * (dim + (rows - 1).bit_length()) < vocab * dim
+
+
+def _clipped_variable_or_none(layer):
+    try:
+        return clipped_variable(layer)
+    except AttributeError:  # not built
+        return None
+
+
+def select_layers(model: keras.Model, augmult: int) -> List[keras.layers.Layer]:
+    """The layers of `model` whose weight matrices are clipped by ghost norm.
+
+    A layer qualifies when its kernel (an Embedding's `embeddings`) is
+    trainable, it has a rule (`has_rule`: Dense, channels-last ungrouped
+    Conv2D with "valid" or "same" padding, Embedding without LoRA or
+    quantization), its output shape is static, the ghost route is cheaper
+    for its rows per example (`is_cheaper`, `embedding_is_cheaper`), and the
+    variable is used by nothing but the layer's own calls (a tied kernel or
+    table, e.g. read by a transposed decoder or an output projection, also
+    gets gradient from the other use, which the layer's taps do not see: it
+    keeps the per-example path).
 
     Ops that mix the rows of a batch need no exclusion here: the ghost route
     runs inside `tf.vectorized_map`, where each example's K views go through
@@ -157,19 +245,25 @@ def select_layers(model: keras.Model, augmult: int) -> List[keras.layers.Layer]:
     tied = None
     for layer in _keras_internals.all_layers(model):
         rule = _rule(layer)
-        if rule is None or id(getattr(layer, "kernel", None)) not in trainable:
+        if rule is None or id(_clipped_variable_or_none(layer)) not in trainable:
             continue
         if tied is None:  # traced once per model, only if some layer has a rule
             tied = model_analysis.tied_variables(model)
-        if id(layer.kernel) in tied:
+        variable = clipped_variable(layer)
+        if id(variable) in tied:
             continue
         positions = _output_positions(layer)
         if positions is None:
             continue
-        fan_in = 1
-        for dim in layer.kernel.shape[:-1]:
-            fan_in *= int(dim)
-        if is_cheaper(augmult * positions, fan_in, int(layer.kernel.shape[-1])):
+        rows = augmult * positions
+        if rule == "embedding":
+            cheaper = embedding_is_cheaper(rows, int(layer.input_dim), int(layer.output_dim))
+        else:
+            fan_in = 1
+            for dim in variable.shape[:-1]:
+                fan_in *= int(dim)
+            cheaper = is_cheaper(rows, fan_in, int(variable.shape[-1]))
+        if cheaper:
             chosen.append(layer)
     return chosen
 
@@ -356,6 +450,131 @@ def _unit_scaled(tensors: Sequence[tf.Tensor]) -> _Scaled:
     )
 
 
+def _rows_of(t: tf.Tensor, trailing: int) -> tf.Tensor:
+    """[batch, K, *positions, *trailing dims] -> [batch, K * positions, *trailing dims].
+
+    Keeps the row count static when it is (for `_tree_sum`'s fixed order).
+    """
+    rank = t.shape.rank
+    count = t.shape[1 : rank - trailing].num_elements()
+    tail = t.shape[rank - trailing :].as_list()
+    if count is None or None in tail:
+        return tf.reshape(t, tf.concat([tf.shape(t)[:1], [-1], tf.shape(t)[rank - trailing :]], 0))
+    return tf.reshape(t, [-1, count] + tail)
+
+
+def _token_ids(t: tf.Tensor, vocab: int) -> tf.Tensor:
+    """Ids as `Embedding.call` takes them (non-integers truncated), as int32.
+
+    An id outside [0, vocab) becomes -1: its row is dropped from the clipped
+    sum (a GPU gather reads zeros there and its gradient drops it; a CPU
+    gather fails first), while its output gradient still counts in the norm,
+    which can only make the bound larger.
+    """
+    if t.dtype not in (tf.int32, tf.int64):
+        t = tf.cast(t, tf.int32)
+    valid = tf.logical_and(t >= 0, t < tf.cast(vocab, t.dtype))
+    return tf.where(valid, tf.cast(t, tf.int32), -1)
+
+
+def _embedding_rows(layer, ids: Sequence[tf.Tensor], grads: Sequence[tf.Tensor]):
+    """([batch, rows] int32 ids, [batch, rows, dim] float32 g) over all calls and views."""
+    ids = [_rows_of(_token_ids(t, int(layer.input_dim)), 0) for t in ids]
+    grads = [_rows_of(tf.cast(g, tf.float32), 1) for g in grads]
+    return tf.concat(ids, 1), tf.concat(grads, 1)
+
+
+class _TokenSlots(NamedTuple):
+    """Each example's rows summed by token (see `_sum_by_token`)."""
+
+    tokens: tf.Tensor  # [batch * rows] each slot's token; 0 for an unused slot
+    sums: tf.Tensor  # [batch * rows, dim] each slot's rows, summed; 0 if unused
+    slots: tf.Tensor  # [batch * rows] the slot of each row, in sorted order
+    order: tf.Tensor  # [batch, rows] the rows' sorted order (argsort of the ids)
+
+
+def _sum_by_token(ids: tf.Tensor, g: tf.Tensor) -> _TokenSlots:
+    """Sums each example's rows g of equal ids: its Embedding gradient's rows.
+
+    Example i owns slots i * rows ... i * rows + rows - 1; its distinct ids
+    take the first ones, in increasing order. A sort, not `tf.unique`:
+    static shapes, so it runs under XLA.
+
+    Args:
+      ids: [batch, rows] int32.
+      g: [batch, rows, dim] float32.
+
+    Returns:
+      A `_TokenSlots`.
+    """
+    batch, rows = tf.shape(ids)[0], tf.shape(ids)[1]
+    order = tf.argsort(ids, axis=1, stable=True)
+    ids = tf.gather(ids, order, batch_dims=1)
+    first = tf.concat([tf.ones_like(ids[:, :1], tf.bool), ids[:, 1:] != ids[:, :-1]], 1)
+    slots = tf.cumsum(tf.cast(first, tf.int32), axis=1) - 1 + rows * tf.range(batch)[:, None]
+    slots = tf.reshape(slots, [-1])
+    size = batch * rows
+    g = tf.reshape(tf.gather(g, order, batch_dims=1), [-1, g.shape[-1]])
+    sums = tf.math.unsorted_segment_sum(g, slots, size)
+    # Only a slot's first row adds its id: an exact integer sum, 0 when unused.
+    firsts = tf.reshape(tf.where(first, ids, tf.zeros_like(ids)), [-1])
+    tokens = tf.math.unsorted_segment_sum(firsts, slots, size)
+    return _TokenSlots(tokens, sums, slots, order)
+
+
+def _embedding_norms(layer, ids: Sequence[tf.Tensor], grads: Sequence[tf.Tensor]) -> tf.Tensor:
+    """[batch] upper bounds of ||R_i||_F, R_i an example's Embedding gradient rows.
+
+    See the module docstring (Embedding) for the bound.
+    """
+    scaled = _unit_scaled(grads)
+    ids, g = _embedding_rows(layer, ids, scaled.tensors)
+    dim = int(g.shape[-1])
+    batch, rows = tf.shape(ids)[0], tf.shape(ids)[1]
+    rows_f = tf.cast(rows, tf.float32)
+    gamma_dim = dim * _U / (1.0 - dim * _U)
+    if not 0 <= gamma_dim < 0.1:
+        raise ValueError(f"Rows of {dim} values are too long for a float32 ghost norm.")
+    grouped = _sum_by_token(ids, g)
+    # ||R'_i||^2: squares summed over dim (dim - 1 additions), then over the
+    # slots in a fixed tree (depth additions).
+    slot_squares = tf.reduce_sum(tf.square(grouped.sums), axis=1)
+    static_rows = ids.shape[1]
+    flat = [batch, -1] if static_rows is None else [-1, static_rows]
+    computed, depth = _tree_sum(tf.reshape(slot_squares, flat))
+    gamma_sum = _gamma(tf.cast(depth, tf.float32) + dim + 1.0)
+    usable = gamma_sum < 0.1
+    squared = (computed + 2.0 * rows_f * dim * _TINY) / (1.0 - tf.where(usable, gamma_sum, 0.0))
+    # E: a slot of n rows sums them with n - 1 roundings, each relative to
+    # the magnitudes summed, bounded by their row norms (rounded up).
+    row_norms = tf.sqrt((tf.reduce_sum(tf.square(g), axis=2) + 2.0 * dim * _TINY) / (1 - gamma_dim))
+    row_norms = tf.reshape(tf.gather(row_norms, grouped.order, batch_dims=1), [-1])
+    size = batch * rows
+    counts = tf.math.unsorted_segment_sum(tf.ones_like(row_norms), grouped.slots, size)
+    magnitudes = tf.math.unsorted_segment_sum(row_norms, grouped.slots, size)
+    slot_errors = tf.reshape(_gamma(tf.maximum(counts - 1.0, 0.0)) * magnitudes, [batch, rows])
+    error = 2.0 * tf.sqrt(tf.reduce_sum(tf.square(slot_errors), axis=1))
+    flush = 2.0 * rows_f * float(dim) ** 0.5 * scaled.flush
+    bound = (tf.sqrt(squared) + 2.0 * (error + flush)) * (1.0 + 2.0**-20)
+    bound = tf.where(usable, bound, float("inf"))
+    # Times 2^e in two exact halves, as in `GhostGradient.norms`.
+    half = tf.math.floordiv(scaled.exponent, 2)
+    norms = tf.maximum(bound * _power_of_two(half) * _power_of_two(scaled.exponent - half), _TINY)
+    norms = tf.where(scaled.zero, tf.zeros_like(norms), norms)
+    return tf.where(scaled.nonfinite, tf.fill(tf.shape(norms), float("nan")), norms)
+
+
+def _embedding_clipped_sum(layer, ids, grads, keep, denom, clip) -> tf.Tensor:
+    """sum_i [keep_i] R_i * clip / denom_i, scattered into the [vocab, dim] table."""
+    ids, g = _embedding_rows(layer, ids, grads)
+    # Selected, not multiplied by 0 (0 * NaN = NaN); divided before the
+    # multiplication by C, as C / a huge norm can underflow.
+    g = tf.where(keep[:, None, None], g / denom[:, None, None], tf.zeros_like(g)) * clip
+    # Each example's rows become R_i before examples are added together.
+    grouped = _sum_by_token(ids, g)
+    return tf.math.unsorted_segment_sum(grouped.sums, grouped.tokens, int(layer.input_dim))
+
+
 class GhostGradient(NamedTuple):
     """A kernel's per-example gradients, held as inputs and output gradients.
 
@@ -364,11 +583,12 @@ class GhostGradient(NamedTuple):
     the clipped sum instead of forming it.
 
     Attributes:
-      layer: The Dense or Conv2D layer (see `select_layers`).
-      inputs: One `[batch, K, *input_shape]` tensor per call of the layer.
+      layer: The Dense, Conv2D or Embedding layer (see `select_layers`).
+      inputs: One `[batch, K, *input_shape]` tensor per call of the layer
+        (an Embedding's: its token ids).
       output_grads: One `[batch, K, *output_shape]` tensor per call: the
         gradient of each example's loss with respect to the pre-activation
-        output.
+        output (an Embedding's: the looked-up rows).
     """
 
     layer: keras.layers.Layer
@@ -401,6 +621,8 @@ class GhostGradient(NamedTuple):
           ValueError: for rows so long (p or o over about 1.5 million) that
             float32 Gram entries carry almost no guaranteed digit.
         """
+        if _rule(self.layer) == "embedding":
+            return _embedding_norms(self.layer, self.inputs, self.output_grads)
         scaled_p = _unit_scaled(self.inputs)
         scaled_g = _unit_scaled(self.output_grads)
         batch = tf.shape(self.inputs[0])[0]
@@ -486,6 +708,10 @@ class GhostGradient(NamedTuple):
         Returns:
           A float32 tensor of the kernel's shape.
         """
+        if _rule(self.layer) == "embedding":
+            return _embedding_clipped_sum(
+                self.layer, self.inputs, self.output_grads, keep, denom, clip
+            )
         total = None
         for a, g in zip(self.inputs, self.output_grads):
             shape = [-1] + [1] * (g.shape.rank - 1)

@@ -279,8 +279,8 @@ def per_example_gradients(
       model: The Keras model; every trainable variable needs a rule
         (`supports(model)`).
       loss_fn: Unreduced loss, `(y_true, y_pred) -> [rows]`.
-      views: [batch, K, *input_shape] inputs.
-      y: [batch, ...] labels, one per example.
+      views: [batch, K, *input_shape] inputs (or a list or dict of them).
+      y: [batch, ...] labels, one per example (or a list, one per output).
       example_weights: Optional [batch] weights of each example's loss.
 
     Returns:
@@ -289,10 +289,13 @@ def per_example_gradients(
     Raises:
       ValueError: if the model has a trainable variable without a rule.
     """
-    batch = views.shape[0] if views.shape[0] is not None else tf.shape(views)[0]
-    num_views = views.shape[1]
-    rows = tf.reshape(views, tf.concat([[-1], tf.shape(views)[2:]], 0))
-    labels = tf.repeat(y, num_views, axis=0)
+    first = tf.nest.flatten(views)[0]
+    batch = first.shape[0] if first.shape[0] is not None else tf.shape(first)[0]
+    num_views = first.shape[1]
+    rows = tf.nest.map_structure(
+        lambda v: tf.reshape(v, tf.concat([[-1], tf.shape(v)[2:]], 0)), views
+    )
+    labels = tf.nest.map_structure(lambda t: tf.repeat(t, num_views, axis=0), y)
     taps: List[tapping.Tap] = []
     with tf.GradientTape() as tape, tapping.recording(_supported_layers(model), taps):
         pred = model(rows, training=True)
@@ -317,7 +320,10 @@ def per_example_gradients(
                 "use clipping='vectorized'."
             )
         grads.append(per_var[id(variable)])
-    preds = tf.reduce_mean(
-        tf.reshape(pred, tf.concat([[batch, num_views], tf.shape(pred)[1:]], 0)), axis=1
+    preds = tf.nest.map_structure(
+        lambda p: tf.reduce_mean(
+            tf.reshape(p, tf.concat([[batch, num_views], tf.shape(p)[1:]], 0)), axis=1
+        ),
+        pred,
     )
     return grads, losses, preds

@@ -298,8 +298,12 @@ def _input_spec(model):
             f"Invalid value for `model`: expected a Keras model with known inputs "
             f"(functional or Sequential with an Input). Received: model={model.name!r}"
         )
-    specs = [tf.TensorSpec(t.shape, t.dtype) for t in inputs]
-    return specs[0] if len(specs) == 1 else specs
+    if len(inputs) == 1:
+        return tf.TensorSpec(inputs[0].shape, inputs[0].dtype)
+    # The structure the model was built with (a list or dict of inputs).
+    return tf.nest.map_structure(
+        lambda t: tf.TensorSpec(t.shape, t.dtype), _keras_internals.inputs_structure(model)
+    )
 
 
 def _trace(model) -> Tuple[Tuple[VariableWrite, ...], Dict[int, VariableTie], Tuple[str, ...]]:
@@ -593,21 +597,26 @@ def cross_example_reason(model: keras.Model, augmult: int = 1) -> Optional[str]:
 
 def _probe(model, views: int) -> Optional[str]:
     inputs = getattr(model, "inputs", None) or []
-    if len(inputs) != 1:
-        return "the cross-example check needs a model with exactly one input"
-    shape, dtype = tuple(inputs[0].shape[1:]), tf.as_dtype(inputs[0].dtype)
-    if None in shape or not dtype.is_floating:
-        return (
-            "the cross-example check needs a static, floating-point input shape "
-            f"(got {dtype.name} {shape})"
-        )
+    if not inputs:
+        return "the cross-example check needs a model with known inputs"
+    for tensor in inputs:
+        shape, dtype = tuple(tensor.shape[1:]), tf.as_dtype(tensor.dtype)
+        if None in shape or not dtype.is_floating:
+            return (
+                "the cross-example check needs static, floating-point input shapes "
+                f"(got {dtype.name} {shape} for input `{tensor.name}`)"
+            )
     rows = _PROBE_EXAMPLES * views
     rng = np.random.default_rng(0)
-    x = tf.constant(rng.normal(size=(rows,) + tuple(shape)), dtype)
+    structure = inputs[0] if len(inputs) == 1 else _keras_internals.inputs_structure(model)
+    x = tf.nest.map_structure(
+        lambda t: tf.constant(rng.normal(size=(rows,) + tuple(t.shape[1:])), t.dtype), structure
+    )
+    flat_x = tf.nest.flatten(x)
     examples = (0, _PROBE_EXAMPLES - 1)
     try:
         with tf.GradientTape(persistent=True) as tape:
-            tape.watch(x)
+            tape.watch(flat_x)
             outputs = tf.nest.flatten(model(x, training=True))
             for out in outputs:
                 if out.shape.rank == 0 or out.shape[0] != rows:
@@ -629,12 +638,14 @@ def _probe(model, views: int) -> Optional[str]:
                 for e in examples
             ]
         for example, target in zip(examples, targets):
-            grad = tape.gradient(target, x)
-            if grad is None:
-                continue
             own = slice(example * views, (example + 1) * views)
-            others = tf.concat([grad[: own.start], grad[own.stop :]], axis=0)
-            if bool(tf.reduce_any(others != 0)):
+            leaks = False
+            for grad in tape.gradient(target, flat_x):
+                if grad is None:
+                    continue
+                others = tf.concat([grad[: own.start], grad[own.stop :]], axis=0)
+                leaks = leaks or bool(tf.reduce_any(others != 0))
+            if leaks:
                 return (
                     "in a training-mode call, the outputs of one example depend on the "
                     "inputs of other examples (nonzero gradient across examples on a "

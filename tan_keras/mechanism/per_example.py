@@ -6,7 +6,7 @@ that average (= the average of the K view gradients) is what gets clipped.
 """
 
 import logging
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import keras
 import tensorflow as tf
@@ -61,21 +61,25 @@ def unreduced_loss_fn(loss) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     return resolved
 
 
-def as_views(x: tf.Tensor, augmult: int, model_input_rank: int) -> tf.Tensor:
+def as_views(x: Any, augmult: int, model_input_rank: Any) -> Any:
     """Returns training inputs as [batch, K, *input_shape].
 
     Args:
       x: Either [batch, *input_shape] (only when K = 1) or
-        [batch, K, *input_shape].
+        [batch, K, *input_shape]; or a list or dict of such tensors, one per
+        model input (each with its own views axis).
       augmult: K.
-      model_input_rank: Rank of the model's input including the batch axis.
+      model_input_rank: Rank of the model's input including the batch axis;
+        for structured `x`, the same structure of ranks (see `input_ranks`).
 
     Returns:
-      `x` with an explicit views axis of size K.
+      `x` with an explicit views axis of size K on every tensor.
 
     Raises:
-      ValueError: if the shape does not match K.
+      ValueError: if a shape does not match K.
     """
+    if tf.nest.is_nested(x):
+        return tf.nest.map_structure(lambda t, r: as_views(t, augmult, r), x, model_input_rank)
     rank = x.shape.rank
     if rank == model_input_rank + 1:
         views = x.shape[1]
@@ -99,6 +103,55 @@ def as_views(x: tf.Tensor, augmult: int, model_input_rank: int) -> tf.Tensor:
     )
 
 
+def input_ranks(inputs: Any, x: Any) -> Any:
+    """The model input rank of each tensor of `x`, in the structure of `x`.
+
+    Args:
+      inputs: The model's inputs as it was built with them (a tensor, list or
+        dict of symbolic tensors with `.shape` and `.name`).
+      x: A batch of training inputs: a tensor, or a list (in the order of the
+        model's inputs) or dict (keyed by input name) of tensors.
+
+    Returns:
+      An int, or the structure of `x` holding ints.
+
+    Raises:
+      ValueError: naming `x`, when its structure does not match the inputs.
+    """
+    flat_inputs = tf.nest.flatten(inputs)
+    if not tf.nest.is_nested(x):
+        if len(flat_inputs) != 1:
+            raise _invalid_inputs(flat_inputs, "a single tensor")
+        return len(flat_inputs[0].shape)
+    if isinstance(x, Mapping):
+        by_name = {}
+        if isinstance(inputs, Mapping):
+            by_name.update({str(k): t for k, t in inputs.items()})
+        for t in flat_inputs:
+            by_name.setdefault(t.name, t)
+        unknown = [k for k in x if k not in by_name]
+        if unknown or len(x) != len(flat_inputs):
+            raise _invalid_inputs(flat_inputs, f"a dict with keys {sorted(x)}")
+        return {k: len(by_name[k].shape) for k in x}
+    if len(x) != len(flat_inputs):
+        raise _invalid_inputs(flat_inputs, f"{len(x)} tensors")
+    return type(x)(len(t.shape) for t in flat_inputs)
+
+
+def _invalid_inputs(flat_inputs, received: str) -> ValueError:
+    names = [t.name for t in flat_inputs]
+    return ValueError(
+        f"Invalid value for `x`: expected {len(names)} input tensor(s) matching the "
+        f"model's inputs {names} (a list in that order, or a dict keyed by those names). "
+        f"Received: {received}"
+    )
+
+
+def first_leaf(structure: Any) -> tf.Tensor:
+    """The first tensor of a (possibly nested) structure: all share its rows."""
+    return tf.nest.flatten(structure)[0]
+
+
 def per_example_gradients(
     model: keras.Model,
     loss_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
@@ -112,8 +165,10 @@ def per_example_gradients(
     Args:
       model: The Keras model (called in training mode on K views at a time).
       loss_fn: Unreduced loss, `(y_true, y_pred) -> [K]`.
-      views: [batch, K, *input_shape] inputs.
-      y: [batch, ...] labels, one per example (shared by its views).
+      views: [batch, K, *input_shape] inputs (or a list or dict of them, one
+        per model input).
+      y: [batch, ...] labels, one per example (shared by its views); a list
+        of them for a model with several outputs.
       ghost_layers: Layers (from `ghost.select_layers`) whose kernels'
         per-example gradients are not formed: the vectorized pass only
         returns their inputs and pre-activation output gradients, as a
@@ -125,7 +180,8 @@ def per_example_gradients(
       (grads, losses, predictions): grads holds, per trainable variable, a
       [batch, *var_shape] tensor, or a `ghost.GhostGradient` for the kernel
       of a ghost layer; losses is [batch] view-averaged losses; predictions
-      is [batch, ...] model outputs averaged over the views.
+      is [batch, ...] model outputs averaged over the views (in the
+      structure of the model's outputs).
 
     Raises:
       ValueError: if a layer in `ghost_layers` has no ghost rule.
@@ -133,20 +189,23 @@ def per_example_gradients(
     unsupported = [layer.name for layer in ghost_layers if not ghost.has_rule(layer)]
     if unsupported:
         raise ValueError(
-            "Invalid value for `ghost_layers`: expected Dense or ungrouped channels-last "
-            "Conv2D layers with 'valid' or 'same' padding (see ghost.select_layers). "
+            "Invalid value for `ghost_layers`: expected Dense, Embedding or ungrouped "
+            "channels-last Conv2D layers with 'valid' or 'same' padding (see "
+            "ghost.select_layers). "
             f"Received: layers without a ghost rule {unsupported}"
         )
     variables = model.trainable_variables
-    ghost_by_kernel = {id(layer.kernel): layer for layer in ghost_layers}
+    ghost_by_kernel = {id(ghost.clipped_variable(layer)): layer for layer in ghost_layers}
     formed = [tf_variable(v) for v in variables if id(v) not in ghost_by_kernel]
     # Filled while tracing: which layer each tapped call belongs to.
     tapped_layers: List[keras.layers.Layer] = []
 
     def one_example(args):
         example_views, label = args[:2]
-        num_views = tf.shape(example_views)[0]
-        labels = tf.repeat(tf.expand_dims(label, 0), num_views, axis=0)
+        num_views = tf.shape(first_leaf(example_views))[0]
+        labels = tf.nest.map_structure(
+            lambda t: tf.repeat(tf.expand_dims(t, 0), num_views, axis=0), label
+        )
         taps: List[tapping.Tap] = []
         with tf.GradientTape() as tape, tapping.recording(ghost_layers, taps):
             pred = model(example_views, training=True)
@@ -160,7 +219,8 @@ def per_example_gradients(
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
         tapped = ([tap.inputs for tap in taps], grads[len(formed) :])
-        return grads[: len(formed)], tapped, loss, tf.reduce_mean(pred, axis=0)
+        mean_pred = tf.nest.map_structure(lambda p: tf.reduce_mean(p, axis=0), pred)
+        return grads[: len(formed)], tapped, loss, mean_pred
 
     # The weights travel only when given: an unused input still costs pfor.
     elems = (views, y) if example_weights is None else (views, y, example_weights)
@@ -170,7 +230,7 @@ def per_example_gradients(
     calls = {}
     for layer, a, g in zip(tapped_layers, tap_inputs, tap_grads):
         calls.setdefault(id(layer), []).append((a, g))
-    batch = tf.shape(y)[0]
+    batch = tf.shape(first_leaf(y))[0]
     grads, next_formed = [], iter(formed_grads)
     for variable in variables:
         layer = ghost_by_kernel.get(id(variable))

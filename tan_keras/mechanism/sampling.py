@@ -263,9 +263,19 @@ def check_sampling_tags(
         with tf.control_dependencies(
             [tf.debugging.Assert(matches, [message, tag[:1]], summarize=2)]
         ):
-            return tuple(tf.identity(t) for t in element)
+            return tf.nest.map_structure(tf.identity, element)
 
     return dataset.map(check)
+
+
+def _rows(argument: str, structure) -> int:
+    """The number of rows shared by every array of `structure`."""
+    counts = {len(array) for array in tf.nest.flatten(structure)}
+    if len(counts) != 1:
+        raise _validate.invalid(
+            argument, "arrays with the same number of rows (one per example)", sorted(counts)
+        )
+    return counts.pop()
 
 
 def make_poisson_dataset(
@@ -281,14 +291,17 @@ def make_poisson_dataset(
     """The training input of `DPKerasModel.fit` for an in-memory dataset.
 
     Args:
-      features: [N, *input_shape] array of the N distinct training examples.
-      labels: [N, ...] array of labels.
+      features: [N, *input_shape] array of the N distinct training examples,
+        or a list or dict of such arrays (one per model input).
+      labels: [N, ...] array of labels, or a list or dict of them (one per
+        model output).
       sampler: A `PoissonSampler` with `dataset_size == N`.
       steps: Logical steps per iteration (per Keras epoch); None for endless.
       augmult: K views per example; K > 1 yields `[P, K, *input_shape]`.
       augmenter: Optional `images -> images` random augmentation (one view per
-        call), e.g. from `tan_keras.make_augmenter`. Without it the K
-        views are identical copies.
+        call), e.g. from `tan_keras.make_augmenter`; for structured features
+        it receives and returns the whole structure. Without it the K views
+        are identical copies.
       num_shards: Number of input pipelines (hosts) sharing each global
         micro-batch; each keeps P / num_shards rows. All shards must use
         samplers with the same key (see `PoissonSampler.secret_key`).
@@ -312,15 +325,17 @@ def make_poisson_dataset(
             num_shards,
         )
     rows = sampler.physical_batch_size // num_shards
-    if len(features) != sampler.dataset_size or len(labels) != sampler.dataset_size:
+    feature_rows = _rows("features", features)
+    label_rows = _rows("labels", labels)
+    if feature_rows != sampler.dataset_size or label_rows != sampler.dataset_size:
         raise _validate.invalid(
             "dataset_size",
-            f"the number of training examples ({len(features)} features, {len(labels)} labels)",
+            f"the number of training examples ({feature_rows} features, {label_rows} labels)",
             sampler.dataset_size,
             "N must count the distinct training examples, before any repeat or augmentation",
         )
-    features = tf.convert_to_tensor(features)
-    labels = tf.convert_to_tensor(labels)
+    features = tf.nest.map_structure(tf.convert_to_tensor, features)
+    labels = tf.nest.map_structure(tf.convert_to_tensor, labels)
 
     def gather(indices, mask, step_end, seed=None):
         # Every shard draws the same global micro-batch and keeps its rows, so
@@ -328,12 +343,13 @@ def make_poisson_dataset(
         begin = shard_index * rows
         indices, mask = indices[begin : begin + rows], mask[begin : begin + rows]
         step_end = step_end[begin : begin + rows]
-        x = tf.gather(features, indices)
+        x = tf.nest.map_structure(lambda t: tf.gather(t, indices), features)
         if augmenter is not None:
             # Each shard's rows get their own draws.
             seed = tf.random.experimental.stateless_fold_in(seed, shard_index)
         x = views.sampled_views(x, augmult, augmenter, seed=seed)
-        return x, tf.gather(labels, indices), mask, step_end, sampling_tag(sampler, rows)
+        y = tf.nest.map_structure(lambda t: tf.gather(t, indices), labels)
+        return x, y, mask, step_end, sampling_tag(sampler, rows)
 
     dataset = sampler.micro_batches(steps, with_seeds=augmenter is not None)
     dataset = dataset.map(gather).prefetch(2)
@@ -396,7 +412,9 @@ def poisson_dataset_fn(
 
         def split(*batch):
             return tf.data.Dataset.from_tensor_slices(
-                tuple(tf.reshape(t, [local, rows // local, *t.shape[1:]]) for t in batch)
+                tf.nest.map_structure(
+                    lambda t: tf.reshape(t, [local, rows // local, *t.shape[1:]]), batch
+                )
             )
 
         return dataset.flat_map(split)

@@ -3,7 +3,9 @@
 Per-example weight gradients of Dense and Conv2D layers can be formed from
 the layer's input `a` and the gradient `g` of the loss with respect to its
 pre-activation output `z` (layerwise.py materializes them, ghost.py only takes
-their norms). A tape gives `g` when `z` is a tensor computed under it, so
+their norms); an Embedding's from its token ids `a` and the gradient `g` with
+respect to the rows it looked up (it has no activation: `z` is its output).
+A tape gives `g` when `z` is a tensor computed under it, so
 while a `recording` is active each chosen layer's `call` also appends
 `Tap(layer, a, z)` to a list, and applies its activation to `z` outside the
 layer so that `z` itself is the pre-activation tensor.
@@ -35,7 +37,8 @@ def recording(layers: Iterable[keras.layers.Layer], taps: List[Tap]):
     """While active, every call of one of `layers` appends a `Tap` to `taps`.
 
     Args:
-      layers: Layers whose `call` takes one input tensor (Dense, Conv2D, ...).
+      layers: Layers whose `call` takes one input tensor (Dense, Conv2D,
+        Embedding, ...).
       taps: The list to append to, in call order.
 
     Yields:

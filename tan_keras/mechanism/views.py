@@ -37,16 +37,20 @@ def make_views(
       ValueError: if `augmult` is not a positive integer.
     """
     augmult = _validate.positive_int("augmult", augmult)
-    images = tf.convert_to_tensor(images)
+    images = tf.nest.map_structure(tf.convert_to_tensor, images)
     # One augmenter call on [batch * K] images: each copy gets its own draw.
-    repeated = tf.repeat(images, augmult, axis=0)
+    repeated = tf.nest.map_structure(lambda t: tf.repeat(t, augmult, axis=0), images)
     if seed is not None and _takes_seed(augmenter):
         views = augmenter(repeated, seed=seed)
     else:
         views = augmenter(repeated)
-    out_shape = tf.concat([[-1, augmult], tf.shape(views)[1:]], axis=0)
-    views = tf.reshape(views, out_shape)
-    return tf.ensure_shape(views, [images.shape[0], augmult, *views.shape[-3:]])
+    batch = tf.nest.flatten(images)[0].shape[0]
+
+    def grouped(t):
+        out_shape = tf.concat([[-1, augmult], tf.shape(t)[1:]], axis=0)
+        return tf.ensure_shape(tf.reshape(t, out_shape), [batch, augmult, *t.shape[1:]])
+
+    return tf.nest.map_structure(grouped, views)
 
 
 def _takes_seed(augmenter) -> bool:
@@ -77,5 +81,7 @@ def sampled_views(
     if augmenter is not None:
         return make_views(images, augmult, augmenter, seed=seed)
     if augmult > 1:
-        return tf.repeat(tf.expand_dims(images, 1), augmult, axis=1)
+        return tf.nest.map_structure(
+            lambda t: tf.repeat(tf.expand_dims(t, 1), augmult, axis=1), images
+        )
     return images

@@ -66,7 +66,12 @@ def test_optimizer_clipping_is_refused_with_several_replicas(replicas):
     # Keras clips each replica's partial (noisy) gradient before the
     # all-reduce: with R > 1 that is not post-processing of the noisy sum.
     # On one replica the optimizer sees the whole noisy gradient: accepted.
-    assert _run(replicas)["optimizer_clipping_refused"] == (replicas > 1)
+    result = _run(replicas)
+    assert result["optimizer_clipping_refused"] == (replicas > 1)
+    # Set after compile, the option is caught by fit before any step.
+    assert result["late_clipnorm_refused"] == (replicas > 1)
+    if replicas > 1:
+        assert result["late_clipnorm_untouched"]
 
 
 @pytest.mark.parametrize("replicas", [1, 2, 4])
@@ -127,3 +132,11 @@ def test_invalid_labels_and_model_checks_hold_under_the_strategy(replicas):
     assert result["invalid_labels_counted"] == 2
     assert result["state_write_refused"]
     assert not result["tied_kernel_ghosted"]
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_several_inputs_and_outputs_train_alike_on_any_number_of_replicas(replicas):
+    single, many = _run(1), _run(replicas)
+    assert single["structured_steps"] == many["structured_steps"] >= 1
+    for a, b in zip(single["structured_weights"], many["structured_weights"]):
+        np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-5)

@@ -493,3 +493,259 @@ def test_special_examples_keep_their_meaning():
     assert 1 <= norms[4] / (2 * 8 * 1e30) <= 1 + 1e-4  # rows sum to 2 x ones: norm 2 * 8 * 1e30
     assert gh.rescaled_norms().numpy()[4] == norms[4]
     assert np.isinf(gh.squared_norms().numpy()[4])  # so clipping.py takes the rescaled path
+
+
+# --- Embedding: each example's table rows, summed by token ---
+
+
+def _text_model(head="average", vocab=50, dim=8, ids=(6,), dtype="int32", mask_zero=False):
+    """Embedding -> pooling (or Flatten) -> Dense, on `ids`-shaped token ids."""
+    keras.utils.set_random_seed(7)
+    inp = keras.Input(ids, dtype=dtype)
+    h = layers.Embedding(vocab, dim, mask_zero=mask_zero, name="embedding")(inp)
+    h = layers.GlobalAveragePooling1D()(h) if head == "average" else layers.Flatten()(h)
+    return keras.Model(inp, layers.Dense(3)(h))
+
+
+def _token_batch(model, batch, views, seed, tokens=4):
+    """[batch, K, *ids] ids from `tokens` tokens only: every example repeats some.
+
+    Id 0 (padding with mask_zero) is among them, but every example has others.
+    """
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, tokens, (batch, views) + tuple(model.inputs[0].shape[1:]))
+    ids.reshape(batch, -1)[:, 0] = 1 + np.arange(batch) % (tokens - 1)
+    x = tf.constant(ids.astype(model.inputs[0].dtype))
+    return x, tf.constant(rng.integers(0, 3, batch).astype(np.int32))
+
+
+def _repeats(x):
+    """Whether every example repeats an id (over its views' positions)."""
+    rows = np.reshape(np.asarray(x), (len(x), -1))
+    return all(len(set(row)) < len(row) for row in rows)
+
+
+TEXT_CASES = [
+    # (head, views, ids shape, id dtype, mask_zero)
+    ("average", 1, (6,), "int32", False),
+    ("average", 3, (6,), "int64", True),
+    ("flatten", 1, (5,), "float32", False),
+    ("flatten", 3, (2, 3), "int32", False),
+]
+
+
+@pytest.mark.parametrize("head,views,ids,dtype,mask_zero", TEXT_CASES)
+def test_embedding_ghost_norms_and_clipped_sum_equal_the_formed_ones(
+    head, views, ids, dtype, mask_zero
+):
+    model = _text_model(head, ids=ids, dtype=dtype, mask_zero=mask_zero)
+    x, y = _token_batch(model, 5, views, seed=views)
+    assert _repeats(x)
+    mask = tf.constant([1, 1, 1, 0, 1], tf.float32)
+    formed = per_example.per_example_gradients(model, LOSS_FN, x, y)[0]
+    norms = np.sort(clip_and_sum(formed, 1.0, tf.ones([5])).norms.numpy())
+    clip = float(norms[1:3].mean())  # some examples clipped, some not
+    embedding = model.get_layer("embedding")
+    grads = per_example.per_example_gradients(model, LOSS_FN, x, y, ghost_layers=[embedding])[0]
+    kinds = [isinstance(g, ghost.GhostGradient) for g in grads]
+    assert kinds == [v is embedding.embeddings for v in model.trainable_variables]
+    got, want = clip_and_sum(grads, clip, mask), clip_and_sum(formed, clip, mask)
+    _assert_same(got, want, clip)
+    assert 0 < float(want.num_clipped) < 4
+    # Tighter than SLACK: the same rows, summed alike, plus a bound of their
+    # rounding; so each example's factor min(1, C / norm), and its share of
+    # the sum (at most C), moves by 1e-5 of itself at most.
+    np.testing.assert_allclose(got.norms.numpy(), want.norms.numpy(), rtol=1e-5)
+    for a, b in zip(got.grad_sum, want.grad_sum):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5 * clip * 5 + 1e-7)
+
+
+def test_an_embedding_called_twice_clips_the_sum_of_both_calls():
+    # A shared table (two calls, here overlapping ids): each example's rows
+    # of a token add up across the calls before the norm, as in the formed gradient.
+    keras.utils.set_random_seed(11)
+    inp = keras.Input((6,), dtype="int32")
+    embedding = layers.Embedding(50, 8, name="embedding")
+    h = layers.Concatenate(axis=1)([embedding(inp), embedding(inp[:, :3])])
+    model = keras.Model(inp, layers.Dense(3)(layers.GlobalAveragePooling1D()(h)))
+    x, y = _token_batch(model, 4, 2, seed=6)
+    got, want = _both(model, x, y, tf.ones([4]), 0.01, layers=[embedding])
+    _assert_same(got, want, 0.01)
+    np.testing.assert_allclose(got.norms.numpy(), want.norms.numpy(), rtol=1e-5)
+
+
+def test_embedding_under_xla_and_in_chunks():
+    from tan_keras.mechanism import chunking
+
+    model = _text_model(ids=(6,))
+    x, y = _token_batch(model, 5, 2, seed=4)
+    mask = tf.constant([1, 1, 1, 0, 1], tf.float32)
+    layers_ = _ghostable(model)
+    assert model.get_layer("embedding") in layers_
+
+    def run(size):
+        return chunking.clip_in_chunks(
+            lambda v, t: per_example.per_example_gradients(model, LOSS_FN, v, t, layers_),
+            model.trainable_variables,
+            x,
+            y,
+            mask,
+            0.01,
+            size,
+        )[0]
+
+    want = clip_and_sum(per_example.per_example_gradients(model, LOSS_FN, x, y)[0], 0.01, mask)
+    _assert_same(run(2), want, 0.01)
+    _assert_same(tf.function(lambda: run(2), jit_compile=True)(), want, 0.01)
+
+
+def _norms_without_repeats(layer, ids, grads):
+    """The classic slip: sum_j ||g_j||^2, as if an example's ids were all distinct."""
+    g = [tf.reshape(tf.cast(t, tf.float32), [tf.shape(t)[0], -1]) for t in grads]
+    return tf.norm(tf.concat(g, 1), axis=1)
+
+
+def test_the_comparison_catches_an_embedding_norm_that_ignores_repeated_ids(monkeypatch):
+    # Power check: dropping the [t_j == t_k] cross terms must fail the test above.
+    model = _text_model(ids=(6,))
+    x, y = _token_batch(model, 4, 1, seed=5)
+    assert _repeats(x)
+    clip = 1e-3  # every example clipped: the norms scale the sum
+    embedding = model.get_layer("embedding")
+    grads = per_example.per_example_gradients(model, LOSS_FN, x, y, ghost_layers=[embedding])[0]
+    (gh,) = [g for g in grads if isinstance(g, ghost.GhostGradient)]
+    formed = per_example.per_example_gradients(model, LOSS_FN, x, y)[0]
+    index = [v is embedding.embeddings for v in model.trainable_variables].index(True)
+    table_norms = np.linalg.norm(np.reshape(formed[index].numpy(), (4, -1)), axis=1)
+    np.testing.assert_allclose(gh.norms().numpy(), table_norms, rtol=1e-5)
+    # After average pooling all positions share g, so an id seen n times has
+    # a row of norm n ||g||, which the slip counts as sqrt(n) ||g||: with one
+    # pair among 6 ids, sqrt(6 / 8) of the norm.
+    slip = _norms_without_repeats(embedding, gh.inputs, gh.output_grads).numpy()
+    assert np.all(slip < table_norms * 0.9), (slip, table_norms)
+    monkeypatch.setattr(ghost, "_embedding_norms", _norms_without_repeats)
+    got, want = _both(model, x, y, tf.ones([4]), clip)
+    with pytest.raises(AssertionError):
+        _assert_same(got, want, clip)
+    # With distinct ids the slip is right, and passes: the repeats are what is tested.
+    distinct = tf.constant(np.arange(24).reshape(4, 1, 6).astype(np.int32))
+    _assert_same(*_both(model, distinct, y, tf.ones([4]), clip), clip)
+
+
+class _TiedProjection(layers.Layer):
+    """Scores a pooled vector against every row of an Embedding's table (tied weights)."""
+
+    def __init__(self, embedding, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding = embedding
+
+    def call(self, h):
+        return tf.matmul(h, self.embedding.embeddings, transpose_b=True)
+
+
+def test_embedding_selection_follows_its_cost_rule(monkeypatch):
+    assert ghost.embedding_is_cheaper(rows=32, vocab=20000, dim=64)
+    assert not ghost.embedding_is_cheaper(rows=64, vocab=48, dim=16)  # more ids than tokens
+    large = _text_model(vocab=1000, ids=(4,))
+    embedding = large.get_layer("embedding")
+    assert embedding in ghost.select_layers(large, augmult=1)
+    # 6 ids (3 sort steps) x (8 + 3) = 66 against 8 x 8 = 64: forming is cheaper.
+    small = _text_model(vocab=8, ids=(6,))
+    assert small.get_layer("embedding") not in ghost.select_layers(small, augmult=1)
+    # K views multiply the rows: 60 x (8 + 6) = 840 > 50 x 8.
+    medium = _text_model(vocab=50, ids=(6,))
+    assert medium.get_layer("embedding") in ghost.select_layers(medium, augmult=1)
+    assert medium.get_layer("embedding") not in ghost.select_layers(medium, augmult=10)
+    # LoRA and quantized tables keep formed gradients.
+    lora = layers.Embedding(1000, 8, lora_rank=2)
+    lora.build()
+    quantized = layers.Embedding(1000, 8)
+    quantized.build()
+    quantized.quantize("int8")
+    assert not ghost.has_rule(lora) and not ghost.has_rule(quantized)
+    # A table also read by an output projection is tied: never ghosted.
+    keras.utils.set_random_seed(8)
+    inp = keras.Input((4,), dtype="int32")
+    tied = layers.Embedding(1000, 8, name="embedding")
+    scores = _TiedProjection(tied)(layers.GlobalAveragePooling1D()(tied(inp)))
+    model = keras.Model(inp, layers.Dense(3)(scores))
+    assert tied not in ghost.select_layers(model, 1)
+    # Power check: without the exclusion, it would be (it pays).
+    monkeypatch.setattr(ghost.model_analysis, "tied_variables", lambda _: {})
+    assert tied in ghost.select_layers(model, 1)
+
+
+def test_embedding_special_examples_keep_their_meaning():
+    layer = _text_model().get_layer("embedding")
+    ids = np.array([[[1, 2, 1, 3]]] * 5)
+    g = np.ones((5, 1, 4, 8), np.float32)
+    g[0] = 0  # zero output gradient: norm 0
+    g[1, 0, 2, 3] = np.nan  # dropped by clipping.py
+    g[2, 0, 0, 1] = -np.inf
+    g[3] *= 1e30  # finite, norm 1e30 sqrt(8 (4 + 1 + 1)): the rescaled path
+    g[4] = 1e-41  # subnormal (flushed on CPU): a tiny norm, never 0 for nonzero g
+    gh = ghost.GhostGradient(layer, (tf.constant(ids),), (tf.constant(g),))
+    norms = gh.norms().numpy()
+    assert norms[0] == 0
+    assert np.isnan(norms[1]) and np.isnan(norms[2])
+    assert 1 <= norms[3] / (1e30 * math.sqrt(48)) <= 1 + 1e-5
+    assert 0 < norms[4] < 1e-30
+    assert np.isinf(gh.squared_norms().numpy()[3])  # so clipping.py takes the rescaled path
+
+
+def _exact_embedding_norms(ids, g):
+    """||R_i||_F in float64: rows summed exactly (fsum) by token."""
+    norms = []
+    for row_ids, rows in zip(ids.reshape(len(ids), -1), g.reshape(len(g), -1, g.shape[-1])):
+        table = {}
+        for token, row in zip(row_ids, rows.astype(np.float64)):
+            table.setdefault(int(token), []).append(row)
+        sums = np.array([[math.fsum(col) for col in zip(*rows_)] for rows_ in table.values()])
+        top = np.abs(sums).max()
+        norms.append(top * math.sqrt(math.fsum(((sums / top) ** 2).ravel())) if top else 0.0)
+    return np.array(norms)
+
+
+def test_the_embedding_bound_holds_on_cancelling_ill_conditioned_rows():
+    layer = _text_model().get_layer("embedding")
+    rng = np.random.default_rng(9)
+    escapes = 0
+    for _ in range(10):
+        ids = rng.integers(0, 3, (4, 2, 5))
+        g = rng.normal(size=(4, 2, 5, 8)) * 10.0 ** rng.uniform(-6, 6, (4, 2, 5, 1))
+        g = (g * 10.0 ** rng.uniform(-20, 20, (4, 1, 1, 1))).astype(np.float32)
+        # Example 0: rows a, b, -fl(a + b) of one token, the rest 0: the exact
+        # sum is the rounding error of a + b, which float32 sums return as 0.
+        ids[0], g[0] = 1, 0
+        g[0, 0, 0], g[0, 0, 1] = g[1, 0, 0], 3 * g[2, 0, 0]
+        g[0, 0, 2] = -(g[0, 0, 0] + g[0, 0, 1])
+        gh = ghost.GhostGradient(layer, (tf.constant(ids),), (tf.constant(g),))
+        bound, exact = gh.norms().numpy().astype(np.float64), _exact_embedding_norms(ids, g)
+        assert np.all(bound >= exact), (bound, exact)
+        # Close on the others (no cancellation): the slack is rounding-sized.
+        np.testing.assert_allclose(bound[1:], exact[1:], rtol=1e-5)
+        # Power check: the norm of the rows as summed, without the rounding
+        # allowance, falls below the exact one.
+        rows = ghost._embedding_rows(layer, gh.inputs, gh.output_grads)
+        sums = ghost._sum_by_token(*rows).sums.numpy().astype(np.float64)
+        escapes += np.sum(np.linalg.norm(sums.reshape(4, -1), axis=1) < exact * (1 - 1e-6))
+    assert escapes >= 5
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_dp_model_with_a_ghost_embedding_trains_like_vectorized(views, monkeypatch):
+    base = _text_model(vocab=200, ids=(6,))
+    x, y = _token_batch(base, 6, views, seed=10)
+    x = x.numpy()[:, 0] if views == 1 else x.numpy()
+    selected = []
+    original = ghost.select_layers
+    monkeypatch.setattr(
+        ghost, "select_layers", lambda *args: selected.extend(original(*args)) or selected
+    )
+    dp = dict(l2_norm_clip=0.01, noise_multiplier=0.0, expected_batch_size=6, dataset_size=60)
+    results = updates_by_clipping_mode(
+        base, x, y.numpy(), ("ghost", "vectorized"), augmult=views, **dp
+    )
+    assert base.get_layer("embedding").name in [layer.name for layer in selected]
+    np.testing.assert_allclose(results["ghost"], results["vectorized"], atol=1e-6)
+    assert not np.allclose(results["ghost"], flat(base.get_weights()))
