@@ -138,6 +138,45 @@ def graph_operations(model: keras.layers.Layer) -> List[Any]:
     return []
 
 
+def submodel(model: keras.Model, inputs: Any, outputs: Any) -> keras.Model:
+    """A functional model between two sets of tensors of `model`'s graph.
+
+    Keras builds it by cloning the graph's nodes between intermediate tensors
+    and appends the clones to the shared layers' node lists (and re-labels
+    `model`'s Input tensors), after which `model.get_config()` (and so
+    `model.save`) fails ("could not find node key"). Both are put back: the
+    submodel keeps its own nodes.
+
+    Args:
+      model: A functional model.
+      inputs: Tensors of its graph (or its inputs), a list.
+      outputs: Tensors of its graph computed from `inputs`.
+
+    Returns:
+      The submodel, sharing `model`'s layers.
+    """
+    saved = [
+        (operation, list(operation._inbound_nodes), list(operation._outbound_nodes))
+        for operation in model.operations
+    ]
+    # Cloning also re-labels the model's own Input tensors with the clones'
+    # node index: put their history back too.
+    histories = [
+        (tensor, tensor._keras_history)
+        for _, inbound, _ in saved
+        for node in inbound
+        for tensor in node.output_tensors
+    ]
+    try:
+        return keras.Model(inputs, outputs)
+    finally:
+        for operation, inbound, outbound in saved:
+            operation._inbound_nodes[:] = inbound
+            operation._outbound_nodes[:] = outbound
+        for tensor, history in histories:
+            tensor._keras_history = history
+
+
 def optimizer_built_for(optimizer: Any) -> Optional[List[Any]]:
     """The variables a built Keras 3 optimizer updates (None: not built yet).
 

@@ -106,6 +106,7 @@ def test_embedding_ghost_benchmark_prints_ratios_against_the_vectorized_step():
             "--steps=1",
             "--warmup=1",
             "--repeats=1",
+            "--methods=dp_vmap,dp_ghost",
         ],
         capture_output=True,
         text=True,

@@ -37,6 +37,7 @@ from tan_keras.keras_dp import (
     model_checks,
     output_losses,
     precision,
+    string_inputs,
 )
 from tan_keras.keras_dp.dp_config import DPConfig
 from tan_keras.mechanism import chunking, ghost, layerwise, noise, per_example
@@ -194,7 +195,9 @@ class DPKerasModel(keras.Model):
             )
         model_checks.check_no_custom_training_step(self, DPKerasModel)
         super().__init__(*args, **kwargs)
-        model_checks.check_model_structure(self)
+        # Set around Keras's attribute tracking: the two cut models share the
+        # layers of this one and must not be tracked (or saved) as its own.
+        object.__setattr__(self, "_string_split", string_inputs.split(self))
         precision.check_precision(self)
         model_checks.check_model_is_dp_compatible(self)
         self._dp_config = config
@@ -657,15 +660,21 @@ class DPKerasModel(keras.Model):
         """Per-example gradients of the micro-batch (losses weighted), clipped to C, summed."""
         ranks = per_example.input_ranks(_keras_internals.inputs_structure(self), x)
         x = per_example.as_views(x, self._dp_config.augmult, ranks)
+        model = self
+        if self._string_split is not None:
+            # Strings become numbers once for the micro-batch (string_inputs.py);
+            # the per-example routes run the numeric rest of the model.
+            x = self._string_split.numeric_views(self, x)
+            model = self._string_split.suffix
         ghost_layers = self._ghost_layers
 
         def compute(views, labels, loss_weights=None):
             if self._clipping == "layerwise":
                 return layerwise.per_example_gradients(
-                    self, self._per_example_loss, views, labels, example_weights=loss_weights
+                    model, self._per_example_loss, views, labels, example_weights=loss_weights
                 )
             return per_example.per_example_gradients(
-                self,
+                model,
                 self._per_example_loss,
                 views,
                 labels,
@@ -673,13 +682,13 @@ class DPKerasModel(keras.Model):
                 example_weights=loss_weights,
             )
 
-        variables = self.trainable_variables
+        variables = model.trainable_variables
         # "auto" sizes chunks by all the variables, ghost kernels included,
         # although those form no per-example gradients: the chunk also bounds
         # the vectorized pass's activations, and budgeting only the formed
         # gradients let WRN-16-4 run unchunked at 1.49x the plain step's
         # peak memory, against 1.03x in chunks of 16, at the same speed.
-        return chunking.clip_in_chunks(
+        clipped, losses, predictions = chunking.clip_in_chunks(
             compute,
             variables,
             x,
@@ -692,6 +701,11 @@ class DPKerasModel(keras.Model):
             example_weights=weights,
             num_outputs=len(self.outputs),
         )
+        if model is not self:
+            # The cut model lists the same variables, maybe in another order.
+            summed = {id(v): g for v, g in zip(variables, clipped.grad_sum)}
+            clipped = clipped._replace(grad_sum=[summed[id(v)] for v in self.trainable_variables])
+        return clipped, losses, predictions
 
     def _accumulate(self, grad_sum):
         for acc, g in zip(self._secret.accumulators, grad_sum):

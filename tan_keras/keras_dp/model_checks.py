@@ -93,32 +93,6 @@ def check_model_is_dp_compatible(model: keras.Model) -> None:
         )
 
 
-def check_model_structure(model: keras.Model) -> None:
-    """Refuses the input structures the DP step does not handle.
-
-    Inputs may be one tensor, a list or a dict of numeric tensors (each
-    example's K views are stacked on every one of them); outputs may be one
-    tensor or several, each with its own loss (`output_losses.py`). String
-    inputs cannot run per example under `tf.vectorized_map`.
-
-    Args:
-      model: The functional or Sequential model wrapped by DPKerasModel.
-
-    Raises:
-      ValueError: for a string input, saying what to use instead.
-    """
-    for tensor in list(model.inputs or []):
-        if tensor.dtype == "string":
-            raise ValueError(
-                f"Invalid value for `inputs`: expected numeric inputs. Received: input "
-                f"`{tensor.name}` of dtype string. Per-example gradients vectorize the "
-                "model over examples, which string operations do not support. Turn "
-                "text into token ids before the model, e.g. "
-                "keras.layers.TextVectorization adapted on public data and applied in "
-                "the tf.data pipeline, and start the model at the ids."
-            )
-
-
 def _onednn_on_cpu() -> bool:
     # oneDNN's state is fixed when TensorFlow loads (TF_ENABLE_ONEDNN_OPTS is
     # read then): ask TensorFlow rather than the environment as it is now.

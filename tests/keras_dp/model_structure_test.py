@@ -1,8 +1,9 @@
 """Model structures and loss terms the DP step cannot honour are refused clearly.
 
 Each used to crash deep inside TensorFlow or, worse, train something else
-than asked (a loss term dropped). Several inputs and outputs are supported:
-tests/keras_dp/structured_io_test.py.
+than asked (a loss term dropped). Several inputs and outputs are supported
+(tests/keras_dp/structured_io_test.py), and so are string inputs mapped to
+numbers by Keras preprocessing layers (string_inputs_test.py).
 """
 
 import os
@@ -20,19 +21,6 @@ DP = dict(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=8, dataset
 
 def _wrap(inputs, outputs):
     return DPKerasModel(inputs=inputs, outputs=outputs, **DP)
-
-
-def test_numeric_inputs_are_accepted():  # power check for the string refusal
-    inp = keras.Input((4,))
-    _wrap(inp, keras.layers.Dense(3)(inp))
-
-
-def test_string_input_is_refused():
-    inp = keras.Input((1,), dtype="string")
-    ids = keras.layers.StringLookup(vocabulary=["a", "b"], output_mode="one_hot")(inp)
-    out = keras.layers.Dense(3)(ids)
-    with pytest.raises(ValueError, match="expected numeric inputs.*TextVectorization"):
-        _wrap(inp, out)
 
 
 class _DataLoss(keras.layers.Layer):
