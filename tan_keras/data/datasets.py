@@ -24,6 +24,49 @@ _IN_MEMORY_TFDS = ("cifar10", "cifar100")
 _READ_CHUNK = 10_000
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetFacts:
+    """What is known of a dataset without reading it (for a dry run's plan).
+
+    Attributes:
+      name: Dataset name.
+      size: N, the number of training examples the loader yields.
+      input_shape: Shape of one model input, (H, W, C).
+      num_classes: Number of classes.
+    """
+
+    name: str
+    size: int
+    input_shape: Tuple[int, ...]
+    num_classes: int
+
+
+# The train split each loader yields: digits' stratified 80% of scikit-learn's
+# 1797 images; the TFDS train splits (ImageNet: ILSVRC2012's 1,281,167
+# training images, cropped to 224 by `augment.imagenet_preprocess`).
+_FACTS = {
+    "digits": DatasetFacts("digits", 1437, (8, 8, 1), 10),
+    "cifar10": DatasetFacts("cifar10", 50_000, (32, 32, 3), 10),
+    "cifar100": DatasetFacts("cifar100", 50_000, (32, 32, 3), 100),
+    "imagenet2012": DatasetFacts("imagenet2012", 1_281_167, (224, 224, 3), 1000),
+}
+
+
+def known_facts(name: str) -> DatasetFacts:
+    """N, the input shape and the classes of a dataset, without its data.
+
+    Args:
+      name: One of `DATASET_NAMES`.
+
+    Returns:
+      Its `DatasetFacts` (what its loader yields when the data is there).
+
+    Raises:
+      ValueError: if `name` is unknown.
+    """
+    return _FACTS[_validate.one_of("dataset", name, DATASET_NAMES)]
+
+
 class DatasetUnavailableError(ValueError):
     """The dataset is not prepared locally; the message says how to get it."""
 

@@ -8,7 +8,9 @@ the dataset (delta, augmentation policy). Checks that need the dataset size N
 (B <= N, calibration) live in `train_plan`.
 
 The defaults are the CPU recipe: small_cnn on scikit-learn's digits
-(N = 1437) at epsilon 8, a few minutes on 2 CPU cores.
+(N = 1437) at epsilon 8, a few minutes on 2 CPU cores. Another dataset takes
+its own recipe (`RECIPES`: the TAN paper's for CIFAR and ImageNet) for every
+setting the run does not give.
 """
 
 import dataclasses
@@ -35,6 +37,58 @@ CONFIG_FILE = "train_config.json"
 CHECKPOINT_SUBDIR = "checkpoints"
 TENSORBOARD_SUBDIR = "tensorboard"
 METRICS_FILE = "metrics.json"
+
+
+class _FromRecipe:
+    """The default of a setting taken from its dataset's recipe (`RECIPES`)."""
+
+    def __repr__(self) -> str:
+        return "by dataset"
+
+
+FROM_RECIPE = _FromRecipe()
+
+# Each dataset's recipe: what a run takes for every one of these settings it
+# does not set. CIFAR-10 and ImageNet: the TAN paper's private runs
+# (docs/tan-method.md section 5; flags/ holds them as flagfiles); CIFAR-100
+# takes CIFAR-10's (the paper has no CIFAR-100 run); digits: the CPU recipe.
+# physical_batch_size sets memory only (None: B + 4 std of the batch size).
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "digits": dict(
+        model="small_cnn",
+        batch_size=512,
+        physical_batch_size=None,
+        steps=200,
+        augmult=4,
+        lr=4.0,
+        momentum=0.0,
+        ema_decay=0.99,
+        l2_norm_clip=1.0,
+    ),
+    "cifar10": dict(
+        model="wrn16_4",
+        batch_size=4096,
+        physical_batch_size=256,
+        steps=2500,
+        augmult=16,
+        lr=4.0,
+        momentum=0.0,
+        ema_decay=0.9999,
+        l2_norm_clip=1.0,
+    ),
+    "imagenet2012": dict(
+        model="nf_resnet50",
+        batch_size=32768,
+        physical_batch_size=32,
+        steps=18000,
+        augmult=8,
+        lr=32.0,
+        momentum=0.0,
+        ema_decay=0.999,
+        l2_norm_clip=1.0,
+    ),
+}
+RECIPES["cifar100"] = dict(RECIPES["cifar10"])
 
 # Epsilon targeted when none of --target_eps, --noise_multiplier or the
 # simulation flags is given.
@@ -128,7 +182,9 @@ class TrainConfig:
     flags; a value of the wrong type or out of range raises the package's
     standard `ValueError` naming the flag. `None` means "not given": the
     dataset-dependent defaults (delta, augment) and the default privacy target
-    (epsilon 8 when no noise flag is given) are filled in on construction.
+    (epsilon 8 when no noise flag is given) are filled in on construction, and
+    so are the settings left at `FROM_RECIPE` (model, batch size, steps,
+    views, optimizer, EMA, clip norm) from the dataset's `RECIPES` entry.
 
     Raises:
       ValueError: on an invalid value or a nonsensical combination.
@@ -136,16 +192,16 @@ class TrainConfig:
 
     dataset: str = "digits"
     data_dir: Optional[str] = None
-    model: str = "small_cnn"
-    batch_size: Any = 512
-    physical_batch_size: Any = None
-    steps: Any = 200
-    augmult: Any = 4
+    model: Any = FROM_RECIPE
+    batch_size: Any = FROM_RECIPE
+    physical_batch_size: Any = FROM_RECIPE
+    steps: Any = FROM_RECIPE
+    augmult: Any = FROM_RECIPE
     augment: Optional[str] = None
-    lr: Any = 4.0
-    momentum: Any = 0.0
-    ema_decay: Any = 0.99
-    l2_norm_clip: Any = 1.0
+    lr: Any = FROM_RECIPE
+    momentum: Any = FROM_RECIPE
+    ema_decay: Any = FROM_RECIPE
+    l2_norm_clip: Any = FROM_RECIPE
     delta: Any = None
     target_eps: Any = None
     noise_multiplier: Any = None
@@ -169,6 +225,10 @@ class TrainConfig:
 
     def __post_init__(self):
         set_ = object.__setattr__
+        set_(self, "dataset", FIELD_CHECKS["dataset"](self.dataset))
+        for name, value in RECIPES[self.dataset].items():
+            if getattr(self, name) is FROM_RECIPE:
+                set_(self, name, value)
         for name, check in FIELD_CHECKS.items():
             value = getattr(self, name)
             if value is not None or name in _REQUIRED:

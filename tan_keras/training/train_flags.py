@@ -19,6 +19,8 @@ from tan_keras import _cli
 from tan_keras.training.train_config import (
     DEFAULT_DELTA,
     FIELD_CHECKS,
+    FROM_RECIPE,
+    RECIPES,
     TrainConfig,
 )
 
@@ -104,7 +106,11 @@ _FLAGS = {
     ),
 }
 # Words a number flag takes for a non-number setting.
-_WORDS = {"ema_decay": {"none": None}, "examples_per_chunk": {"auto": "auto", "none": None}}
+_WORDS = {
+    "ema_decay": {"none": None},
+    "examples_per_chunk": {"auto": "auto", "none": None},
+    "physical_batch_size": {"auto": None},
+}
 
 NAMES = tuple(_FLAGS)
 
@@ -117,6 +123,17 @@ def define(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """
     for name, (kind, help_text) in _FLAGS.items():
         default = _D[name].default
+        if default is FROM_RECIPE:
+            # Not given: the dataset's recipe decides (TrainConfig fills it in).
+            default = None
+            help_text += (
+                " Default by dataset: "
+                + ", ".join(
+                    f"{dataset} {_recipe_text(name, recipe[name])}"
+                    for dataset, recipe in RECIPES.items()
+                )
+                + "."
+            )
         if kind is bool:
             flags.DEFINE_bool(name, default, help_text, flag_values=flag_values)
         else:
@@ -144,7 +161,9 @@ def settings(flag_values: flags.FlagValues, given_only: bool = False) -> Dict[st
     return {
         name: flag_values[name].value
         for name in NAMES
-        if not given_only or flag_values[name].present
+        # A recipe setting not given stays out: TrainConfig takes the
+        # dataset's recipe (the flag's own None means something else).
+        if flag_values[name].present or not (given_only or _D[name].default is FROM_RECIPE)
     }
 
 
@@ -199,6 +218,11 @@ def to_argv(values: Mapping[str, Any]) -> List[str]:
         else:
             argv.append(f"--{name}={_text(value)}")
     return argv
+
+
+def _recipe_text(name: str, value: Any) -> str:
+    word = _word_for(name, value) if value is None else None
+    return word if word is not None else _text(value)
 
 
 def _word_for(name: str, value: Any) -> Optional[str]:
