@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from tan_keras import _validate
 from tan_keras.data.policies import POLICIES
+from tan_keras.mechanism.views import ViewKeys
 
 IMAGENET_RESIZE = 256
 IMAGENET_CROP = 224
@@ -44,7 +45,7 @@ def _check_image_shape(image_shape: Sequence[int]):
     return dims
 
 
-Seed = Union[None, int, tf.Tensor]
+Seed = Union[None, int, tf.Tensor, ViewKeys]
 
 
 def _op_seed(seed: Seed, offset: int) -> Seed:
@@ -55,13 +56,27 @@ def _op_seed(seed: Seed, offset: int) -> Seed:
         return None
     if isinstance(seed, int):
         return seed + offset
+    if isinstance(seed, ViewKeys):
+        return seed.offset(offset)
     return tf.random.experimental.stateless_fold_in(seed, offset)
 
 
 def _uniform(shape, minval, maxval, dtype, seed: Seed) -> tf.Tensor:
-    """Uniform draws: stateless when `seed` is a [2] tensor, else op-seeded."""
+    """Uniform draws: stateless when `seed` is a [2] tensor, else op-seeded.
+
+    With `ViewKeys` (one key per image; `shape` is then [images]) each
+    image's value depends on its own key only.
+    """
     if seed is None or isinstance(seed, int):
         return tf.random.uniform(shape, minval, maxval, dtype, seed=seed)
+    if isinstance(seed, ViewKeys):
+        u = seed.uniform()
+        low = tf.cast(minval, tf.float64)
+        span = tf.cast(maxval, tf.float64) - low
+        if dtype.is_integer:
+            # floor(u * span) < span: maxval stays exclusive.
+            return tf.cast(low + tf.floor(u * span), dtype)
+        return tf.cast(low + u * span, dtype)
     return tf.random.stateless_uniform(shape, seed, minval, maxval, dtype)
 
 
@@ -175,9 +190,11 @@ def make_augmenter(
       A function `augment(images, seed=None)` mapping images [batch, H, W, C]
       to images of the same shape and dtype float32, each augmented
       independently. With a [2] integer `seed` tensor its draws are
-      stateless: a function of that seed only (the Poisson pipeline passes
-      one per micro-batch, so a resumed run draws the same views); without,
-      they come from stateful ops seeded by `seed` above.
+      stateless: a function of that seed only; with `ViewKeys` (what the
+      Poisson pipeline passes) each image's draws are a function of its own
+      key (the step's key, its example and view), so a resumed run and every
+      host draw the same views; without, they come from stateful ops seeded
+      by `seed` above.
 
     Raises:
       ValueError: if `policy` is unknown, `image_shape` is not three positive
@@ -209,7 +226,12 @@ def make_augmenter(
     base_seed = seed
 
     def augment(images, seed=None):
-        draw = base_seed if seed is None else tf.cast(seed, tf.int64)
+        if seed is None:
+            draw = base_seed
+        elif isinstance(seed, ViewKeys):
+            draw = seed
+        else:
+            draw = tf.cast(seed, tf.int64)
         images = tf.convert_to_tensor(images, tf.float32)
         padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode=mode)
         images = random_crop(padded, height, width, seed=draw)

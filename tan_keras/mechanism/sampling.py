@@ -162,9 +162,11 @@ class PoissonSampler(tf.Module):
             for an endless dataset. Each iteration draws fresh batches (the
             RNG state carries on), so `fit(..., epochs=E)` sees E * steps
             different logical batches.
-          with_seeds: Also give each micro-batch a stateless [2] int64 seed
-            for its augmentations, a function of the key, the step and the
-            micro-batch's place in it (so a resumed run draws the same views).
+          with_seeds: Also give each micro-batch its step's [2] int64 key
+            for the augmentations, a function of the sampler's key and the
+            step; each view is then keyed by (that key, its example, its
+            view) (`views.ViewKeys`), so a resumed run and every host draw
+            the same views.
 
         Returns:
           A dataset of `(indices [P] int64, mask [P] float32, step_end [P] bool)`
@@ -201,7 +203,11 @@ class PoissonSampler(tf.Module):
                 step_seed = tf.random.experimental.stateless_fold_in(
                     tf.stack([self.key, tf.constant(_AUGMENT_STREAM, tf.int64)]), step
                 )
-                parts += (tf.random.experimental.stateless_split(step_seed, num_micro),)
+                # Two full-range words for the views' keys (views.ViewKeys).
+                step_key = tf.random.stateless_uniform(
+                    [2], step_seed, minval=None, maxval=None, dtype=tf.int64
+                )
+                parts += (tf.tile(step_key[None], [num_micro, 1]),)
             return parts
 
         ticks = tf.data.Dataset.from_tensors(0).repeat()
@@ -344,10 +350,9 @@ def make_poisson_dataset(
         indices, mask = indices[begin : begin + rows], mask[begin : begin + rows]
         step_end = step_end[begin : begin + rows]
         x = tf.nest.map_structure(lambda t: tf.gather(t, indices), features)
-        if augmenter is not None:
-            # Each shard's rows get their own draws.
-            seed = tf.random.experimental.stateless_fold_in(seed, shard_index)
-        x = views.sampled_views(x, augmult, augmenter, seed=seed)
+        # Views keyed by (step key, example, view): whichever shard holds an
+        # example draws the same views for it.
+        x = views.sampled_views(x, augmult, augmenter, seed=seed, example_ids=indices)
         y = tf.nest.map_structure(lambda t: tf.gather(t, indices), labels)
         return x, y, mask, step_end, sampling_tag(sampler, rows)
 

@@ -8,7 +8,7 @@ privacy cost by a factor K).
 """
 
 import inspect
-from typing import Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import tensorflow as tf
 
@@ -16,9 +16,73 @@ from tan_keras import _validate
 
 Augmenter = Callable[[tf.Tensor], tf.Tensor]
 
+# An image's id: example index << 16 | view << 8 | draw. Up to 256 views per
+# example and 256 random draws per view (an augmenter's `ViewKeys.offset`).
+_VIEW_SHIFT, _EXAMPLE_SHIFT = 8, 16
+MAX_VIEWS = 1 << (_EXAMPLE_SHIFT - _VIEW_SHIFT)
+# SplitMix64's finalizer (Steele, Lea, Flood 2014): a bijective 64-bit mix.
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _mix(z: tf.Tensor) -> tf.Tensor:
+    for shift, factor in ((30, _MIX1), (27, _MIX2)):
+        z = tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(shift, tf.uint64)))
+        z = z * tf.constant(factor, tf.uint64)
+    return tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(31, tf.uint64)))
+
+
+class ViewKeys(NamedTuple):
+    """Per-image keys: every random draw of an image is a function of its key only.
+
+    The Poisson pipeline keys image (example i, view v) of step t by the
+    step's secret key and (i, v): a resumed run draws the same views, and
+    hosts that hold the same example draw the same views, whatever the
+    micro-batch, shard or row it lands in. An augmenter draws its d-th value
+    for each image from `offset(d).uniform()` (d < 256).
+
+    Attributes:
+      key: [2] int64, the step's key (derived from the sampler's secret key).
+      ids: [rows] int64, each image's id (example << 16 | view << 8 | draw).
+    """
+
+    key: tf.Tensor
+    ids: tf.Tensor
+
+    def offset(self, draw: Any) -> "ViewKeys":
+        """The keys of each image's `draw`-th value (0 <= draw < 256)."""
+        return ViewKeys(self.key, self.ids + tf.cast(draw, tf.int64))
+
+    def uniform(self) -> tf.Tensor:
+        """[rows] float64 in [0, 1): one uniform value per image, from its key alone."""
+        words = tf.bitcast(tf.cast(self.key, tf.int64), tf.uint64)
+        z = _mix(tf.bitwise.bitwise_xor(tf.bitcast(self.ids, tf.uint64), words[0]))
+        z = _mix(tf.bitwise.bitwise_xor(z, words[1]))
+        # The top 53 bits: every float64 in [0, 1) on a 2^-53 grid.
+        return tf.cast(tf.bitwise.right_shift(z, tf.constant(11, tf.uint64)), tf.float64) * 2.0**-53
+
+
+def view_keys(key: tf.Tensor, example_ids: tf.Tensor, augmult: int) -> ViewKeys:
+    """The `ViewKeys` of each example's K views, example-major ([i0 v0, i0 v1, ...]).
+
+    Args:
+      key: [2] int64 key of the step.
+      example_ids: [batch] int64 indices of the examples in the dataset.
+      augmult: K, at most `MAX_VIEWS`.
+
+    Returns:
+      `ViewKeys` of the batch * K images, in the order `make_views` augments them.
+    """
+    ids = tf.cast(example_ids, tf.int64)[:, None] * (1 << _EXAMPLE_SHIFT)
+    views = tf.range(augmult, dtype=tf.int64)[None, :] * (1 << _VIEW_SHIFT)
+    return ViewKeys(tf.cast(key, tf.int64), tf.reshape(ids + views, [-1]))
+
 
 def make_views(
-    images: tf.Tensor, augmult: int, augmenter: Augmenter, seed: Optional[tf.Tensor] = None
+    images: tf.Tensor,
+    augmult: int,
+    augmenter: Augmenter,
+    seed: Optional[tf.Tensor] = None,
+    example_ids: Optional[tf.Tensor] = None,
 ) -> tf.Tensor:
     """Draws `augmult` independent augmented views of every image.
 
@@ -28,6 +92,8 @@ def make_views(
       augmenter: Function from `make_augmenter`, or any `images -> images`.
       seed: Optional stateless [2] seed, passed on to an augmenter that takes
         a `seed` argument (one from `make_augmenter` does).
+      example_ids: Optional [batch] indices of the examples: then each view
+        is keyed by (`seed`, example, view) (`ViewKeys`), not by its row.
 
     Returns:
       [batch, K, H, W, C]; row i holds the K views of image i (K = 1 still
@@ -36,8 +102,10 @@ def make_views(
     Raises:
       ValueError: if `augmult` is not a positive integer.
     """
-    augmult = _validate.positive_int("augmult", augmult)
+    augmult = _validate.integer("augmult", augmult, low=1, high=MAX_VIEWS)
     images = tf.nest.map_structure(tf.convert_to_tensor, images)
+    if example_ids is not None and seed is not None:
+        seed = view_keys(seed, example_ids, augmult)
     # One augmenter call on [batch * K] images: each copy gets its own draw.
     repeated = tf.nest.map_structure(lambda t: tf.repeat(t, augmult, axis=0), images)
     if seed is not None and _takes_seed(augmenter):
@@ -65,6 +133,7 @@ def sampled_views(
     augmult: int,
     augmenter: Optional[Augmenter],
     seed: Optional[tf.Tensor] = None,
+    example_ids: Optional[tf.Tensor] = None,
 ) -> tf.Tensor:
     """The views a training micro-batch carries for its sampled images.
 
@@ -73,13 +142,15 @@ def sampled_views(
       augmult: K >= 1.
       augmenter: One-view augmentation, or None for K identical views.
       seed: Stateless [2] seed for the augmenter (see `make_views`).
+      example_ids: Optional [batch] example indices keying each view (see
+        `make_views`).
 
     Returns:
       [batch, K, H, W, C], except [batch, H, W, C] when K = 1 without an
       augmenter (nothing to group).
     """
     if augmenter is not None:
-        return make_views(images, augmult, augmenter, seed=seed)
+        return make_views(images, augmult, augmenter, seed=seed, example_ids=example_ids)
     if augmult > 1:
         return tf.nest.map_structure(
             lambda t: tf.repeat(tf.expand_dims(t, 1), augmult, axis=1), images

@@ -73,7 +73,7 @@ def train_dataset(
         x, y = tf.numpy_function(read, [indices, mask], [tf.float32, tf.int32], stateful=False)
         x = tf.ensure_shape(x, [sampler.physical_batch_size, *image_shape])
         y = tf.ensure_shape(y, [sampler.physical_batch_size])
-        x = sampled_views(x, augmult, augmenter, seed=seed)
+        x = sampled_views(x, augmult, augmenter, seed=seed, example_ids=indices)
         return x, y, mask, step_end, sampling.sampling_tag(sampler, sampler.physical_batch_size)
 
     return (

@@ -21,14 +21,15 @@ from train_test import run_cli
 
 from tan_keras import train
 
-# Both seeds fixed (not private: debugging), no augmentation, momentum on (its
-# slots must be restored too): the resumed run must reproduce the
-# uninterrupted one exactly.
+# Both seeds fixed (not private: debugging), augmentation on with 2 views
+# (each keyed by the step, the example and the view), momentum on (its slots
+# must be restored too): the resumed run must reproduce the uninterrupted one
+# exactly.
 STEPS = 40
 ARGS = [
     "--batch_size=256",
-    "--augmult=1",
-    "--augment=none",
+    "--augmult=2",
+    "--augment=digits",
     f"--steps={STEPS}",
     "--checkpoint_every=5",
     "--momentum=0.5",
@@ -93,7 +94,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     for key in ("steps", "epsilon", "eta", "gradient_evaluations", "noise_multiplier"):
         assert resumed[key] == uninterrupted[key], key
     assert resumed["steps"] == STEPS
-    # Same seeds: the same batches and noise in the same order, nothing
+    # Same seeds: the same batches, views and noise in the same order, nothing
     # replayed or skipped, so the same final weights, EMA and momentum.
     assert resumed["test_accuracy"] == uninterrupted["test_accuracy"]
     assert resumed["test_accuracy_ema"] == uninterrupted["test_accuracy_ema"]
