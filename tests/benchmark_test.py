@@ -117,3 +117,22 @@ def test_embedding_ghost_benchmark_prints_ratios_against_the_vectorized_step():
     rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
     assert "dp_vmap" in rows and "dp_ghost" in rows
     assert "embedding" in rows["dp_ghost"]  # the table took the ghost route
+
+
+def test_device_check_runs_in_smoke_mode_and_its_checks_pass(tmp_path):
+    script = OPS_SCRIPT.parent / "device_check.py"
+    out_json = tmp_path / "device.json"
+    result = subprocess.run(
+        [sys.executable, str(script), "--smoke", f"--json={out_json}"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(out_json.read_text())
+    assert {row["precision"] for row in report["steps"]} == {"float32", "mixed_bfloat16"}
+    assert all(row["route"] in ("layerwise", "ghost", "vectorized") for row in report["steps"])
+    assert sorted(c["check"] for c in report["checks"]) == ["noise", "noise"] + ["sensitivity"] * 2
+    assert all(c["ok"] for c in report["checks"])
+    assert "| model | B | K | precision |" in result.stdout
