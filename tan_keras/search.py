@@ -80,6 +80,12 @@ _VERIFY = flags.DEFINE_bool(
 _QUIET = flags.DEFINE_bool(
     "quiet", True, "Send each run's output to <output_dir>/logs instead of the terminal."
 )
+_KEEP_CHECKPOINTS = flags.DEFINE_bool(
+    "keep_checkpoints",
+    False,
+    "Keep each finished simulation's checkpoints (deleted by default: they hold the "
+    "runs' noise and sampling keys).",
+)
 
 
 def main(argv):
@@ -108,6 +114,7 @@ def main(argv):
             train_flags=tuple(shlex.split(_TRAIN_FLAGS.value)),
             metric=_METRIC.value,
             confidence=_CONFIDENCE.value,
+            keep_checkpoints=_KEEP_CHECKPOINTS.value,
         )
     except ValueError as err:
         _cli.fail(str(err))

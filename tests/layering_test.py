@@ -41,6 +41,7 @@ _BASE = {
     "_keras_internals",
     "_startup",
     "_cli",
+    "_private_files",
     "__init__",
 }
 _MAINS = {"train", "search", "privacy.__main__"}

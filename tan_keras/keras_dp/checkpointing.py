@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import keras
 import tensorflow as tf
 
-from tan_keras import _validate
+from tan_keras import _private_files, _validate
 from tan_keras.mechanism import per_example
 
 _FINGERPRINT_KEYS = (
@@ -112,7 +112,11 @@ class DPCheckpoint:
                 "DPCheckpoint.save called in the middle of a logical step; save at "
                 "step boundaries (DPCheckpointCallback does)."
             )
-        return self._manager.save(checkpoint_number=int(self.model.dp_steps.numpy()))
+        # The files hold the noise key and the sampler's key: owner-only.
+        _private_files.make_private_dir(self.directory)
+        path = self._manager.save(checkpoint_number=int(self.model.dp_steps.numpy()))
+        _private_files.restrict(self.directory)
+        return path
 
     def restore(self, path: Optional[str] = None) -> int:
         """Restores a checkpoint (default: the latest) and rewinds the sampler.

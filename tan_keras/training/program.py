@@ -8,6 +8,7 @@ second, with nothing written.
 """
 
 import os
+import shutil
 import time
 from typing import Any, Dict, Optional
 
@@ -125,4 +126,8 @@ def run(config: TrainConfig, start: Optional[float] = None) -> Optional[Dict[str
     for line in train_lib.describe_metrics(metrics):
         print(line)
     print(f"metrics: {metrics_path}", flush=True)
+    if config.delete_checkpoints:
+        # They hold the noise and sampling keys; a finished run needs none.
+        shutil.rmtree(os.path.join(model_dir, train_config.CHECKPOINT_SUBDIR), ignore_errors=True)
+        print("checkpoints deleted (--delete_checkpoints).", flush=True)
     return metrics

@@ -45,7 +45,7 @@ Runner = Callable[[TrainConfig, str], None]
 # Flags the search sets itself; a grid or --train_flags must not set them.
 CONTROLLED_FLAGS = tuple(
     "dataset batch_size steps noise_multiplier target_eps ref_batch_size ref_noise_multiplier "
-    "seed model_dir metrics_json resume dry_run".split()
+    "seed model_dir metrics_json resume dry_run delete_checkpoints".split()
 )
 RUNS_SUBDIR = "runs"
 # Grid values become file names: no path separators, no shell specials.
@@ -129,6 +129,8 @@ class SearchSpec:
         ("--model=small_cnn",).
       metric: Metrics-JSON key to rank by (e.g. "test_accuracy_ema").
       confidence: Coverage of the prediction interval at B_ref.
+      keep_checkpoints: Keep each finished simulation's checkpoints (by
+        default deleted: they hold the runs' noise and sampling keys).
     """
 
     ref_batch_size: int
@@ -142,6 +144,7 @@ class SearchSpec:
     train_flags: Tuple[str, ...] = ()
     metric: str = "test_accuracy_ema"
     confidence: float = 0.95
+    keep_checkpoints: bool = False
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -255,6 +258,7 @@ def simulation_settings(
         "ref_noise_multiplier": spec.ref_noise_multiplier,
         "seed": seed,
         "model_dir": run_dir(spec, config, batch_size, seed),
+        "delete_checkpoints": not spec.keep_checkpoints,
     }
 
 

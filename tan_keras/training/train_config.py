@@ -20,7 +20,7 @@ import re
 import time
 from typing import Any, Callable, Dict, Optional
 
-from tan_keras import _validate
+from tan_keras import _private_files, _validate
 from tan_keras.data.datasets import DATASET_NAMES
 from tan_keras.data.policies import DEFAULT_POLICY, POLICIES
 from tan_keras.models.names import check_model_name
@@ -219,6 +219,7 @@ class TrainConfig:
     jit_compile: bool = False
     examples_per_chunk: Any = "auto"
     dry_run: bool = False
+    delete_checkpoints: bool = False
     strategy: str = "default"
     tpu: Optional[str] = None
     sampling_key_file: Optional[str] = None
@@ -284,7 +285,8 @@ class TrainConfig:
                     "sampling_key_file",
                     "a file holding a secret 64-bit key, the same on every worker, with "
                     "--strategy=multiworker (create it once: python -c 'import secrets; "
-                    "print(secrets.randbits(64))' > key, copy it privately to each host)",
+                    "print(secrets.randbits(64))' > key under umask 077, copy it privately to "
+                    "each host)",
                     None,
                 )
             read_sampling_key(self.sampling_key_file)
@@ -351,6 +353,15 @@ def read_sampling_key(path: str) -> int:
         raise _validate.invalid(
             "sampling_key_file", "a readable file holding one integer in [0, 2^64)", path
         ) from None
+    if _private_files.readable_by_others(path):
+        raise _validate.invalid(
+            "sampling_key_file",
+            "a file only its owner can read (mode 0600): whoever knows the key knows "
+            "which examples every step sampled, and the amplification by sampling in "
+            "the reported epsilon does not hold against them",
+            path,
+            f"Run `chmod 600 {path}` (and create keys with umask 077)",
+        )
     if not 0 <= key < 2**64:
         raise _validate.invalid(
             "sampling_key_file", "a readable file holding one integer in [0, 2^64)", path

@@ -93,6 +93,11 @@ _FLAGS = {
         "gradients), none (the whole micro-batch) or an integer >= 1.",
     ),
     "dry_run": (bool, "Validate the flags, print the privacy plan and exit; writes nothing."),
+    "delete_checkpoints": (
+        bool,
+        "Delete the run's checkpoints (they hold the noise and sampling keys) once it "
+        "finished and wrote its metrics.",
+    ),
     "strategy": (
         str,
         "tf.distribute strategy: default (one device) | mirrored (all local GPUs, or CPU) | "

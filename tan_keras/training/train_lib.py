@@ -6,11 +6,12 @@ privacy (`train_plan`), then calls these functions in order: `build_model`,
 take the validated `TrainConfig`, the `PrivacyPlan` and plain values, never
 global flags.
 
-Layout of a model_dir:
+Layout of a model_dir (the directory 0700, checkpoint and JSON files 0600):
   train_config.json   the run's resolved settings (compared on --resume)
   checkpoints/        DPCheckpoint files (weights, optimizer, EMA, dp_steps,
                       noise key, sampler key and counter): as secret as the
-                      training data, since they hold the noise key
+                      training data, since they hold the noise key; deleted
+                      at the end with --delete_checkpoints
   tensorboard/        loss, accuracy, epsilon and eta per Keras epoch
   metrics.json        final metrics (unless --metrics_json says otherwise)
 """
@@ -25,7 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import keras
 import tensorflow as tf
 
-from tan_keras import _numbers, _validate, models
+from tan_keras import _numbers, _private_files, _validate, models
 from tan_keras.keras_dp import checkpointing
 from tan_keras.keras_dp.callbacks import PrivacyAccountant
 from tan_keras.keras_dp.dp_model import DPKerasModel, make_private
@@ -184,7 +185,9 @@ def restore_or_start(
     if config.resume:
         steps = checkpoint.restore()
         print(f"Resumed {checkpoint.latest} at dp_steps={steps}.")
-    os.makedirs(model_dir, exist_ok=True)
+    # Owner-only: checkpoints hold the secret keys, logs and metrics hold
+    # statistics computed on private examples without noise.
+    _private_files.make_private_dir(model_dir)
     _write_json_atomically(os.path.join(model_dir, CONFIG_FILE), config.to_dict())
     return checkpoint
 
@@ -375,7 +378,10 @@ def _write_json_atomically(path: str, record: Dict[str, Any]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    # Owner-only from creation: the run's records describe private data.
+    with open(
+        os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8"
+    ) as f:
         json.dump(record, f, indent=2, sort_keys=True, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)

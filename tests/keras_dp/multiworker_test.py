@@ -75,6 +75,7 @@ def test_training_program_runs_on_two_workers(tmp_path):
 
     key_file = tmp_path / "key"
     key_file.write_text("1234567890123\n")
+    key_file.chmod(0o600)  # a key others can read is refused
     ports = [_free_port(), _free_port()]
     procs = []
     for index in range(2):
