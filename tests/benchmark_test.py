@@ -136,3 +136,28 @@ def test_device_check_runs_in_smoke_mode_and_its_checks_pass(tmp_path):
     assert sorted(c["check"] for c in report["checks"]) == ["noise", "noise"] + ["sensitivity"] * 2
     assert all(c["ok"] for c in report["checks"])
     assert "| model | B | K | precision |" in result.stdout
+
+
+def test_imagenet_input_benchmark_prints_views_per_core(tmp_path):
+    script = OPS_SCRIPT.parent / "imagenet_input_benchmark.py"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            f"--data_dir={tmp_path / 'tfds'}",
+            "--examples=12",
+            "--cores=1",
+            "--augmult=2",
+            "--batch=4",
+            "--physical_batch=4",
+            "--micro_batches=2",
+            "--warmup=1",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 1 and rows[0].rstrip().endswith("1.00x |")

@@ -275,6 +275,26 @@ class _SourceView:
         return np.stack(items) if items else np.zeros((0, *self.shape[1:]), self.dtype)
 
 
+class _EncodedImages(_SourceView):
+    """A `_SourceView` of JPEG-encoded images, also readable undecoded.
+
+    `view[indices]` decodes (in Python: for evaluation and tests);
+    `encoded(indices)` returns the JPEG bytes for the training input, which
+    decodes them natively in parallel (`train_data`).
+    """
+
+    def __init__(self, source, key: str, decode: Callable, item_shape):
+        super().__init__(source, key, lambda jpeg: decode(jpeg).numpy(), item_shape, np.float32)
+        self.decode = decode
+
+    def encoded(self, indices) -> np.ndarray:
+        """The JPEG bytes of the items at `indices` (an object array)."""
+        items = np.empty(len(indices), dtype=object)
+        for row, i in enumerate(indices):
+            items[row] = self._source[int(i)][self._key]
+        return items
+
+
 def load_imagenet(data_dir: Optional[str] = None, *, download: bool = False) -> ArrayDataset:
     """Opens ImageNet (ILSVRC 2012) as lazy random-access views.
 
@@ -308,8 +328,9 @@ def load_imagenet(data_dir: Optional[str] = None, *, download: bool = False) -> 
 
     def views(split):
         try:
-            images = builder.as_data_source(split=split)
-            labels = builder.as_data_source(
+            # JPEG bytes: decoded by the input pipeline, natively and in
+            # parallel, not by TFDS in Python.
+            source = builder.as_data_source(
                 split=split, decoders={"image": tfds.decode.SkipDecoding()}
             )
         except (AssertionError, ValueError, NotImplementedError) as error:
@@ -317,8 +338,8 @@ def load_imagenet(data_dir: Optional[str] = None, *, download: bool = False) -> 
             # NotImplementedError (no random access). Same fix for both.
             raise _unavailable(name, data_dir) from error
         return (
-            _SourceView(images, "image", augment.imagenet_preprocess, image_shape, np.float32),
-            _SourceView(labels, "label", lambda label: label, (), np.int32),
+            _EncodedImages(source, "image", augment.decode_imagenet, image_shape),
+            _SourceView(source, "label", lambda label: label, (), np.int32),
         )
 
     train_x, train_y = views("train")

@@ -3,9 +3,12 @@
 In-memory datasets (digits, CIFAR) go through
 `sampling.make_poisson_dataset`. ImageNet is a lazy random-access view (1.3M
 decoded images would not fit in memory), which `make_poisson_dataset` would
-try to load whole, so its sampled rows are read in a `tf.numpy_function`
-instead; the Poisson sampler, the micro-batch layout and the views are the
-same.
+try to load whole. Its sampled rows' JPEG bytes are read from the
+array_record files in a `tf.numpy_function` (no decoding there), then each
+example is decoded once and its K views drawn in a parallel `tf.data` map,
+natively on every core (`encoded_train_dataset`); the Poisson sampler, the
+micro-batch layout and the views (keyed by step, example and view) are the
+same as in memory.
 """
 
 from typing import Any, Callable, Optional
@@ -56,6 +59,8 @@ def train_dataset(
         return sampling.make_poisson_dataset(
             train_x, train_y, sampler, steps=None, augmult=augmult, augmenter=augmenter
         )
+    if hasattr(train_x, "encoded"):
+        return encoded_train_dataset(train_x, train_y, sampler, augmult, augmenter)
     image_shape = tuple(int(d) for d in train_x.shape[1:])
 
     def read(indices, mask):
@@ -83,6 +88,89 @@ def train_dataset(
     )
 
 
+def encoded_train_dataset(
+    train_x: Any,
+    train_y: Any,
+    sampler: sampling.PoissonSampler,
+    augmult: int,
+    augmenter: Optional[Callable[[tf.Tensor], tf.Tensor]],
+    num_shards: int = 1,
+    shard_index: int = 0,
+) -> tf.data.Dataset:
+    """Poisson micro-batches of encoded images, decoded and augmented in parallel.
+
+    The sampled rows' JPEG bytes are read from the random-access source (a
+    `tf.numpy_function` that decodes nothing); then each example is decoded
+    once (`train_x.decode`) and its K views drawn from it, one example per
+    call of a `tf.data` map that runs on every core (deterministic order).
+
+    Args:
+      train_x: [N, H, W, C] view with `encoded(indices)` (JPEG bytes) and
+        `decode(jpeg)` (one image, TensorFlow ops).
+      train_y: [N] labels.
+      sampler: The `PoissonSampler`.
+      augmult: K views per example.
+      augmenter: Random one-view augmentation, or None.
+      num_shards: Hosts sharing each global micro-batch (each keeps
+        P / num_shards rows), as in `sampling.make_poisson_dataset`.
+      shard_index: This host's shard.
+
+    Returns:
+      An endless dataset of `(x, y, mask, step_end, tag)` micro-batches, as
+      `train_dataset`.
+    """
+    augmenter = _without_autograph(augmenter)
+    image_shape = tuple(int(d) for d in train_x.shape[1:])
+    rows = sampler.physical_batch_size // num_shards
+    begin = shard_index * rows
+
+    def read(indices, mask):
+        # Real rows come first in a micro-batch; padding rows get no bytes.
+        n = int(np.count_nonzero(mask))
+        jpegs = np.full(len(indices), b"", dtype=object)
+        labels = np.zeros(len(indices), np.int32)
+        if n:
+            jpegs[:n] = train_x.encoded(indices[:n])
+            labels[:n] = np.asarray(train_y[indices[:n]], np.int32)
+        return jpegs, labels
+
+    def fetch(indices, mask, step_end, key=None):
+        indices, mask = indices[begin : begin + rows], mask[begin : begin + rows]
+        step_end = step_end[begin : begin + rows]
+        jpegs, labels = tf.numpy_function(
+            read, [indices, mask], [tf.string, tf.int32], stateful=False
+        )
+        keys = tf.zeros([rows, 2], tf.int64) if key is None else tf.tile(key[None], [rows, 1])
+        jpegs, labels = tf.ensure_shape(jpegs, [rows]), tf.ensure_shape(labels, [rows])
+        return jpegs, labels, indices, mask, step_end, keys
+
+    def example_views(jpeg, label, index, mask, step_end, key):
+        image = tf.cond(
+            tf.strings.length(jpeg) > 0,
+            lambda: tf.ensure_shape(train_x.decode(jpeg), image_shape),
+            lambda: tf.zeros(image_shape, tf.float32),
+        )
+        seed = key if augmenter is not None else None
+        views = sampled_views(image[None], augmult, augmenter, seed=seed, example_ids=index[None])
+        return views[0], label, mask, step_end
+
+    def tagged(x, y, mask, step_end):
+        return x, y, mask, step_end, sampling.sampling_tag(sampler, rows)
+
+    parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return (
+        sampler.micro_batches(None, with_seeds=augmenter is not None)
+        # Reads overlap with decoding; rows are then decoded one example per
+        # call on every core, and put back together in order.
+        .map(fetch, **parallel)
+        .unbatch()
+        .map(example_views, **parallel)
+        .batch(rows, drop_remainder=True, **parallel)
+        .map(tagged)
+        .prefetch(2)
+    )
+
+
 def _without_autograph(augmenter):
     # The augmentations are straight-line TensorFlow code; autograph would
     # still transpile them on every trace of the
@@ -104,6 +192,8 @@ def test_dataset(test_x: Any, test_y: Any, batch_size: int) -> tf.data.Dataset:
       A finite dataset of `(x, y)` batches.
     """
     image_shape = tuple(int(d) for d in test_x.shape[1:])
+    if hasattr(test_x, "encoded"):
+        return _encoded_test_dataset(test_x, test_y, batch_size, image_shape)
 
     def read(indices):
         return (
@@ -119,6 +209,30 @@ def test_dataset(test_x: Any, test_y: Any, batch_size: int) -> tf.data.Dataset:
         tf.data.Dataset.range(len(test_y))
         .batch(batch_size)
         .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .prefetch(2)
+    )
+
+
+def _encoded_test_dataset(test_x, test_y, batch_size, image_shape) -> tf.data.Dataset:
+    """`test_dataset` of encoded images: bytes read in order, decoded in parallel."""
+
+    def read(indices):
+        return test_x.encoded(indices), np.asarray(test_y[indices], np.int32)
+
+    def fetch(indices):
+        jpegs, labels = tf.numpy_function(read, [indices], [tf.string, tf.int32], stateful=False)
+        return tf.ensure_shape(jpegs, [None]), tf.ensure_shape(labels, [None])
+
+    def decode(jpeg, label):
+        return tf.ensure_shape(test_x.decode(jpeg), image_shape), label
+
+    return (
+        tf.data.Dataset.range(len(test_y))
+        .batch(batch_size)
+        .map(fetch)
+        .unbatch()
+        .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .batch(batch_size)
         .prefetch(2)
     )
 

@@ -164,10 +164,53 @@ def test_poisson_pipeline_views_resume_exactly_and_differ_across_shards():
     assert resumed
     for a, b_ in zip(straight[-len(resumed) :], resumed):
         np.testing.assert_array_equal(a, b_)
-    # Two hosts draw for their own rows: with every example the same image,
-    # their views differ only through the draws.
+    # Views are keyed by example: with every example the same image, two
+    # hosts' rows (other examples) still get their own draws.
     same = np.repeat(x[:1], n, axis=0)
     host0 = views(0, 1, shards=2, shard=0, images=same)
     host1 = views(0, 1, shards=2, shard=1, images=same)
     assert host0[0].shape == host1[0].shape
     assert not np.array_equal(host0[0], host1[0])
+
+
+@pytest.mark.parametrize(
+    "pad, mode, flip", [(20, "REFLECT", True), (4, "REFLECT", False), (1, "CONSTANT", False)]
+)
+def test_pad_crop_flip_equals_padding_cropping_and_flipping_in_turn(pad, mode, flip):
+    images = tf.constant(np.random.default_rng(0).random((6, 32, 28, 3)), tf.float32)
+    seed = tf.constant([5, 7], tf.int64)
+    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode=mode)
+    want = augment.random_crop(padded, 32, 28, seed=seed)
+    if flip:
+        want = augment.random_flip_left_right(want, seed=augment._op_seed(seed, 10))
+    got = augment.pad_crop_flip(images, pad, mode, flip, seed=seed)
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+def _jitter_reference(images, seed):
+    """Every image jittered by the torchvision formulas (HSV round trip), then selected."""
+    batch = images.shape[0]
+
+    def draw(offset, low, high):
+        return augment._uniform([batch], low, high, tf.float32, augment._op_seed(seed, offset))
+
+    per = lambda v: v[:, None, None, None]  # noqa: E731
+    out = tf.clip_by_value(images * per(draw(0, 0.2, 1.8)), 0.0, 1.0)
+    mean = tf.reduce_mean(tf.image.rgb_to_grayscale(out), axis=[1, 2, 3], keepdims=True)
+    out = tf.clip_by_value(mean + (out - mean) * per(draw(1, 0.2, 1.8)), 0.0, 1.0)
+    gray = tf.image.rgb_to_grayscale(out)
+    out = tf.clip_by_value(gray + (out - gray) * per(draw(2, 0.2, 1.8)), 0.0, 1.0)
+    hsv = tf.image.rgb_to_hsv(out)
+    hue = tf.math.floormod(hsv[..., :1] + per(draw(3, -0.2, 0.2)), 1.0)
+    out = tf.clip_by_value(tf.image.hsv_to_rgb(tf.concat([hue, hsv[..., 1:]], -1)), 0.0, 1.0)
+    return tf.where(per(draw(4, 0.0, 1.0) < 0.3), out, images)
+
+
+def test_color_jitter_equals_the_torchvision_formulas_on_the_chosen_images():
+    images = tf.constant(np.random.default_rng(1).random((40, 12, 12, 3)), tf.float32)
+    seed = tf.constant([3, 4], tf.int64)
+    got = augment.color_jitter(images, seed=seed).numpy()
+    want = _jitter_reference(images, seed).numpy()
+    changed = np.any(got != images.numpy(), axis=(1, 2, 3))
+    assert 4 <= changed.sum() <= 24  # about 30% of 40
+    np.testing.assert_allclose(got, want, atol=2e-6)

@@ -1,0 +1,113 @@
+"""Throughput of the ImageNet training input: decoded and augmented views per second per core.
+
+Runs the training program's own input (`train_data.train_dataset` on
+`datasets.load_imagenet`: Poisson micro-batches, JPEG bytes read from the
+array_record files, each example decoded once and its K views drawn with the
+ImageNet policy: reflect-pad 20, random crop 224, flip, colour jitter) on a
+synthetic imagenet2012 in TFDS's own format (`tan_keras.data.synthetic_imagenet`,
+made on first use), pinned to 1, then 2, ... cores (one child process each,
+with CPU affinity and TensorFlow's thread pools set to that many cores).
+Prints views/s, views/s per core and the speed-up over one core.
+
+  python benchmarks/imagenet_input_benchmark.py --cores=1,2 --augmult=8
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _measure(args):
+    """In the child: views per second on `args.cores` cores."""
+    os.sched_setaffinity(0, set(range(args.cores)))
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.threading.set_inter_op_parallelism_threads(args.cores)
+    tf.config.threading.set_intra_op_parallelism_threads(args.cores)
+    from tan_keras.data import augment, datasets
+    from tan_keras.mechanism import sampling
+    from tan_keras.training import train_data
+
+    data = datasets.load_dataset("imagenet2012", args.data_dir)
+    sampler = sampling.PoissonSampler(
+        data.size, args.batch, physical_batch_size=args.physical_batch, seed=0
+    )
+    augmenter = augment.make_augmenter("imagenet", data.input_shape, seed=0)
+    dataset = train_data.train_dataset(data.train_x, data.train_y, sampler, args.augmult, augmenter)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = args.cores
+    iterator = iter(dataset.with_options(options))
+    for _ in range(args.warmup):
+        next(iterator)
+    views, start = 0, time.perf_counter()
+    for _ in range(args.micro_batches):
+        x, _, mask, _, _ = next(iterator)
+        views += int(np.count_nonzero(mask.numpy())) * args.augmult
+    seconds = time.perf_counter() - start
+    assert x.shape[1:] == (args.augmult, 224, 224, 3), x.shape
+    return {"cores": args.cores, "views": views, "seconds": seconds, "views_per_s": views / seconds}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_dir", default=None, help="synthetic imagenet2012 (made if absent)")
+    parser.add_argument("--examples", type=int, default=2000, help="train images to make")
+    parser.add_argument("--cores", default="1,2")
+    parser.add_argument("--augmult", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=64, help="expected batch B")
+    parser.add_argument("--physical_batch", type=int, default=96)
+    parser.add_argument("--micro_batches", type=int, default=8, help="timed micro-batches")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child is not None:
+        args.cores = args.child
+        print("RESULT " + json.dumps(_measure(args)), flush=True)
+        return
+    try:
+        cores = [int(c) for c in args.cores.split(",")]
+    except ValueError:
+        parser.error(f"--cores: expected integers such as 1,2; got {args.cores!r}")
+    available = len(os.sched_getaffinity(0))
+    if min(cores) < 1 or max(cores) > available:
+        parser.error(f"--cores: expected values in [1, {available}]; got {args.cores!r}")
+    data_dir = args.data_dir or os.path.join(tempfile.gettempdir(), "tan_keras_synthetic_imagenet")
+    if not os.path.isdir(os.path.join(data_dir, "imagenet2012")):
+        from tan_keras.data.synthetic_imagenet import make_synthetic_imagenet
+
+        make_synthetic_imagenet(data_dir, train=args.examples, validation=50)
+    rows = []
+    for count in cores:
+        cmd = [sys.executable, __file__, f"--child={count}", f"--data_dir={data_dir}"] + [
+            f"--{name}={getattr(args, name)}"
+            for name in ("augmult", "batch", "physical_batch", "micro_batches", "warmup")
+        ]
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        if out.returncode != 0 or not lines:
+            raise RuntimeError(f"{count} cores failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(lines[-1][len("RESULT ") :]))
+    base = rows[0]["views_per_s"] / rows[0]["cores"]
+    print(f"ImageNet input, K = {args.augmult}, synthetic imagenet2012 in {data_dir}")
+    print("| cores | views/s | views/s per core | speed-up over 1 core |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['cores']} | {row['views_per_s']:.0f} "
+            f"| {row['views_per_s'] / row['cores']:.0f} "
+            f"| {row['views_per_s'] / base:.2f}x |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"augmult": args.augmult, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
