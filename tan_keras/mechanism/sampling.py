@@ -365,30 +365,28 @@ def make_poisson_dataset(
     return dataset.with_options(options)
 
 
-def poisson_dataset_fn(
-    features: np.ndarray,
-    labels: np.ndarray,
+# Distributed Poisson datasets made here -> the (N, B) their samplers draw for.
+_DISTRIBUTED_SAMPLING = weakref.WeakKeyDictionary()
+
+
+def host_dataset_fn(
     sampler_fn: Callable[[], PoissonSampler],
-    augmult: int = 1,
-    augmenter: Optional[Callable[[tf.Tensor], tf.Tensor]] = None,
+    make_host_dataset: Callable[[PoissonSampler, int, int], tf.data.Dataset],
 ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
-    """Per-host input for `tf.distribute.Strategy.distribute_datasets_from_function`.
+    """Per-host input for `distribute_datasets_from_function`, from any host pipeline.
 
-    `distribute_poisson_dataset` wraps it for `DPKerasModel.fit`.
-
-    For multi-worker training: every host draws the SAME global micro-batches
-    (its sampler must use the shared `secret_key`), keeps its 1/W of the rows
-    and hands them to its L local replicas as L consecutive per-replica
-    elements (tf.distribute feeds a host's replicas round-robin). So the R =
-    W * L replicas together hold each sampled example exactly once, and they
-    all agree on where each logical step ends.
+    Every host builds its pipeline with `make_host_dataset(sampler, hosts,
+    host_index)` (elements `(x, y, mask, step_end, tag)` holding this host's
+    P / hosts rows of each global micro-batch, drawn with the shared key) and
+    hands its L local replicas L consecutive slices of each element
+    (tf.distribute feeds a host's replicas round-robin). So the R = W * L
+    replicas together hold each sampled example exactly once, and they all
+    agree on where each logical step ends.
 
     Args:
-      features: [N, *input_shape] training examples (on every host).
-      labels: [N, ...] labels.
       sampler_fn: Builds this host's `PoissonSampler` (same key on all hosts).
-      augmult: K views per example.
-      augmenter: Optional one-view augmentation.
+      make_host_dataset: (sampler, num_shards, shard_index) -> the host's
+        dataset, e.g. `make_poisson_dataset` with those arguments.
 
     Returns:
       A function from `tf.distribute.InputContext` to the host's dataset.
@@ -398,22 +396,14 @@ def poisson_dataset_fn(
         sampler = sampler_fn()
         hosts = context.num_input_pipelines
         local = context.num_replicas_in_sync // hosts
-        dataset = make_poisson_dataset(
-            features,
-            labels,
-            sampler,
-            augmult=augmult,
-            augmenter=augmenter,
-            num_shards=hosts,
-            shard_index=context.input_pipeline_id,
-        )
         rows = sampler.physical_batch_size // hosts
-        if rows % local:
+        if sampler.physical_batch_size % hosts or rows % local:
             raise _validate.invalid(
                 "physical_batch_size",
                 f"a multiple of the {context.num_replicas_in_sync} replicas",
                 sampler.physical_batch_size,
             )
+        dataset = make_host_dataset(sampler, hosts, context.input_pipeline_id)
 
         def split(*batch):
             return tf.data.Dataset.from_tensor_slices(
@@ -427,8 +417,74 @@ def poisson_dataset_fn(
     return dataset_fn
 
 
-# Distributed Poisson datasets made here -> the (N, B) their samplers draw for.
-_DISTRIBUTED_SAMPLING = weakref.WeakKeyDictionary()
+def distribute_host_datasets(
+    strategy: tf.distribute.Strategy,
+    sampler_fn: Callable[[], PoissonSampler],
+    make_host_dataset: Callable[[PoissonSampler, int, int], tf.data.Dataset],
+):
+    """A distributed dataset of per-host pipelines (see `host_dataset_fn`) for `fit`.
+
+    Each element's sampling tag is checked on its host; `DPKerasModel.fit`
+    checks the sampler's (N, B) against the model's.
+
+    Args:
+      strategy: The `tf.distribute` strategy the model was built under.
+      sampler_fn: Builds a host's `PoissonSampler` (same key on all hosts).
+      make_host_dataset: As for `host_dataset_fn`.
+
+    Returns:
+      A `tf.distribute.DistributedDataset`.
+    """
+    probe = sampler_fn()
+    sampling = (probe.dataset_size, probe.expected_batch_size)
+    make = host_dataset_fn(sampler_fn, make_host_dataset)
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        return check_sampling_tags(make(context), *sampling)
+
+    dataset = strategy.distribute_datasets_from_function(dataset_fn)
+    _DISTRIBUTED_SAMPLING[dataset] = sampling
+    return dataset
+
+
+def _in_memory_host(features, labels, augmult, augmenter):
+    def make(sampler: PoissonSampler, hosts: int, host: int) -> tf.data.Dataset:
+        return make_poisson_dataset(
+            features,
+            labels,
+            sampler,
+            augmult=augmult,
+            augmenter=augmenter,
+            num_shards=hosts,
+            shard_index=host,
+        )
+
+    return make
+
+
+def poisson_dataset_fn(
+    features: np.ndarray,
+    labels: np.ndarray,
+    sampler_fn: Callable[[], PoissonSampler],
+    augmult: int = 1,
+    augmenter: Optional[Callable[[tf.Tensor], tf.Tensor]] = None,
+) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
+    """Per-host in-memory input for `distribute_datasets_from_function`.
+
+    `host_dataset_fn` with `make_poisson_dataset` as each host's pipeline;
+    `distribute_poisson_dataset` wraps it for `DPKerasModel.fit`.
+
+    Args:
+      features: [N, *input_shape] training examples (on every host).
+      labels: [N, ...] labels.
+      sampler_fn: Builds this host's `PoissonSampler` (same key on all hosts).
+      augmult: K views per example.
+      augmenter: Optional one-view augmentation.
+
+    Returns:
+      A function from `tf.distribute.InputContext` to the host's dataset.
+    """
+    return host_dataset_fn(sampler_fn, _in_memory_host(features, labels, augmult, augmenter))
 
 
 def distribute_poisson_dataset(
@@ -442,9 +498,7 @@ def distribute_poisson_dataset(
     """Per-host Poisson input for multi-worker `fit` (see `poisson_dataset_fn`).
 
     Every host builds its own pipeline from `sampler_fn` (same secret key on
-    all hosts), so no host ships its data to another. Each element's
-    sampling tag is checked on its host; `DPKerasModel.fit` checks the
-    sampler's (N, B) against the model's.
+    all hosts), so no host ships its data to another.
 
     Args:
       strategy: The `tf.distribute` strategy the model was built under.
@@ -454,16 +508,9 @@ def distribute_poisson_dataset(
     Returns:
       A `tf.distribute.DistributedDataset` to pass to `fit`.
     """
-    probe = sampler_fn()
-    sampling = (probe.dataset_size, probe.expected_batch_size)
-    make = poisson_dataset_fn(features, labels, sampler_fn, augmult=augmult, augmenter=augmenter)
-
-    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        return check_sampling_tags(make(context), *sampling)
-
-    dataset = strategy.distribute_datasets_from_function(dataset_fn)
-    _DISTRIBUTED_SAMPLING[dataset] = sampling
-    return dataset
+    return distribute_host_datasets(
+        strategy, sampler_fn, _in_memory_host(features, labels, augmult, augmenter)
+    )
 
 
 def distributed_sampling(dataset) -> Optional[Tuple[int, int]]:

@@ -272,13 +272,6 @@ class TrainConfig:
                     self.sampling_key_file,
                 )
             return
-        if self.dataset == "imagenet2012":
-            raise _validate.invalid(
-                "strategy",
-                "default, mirrored or tpu for imagenet2012 (multiworker needs an "
-                "in-memory dataset)",
-                self.strategy,
-            )
         if self.noise_seed is None:
             if self.sampling_key_file is None:
                 raise _validate.invalid(

@@ -38,14 +38,23 @@ def train_dataset(
       augmult: K views per example.
       augmenter: Random one-view augmentation, or None for identical views.
       per_host: Multi-worker: the strategy; the input is then a
-        distributed dataset whose per-host pipelines each keep their share
-        of every global micro-batch (in-memory data).
+        distributed dataset whose per-host pipelines each keep (and, for
+        ImageNet, read and decode) their share of every global micro-batch.
 
     Returns:
       An endless dataset of `(x, y, mask, step_end, tag)` micro-batches, x of
       shape [P, K, H, W, C] (or [P, H, W, C] when K = 1 without augmenter).
     """
     augmenter = _without_autograph(augmenter)
+    if per_host is not None and hasattr(train_x, "encoded"):
+        # Every host reads and decodes only its own rows of each micro-batch.
+        return sampling.distribute_host_datasets(
+            per_host,
+            lambda: sampler,
+            lambda host_sampler, hosts, host: encoded_train_dataset(
+                train_x, train_y, host_sampler, augmult, augmenter, hosts, host
+            ),
+        )
     if per_host is not None:
         return sampling.distribute_poisson_dataset(
             per_host,
