@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from tan_keras import _validate
 from tan_keras.data.policies import POLICIES
-from tan_keras.mechanism.views import ViewKeys
+from tan_keras.mechanism.views import TAKES_VIEW_KEYS, ViewKeys
 
 IMAGENET_RESIZE = 256
 IMAGENET_CROP = 224
@@ -307,6 +307,7 @@ def make_augmenter(
             images = color_jitter(images, seed=_op_seed(draw, 20))
         return tf.ensure_shape(images, [None, height, width, channels])
 
+    setattr(augment, TAKES_VIEW_KEYS, True)
     return augment
 
 

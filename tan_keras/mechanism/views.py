@@ -20,6 +20,8 @@ Augmenter = Callable[[tf.Tensor], tf.Tensor]
 # example and 256 random draws per view (an augmenter's `ViewKeys.offset`).
 _VIEW_SHIFT, _EXAMPLE_SHIFT = 8, 16
 MAX_VIEWS = 1 << (_EXAMPLE_SHIFT - _VIEW_SHIFT)
+# An augmenter with this attribute set to True takes `ViewKeys` as its seed.
+TAKES_VIEW_KEYS = "takes_view_keys"
 # SplitMix64's finalizer (Steele, Lea, Flood 2014): a bijective 64-bit mix.
 _MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
@@ -92,8 +94,10 @@ def make_views(
       augmenter: Function from `make_augmenter`, or any `images -> images`.
       seed: Optional stateless [2] seed, passed on to an augmenter that takes
         a `seed` argument (one from `make_augmenter` does).
-      example_ids: Optional [batch] indices of the examples: then each view
-        is keyed by (`seed`, example, view) (`ViewKeys`), not by its row.
+      example_ids: Optional [batch] indices of the examples: then an
+        augmenter marked with `TAKES_VIEW_KEYS` (those of `make_augmenter`)
+        gets `ViewKeys`, each view keyed by (`seed`, example, view); any other
+        augmenter gets a [2] seed folded with the first example.
 
     Returns:
       [batch, K, H, W, C]; row i holds the K views of image i (K = 1 still
@@ -105,7 +109,15 @@ def make_views(
     augmult = _validate.integer("augmult", augmult, low=1, high=MAX_VIEWS)
     images = tf.nest.map_structure(tf.convert_to_tensor, images)
     if example_ids is not None and seed is not None:
-        seed = view_keys(seed, example_ids, augmult)
+        if getattr(augmenter, TAKES_VIEW_KEYS, False):
+            seed = view_keys(seed, example_ids, augmult)
+        else:
+            # Any other augmenter takes a [2] seed: one per micro-batch,
+            # folded with its first example (the micro-batches of a step
+            # differ in it), so a resumed run still draws the same views.
+            seed = tf.random.experimental.stateless_fold_in(
+                tf.cast(seed, tf.int64), tf.cast(example_ids[0], tf.int64)
+            )
     # One augmenter call on [batch * K] images: each copy gets its own draw.
     repeated = tf.nest.map_structure(lambda t: tf.repeat(t, augmult, axis=0), images)
     if seed is not None and _takes_seed(augmenter):

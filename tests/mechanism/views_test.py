@@ -106,3 +106,32 @@ def test_a_resumed_sampler_draws_the_same_views_again():
 def test_too_many_views_are_refused():
     with pytest.raises(ValueError, match="Invalid value for `augmult`"):
         views.make_views(tf.zeros([2, 8, 8, 3]), 257, augment.make_augmenter("cifar", (8, 8, 3)))
+
+
+def test_a_custom_augmenter_taking_a_seed_gets_a_plain_seed_per_micro_batch():
+    # A user's augmenter written for stateless [2] seeds must keep working
+    # (ViewKeys would crash it), and two micro-batches of one step must not
+    # share a seed (the same draws row by row).
+    seeds = []
+
+    def flip(images, seed):
+        seeds.append(seed)
+        return tf.image.stateless_random_flip_left_right(images, seed)
+
+    n = 60
+    images = np.random.default_rng(0).uniform(size=(n, 8, 8, 3)).astype(np.float32)
+    sampler = sampling.PoissonSampler(n, 30, physical_batch_size=8, secret_key=77)
+    dataset = tan_keras.make_poisson_dataset(
+        images, np.arange(n), sampler, augmult=2, augmenter=flip
+    )
+    x = next(iter(dataset))[0]
+    assert x.shape == (8, 2, 8, 8, 3) and all(s.shape == (2,) for s in seeds)
+
+    def seed_for(ids):
+        seeds.clear()
+        views.make_views(tf.constant(images[:4]), 2, flip, seed=KEY, example_ids=ids)
+        return seeds[-1].numpy()
+
+    first = seed_for(tf.constant([0, 1, 2, 3], tf.int64))
+    np.testing.assert_array_equal(seed_for(tf.constant([0, 1, 2, 3], tf.int64)), first)
+    assert not np.array_equal(seed_for(tf.constant([9, 1, 2, 3], tf.int64)), first)
