@@ -48,12 +48,19 @@ def run(config: TrainConfig, start: Optional[float] = None) -> Optional[Dict[str
     metrics_path = config.metrics_json or os.path.join(model_dir, train_config.METRICS_FILE)
     if os.path.isdir(metrics_path):
         raise _validate.invalid("metrics_json", "a file path, not a directory", metrics_path)
-    if config.dry_run:
-        # The plan needs N, not the data: a dry run works where the data is
-        # not (yet) present, e.g. before preparing ImageNet.
-        data = datasets.known_facts(config.dataset)
-    else:
+    try:
         data = datasets.load_dataset(config.dataset, config.data_dir)
+    except datasets.DatasetUnavailableError:
+        if not config.dry_run:
+            raise
+        # The plan needs N, not the data: a dry run works where the data is
+        # not (yet) present, e.g. before preparing ImageNet. Where the data is
+        # present, its own N counts (a partial or custom build differs).
+        data = datasets.known_facts(config.dataset)
+        print(
+            f"{config.dataset} is not prepared here: planning with its known N = {data.size}.",
+            flush=True,
+        )
     plan = train_plan.plan_privacy(config, data.size)
 
     # TensorFlow loads only now, after the checks that need no model.
@@ -75,7 +82,7 @@ def run(config: TrainConfig, start: Optional[float] = None) -> Optional[Dict[str
             ) from None
     print(train_plan.format_plan(plan, config.dataset), flush=True)
     if config.dry_run:
-        print(f"dry run: {config.model}, {config.dataset} not read; nothing trained or written.")
+        print(f"dry run: {config.model} on {config.dataset}; nothing trained or written.")
         return None
 
     strategy = train_lib.make_strategy(config.strategy, config.tpu)

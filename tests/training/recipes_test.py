@@ -96,8 +96,20 @@ def test_the_missions_command_plans_imagenet_without_its_data(tmp_path, capsys):
     assert 7.9 < epsilon <= 8.0
     sigma = float(out.split("noise_multiplier")[1].split()[0])
     assert sigma == pytest.approx(2.5, abs=0.02)  # the paper's sigma at epsilon 8
-    assert "nf_resnet50" in out
+    assert "nf_resnet50" in out and "not prepared here" in out
     assert not run_dir.exists() and os.listdir(empty) == []
+
+
+def test_a_dry_run_plans_with_the_prepared_datas_own_n(tmp_path, capsys):
+    # Power check of the known-N fallback: a prepared (here synthetic, 16
+    # images) imagenet2012 is planned with its own N, not 1,281,167.
+    from tan_keras.data.synthetic_imagenet import make_synthetic_imagenet
+
+    make_synthetic_imagenet(str(tmp_path), train=16, validation=2)
+    args = ["--dataset=imagenet2012", f"--data_dir={tmp_path}", "--batch_size=4", "--dry_run"]
+    code, out, err = run_cli([*args, "--noise_multiplier=1", "--delta=1e-3"], capsys)
+    assert code == 0, err
+    assert "N=16 training examples" in out and "not prepared here" not in out
 
 
 def test_a_real_run_without_the_data_fails_fast_writing_nothing(tmp_path, capsys):
