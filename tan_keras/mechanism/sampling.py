@@ -276,7 +276,16 @@ def check_sampling_tags(
 
 def _rows(argument: str, structure) -> int:
     """The number of rows shared by every array of `structure`."""
-    counts = {len(array) for array in tf.nest.flatten(structure)}
+    leaves = tf.nest.flatten(structure)
+    if not leaves or any(np.ndim(leaf) < 1 for leaf in leaves):
+        # A Python list of rows flattens to scalars: it is not a list of inputs.
+        raise _validate.invalid(
+            argument,
+            "an array with one row per example, or a list, tuple or dict of such arrays",
+            type(structure).__name__,
+            "Convert a Python list of rows with np.asarray first",
+        )
+    counts = {len(array) for array in leaves}
     if len(counts) != 1:
         raise _validate.invalid(
             argument, "arrays with the same number of rows (one per example)", sorted(counts)

@@ -291,3 +291,10 @@ def test_a_single_loss_applies_to_every_output_against_its_own_labels():
         total = [t + min(1.0, CLIP / norm) * g.numpy() for t, g in zip(total, grads)]
     expected = np.concatenate([(v.numpy() - LR * t / B).ravel() for v, t in zip(variables, total)])
     np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_a_python_list_of_rows_is_refused_before_any_work():
+    sampler = tan_keras.PoissonSampler(4, 2)
+    rows = [[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [1.0, 1.0]]
+    with pytest.raises(ValueError, match=r"Invalid value for `features`.*np.asarray"):
+        tan_keras.make_poisson_dataset(rows, np.zeros(4), sampler)
