@@ -24,7 +24,8 @@ INSTALL_REQUIRES = [
     "scipy",
 ]
 
-TEST_REQUIRES = ["pytest", "hypothesis", "ruff"]
+# pytest-xdist: the README's test command runs the suite on 2 processes.
+TEST_REQUIRES = ["pytest", "pytest-xdist", "hypothesis", "ruff"]
 
 setuptools.setup(
     name="tan_keras",

@@ -73,17 +73,17 @@ def test_digits_flagfile_is_the_defaults():
 TINY = ["--batch_size=2", "--physical_batch_size=2", "--steps=2"]
 # NF-ResNet-50 per-example gradients at 224x224 cost ~15 s per step of 2 x 8
 # views on 2 CPU cores; 2 views still exercise the multi-view path.
-IMAGENET_TINY = ["--ref_batch_size=4", "--augmult=2"]
+IMAGENET_TINY = ["--augmult=2"]
 
 
+# The private recipes train; their simulations (same model and pipeline, a
+# noise flag apart) are planned above, and simulations train in the search's
+# tests; the digits flagfile is the defaults, which train_test trains.
 @pytest.mark.parametrize(
     "flagfile, extra",
     [
         ("cifar10_wrn16_4.cfg", []),
-        ("cifar10_wrn16_4_sim256.cfg", ["--ref_batch_size=4"]),
-        ("imagenet_nfresnet50.cfg", IMAGENET_TINY[1:]),
-        ("imagenet_nfresnet50_sim256.cfg", IMAGENET_TINY),
-        ("digits_small_cnn.cfg", []),
+        ("imagenet_nfresnet50.cfg", IMAGENET_TINY),
     ],
 )
 def test_flagfile_trains_two_steps(flagfile, extra, tmp_path, capsys):
