@@ -251,6 +251,44 @@ with strategy.scope():
     tied.compile(optimizer=keras.optimizers.SGD(1.0), loss=LOSS)
 result["tied_kernel_ghosted"] = any(layer is encoder for layer in tied._ghost_layers)
 
+# 2f. A noisy clipped fraction, release_train_metrics=False (R = 2 only: the
+# code path is the same for any R > 1). C is tiny, so a step's true count is
+# its number of real rows; each replica counts and noises its half.
+if R == 2 and VARIANT == "correct":
+    steps, micro = 100, 2
+    rng = np.random.default_rng(4)
+    real = rng.integers(0, P + 1, steps * micro)
+    rows = (np.arange(P)[None] < real[:, None]).astype(np.float32).ravel()
+    xs, ys = rng.normal(size=(steps * micro * P, 4)), rng.integers(0, 3, steps * micro * P)
+    with strategy.scope(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inp = keras.Input((4,))
+        model = DPKerasModel(
+            inp,
+            keras.layers.Dense(3)(inp),
+            **{**BASE_DP, "l2_norm_clip": 1e-6, "noise_multiplier": 1.0},
+            clipped_fraction_std=0.1,
+            release_train_metrics=False,
+            noise_seed=3,
+        )
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS, metrics=["accuracy"])
+    batch_logs = []
+    recorder = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: batch_logs.append(dict(logs))
+    )
+    history = model.fit(
+        dataset(xs, ys, rows, steps, micro),
+        verbose=0,
+        callbacks=[recorder],
+        validation_data=(xs[:P].astype(np.float32), ys[:P]),
+    )
+    result["fraction_running_means"] = [
+        float(logs["noisy_clipped_fraction"]) for logs in batch_logs[micro - 1 :: micro]
+    ]
+    result["fraction_truth"] = (real.reshape(steps, micro).sum(axis=1) / B).tolist()
+    result["fraction_epoch_log"] = history.history["noisy_clipped_fraction"][-1]
+    result["fraction_log_keys"] = sorted(set(history.history).union(*batch_logs))
+
 # 3. Each replica's own noise draw, for the correlation check.
 key = tf.constant(noise.make_noise_key(), tf.int64)
 

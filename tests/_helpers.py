@@ -1,5 +1,8 @@
 """Small models and one-step drivers shared by the DP tests."""
 
+import pathlib
+import re
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -89,3 +92,65 @@ def refusal_line(code, stderr, name=None):
     if name is not None:
         assert f"`{name}`" in lines[0], lines[0]
     return lines[0]
+
+
+def released_fraction_ok(released, truth, std, alpha=1e-6):
+    """Whether released per-step noisy fractions are `truth` plus N(0, std^2) noise.
+
+    The statistical test of a noisy clipped fraction: for the errors
+    released - truth (n of them), a two-sided chi-square interval on their
+    sample variance (n - 1 degrees of freedom) and a z-bound on their mean
+    (known std), each at level alpha / 2, so a correct implementation fails
+    with probability at most alpha.
+    """
+    from scipy import stats
+
+    errors = np.asarray(released, np.float64) - np.asarray(truth, np.float64)
+    n = errors.size
+    low, high = stats.chi2.ppf([alpha / 4, 1 - alpha / 4], n - 1) / (n - 1)
+    std_ok = low <= errors.var(ddof=1) / std**2 <= high
+    mean_ok = abs(errors.mean()) <= stats.norm.ppf(1 - alpha / 4) * std / np.sqrt(n)
+    return bool(std_ok and mean_ok)
+
+
+def per_step_values(running_means):
+    """The values whose running means (a Keras Mean metric's result after each) are given."""
+    means = np.asarray(running_means, np.float64)
+    count = np.arange(1, means.size + 1)
+    totals = count * means
+    return np.diff(np.r_[0.0, totals])
+
+
+# Training statistics computed without noise on the private examples (what
+# --release=private must keep out of every output), and a printed "name: value".
+NOISELESS = ("loss", "accuracy", "grad_norm", "clipped_fraction", "nonfinite_examples")
+_PRINTED_NOISELESS = re.compile(r"(?<![\w])(" + "|".join(NOISELESS) + r")[:=]\s*[-\d.]")
+
+
+def noiseless_statistics_released(run_dir, printed):
+    """Where a finished run released noiseless training statistics.
+
+    Args:
+      run_dir: The run's model_dir.
+      printed: Everything the run printed (stdout and stderr).
+
+    Returns:
+      {"tensorboard": tags of the training logs (not the validation ones,
+      which are held-out data) naming one, "printed": names printed with a
+      value ("val_loss", "test_accuracy", "noisy_clipped_fraction" do not
+      count), "files": other files whose text names one}.
+    """
+    found = {"tensorboard": set(), "printed": set(), "files": set()}
+    for events in pathlib.Path(run_dir, "tensorboard").rglob("events.out.tfevents*"):
+        if "validation" in events.parts:
+            continue
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            for value in event.summary.value:
+                name = value.tag.removeprefix("epoch_").removeprefix("batch_")
+                if name in NOISELESS:
+                    found["tensorboard"].add(value.tag)
+    found["printed"] = {m.group(1) for m in _PRINTED_NOISELESS.finditer(printed)}
+    for path in pathlib.Path(run_dir).rglob("*.json"):
+        text = path.read_text()
+        found["files"] |= {name for name in NOISELESS if re.search(rf'"{name}"\s*:\s*[-\d.]', text)}
+    return found

@@ -14,6 +14,10 @@ class PrivacyAccountant(keras.callbacks.Callback):
     The step count is the model's `dp_steps` (noisy optimizer updates actually
     applied, restored with the weights on resume), never Keras' batch or
     epoch counters: with gradient accumulation several batches make one step.
+    Every number it computes (epsilon, the step budget, eta) uses the model's
+    `dp_config.accounted_noise_multiplier`: the noise multiplier, or with a
+    released noisy clipped fraction the effective one that accounts the
+    update and the count together.
 
     Logged at every epoch end (and every `log_every_steps` updates if set):
     `epsilon`, `eta`, `dp_steps`. Training stops BEFORE an update that would
@@ -74,7 +78,11 @@ class PrivacyAccountant(keras.callbacks.Callback):
             return self.shuffled_epsilon()
         steps = int(self.model.dp_steps.numpy()) if steps is None else steps
         return accounting.compute_epsilon(
-            config.noise_multiplier, config.sampling_rate, steps, self.delta, self.accountant
+            config.accounted_noise_multiplier,
+            config.sampling_rate,
+            steps,
+            self.delta,
+            self.accountant,
         )
 
     def shuffled_epsilon(self, epochs: Optional[int] = None) -> float:
@@ -82,7 +90,7 @@ class PrivacyAccountant(keras.callbacks.Callback):
         config = self._dp()
         epochs = int(self.model.dp_epochs.numpy()) if epochs is None else epochs
         return accounting.compute_shuffled_epsilon(
-            config.noise_multiplier, epochs, self.delta, self.accountant
+            config.accounted_noise_multiplier, epochs, self.delta, self.accountant
         )
 
     def on_train_begin(self, logs=None):
@@ -91,7 +99,7 @@ class PrivacyAccountant(keras.callbacks.Callback):
         if self.max_steps is not None:
             limits.append(self.max_steps)
         if self.target_epsilon is not None:
-            if config.noise_multiplier == 0:
+            if config.accounted_noise_multiplier == 0:
                 raise ValueError(
                     "Invalid value for `target_epsilon`: a budget cannot be met with "
                     "noise_multiplier=0 (every update has infinite epsilon). Received: "
@@ -110,7 +118,7 @@ class PrivacyAccountant(keras.callbacks.Callback):
             return 0
         return accounting.calibrate_steps(
             self.target_epsilon,
-            config.noise_multiplier,
+            config.accounted_noise_multiplier,
             config.sampling_rate,
             self.delta,
             self.accountant,
@@ -150,7 +158,7 @@ class PrivacyAccountant(keras.callbacks.Callback):
         config = self._dp()
         steps = int(self.model.dp_steps.numpy())
         eps = self.epsilon(steps)
-        eta = tan.eta(config.noise_multiplier, config.sampling_rate, steps)
+        eta = tan.eta(config.accounted_noise_multiplier, config.sampling_rate, steps)
         record = {"dp_steps": steps, "epsilon": eps, "eta": eta}
         if config.sampling == "shuffled":
             # eta describes Poisson sampling only.

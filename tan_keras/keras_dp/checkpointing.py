@@ -5,7 +5,8 @@ must never replay or skip noise. So a checkpoint holds: the weights, the
 optimizer, the EMA shadows, the noisy-update count (`dp_steps`: the
 accountant's step count and the noise stream's position), the noise key,
 and the Poisson sampler's key and counter. It also holds a fingerprint of
-the DP configuration (N, B, sigma, C, K, sampling): a checkpoint written by a run with
+the DP configuration (N, B, sigma, C, K, sampling, and the std of a released
+noisy clipped fraction when set): a checkpoint written by a run with
 another configuration is refused, since continuing it would account the two
 runs' steps under the wrong parameters.
 
@@ -41,9 +42,19 @@ class CheckpointError(ValueError):
     """A checkpoint is corrupted or belongs to another DP configuration."""
 
 
+# In the fingerprint only when set: the count's noise changes the accounted
+# noise multiplier, and a checkpoint written before it existed (or without
+# it) keeps the fingerprint it had.
+_OPTIONAL_FINGERPRINT_KEYS = ("clipped_fraction_std",)
+
+
 def _fingerprint(model) -> str:
     config = model.dp_config.to_dict()
-    return json.dumps({k: config[k] for k in _FINGERPRINT_KEYS}, sort_keys=True)
+    fingerprint = {k: config[k] for k in _FINGERPRINT_KEYS}
+    fingerprint.update(
+        {k: config[k] for k in _OPTIONAL_FINGERPRINT_KEYS if config.get(k) is not None}
+    )
+    return json.dumps(fingerprint, sort_keys=True)
 
 
 class DPCheckpoint:

@@ -1,9 +1,10 @@
 """The DP hyper-parameters of a training run, validated once, in one place."""
 
 import dataclasses
+from typing import Optional
 
 from tan_keras import _validate
-from tan_keras.privacy import tan
+from tan_keras.privacy import accounting, tan
 
 SAMPLING_MODES = ("poisson", "shuffled")
 
@@ -32,6 +33,13 @@ class DPConfig:
         amplification: each pass is one Gaussian mechanism in which a
         replaced example moves one batch's sum by at most 2C
         (replace-one adjacency), so epsilon grows with the number of passes.
+      clipped_fraction_std: None (default), or the std s > 0 of a privately
+        released clipped fraction: at every released step, the number of
+        the step's examples whose gradient norm exceeded C gets Gaussian
+        noise of std s * B (`clipped_count_noise_std`) and is divided by B,
+        so the released fraction has std s (Andrew et al. 2021). It is
+        accounted together with the gradient: epsilon uses
+        `accounted_noise_multiplier`. Only with sampling="poisson".
     """
 
     l2_norm_clip: float
@@ -40,6 +48,7 @@ class DPConfig:
     dataset_size: int
     augmult: int = 1
     sampling: str = "poisson"
+    clipped_fraction_std: Optional[float] = None
 
     def __post_init__(self):
         # Normalise types while validating, so a config built from flags or
@@ -69,6 +78,26 @@ class DPConfig:
         )
         set_(self, "augmult", _validate.positive_int("augmult", self.augmult))
         set_(self, "sampling", _validate.one_of("sampling", self.sampling, SAMPLING_MODES))
+        if self.clipped_fraction_std is not None:
+            set_(
+                self,
+                "clipped_fraction_std",
+                _validate.positive(
+                    "clipped_fraction_std",
+                    self.clipped_fraction_std,
+                    hint="The std of the released clipped fraction (e.g. 0.05), or None",
+                ),
+            )
+            if self.sampling == "shuffled":
+                # The replace-one analysis of shuffled batches has sensitivity
+                # 2C for the gradient; its joint accounting with a count is
+                # not implemented.
+                raise _validate.invalid(
+                    "clipped_fraction_std",
+                    "None with sampling='shuffled' (the noisy clipped fraction is "
+                    "accounted with Poisson sampling only)",
+                    self.clipped_fraction_std,
+                )
 
     @property
     def sampling_rate(self) -> float:
@@ -86,9 +115,32 @@ class DPConfig:
         return self.noise_stddev / self.expected_batch_size
 
     @property
+    def clipped_count_noise_std(self) -> Optional[float]:
+        """sigma_b = clipped_fraction_std * B, the noise std on the clipped count (None: off)."""
+        if self.clipped_fraction_std is None:
+            return None
+        return self.clipped_fraction_std * self.expected_batch_size
+
+    @property
+    def accounted_noise_multiplier(self) -> float:
+        """The sigma that accounts every release of a step: the noisy update and count.
+
+        `noise_multiplier` without a released clipped fraction; with one,
+        sigma_eff = (sigma^-2 + sigma_b^-2)^(-1/2) (see
+        `accounting.effective_noise_multiplier`), 0 when sigma = 0. Every
+        epsilon, step budget and eta of this config uses it.
+        """
+        return accounting.effective_noise_multiplier(
+            self.noise_multiplier, self.clipped_count_noise_std
+        )
+
+    @property
     def eta_step(self) -> float:
-        """Per-step Total Amount of Noise q / (sqrt(2) sigma); inf when sigma = 0."""
-        return tan.eta_step(self.noise_multiplier, self.sampling_rate)
+        """Per-step Total Amount of Noise q / (sqrt(2) sigma_acc); inf when sigma = 0.
+
+        sigma_acc is `accounted_noise_multiplier`: eta describes privacy.
+        """
+        return tan.eta_step(self.accounted_noise_multiplier, self.sampling_rate)
 
     def to_dict(self) -> dict:
         """The config as a plain dict (for logs, checkpoints and Keras configs)."""

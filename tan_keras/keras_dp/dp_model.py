@@ -21,6 +21,7 @@ import math
 from typing import Optional, Sequence, Union
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tan_keras import (
@@ -53,9 +54,17 @@ _DP_CONFIG_KEYS = (
     "clipping",
     "examples_per_chunk",
     "sampling",
+    "clipped_fraction_std",
+    "release_train_metrics",
 )
 
 CLIPPING_MODES = ("auto", "ghost", "layerwise", "vectorized")
+
+# What the train step returns when it releases nothing (release_train_metrics
+# =False without a noisy clipped fraction): Keras's train function cannot
+# return an empty structure (its tf.experimental.Optional needs a tensor).
+# A constant, so it carries nothing; `make_train_function` removes it.
+_NOTHING_RELEASED = "dp_nothing_released"
 
 # What Keras's Functional.get_config writes (the layer graph).
 _FUNCTIONAL_CONFIG_KEYS = frozenset(
@@ -154,6 +163,24 @@ class DPKerasModel(keras.Model):
         "shuffled": `fit(x, y, batch_size=expected_batch_size)` on arrays,
         accounted without amplification (see `DPConfig.sampling` and
         `tan_keras.keras_dp.fit_inputs`).
+      release_train_metrics: True (default): the train step returns, and
+        Keras prints and logs, statistics computed WITHOUT noise on the
+        private training examples: loss, the compiled metrics, grad_norm,
+        clipped_fraction, nonfinite_examples. They are not covered by the
+        privacy guarantee. False: none of them is computed into a metric or
+        leaves the train step (`model.metrics` does not list them either);
+        validation (`validation_data`, `evaluate`) works as usual, and
+        `noisy_clipped_fraction` and the accountant's epsilon are still
+        logged.
+      clipped_fraction_std: None (default), or the std s > 0 of a privately
+        released clipped fraction, logged as `noisy_clipped_fraction` (the
+        mean over the epoch's released steps): once per logical step, the
+        number of its examples whose gradient norm exceeded C, plus
+        Gaussian noise of std s * B, divided by B (Andrew et al. 2021). The
+        count is accounted with the update: epsilon uses
+        `dp_config.accounted_noise_multiplier`. A few percent of std (e.g.
+        0.05) cost little privacy when s * B is well above sigma. Refused
+        with sampling="shuffled".
       **kwargs: Other `keras.Model` keyword arguments (name, ...).
 
     Raises:
@@ -176,6 +203,8 @@ class DPKerasModel(keras.Model):
         clipping: str = "auto",
         examples_per_chunk: Union[int, str, None] = "auto",
         sampling: str = "poisson",
+        release_train_metrics: bool = True,
+        clipped_fraction_std: Optional[float] = None,
         **kwargs,
     ):
         # Validate before building anything: bad input must fail fast.
@@ -186,7 +215,11 @@ class DPKerasModel(keras.Model):
             dataset_size=dataset_size,
             augmult=augmult,
             sampling=sampling,
+            clipped_fraction_std=clipped_fraction_std,
         )
+        if not isinstance(release_train_metrics, (bool, np.bool_)):
+            raise _validate.invalid("release_train_metrics", "True or False", release_train_metrics)
+        release_train_metrics = bool(release_train_metrics)
         clipping = _validate.one_of("clipping", clipping, CLIPPING_MODES)
         examples_per_chunk = _validate.examples_per_chunk(examples_per_chunk)
         if ema_decay is not None:
@@ -237,7 +270,10 @@ class DPKerasModel(keras.Model):
                 )
                 for v in self._ema_sources
             ]
-        self._trackers = dp_state.StepMetrics()
+        self._release_train_metrics = release_train_metrics
+        self._trackers = dp_state.StepMetrics(
+            release_train_metrics, noisy_clipped_fraction=config.clipped_fraction_std is not None
+        )
         # fit's class_weight, as a lookup vector (example_weights.py).
         self._class_table = None
         # Shape of a batch of labels, for building the compiled metrics.
@@ -286,6 +322,11 @@ class DPKerasModel(keras.Model):
     def ema_decay(self) -> Optional[float]:
         return self._ema_decay
 
+    @property
+    def release_train_metrics(self) -> bool:
+        """Whether noiseless statistics of the training examples leave the train step."""
+        return self._release_train_metrics
+
     def get_config(self):
         # Functional.get_config: the layer graph.
         config = super().get_config()
@@ -293,6 +334,7 @@ class DPKerasModel(keras.Model):
         dp["ema_decay"] = self._ema_decay
         dp["clipping"] = self._clipping_requested
         dp["examples_per_chunk"] = self._examples_per_chunk
+        dp["release_train_metrics"] = self._release_train_metrics
         config.update(dp)
         # The updates already released travel with a saved model, so that a
         # reloaded model that trains on accounts for them too.
@@ -406,6 +448,18 @@ class DPKerasModel(keras.Model):
                 ]
                 self._secret.trained = trained
                 self._secret.pending.assign(0)
+            if self._dp_config.clipped_fraction_std is not None and (
+                self._secret.clipped_count is None
+            ):
+                # Per replica, like the gradient accumulators: each counts
+                # its own rows; the noisy partial counts are summed at release.
+                self._secret.clipped_count = tf.Variable(
+                    0.0,
+                    trainable=False,
+                    name="dp_clipped_count",
+                    synchronization=tf.VariableSynchronization.ON_READ,
+                    aggregation=tf.VariableAggregation.SUM,
+                )
             # A weight that does not train is its own average: its shadow
             # follows its value (e.g. a frozen backbone loaded after
             # make_private), and the EMA of the others goes on.
@@ -447,7 +501,13 @@ class DPKerasModel(keras.Model):
 
     @property
     def metrics(self):
-        return self._trackers.all() + _keras_internals.compiled_metrics(self)
+        compiled = _keras_internals.compiled_metrics(self)
+        if not self._release_train_metrics:
+            # The train step never updates them; the test step builds them
+            # on held-out data. Unbuilt, their result() would raise where
+            # Keras reads every metric at an epoch's end.
+            compiled = [metric for metric in compiled if metric.built]
+        return self._trackers.leading() + compiled + self._trackers.trailing()
 
     def _dp_build_for_fit(self):
         # Called by Keras under a strategy instead of reading a batch (see
@@ -549,8 +609,28 @@ class DPKerasModel(keras.Model):
             "in-memory arrays (sampling='shuffled')."
         )
 
+    def make_train_function(self, force=False):
+        """Keras's train function, without the placeholder of a step that releases nothing.
+
+        With release_train_metrics=False and no noisy clipped fraction the
+        train step returns one constant (Keras needs a tensor); the
+        callbacks, the progress bar and History get empty logs instead.
+        """
+        if self.train_function is not None and not force:
+            return self.train_function
+        super().make_train_function(force=force)
+        function = self.train_function
+        if not self._release_train_metrics:
+
+            def train_function(iterator):
+                logs = function(iterator)
+                return {k: v for k, v in logs.items() if k != _NOTHING_RELEASED}
+
+            self.train_function = train_function
+        return self.train_function
+
     def _reset_accumulators(self):
-        for acc in self._secret.accumulators:
+        for acc in self._secret_accumulators():
             if tf.distribute.in_cross_replica_context():
                 dp_state.assign_zero(acc)
             else:
@@ -635,7 +715,7 @@ class DPKerasModel(keras.Model):
         weights = example_weights.example_weights(y, sample_weight, self._class_table)
         y, mask, num_invalid = self._drop_invalid_labels(y, mask)
         clipped, losses, y_pred = self._clipped_sum(x, y, mask, weights)
-        self._accumulate(clipped.grad_sum)
+        self._accumulate(clipped)
         step_end = self._ends_logical_step(step_end)
         self._noisy_update(self._accumulated(), self._releases_update(step_end))
         self._close_logical_step(step_end)
@@ -707,9 +787,17 @@ class DPKerasModel(keras.Model):
             clipped = clipped._replace(grad_sum=[summed[id(v)] for v in self.trainable_variables])
         return clipped, losses, predictions
 
-    def _accumulate(self, grad_sum):
-        for acc, g in zip(self._secret.accumulators, grad_sum):
+    def _secret_accumulators(self):
+        """The un-noised per-replica sums of the logical step: gradients, clipped count."""
+        count = self._secret.clipped_count
+        return list(self._secret.accumulators) + ([] if count is None else [count])
+
+    def _accumulate(self, clipped):
+        for acc, g in zip(self._secret.accumulators, clipped.grad_sum):
             acc.assign_add(g)
+        if self._secret.clipped_count is not None:
+            # Each example adds at most 1: the count's sensitivity.
+            self._secret.clipped_count.assign_add(tf.cast(clipped.num_clipped, tf.float32))
 
     def _accumulated(self):
         return [acc.read_value() for acc in self._secret.accumulators]
@@ -730,12 +818,19 @@ class DPKerasModel(keras.Model):
         return tf.logical_and(step_end, tf.logical_or(limit < 0, self.dp_steps < limit))
 
     def _close_logical_step(self, step_end):
-        for acc in self._secret.accumulators:
+        for acc in self._secret_accumulators():
             acc.assign(tf.where(step_end, tf.zeros_like(acc), acc))
         pending = self._secret.pending
         pending.assign(tf.where(step_end, tf.zeros_like(pending), pending + 1))
 
     def _training_logs(self, clipped, losses, y, y_pred, num_invalid):
+        if not self._release_train_metrics:
+            # Nothing computed without noise on the training examples leaves
+            # the step: only the noisy clipped fraction, if released.
+            noisy = self._trackers.noisy_clipped
+            if noisy is None:
+                return _logs_for_strategy({_NOTHING_RELEASED: tf.zeros([])})
+            return _logs_for_strategy({noisy.name: noisy.result()})
         # Metrics describe the examples that contributed: padding and zeroed
         # (non-finite) examples are left out, and selected away rather than
         # weighted by 0, since 0 * NaN = NaN would still poison the averages
@@ -776,6 +871,7 @@ class DPKerasModel(keras.Model):
             self.optimizer.apply_gradients(zip(self._noisy_gradients(grad_sum), variables))
             if self._ema_variables is not None:
                 self._update_ema(variables, tf.constant(True))
+            self._release_clipped_fraction(tf.constant(True))
             self._count_release(tf.constant(True))
             return tf.constant(True)
 
@@ -824,7 +920,42 @@ class DPKerasModel(keras.Model):
         replica.merge_call(keep_update_if_applied, args=(apply, saved))
         if self._ema_variables is not None:
             self._update_ema(variables, apply)
+        self._release_clipped_fraction(apply)
         self._count_release(apply)
+
+    def _release_clipped_fraction(self, apply):
+        """Releases the step's noisy clipped fraction into its tracker where `apply`.
+
+        (count + N(0, sigma_b^2)) / B with sigma_b = clipped_fraction_std * B,
+        once per logical step, with the noise of the step's own stream
+        (`noise.clipped_count_seed`, read before the ledger moves). Under a
+        strategy with R replicas each adds noise of std sigma_b / sqrt(R) to
+        its partial count, and the noisy partials are summed across replicas
+        here: every replica logs the same released value, so however Keras
+        reduces the logs (mean, first replica) and the tracker (sum of
+        totals over sum of counts), the logged value is the released one.
+        """
+        config = self._dp_config
+        if config.clipped_fraction_std is None:
+            return
+        replica = tf.distribute.get_replica_context()
+        replicas = replica.num_replicas_in_sync
+        stddev = config.clipped_count_noise_std / math.sqrt(replicas)
+        seed = noise.clipped_count_seed(
+            self._secret.key, self.dp_steps, replica.replica_id_in_sync_group
+        )
+        (noisy_count,) = noise.add_gaussian_noise(
+            [self._secret.clipped_count.read_value()], stddev, seed
+        )
+        if replicas > 1:
+            noisy_count = replica.all_reduce(tf.distribute.ReduceOp.SUM, noisy_count)
+        fraction = noisy_count / config.expected_batch_size
+        # A step that is not released (not at its end, or past the step cap)
+        # adds nothing: weight 0, and its value is never read.
+        self._trackers.noisy_clipped.update_state(
+            tf.where(apply, fraction, tf.zeros_like(fraction)),
+            sample_weight=tf.cast(apply, tf.float32),
+        )
 
     def _count_release(self, applied):
         """Advances the ledger by one released update where `applied`."""
@@ -868,10 +999,10 @@ class DPKerasModel(keras.Model):
         y_pred = self(x, training=False)
         y = self._labels_per_output(y)
         losses = self._per_example_loss(y, y_pred)
-        self._trackers.loss.update_state(losses, sample_weight=sample_weight)
+        self._trackers.eval_loss.update_state(losses, sample_weight=sample_weight)
         y = self._output_losses.predictions_like_labels(y, y_pred)
         self.compute_metrics(x, y, y_pred, sample_weight)
-        logs = {"loss": self._trackers.loss.result()}
+        logs = {"loss": self._trackers.eval_loss.result()}
         for metric in _keras_internals.compiled_metrics(self):
             result = metric.result()
             logs.update(result if isinstance(result, dict) else {metric.name: result})
@@ -923,7 +1054,8 @@ def make_private(
         Ignored if the model has inputs.
       **dp_kwargs: The DP arguments of `DPKerasModel` (l2_norm_clip,
         noise_multiplier, expected_batch_size, dataset_size, augmult,
-        ema_decay, noise_seed, clipping, examples_per_chunk, sampling).
+        ema_decay, noise_seed, clipping, examples_per_chunk, sampling,
+        release_train_metrics, clipped_fraction_std).
 
     Returns:
       A `DPKerasModel`.

@@ -3,8 +3,9 @@
 `SecretState` holds the noise key, the un-noised accumulated sums and the
 privacy ledger in plain TensorFlow variables that Keras's weight lists,
 `model.save`, `set_weights` and `tf.train.Checkpoint(model=...)` do not see;
-`StepMetrics` the DP step's own metrics; `EpochOpener` marks the passes of
-sampling="shuffled".
+`StepMetrics` the DP step's own metrics (noiseless training statistics,
+which `release_train_metrics=False` removes, and the noisy clipped
+fraction); `EpochOpener` marks the passes of sampling="shuffled".
 """
 
 import keras
@@ -12,16 +13,49 @@ import tensorflow as tf
 
 
 class StepMetrics:
-    """DP step metrics, kept out of the model's weights (a plain object)."""
+    """DP step metrics, kept out of the model's weights (a plain object).
 
-    def __init__(self):
-        self.loss = keras.metrics.Mean(name="loss")
-        self.clipped = keras.metrics.Mean(name="clipped_fraction")
-        self.norm = keras.metrics.Mean(name="grad_norm")
-        self.nonfinite = keras.metrics.Sum(name="nonfinite_examples")
+    Two kinds:
+      * noiseless statistics of the private training examples: `loss`,
+        `clipped` (clipped_fraction), `norm` (grad_norm), `nonfinite`
+        (nonfinite_examples). They exist only with release_train_metrics
+        (the default); without it they are None, so nothing can update,
+        list or read them.
+      * `noisy_clipped` (noisy_clipped_fraction): the mean over the steps
+        released since the last reset of the privately released clipped
+        fraction (DPConfig.clipped_fraction_std), or None when off.
+    `eval_loss` is the loss of the test step (held-out data): the training
+    loss tracker with release_train_metrics, a tracker of its own without.
 
-    def all(self):
-        return [self.loss, self.clipped, self.norm, self.nonfinite]
+    Args:
+      release_train_metrics: Whether the noiseless training statistics exist.
+      noisy_clipped_fraction: Whether a noisy clipped fraction is released.
+    """
+
+    def __init__(self, release_train_metrics: bool = True, noisy_clipped_fraction: bool = False):
+        self.release_train_metrics = release_train_metrics
+        if release_train_metrics:
+            self.loss = keras.metrics.Mean(name="loss")
+            self.clipped = keras.metrics.Mean(name="clipped_fraction")
+            self.norm = keras.metrics.Mean(name="grad_norm")
+            self.nonfinite = keras.metrics.Sum(name="nonfinite_examples")
+            self.eval_loss = self.loss
+        else:
+            self.loss = self.clipped = self.norm = self.nonfinite = None
+            self.eval_loss = keras.metrics.Mean(name="loss")
+        self.noisy_clipped = (
+            keras.metrics.Mean(name="noisy_clipped_fraction") if noisy_clipped_fraction else None
+        )
+
+    def leading(self):
+        """The trackers Keras lists before the compiled metrics."""
+        if self.release_train_metrics:
+            return [self.loss, self.clipped, self.norm, self.nonfinite]
+        return [self.eval_loss]
+
+    def trailing(self):
+        """The trackers Keras lists after the compiled metrics."""
+        return [] if self.noisy_clipped is None else [self.noisy_clipped]
 
 
 class SecretState:
@@ -52,6 +86,10 @@ class SecretState:
         # epoch has released one yet.
         self.dp_epochs = replicated_counter(0, "dp_epochs")
         self.epoch_open = replicated_counter(0, "dp_epoch_open")
+        # With a released clipped fraction: the number of the logical step's
+        # examples clipped so far (per replica, like `accumulators`;
+        # un-noised, so secret). Built at compile.
+        self.clipped_count = None
         # Micro-batches accumulated since the last noisy update.
         self.pending = replicated_counter(0, "dp_pending")
         # Number of noisy updates after which no more are applied (-1: none).

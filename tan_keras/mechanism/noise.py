@@ -6,7 +6,9 @@ pool (`secrets`) by default; an explicit seed exists only for debugging and
 says loudly that the run is then not private against anyone who knows it.
 
 Streams: the noise of logical step t on replica r, variable i, is drawn with a
-stateless Philox generator seeded by fold_in(fold_in(fold_in(key, t), r), i).
+stateless Philox generator seeded by fold_in(fold_in(fold_in(key, t), r), i);
+the noise of the step's clipped count (a released clipped fraction) folds in
+a negative constant instead of i (`clipped_count_seed`).
 So every (step, replica, variable) gets its own stream by construction: no
 two replicas share noise, no step reuses another's, and a run resumed at step
 t (the step count is checkpointed) continues exactly the noise of an
@@ -78,6 +80,32 @@ def step_seed(key: tf.Tensor, step: tf.Tensor, replica_id=0) -> tf.Tensor:
     """
     seed = tf.random.experimental.stateless_fold_in(key, tf.cast(step, tf.int64))
     return tf.random.experimental.stateless_fold_in(seed, tf.cast(replica_id, tf.int64))
+
+
+# Folded into a step's seed for the noise of the clipped count (DPConfig.
+# clipped_fraction_std). The gradient's streams fold in the variable index,
+# >= 0; a negative constant can never be one of them.
+_CLIPPED_COUNT_STREAM = -0x434C4950  # "CLIP"
+
+
+def clipped_count_seed(key: tf.Tensor, step: tf.Tensor, replica_id=0) -> tf.Tensor:
+    """The seed of one logical step's noise on its clipped count, on one replica.
+
+    A stream of the same secret key as the gradient noise, independent of
+    it: fold_in(step_seed(key, step, replica), a negative constant), where
+    the gradient's variables fold in their index (>= 0).
+
+    Args:
+      key: [2] int64 noise key (see `make_noise_key`).
+      step: Scalar index of the logical step.
+      replica_id: Index of the replica in its sync group.
+
+    Returns:
+      A [2] stateless-RNG seed for `add_gaussian_noise`.
+    """
+    return tf.random.experimental.stateless_fold_in(
+        step_seed(key, step, replica_id), tf.constant(_CLIPPED_COUNT_STREAM, tf.int64)
+    )
 
 
 def add_gaussian_noise(

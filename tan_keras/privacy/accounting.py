@@ -207,6 +207,79 @@ def dp_event_for(noise_multiplier: float, sampling_rate: float, steps: int) -> d
     return dp_event.SelfComposedDpEvent(step, steps)
 
 
+def effective_noise_multiplier(
+    noise_multiplier: float, count_noise_multiplier: Optional[float] = None
+) -> float:
+    """The noise multiplier that accounts a clipped sum released with a noisy count.
+
+    DP-SGD with a privately released clipped fraction (Andrew et al. 2021,
+    "Differentially Private Learning with Adaptive Clipping", Thm 1) adds,
+    at every step, Gaussian noise of std sigma * C to the sum of clipped
+    gradients and of std sigma_b to the count of clipped examples (each
+    example adds at most 1 to it). In units of their noise stds, one
+    example moves the pair by at most sqrt(1/sigma^2 + 1/sigma_b^2) in L2
+    norm: the pair is ONE Poisson-sampled Gaussian mechanism with noise
+    multiplier sigma_eff = (sigma^-2 + sigma_b^-2)^(-1/2), smaller than
+    both. Accounting the two releases with sigma_eff is exact (no
+    composition loss).
+
+    Args:
+      noise_multiplier: sigma of the gradient noise, a float >= 0.
+      count_noise_multiplier: sigma_b, the std of the noise on the count, a
+        float > 0, or None when no count is released.
+
+    Returns:
+      sigma_eff: `noise_multiplier` when `count_noise_multiplier` is None,
+      0 when `noise_multiplier` is 0 (no noise on the gradient: not private).
+
+    Raises:
+      ValueError: if an argument is out of range.
+    """
+    sigma = _validate.non_negative("noise_multiplier", noise_multiplier)
+    if count_noise_multiplier is None:
+        return sigma
+    sigma_b = _validate.positive("count_noise_multiplier", count_noise_multiplier)
+    if sigma == 0.0:
+        return 0.0
+    return (sigma**-2 + sigma_b**-2) ** -0.5
+
+
+def gradient_noise_multiplier(effective: float, count_noise_multiplier: float) -> float:
+    """The gradient's sigma that, with a count noised by sigma_b, accounts as `effective`.
+
+    The inverse of `effective_noise_multiplier`: sigma = (sigma_eff^-2 -
+    sigma_b^-2)^(-1/2), which exists only when sigma_b > sigma_eff (the
+    count alone must be noisier than the pair).
+
+    Args:
+      effective: sigma_eff, a float > 0 (e.g. from `calibrate_noise_multiplier`).
+      count_noise_multiplier: sigma_b, a float > 0.
+
+    Returns:
+      sigma, a float > effective.
+
+    Raises:
+      ValueError: if an argument is out of range, or if
+        count_noise_multiplier <= effective.
+    """
+    sigma_eff = _validate.positive("effective", effective)
+    sigma_b = _validate.real(
+        "count_noise_multiplier",
+        count_noise_multiplier,
+        low=sigma_eff,
+        low_inclusive=False,
+        hint="The noise of the count alone must exceed the effective noise multiplier",
+    )
+    gap = sigma_eff**-2 - sigma_b**-2
+    if gap <= 0.0:  # sigma_b above sigma_eff by less than round-off: no finite sigma
+        raise _validate.invalid(
+            "count_noise_multiplier",
+            f"a float clearly above effective={sigma_eff!r}",
+            count_noise_multiplier,
+        )
+    return gap**-0.5
+
+
 def shuffled_dp_event(noise_multiplier: float, epochs: int) -> dp_event.DpEvent:
     """The event of DP-SGD on shuffled fixed-size batches, without amplification.
 

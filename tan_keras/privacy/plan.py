@@ -11,6 +11,12 @@ before training, `python -m tan_keras.privacy`, the search's final run):
   * `make_plan` fixes sigma for N examples and computes the run's epsilon
     (the accountant: the number to report), eta and eps_TAN (the TAN
     planning quantities, docs/tan-method.md, section 2) and the warnings.
+  * A run that also releases a noisy clipped fraction (`clipped_fraction_std`
+    s: the count of clipped examples gets noise of std sigma_b = s * B) is
+    accounted as one Gaussian mechanism with the effective noise multiplier
+    sigma_eff = (sigma^-2 + sigma_b^-2)^(-1/2)
+    (`accounting.effective_noise_multiplier`): epsilon, eta and eps_TAN use
+    it; a target epsilon calibrates sigma_eff, and sigma follows from it.
 """
 
 import dataclasses
@@ -110,6 +116,13 @@ class PrivacyPlan:
         by anyone who knows the seed, so not private).
       reference: The simulated private run (simulation mode), else None.
       warnings: Sentences to print with the plan.
+      reference_dataset_size: N of the simulated private run (simulation
+        mode; differs from `dataset_size` when this run trains on a tuning
+        split held out of the private set), else None.
+      clipped_fraction_std: The std s of the noisy clipped fraction the run
+        releases (the count's noise is s * B), or None. A simulation keeps s,
+        so its reference releases the fraction with the same std (count
+        noise s * B_ref).
     """
 
     mode: str
@@ -125,6 +138,8 @@ class PrivacyPlan:
     noise_seeded: bool = False
     reference: Optional[planning.RunPrivacy] = None
     warnings: tuple = ()
+    reference_dataset_size: Optional[int] = None
+    clipped_fraction_std: Optional[float] = None
 
     @property
     def sampling_rate(self) -> float:
@@ -132,13 +147,47 @@ class PrivacyPlan:
         return self.batch_size / self.dataset_size
 
     @property
+    def clipped_count_noise_std(self) -> Optional[float]:
+        """sigma_b = clipped_fraction_std * B, the noise std on the clipped count (None: off)."""
+        if self.clipped_fraction_std is None:
+            return None
+        return self.clipped_fraction_std * self.batch_size
+
+    @property
+    def accounted_noise_multiplier(self) -> float:
+        """The sigma that accounts the run: `noise_multiplier`, or sigma_eff with a noisy count."""
+        return accounting.effective_noise_multiplier(
+            self.noise_multiplier, self.clipped_count_noise_std
+        )
+
+    @property
+    def clipped_fraction_epsilon(self) -> Optional[float]:
+        """Epsilon of the S noisy clipped counts alone (sigma_b), or None when off.
+
+        Informative only: the run's guarantee is `epsilon`, which accounts the
+        updates and the counts together.
+        """
+        if self.clipped_fraction_std is None:
+            return None
+        return accounting.compute_epsilon(
+            self.clipped_count_noise_std,
+            self.sampling_rate,
+            self.steps,
+            self.delta,
+            self.accountant,
+        )
+
+    @property
     def eta(self) -> float:
         """Total Amount of Noise of the S planned updates."""
         return self.eta_after(self.steps)
 
     def eta_after(self, steps: int) -> float:
-        """Total Amount of Noise after `steps` updates (inf without noise)."""
-        return tan.eta(self.noise_multiplier, self.sampling_rate, steps)
+        """Total Amount of Noise after `steps` updates (inf without noise).
+
+        With the accounted noise multiplier: eta describes privacy.
+        """
+        return tan.eta(self.accounted_noise_multiplier, self.sampling_rate, steps)
 
     @property
     def eps_tan(self) -> float:
@@ -147,8 +196,8 @@ class PrivacyPlan:
 
     @property
     def overcharged(self) -> bool:
-        """Whether sigma is below `tan.OVERCHARGE_SIGMA` (epsilon >> eps_TAN)."""
-        return self.noise_multiplier < tan.OVERCHARGE_SIGMA
+        """Whether the accounted sigma is below `tan.OVERCHARGE_SIGMA` (epsilon >> eps_TAN)."""
+        return self.accounted_noise_multiplier < tan.OVERCHARGE_SIGMA
 
     @property
     def gradient_evaluations(self) -> int:
@@ -236,7 +285,15 @@ class PrivacyPlan:
                 "reference_eta": ref.eta if ref else None,
                 "reference_batch_size": ref.batch_size if ref else None,
                 "reference_noise_multiplier": ref.noise_multiplier if ref else None,
+                "reference_dataset_size": self.reference_dataset_size,
                 "compute_saving": self.compute_saving,
+                "clipped_fraction_std": self.clipped_fraction_std,
+                "accounted_noise_multiplier": (
+                    self.accounted_noise_multiplier
+                    if self.clipped_fraction_std is not None
+                    else None
+                ),
+                "clipped_fraction_epsilon": self.clipped_fraction_epsilon,
             }
         )
 
@@ -254,6 +311,8 @@ def make_plan(
     ref_batch_size: Optional[int] = None,
     ref_noise_multiplier: Optional[float] = None,
     noise_seeded: bool = False,
+    reference_dataset_size: Optional[int] = None,
+    clipped_fraction_std: Optional[float] = None,
 ) -> PrivacyPlan:
     """Fixes sigma for a run on N examples and computes what it will spend.
 
@@ -269,6 +328,15 @@ def make_plan(
       ref_batch_size: B_ref of the private run to simulate.
       ref_noise_multiplier: sigma_ref of that run.
       noise_seeded: Whether noise and sampling are seeded (not private).
+      reference_dataset_size: In a simulation, N of the private run when it
+        differs from this run's (a simulation on a tuning split held out of
+        the private set); None: the same N.
+      clipped_fraction_std: None, or the std s > 0 of a noisy clipped
+        fraction released at every step (noise s * B on the count). The
+        run is accounted with sigma_eff = (sigma^-2 + (s B)^-2)^(-1/2). With
+        `target_eps`, sigma_eff is calibrated and sigma = (sigma_eff^-2 -
+        (s B)^-2)^(-1/2). In a simulation the reference releases its
+        fraction with the same s (count noise s * B_ref).
 
     Returns:
       The `PrivacyPlan`.
@@ -276,7 +344,9 @@ def make_plan(
     Raises:
       ValueError: naming the flag, on a bad value or combination (see
         `noise_mode`), when nothing sets the noise, when B or B_ref exceeds
-        N, or when the target epsilon cannot be met.
+        N, when the target epsilon cannot be met, or when
+        `clipped_fraction_std` is too small for it (s * B must exceed the
+        calibrated sigma_eff).
     """
     mode = noise_mode(
         target_eps=target_eps,
@@ -286,19 +356,31 @@ def make_plan(
         batch_size=batch_size,
     )
     n = _validate.positive_int("dataset_size", dataset_size)
-    for name, value in (("batch_size", batch_size), ("ref_batch_size", ref_batch_size)):
+    ref_n = n if reference_dataset_size is None else reference_dataset_size
+    for name, value, size in (
+        ("batch_size", batch_size, n),
+        ("ref_batch_size", ref_batch_size, ref_n),
+    ):
         if value is not None:
             _validate.integer(
                 name,
                 value,
                 low=1,
-                high=n,
-                hint=f"The dataset has N={n} training examples; q = B/N cannot exceed 1",
+                high=size,
+                hint=f"The dataset has N={size} training examples; q = B/N cannot exceed 1",
             )
     steps = _validate.positive_int("steps", steps)
     delta = _validate.delta("delta", delta)
     augmult = _validate.positive_int("augmult", augmult)
     accountant = _validate.one_of("accountant", accountant, accounting.ACCOUNTANTS)
+    if clipped_fraction_std is not None:
+        clipped_fraction_std = _validate.positive(
+            "clipped_fraction_std",
+            clipped_fraction_std,
+            hint="The std of the released clipped fraction (e.g. 0.05), or None",
+        )
+    # sigma_b of this run's count (None: no count released).
+    count_std = None if clipped_fraction_std is None else clipped_fraction_std * batch_size
     q = batch_size / n
     reference, target = None, None
     if mode == "simulation":
@@ -311,12 +393,29 @@ def make_plan(
             batch_size=batch_size,
             augmult=augmult,
             accountant=accountant,
+            reference_dataset_size=reference_dataset_size,
         )
         reference = simulated.reference
         sigma, epsilon = simulated.simulation.noise_multiplier, simulated.simulation.epsilon
+        if clipped_fraction_std is not None:
+            # planning accounts the gradient noise alone; both runs release
+            # the fraction with the same std, so each count has noise s * B
+            # of its own batch (sigma_eff / B stays equal: so does eta).
+            reference = _with_noisy_count(
+                reference, clipped_fraction_std * reference.batch_size, delta, accountant
+            )
+            epsilon = accounting.compute_epsilon(
+                accounting.effective_noise_multiplier(sigma, count_std),
+                q,
+                steps,
+                delta,
+                accountant,
+            )
     elif mode == "noise_multiplier":
         sigma = _validate.non_negative("noise_multiplier", noise_multiplier)
-        epsilon = accounting.compute_epsilon(sigma, q, steps, delta, accountant)
+        epsilon = accounting.compute_epsilon(
+            accounting.effective_noise_multiplier(sigma, count_std), q, steps, delta, accountant
+        )
     else:
         if target_eps is None:
             raise _validate.invalid(
@@ -327,12 +426,17 @@ def make_plan(
             )
         target = _validate.positive("target_eps", target_eps)
         try:
+            # With a noisy count this is sigma_eff, which the target fixes.
             sigma = accounting.calibrate_noise_multiplier(target, q, steps, delta, accountant)
         except ValueError as err:
             # The library names its argument `target_epsilon`; the user typed
             # --target_eps, and the message must name what they typed.
             raise ValueError(str(err).replace("target_epsilon", "target_eps")) from None
-        epsilon = accounting.compute_epsilon(sigma, q, steps, delta, accountant)
+        if count_std is not None:
+            sigma = _gradient_sigma_for(sigma, count_std, clipped_fraction_std, batch_size, target)
+        epsilon = accounting.compute_epsilon(
+            accounting.effective_noise_multiplier(sigma, count_std), q, steps, delta, accountant
+        )
     return PrivacyPlan(
         mode=mode,
         dataset_size=n,
@@ -347,6 +451,48 @@ def make_plan(
         noise_seeded=noise_seeded,
         reference=reference,
         warnings=tuple(_warnings(n, delta)),
+        reference_dataset_size=ref_n if reference is not None else None,
+        clipped_fraction_std=clipped_fraction_std,
+    )
+
+
+def _gradient_sigma_for(
+    effective: float, count_std: float, clipped_fraction_std: float, batch_size: int, target: float
+) -> float:
+    """The gradient's sigma that, with the count's noise `count_std`, accounts as `effective`."""
+    # The second test catches a gap lost to round-off (no finite sigma).
+    if count_std <= effective or effective**-2 <= count_std**-2:
+        raise _validate.invalid(
+            "clipped_fraction_std",
+            f"a float > {effective / batch_size:.10g} with target_eps={target:g} and "
+            f"batch_size={batch_size} (the count's noise clipped_fraction_std * batch_size "
+            f"must exceed the effective noise multiplier {effective:.6g} that the target "
+            "needs: the count alone would spend the whole budget)",
+            clipped_fraction_std,
+        )
+    sigma = accounting.gradient_noise_multiplier(effective, count_std)
+    # Round-off: sigma_eff recomputed from sigma may come out an ulp below
+    # the calibrated one, and its epsilon an ulp above the target. More
+    # gradient noise only lowers epsilon.
+    while accounting.effective_noise_multiplier(sigma, count_std) < effective:
+        sigma *= 1.0 + 1e-12
+    return sigma
+
+
+def _with_noisy_count(
+    run: planning.RunPrivacy, count_std: float, delta: float, accountant: str
+) -> planning.RunPrivacy:
+    """`run`'s privacy numbers when it also releases a count with noise `count_std`."""
+    sigma = accounting.effective_noise_multiplier(run.noise_multiplier, count_std)
+    total = tan.eta(sigma, run.sampling_rate, run.steps)
+    overcharged = sigma < tan.OVERCHARGE_SIGMA
+    return dataclasses.replace(
+        run,
+        eta=total,
+        eps_tan=tan.eps_tan(total, delta),
+        epsilon=accounting.compute_epsilon(sigma, run.sampling_rate, run.steps, delta, accountant),
+        overcharged=overcharged,
+        private=run.private and not overcharged,
     )
 
 

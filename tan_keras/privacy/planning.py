@@ -15,7 +15,7 @@ and the learning rate keeps lr * S constant (the paper's ImageNet search:
 
 import dataclasses
 import math
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Optional
 
 from tan_keras import _numbers, _validate
 from tan_keras.privacy import accounting, tan
@@ -108,6 +108,7 @@ def plan_simulation(
     batch_size: int,
     augmult: int = 1,
     accountant: str = "rdp",
+    reference_dataset_size: Optional[int] = None,
 ) -> SimulationPlan:
     """Plans a batch-size-B simulation of the private run (B_ref, sigma_ref, S).
 
@@ -124,21 +125,30 @@ def plan_simulation(
       batch_size: B of the simulation, an integer in [1, ref_batch_size].
       augmult: K, an integer >= 1; only changes gradient_evaluations.
       accountant: "rdp" or "pld".
+      reference_dataset_size: N of the private run when the simulation
+        trains on other examples (a tuning split held out of the private
+        set, of `dataset_size` examples); None: the same N. Both runs keep S
+        and sigma/B; their eta are then equal only if the N are.
 
     Returns:
-      A `SimulationPlan`.
+      A `SimulationPlan` (its `dataset_size` is the simulation's N).
 
     Raises:
       ValueError: if an argument is out of range, in particular when
         batch_size > ref_batch_size.
     """
     n = _validate.positive_int("dataset_size", dataset_size)
+    ref_n = (
+        n
+        if reference_dataset_size is None
+        else _validate.positive_int("reference_dataset_size", reference_dataset_size)
+    )
     ref_batch_size = _validate.integer(
         "ref_batch_size",
         ref_batch_size,
         low=1,
-        high=n,
-        hint="The expected batch size cannot exceed dataset_size (q = B/N <= 1)",
+        high=ref_n,
+        hint=f"The private run has N={ref_n} training examples; q = B/N cannot exceed 1",
     )
     ref_sigma = _validate.positive("ref_noise_multiplier", ref_noise_multiplier)
     steps = _validate.positive_int("steps", steps)
@@ -150,15 +160,22 @@ def plan_simulation(
         high=ref_batch_size,
         hint="A simulation uses a smaller batch than the run it simulates (ref_batch_size)",
     )
+    _validate.integer(
+        "batch_size",
+        batch_size,
+        low=1,
+        high=n,
+        hint=f"The simulation trains on N={n} examples; q = B/N cannot exceed 1",
+    )
     augmult = _validate.positive_int("augmult", augmult)
     accountant = _validate.one_of("accountant", accountant, accounting.ACCOUNTANTS)
 
-    def run(b: int, sigma: float, is_reference: bool) -> RunPrivacy:
-        return _run_privacy(b, sigma, steps, n, delta, augmult, accountant, is_reference)
+    def run(b: int, sigma: float, size: int, is_reference: bool) -> RunPrivacy:
+        return _run_privacy(b, sigma, steps, size, delta, augmult, accountant, is_reference)
 
     return SimulationPlan(
-        simulation=run(batch_size, ref_sigma * batch_size / ref_batch_size, False),
-        reference=run(ref_batch_size, ref_sigma, True),
+        simulation=run(batch_size, ref_sigma * batch_size / ref_batch_size, n, False),
+        reference=run(ref_batch_size, ref_sigma, ref_n, True),
         dataset_size=n,
         delta=delta,
         augmult=augmult,

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 
 from tan_keras import _startup, _validate
 from tan_keras.data import datasets
-from tan_keras.training import train_config, train_plan
+from tan_keras.training import train_config, train_plan, training_set
 from tan_keras.training.train_config import TrainConfig
 
 
@@ -61,7 +61,11 @@ def run(config: TrainConfig, start: Optional[float] = None) -> Optional[Dict[str
             f"{config.dataset} is not prepared here: planning with its known N = {data.size}.",
             flush=True,
         )
-    plan = train_plan.plan_privacy(config, data.size)
+    # The run's N is its part of any tuning split: the other part is never read.
+    data, examples = training_set.choose(config, data)
+    plan = train_plan.plan_privacy(
+        config, data.size, training_set.reference_dataset_size(config, examples)
+    )
 
     # TensorFlow loads only now, after the checks that need no model.
     _startup.load_tensorflow()
@@ -80,7 +84,15 @@ def run(config: TrainConfig, start: Optional[float] = None) -> Optional[Dict[str
                 config.augment,
                 str(err),
             ) from None
-    print(train_plan.format_plan(plan, config.dataset), flush=True)
+    print(
+        train_plan.format_plan(
+            plan,
+            config.dataset,
+            training_set.released_noiseless(config),
+            examples.describe(),
+        ),
+        flush=True,
+    )
     if config.dry_run:
         print(f"dry run: {config.model} on {config.dataset}; nothing trained or written.")
         return None
@@ -125,7 +137,7 @@ def run(config: TrainConfig, start: Optional[float] = None) -> Optional[Dict[str
         )
         accuracies = train_lib.evaluate(model, test_ds, config.test_augmult, augmenter)
         metrics = train_lib.final_metrics(
-            config, plan, dp_steps, accuracies, time.monotonic() - start, model_dir
+            config, plan, dp_steps, accuracies, time.monotonic() - start, model_dir, examples
         )
         train_lib.write_metrics(metrics_path, metrics)
     except ValueError as err:

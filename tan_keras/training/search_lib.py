@@ -8,6 +8,13 @@ program (`program.run`) in simulation mode, in this process. The simulations
 are NOT private; only the final run at B_ref is, and this module prints its
 exact command.
 
+What the simulations train on decides what the final run's guarantee covers
+(`SearchSpec.tuning_mode`): the private set itself (the default, as in the
+paper: the chosen hyper-parameters are then a function of the private
+examples that no guarantee covers), a tuning split held out of it
+(--tuning_examples: the final run trains on the rest), or another dataset
+(--tuning_dataset, e.g. a public proxy).
+
 Every run is one typed `TrainConfig`: the fixed training flags (parsed once),
 overridden by the grid point's settings and the search's own (dataset, B, S,
 the reference run, seed, model_dir).
@@ -25,6 +32,7 @@ callable that trains one `TrainConfig` (`in_process_runner`).
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -37,7 +45,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from tan_keras import _validate
 from tan_keras.data import datasets
 from tan_keras.training import program, train_flags
-from tan_keras.training.train_config import CHECKPOINT_SUBDIR, METRICS_FILE, TrainConfig
+from tan_keras.training.train_config import (
+    CHECKPOINT_SUBDIR,
+    METRICS_FILE,
+    RECIPES,
+    TrainConfig,
+)
 
 Config = Tuple[Tuple[str, str], ...]
 Runner = Callable[[TrainConfig, str], None]
@@ -45,7 +58,8 @@ Runner = Callable[[TrainConfig, str], None]
 # Flags the search sets itself; a grid or --train_flags must not set them.
 CONTROLLED_FLAGS = tuple(
     "dataset batch_size steps noise_multiplier target_eps ref_batch_size ref_noise_multiplier "
-    "seed model_dir metrics_json resume dry_run delete_checkpoints".split()
+    "seed model_dir metrics_json resume dry_run delete_checkpoints tuning_examples "
+    "tuning_split_seed train_on ref_dataset_size".split()
 )
 RUNS_SUBDIR = "runs"
 # Grid values become file names: no path separators, no shell specials.
@@ -131,6 +145,12 @@ class SearchSpec:
       confidence: Coverage of the prediction interval at B_ref.
       keep_checkpoints: Keep each finished simulation's checkpoints (by
         default deleted: they hold the runs' noise and sampling keys).
+      tuning_examples: Hold out this many examples of the dataset's train
+        split (`tan_keras.data.splits`): the simulations train on them only,
+        the final run on the others. None: no split.
+      tuning_split_seed: Public seed of that split.
+      tuning_dataset: Train the simulations on this dataset instead (a
+        public proxy), never on `dataset`. None: no proxy.
     """
 
     ref_batch_size: int
@@ -145,6 +165,9 @@ class SearchSpec:
     metric: str = "test_accuracy_ema"
     confidence: float = 0.95
     keep_checkpoints: bool = False
+    tuning_examples: Optional[int] = None
+    tuning_split_seed: int = 0
+    tuning_dataset: Optional[str] = None
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -198,6 +221,55 @@ class SearchSpec:
             low_inclusive=False,
             high_inclusive=False,
         )
+        self._check_tuning_data()
+
+    def _check_tuning_data(self):
+        set_ = object.__setattr__
+        if self.tuning_examples is not None:
+            set_(
+                self,
+                "tuning_examples",
+                _validate.positive_int("tuning_examples", self.tuning_examples),
+            )
+        set_(
+            self,
+            "tuning_split_seed",
+            _validate.integer("tuning_split_seed", self.tuning_split_seed, low=0),
+        )
+        if self.tuning_dataset is None:
+            return
+        _validate.one_of("tuning_dataset", self.tuning_dataset, datasets.DATASET_NAMES)
+        if self.tuning_dataset == self.dataset:
+            raise _validate.invalid(
+                "tuning_dataset",
+                f"another dataset than --dataset={self.dataset} (the private one)",
+                self.tuning_dataset,
+                "To tune on part of the private dataset, hold it out with --tuning_examples",
+            )
+        if self.tuning_examples is not None:
+            raise _validate.invalid(
+                "tuning_dataset",
+                "unset with --tuning_examples (the simulations tune on one or the other)",
+                self.tuning_dataset,
+            )
+
+    @property
+    def tuning_mode(self) -> str:
+        """What the simulations train on: "private_set", "tuning_split" or "proxy_dataset"."""
+        if self.tuning_examples is not None:
+            return "tuning_split"
+        if self.tuning_dataset is not None:
+            return "proxy_dataset"
+        return "private_set"
+
+    @functools.cached_property
+    def private_dataset_size(self) -> int:
+        """N of the final run's dataset's train split (read once; known N without data)."""
+        data_dir = self.base_settings.get("data_dir")
+        try:
+            return datasets.load_dataset(self.dataset, data_dir).size
+        except datasets.DatasetUnavailableError:
+            return datasets.known_facts(self.dataset).size
 
     @property
     def configs(self) -> List[Config]:
@@ -216,6 +288,25 @@ class SearchSpec:
     def rank_batch_size(self) -> int:
         """The simulation batch size the ranking is made at (the largest)."""
         return self.batch_sizes[-1]
+
+
+def tuning_data_line(spec: SearchSpec) -> str:
+    """What the simulations will train on, printed before the first run."""
+    if spec.tuning_mode == "tuning_split":
+        return (
+            f"Tuning on a split of {spec.tuning_examples} examples held out of {spec.dataset}'s "
+            f"train split (seed {spec.tuning_split_seed}); the final run trains on the others."
+        )
+    if spec.tuning_mode == "proxy_dataset":
+        return (
+            f"Tuning on {spec.tuning_dataset}; the final run trains on {spec.dataset}, which "
+            "the simulations never see."
+        )
+    return (
+        f"Tuning on the private set ({spec.dataset}'s train split, the final run's): the "
+        "final run's guarantee will NOT cover the choice of its hyper-parameters "
+        "(--tuning_examples or --tuning_dataset would)."
+    )
 
 
 def config_label(config: Config) -> str:
@@ -251,7 +342,7 @@ def simulation_settings(
     return {
         **spec.base_settings,
         **{name: typed_value(name, value) for name, value in config},
-        "dataset": spec.dataset,
+        "dataset": spec.tuning_dataset or spec.dataset,
         "batch_size": batch_size,
         "steps": spec.steps,
         "ref_batch_size": spec.ref_batch_size,
@@ -259,7 +350,30 @@ def simulation_settings(
         "seed": seed,
         "model_dir": run_dir(spec, config, batch_size, seed),
         "delete_checkpoints": not spec.keep_checkpoints,
+        **_tuning_data_settings(spec),
     }
+
+
+def _tuning_data_settings(spec: SearchSpec) -> Dict[str, Any]:
+    """What a simulation trains on besides --dataset: the tuning split, or the proxy's N."""
+    if spec.tuning_mode == "tuning_split":
+        return {
+            "tuning_examples": spec.tuning_examples,
+            "tuning_split_seed": spec.tuning_split_seed,
+            "train_on": "tuning",
+        }
+    if spec.tuning_mode == "proxy_dataset":
+        # The simulated private run trains on the other dataset (its N), with
+        # that dataset's recipe where the search sets nothing: the proxy's
+        # own recipe would tune other settings than the final run's.
+        given = {**spec.base_settings, **dict(spec.grid)}
+        recipe = {
+            name: value
+            for name, value in RECIPES[spec.dataset].items()
+            if name not in given and name not in ("batch_size", "steps", "physical_batch_size")
+        }
+        return {**recipe, "ref_dataset_size": spec.private_dataset_size}
+    return {}
 
 
 def final_settings(spec: SearchSpec, config: Config) -> Dict[str, Any]:
@@ -272,6 +386,12 @@ def final_settings(spec: SearchSpec, config: Config) -> Dict[str, Any]:
         "noise_multiplier": spec.ref_noise_multiplier,
         "steps": spec.steps,
         "model_dir": os.path.join(spec.output_dir, "final"),
+        # The private set: the train split minus the examples tuned on.
+        **(
+            {"tuning_examples": spec.tuning_examples, "tuning_split_seed": spec.tuning_split_seed}
+            if spec.tuning_mode == "tuning_split"
+            else {}
+        ),
     }
 
 

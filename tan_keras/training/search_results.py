@@ -32,7 +32,9 @@ def summarize(spec: SearchSpec, records: List[Dict[str, Any]]) -> Dict[str, Any]
       "prediction" (the best config's law a - b log2 B extrapolated to one
       run at B_ref, with >= 2 B; optimistic, since that config was selected
       for scoring best), "ledger", "plan" (the simulation's and the
-      reference's privacy), "best", "final_argv" and "final_command".
+      reference's privacy), "coverage" (what the tuning trained on, the
+      sets' sizes, and the one-sentence "statement" of what the final run's
+      guarantee covers), "best", "final_argv" and "final_command".
     """
     rankings = {
         b: scaling.rank_configs(
@@ -58,6 +60,8 @@ def summarize(spec: SearchSpec, records: List[Dict[str, Any]]) -> Dict[str, Any]
         accountant=first.get("accountant", "rdp"),
         ref_batch_size=spec.ref_batch_size,
         ref_noise_multiplier=spec.ref_noise_multiplier,
+        reference_dataset_size=first.get("reference_dataset_size"),
+        clipped_fraction_std=first.get("clipped_fraction_std"),
     )
     result = {
         "metric": spec.metric,
@@ -67,6 +71,7 @@ def summarize(spec: SearchSpec, records: List[Dict[str, Any]]) -> Dict[str, Any]
         "prediction": None,
         "ledger": ledger.to_dict(),
         "plan": plan.runs_dict(),
+        "coverage": coverage(spec, first, plan.reference.epsilon, plan.delta),
         "best": dict(best),
         "final_argv": final_argv(spec, best),
         "final_command": command_line(final_argv(spec, best)),
@@ -88,6 +93,65 @@ def summarize(spec: SearchSpec, records: List[Dict[str, Any]]) -> Dict[str, Any]
             "at_reference": fit.predict(spec.ref_batch_size, spec.confidence).to_dict(),
         }
     return result
+
+
+def coverage(
+    spec: SearchSpec, record: Dict[str, Any], epsilon: float, delta: float
+) -> Dict[str, Any]:
+    """What the final run's guarantee covers, given what the simulations trained on.
+
+    Args:
+      spec: The search.
+      record: One simulation's metrics (its training set's sizes).
+      epsilon: The final run's epsilon.
+      delta: Its delta.
+
+    Returns:
+      {"mode": `SearchSpec.tuning_mode`, "covers_tuning": whether the
+      guarantee covers the choice of hyper-parameters, "tuning_set" and
+      "private_set" ({"dataset", "examples"}), "statement": one sentence a
+      reviewer can quote}.
+    """
+    mode = spec.tuning_mode
+    tuned_n = record["dataset_size"]
+    private_n = record.get("reference_dataset_size") or tuned_n
+    guarantee = f"(epsilon={_numbers.short(epsilon)}, delta={delta:g})"
+    if mode == "private_set":
+        statement = (
+            f"NOT COVERED: the simulations trained on the same {private_n} {spec.dataset} "
+            f"examples as the final run, without a privacy guarantee, so the final run's "
+            f"{guarantee} covers its noisy weights for the hyper-parameters it is given, but "
+            "not the choice of those hyper-parameters, which depends on these examples "
+            "(hold out a tuning split with --tuning_examples, or tune on other data with "
+            "--tuning_dataset, to cover it)."
+        )
+        tuning = {"dataset": spec.dataset, "examples": tuned_n}
+    elif mode == "tuning_split":
+        statement = (
+            f"COVERED: the simulations trained only on the {tuned_n} tuning examples held out "
+            f"of {spec.dataset}'s train split (--tuning_examples={spec.tuning_examples} "
+            f"--tuning_split_seed={spec.tuning_split_seed}); the final run trains on the other "
+            f"{private_n}, and its {guarantee} covers every one of them, the choice of its "
+            f"hyper-parameters included; the {tuned_n} tuning examples have no privacy "
+            "guarantee."
+        )
+        tuning = {"dataset": spec.dataset, "examples": tuned_n}
+    else:
+        statement = (
+            f"COVERED: the simulations trained only on {spec.tuning_dataset} ({tuned_n} "
+            f"examples), none of the final run's {private_n} {spec.dataset} examples, so its "
+            f"{guarantee} covers every one of them, the choice of its hyper-parameters "
+            f"included, provided {spec.tuning_dataset} shares no example with "
+            f"{spec.dataset}."
+        )
+        tuning = {"dataset": spec.tuning_dataset, "examples": tuned_n}
+    return {
+        "mode": mode,
+        "covers_tuning": mode != "private_set",
+        "tuning_set": tuning,
+        "private_set": {"dataset": spec.dataset, "examples": private_n},
+        "statement": statement,
+    }
 
 
 def _ranked(entry: scaling.RankedConfig) -> Dict[str, Any]:
@@ -189,6 +253,9 @@ def format_report(summary: Dict[str, Any], trained: int, skipped: int) -> str:
                 ("search + final run", f"{ledger['total_evaluations']:,}"),
             )
         ),
+        f"Tuning set: {_examples(summary['coverage']['tuning_set'])}; private set (final "
+        f"run): {_examples(summary['coverage']['private_set'])}.",
+        summary["coverage"]["statement"],
         f"Final private run: B={ref['batch_size']} sigma={ref['noise_multiplier']:g} "
         f"S={ref['steps']}: epsilon={_numbers.short(ref['epsilon'])} at delta={plan['delta']:g} "
         f"(eta={ref['eta']:.4g}, eps_TAN={_numbers.short(ref['eps_tan'])}"
@@ -196,3 +263,7 @@ def format_report(summary: Dict[str, Any], trained: int, skipped: int) -> str:
         summary["final_command"],
     ]
     return "\n".join(lines)
+
+
+def _examples(examples: Dict[str, Any]) -> str:
+    return f"{examples['examples']} {examples['dataset']} examples"

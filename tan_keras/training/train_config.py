@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Optional
 from tan_keras import _private_files, _validate
 from tan_keras.data.datasets import DATASET_NAMES
 from tan_keras.data.policies import DEFAULT_POLICY, POLICIES
+from tan_keras.data.splits import PARTS
 from tan_keras.models.names import check_model_name
 from tan_keras.privacy import plan
 from tan_keras.privacy.accounting import ACCOUNTANTS
@@ -31,6 +32,12 @@ from tan_keras.privacy.accounting import ACCOUNTANTS
 # TPU / multiple GPUs"). Multi-worker training needs every host to draw the
 # same Poisson batches: from a shared secret key (--sampling_key_file).
 STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
+
+# What a run releases (--release): "all" also prints and logs the training
+# statistics computed on the private examples without noise
+# (NOISELESS_STATISTICS); "private" releases only what the guarantee covers.
+RELEASES = ("all", "private")
+NOISELESS_STATISTICS = ("loss", "accuracy", "grad_norm", "clipped_fraction", "nonfinite_examples")
 
 # Layout of a model_dir.
 CONFIG_FILE = "train_config.json"
@@ -125,6 +132,11 @@ RUN_DEFINING_FLAGS = (
     "accountant",
     "seed",
     "noise_seed",
+    "tuning_examples",
+    "tuning_split_seed",
+    "train_on",
+    "ref_dataset_size",
+    "clipped_fraction_std",
 )
 
 
@@ -166,11 +178,17 @@ FIELD_CHECKS: Dict[str, Callable[[Any], Any]] = {
     ),
     "eval_every": lambda v: _validate.positive_int("eval_every", v),
     "strategy": lambda v: _validate.one_of("strategy", v, STRATEGIES),
+    "tuning_examples": lambda v: _validate.positive_int("tuning_examples", v),
+    "tuning_split_seed": lambda v: _validate.integer("tuning_split_seed", v, low=0),
+    "train_on": lambda v: _validate.one_of("train_on", v, PARTS),
+    "ref_dataset_size": lambda v: _validate.positive_int("ref_dataset_size", v),
+    "release": lambda v: _validate.one_of("release", v, RELEASES),
+    "clipped_fraction_std": lambda v: _validate.positive("clipped_fraction_std", v),
 }
 # Settings that are never "not given" (examples_per_chunk=None means "none").
 _REQUIRED = frozenset(
     "dataset model batch_size steps augmult lr momentum l2_norm_clip accountant "
-    "checkpoint_every seed strategy".split()
+    "checkpoint_every seed strategy tuning_split_seed train_on release".split()
 )
 
 
@@ -223,6 +241,12 @@ class TrainConfig:
     strategy: str = "default"
     tpu: Optional[str] = None
     sampling_key_file: Optional[str] = None
+    tuning_examples: Any = None
+    tuning_split_seed: Any = 0
+    train_on: str = "private"
+    ref_dataset_size: Any = None
+    release: str = "all"
+    clipped_fraction_std: Any = None
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -262,6 +286,29 @@ class TrainConfig:
         if self.tpu is not None and self.strategy != "tpu":
             raise _validate.invalid("tpu", "unset unless --strategy=tpu", self.tpu)
         self._check_multiworker()
+        self._check_tuning_split()
+
+    def _check_tuning_split(self):
+        if self.train_on == "tuning" and self.tuning_examples is None:
+            raise _validate.invalid(
+                "train_on",
+                "'private' unless --tuning_examples holds out a tuning split",
+                self.train_on,
+            )
+        if self.ref_dataset_size is None:
+            return
+        if self.noise_mode != "simulation":
+            raise _validate.invalid(
+                "ref_dataset_size",
+                "unset unless --ref_batch_size and --ref_noise_multiplier simulate a run",
+                self.ref_dataset_size,
+            )
+        if self.train_on == "tuning":
+            raise _validate.invalid(
+                "ref_dataset_size",
+                "unset with --train_on=tuning (the private run is the rest of the split)",
+                self.ref_dataset_size,
+            )
 
     def _check_multiworker(self):
         if self.strategy != "multiworker":

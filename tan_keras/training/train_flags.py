@@ -109,6 +109,38 @@ _FLAGS = {
         "With --strategy=multiworker: file with the secret 64-bit sampling key shared by "
         "all workers (every worker must draw the same Poisson batches).",
     ),
+    "tuning_examples": (
+        int,
+        "Hold out this many training examples as a tuning split (a uniformly random "
+        "subset drawn from --tuning_split_seed): the run trains on the other N - n "
+        "(the private set) and its guarantee covers exactly them, or on the n with "
+        "--train_on=tuning. Default: no split.",
+    ),
+    "tuning_split_seed": (int, "Public seed of the tuning split's draw, >= 0."),
+    "train_on": (
+        str,
+        "private (the training set minus any tuning split) | tuning (the split "
+        "--tuning_examples holds out; for the search's simulations).",
+    ),
+    "ref_dataset_size": (
+        int,
+        "Simulation on other data than the private run's (a public proxy): N of the "
+        "private run, for its reference epsilon. Default: this run's N (or the private "
+        "part of the split with --train_on=tuning).",
+    ),
+    "release": (
+        str,
+        "all: also print and log the training statistics computed WITHOUT noise on the "
+        "private examples (loss, accuracy, grad_norm, clipped_fraction, "
+        "nonfinite_examples; NOT covered by epsilon) | private: release only what "
+        "epsilon covers (noisy weights, test-set evaluations, privacy numbers).",
+    ),
+    "clipped_fraction_std": (
+        float,
+        "Also release the fraction of clipped examples privately (to choose C), logged as "
+        "noisy_clipped_fraction: per step, the count plus Gaussian noise of std s*B, over "
+        "B; its std is s, e.g. 0.05. Accounted with the updates (epsilon covers it).",
+    ),
 }
 # Words a number flag takes for a non-number setting.
 _WORDS = {

@@ -33,7 +33,7 @@ from tan_keras.keras_dp.dp_model import DPKerasModel, make_private
 from tan_keras.mechanism import sampling
 from tan_keras.privacy import accounting, tan
 from tan_keras.privacy.plan import PrivacyPlan
-from tan_keras.training import train_data
+from tan_keras.training import train_data, training_set
 from tan_keras.training.train_config import (
     CHECKPOINT_SUBDIR,
     CONFIG_FILE,
@@ -145,6 +145,8 @@ def build_model(
         ema_decay=config.ema_decay,
         noise_seed=config.noise_seed,
         examples_per_chunk=config.examples_per_chunk,
+        release_train_metrics=config.release == "all",
+        clipped_fraction_std=plan.clipped_fraction_std,
     )
     model.compile(
         optimizer=keras.optimizers.SGD(config.lr, momentum=config.momentum),
@@ -326,6 +328,7 @@ def final_metrics(
     accuracies: Dict[str, Optional[float]],
     wall_time_s: float,
     model_dir: str,
+    examples: Optional[training_set.TrainingSet] = None,
 ) -> Dict[str, Any]:
     """The metrics JSON object: accuracies and the privacy actually spent.
 
@@ -339,13 +342,28 @@ def final_metrics(
       accuracies: From `evaluate`.
       wall_time_s: Wall time of this process.
       model_dir: The run directory.
+      examples: The examples the run trained on (None: the whole train split
+        of N = plan.dataset_size).
 
     Returns:
-      One flat JSON-ready dict (non-finite numbers are None).
+      One flat JSON-ready dict (non-finite numbers are None). Besides the
+      numbers, it says what it covers: "training_set" (all, private or
+      tuning) with the split's sizes, "release", and
+      "noiseless_private_outputs", the statistics the run printed and logged
+      without noise on its training examples (none with --release=private;
+      every number in this file is private or computed on the test split).
     """
+    if examples is None:
+        examples = training_set.TrainingSet(
+            config.dataset, "all", plan.dataset_size, plan.dataset_size
+        )
     metrics = plan.to_dict()
     epsilon = accounting.compute_epsilon(
-        plan.noise_multiplier, plan.sampling_rate, dp_steps, plan.delta, plan.accountant
+        plan.accounted_noise_multiplier,
+        plan.sampling_rate,
+        dp_steps,
+        plan.delta,
+        plan.accountant,
     )
     eta = plan.eta_after(dp_steps)
     metrics.update(
@@ -360,6 +378,9 @@ def final_metrics(
         model=config.model,
         model_dir=model_dir,
         wall_time_s=round(wall_time_s, 3),
+        release=config.release,
+        noiseless_private_outputs=list(training_set.released_noiseless(config)),
+        **examples.to_dict(),
     )
     return metrics
 

@@ -5,18 +5,24 @@ run's settings and N; `format_plan` prints it for the person who launched
 the run (with a NOT PRIVATE mark for simulations and seeded runs).
 """
 
+from typing import Optional, Sequence
+
 from tan_keras._numbers import short
 from tan_keras.privacy import tan
 from tan_keras.privacy.plan import PrivacyPlan, make_plan
 from tan_keras.training.train_config import TrainConfig
 
 
-def plan_privacy(config: TrainConfig, dataset_size: int) -> PrivacyPlan:
+def plan_privacy(
+    config: TrainConfig, dataset_size: int, reference_dataset_size: Optional[int] = None
+) -> PrivacyPlan:
     """Fixes sigma for `config` on N examples and computes the run's privacy.
 
     Args:
       config: The validated run settings.
       dataset_size: N, the number of distinct training examples.
+      reference_dataset_size: A simulation's private run's N where it differs
+        from this run's (`training_set.reference_dataset_size`).
 
     Returns:
       The `PrivacyPlan` (`tan_keras.privacy.plan.make_plan`).
@@ -37,15 +43,26 @@ def plan_privacy(config: TrainConfig, dataset_size: int) -> PrivacyPlan:
         ref_batch_size=config.ref_batch_size,
         ref_noise_multiplier=config.ref_noise_multiplier,
         noise_seeded=config.noise_seed is not None,
+        reference_dataset_size=reference_dataset_size,
+        clipped_fraction_std=config.clipped_fraction_std,
     )
 
 
-def format_plan(plan: PrivacyPlan, dataset: str) -> str:
+def format_plan(
+    plan: PrivacyPlan,
+    dataset: str,
+    noiseless: Sequence[str] = (),
+    examples: Optional[str] = None,
+) -> str:
     """The plan as text for a person, printed before training.
 
     Args:
       plan: The `PrivacyPlan`.
       dataset: Dataset name, for the header.
+      examples: The training set's line (`TrainingSet.describe()`: N and any
+        tuning split); None: "<dataset>, N=<N> training examples".
+      noiseless: The outputs this run computes without noise on its training
+        examples (`training_set.released_noiseless`): named as not covered.
 
     Returns:
       Multi-line text without a trailing newline.
@@ -57,13 +74,16 @@ def format_plan(plan: PrivacyPlan, dataset: str) -> str:
     else:
         how = "ref_noise_multiplier * batch_size / ref_batch_size"
     epochs = plan.steps * plan.sampling_rate
+    if examples is None:
+        examples = f"{dataset}, N={plan.dataset_size} training examples"
     lines = [
         f"Privacy plan ({plan.accountant} accountant, Poisson sampling)",
-        f"  dataset              {dataset}, N={plan.dataset_size} training examples",
+        f"  dataset              {examples}",
         f"  batch_size B         {plan.batch_size}  (q = B/N = {plan.sampling_rate:.4g})",
         f"  noise_multiplier     {plan.noise_multiplier:.4g}  ({how})",
         f"  sigma/B              {short(plan.noise_multiplier / plan.batch_size)}",
         f"  steps S              {plan.steps}  (noisy updates, {epochs:.3g} epochs)",
+        *_clipped_fraction_lines(plan),
         f"  augmult K            {plan.augmult}",
         f"  gradient evals S*B*K {plan.gradient_evaluations:,}",
         f"  delta                {plan.delta:g}",
@@ -73,12 +93,16 @@ def format_plan(plan: PrivacyPlan, dataset: str) -> str:
     ]
     ref = plan.reference
     if ref is not None:
+        ref_n = plan.reference_dataset_size or plan.dataset_size
+        same_eta = "equal to this run's: same S and sigma/B"
+        if ref_n != plan.dataset_size:
+            same_eta = f"same S and sigma/B as this run, on the private run's N={ref_n}"
         lines += [
             "  reference run        "
             f"batch_size={ref.batch_size} noise_multiplier={ref.noise_multiplier:.4g} "
-            f"steps={ref.steps}",
+            f"steps={ref.steps} on N={ref_n}",
             f"  reference epsilon    {short(ref.epsilon)}",
-            f"  reference eta        {short(ref.eta)}  (equal to this run's: same S and sigma/B)",
+            f"  reference eta        {short(ref.eta)}  ({same_eta})",
             f"  compute saving       {plan.compute_saving:.4g}x  (ref_batch_size / batch_size)",
             "NOT PRIVATE: this simulated run is NOT private. It reproduces the training "
             "dynamics of the reference run at a fraction of the cost, to tune "
@@ -97,6 +121,12 @@ def format_plan(plan: PrivacyPlan, dataset: str) -> str:
             f"Private: this run guarantees ({short(plan.epsilon)}, {plan.delta:g})-DP "
             "for each training example."
         )
+    if noiseless and plan.private:
+        lines.append(
+            f"Not covered by epsilon: {', '.join(noiseless)} (printed, and logged to "
+            "TensorBoard) are computed WITHOUT noise on the training examples. "
+            "--release=private keeps them out of every output."
+        )
     lines += [f"Warning: {note}" for note in plan.warnings]
     if not plan.simulation and plan.noise_multiplier > 0 and plan.overcharged:
         lines.append(
@@ -105,3 +135,15 @@ def format_plan(plan: PrivacyPlan, dataset: str) -> str:
             "A larger batch at the same sigma/B keeps eta and costs less epsilon."
         )
     return "\n".join(lines)
+
+
+def _clipped_fraction_lines(plan: PrivacyPlan) -> list:
+    if plan.clipped_fraction_std is None:
+        return []
+    return [
+        f"  clipped fraction     released with noise std {plan.clipped_fraction_std:g} "
+        f"(count noise {short(plan.clipped_count_noise_std)}; alone: epsilon "
+        f"{short(plan.clipped_fraction_epsilon)})",
+        f"  accounted sigma      {plan.accounted_noise_multiplier:.4g}  (updates and "
+        "clipped counts together: epsilon covers both)",
+    ]

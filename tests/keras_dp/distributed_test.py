@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from _helpers import per_step_values, released_fraction_ok
 
 from tan_keras.privacy import accounting
 
@@ -140,3 +141,17 @@ def test_several_inputs_and_outputs_train_alike_on_any_number_of_replicas(replic
     assert single["structured_steps"] == many["structured_steps"] >= 1
     for a, b in zip(single["structured_weights"], many["structured_weights"]):
         np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-5)
+
+
+def test_noisy_clipped_fraction_is_released_once_over_all_replicas():
+    # Each replica noises its partial count with std s*B/sqrt(R); the logged
+    # fraction is the sum over replicas, plus noise of std s*B, over B.
+    result = _run(2)
+    values = per_step_values(result["fraction_running_means"])
+    truth = np.array(result["fraction_truth"])
+    assert released_fraction_ok(values, truth, 0.1)
+    assert result["fraction_epoch_log"] == pytest.approx(values.mean(), abs=1e-4)
+    # Power check: a log averaged over replicas (1/R of the count) fails the test.
+    assert not released_fraction_ok(values / 2, truth, 0.1)
+    # release_train_metrics=False under the strategy: nothing noiseless.
+    assert result["fraction_log_keys"] == ["noisy_clipped_fraction", "val_accuracy", "val_loss"]

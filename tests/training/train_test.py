@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from _helpers import refusal_line
+from _helpers import NOISELESS, noiseless_statistics_released, refusal_line
 
 from tan_keras import train
 from tan_keras.privacy import accounting
@@ -39,6 +39,16 @@ METRICS_KEYS = {
     "reference_eta",
     "reference_batch_size",
     "reference_noise_multiplier",
+    "reference_dataset_size",
+    "clipped_fraction_std",
+    "accounted_noise_multiplier",
+    "clipped_fraction_epsilon",
+    "release",
+    "noiseless_private_outputs",
+    "training_set",
+    "train_split_size",
+    "tuning_examples",
+    "tuning_split_seed",
     "compute_saving",
     "target_epsilon",
     "sampling_rate",
@@ -113,6 +123,28 @@ BAD_FLAGS = [
     (["--sampling_key_file=/nonexistent"], "`sampling_key_file`"),
     (["--dry_run=maybe"], "dry_run"),
     (["--tpu=grpc://10.0.0.1:8470"], "`tpu`"),  # only with --strategy=tpu
+    (["--tuning_examples=1437"], "`tuning_examples`"),  # leaves no private example
+    (["--tuning_examples=0"], "`tuning_examples`"),
+    (["--tuning_examples=10", "--tuning_split_seed=-1"], "`tuning_split_seed`"),
+    (["--train_on=tuning"], "`train_on`"),  # no split to train on
+    (["--train_on=test"], "`train_on`"),
+    (["--ref_dataset_size=5000"], "`ref_dataset_size`"),  # not a simulation
+    (
+        [
+            "--tuning_examples=300",
+            "--train_on=tuning",
+            "--batch_size=64",
+            "--ref_batch_size=1024",
+            "--ref_noise_multiplier=3",
+            "--ref_dataset_size=5000",
+        ],
+        "`ref_dataset_size`",
+    ),  # the split already says the private run's N
+    (
+        ["--tuning_examples=1000", "--batch_size=512"],
+        "`batch_size`",
+    ),  # B > the private set's N = 437
+    (["--release=some"], "`release`"),
 ]
 
 
@@ -274,6 +306,14 @@ def test_default_run_fast_variant_writes_all_metrics(capsys, tmp_path):
     assert (run_dir / "checkpoints" / "ckpt-3.index").exists()
     assert any((run_dir / "tensorboard").rglob("events.out.tfevents*"))
     assert not list(run_dir.glob("*.tmp-*"))  # the atomic write left no temp file
+    # What it says it released without noise, it did (the power check of
+    # release_test's scan): in the progress lines and TensorBoard.
+    assert metrics["release"] == "all" and metrics["training_set"] == "all"
+    assert set(metrics["noiseless_private_outputs"]) == set(NOISELESS)
+    found = noiseless_statistics_released(run_dir, out + err)
+    assert {"loss", "accuracy", "grad_norm", "clipped_fraction"} <= found["printed"]
+    assert {"epoch_loss", "epoch_grad_norm", "epoch_clipped_fraction"} <= found["tensorboard"]
+    assert "Not covered by epsilon: loss, accuracy" in out
 
 
 def test_mirrored_strategy_runs_and_counts_global_steps(capsys, tmp_path):
