@@ -13,6 +13,14 @@ step (one all-padding micro-batch: the update is pure noise). With the default
 P = B + 4 sqrt(B (1 - q)), a step needs a second micro-batch with probability
 about 3e-5, so almost all compute goes to real rows.
 
+With a smaller P (the paper's recipes: P = 256 for B = 4096) the number of
+micro-batches of a step follows its realized size n, and so would anything
+that counts them: the updates done per Keras epoch, their epsilon, the time
+per step. n depends on which examples are in the data, and nothing noises
+it. `pad_steps=True` pads every step to the same number of micro-batches,
+enough for n <= B + 4 sqrt(B (1 - q)): the layout then depends on n only in
+that 3e-5 tail, for a few percent more padded rows.
+
 Secrecy: amplification by sampling assumes nobody knows which examples were
 sampled, so the sampling RNG, like the noise RNG, is seeded from OS entropy
 unless a seed is given explicitly (debugging only; a warning says so).
@@ -71,6 +79,10 @@ class PoissonSampler(tf.Module):
         SAME global batches: a 64-bit key from `new_secret_key()` on one host,
         passed to the others over a private channel (never a constant in
         code or flags that others can read).
+      pad_steps: Pad every logical step to `steps_padded_to` micro-batches
+        (see the module docstring), so that the micro-batches per step do not
+        reveal the realized batch size; a larger step still spills into
+        more. False (default): ceil(n / P) micro-batches, at least one.
 
     Raises:
       ValueError: on an invalid argument.
@@ -83,6 +95,7 @@ class PoissonSampler(tf.Module):
         physical_batch_size: Optional[int] = None,
         seed: Optional[int] = None,
         secret_key: Optional[int] = None,
+        pad_steps: bool = False,
     ):
         super().__init__(name="poisson_sampler")
         self.dataset_size = _validate.positive_int("dataset_size", dataset_size)
@@ -96,6 +109,9 @@ class PoissonSampler(tf.Module):
         self.physical_batch_size = _validate.positive_int(
             "physical_batch_size", physical_batch_size
         )
+        if not isinstance(pad_steps, bool):
+            raise _validate.invalid("pad_steps", "True or False", pad_steps)
+        self.pad_steps = pad_steps
         if seed is not None and secret_key is not None:
             raise _validate.invalid(
                 "secret_key", "None when `seed` is given (they are alternatives)", secret_key
@@ -123,6 +139,14 @@ class PoissonSampler(tf.Module):
     def sampling_rate(self) -> float:
         """q = B / N."""
         return self.expected_batch_size / self.dataset_size
+
+    @property
+    def steps_padded_to(self) -> Optional[int]:
+        """With pad_steps: the micro-batches of every step up to B + 4 std rows, else None."""
+        if not self.pad_steps:
+            return None
+        rows = default_physical_batch_size(self.expected_batch_size, self.dataset_size)
+        return -(-rows // self.physical_batch_size)
 
     def resume_at(self, step: int) -> None:
         """Makes the next logical batch the one of step `step` (0-based).
@@ -179,12 +203,13 @@ class PoissonSampler(tf.Module):
         if steps is not None:
             steps = _validate.positive_int("steps", steps)
         size = self.physical_batch_size
+        least = self.steps_padded_to or 1
 
         def split(_):
             step = self.next_step.assign_add(1) - 1
             indices = self.sample_indices(step)
             n = tf.shape(indices, out_type=tf.int64)[0]
-            num_micro = tf.maximum(tf.math.floordiv(n + size - 1, size), 1)
+            num_micro = tf.maximum(tf.math.floordiv(n + size - 1, size), least)
             padded_len = num_micro * size
             padded = tf.concat([indices, tf.zeros([padded_len - n], tf.int64)], 0)
             mask = tf.cast(tf.range(padded_len) < n, tf.float32)

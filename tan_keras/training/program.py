@@ -115,6 +115,9 @@ def run(config: TrainConfig, start: Optional[float] = None) -> Optional[Dict[str
             if config.sampling_key_file and config.noise_seed is None
             else None
         ),
+        # The micro-batches per step (so the updates per Keras epoch printed
+        # with epsilon) must not follow the realized batch sizes.
+        pad_steps=True,
     )
     # Restores on --resume (refusing corrupted or foreign checkpoints) before
     # writing anything to model_dir.

@@ -232,7 +232,9 @@ def fit(
     """
     steps = plan.steps
     per_epoch = config.eval_every or max(1, math.ceil(steps / _EPOCHS_PER_RUN))
-    micro_per_step = _micro_batches_per_step(plan, sampler.physical_batch_size)
+    micro_per_step = sampler.steps_padded_to or _micro_batches_per_step(
+        plan, sampler.physical_batch_size
+    )
     accountant = PrivacyAccountant(
         delta=plan.delta,
         target_epsilon=plan.target_epsilon,

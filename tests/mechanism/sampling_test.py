@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from _helpers import dense_model, dp_model, flat, one_step
 
 from tan_keras.mechanism import sampling
@@ -84,6 +85,32 @@ def test_large_samples_spill_into_more_micro_batches_never_truncated(poisson_bat
         assert all(0 <= i < N for i in batch)
 
 
+def _micro_batches_per_step(sampler, steps):
+    counts, current = [], 0
+    for _, _, end in sampler.micro_batches(steps):
+        current += 1
+        if end.numpy()[0]:
+            counts.append(current)
+            current = 0
+    return counts
+
+
+def test_padded_steps_take_the_same_micro_batches_whatever_their_size():
+    # B + 4 std = 20 + ceil(4 sqrt(19)) = 38 rows: 3 micro-batches of 16.
+    sampler = sampling.PoissonSampler(N, B, physical_batch_size=16, pad_steps=True)
+    assert sampler.steps_padded_to == 3
+    assert set(_micro_batches_per_step(sampler, 200)) == {3}
+    # Power check: unpadded, the count follows the realized size n.
+    unpadded = sampling.PoissonSampler(N, B, physical_batch_size=16)
+    assert len(set(_micro_batches_per_step(unpadded, 200))) > 1
+    assert unpadded.steps_padded_to is None
+    # A step above B + 4 std still spills, whole: padding never truncates.
+    sampler.sample_indices = lambda step: tf.range(60, dtype=tf.int64)
+    batches = _logical_batches(sampler, 2)
+    assert [len(b) for b in batches] == [60, 60]
+    assert _micro_batches_per_step(sampler, 1) == [4]
+
+
 def test_empty_steps_are_valid_steps():
     sampler = sampling.PoissonSampler(1000, 1, physical_batch_size=4)  # q = 0.001
     items = list(sampler.micro_batches(50))
@@ -154,6 +181,7 @@ def test_make_poisson_dataset_shapes_and_views():
             "physical_batch_size",
         ),
         (dict(dataset_size=10, expected_batch_size=2, seed=-1), "seed"),
+        (dict(dataset_size=10, expected_batch_size=2, pad_steps=1), "pad_steps"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(kwargs, name):
