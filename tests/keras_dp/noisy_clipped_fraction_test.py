@@ -33,6 +33,19 @@ B, N, STD, DELTA = 8, 100, 0.1, 1e-5
 STEPS, MICRO, ROWS = 200, 4, 4  # logical steps, micro-batches per step, rows per micro-batch
 
 
+def _clipping_everything(**dp_kwargs):
+    """A model whose C is so small that every real example counts as clipped."""
+    return dp_model(
+        dense_model(),
+        l2_norm_clip=1e-6,
+        noise_multiplier=1.0,
+        expected_batch_size=B,
+        dataset_size=N,
+        clipped_fraction_std=STD,
+        **dp_kwargs,
+    )
+
+
 def _released(steps=STEPS):
     """Per-step released fractions and their truth, from one fit of `steps` logical steps.
 
@@ -49,16 +62,7 @@ def _released(steps=STEPS):
     ends = np.tile(np.arange(MICRO) == MICRO - 1, steps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the seeded noise's NotPrivateWarning
-        model = dp_model(
-            dense_model(),
-            l2_norm_clip=1e-6,
-            noise_multiplier=1.0,
-            expected_batch_size=B,
-            dataset_size=N,
-            clipped_fraction_std=STD,
-            release_train_metrics=False,
-            noise_seed=7,
-        )
+        model = _clipping_everything(release_train_metrics=False, noise_seed=7)
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS, metrics=["accuracy"])
     batch_logs = []
     recorder = keras.callbacks.LambdaCallback(
@@ -124,14 +128,7 @@ def test_nothing_noiseless_leaves_the_step_but_the_noisy_fraction_does(released)
 
 
 def test_steps_past_the_step_cap_release_no_fraction():
-    model = dp_model(
-        dense_model(),
-        l2_norm_clip=1e-6,
-        noise_multiplier=1.0,
-        expected_batch_size=B,
-        dataset_size=N,
-        clipped_fraction_std=STD,
-    )
+    model = _clipping_everything()
     model.set_step_limit(1)
     x, y = np.zeros((4, 8, 4)), np.zeros((4, 8))
     model.fit(micro_batches(x, y, np.ones((4, 8)), np.ones(4, bool)), verbose=0)

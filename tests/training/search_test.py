@@ -321,4 +321,8 @@ def test_search_on_digits_end_to_end_then_cli_skips_finished_runs(tmp_path, caps
     assert [p.stat().st_mtime_ns for p in metrics] == mtimes
     assert command in result.stdout.splitlines()
     assert "final command checked" in result.stdout
+    # Tuned on the private set: the output says the choice is not covered.
+    assert "Tuning on the private set" in result.stdout
+    assert "NOT COVERED: the simulations trained on the same 1437 digits examples" in result.stdout
+    assert json.loads((tmp_path / "results.json").read_text())["coverage"]["mode"] == "private_set"
     assert (tmp_path / "results.csv").exists() and (tmp_path / "results.json").exists()
