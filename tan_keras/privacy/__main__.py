@@ -98,6 +98,14 @@ _AUGMULT = _cli.define_checked(
     int,
     lambda v: _validate.positive_int("augmult", v),
 )
+_CLIPPED_FRACTION_STD = _cli.define_checked(
+    "clipped_fraction_std",
+    None,
+    "The run also releases its clipped fraction with this noise std (count noise "
+    "std * B); epsilon accounts both (sigma_eff).",
+    float,
+    lambda v: _validate.positive("clipped_fraction_std", v),
+)
 _ACCOUNTANT = flags.DEFINE_string("accountant", "rdp", "rdp or pld.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 
@@ -118,6 +126,7 @@ def main(argv):
             ref_noise_multiplier=_REF_NOISE_MULTIPLIER.value,
             augmult=_AUGMULT.value,
             accountant=_ACCOUNTANT.value,
+            clipped_fraction_std=_CLIPPED_FRACTION_STD.value,
         )
     except ValueError as err:
         _cli.fail(str(err))

@@ -14,7 +14,7 @@ describe the reference run, the one whose epsilon can be claimed; the
 """
 
 import json
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from tan_keras import _validate
 from tan_keras._numbers import json_safe, short
@@ -34,6 +34,7 @@ def report(
     ref_noise_multiplier: Any = None,
     augmult: Any = 1,
     accountant: Any = "rdp",
+    clipped_fraction_std: Any = None,
 ) -> Dict[str, Any]:
     """Answers one privacy question; arguments are named after the CLI flags.
 
@@ -51,12 +52,17 @@ def report(
       ref_noise_multiplier: sigma_ref of the private run a plan simulates.
       augmult: Augmentation multiplicity K >= 1 (only changes compute).
       accountant: "rdp" or "pld".
+      clipped_fraction_std: The std s of a noisy clipped fraction the run
+        also releases (count noise s * B): epsilon accounts both with
+        sigma_eff (`tan_keras.privacy.plan.make_plan`). None: none released.
 
     Returns:
       A JSON-ready dict (non-finite floats are None), with at least: mode,
       epsilon, eta, eps_tan, noise_multiplier, sampling_rate, steps, delta,
-      overcharged, message, warnings; a plan adds `simulation`, `reference`
-      and `compute_saving`.
+      overcharged, message, warnings, clipped_fraction_std,
+      accounted_noise_multiplier and clipped_fraction_epsilon (None without a
+      noisy clipped fraction); a plan adds `simulation`, `reference` and
+      `compute_saving`.
 
     Raises:
       ValueError: on any missing, conflicting or out-of-range argument, or an
@@ -115,6 +121,7 @@ def report(
         noise_multiplier=noise_multiplier,
         ref_batch_size=ref_batch_size,
         ref_noise_multiplier=ref_noise_multiplier,
+        clipped_fraction_std=clipped_fraction_std,
     )
     if the_plan.simulation:
         return _plan_report(the_plan)
@@ -128,6 +135,7 @@ def report(
         **_run_keys(check, batch_size, n, augmult),
         "message": check.message,
         "warnings": list(the_plan.warnings),
+        **_clipped_fraction_keys(the_plan),
     }
     if mode == "target_eps":
         result["target_epsilon"] = the_plan.target_epsilon
@@ -161,6 +169,7 @@ def format_report(result: Dict[str, Any]) -> str:
         f"  epsilon            {_eps(result['epsilon'])}",
         f"  eta (TAN)          {short(result['eta'])}",
         f"  eps_TAN            {_eps(result['eps_tan'])}",
+        *_clipped_fraction_lines(result),
         "",
         result["message"],
     ]
@@ -248,8 +257,35 @@ def _plan_report(the_plan: plan.PrivacyPlan) -> Dict[str, Any]:
         "reference": runs["reference"],
         "message": message,
         "warnings": list(the_plan.warnings),
+        **_clipped_fraction_keys(the_plan, ref),
     }
     return json_safe(result)
+
+
+def _clipped_fraction_keys(
+    the_plan: plan.PrivacyPlan, run: Optional[planning.RunPrivacy] = None
+) -> Dict[str, Any]:
+    """The noisy clipped fraction's numbers of `run` (default: the plan's own run).
+
+    In a simulation plan the report's run is the reference: its count has
+    noise clipped_fraction_std * B_ref.
+    """
+    std = the_plan.clipped_fraction_std
+    if std is None:
+        return dict.fromkeys(
+            ("clipped_fraction_std", "accounted_noise_multiplier", "clipped_fraction_epsilon")
+        )
+    run = run or the_plan.run_privacy()
+    count_sigma = std * run.batch_size
+    return {
+        "clipped_fraction_std": std,
+        "accounted_noise_multiplier": accounting.effective_noise_multiplier(
+            run.noise_multiplier, count_sigma
+        ),
+        "clipped_fraction_epsilon": accounting.compute_epsilon(
+            count_sigma, run.sampling_rate, run.steps, the_plan.delta, the_plan.accountant
+        ),
+    }
 
 
 def _overcharge(run: planning.RunPrivacy, delta: float) -> overcharge.OverchargeReport:
@@ -266,6 +302,16 @@ def _overcharge(run: planning.RunPrivacy, delta: float) -> overcharge.Overcharge
         ratio=run.epsilon / run.eps_tan,
         overcharged=run.overcharged,
     )
+
+
+def _clipped_fraction_lines(result: Dict[str, Any]) -> List[str]:
+    if result.get("clipped_fraction_std") is None:
+        return []
+    return [
+        f"  clipped fraction   released with noise std {result['clipped_fraction_std']:g} "
+        f"(alone: epsilon {_eps(result['clipped_fraction_epsilon'])}); epsilon above "
+        f"accounts both with sigma_eff {short(result['accounted_noise_multiplier'])}",
+    ]
 
 
 def _format_plan(result: Dict[str, Any]) -> str:
@@ -303,6 +349,7 @@ def _format_plan(result: Dict[str, Any]) -> str:
         "gradient evaluations).",
         f"Launch now: batch_size={sim['batch_size']}, noise_multiplier="
         f"{short(sim['noise_multiplier'])}, steps={sim['steps']}.",
+        *(f"Reference run: {line.strip()}" for line in _clipped_fraction_lines(result)),
         "",
         result["message"],
     ]

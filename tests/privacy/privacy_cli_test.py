@@ -165,6 +165,11 @@ BAD_INPUTS = [
     ("unknown-accountant", _replace(BASE, noise_multiplier=3, accountant="moments"), "accountant"),
     ("augmult-zero", _replace(BASE, noise_multiplier=3, augmult=0), "augmult"),
     ("unknown-flag", _replace(BASE, noise_multiplier=3, noise=3), "noise"),
+    (
+        "clipped-fraction-std-zero",
+        _replace(BASE, noise_multiplier=3, clipped_fraction_std=0),
+        "clipped_fraction_std",
+    ),
 ]
 
 
@@ -196,6 +201,30 @@ def test_bad_input_exits_with_one_line_naming_the_flag(bad_input_results, case, 
 def _report(**overrides):
     args = dict(dataset_size=50000, batch_size=4096, delta=1e-5, steps=2500)
     return cli.report(**{**args, **overrides})
+
+
+def test_a_noisy_clipped_fraction_is_accounted_with_the_run():
+    from tan_keras.privacy import accounting
+
+    plain = _report(noise_multiplier=3)
+    assert plain["clipped_fraction_std"] is None and plain["accounted_noise_multiplier"] is None
+    both = _report(noise_multiplier=3, clipped_fraction_std=0.05)
+    effective = accounting.effective_noise_multiplier(3, 0.05 * 4096)
+    assert both["accounted_noise_multiplier"] == pytest.approx(effective, rel=1e-12)
+    q = 4096 / 50000
+    assert both["epsilon"] == pytest.approx(
+        accounting.compute_epsilon(effective, q, 2500, 1e-5), rel=1e-9
+    )
+    assert both["epsilon"] > plain["epsilon"]
+    assert "clipped fraction   released with noise std 0.05" in cli.format_report(both)
+    # A plan reports the reference run's count (noise 0.05 * B_ref), whose
+    # epsilon is the reference's in the plan.
+    plan = _report(
+        batch_size=256, ref_batch_size=4096, ref_noise_multiplier=3, clipped_fraction_std=0.05
+    )
+    assert plan["accounted_noise_multiplier"] == pytest.approx(effective, rel=1e-12)
+    assert plan["epsilon"] == plan["reference"]["epsilon"] == pytest.approx(both["epsilon"])
+    assert "Reference run: clipped fraction" in cli.format_report(plan)
 
 
 def test_epochs_and_steps_give_the_same_report():
