@@ -294,7 +294,7 @@ def tuning_data_line(spec: SearchSpec) -> str:
     """What the simulations will train on, printed before the first run."""
     if spec.tuning_mode == "tuning_split":
         return (
-            f"Tuning on a split of {spec.tuning_examples} examples held out of {spec.dataset}'s "
+            f"Tuning on a split of {spec.tuning_examples} examples held out of the {spec.dataset} "
             f"train split (seed {spec.tuning_split_seed}); the final run trains on the others."
         )
     if spec.tuning_mode == "proxy_dataset":
@@ -303,7 +303,7 @@ def tuning_data_line(spec: SearchSpec) -> str:
             "the simulations never see."
         )
     return (
-        f"Tuning on the private set ({spec.dataset}'s train split, the final run's): the "
+        f"Tuning on the private set (the {spec.dataset} train split, the final run's): the "
         "final run's guarantee will NOT cover the choice of its hyper-parameters "
         "(--tuning_examples or --tuning_dataset would)."
     )

@@ -129,7 +129,7 @@ def coverage(
     elif mode == "tuning_split":
         statement = (
             f"COVERED: the simulations trained only on the {tuned_n} tuning examples held out "
-            f"of {spec.dataset}'s train split (--tuning_examples={spec.tuning_examples} "
+            f"of the {spec.dataset} train split (--tuning_examples={spec.tuning_examples} "
             f"--tuning_split_seed={spec.tuning_split_seed}); the final run trains on the other "
             f"{private_n}, and its {guarantee} covers every one of them, the choice of its "
             f"hyper-parameters included; the {tuned_n} tuning examples have no privacy "
