@@ -1,5 +1,6 @@
 """A search that tunes on a held-out split: its final run never sees a tuning example."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -127,3 +128,28 @@ def test_training_set_describes_both_parts():
         TrainConfig(tuning_examples=TUNING), datasets.known_facts("digits")
     )
     assert private.size == 1137 and "minus the 300 of the tuning split" in private.describe()
+
+
+def test_search_on_a_proxy_dataset_trains_on_no_private_example(tmp_path):
+    import tensorflow_datasets as tfds
+
+    spec = dataclasses.replace(
+        _spec(tmp_path, tuning_dataset="cifar10"), grid=search_lib.parse_grid(["lr=1"])
+    )
+    with tfds.testing.mock_data(num_examples=64):
+        records, trained, _ = search_lib.run_search(
+            spec, search_lib.in_process_runner(str(tmp_path / "logs")), log=lambda _: None
+        )
+    (record,) = records
+    assert trained == 1 and record["dataset"] == "cifar10" and record["dataset_size"] == 64
+    # The simulation planned the private run on digits' N, with digits' recipe.
+    assert record["reference_dataset_size"] == 1437 and record["model"] == "small_cnn"
+    summary = search_results.summarize(spec, records)
+    assert summary["coverage"]["statement"].startswith("COVERED: the simulations trained only")
+    assert summary["plan"]["reference"]["epsilon"] == pytest.approx(
+        program.train_plan.plan_privacy(
+            TrainConfig(batch_size=REF_B, noise_multiplier=SIGMA_REF, steps=STEPS), 1437
+        ).epsilon,
+        rel=1e-9,
+    )
+    assert train_flags.parse(summary["final_argv"])["dataset"] == "digits"
