@@ -129,8 +129,10 @@ def format_plan(
         )
     lines += [f"Warning: {note}" for note in plan.warnings]
     if not plan.simulation and plan.noise_multiplier > 0 and plan.overcharged:
+        # With a noisy clipped count the verdict is on the accounted sigma.
+        which = "noise_multiplier" if plan.clipped_fraction_std is None else "accounted sigma"
         lines.append(
-            f"Warning: noise_multiplier={plan.noise_multiplier:.4g} < "
+            f"Warning: {which}={plan.accounted_noise_multiplier:.4g} < "
             f"{tan.OVERCHARGE_SIGMA:g}: the run is overcharged (epsilon well above eps_TAN). "
             "A larger batch at the same sigma/B keeps eta and costs less epsilon."
         )
