@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import tensorflow as tf
 from _helpers import noiseless_statistics_released
 
 from tan_keras import train
@@ -28,6 +29,14 @@ def test_release_private_writes_and_prints_only_private_outputs(tmp_path, capsys
     assert (done.value.code or 0) == 0, printed.err[-3000:]
     found = noiseless_statistics_released(run_dir, printed.out + printed.err)
     assert found == {"tensorboard": set(), "printed": set(), "files": set()}
+    # The scan read the training logs: the private ones are there.
+    tags = {
+        value.tag
+        for events in (run_dir / "tensorboard" / "train").glob("events.out.tfevents*")
+        for event in tf.compat.v1.train.summary_iterator(str(events))
+        for value in event.summary.value
+    }
+    assert {"epoch_epsilon", "epoch_noisy_clipped_fraction"} <= tags
     assert "noisy_clipped_fraction" in printed.out and "val_accuracy" in printed.out
     assert "Not covered by epsilon" not in printed.out
 
