@@ -47,6 +47,7 @@ from tan_keras.data import datasets
 from tan_keras.training import program, train_flags
 from tan_keras.training.train_config import (
     CHECKPOINT_SUBDIR,
+    CONFIG_FILE,
     METRICS_FILE,
     RECIPES,
     TrainConfig,
@@ -236,6 +237,12 @@ class SearchSpec:
             "tuning_split_seed",
             _validate.integer("tuning_split_seed", self.tuning_split_seed, low=0),
         )
+        if self.tuning_split_seed != 0 and self.tuning_examples is None:
+            raise _validate.invalid(
+                "tuning_split_seed",
+                "0 (unset) unless --tuning_examples holds out a tuning split",
+                self.tuning_split_seed,
+            )
         if self.tuning_dataset is None:
             return
         _validate.one_of("tuning_dataset", self.tuning_dataset, datasets.DATASET_NAMES)
@@ -499,6 +506,7 @@ def run_search(spec: SearchSpec, runner: Runner, log: Callable[[str], None] = pr
         metrics_path = os.path.join(model_dir, METRICS_FILE)
         name = run_name(config, batch_size, seed)
         if os.path.exists(metrics_path):
+            _check_finished_run(spec, model_dir, settings, name)
             skipped += 1
             log(f"[{i}/{len(jobs)}] skipped (finished): {name}")
         else:
@@ -514,6 +522,38 @@ def run_search(spec: SearchSpec, runner: Runner, log: Callable[[str], None] = pr
             raise _validate.invalid("metric", f"a key with a value in {metrics_path}", spec.metric)
         records.append({**metrics, "config": config, "run": name, "seed": seed})
     return records, trained, skipped
+
+
+def _check_finished_run(
+    spec: SearchSpec, model_dir: str, settings: Dict[str, Any], name: str
+) -> None:
+    """Refuses to reuse a finished run trained with other run-defining settings.
+
+    Run names hold the grid point, B and the seed only: a run of an earlier
+    search in the same --output_dir with other --train_flags, or on the
+    private set where this search holds out a tuning split, would otherwise
+    be ranked as this search's, and its coverage statement would be false.
+    """
+    path = os.path.join(model_dir, CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        raise _validate.invalid(
+            "output_dir",
+            "a new directory, or one holding this search's runs",
+            spec.output_dir,
+            f"Finished run {name} has no readable {path}: how it was trained is unknown",
+        ) from None
+    differences = TrainConfig(**settings).differences(saved)
+    if differences:
+        given = ", ".join(f"--{k}={v}" for k, v in differences.items())
+        raise _validate.invalid(
+            "output_dir",
+            "a new directory, or one holding this search's runs",
+            spec.output_dir,
+            f"Finished run {name} was trained with {given}, not as this search asks",
+        )
 
 
 def _prepare_model_dir(model_dir: str) -> bool:

@@ -67,6 +67,8 @@ class FakeRunner:
             "test_accuracy_ema": acc,
         }
         os.makedirs(config.model_dir, exist_ok=True)
+        with open(os.path.join(config.model_dir, "train_config.json"), "w") as f:
+            json.dump(config.to_dict(), f)
         with open(os.path.join(config.model_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f)
 
@@ -206,12 +208,12 @@ def test_unfinished_runs_are_resumed_or_restarted(tmp_path):
     (with_ckpt / "checkpoints" / "ckpt-1.index").write_text("")
     no_ckpt = tmp_path / "runs" / search_lib.run_name((("lr", "2"),), 16, 0)
     no_ckpt.mkdir(parents=True)
-    (no_ckpt / "train_config.json").write_text("{}")
+    (no_ckpt / "events.out.tfevents.stale").write_text("")
     runner = FakeRunner()
     search_lib.run_search(spec, runner, log=lambda _: None)
     (config1, _), (config2, _) = runner.calls
     assert config1.resume and not config2.resume
-    assert not (no_ckpt / "train_config.json").exists()  # cleared before restarting
+    assert not (no_ckpt / "events.out.tfevents.stale").exists()  # cleared before restarting
 
 
 def test_missing_metric_and_silent_runner_are_errors(tmp_path):

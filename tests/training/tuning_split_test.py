@@ -80,6 +80,11 @@ def test_search_on_a_tuning_split_then_final_run_on_the_private_set(tmp_path, mo
     with open(tmp_path / "final" / "metrics.json") as f:
         assert json.load(f)["dataset_size"] == private_n
 
+    # The same output_dir for a search on the private set: its finished runs
+    # trained on the tuning split, and are not silently ranked as its own.
+    with pytest.raises(ValueError, match=r"Invalid value for `output_dir`.*--tuning_examples=300"):
+        search_lib.run_search(_spec(tmp_path), lambda c, n: None, log=lambda _: None)
+
 
 def test_coverage_is_stated_in_every_mode(tmp_path):
     record = {"dataset_size": 1437, "reference_dataset_size": 1437}
@@ -110,6 +115,7 @@ def test_coverage_is_stated_in_every_mode(tmp_path):
         ({"tuning_dataset": "cifar10", "tuning_examples": 10}, "tuning_dataset"),
         ({"tuning_examples": 0}, "tuning_examples"),
         ({"tuning_split_seed": -1}, "tuning_split_seed"),
+        ({"tuning_split_seed": 3}, "tuning_split_seed"),  # no split to seed
         ({"train_flags": ("--train_on=tuning",)}, "train_flags"),  # the search sets it
     ],
 )
