@@ -289,6 +289,12 @@ class TrainConfig:
         self._check_tuning_split()
 
     def _check_tuning_split(self):
+        if self.tuning_split_seed != 0 and self.tuning_examples is None:
+            raise _validate.invalid(
+                "tuning_split_seed",
+                "0 (unset) unless --tuning_examples holds out a tuning split",
+                self.tuning_split_seed,
+            )
         if self.train_on == "tuning" and self.tuning_examples is None:
             raise _validate.invalid(
                 "train_on",

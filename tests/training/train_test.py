@@ -127,6 +127,7 @@ BAD_FLAGS = [
     (["--tuning_examples=0"], "`tuning_examples`"),
     (["--tuning_examples=10", "--tuning_split_seed=-1"], "`tuning_split_seed`"),
     (["--train_on=tuning"], "`train_on`"),  # no split to train on
+    (["--tuning_split_seed=3"], "`tuning_split_seed`"),  # no split to seed
     (["--train_on=test"], "`train_on`"),
     (["--ref_dataset_size=5000"], "`ref_dataset_size`"),  # not a simulation
     (
