@@ -195,7 +195,7 @@ def embedding_is_cheaper(rows: int, vocab: int, dim: int) -> bool:
     rows * dim output gradients (already held) a few times: gather, segment
     sum, squares, and the clipped sum's scatter. Both make a few passes per
     value, so the leading terms decide. (The Gram form of the norm, rows^2 dim,
-    is never cheaper than the segment sum and is not used.) In effect: ghost
+    is never cheaper than the segment sum and is not used.) Roughly: ghost
     when an example has fewer positions (times views) than the vocabulary.
 
     Args:
@@ -464,15 +464,17 @@ def _rows_of(t: tf.Tensor, trailing: int) -> tf.Tensor:
 
 
 def _token_ids(t: tf.Tensor, vocab: int) -> tf.Tensor:
-    """Ids as `Embedding.call` takes them (non-integers truncated), as int32.
+    """Ids as `Embedding.call` reads them (non-integers truncated), as int32.
 
-    An id outside [0, vocab) becomes -1: its row is dropped from the clipped
-    sum (a GPU gather reads zeros there and its gradient drops it; a CPU
-    gather fails first), while its output gradient still counts in the norm,
-    which can only make the bound larger.
+    A negative id in [-vocab, 0) reads row id + vocab, as Keras's `take`
+    wraps it: its row is that one. An id outside [-vocab, vocab) becomes -1:
+    its row is dropped from the clipped sum (a GPU gather reads zeros there
+    and its gradient drops it; a CPU gather fails first), while its output
+    gradient still counts in the norm, which can only make the bound larger.
     """
     if t.dtype not in (tf.int32, tf.int64):
         t = tf.cast(t, tf.int32)
+    t = tf.where(t < 0, t + tf.cast(vocab, t.dtype), t)
     valid = tf.logical_and(t >= 0, t < tf.cast(vocab, t.dtype))
     return tf.where(valid, tf.cast(t, tf.int32), -1)
 

@@ -99,13 +99,19 @@ def test_padding_nan_and_huge_examples():
     assert all(np.all(np.isfinite(g.numpy())) for g in got.grad_sum)
 
 
-def test_under_xla_and_in_chunks():
+@pytest.mark.parametrize("kind", ["small_cnn", "embedding"])
+def test_under_xla_and_in_chunks(kind):
     from tan_keras.mechanism import chunking
 
-    model = _model("small_cnn")
-    x, y = _inputs(model, 5, 2, seed=1)
+    if kind == "embedding":
+        model, clip = _text_model(ids=(6,)), 0.01
+        x, y = _token_batch(model, 5, 2, seed=4)
+    else:
+        model, clip = _model(kind), 0.1
+        x, y = _inputs(model, 5, 2, seed=1)
     mask = tf.constant([1, 1, 1, 0, 1], tf.float32)
     layers = _ghostable(model)
+    assert kind != "embedding" or model.get_layer("embedding") in layers
 
     def run(size):
         return chunking.clip_in_chunks(
@@ -114,14 +120,14 @@ def test_under_xla_and_in_chunks():
             x,
             y,
             mask,
-            0.1,
+            clip,
             size,
         )[0]
 
-    want = clip_and_sum(per_example.per_example_gradients(model, LOSS_FN, x, y)[0], 0.1, mask)
-    _assert_same(run(None), want, 0.1)
-    _assert_same(run(2), want, 0.1)
-    _assert_same(tf.function(lambda: run(2), jit_compile=True)(), want, 0.1)
+    want = clip_and_sum(per_example.per_example_gradients(model, LOSS_FN, x, y)[0], clip, mask)
+    _assert_same(run(None), want, clip)
+    _assert_same(run(2), want, clip)
+    _assert_same(tf.function(lambda: run(2), jit_compile=True)(), want, clip)
 
 
 def _conv_model(size=8, **conv):
@@ -574,29 +580,28 @@ def test_an_embedding_called_twice_clips_the_sum_of_both_calls():
     np.testing.assert_allclose(got.norms.numpy(), want.norms.numpy(), rtol=1e-5)
 
 
-def test_embedding_under_xla_and_in_chunks():
-    from tan_keras.mechanism import chunking
+def test_negative_embedding_ids_read_the_rows_keras_reads():
+    # Keras's take reads an id in [-vocab, 0) as row id + vocab: the ghost
+    # route must sum it into that row, as the formed gradient does (here -1
+    # and 49 in one example: one row of the table).
+    model = _text_model(vocab=50, ids=(6,))
+    x, y = _token_batch(model, 4, 1, seed=3)
+    x = x.numpy()
+    x[0, 0, :2] = [-1, 49]
+    x[1, 0, 2] = -50
+    x = tf.constant(x)
+    embedding = model.get_layer("embedding")
+    _assert_same(*_both(model, x, y, tf.ones([4]), 0.01, layers=[embedding]), 0.01)
+    # Power check: negative ids dropped (read as out of range) are caught.
+    original = ghost._token_ids
 
-    model = _text_model(ids=(6,))
-    x, y = _token_batch(model, 5, 2, seed=4)
-    mask = tf.constant([1, 1, 1, 0, 1], tf.float32)
-    layers_ = _ghostable(model)
-    assert model.get_layer("embedding") in layers_
+    def dropped(t, vocab):
+        return original(tf.where(t < 0, tf.cast(-vocab - 1, t.dtype), t), vocab)
 
-    def run(size):
-        return chunking.clip_in_chunks(
-            lambda v, t: per_example.per_example_gradients(model, LOSS_FN, v, t, layers_),
-            model.trainable_variables,
-            x,
-            y,
-            mask,
-            0.01,
-            size,
-        )[0]
-
-    want = clip_and_sum(per_example.per_example_gradients(model, LOSS_FN, x, y)[0], 0.01, mask)
-    _assert_same(run(2), want, 0.01)
-    _assert_same(tf.function(lambda: run(2), jit_compile=True)(), want, 0.01)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ghost, "_token_ids", dropped)
+        with pytest.raises(AssertionError):
+            _assert_same(*_both(model, x, y, tf.ones([4]), 0.01, layers=[embedding]), 0.01)
 
 
 def _norms_without_repeats(layer, ids, grads):
@@ -630,6 +635,27 @@ def test_the_comparison_catches_an_embedding_norm_that_ignores_repeated_ids(monk
     # With distinct ids the slip is right, and passes: the repeats are what is tested.
     distinct = tf.constant(np.arange(24).reshape(4, 1, 6).astype(np.int32))
     _assert_same(*_both(model, distinct, y, tf.ones([4]), clip), clip)
+
+
+def test_the_comparison_catches_embedding_rows_summed_across_examples(monkeypatch):
+    # Power check for per-example isolation: slots shared by all examples
+    # (the k-th distinct id of each one summed into slot k, the per-example
+    # offset forgotten) must fail the comparison with the formed gradients.
+    original = ghost._sum_by_token
+
+    def shared_slots(ids, g):
+        grouped = original(ids, g)
+        slots = tf.math.floormod(grouped.slots, tf.shape(ids)[1])
+        g = tf.reshape(tf.gather(g, grouped.order, batch_dims=1), [-1, g.shape[-1]])
+        sums = tf.math.unsorted_segment_sum(g, slots, tf.size(slots))
+        return grouped._replace(sums=sums, slots=slots)
+
+    model = _text_model(ids=(6,))
+    x, y = _token_batch(model, 4, 1, seed=5)
+    _assert_same(*_both(model, x, y, tf.ones([4]), 1e-3), 1e-3)
+    monkeypatch.setattr(ghost, "_sum_by_token", shared_slots)
+    with pytest.raises(AssertionError):
+        _assert_same(*_both(model, x, y, tf.ones([4]), 1e-3), 1e-3)
 
 
 class _TiedProjection(layers.Layer):
