@@ -80,6 +80,21 @@ def outputs_structure(model: keras.Model) -> Any:
     return model.outputs if structure is None else structure
 
 
+def vocabulary_given(layer: keras.layers.Layer) -> Optional[bool]:
+    """Whether a lookup layer's vocabulary was given when it was built.
+
+    Args:
+      layer: A Keras layer.
+
+    Returns:
+      None for a layer without a vocabulary (Hashing); True when
+      `vocabulary=` was passed (StringLookup, TextVectorization, and after
+      a reload); False when it came from `adapt` (or `set_vocabulary`).
+    """
+    given = getattr(layer, "_has_input_vocabulary", None)
+    return None if given is None else bool(given)
+
+
 def skip_first_batch_build(model_class: type) -> type:
     """Makes `fit`/`evaluate` under a strategy build without reading a batch.
 

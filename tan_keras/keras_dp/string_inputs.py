@@ -16,21 +16,33 @@ shape (a `TextVectorization` without `output_sequence_length` pads to the
 longest text of the batch, so one example's length would change the others'
 inputs). Their vocabulary is part of the model: one adapted on the private
 training set is a release of that data that no epsilon covers; adapt it on
-public data or give it explicitly.
+public data or give it explicitly (a vocabulary not given as `vocabulary=`
+is warned about with a `NotPrivateWarning`). A custom `standardize`
+or `split` callable of `TextVectorization` sees the whole micro-batch: it
+must map each text by itself (not checked).
 """
 
+import warnings
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional
 
 import keras
 import tensorflow as tf
 
 from tan_keras import _keras_internals
+from tan_keras.mechanism import noise
 
 # Exact types: each maps a row to a row with fixed tables and no weights.
 _ROW_WISE_STRING_LAYERS = (
     keras.layers.TextVectorization,
     keras.layers.StringLookup,
     keras.layers.Hashing,
+)
+
+
+ADAPTED_VOCABULARY_WARNING = (
+    "The vocabulary of `{name}` was not given as `vocabulary=` (adapted, or set later). "
+    "If it came from the private training set, it is a release of that data that no "
+    "epsilon covers: adapt it on public data, or pass the vocabulary explicitly."
 )
 
 
@@ -100,7 +112,7 @@ def split(model: keras.Model) -> Optional[StringSplit]:
     string_tensors = {id(t) for t in string_inputs}
     # The numeric outputs of the preprocessing layers (their ids).
     prefix_tensors = set()
-    prefix_layers = set()
+    prefix_layers = {}
     # Operations come in topological order: a string tensor is known before
     # any operation reads it.
     for operation in _keras_internals.graph_operations(model):
@@ -113,7 +125,7 @@ def split(model: keras.Model) -> Optional[StringSplit]:
                 continue
             if type(operation) not in _ROW_WISE_STRING_LAYERS or len(from_strings) != len(sources):
                 raise _refusal(operation)
-            prefix_layers.add(id(operation))
+            prefix_layers[id(operation)] = operation
             for output in node.outputs:
                 (string_tensors if output.dtype == "string" else prefix_tensors).add(id(output))
     boundary = _boundary(model, prefix_tensors | string_tensors, prefix_layers)
@@ -128,6 +140,13 @@ def split(model: keras.Model) -> Optional[StringSplit]:
                 "on the other texts of its batch; give TextVectorization an "
                 "output_sequence_length (padding to the batch's longest text would let one "
                 "example change the others' inputs)."
+            )
+    for layer in prefix_layers.values():
+        if _keras_internals.vocabulary_given(layer) is False:
+            warnings.warn(
+                ADAPTED_VOCABULARY_WARNING.format(name=layer.name),
+                noise.NotPrivateWarning,
+                stacklevel=3,
             )
     numeric_inputs = [t for t in inputs if t.dtype != "string"]
     prefix = _keras_internals.submodel(

@@ -5,6 +5,8 @@ numeric rest: one DP step on raw texts must equal the step of the same model
 fed the token ids directly, on every route that takes it.
 """
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from _helpers import flat
 
 import tan_keras
 from tan_keras.keras_dp.dp_model import DPKerasModel
+from tan_keras.mechanism import noise
 
 VOCAB = ["good", "bad", "not", "film", "plot", "great"]
 LENGTH = 6
@@ -111,6 +114,24 @@ def test_strings_reaching_another_layer_are_refused():
     )(text)
     with pytest.raises(ValueError, match="strings reach `.*` \\(Lambda\\).*TextVectorization"):
         DPKerasModel(text, keras.layers.Dense(2)(lengths), **DP)
+
+
+def _text_only_model(vectorizer):
+    text = keras.Input((1,), dtype="string")
+    h = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(20, 4)(vectorizer(text)))
+    return DPKerasModel(text, keras.layers.Dense(2)(h), **DP)
+
+
+def test_an_adapted_vocabulary_is_warned_about():
+    adapted = keras.layers.TextVectorization(output_sequence_length=LENGTH, name="adapted")
+    adapted.adapt(tf.constant(TEXTS[:, 0]))
+    with pytest.warns(noise.NotPrivateWarning, match="vocabulary of `adapted` was not given"):
+        _text_only_model(adapted)
+    # Power check: a given vocabulary (and Hashing, which has none) is not warned about.
+    for given in (_vectorizer(), keras.layers.Hashing(20)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", noise.NotPrivateWarning)
+            _text_only_model(given)
 
 
 def test_xla_is_turned_off_by_keras_for_a_string_model():
