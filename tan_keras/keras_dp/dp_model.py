@@ -673,6 +673,14 @@ class DPKerasModel(keras.Model):
         else:
             x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
             mask = None
+            if tf.nest.is_nested(sample_weight):
+                # Before the mask: a structure has no one weight per row.
+                raise ValueError(
+                    "Invalid value for `sample_weight`: expected one weight per example (a "
+                    "vector): it weighs the example's whole loss, all outputs together. "
+                    "Received: a structure of weights. Put per-output weights into "
+                    "loss_weights, or into the loss functions."
+                )
             if sample_weight is not None:
                 # A weight of 0 leaves the example out, as in Keras.
                 mask = tf.cast(tf.reshape(sample_weight, [-1]) > 0, tf.float32)
@@ -681,13 +689,6 @@ class DPKerasModel(keras.Model):
         y = self._labels_per_output(y)
         if mask is None:
             mask = tf.ones(tf.shape(per_example.first_leaf(y))[:1], tf.float32)
-        if tf.nest.is_nested(sample_weight):
-            raise ValueError(
-                "Invalid value for `sample_weight`: expected one weight per example (a "
-                "vector): it weighs the example's whole loss, all outputs together. "
-                "Received: a structure of weights. Put per-output weights into "
-                "loss_weights, or into the loss functions."
-            )
         return x, y, mask, step_end, sample_weight
 
     def _labels_per_output(self, y):

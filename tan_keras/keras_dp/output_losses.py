@@ -16,7 +16,7 @@ is keyed by output name (the key of a model built with a dict of outputs, or
 the output layer's name). `None` leaves an output out of the loss.
 """
 
-from typing import Any, Callable, List, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 import keras
 import tensorflow as tf
@@ -65,19 +65,24 @@ class OutputLosses(NamedTuple):
           ValueError: naming `y`, when its structure does not match the outputs.
         """
         if not self.several:
-            if isinstance(y, (list, tuple)) and len(y) == 1:
-                return y[0]
-            if isinstance(y, Mapping) and len(y) == 1:
-                return next(iter(y.values()))
-            return y
+            # A tensor, or a list, tuple or dict holding one.
+            leaves = tf.nest.flatten(y)
+            if len(leaves) != 1:
+                raise _validate.invalid(
+                    "y",
+                    f"one label tensor for the model's one output ({_describe(self.names)})",
+                    f"{len(leaves)} tensors",
+                )
+            return leaves[0]
         if isinstance(y, Mapping):
+            lookup = _index_by_name(self.names)
             flat = []
-            for names, loss in zip(self.names, self.losses):
-                found = [y[name] for name in names if name in y]
+            for index, (names, loss) in enumerate(zip(self.names, self.losses)):
+                found = [y[name] for name in names if name in y and lookup[name] == index]
                 if not found and loss is not None:
                     raise _validate.invalid(
                         "y",
-                        f"labels for every output with a loss, keyed by {self.describe()}",
+                        f"labels for every output with a loss, keyed by {_describe(self.names)}",
                         sorted(y),
                     )
                 flat.append(found[0] if found else None)
@@ -87,13 +92,9 @@ class OutputLosses(NamedTuple):
         raise _validate.invalid(
             "y",
             f"a list of {len(self.names)} label tensors (one per output, in the order "
-            f"{self.describe()}) or a dict keyed by output name",
+            f"{_describe(self.names)}) or a dict keyed by output name",
             type(y).__name__ if not isinstance(y, (list, tuple)) else f"{len(y)} tensors",
         )
-
-    def describe(self) -> str:
-        """The outputs' names, for error messages."""
-        return ", ".join(" / ".join(repr(n) for n in names) for names in self.names)
 
     def per_example_loss(self, y: Any, y_pred: Any) -> tf.Tensor:
         """Each row's loss: the weighted sum over outputs of their mean loss.
@@ -192,17 +193,24 @@ def _per_output(argument: str, value: Any, names, default: Any, broadcast: bool)
     if value is None:
         return [default] * count
     if isinstance(value, Mapping):
-        lookup = {}
-        for index, accepted in enumerate(names):
-            for name in accepted:
-                lookup[name] = index
+        lookup = _index_by_name(names)
         unknown = [key for key in value if key not in lookup]
         if unknown:
-            expected = ", ".join(" / ".join(repr(n) for n in accepted) for accepted in names)
-            raise _validate.invalid(argument, f"a dict keyed by output names ({expected})", unknown)
+            raise _validate.invalid(
+                argument, f"a dict keyed by output names ({_describe(names)})", unknown
+            )
         entries = [default] * count
+        named = {}
         for key, entry in value.items():
-            entries[lookup[key]] = entry
+            index = lookup[key]
+            if index in named:
+                raise _validate.invalid(
+                    argument,
+                    f"one entry per output ({named[index]!r} and {key!r} name the same output)",
+                    sorted(value),
+                )
+            named[index] = key
+            entries[index] = entry
         return entries
     if isinstance(value, (list, tuple)):
         if len(value) != count:
@@ -214,3 +222,22 @@ def _per_output(argument: str, value: Any, names, default: Any, broadcast: bool)
         # Keras applies one loss to every output, each against its own labels.
         return [value] * count
     raise _validate.invalid(argument, f"a list or dict with one entry per output ({count})", value)
+
+
+def _index_by_name(names: Sequence[Sequence[str]]) -> Dict[str, int]:
+    """The output each accepted name stands for.
+
+    An output's dict key wins over another output's layer name (a model
+    built with {"a": layer_b(h), "b": layer_a(h)}), as in Keras.
+    """
+    lookup: Dict[str, int] = {}
+    for rank in range(max((len(accepted) for accepted in names), default=0)):
+        for index, accepted in enumerate(names):
+            if rank < len(accepted):
+                lookup.setdefault(accepted[rank], index)
+    return lookup
+
+
+def _describe(names: Sequence[Sequence[str]]) -> str:
+    """The outputs' accepted names, for error messages."""
+    return ", ".join(" / ".join(repr(n) for n in accepted) for accepted in names)

@@ -10,9 +10,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from _helpers import flat
+from _helpers import dense_model, flat
 
 import tan_keras
+from tan_keras.keras_dp import output_losses
 from tan_keras.keras_dp.dp_model import make_private
 
 B = 6
@@ -89,12 +90,17 @@ def _private_copy(base, **kwargs):
     return model
 
 
-def _dp_step(base, x, y, clipping, loss, loss_weights):
-    model = _private_copy(base, augmult=x["a"].shape[1], clipping=clipping)
-    model.compile(optimizer=keras.optimizers.SGD(LR), loss=loss, loss_weights=loss_weights)
+def _one_step_data(x, y):
+    """One logical step of B examples (mask 1, step end): (x, y, mask, step_end)."""
     element = (x, y, np.ones(B, np.float32), np.ones(B, bool))
     batched = tf.nest.map_structure(lambda t: np.asarray(t)[None], element)
-    model.fit(tf.data.Dataset.from_tensor_slices(batched), epochs=1, verbose=0)
+    return tf.data.Dataset.from_tensor_slices(batched)
+
+
+def _dp_step(base, x, y, clipping, loss, loss_weights, **kwargs):
+    model = _private_copy(base, augmult=x["a"].shape[1], clipping=clipping, **kwargs)
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss=loss, loss_weights=loss_weights)
+    model.fit(_one_step_data(x, y), epochs=1, verbose=0)
     return flat(model.trainable_variables)
 
 
@@ -112,23 +118,39 @@ def test_each_examples_outputs_are_clipped_together(clipping, views):
     assert not np.allclose(got, _reference_step(base, x, y, 1.0), atol=1e-3)
 
 
+@pytest.mark.parametrize("clipping", ["vectorized", "layerwise"])
+def test_structured_inputs_and_outputs_in_chunks(clipping):
+    # 6 examples in chunks of 4 (the last one padded): the same step, and the
+    # predictions packed again by output name for the metrics.
+    base = _two_headed()
+    x, y = _data(2)
+    model = _private_copy(base, augmult=2, clipping=clipping, examples_per_chunk=4)
+    model.compile(
+        optimizer=keras.optimizers.SGD(LR),
+        loss={"cls": CE, "reg": "mse"},
+        loss_weights={"reg": 0.5},
+        metrics={"cls": ["accuracy"]},
+    )
+    history = model.fit(_one_step_data(x, y), epochs=1, verbose=0).history
+    want = _reference_step(base, x, y, 0.5)
+    np.testing.assert_allclose(flat(model.trainable_variables), want, atol=2e-5)
+    # The train step's accuracy: the view-averaged logits of the weights before the step.
+    logits = np.mean([base({k: v[:, i] for k, v in x.items()})["cls"] for i in range(2)], 0)
+    hits = np.argmax(logits, 1) == y["cls"]
+    assert history["cls_accuracy"] == [pytest.approx(hits.mean())]
+    # Power check: labels one row off would give another accuracy.
+    assert (np.argmax(logits, 1) == np.roll(y["cls"], 1)).mean() != pytest.approx(hits.mean())
+
+
 def test_list_inputs_and_outputs_with_losses_in_a_list():
     base = _two_headed(dict_io=False)
     dict_base = _two_headed()
     dict_base.set_weights(base.get_weights())
     x, y = _data(1)
-    model = make_private(
-        base,
-        l2_norm_clip=CLIP,
-        noise_multiplier=0.0,
-        expected_batch_size=B,
-        dataset_size=100,
-    )
+    model = _private_copy(base)
     model.compile(optimizer=keras.optimizers.SGD(LR), loss=[CE, "mse"], loss_weights=[1.0, 0.5])
     # Tuples: tf.data reads a Python list as one tensor to stack.
-    element = ((x["a"], x["b"]), (y["cls"], y["reg"]), np.ones(B, np.float32), np.ones(B, bool))
-    batched = tf.nest.map_structure(lambda t: np.asarray(t)[None], element)
-    model.fit(tf.data.Dataset.from_tensor_slices(batched), epochs=1, verbose=0)
+    model.fit(_one_step_data((x["a"], x["b"]), (y["cls"], y["reg"])), epochs=1, verbose=0)
     np.testing.assert_allclose(
         flat(model.trainable_variables), _reference_step(dict_base, x, y, 0.5), atol=2e-5
     )
@@ -206,6 +228,28 @@ def test_shuffled_sampling_takes_a_dict_of_arrays():
     assert int(model.dp_steps.numpy()) == 3
 
 
+def test_per_output_sample_weights_are_refused_clearly():
+    # One weight structure per output cannot weigh an example's loss before
+    # clipping as one vector does; refused before it reaches the mask.
+    n = 8
+    rng = np.random.default_rng(0)
+    x = {"a": rng.normal(size=(n, 3)), "b": rng.normal(size=(n, 2))}
+    y = {"cls": rng.integers(0, 3, n), "reg": rng.normal(size=(n, 1))}
+    model = make_private(
+        _two_headed(),
+        l2_norm_clip=1.0,
+        noise_multiplier=1.0,
+        expected_batch_size=4,
+        dataset_size=n,
+        sampling="shuffled",
+    )
+    model.compile(optimizer="sgd", loss={"cls": CE, "reg": "mse"})
+    weights = {"cls": np.ones(n), "reg": np.ones(n)}
+    with pytest.raises(ValueError, match="Invalid value for `sample_weight`.*structure"):
+        model.fit(x, y, sample_weight=weights, batch_size=4, epochs=1, verbose=0)
+    assert int(model.dp_steps.numpy()) == 0
+
+
 def test_an_invalid_class_label_in_one_output_drops_the_example():
     base = _two_headed()
     x, y = _data(1)
@@ -213,9 +257,7 @@ def test_an_invalid_class_label_in_one_output_drops_the_example():
     bad["cls"][2] = 7  # out of [0, 3)
     model = _private_copy(base)
     model.compile(optimizer=keras.optimizers.SGD(LR), loss={"cls": CE, "reg": "mse"})
-    element = (x, bad, np.ones(B, np.float32), np.ones(B, bool))
-    ds = tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(lambda t: t[None], element))
-    history = model.fit(ds, epochs=1, verbose=0)
+    history = model.fit(_one_step_data(x, bad), epochs=1, verbose=0)
     assert history.history["nonfinite_examples"][-1] == 1.0
     kept = [i for i in range(B) if i != 2]
     expected = _reference_step(base, x, y, 1.0, rows=kept)
@@ -254,20 +296,50 @@ def test_labels_missing_for_an_output_with_a_loss_are_refused():
     model = _compiled({"cls": CE, "reg": "mse"})
     x, y = _data(1)
     x1 = {k: v[:, 0] for k, v in x.items()}
-    element = (x1, {"cls": y["cls"]}, np.ones(B, np.float32), np.ones(B, bool))
-    ds = tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(lambda t: t[None], element))
     with pytest.raises(ValueError, match=r"Invalid value for `y`: expected labels for every"):
-        model.fit(ds, epochs=1, verbose=0)
+        model.fit(_one_step_data(x1, {"cls": y["cls"]}), epochs=1, verbose=0)
+
+
+def test_a_dict_key_wins_over_another_outputs_layer_name():
+    # Keys crossing the layer names: key "z" is layer "b" (3 classes), key
+    # "b" is layer "z" (regression). Keras matches losses by key.
+    keras.utils.set_random_seed(0)
+    a = keras.Input((3,), name="a")
+    h = keras.layers.Dense(4)(a)
+    cls, reg = keras.layers.Dense(3, name="b")(h), keras.layers.Dense(1, name="z")(h)
+    crossed = keras.Model(a, {"z": cls, "b": reg})
+    resolved = output_losses.resolve(crossed, {"b": "mse", "z": CE}, {"b": 0.5})
+    by_key = {
+        names[0]: (loss is not None, weight, classes)
+        for names, loss, weight, classes in zip(
+            resolved.names, resolved.losses, resolved.weights, resolved.sparse_classes
+        )
+    }
+    assert by_key == {"b": (True, 0.5, None), "z": (True, 1.0, 3)}
+    labels = resolved.flat_labels({"z": "cls labels", "b": "reg labels"})
+    assert labels == ["reg labels" if n[0] == "b" else "cls labels" for n in resolved.names]
+    # Two names of one output in one dict (key "b" and its layer's name "z"):
+    # refused, not one of them silently dropped.
+    renamed = keras.Model(a, {"head": cls, "b": reg})
+    with pytest.raises(ValueError, match=r"Invalid value for `loss`.*'b' and 'z' name the same"):
+        output_losses.resolve(renamed, {"head": CE, "b": "mse", "z": "mse"})
+
+
+def test_several_label_tensors_for_one_output_are_refused():
+    single = output_losses.resolve(dense_model(), CE)
+    y = tf.zeros([4], tf.int32)
+    assert single.flat_labels((y,)) is y and single.flat_labels({"labels": y}) is y
+    # Before: a shape error deep in the step ("Dimensions must be equal").
+    with pytest.raises(ValueError, match=r"Invalid value for `y`: expected one label tensor"):
+        single.flat_labels((y, y))
 
 
 def test_class_weight_with_several_outputs_is_refused():
     model = _compiled({"cls": CE, "reg": "mse"})
     x, y = _data(1)
     x1 = {k: v[:, 0] for k, v in x.items()}
-    element = (x1, y, np.ones(B, np.float32), np.ones(B, bool))
-    ds = tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(lambda t: t[None], element))
     with pytest.raises(ValueError, match=r"Invalid value for `class_weight`"):
-        model.fit(ds, class_weight={0: 2.0}, epochs=1, verbose=0)
+        model.fit(_one_step_data(x1, y), class_weight={0: 2.0}, epochs=1, verbose=0)
 
 
 def test_a_single_loss_applies_to_every_output_against_its_own_labels():
