@@ -224,8 +224,9 @@ def color_jitter(images: tf.Tensor, seed: Seed = None) -> tf.Tensor:
     gray = tf.image.rgb_to_grayscale(out)
     out = tf.clip_by_value(gray + (out - gray) * pick(saturation), 0.0, 1.0)
     # Hue rotated in HSV by a fraction of a turn, as torchvision does; the
-    # fused AdjustHue kernel (one image and delta per call) is 2.4x faster
-    # than the HSV round trip and equal to it within 1e-6.
+    # fused AdjustHue kernel (one image and delta per call) is 1.6x faster
+    # than the HSV round trip (16 images of 224 x 224 on one core) and equal
+    # to it within 1e-6.
     out = tf.map_fn(
         lambda args: tf.image.adjust_hue(args[0], args[1]),
         (out, tf.gather(hue_shift, chosen)),
@@ -352,9 +353,19 @@ def imagenet_preprocess(
     scale = resize / tf.reduce_min(shape)
     # Round, and never below `resize`, so the crop always fits.
     new_size = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), resize)
-    image = tf.image.resize(image, new_size, method="bilinear", antialias=True)
     top = (new_size[0] - crop) // 2
     left = (new_size[1] - crop) // 2
-    image = image[top : top + crop, left : left + crop] * scale_after
-    image = tf.ensure_shape(image, [crop, crop, None])
+    # The crop of the resized image, computed alone: `tf.image.resize`
+    # (bilinear, antialiased) is this op with translation 0 and the whole
+    # new_size as output. The resized image itself is never formed: for a
+    # crafted 1 x 65000 JPEG it would take 51 GB (256 x 16.6M x 3 floats).
+    image = tf.raw_ops.ScaleAndTranslate(
+        images=image[None],
+        size=[crop, crop],
+        scale=tf.cast(new_size, tf.float32) / shape,
+        translation=-tf.cast(tf.stack([top, left]), tf.float32),
+        kernel_type="triangle",
+        antialias=True,
+    )[0]
+    image = tf.ensure_shape(image * scale_after, [crop, crop, None])
     return tf.clip_by_value(image, 0.0, 1.0)

@@ -6,9 +6,9 @@ same builder name, version, features (JPEG-encoded images, 1000 classes) and
 array_record files, in `<data_dir>/imagenet2012/<version>/`. So
 `tan_keras.train --dataset=imagenet2012 --data_dir=<data_dir>`, the input
 pipeline and its benchmark run on it unchanged. The images have ImageNet's
-typical sizes (shorter side 333-500, longer 375-500 pixels) and smooth
-random content that compresses like photographs (about 100 KB at quality
-90), so decoding costs what it costs on ImageNet.
+typical sizes (longer side 500 pixels, shorter 333 to 400, either way up)
+and smooth random content with grain: 71-85 KB at quality 90 (ImageNet's
+training JPEGs average about 110 KB), so decoding does a photograph's work.
 
   python -m tan_keras.data.synthetic_imagenet --data_dir=/tmp/synthetic --train=2000
 """

@@ -173,6 +173,35 @@ def test_poisson_pipeline_views_resume_exactly_and_differ_across_shards():
     assert not np.array_equal(host0[0], host1[0])
 
 
+def test_imagenet_preprocess_equals_resizing_then_center_cropping():
+    rng = np.random.default_rng(2)
+    for height, width in [(375, 500), (500, 333), (7, 300), (257, 300), (100, 90)]:
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        scale = 256 / min(height, width)
+        size = [max(round(height * scale), 256), max(round(width * scale), 256)]
+        resized = tf.image.resize(image, size, method="bilinear", antialias=True) / 255.0
+        top, left = (size[0] - 224) // 2, (size[1] - 224) // 2
+        want = np.clip(resized[top : top + 224, left : left + 224].numpy(), 0.0, 1.0)
+        got = augment.imagenet_preprocess(image).numpy()
+        np.testing.assert_allclose(got, want, atol=3e-5, err_msg=str((height, width)))
+    # A crafted 1 x 65000 image: resized whole it would take 51 GB; only
+    # the crop is computed.
+    thin = augment.imagenet_preprocess(rng.integers(0, 256, (1, 65000, 3), dtype=np.uint8))
+    assert thin.shape == (224, 224, 3) and np.isfinite(thin.numpy()).all()
+
+
+def test_decode_imagenet_gives_rgb_for_grayscale_and_rgba_images():
+    # ImageNet holds some grayscale JPEGs; a PNG may carry alpha. Both must
+    # come out [224, 224, 3] (a model input of 1 or 4 channels would fail).
+    gray = np.random.default_rng(3).integers(0, 256, (300, 260, 1), dtype=np.uint8)
+    out = augment.decode_imagenet(tf.io.encode_jpeg(gray)).numpy()
+    assert out.shape == (224, 224, 3)
+    np.testing.assert_array_equal(out[..., 0], out[..., 2])  # gray in all three
+    rgba = np.concatenate([np.repeat(gray, 3, axis=-1), np.zeros_like(gray)], axis=-1)
+    out = augment.decode_imagenet(tf.io.encode_png(rgba)).numpy()
+    assert out.shape == (224, 224, 3) and out.any()  # alpha dropped, not applied
+
+
 @pytest.mark.parametrize(
     "pad, mode, flip", [(20, "REFLECT", True), (4, "REFLECT", False), (1, "CONSTANT", False)]
 )
