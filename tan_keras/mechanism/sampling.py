@@ -223,7 +223,7 @@ class PoissonSampler(tf.Module):
             )
             if with_seeds:
                 # Derived from the key through Philox, apart from the
-                # sampling stream (another first word), so the views say
+                # sampling stream (another second word), so the views say
                 # nothing about which examples were sampled.
                 step_seed = tf.random.experimental.stateless_fold_in(
                     tf.stack([self.key, tf.constant(_AUGMENT_STREAM, tf.int64)]), step
@@ -318,6 +318,49 @@ def _rows(argument: str, structure) -> int:
     return counts.pop()
 
 
+def shard_rows(sampler: PoissonSampler, num_shards: int, shard_index: int) -> Tuple[int, int]:
+    """The rows one input pipeline keeps of every global micro-batch.
+
+    Args:
+      sampler: The `PoissonSampler` every pipeline draws from.
+      num_shards: Pipelines (hosts) sharing each micro-batch, >= 1; must
+        divide the physical batch size, or rows would be sampled, accounted
+        and never trained on.
+      shard_index: This pipeline's shard, in [0, num_shards).
+
+    Returns:
+      (begin, rows): this shard keeps rows [begin, begin + rows).
+
+    Raises:
+      ValueError: naming the argument, on a bad shard setting.
+    """
+    num_shards = _validate.positive_int("num_shards", num_shards)
+    shard_index = _validate.integer("shard_index", shard_index, low=0, high=num_shards - 1)
+    if sampler.physical_batch_size % num_shards:
+        raise _validate.invalid(
+            "num_shards",
+            f"a divisor of physical_batch_size={sampler.physical_batch_size}",
+            num_shards,
+        )
+    rows = sampler.physical_batch_size // num_shards
+    return shard_index * rows, rows
+
+
+def check_dataset_size(sampler: PoissonSampler, feature_rows: int, label_rows: int) -> None:
+    """Refuses data whose number of examples is not the sampler's N.
+
+    Raises:
+      ValueError: naming `dataset_size`, if either count differs from N.
+    """
+    if feature_rows != sampler.dataset_size or label_rows != sampler.dataset_size:
+        raise _validate.invalid(
+            "dataset_size",
+            f"the number of training examples ({feature_rows} features, {label_rows} labels)",
+            sampler.dataset_size,
+            "N must count the distinct training examples, before any repeat or augmentation",
+        )
+
+
 def make_poisson_dataset(
     features: np.ndarray,
     labels: np.ndarray,
@@ -356,31 +399,14 @@ def make_poisson_dataset(
         divide the physical batch size.
     """
     augmult = _validate.positive_int("augmult", augmult)
-    num_shards = _validate.positive_int("num_shards", num_shards)
-    shard_index = _validate.integer("shard_index", shard_index, low=0, high=num_shards - 1)
-    if sampler.physical_batch_size % num_shards:
-        raise _validate.invalid(
-            "num_shards",
-            f"a divisor of physical_batch_size={sampler.physical_batch_size}",
-            num_shards,
-        )
-    rows = sampler.physical_batch_size // num_shards
-    feature_rows = _rows("features", features)
-    label_rows = _rows("labels", labels)
-    if feature_rows != sampler.dataset_size or label_rows != sampler.dataset_size:
-        raise _validate.invalid(
-            "dataset_size",
-            f"the number of training examples ({feature_rows} features, {label_rows} labels)",
-            sampler.dataset_size,
-            "N must count the distinct training examples, before any repeat or augmentation",
-        )
+    begin, rows = shard_rows(sampler, num_shards, shard_index)
+    check_dataset_size(sampler, _rows("features", features), _rows("labels", labels))
     features = tf.nest.map_structure(tf.convert_to_tensor, features)
     labels = tf.nest.map_structure(tf.convert_to_tensor, labels)
 
     def gather(indices, mask, step_end, seed=None):
         # Every shard draws the same global micro-batch and keeps its rows, so
         # the hosts together see each sampled example exactly once.
-        begin = shard_index * rows
         indices, mask = indices[begin : begin + rows], mask[begin : begin + rows]
         step_end = step_end[begin : begin + rows]
         x = tf.nest.map_structure(lambda t: tf.gather(t, indices), features)

@@ -104,7 +104,7 @@ def make_views(
       has the views axis, so callers handle one layout).
 
     Raises:
-      ValueError: if `augmult` is not a positive integer.
+      ValueError: if `augmult` is not an integer in [1, `MAX_VIEWS`].
     """
     augmult = _validate.integer("augmult", augmult, low=1, high=MAX_VIEWS)
     images = tf.nest.map_structure(tf.convert_to_tensor, images)
@@ -160,7 +160,11 @@ def sampled_views(
     Returns:
       [batch, K, H, W, C], except [batch, H, W, C] when K = 1 without an
       augmenter (nothing to group).
+
+    Raises:
+      ValueError: if `augmult` is not an integer in [1, `MAX_VIEWS`].
     """
+    augmult = _validate.integer("augmult", augmult, low=1, high=MAX_VIEWS)
     if augmenter is not None:
         return make_views(images, augmult, augmenter, seed=seed, example_ids=example_ids)
     if augmult > 1:

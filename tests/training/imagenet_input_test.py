@@ -10,14 +10,16 @@ train on it end to end.
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from train_test import run_cli
 
 from tan_keras.data import augment, datasets
 from tan_keras.data.synthetic_imagenet import make_synthetic_imagenet
-from tan_keras.mechanism import sampling
+from tan_keras.mechanism import sampling, views
 from tan_keras.training import train_data
 
 N, TEST = 24, 6
+IMAGE = (224, 224, 3)
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +57,40 @@ def test_native_decoding_equals_the_python_path(imagenet):
     np.testing.assert_array_equal(test[0].numpy(), data.test_x[np.arange(4)])
 
 
-def test_two_hosts_draw_the_same_views_of_an_example(imagenet):
+def test_views_are_keyed_by_example_on_every_host(imagenet, monkeypatch):
     _, data = imagenet
     augmenter = augment.make_augmenter("imagenet", data.input_shape)
 
-    def views(shards, shard):
+    def encoded(shards=1, shard=0):
         dataset = train_data.encoded_train_dataset(
             data.train_x, data.train_y, _sampler(), 2, augmenter, shards, shard
         )
-        x, _, mask, _, _ = next(iter(dataset))
-        return x.numpy()[mask.numpy() > 0]
+        return [t.numpy() for t in next(iter(dataset))[:3]]
 
-    whole = views(1, 0)
-    halves = np.concatenate([views(2, 0), views(2, 1)])
-    assert whole.shape[1:] == (2, 224, 224, 3)
-    np.testing.assert_array_equal(halves, whole)
-    assert not np.array_equal(whole[:, 0], whole[:, 1])  # two views differ
+    x, y, mask = encoded()
+    real = mask > 0
+    assert x.shape == (8, 2, *IMAGE) and 2 <= real.sum() < 8  # real and padding rows
+    assert not x[~real].any()  # padding rows: zero images, never decoded
+    assert not np.array_equal(x[real][:, 0], x[real][:, 1])  # two views differ
+    # Each real row holds its example's label and the views `make_views`
+    # draws for it from the decoded image, keyed by (step key, example,
+    # view), the call the in-memory pipeline makes.
+    indices, _, _, key = next(iter(_sampler().micro_batches(1, with_seeds=True)))
+    indices = indices.numpy()[real]
+    np.testing.assert_array_equal(y[real], data.train_y[indices])
+    want = views.make_views(
+        data.train_x[indices], 2, augmenter, seed=key, example_ids=indices
+    ).numpy()
+    np.testing.assert_array_equal(x[real], want)
+    # Two hosts, each decoding its half of the micro-batch: together every
+    # real row once, with the same views.
+    halves = [encoded(2, shard) for shard in (0, 1)]
+    np.testing.assert_array_equal(np.concatenate([h[0][h[2] > 0] for h in halves]), x[real])
+    # Power check: views keyed by the row in the call rather than the
+    # example are rejected.
+    keyed = views.view_keys
+    monkeypatch.setattr(views, "view_keys", lambda key, ids, k: keyed(key, 0 * ids, k))
+    assert not np.array_equal(encoded()[0][real], want)
 
 
 def test_the_program_trains_on_it_end_to_end(imagenet, tmp_path, capsys):
@@ -92,3 +112,53 @@ def test_the_program_trains_on_it_end_to_end(imagenet, tmp_path, capsys):
     )
     assert code == 0, err[-3000:]
     assert "N=24 training examples" in out and "metrics:" in out
+
+
+class _Images:
+    """A lazy view of encoded images, as `datasets.load_imagenet` gives."""
+
+    def __init__(self, jpegs):
+        self._jpegs = jpegs
+        self.shape = (len(jpegs), *IMAGE)
+        self.decode = augment.decode_imagenet
+
+    def __len__(self):
+        return len(self._jpegs)
+
+    def encoded(self, indices):
+        items = np.empty(len(indices), dtype=object)
+        items[:] = [self._jpegs[int(i)] for i in indices]
+        return items
+
+
+@pytest.mark.parametrize("bad", [b"", "truncated"])
+def test_an_undecodable_image_is_refused_naming_the_example(bad):
+    good = tf.io.encode_jpeg(tf.zeros([40, 30, 3], tf.uint8)).numpy()
+    bad = good[: len(good) // 2] if bad == "truncated" else bad
+    jpegs = [good, good, bad, good]
+    labels = np.zeros(4, np.int32)
+    # q = 1: every example is in the first step; the real rows are decoded.
+    sampler = sampling.PoissonSampler(4, 4, physical_batch_size=4, secret_key=5)
+    train = train_data.train_dataset(_Images(jpegs), labels, sampler, 1, None)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"training example at index\] \[2\]"):
+        next(iter(train))
+    test = train_data.test_dataset(_Images(jpegs), labels, 4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"test example at index\] \[2\]"):
+        next(iter(test))
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(num_shards=3), "num_shards"),  # does not divide P = 8
+        (dict(num_shards=0), "num_shards"),
+        (dict(num_shards=2, shard_index=2), "shard_index"),
+        (dict(sampler=sampling.PoissonSampler(N + 1, 6, physical_batch_size=8)), "dataset_size"),
+        (dict(augmult=0), "augmult"),
+    ],
+)
+def test_encoded_input_refuses_bad_arguments(imagenet, kwargs, name):
+    _, data = imagenet
+    args = {**dict(sampler=_sampler(), augmult=1, augmenter=None), **kwargs}
+    with pytest.raises(ValueError, match=f"Invalid value for `{name}`"):
+        next(iter(train_data.encoded_train_dataset(data.train_x, data.train_y, **args)))
