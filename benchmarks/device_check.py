@@ -25,9 +25,9 @@ a check fails.
 
 import argparse
 import json
-import statistics
 import sys
-import time
+
+from _bench import keras_train_step, median_seconds
 
 CONFIGS = (
     # (model, input shape, physical batch B, views K)
@@ -49,23 +49,6 @@ def _device():
     return ", ".join(names)
 
 
-def _time_steps(model, data, steps, warmup):
-    import tensorflow as tf
-
-    iterator = iter(tf.data.Dataset.from_tensors(data).repeat())
-    model.make_train_function()
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        logs = model.train_function(iterator)
-        if isinstance(logs, tf.experimental.Optional):
-            logs = logs.get_value()
-        tf.nest.map_structure(lambda t: t.numpy(), logs)  # wait for the device
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def time_config(model_name, shape, batch, augmult, precision, steps, warmup):
     """Examples per second of the plain and the DP step, and the DP route."""
     import keras
@@ -83,7 +66,8 @@ def time_config(model_name, shape, batch, augmult, precision, steps, warmup):
         plain = build_model(model_name, shape, 10)
         plain.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss, jit_compile=True)
         x_plain = rng.random((batch * augmult,) + shape, dtype=np.float32)
-        plain_s = _time_steps(plain, (x_plain, np.repeat(y, augmult)), steps, warmup)
+        plain_data = (x_plain, np.repeat(y, augmult))
+        plain_s = median_seconds(keras_train_step(plain, plain_data), steps, warmup)
         keras.utils.set_random_seed(0)
         dp = make_private(
             build_model(model_name, shape, 10),
@@ -96,7 +80,7 @@ def time_config(model_name, shape, batch, augmult, precision, steps, warmup):
         dp.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss, jit_compile=True)
         x = rng.random((batch, augmult) + shape, dtype=np.float32)
         data = (x if augmult > 1 else x[:, 0], y, np.ones(batch, np.float32), np.ones(batch, bool))
-        dp_s = _time_steps(dp, data, steps, warmup)
+        dp_s = median_seconds(keras_train_step(dp, data), steps, warmup)
         return {
             "plain_examples_per_s": batch / plain_s,
             "dp_examples_per_s": batch / dp_s,
@@ -197,10 +181,10 @@ def main(argv=None):
     for precision in precisions:
         if precision not in PRECISIONS:
             parser.error(f"--precisions: unknown {precision!r}; expected {PRECISIONS}")
-    steps = args.steps or (2 if args.smoke else 10)
-    warmup = args.warmup or (1 if args.smoke else 3)
+    steps = (2 if args.smoke else 10) if args.steps is None else args.steps
+    warmup = (1 if args.smoke else 3) if args.warmup is None else args.warmup
     if min(steps, warmup) < 1:
-        parser.error("--steps and --warmup: expected integers >= 1")
+        parser.error(f"--steps and --warmup: expected integers >= 1; received {steps}, {warmup}")
     configs = SMOKE_CONFIGS if args.smoke else CONFIGS
     if args.models:
         configs = tuple(c for c in configs if c[0] in args.models.split(","))

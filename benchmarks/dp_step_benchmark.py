@@ -38,11 +38,19 @@ Example (CPU, about 30 minutes):
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
-import time
+
+from _bench import (
+    check_args,
+    child_result,
+    chunk_arg,
+    fmt_ratio,
+    keras_train_step,
+    median_seconds,
+    peak_rss_mb,
+    print_result,
+)
 
 METHODS = ("plain", "dp_ghost", "dp_vmap", "dp_layer", "tfp", "tfp_noxla")
 TFP_METHODS = ("tfp", "tfp_noxla")
@@ -57,7 +65,6 @@ def _measure(model_name, method, batch, augmult, steps, warmup, jit, examples_pe
     """Runs in a child process: returns median seconds per step and max RSS."""
     import keras
     import numpy as np
-    import tensorflow as tf
 
     from tan_keras.models import build_model
 
@@ -103,22 +110,8 @@ def _measure(model_name, method, batch, augmult, steps, warmup, jit, examples_pe
         x = rng.random((batch,) + shape, dtype=np.float32)
         data = (x, y)
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss, jit_compile=jit)
-    dataset = tf.data.Dataset.from_tensors(data).repeat()
-    iterator = iter(dataset)
-    # Keras 2 returns the function, Keras 3 only sets it; both set it.
-    model.make_train_function()
-    train_function = model.train_function
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        logs = train_function(iterator)
-        if isinstance(logs, tf.experimental.Optional):  # Keras 3
-            logs = logs.get_value()
-        tf.nest.map_structure(lambda t: t.numpy(), logs)  # wait for the step
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds_per_step": statistics.median(times), "peak_rss_mb": peak_mb}
+    seconds = median_seconds(keras_train_step(model, data), steps, warmup)
+    return {"seconds_per_step": seconds, "peak_rss_mb": peak_rss_mb()}
 
 
 def _run_child(args, model_name, method, batch, augmult):
@@ -139,17 +132,13 @@ def _run_child(args, model_name, method, batch, augmult):
         + (["--jit"] if args.jit else [])
         + [f"--examples_per_chunk={args.examples_per_chunk}"]
     )
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(os.environ)
     if in_tfp_env:
         # The child imports tan_keras.models (plain Keras layers, which Keras 2
         # has too) from this checkout, not from an installed copy.
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"{model_name}/{method} failed:\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return child_result(cmd, f"{model_name}/{method}", env)
 
 
 def main(argv=None):
@@ -185,16 +174,7 @@ def main(argv=None):
     for name in models:
         if name not in INPUT_SHAPES:
             parser.error(f"--models: unknown model {name!r}; expected {sorted(INPUT_SHAPES)}")
-    for name, low in (("repeats", 1), ("steps", 1), ("warmup", 0)):
-        if getattr(args, name) < low:
-            parser.error(f"--{name}: expected an integer >= {low}; received {getattr(args, name)}")
-    try:
-        _chunk_arg(args.examples_per_chunk)
-    except ValueError:
-        parser.error(
-            "--examples_per_chunk: expected 'auto', 'none' or an integer >= 1; "
-            f"received {args.examples_per_chunk!r}"
-        )
+    check_args(parser, args, (("repeats", 1), ("steps", 1), ("warmup", 0)))
     for method in methods:
         if method not in METHODS + (TFP_PLAIN,) or (method == TFP_PLAIN and not args.child):
             parser.error(f"--methods: unknown method {method!r}; expected {METHODS}")
@@ -219,9 +199,9 @@ def main(argv=None):
             args.steps,
             args.warmup,
             args.jit,
-            _chunk_arg(args.examples_per_chunk),
+            chunk_arg(args.examples_per_chunk),
         )
-        print("RESULT " + json.dumps(result))
+        print_result(result)
         return
 
     rows = []
@@ -279,7 +259,7 @@ def main(argv=None):
                             row[f"slowdown_vs_{base}"] = vs_plain[method] / vs_plain[base]
                     rows.append(row)
                     ratios = " ".join(
-                        f"{_fmt(row.get('slowdown_vs_' + base)):>9}" for base in BASELINES
+                        f"{fmt_ratio(row.get('slowdown_vs_' + base)):>9}" for base in BASELINES
                     )
                     print(
                         f"{name:<10} {batch:>4} {augmult:>2} {method:<10} {throughput:>9.1f} "
@@ -291,17 +271,6 @@ def main(argv=None):
             json.dump(rows, f, indent=2)
 
 
-def _chunk_arg(value):
-    """--examples_per_chunk as DPKerasModel takes it; ValueError when invalid."""
-    from tan_keras import _validate
-
-    if value == "auto":
-        return value
-    if value.lower() == "none":
-        return None
-    return _validate.examples_per_chunk(int(value))
-
-
 def _int_list(parser, flag, text):
     try:
         values = [int(v) for v in text.split(",")]
@@ -310,10 +279,6 @@ def _int_list(parser, flag, text):
     if not values or min(values) < 1:
         parser.error(f"--{flag}: expected comma-separated integers >= 1; received {text!r}")
     return values
-
-
-def _fmt(ratio):
-    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 if __name__ == "__main__":

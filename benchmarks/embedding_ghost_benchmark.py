@@ -24,19 +24,26 @@ time is the median over its runs of the median over timed steps after
 warm-up. Prints ms per step, examples/s, the slowdown against the plain step
 and against dp_vmap, and peak memory.
 
-Example (CPU, about a minute):
+Example (CPU, 25 s on 2 cores):
   python benchmarks/embedding_ghost_benchmark.py --vocab=20000 --dim=64 \
       --length=32 --batch=64
 """
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
-import time
+
+from _bench import (
+    check_args,
+    child_result,
+    chunk_arg,
+    fmt_ratio,
+    keras_train_step,
+    median_seconds,
+    peak_rss_mb,
+    print_result,
+)
 
 METHODS = ("plain", "dp_vmap", "dp_ghost", "clip_vmap", "clip_ghost")
 DP_CLIPPING = {"dp_vmap": "vectorized", "dp_ghost": "ghost"}
@@ -52,7 +59,6 @@ def _measure(args, method):
     """Runs in a child process: median seconds per step, max RSS, ghost layers."""
     import keras
     import numpy as np
-    import tensorflow as tf
 
     keras.utils.set_random_seed(0)
     inp = keras.Input((args.length,), dtype="int32")
@@ -82,7 +88,7 @@ def _measure(args, method):
             dataset_size=50000,
             augmult=views,
             clipping=DP_CLIPPING[method],
-            examples_per_chunk=_chunk_arg(args.examples_per_chunk),
+            examples_per_chunk=chunk_arg(args.examples_per_chunk),
         )
         x = ids.astype(np.int32) if views > 1 else ids[:, 0].astype(np.int32)
         data = (x, y, np.ones(args.batch, np.float32), np.ones(args.batch, bool))
@@ -91,21 +97,9 @@ def _measure(args, method):
         ghost_layers = [layer.name for layer in model._ghost_layers]
         if method == "dp_ghost" and "embedding" not in ghost_layers:
             raise RuntimeError(f"the Embedding was not ghost-clipped: {ghost_layers}")
-    iterator = iter(tf.data.Dataset.from_tensors(data).repeat())
-    model.make_train_function()
-    train_function = model.train_function
-    times = []
-    for i in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        logs = train_function(iterator)
-        if isinstance(logs, tf.experimental.Optional):
-            logs = logs.get_value()
-        tf.nest.map_structure(lambda t: t.numpy(), logs)  # wait for the step
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
     return {
-        "seconds_per_step": statistics.median(times),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "seconds_per_step": median_seconds(keras_train_step(model, data), args.steps, args.warmup),
+        "peak_rss_mb": peak_rss_mb(),
         "ghost_layers": ghost_layers,
     }
 
@@ -129,15 +123,12 @@ def _measure_clipping(args, method, model, loss, ids, y):
         grads = per_example.per_example_gradients(model, loss_fn, views, labels, layers)[0]
         return clip_and_sum(grads, 1.0, mask).grad_sum
 
-    times = []
-    for i in range(args.warmup + args.steps):
-        start = time.perf_counter()
+    def wait():
         tf.nest.map_structure(lambda t: t.numpy(), step())
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+
     return {
-        "seconds_per_step": statistics.median(times),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "seconds_per_step": median_seconds(wait, args.steps, args.warmup),
+        "peak_rss_mb": peak_rss_mb(),
         "ghost_layers": [layer.name for layer in layers],
     }
 
@@ -148,23 +139,7 @@ def _run_child(args, method):
         for name in ("vocab", "dim", "length", "batch", "augmult", "steps", "warmup")
     ]
     cmd.append(f"--examples_per_chunk={args.examples_per_chunk}")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
-def _chunk_arg(value):
-    """--examples_per_chunk as DPKerasModel takes it; ValueError when invalid."""
-    from tan_keras import _validate
-
-    if value == "auto":
-        return value
-    if value.lower() == "none":
-        return None
-    return _validate.examples_per_chunk(int(value))
+    return child_result(cmd, method)
 
 
 def main(argv=None):
@@ -192,27 +167,22 @@ def main(argv=None):
     for method in methods:
         if method not in METHODS:
             parser.error(f"--methods: unknown method {method!r}; expected {METHODS}")
-    for name, low in (
-        ("vocab", 1),
-        ("dim", 1),
-        ("length", 1),
-        ("batch", 1),
-        ("augmult", 1),
-        ("repeats", 1),
-        ("steps", 1),
-        ("warmup", 0),
-    ):
-        if getattr(args, name) < low:
-            parser.error(f"--{name}: expected an integer >= {low}; received {getattr(args, name)}")
-    try:
-        _chunk_arg(args.examples_per_chunk)
-    except ValueError:
-        parser.error(
-            "--examples_per_chunk: expected 'auto', 'none' or an integer >= 1; "
-            f"received {args.examples_per_chunk!r}"
-        )
+    check_args(
+        parser,
+        args,
+        (
+            ("vocab", 1),
+            ("dim", 1),
+            ("length", 1),
+            ("batch", 1),
+            ("augmult", 1),
+            ("repeats", 1),
+            ("steps", 1),
+            ("warmup", 0),
+        ),
+    )
     if args.child:
-        print("RESULT " + json.dumps(_measure(args, methods[0])))
+        print_result(_measure(args, methods[0]))
         return
 
     runs = {method: [] for method in methods}
@@ -245,7 +215,7 @@ def main(argv=None):
             if base in results:
                 row[f"slowdown_vs_{base}"] = seconds / results[base]["seconds_per_step"]
         rows.append(row)
-        ratios = " ".join(f"{_fmt(row.get('slowdown_vs_' + base)):>11}" for base in BASELINES)
+        ratios = " ".join(f"{fmt_ratio(row.get('slowdown_vs_' + base)):>11}" for base in BASELINES)
         print(
             f"{method:<10} {1000 * seconds:>9.1f} {row['examples_per_s']:>9.1f} {ratios} "
             f"{result['peak_rss_mb']:>8.0f}  {', '.join(result['ghost_layers']) or '-'}",
@@ -254,10 +224,6 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=2)
-
-
-def _fmt(ratio):
-    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 if __name__ == "__main__":

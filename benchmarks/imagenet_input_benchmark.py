@@ -15,10 +15,11 @@ Prints views/s, views/s per core and the speed-up over one core.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
+
+from _bench import child_result, print_result
 
 
 def _measure(args):
@@ -68,7 +69,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.child is not None:
         args.cores = args.child
-        print("RESULT " + json.dumps(_measure(args)), flush=True)
+        print_result(_measure(args))
         return
     try:
         cores = [int(c) for c in args.cores.split(",")]
@@ -88,12 +89,7 @@ def main(argv=None):
             f"--{name}={getattr(args, name)}"
             for name in ("augmult", "batch", "physical_batch", "micro_batches", "warmup")
         ]
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-        if out.returncode != 0 or not lines:
-            raise RuntimeError(f"{count} cores failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(lines[-1][len("RESULT ") :]))
+        rows.append(child_result(cmd, f"{count} cores"))
     base = rows[0]["views_per_s"] / rows[0]["cores"]
     print(f"ImageNet input, K = {args.augmult}, synthetic imagenet2012 in {data_dir}")
     print("| cores | views/s | views/s per core | speed-up over 1 core |")

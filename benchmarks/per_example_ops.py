@@ -23,21 +23,14 @@ Example (CPU, about 1-2 minutes):
 """
 
 import argparse
-import statistics
-import time
+
+from _bench import median_seconds
 
 SECTIONS = ("clip", "conv", "chunk")
 
 
 def _median_ms(fn, steps, warmup):
-    for _ in range(warmup):
-        fn().numpy()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn().numpy()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * median_seconds(lambda: fn().numpy(), steps, warmup)
 
 
 def _report(title, timings):

@@ -11,10 +11,19 @@ OPS_SCRIPT = BENCHMARKS / "per_example_ops.py"
 CALIBRATION_SCRIPT = BENCHMARKS / "calibration_benchmark.py"
 
 
-def _run(*args):
+def _script(script, *args, timeout=300):
+    """Runs a benchmark script with `args`; its completed process."""
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, check=False
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
     )
+
+
+def _run(*args):
+    return _script(SCRIPT.name, *args)
 
 
 def test_benchmark_writes_one_row_per_method_with_ratios(tmp_path):
@@ -53,22 +62,15 @@ def test_benchmark_refuses_bad_arguments_before_running():
         result = _run(bad)
         assert result.returncode == 2, bad
         assert bad.split("=")[0] in result.stderr, result.stderr
-    result = subprocess.run(
-        [sys.executable, str(OPS_SCRIPT), "--sections=clip,gpu"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = _script(OPS_SCRIPT.name, "--sections=clip,gpu")
     assert result.returncode == 2 and "--sections" in result.stderr
+    for bad in ("--steps=0", "--warmup=0"):  # not replaced by the defaults
+        result = _script("device_check.py", "--smoke", bad)
+        assert result.returncode == 2 and "--steps and --warmup" in result.stderr, bad
 
 
 def test_per_example_ops_benchmark_prints_ratios_against_each_baseline():
-    result = subprocess.run(
-        [sys.executable, str(OPS_SCRIPT), "--batch=2", "--sections=clip,conv", "--steps=1"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = _script(OPS_SCRIPT.name, "--batch=2", "--sections=clip,conv", "--steps=1")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     titles = [line for line in lines if not line.startswith(" ")]
@@ -79,13 +81,7 @@ def test_per_example_ops_benchmark_prints_ratios_against_each_baseline():
 
 
 def test_calibration_benchmark_compares_both_searches_within_budget():
-    result = subprocess.run(
-        [sys.executable, str(CALIBRATION_SCRIPT), "--cases=1"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
+    result = _script(CALIBRATION_SCRIPT.name, "--cases=1")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("digits")]
     assert [row[2] for row in rows] == ["tan_keras", "dp-accounting"]
@@ -94,24 +90,16 @@ def test_calibration_benchmark_compares_both_searches_within_budget():
 
 
 def test_embedding_ghost_benchmark_prints_ratios_against_the_vectorized_step():
-    script = OPS_SCRIPT.parent / "embedding_ghost_benchmark.py"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "--vocab=300",
-            "--dim=8",
-            "--length=4",
-            "--batch=4",
-            "--steps=1",
-            "--warmup=1",
-            "--repeats=1",
-            "--methods=dp_vmap,dp_ghost",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
+    result = _script(
+        "embedding_ghost_benchmark.py",
+        "--vocab=300",
+        "--dim=8",
+        "--length=4",
+        "--batch=4",
+        "--steps=1",
+        "--warmup=1",
+        "--repeats=1",
+        "--methods=dp_vmap,dp_ghost",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
@@ -120,15 +108,8 @@ def test_embedding_ghost_benchmark_prints_ratios_against_the_vectorized_step():
 
 
 def test_device_check_runs_in_smoke_mode_and_its_checks_pass(tmp_path):
-    script = OPS_SCRIPT.parent / "device_check.py"
     out_json = tmp_path / "device.json"
-    result = subprocess.run(
-        [sys.executable, str(script), "--smoke", f"--json={out_json}"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
+    result = _script("device_check.py", "--smoke", f"--json={out_json}", timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads(out_json.read_text())
     assert {row["precision"] for row in report["steps"]} == {"float32", "mixed_bfloat16"}
@@ -139,24 +120,16 @@ def test_device_check_runs_in_smoke_mode_and_its_checks_pass(tmp_path):
 
 
 def test_imagenet_input_benchmark_prints_views_per_core(tmp_path):
-    script = OPS_SCRIPT.parent / "imagenet_input_benchmark.py"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            f"--data_dir={tmp_path / 'tfds'}",
-            "--examples=12",
-            "--cores=1",
-            "--augmult=2",
-            "--batch=4",
-            "--physical_batch=4",
-            "--micro_batches=2",
-            "--warmup=1",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
+    result = _script(
+        "imagenet_input_benchmark.py",
+        f"--data_dir={tmp_path / 'tfds'}",
+        "--examples=12",
+        "--cores=1",
+        "--augmult=2",
+        "--batch=4",
+        "--physical_batch=4",
+        "--micro_batches=2",
+        "--warmup=1",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 1 |")]
