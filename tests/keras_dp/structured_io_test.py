@@ -210,8 +210,8 @@ def test_a_structured_model_trains_end_to_end_on_the_poisson_pipeline():
     assert result["cls_accuracy"] > 0.6 and np.isfinite(result["loss"])
 
 
-def test_shuffled_sampling_takes_a_dict_of_arrays():
-    n = 12
+def _shuffled_arrays_model(n):
+    """A compiled two-headed model trained on dict arrays with fit(x, y), and its data."""
     rng = np.random.default_rng(0)
     x = {"a": rng.normal(size=(n, 3)), "b": rng.normal(size=(n, 2))}
     y = {"cls": rng.integers(0, 3, n), "reg": rng.normal(size=(n, 1))}
@@ -224,6 +224,11 @@ def test_shuffled_sampling_takes_a_dict_of_arrays():
         sampling="shuffled",
     )
     model.compile(optimizer="sgd", loss={"cls": CE, "reg": "mse"})
+    return model, x, y
+
+
+def test_shuffled_sampling_takes_a_dict_of_arrays():
+    model, x, y = _shuffled_arrays_model(12)
     model.fit(x, y, batch_size=4, epochs=1, verbose=0)
     assert int(model.dp_steps.numpy()) == 3
 
@@ -231,20 +236,8 @@ def test_shuffled_sampling_takes_a_dict_of_arrays():
 def test_per_output_sample_weights_are_refused_clearly():
     # One weight structure per output cannot weigh an example's loss before
     # clipping as one vector does; refused before it reaches the mask.
-    n = 8
-    rng = np.random.default_rng(0)
-    x = {"a": rng.normal(size=(n, 3)), "b": rng.normal(size=(n, 2))}
-    y = {"cls": rng.integers(0, 3, n), "reg": rng.normal(size=(n, 1))}
-    model = make_private(
-        _two_headed(),
-        l2_norm_clip=1.0,
-        noise_multiplier=1.0,
-        expected_batch_size=4,
-        dataset_size=n,
-        sampling="shuffled",
-    )
-    model.compile(optimizer="sgd", loss={"cls": CE, "reg": "mse"})
-    weights = {"cls": np.ones(n), "reg": np.ones(n)}
+    model, x, y = _shuffled_arrays_model(8)
+    weights = {"cls": np.ones(8), "reg": np.ones(8)}
     with pytest.raises(ValueError, match="Invalid value for `sample_weight`.*structure"):
         model.fit(x, y, sample_weight=weights, batch_size=4, epochs=1, verbose=0)
     assert int(model.dp_steps.numpy()) == 0
