@@ -31,10 +31,30 @@ def median_seconds(step, steps, warmup):
 
 
 def keras_train_step(model, data):
-    """One `model.train_function` step on `data` (repeated), waiting for it; Keras 2 or 3."""
+    """One `model.train_function` step on `data` (repeated), waiting for it; Keras 2 or 3.
+
+    For a `DPKerasModel` with Poisson sampling, `data` is one micro-batch
+    (x, y, mask, step_end) and each repetition is the next logical step, with
+    the identity the model checks (one micro-batch per step).
+    """
     import tensorflow as tf
 
-    iterator = iter(tf.data.Dataset.from_tensors(data).repeat())
+    dataset = tf.data.Dataset.from_tensors(data).repeat()
+    config = getattr(model, "dp_config", None)
+    if config is not None and config.sampling == "poisson":
+        from tan_keras.mechanism import sampling
+
+        rows = len(data[2])
+        start = int(model.dp_steps.numpy())
+
+        def numbered(index, element):
+            identity = sampling.identity_rows(
+                start + index, 0, 1, config.dataset_size, config.expected_batch_size, 0, rows
+            )
+            return (*element, identity)
+
+        dataset = dataset.enumerate().map(numbered)
+    iterator = iter(dataset)
     # Keras 2 returns the function, Keras 3 only sets it; both set it.
     model.make_train_function()
 

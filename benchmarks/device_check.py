@@ -98,6 +98,7 @@ def _dp_update(width, sigma, clip, batch, x, y, mask, precision):
     import tensorflow as tf
 
     from tan_keras.keras_dp.dp_model import DPKerasModel
+    from tan_keras.mechanism import sampling
 
     keras.mixed_precision.set_global_policy(precision)
     try:
@@ -118,7 +119,8 @@ def _dp_update(width, sigma, clip, batch, x, y, mask, precision):
             jit_compile=True,
         )
         start = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
-        element = (x, y, mask, np.ones(len(y), bool))
+        identity = sampling.identity_rows(0, 0, 1, 10 * batch, batch, 0, len(y))
+        element = (x, y, mask, np.ones(len(y), bool), identity)
         data = tf.data.Dataset.from_tensors(element)
         model.fit(data, verbose=0)
         end = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])

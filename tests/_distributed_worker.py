@@ -21,6 +21,8 @@ R, VARIANT = int(sys.argv[1]), sys.argv[2]
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * R)
 
+from _helpers import identities  # noqa: E402
+
 from tan_keras.keras_dp.callbacks import PrivacyAccountant  # noqa: E402
 from tan_keras.keras_dp.dp_model import DPKerasModel  # noqa: E402
 from tan_keras.mechanism import noise, sampling  # noqa: E402
@@ -79,8 +81,8 @@ def build(
     return model
 
 
-def dataset(x, y, mask, steps, micro):
-    """`steps` logical steps of `micro` micro-batches of P rows each."""
+def dataset(model, x, y, mask, steps, micro):
+    """`steps` logical steps of `micro` micro-batches of P rows each, the next ones of `model`."""
     ends = np.tile(np.arange(micro) == micro - 1, steps)
     return tf.data.Dataset.from_tensor_slices(
         (
@@ -88,6 +90,7 @@ def dataset(x, y, mask, steps, micro):
             y.reshape(-1, P).astype(np.int32),
             mask.reshape(-1, P).astype(np.float32),
             np.repeat(ends[:, None], P, axis=1),
+            identities(model, ends, P),
         )
     )
 
@@ -109,7 +112,7 @@ def adam_run(distributed):
         optimizer=lambda: keras.optimizers.Adam(0.05),
         distributed=distributed,
     )
-    model.fit(dataset(x, y, np.ones(48), steps=3, micro=2), verbose=0)
+    model.fit(dataset(model, x, y, np.ones(48), steps=3, micro=2), verbose=0)
     return {
         "weights_adam": [w.tolist() for w in model.get_weights()],
         "adam_iterations": int(model.optimizer.iterations.numpy()),
@@ -127,7 +130,7 @@ if VARIANT == "adam_no_strategy":
     sys.exit(0)
 model = build(5, sigma=0.0, clip=0.1, input_dim=4)
 accountant = PrivacyAccountant(delta=1e-5)
-model.fit(dataset(x, y, np.ones(48), steps=3, micro=2), verbose=0, callbacks=[accountant])
+model.fit(dataset(model, x, y, np.ones(48), steps=3, micro=2), verbose=0, callbacks=[accountant])
 result["weights"] = [w.tolist() for w in model.get_weights()]
 result["dp_steps"] = int(model.dp_steps.numpy())
 # Restoring weights under the strategy does not rewind the ledger.
@@ -136,7 +139,7 @@ result["dp_steps_after_set_weights"] = int(model.dp_steps.numpy())
 # The same with chunked clipping: each replica clips its rows one at a time.
 model = build(5, sigma=0.0, clip=0.1, input_dim=4, examples_per_chunk=1)
 initial = model.get_weights()
-model.fit(dataset(x, y, np.ones(48), steps=3, micro=2), verbose=0)
+model.fit(dataset(model, x, y, np.ones(48), steps=3, micro=2), verbose=0)
 result["weights_chunked"] = [w.tolist() for w in model.get_weights()]
 result["chunked_moved"] = max(
     float(np.abs(a - b).max()) for a, b in zip(model.get_weights(), initial)
@@ -163,7 +166,7 @@ model = build(5, sigma=0.0, clip=0.1, input_dim=4)
 model.optimizer.clipnorm = 0.01
 before = [w.copy() for w in model.get_weights()]
 try:
-    model.fit(dataset(np.ones((P, 4)), np.zeros(P), np.ones(P), 1, 1), verbose=0)
+    model.fit(dataset(model, np.ones((P, 4)), np.zeros(P), np.ones(P), 1, 1), verbose=0)
     result["late_clipnorm_refused"] = False
 except ValueError as err:
     result["late_clipnorm_refused"] = "clipnorm" in str(err)
@@ -174,7 +177,7 @@ result["late_clipnorm_untouched"] = all(
 # 2. Pure noise (all rows masked): one step on a 300x300 layer (~9e4 params).
 model = build(300, sigma=2.0, clip=0.5, input_dim=300)
 start = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
-model.fit(dataset(np.zeros((P, 300)), np.zeros(P), np.zeros(P), 1, 1), verbose=0)
+model.fit(dataset(model, np.zeros((P, 300)), np.zeros(P), np.zeros(P), 1, 1), verbose=0)
 end = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
 result["noise_std"] = float((end - start).std())
 result["expected_std"] = 2.0 * 0.5 / B
@@ -184,7 +187,7 @@ result["expected_std"] = 2.0 * 0.5 / B
 model = build(5, sigma=0.0, clip=1.0, input_dim=4, regularizer=keras.regularizers.L2(0.5))
 kernel = model.trainable_variables[0]
 before = kernel.numpy()
-model.fit(dataset(np.ones((P, 4)), np.zeros(P), np.zeros(P), 1, 1), verbose=0)
+model.fit(dataset(model, np.ones((P, 4)), np.zeros(P), np.zeros(P), 1, 1), verbose=0)
 result["reg_update"] = float(np.abs(kernel.numpy() - before).max())
 result["reg_expected"] = float(np.abs(1.0 * 0.5 * 2 * before).max())
 
@@ -192,7 +195,7 @@ result["reg_expected"] = float(np.abs(1.0 * 0.5 * 2 * before).max())
 model = build(5, sigma=0.0, clip=1.0, input_dim=4)
 labels = np.zeros(P)
 labels[[1, 6]] = [9, -1]
-history = model.fit(dataset(np.ones((P, 4)), labels, np.ones(P), 1, 1), verbose=0)
+history = model.fit(dataset(model, np.ones((P, 4)), labels, np.ones(P), 1, 1), verbose=0)
 result["invalid_labels_counted"] = float(history.history["nonfinite_examples"][-1])
 
 # 2e. Two inputs and two outputs (dicts), per-host Poisson input built from
@@ -277,7 +280,7 @@ if R == 2 and VARIANT == "correct":
         on_train_batch_end=lambda batch, logs: batch_logs.append(dict(logs))
     )
     history = model.fit(
-        dataset(xs, ys, rows, steps, micro),
+        dataset(model, xs, ys, rows, steps, micro),
         verbose=0,
         callbacks=[recorder],
         validation_data=(xs[:P].astype(np.float32), ys[:P]),

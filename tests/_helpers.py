@@ -29,16 +29,75 @@ def dp_model(base, lr=0.1, jit_compile=False, **dp_kwargs):
     return model
 
 
-def micro_batches(x, y, mask, ends):
-    """A dataset of (x, y, mask, step_end) from stacked micro-batches."""
-    return tf.data.Dataset.from_tensor_slices(
-        (
-            np.asarray(x, np.float32),
-            np.asarray(y, np.int32),
-            np.asarray(mask, np.float32),
-            np.asarray(ends, bool),
-        )
+def micro_batches(x, y, mask, ends, model=None):
+    """A dataset of stacked micro-batches (x, y, mask, step_end[, identity]).
+
+    With `model`, each micro-batch carries the sampling identity the model
+    expects (its steps numbered from `model.dp_steps` when an iterator
+    starts, as `fit` resumes a Poisson pipeline's sampler there), so that a
+    model with sampling="poisson" takes it, epoch after epoch; without, the
+    caller-drawn protocol (x, y, mask, step_end) of sampling="caller_poisson".
+    """
+    parts = (
+        np.asarray(x, np.float32),
+        np.asarray(y, np.int32),
+        np.asarray(mask, np.float32),
+        np.asarray(ends, bool),
     )
+    if model is None:
+        return tf.data.Dataset.from_tensor_slices(parts)
+    rows = parts[2].shape[1] if parts[2].ndim > 1 else 1
+    relative = identities(model, parts[3], rows=rows, start_step=0)
+    data = tf.data.Dataset.from_tensor_slices(parts + (relative,))
+    counter = model.dp_steps
+    offset = np.zeros(8, np.int64)
+    offset[0] = 1
+
+    def numbered(_):
+        start = tf.cast(counter.read_value(), tf.int64)
+        return data.map(lambda *e: (*e[:4], e[4] + start * offset))
+
+    numbered_data = tf.data.Dataset.from_tensors(0).flat_map(numbered)
+    return numbered_data.apply(tf.data.experimental.assert_cardinality(len(parts[0])))
+
+
+def identities(model, ends, rows, start_step=None, source=7):
+    """[micro-batches, rows, 8] identities of consecutive steps ending where `ends` says."""
+    config = model.dp_config
+    step = int(model.dp_steps.numpy()) if start_step is None else start_step
+    ends = np.asarray(ends, bool)
+    # One flag per micro-batch, or repeated on its rows.
+    ends = [bool(e) for e in (ends[:, 0] if ends.ndim == 2 else ends)]
+    out, begin = [], 0
+
+    def micro_batch(step, index, count):
+        tag = [step, index, count, config.dataset_size, config.expected_batch_size, source]
+        columns = np.tile(np.asarray(tag, np.int64), (rows, 1))
+        positions = np.arange(rows, dtype=np.int64)[:, None]
+        return np.concatenate([columns, positions, np.full((rows, 1), rows, np.int64)], axis=1)
+
+    for index, end in enumerate(ends):
+        if end:
+            count = index - begin + 1
+            out.extend(micro_batch(step, m, count) for m in range(count))
+            step, begin = step + 1, index + 1
+    # A trailing partial step: numbered as if it had one more micro-batch.
+    left = len(ends) - begin
+    out.extend(micro_batch(step, m, left + 1) for m in range(left))
+    return np.stack(out)
+
+
+def step_dataset(model, x, y, mask=None):
+    """One logical step of one micro-batch for `model`: (x, y, mask, step_end, identity).
+
+    `x` and `y` may be structures (lists, dicts) of per-example arrays.
+    """
+    rows = len(tf.nest.flatten(y)[0])
+    mask = np.ones(rows, np.float32) if mask is None else np.asarray(mask, np.float32)
+    identity = identities(model, [True], rows)[0]
+    element = (x, y, mask, np.ones(rows, bool), identity)
+    batched = tf.nest.map_structure(lambda t: np.asarray(t)[None], element)
+    return tf.data.Dataset.from_tensor_slices(batched)
 
 
 def one_step(model, x, y, mask=None, micro=1):
@@ -51,6 +110,7 @@ def one_step(model, x, y, mask=None, micro=1):
         y.reshape(micro, size),
         mask.reshape(micro, size),
         [i == micro - 1 for i in range(micro)],
+        model=None if model.dp_config.sampling == "caller_poisson" else model,
     )
     model.fit(ds, epochs=1, verbose=0)
     return [v.numpy() for v in model.trainable_variables]

@@ -5,7 +5,7 @@ from typing import Optional
 import keras
 
 from tan_keras import _validate
-from tan_keras.privacy import accounting, tan
+from tan_keras.privacy import releases, tan
 
 
 class PrivacyAccountant(keras.callbacks.Callback):
@@ -14,14 +14,19 @@ class PrivacyAccountant(keras.callbacks.Callback):
     The step count is the model's `dp_steps` (noisy optimizer updates actually
     applied, restored with the weights on resume), never Keras' batch or
     epoch counters: with gradient accumulation several batches make one step.
-    Every number it computes (epsilon, the step budget, eta) uses the model's
-    `dp_config.accounted_noise_multiplier`: the noise multiplier, or with a
-    released noisy clipped fraction the effective one that accounts the
-    update and the count together.
+    Epsilon is that of the whole privacy ledger of the model's weights
+    (`model.privacy_ledger`): this model's updates composed with every other
+    private release they went through (an earlier training phase with other
+    settings, a privately adapted normalization). Every number uses the
+    model's `dp_config.accounted_noise_multiplier`: the noise multiplier, or
+    with a released noisy clipped fraction the effective one that accounts
+    the update and the count together.
 
     Logged at every epoch end (and every `log_every_steps` updates if set):
-    `epsilon`, `eta`, `dp_steps`. Training stops BEFORE an update that would
-    take epsilon above `target_epsilon`, and after `max_steps` updates.
+    `epsilon`, `eta`, `dp_steps`, and `unchecked_sampling: 1` for a model
+    with sampling="caller_poisson" (its batches' sampling was not checked).
+    Training stops BEFORE an update that would take epsilon above
+    `target_epsilon`, and after `max_steps` updates.
 
     Args:
       delta: DP delta in (0, 1).
@@ -66,8 +71,25 @@ class PrivacyAccountant(keras.callbacks.Callback):
             raise ValueError("PrivacyAccountant needs a DPKerasModel (a model with a `dp_config`).")
         return config
 
+    def _entries(self, steps: Optional[int] = None, epochs: Optional[int] = None):
+        """The ledger's entries, this model's with `steps`/`epochs` if given."""
+        mechanism = self._dp().mechanism
+        entries = []
+        own = releases.LedgerEntry(mechanism, 0)
+        for entry in self.model.privacy_ledger.entries():
+            if entry.mechanism == mechanism:
+                own = entry
+            else:
+                entries.append(entry)
+        own = releases.LedgerEntry(
+            mechanism,
+            own.steps if steps is None else steps,
+            own.epochs if epochs is None else epochs,
+        )
+        return entries, own
+
     def epsilon(self, steps: Optional[int] = None) -> float:
-        """Epsilon after `steps` noisy updates (default: the model's count).
+        """Epsilon of the model's ledger with `steps` updates of its own (default: its count).
 
         With sampling="shuffled" the epsilon depends on the epochs in which
         updates were released, not on the steps: `steps` is then ignored
@@ -76,22 +98,13 @@ class PrivacyAccountant(keras.callbacks.Callback):
         config = self._dp()
         if config.sampling == "shuffled":
             return self.shuffled_epsilon()
-        steps = int(self.model.dp_steps.numpy()) if steps is None else steps
-        return accounting.compute_epsilon(
-            config.accounted_noise_multiplier,
-            config.sampling_rate,
-            steps,
-            self.delta,
-            self.accountant,
-        )
+        others, own = self._entries(steps=steps)
+        return releases.composed_epsilon(others + [own], self.delta, self.accountant)
 
     def shuffled_epsilon(self, epochs: Optional[int] = None) -> float:
         """sampling="shuffled": epsilon (replace-one, no amplification) after `epochs`."""
-        config = self._dp()
-        epochs = int(self.model.dp_epochs.numpy()) if epochs is None else epochs
-        return accounting.compute_shuffled_epsilon(
-            config.accounted_noise_multiplier, epochs, self.delta, self.accountant
-        )
+        others, own = self._entries(epochs=epochs)
+        return releases.composed_epsilon(others + [own], self.delta, self.accountant)
 
     def on_train_begin(self, logs=None):
         config = self._dp()
@@ -105,7 +118,7 @@ class PrivacyAccountant(keras.callbacks.Callback):
                     "noise_multiplier=0 (every update has infinite epsilon). Received: "
                     f"target_epsilon={self.target_epsilon}"
                 )
-            if config.sampling == "poisson":
+            if config.poisson:
                 limits.append(self._max_steps_within_budget(config))
         self._step_limit = min(limits) if limits else None
         # The model enforces the cap in its train step; stopping from the
@@ -114,14 +127,9 @@ class PrivacyAccountant(keras.callbacks.Callback):
         self._stop_if_done()
 
     def _max_steps_within_budget(self, config) -> int:
-        if self.epsilon(1) > self.target_epsilon:
-            return 0
-        return accounting.calibrate_steps(
-            self.target_epsilon,
-            config.accounted_noise_multiplier,
-            config.sampling_rate,
-            self.delta,
-            self.accountant,
+        others, own = self._entries()
+        return releases.steps_within_budget(
+            others, config.mechanism, own.steps, self.target_epsilon, self.delta, self.accountant
         )
 
     def _stop_if_done(self) -> bool:
@@ -160,6 +168,8 @@ class PrivacyAccountant(keras.callbacks.Callback):
         eps = self.epsilon(steps)
         eta = tan.eta(config.accounted_noise_multiplier, config.sampling_rate, steps)
         record = {"dp_steps": steps, "epsilon": eps, "eta": eta}
+        if config.sampling == "caller_poisson":
+            record["unchecked_sampling"] = 1
         if config.sampling == "shuffled":
             # eta describes Poisson sampling only.
             record = {

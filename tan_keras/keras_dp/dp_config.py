@@ -4,9 +4,9 @@ import dataclasses
 from typing import Optional
 
 from tan_keras import _validate
-from tan_keras.privacy import accounting, tan
+from tan_keras.privacy import accounting, releases, tan
 
-SAMPLING_MODES = ("poisson", "shuffled")
+SAMPLING_MODES = ("poisson", "caller_poisson", "shuffled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +27,15 @@ class DPConfig:
         example are one privacy unit: q and N never depend on K.
       sampling: How batches are drawn, which decides the accounting.
         "poisson" (default): each example independently with probability q
-        at every step (tan_keras.mechanism.sampling), accounted with amplification by
-        sampling. "shuffled": fixed-size batches that partition the data
+        at every step (tan_keras.mechanism.sampling), accounted with
+        amplification by sampling. Every micro-batch carries the identity its
+        sampler gave it (logical step, index within the step, N, B), and the
+        model checks it against its privacy ledger: each step exactly once,
+        in order, whole. "caller_poisson": the same accounting for Poisson
+        micro-batches the caller draws and vouches for, elements `(x, y,
+        mask, step_end)` without identity: nothing checks that they are
+        Poisson samples or that each step is used once (the accountant says
+        so). "shuffled": fixed-size batches that partition the data
         once per pass (`fit(x, y, batch_size=B)`), accounted WITHOUT
         amplification: each pass is one Gaussian mechanism in which a
         replaced example moves one batch's sum by at most 2C
@@ -39,7 +46,7 @@ class DPConfig:
         noise of std s * B (`clipped_count_noise_std`) and is divided by B,
         so the released fraction has std s (Andrew et al. 2021). It is
         accounted together with the gradient: epsilon uses
-        `accounted_noise_multiplier`. Only with sampling="poisson".
+        `accounted_noise_multiplier`. Only with Poisson sampling.
     """
 
     l2_norm_clip: float
@@ -88,7 +95,7 @@ class DPConfig:
                     hint="The std of the released clipped fraction (e.g. 0.05), or None",
                 ),
             )
-            if self.sampling == "shuffled":
+            if not self.poisson:
                 # The replace-one analysis of shuffled batches has sensitivity
                 # 2C for the gradient; its joint accounting with a count is
                 # not implemented.
@@ -98,6 +105,21 @@ class DPConfig:
                     "accounted with Poisson sampling only)",
                     self.clipped_fraction_std,
                 )
+
+    @property
+    def poisson(self) -> bool:
+        """Whether batches are Poisson samples (checked or drawn by the caller)."""
+        return self.sampling != "shuffled"
+
+    @property
+    def mechanism(self) -> releases.Mechanism:
+        """The mechanism of one update, as the privacy ledger counts it."""
+        return releases.Mechanism(
+            "poisson" if self.poisson else "shuffled",
+            self.accounted_noise_multiplier,
+            self.dataset_size,
+            self.expected_batch_size,
+        )
 
     @property
     def sampling_rate(self) -> float:

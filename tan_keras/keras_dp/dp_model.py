@@ -38,10 +38,12 @@ from tan_keras.keras_dp import (
     model_checks,
     output_losses,
     precision,
+    step_identity,
     string_inputs,
 )
+from tan_keras.keras_dp import ledger as ledger_lib
 from tan_keras.keras_dp.dp_config import DPConfig
-from tan_keras.mechanism import chunking, ghost, layerwise, noise, per_example
+from tan_keras.mechanism import chunking, ghost, layerwise, noise, per_example, sampling
 from tan_keras.models import layer_rules  # noqa: F401  (the package's layers' rules)
 
 _DP_CONFIG_KEYS = (
@@ -249,7 +251,13 @@ class DPKerasModel(keras.Model):
         # The kernels clipped by ghost norm; chosen in compile().
         self._ghost_layers = []
         self._examples_per_chunk = examples_per_chunk
-        self._secret = dp_state.SecretState(noise.make_noise_key(noise_seed))
+        # The ledger of these weights: a model built over weights another
+        # private model trains (a second make_private, a privately trained
+        # base) shares that model's ledger (ledger.py).
+        ledger = ledger_lib.ledger_of(self.weights) or ledger_lib.PrivacyLedger()
+        object.__setattr__(self, "_privacy_ledger", ledger)
+        counters = ledger.counters(config.mechanism, owner=self)
+        self._secret = dp_state.SecretState(noise.make_noise_key(noise_seed), counters)
         self._ema_variables = None
         self._ema_sources = []
         if ema_decay is not None:
@@ -270,6 +278,8 @@ class DPKerasModel(keras.Model):
                 )
                 for v in self._ema_sources
             ]
+        ledger_lib.bind(ledger, self.weights)
+        ledger_lib.attach(self, ledger)
         self._release_train_metrics = release_train_metrics
         self._trackers = dp_state.StepMetrics(
             release_train_metrics, noisy_clipped_fraction=config.clipped_fraction_std is not None
@@ -292,14 +302,20 @@ class DPKerasModel(keras.Model):
 
     @property
     def dp_steps(self) -> tf.Variable:
-        """Noisy updates released so far (the privacy ledger; read it, never assign).
+        """Noisy updates of this model's mechanism released so far (read it, never assign).
 
-        It only moves forward: restoring weights does not rewind it, so the
-        accountant never under-reports and no noise is drawn twice. A run
-        resumed with `DPCheckpoint` or `load_model` continues from the saved
-        count.
+        Its count in the privacy ledger of these weights (`privacy_ledger`),
+        shared with every private model of the same mechanism over them. It
+        only moves forward: restoring weights, in this process or from any
+        weight file, never rewinds it, so the accountant never under-reports
+        and no noise is drawn twice.
         """
         return self._secret.dp_steps
+
+    @property
+    def privacy_ledger(self) -> ledger_lib.PrivacyLedger:
+        """Every private release these weights went through (`ledger.PrivacyLedger`)."""
+        return self._privacy_ledger.root()
 
     @property
     def dp_epochs(self) -> tf.Variable:
@@ -336,10 +352,9 @@ class DPKerasModel(keras.Model):
         dp["examples_per_chunk"] = self._examples_per_chunk
         dp["release_train_metrics"] = self._release_train_metrics
         config.update(dp)
-        # The updates already released travel with a saved model, so that a
-        # reloaded model that trains on accounts for them too.
-        config["dp_steps"] = int(self._secret.dp_steps.numpy())
-        config["dp_epochs"] = int(self._secret.dp_epochs.numpy())
+        # The ledger is not part of the config: it travels with the weights
+        # (ledger.py), so a model rebuilt from its config alone, with fresh
+        # weights, starts at 0.
         return config
 
     @classmethod
@@ -356,7 +371,8 @@ class DPKerasModel(keras.Model):
             )
         # Keras rebuilds the layer graph and calls cls(inputs, outputs, name,
         # trainable, **dp_kwargs). A reloaded model draws fresh noise from OS
-        # entropy: seeds are never saved.
+        # entropy: seeds are never saved. The ledger comes with the weights;
+        # files written before it kept the count in the config.
         model = super().from_config({**config, **dp_kwargs}, custom_objects=custom_objects)
         model._advance_ledger(spent, epochs)
         return model
@@ -579,9 +595,15 @@ class DPKerasModel(keras.Model):
         # for THAT step; merging it into a new step could include an example
         # twice in one noisy update (sensitivity 2C). Drop it.
         self._reset_accumulators()
+        callbacks = list(arguments.get("callbacks") or [])
         if self._dp_config.sampling == "shuffled":
-            callbacks = list(arguments.get("callbacks") or [])
-            arguments["callbacks"] = [dp_state.EpochOpener(self._secret.epoch_open)] + callbacks
+            callbacks = [dp_state.EpochOpener(self._secret.epoch_open)] + callbacks
+        sampler = self._poisson_sampler(data)
+        if sampler is not None:
+            # Last, after any callback that restores weights and the ledger
+            # with them (BackupAndRestore), before the input is first read.
+            callbacks.append(dp_state.SamplerResume(sampler, self.dp_steps))
+        arguments["callbacks"] = callbacks
         return super().fit(**arguments)
 
     def evaluate(self, *args, **kwargs):
@@ -620,13 +642,18 @@ class DPKerasModel(keras.Model):
             return self.train_function
         super().make_train_function(force=force)
         function = self.train_function
-        if not self._release_train_metrics:
+        checks_identity = self._dp_config.sampling == "poisson"
 
-            def train_function(iterator):
-                logs = function(iterator)
-                return {k: v for k, v in logs.items() if k != _NOTHING_RELEASED}
+        def train_function(iterator):
+            logs = function(iterator)
+            if checks_identity:
+                # The compiled step blocked every update since the violation.
+                self._raise_on_identity_violation()
+            if not self._release_train_metrics:
+                logs = {k: v for k, v in logs.items() if k != _NOTHING_RELEASED}
+            return logs
 
-            self.train_function = train_function
+        self.train_function = train_function
         return self.train_function
 
     def _reset_accumulators(self):
@@ -636,6 +663,39 @@ class DPKerasModel(keras.Model):
             else:
                 acc.assign(tf.zeros_like(acc))
         self._secret.pending.assign(0)
+        self._secret.violation.assign(tf.zeros_like(self._secret.violation))
+
+    def _poisson_sampler(self, data):
+        """The sampler of a Poisson pipeline `fit` reads, checked against the model, or None.
+
+        `fit` resumes it at the step the ledger releases next
+        (`dp_state.SamplerResume`): a pipeline read again (a second fit, one
+        drawn ahead by prefetching, weights restored by a callback) then
+        continues where the released updates stopped, and the identity check
+        finds each step exactly once.
+        """
+        if not isinstance(data, tf.data.Dataset) or self._dp_config.sampling != "poisson":
+            return None
+        sampler = sampling.sampler_of(data)
+        if sampler is None:
+            return None
+        drawn_for = (sampler.dataset_size, sampler.expected_batch_size)
+        accounted = (self._dp_config.dataset_size, self._dp_config.expected_batch_size)
+        if drawn_for != accounted:
+            raise ValueError(
+                "Invalid value for `x`: its PoissonSampler draws for (dataset_size, "
+                f"expected_batch_size)={drawn_for} but the model accounts for {accounted}. "
+                "Build the PoissonSampler with the model's values."
+            )
+        return sampler
+
+    def _raise_on_identity_violation(self):
+        record = self._secret.violation.numpy()
+        if record[0] != step_identity.OK:
+            config = self._dp_config
+            raise step_identity.SamplingIdentityError(
+                step_identity.describe(record, config.dataset_size, config.expected_batch_size)
+            )
 
     def set_step_limit(self, steps: Optional[int]) -> None:
         """Caps the total number of noisy updates (None removes the cap).
@@ -662,12 +722,12 @@ class DPKerasModel(keras.Model):
 
     # -------------------------------------------------------------- train step
     def _unpack(self, data):
-        """(x, y, mask, step_end, sample_weight): mask marks the real rows."""
-        step_end, sample_weight = None, None
+        """(x, y, mask, step_end, sample_weight, identity): mask marks the real rows."""
+        step_end, sample_weight, identity = None, None, None
         kind = fit_inputs.check_element(self._dp_config, data)
         if kind == fit_inputs.POISSON:
-            # The tag was checked against (N, B) as the dataset was read.
-            x, y, mask, step_end, _ = data
+            # The identity is checked against the ledger in train_step.
+            x, y, mask, step_end, identity = data
         elif kind == fit_inputs.MICRO_BATCHES:
             x, y, mask, step_end = data
         else:
@@ -689,7 +749,7 @@ class DPKerasModel(keras.Model):
         y = self._labels_per_output(y)
         if mask is None:
             mask = tf.ones(tf.shape(per_example.first_leaf(y))[:1], tf.float32)
-        return x, y, mask, step_end, sample_weight
+        return x, y, mask, step_end, sample_weight, identity
 
     def _labels_per_output(self, y):
         """`y` as one tensor per output (a list for several outputs)."""
@@ -712,15 +772,62 @@ class DPKerasModel(keras.Model):
         divided by the expected batch size, EMA and ledger); the metrics of
         the examples that contributed.
         """
-        x, y, mask, step_end, sample_weight = self._unpack(data)
+        x, y, mask, step_end, sample_weight, identity = self._unpack(data)
         weights = example_weights.example_weights(y, sample_weight, self._class_table)
         y, mask, num_invalid = self._drop_invalid_labels(y, mask)
         clipped, losses, y_pred = self._clipped_sum(x, y, mask, weights)
         self._accumulate(clipped)
         step_end = self._ends_logical_step(step_end)
-        self._noisy_update(self._accumulated(), self._releases_update(step_end))
+        release = self._releases_update(step_end)
+        if identity is not None:
+            release = tf.logical_and(release, self._identity_holds(identity, step_end))
+        self._noisy_update(self._accumulated(), release)
         self._close_logical_step(step_end)
         return self._training_logs(clipped, losses, y, y_pred, num_invalid)
+
+    def _identity_holds(self, identity, step_end):
+        """Checks the micro-batch's identity against the ledger (step_identity.py).
+
+        Records the first violation (every replica agrees on it) and returns
+        whether no violation happened in this fit: after one, nothing is
+        released until the next fit.
+        """
+        secret, config = self._secret, self._dp_config
+        limit = secret.step_limit
+        capped = tf.logical_and(limit >= 0, self.dp_steps >= limit)
+        replica = tf.distribute.get_replica_context()
+        code = step_identity.check(
+            identity,
+            step_end,
+            self.dp_steps,
+            secret.pending,
+            secret.step_source,
+            config.dataset_size,
+            config.expected_batch_size,
+            replica_id=replica.replica_id_in_sync_group,
+            num_replicas=replica.num_replicas_in_sync,
+        )
+        # Past the step cap nothing is released, so nothing needs to match.
+        code = tf.where(capped, tf.constant(step_identity.OK, tf.int64), code)
+        if replica.num_replicas_in_sync > 1:
+            # Replicas hold different rows of one micro-batch; if they
+            # disagree, its rows were mixed.
+            bad = tf.cast(tf.not_equal(code, step_identity.OK), tf.int64)
+            anywhere = replica.all_reduce(tf.distribute.ReduceOp.SUM, bad) > 0
+            code = tf.where(
+                tf.logical_and(anywhere, tf.equal(code, step_identity.OK)),
+                tf.constant(step_identity.MIXED_ROWS, tf.int64),
+                code,
+            )
+        tag = tf.cast(identity[0], tf.int64)
+        record = tf.stack([code, tag[0], tag[1], tf.cast(self.dp_steps, tf.int64), secret.pending])
+        first = tf.logical_and(
+            tf.equal(secret.violation[0], step_identity.OK),
+            tf.not_equal(code, step_identity.OK),
+        )
+        secret.violation.assign(tf.where(first, record, secret.violation))
+        secret.step_source.assign(tf.where(tf.equal(secret.pending, 0), tag[5], secret.step_source))
+        return tf.equal(secret.violation[0], step_identity.OK)
 
     def _drop_invalid_labels(self, y, mask):
         """Drops the examples with a class label out of range in any output (labels.py)."""
@@ -1103,4 +1210,8 @@ def make_private(
         inputs = inputs[0]
     if isinstance(outputs, list) and len(outputs) == 1:
         outputs = outputs[0]
-    return DPKerasModel(inputs=inputs, outputs=outputs, name=model.name, **dp_kwargs)
+    private = DPKerasModel(inputs=inputs, outputs=outputs, name=model.name, **dp_kwargs)
+    # The wrapped model's own files (model.save_weights, model.save) carry
+    # the ledger too, and a later make_private of it finds the same one.
+    ledger_lib.attach(model, private.privacy_ledger)
+    return private

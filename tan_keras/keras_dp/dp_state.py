@@ -11,6 +11,9 @@ fraction); `EpochOpener` marks the passes of sampling="shuffled".
 import keras
 import tensorflow as tf
 
+from tan_keras.keras_dp import step_identity
+from tan_keras.keras_dp.ledger import replicated_counter
+
 
 class StepMetrics:
     """DP step metrics, kept out of the model's weights (a plain object).
@@ -66,26 +69,39 @@ class SecretState:
     see what it holds:
       * the noise key (whoever has it can regenerate and subtract the noise)
         and the un-noised accumulated sums of clipped gradients: secret;
-      * the privacy ledger `dp_steps`, the number of noisy updates released
-        so far: the accountant's step count and the noise stream's position.
-        Restoring weights (EarlyStopping(restore_best_weights=True),
-        load_weights, set_weights) must not rewind it: the reported epsilon
-        would drop below what was spent, and the next updates would reuse
-        noise already released. Only `DPCheckpoint` and `load_model` set it,
-        and only forward (`DPKerasModel._advance_ledger`).
+      * the counters of the model's mechanism in its privacy ledger
+        (`dp_steps`, `dp_epochs`: the accountant's count and the noise
+        stream's position). They belong to the ledger, which belongs to the
+        weights (`tan_keras.keras_dp.ledger`): it travels in weight files
+        and only moves forward, whatever restores the weights.
+
+    Args:
+      key: The noise key (int64).
+      counters: The ledger's counters of the model's mechanism (`steps`,
+        `epochs`).
     """
 
-    def __init__(self, key):
+    def __init__(self, key, counters):
         self.key = tf.Variable(key, dtype=tf.int64, trainable=False, name="dp_noise_key")
         self.accumulators = None
         # (id, shape) of the variables the accumulators were built for.
         self.trained = None
-        self.dp_steps = replicated_counter(0, "dp_steps")
+        self.dp_steps = counters.steps
         # sampling="shuffled": epochs in which an update was released (each
         # example takes part once per epoch), and whether the current
         # epoch has released one yet.
-        self.dp_epochs = replicated_counter(0, "dp_epochs")
+        self.dp_epochs = counters.epochs
         self.epoch_open = replicated_counter(0, "dp_epoch_open")
+        # The first sampling identity violation of this fit (step_identity:
+        # code, then the micro-batch's and the expected step and index; all 0
+        # while none), and the stream id of the current step's micro-batches.
+        self.violation = tf.Variable(
+            tf.zeros([step_identity.RECORD_SIZE], tf.int64),
+            trainable=False,
+            name="dp_identity_violation",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
+        self.step_source = replicated_counter(0, "dp_step_source")
         # With a released clipped fraction: the number of the logical step's
         # examples clipped so far (per replica, like `accumulators`;
         # un-noised, so secret). Built at compile.
@@ -94,17 +110,6 @@ class SecretState:
         self.pending = replicated_counter(0, "dp_pending")
         # Number of noisy updates after which no more are applied (-1: none).
         self.step_limit = replicated_counter(-1, "dp_limit")
-
-
-def replicated_counter(value, name):
-    """An int64 counter that every replica updates alike (first replica's value kept)."""
-    return tf.Variable(
-        value,
-        dtype=tf.int64,
-        trainable=False,
-        name=name,
-        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-    )
 
 
 class EpochOpener(keras.callbacks.Callback):
@@ -120,6 +125,27 @@ class EpochOpener(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_open.assign(0)
+
+
+class SamplerResume(keras.callbacks.Callback):
+    """Makes a Poisson pipeline's sampler draw the step the ledger releases next.
+
+    Runs at the start of training, after the callbacks before it (one that
+    restores weights, and the ledger with them, comes first) and before the
+    input is first read.
+
+    Args:
+      sampler: The `PoissonSampler` of the pipeline `fit` reads.
+      dp_steps: The ledger's counter of the model's mechanism.
+    """
+
+    def __init__(self, sampler, dp_steps):
+        super().__init__()
+        self._sampler = sampler
+        self._dp_steps = dp_steps
+
+    def on_train_begin(self, logs=None):
+        self._sampler.resume_at(int(self._dp_steps.numpy()))
 
 
 def assign_zero(variable):

@@ -5,12 +5,15 @@ happened, so the input decides it, not a warning:
 
 * `sampling="poisson"` (default): batches must come from a Poisson pipeline
   (`tan_keras.make_poisson_dataset`, elements
-  `(x, y, mask, step_end, tag)`). Its tag holds the (N, B) it was drawn
-  with, checked against the model's before each element reaches the model.
-  Elements `(x, y, mask, step_end)` are the low-level protocol for callers
-  who draw Poisson micro-batches themselves (they vouch for the sampling).
-  Plain `(x, y)` batches -- `fit(x, y, batch_size=...)`, a shuffled and
-  batched dataset -- are refused: they are not Poisson samples.
+  `(x, y, mask, step_end, identity)`). Every row carries its micro-batch's
+  identity (step, index in the step, N, B, sampler stream), which the train
+  step checks against the privacy ledger (`step_identity.py`), whatever
+  feeds `fit` (a dataset, a distributed dataset, a generator, a
+  `PyDataset`). Plain `(x, y)` batches -- `fit(x, y, batch_size=...)`, a
+  shuffled and batched dataset -- and micro-batches without identity are
+  refused: nothing says they are Poisson samples, each used once.
+* `sampling="caller_poisson"`: the opt-in for callers who draw Poisson
+  micro-batches themselves, `(x, y, mask, step_end)`, and vouch for them.
 * `sampling="shuffled"`: `fit(x, y, batch_size=B)` on in-memory arrays,
   which Keras cuts into a partition of the N examples at every epoch. Each
   epoch is accounted as one unamplified Gaussian mechanism (see
@@ -39,6 +42,15 @@ NOT_POISSON_ERROR = (
     "Feed tan_keras.make_poisson_dataset(...) instead, or build the model with "
     "sampling='shuffled' to train on fit(x, y, batch_size=expected_batch_size) with the "
     "(larger) epsilon of shuffled batches without amplification."
+)
+
+NO_IDENTITY_ERROR = (
+    "DPKerasModel received micro-batches (x, y, mask, step_end) without a sampling "
+    "identity, but with sampling='poisson' every micro-batch must carry the identity its "
+    "sampler gave it, so that no step can be replayed, reordered, regrouped or skipped "
+    "unnoticed. Feed tan_keras.make_poisson_dataset(...), or, if you draw Poisson "
+    "micro-batches yourself and vouch for them, build the model with "
+    "sampling='caller_poisson' (the accountant then says the sampling was not checked)."
 )
 
 
@@ -72,16 +84,19 @@ def check_element(config: DPConfig, data: Any) -> str:
       Its `element_kind`.
 
     Raises:
-      ValueError: plain batches under sampling="poisson", or Poisson
-        micro-batches under sampling="shuffled".
+      ValueError: plain batches under Poisson sampling, micro-batches
+        without identity under sampling="poisson", or Poisson micro-batches
+        under sampling="shuffled".
     """
     kind = element_kind(data)
-    if config.sampling == "poisson" and kind == PLAIN:
+    if config.poisson and kind == PLAIN:
         raise ValueError(NOT_POISSON_ERROR)
+    if config.sampling == "poisson" and kind == MICRO_BATCHES:
+        raise ValueError(NO_IDENTITY_ERROR)
     if config.sampling == "shuffled" and kind != PLAIN:
         raise ValueError(
             "Invalid value for `sampling`: expected 'poisson' for batches of a Poisson "
-            "pipeline (x, y, mask, step_end[, tag]). Received: sampling='shuffled'"
+            "pipeline (x, y, mask, step_end[, identity]). Received: sampling='shuffled'"
         )
     return kind
 
@@ -130,7 +145,7 @@ def prepare(config: DPConfig, arguments: Dict[str, Any]) -> Dict[str, Any]:
                 f"{accounted}. Build the PoissonSampler with the model's values."
             )
         return arguments
-    if config.sampling == "poisson":
+    if config.poisson:
         if is_array(data):
             raise ValueError(NOT_POISSON_ERROR)
         return arguments  # generators...: their elements are checked in train_step

@@ -130,6 +130,39 @@ class PoissonSampler(tf.Module):
         self.key = tf.Variable(key, dtype=tf.int64, trainable=False, name="key")
         self.next_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="next_step")
 
+    @property
+    def source_id(self) -> tf.Tensor:
+        """A public int64 naming this sampler's stream (all hosts sharing its key agree).
+
+        A pseudo-random function of the secret key (Philox on its own
+        stream), so it says nothing about the key or the batches; the model
+        checks that every micro-batch of a logical step comes from one stream.
+        """
+        seed = tf.stack([self.key, tf.constant(_SOURCE_STREAM, tf.int64)])
+        return tf.random.stateless_uniform([], seed, minval=None, maxval=None, dtype=tf.int64)
+
+    def _identity(self, step: tf.Tensor, num_micro: tf.Tensor) -> tf.Tensor:
+        """[num_micro, P, 8] int64: each row's identity (`IDENTITY_COLUMNS`)."""
+        size = self.physical_batch_size
+        micro = tf.range(num_micro, dtype=tf.int64)[:, None]
+        row = tf.range(size, dtype=tf.int64)[None, :]
+        shape = [num_micro, size]
+
+        def fill(value):
+            return tf.fill(shape, tf.cast(value, tf.int64))
+
+        columns = [
+            fill(step),
+            micro + tf.zeros_like(row),
+            fill(num_micro),
+            fill(self.dataset_size),
+            fill(self.expected_batch_size),
+            fill(self.source_id),
+            row + tf.zeros_like(micro),
+            fill(size),
+        ]
+        return tf.stack(columns, axis=-1)
+
     @staticmethod
     def new_secret_key() -> int:
         """A fresh 64-bit sampling key from OS entropy (see `secret_key`)."""
@@ -193,9 +226,11 @@ class PoissonSampler(tf.Module):
             the same views.
 
         Returns:
-          A dataset of `(indices [P] int64, mask [P] float32, step_end [P] bool)`
-          (then `seed [2] int64` with `with_seeds`); `step_end` is True on every
-          row of a step's last micro-batch.
+          A dataset of `(indices [P] int64, mask [P] float32, step_end [P] bool,
+          identity [P, 8] int64)` (then `seed [2] int64` with `with_seeds`);
+          `step_end` is True on every row of a step's last micro-batch, and
+          `identity` holds the micro-batch's identity on every row (see
+          `IDENTITY_COLUMNS`).
 
         Raises:
           ValueError: if `steps` is not a positive integer.
@@ -220,6 +255,7 @@ class PoissonSampler(tf.Module):
                 tf.reshape(padded, [num_micro, size]),
                 tf.reshape(mask, [num_micro, size]),
                 step_end,
+                self._identity(step, num_micro),
             )
             if with_seeds:
                 # Derived from the key through Philox, apart from the
@@ -242,35 +278,71 @@ class PoissonSampler(tf.Module):
         return ticks.map(split).flat_map(lambda *parts: tf.data.Dataset.from_tensor_slices(parts))
 
 
-# Second seed word of the augmentation stream (the sampling stream's is the step).
+# Second seed words of the augmentation stream and of the sampler's public
+# stream id (the sampling stream's is the step).
 _AUGMENT_STREAM = -(2**62)
+_SOURCE_STREAM = -(2**62) + 1
+
+# The identity every row of a Poisson micro-batch carries, so that it survives
+# the split of a micro-batch across replicas and hosts: which logical step it
+# belongs to, its index among the step's micro-batches and their number, the
+# (N, B) it was drawn for, the sampler's public stream id, and the row's
+# position among the micro-batch's rows. `DPKerasModel` checks it against its
+# privacy ledger before the micro-batch can reach an update
+# (`tan_keras.keras_dp.step_identity`).
+IDENTITY_COLUMNS = (
+    "step",
+    "micro_batch",
+    "micro_batches",
+    "dataset_size",
+    "expected_batch_size",
+    "source",
+    "row",
+    "rows",
+)
 
 
-def sampling_tag(sampler: "PoissonSampler", rows: int) -> tf.Tensor:
-    """[rows, 2] int64 rows of (N, B): the sampling a micro-batch was drawn with.
+def identity_rows(
+    step, micro_batch, micro_batches, dataset_size, expected_batch_size, source, rows
+) -> tf.Tensor:
+    """[rows, 8] int64: the identity of one micro-batch on each of its rows.
 
-    Every element of a Poisson pipeline carries it (on every row, so that it
-    survives the split of a micro-batch across replicas), and `DPKerasModel`
-    refuses a batch drawn for another (N, B) than the one it accounts for.
+    What the sampler gives each micro-batch (`IDENTITY_COLUMNS`), for callers
+    that build Poisson micro-batches of their own and want the model to check
+    them like the sampler's (e.g. timing one micro-batch per step).
 
     Args:
-      sampler: The `PoissonSampler` that drew the batch.
-      rows: Rows of the micro-batch.
+      step: The logical step (scalar).
+      micro_batch: Its index within the step.
+      micro_batches: The step's number of micro-batches.
+      dataset_size: N.
+      expected_batch_size: B.
+      source: The stream id of the step's micro-batches.
+      rows: Rows of the micro-batch (a Python int).
 
     Returns:
-      The tag tensor.
+      The identity tensor.
     """
-    pair = tf.constant([sampler.dataset_size, sampler.expected_batch_size], tf.int64)
-    return tf.tile(pair[None], [rows, 1])
+    fixed = tf.cast(
+        tf.stack([step, micro_batch, micro_batches, dataset_size, expected_batch_size, source]),
+        tf.int64,
+    )
+    positions = tf.range(rows, dtype=tf.int64)[:, None]
+    count = tf.fill([rows, 1], tf.constant(rows, tf.int64))
+    return tf.concat([tf.tile(fixed[None], [rows, 1]), positions, count], axis=1)
 
 
 def check_sampling_tags(
     dataset: tf.data.Dataset, dataset_size: int, expected_batch_size: int
 ) -> tf.data.Dataset:
-    """`dataset` with every element's sampling tag checked against (N, B).
+    """`dataset` with every element's (N, B) checked as it is read.
+
+    The model checks each micro-batch's whole identity before any update;
+    this earlier check stops a pipeline built for another sampling at its
+    first element, before any computation.
 
     Args:
-      dataset: Elements `(x, y, mask, step_end, tag)` of a Poisson pipeline.
+      dataset: Elements `(x, y, mask, step_end, identity)` of a Poisson pipeline.
       dataset_size: N the consumer accounts for.
       expected_batch_size: B the consumer accounts for.
 
@@ -289,7 +361,7 @@ def check_sampling_tags(
     )
 
     def check(*element):
-        tag = tf.cast(element[4], tf.int64)
+        tag = tf.cast(element[4], tf.int64)[:, 3:5]
         matches = tf.reduce_all(tf.equal(tag, expected[None]))
         with tf.control_dependencies(
             [tf.debugging.Assert(matches, [message, tag[:1]], summarize=2)]
@@ -391,8 +463,9 @@ def make_poisson_dataset(
       shard_index: This pipeline's shard, in [0, num_shards).
 
     Returns:
-      A dataset of `(x, y, mask, step_end, tag)` micro-batches; `tag` holds
-      (N, B) on every row (see `sampling_tag`).
+      A dataset of `(x, y, mask, step_end, identity)` micro-batches;
+      `identity` holds the micro-batch's identity on every row (see
+      `IDENTITY_COLUMNS`).
 
     Raises:
       ValueError: if sizes disagree, `augmult` < 1, or the shards do not
@@ -404,17 +477,17 @@ def make_poisson_dataset(
     features = tf.nest.map_structure(tf.convert_to_tensor, features)
     labels = tf.nest.map_structure(tf.convert_to_tensor, labels)
 
-    def gather(indices, mask, step_end, seed=None):
+    def gather(indices, mask, step_end, identity, seed=None):
         # Every shard draws the same global micro-batch and keeps its rows, so
         # the hosts together see each sampled example exactly once.
         indices, mask = indices[begin : begin + rows], mask[begin : begin + rows]
-        step_end = step_end[begin : begin + rows]
+        step_end, identity = step_end[begin : begin + rows], identity[begin : begin + rows]
         x = tf.nest.map_structure(lambda t: tf.gather(t, indices), features)
         # Views keyed by (step key, example, view): whichever shard holds an
         # example draws the same views for it.
         x = views.sampled_views(x, augmult, augmenter, seed=seed, example_ids=indices)
         y = tf.nest.map_structure(lambda t: tf.gather(t, indices), labels)
-        return x, y, mask, step_end, sampling_tag(sampler, rows)
+        return x, y, mask, step_end, identity
 
     dataset = sampler.micro_batches(steps, with_seeds=augmenter is not None)
     dataset = dataset.map(gather).prefetch(2)
@@ -422,7 +495,48 @@ def make_poisson_dataset(
     # whole micro-batches (that would split logical steps across hosts).
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return dataset.with_options(options)
+    return register_sampler(dataset.with_options(options), sampler)
+
+
+# Poisson pipelines made here -> the sampler that draws their micro-batches.
+_SAMPLER_OF = weakref.WeakKeyDictionary()
+
+
+def register_sampler(dataset: tf.data.Dataset, sampler: PoissonSampler) -> tf.data.Dataset:
+    """Records that `sampler` draws `dataset`'s micro-batches (see `sampler_of`); returns it."""
+    _SAMPLER_OF[dataset] = sampler
+    return dataset
+
+
+def sampler_of(dataset) -> Optional[PoissonSampler]:
+    """The `PoissonSampler` that draws a dataset's micro-batches, or None.
+
+    Found through the transformations applied after `make_poisson_dataset`
+    (`map`, `prefetch`, `cache`...): `DPKerasModel.fit` resumes it at the
+    privacy ledger's step before reading, so that a pipeline read again
+    (a second `fit`, a new epoch's iterator) continues where the released
+    updates stopped.
+    """
+    pending = [dataset]
+    seen = set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        try:
+            sampler = _SAMPLER_OF.get(current)
+        except TypeError:  # not weak-referenceable: not a dataset of ours
+            sampler = None
+        if sampler is not None:
+            return sampler
+        inputs = getattr(current, "_inputs", None)
+        if callable(inputs):
+            try:
+                pending.extend(inputs())
+            except (TypeError, ValueError, NotImplementedError):
+                continue
+    return None
 
 
 # Distributed Poisson datasets made here -> the (N, B) their samplers draw for.
@@ -436,7 +550,7 @@ def host_dataset_fn(
     """Per-host input for `distribute_datasets_from_function`, from any host pipeline.
 
     Every host builds its pipeline with `make_host_dataset(sampler, hosts,
-    host_index)` (elements `(x, y, mask, step_end, tag)` holding this host's
+    host_index)` (elements `(x, y, mask, step_end, identity)` holding this host's
     P / hosts rows of each global micro-batch, drawn with the shared key) and
     hands its L local replicas L consecutive slices of each element
     (tf.distribute feeds a host's replicas round-robin). So the R = W * L

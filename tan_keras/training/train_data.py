@@ -42,7 +42,7 @@ def train_dataset(
         ImageNet, read and decode) their share of every global micro-batch.
 
     Returns:
-      An endless dataset of `(x, y, mask, step_end, tag)` micro-batches, x of
+      An endless dataset of `(x, y, mask, step_end, identity)` micro-batches, x of
       shape [P, K, H, W, C] (or [P, H, W, C] when K = 1 without augmenter).
     """
     augmenter = _without_autograph(augmenter)
@@ -84,17 +84,18 @@ def train_dataset(
             y[:n] = train_y[indices[:n]]
         return x, y
 
-    def gather(indices, mask, step_end, seed=None):
+    def gather(indices, mask, step_end, identity, seed=None):
         x, y = tf.numpy_function(read, [indices, mask], [tf.float32, tf.int32], stateful=False)
         x = tf.ensure_shape(x, [sampler.physical_batch_size, *image_shape])
         y = tf.ensure_shape(y, [sampler.physical_batch_size])
         x = sampled_views(x, augmult, augmenter, seed=seed, example_ids=indices)
-        return x, y, mask, step_end, sampling.sampling_tag(sampler, sampler.physical_batch_size)
+        return x, y, mask, step_end, identity
 
-    return (
+    return sampling.register_sampler(
         sampler.micro_batches(None, with_seeds=augmenter is not None)
         .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .prefetch(2)
+        .prefetch(2),
+        sampler,
     )
 
 
@@ -126,7 +127,7 @@ def encoded_train_dataset(
       shard_index: This host's shard.
 
     Returns:
-      An endless dataset of `(x, y, mask, step_end, tag)` micro-batches, as
+      An endless dataset of `(x, y, mask, step_end, identity)` micro-batches, as
       `train_dataset`. An image that cannot be decoded stops it with an
       error naming the example.
 
@@ -149,17 +150,17 @@ def encoded_train_dataset(
             labels[:n] = np.asarray(train_y[indices[:n]], np.int32)
         return jpegs, labels
 
-    def fetch(indices, mask, step_end, key=None):
+    def fetch(indices, mask, step_end, identity, key=None):
         indices, mask = indices[begin : begin + rows], mask[begin : begin + rows]
-        step_end = step_end[begin : begin + rows]
+        step_end, identity = step_end[begin : begin + rows], identity[begin : begin + rows]
         jpegs, labels = tf.numpy_function(
             read, [indices, mask], [tf.string, tf.int32], stateful=False
         )
         keys = tf.zeros([rows, 2], tf.int64) if key is None else tf.tile(key[None], [rows, 1])
         jpegs, labels = tf.ensure_shape(jpegs, [rows]), tf.ensure_shape(labels, [rows])
-        return jpegs, labels, indices, mask, step_end, keys
+        return jpegs, labels, indices, mask, step_end, identity, keys
 
-    def example_views(jpeg, label, index, mask, step_end, key):
+    def example_views(jpeg, label, index, mask, step_end, identity, key):
         # Padding rows (mask 0, no bytes) are zeros; every real row is decoded.
         image = tf.cond(
             mask > 0,
@@ -168,13 +169,10 @@ def encoded_train_dataset(
         )
         seed = key if augmenter is not None else None
         views = sampled_views(image[None], augmult, augmenter, seed=seed, example_ids=index[None])
-        return views[0], label, mask, step_end
-
-    def tagged(x, y, mask, step_end):
-        return x, y, mask, step_end, sampling.sampling_tag(sampler, rows)
+        return views[0], label, mask, step_end, identity
 
     parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return (
+    return sampling.register_sampler(
         sampler.micro_batches(None, with_seeds=augmenter is not None)
         # Reads overlap with decoding; rows are then decoded one example per
         # call on every core, and put back together in order.
@@ -182,8 +180,8 @@ def encoded_train_dataset(
         .unbatch()
         .map(example_views, **parallel)
         .batch(rows, drop_remainder=True, **parallel)
-        .map(tagged)
-        .prefetch(2)
+        .prefetch(2),
+        sampler,
     )
 
 

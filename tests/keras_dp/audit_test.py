@@ -48,6 +48,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _helpers import identities
 
 from tan_keras.analysis import auditing
 from tan_keras.keras_dp import dp_model
@@ -76,8 +77,8 @@ def _canary_direction():
     return u / np.linalg.norm(u)
 
 
-def _batches(steps):
-    """(x, y, mask, step_end) for `steps` one-micro-batch logical steps.
+def _batches(steps, model):
+    """(x, y, mask, step_end, identity) for `steps` one-micro-batch logical steps of `model`.
 
     Even steps hold the canary (row 0), odd steps mask it out.
     """
@@ -94,6 +95,7 @@ def _batches(steps):
             np.full((steps, ROWS, OUTPUTS), TARGET, np.float32),
             masks,
             np.ones((steps, ROWS), bool),
+            identities(model, np.ones(steps, bool), rows=ROWS),
         )
     )
 
@@ -129,7 +131,7 @@ def _run(trials=TRIALS, sigma=SIGMA, clipping_mode="auto"):
     model.compile(optimizer=keras.optimizers.SGD(LR), loss="mean_absolute_error")
     start = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
     recorder = _RecordWeights()
-    model.fit(_batches(2 * trials), epochs=1, verbose=0, callbacks=[recorder])
+    model.fit(_batches(2 * trials, model), epochs=1, verbose=0, callbacks=[recorder])
     assert int(model.dp_steps.numpy()) == 2 * trials
     weights = np.vstack([start[None]] + recorder.weights).astype(np.float64)
     return np.diff(weights, axis=0)

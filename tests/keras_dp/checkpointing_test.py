@@ -9,9 +9,10 @@ import warnings
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from _helpers import LOSS, flat
 
-from tan_keras.keras_dp import checkpointing
+from tan_keras.keras_dp import checkpointing, step_identity
 from tan_keras.keras_dp.callbacks import PrivacyAccountant
 from tan_keras.keras_dp.dp_model import DPKerasModel
 from tan_keras.mechanism import sampling
@@ -83,7 +84,13 @@ def test_power_check_resume_that_replays_batches_diverges(tmp_path, monkeypatch)
         del self._checkpoint.sampler  # the bug: sampler state not checkpointed
 
     monkeypatch.setattr(checkpointing.DPCheckpoint, "__init__", without_sampler)
-    resumed, _ = _run(tmp_path / "split", steps=4, resume=True)
+    # The model refuses the replayed steps before any update...
+    with pytest.raises(step_identity.SamplingIdentityError, match="replayed a Poisson step"):
+        _run(tmp_path / "split", steps=4, resume=True)
+    # ...and without that check the replay would train, to other weights.
+    monkeypatch.setattr(step_identity, "check", lambda *args, **kwargs: tf.constant(0, tf.int64))
+    resumed, _ = _run(tmp_path / "split2", steps=2)
+    resumed, _ = _run(tmp_path / "split2", steps=4, resume=True)
     assert not np.allclose(flat(resumed.get_weights()), flat(full.get_weights()), atol=1e-6)
 
 

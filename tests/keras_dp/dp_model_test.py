@@ -176,7 +176,7 @@ def test_nonfinite_example_never_reaches_the_weights():
     x, y = _data()
     x[2, 1] = np.nan
     model = dp_model(base, **DP)
-    ds = micro_batches(x[None], y[None], np.ones((1, 8)), [True])
+    ds = micro_batches(x[None], y[None], np.ones((1, 8)), [True], model)
     history = model.fit(ds, epochs=1, verbose=0)
     assert all(np.all(np.isfinite(v.numpy())) for v in model.trainable_variables)
     assert history.history["nonfinite_examples"] == [1.0]
@@ -188,7 +188,7 @@ def test_metrics_report_clipping():
     base = dense_model()
     x, y = _data()
     model = dp_model(base, **{**DP, "l2_norm_clip": 1e-6})
-    history = model.fit(micro_batches(x[None], y[None], np.ones((1, 8)), [True]), verbose=0)
+    history = model.fit(micro_batches(x[None], y[None], np.ones((1, 8)), [True], model), verbose=0)
     assert history.history["clipped_fraction"] == [1.0]
     assert history.history["grad_norm"][0] > 0
     assert int(model.dp_steps.numpy()) == 1
@@ -358,7 +358,7 @@ def test_make_private_refuses_unbuilt_subclassed_model():
 def test_fit_refuses_epochs_on_unknown_length_dataset():
     model = dp_model(dense_model(), **DP)
     x, y = _data()
-    ds = micro_batches(x[None], y[None], np.ones((1, 8)), [True]).filter(lambda *a: True)
+    ds = micro_batches(x[None], y[None], np.ones((1, 8)), [True], model).filter(lambda *a: True)
     with pytest.raises(ValueError, match="steps_per_epoch"):
         model.fit(ds, epochs=2, verbose=0)
 

@@ -38,7 +38,7 @@ def _shuffled_step(base, x, y, weights, **kwargs):
 
 def _micro_batch_step(base, x, y, class_weight, **kwargs):
     model = dp_model(base, **{**DP, **kwargs})
-    ds = micro_batches(x[None], y[None], np.ones((1, B)), [True])
+    ds = micro_batches(x[None], y[None], np.ones((1, B)), [True], model)
     model.fit(ds, class_weight=class_weight, epochs=1, verbose=0)
     return flat(model.trainable_variables)
 
@@ -80,8 +80,8 @@ def test_class_weight_equals_the_sample_weights_of_the_classes(clipping):
 def test_a_new_class_weight_retraces_the_step():
     base = dense_model()
     x, y = _data()
-    ds = micro_batches(x[None], y[None], np.ones((1, B)), [True])
     model = dp_model(base, **DP)
+    ds = micro_batches(x[None], y[None], np.ones((1, B)), [True], model)
     model.fit(ds, class_weight={0: 1.0}, epochs=1, verbose=0)
     after_first = model.get_weights()
     model.fit(ds, class_weight={0: 10.0}, epochs=1, verbose=0)
@@ -91,7 +91,8 @@ def test_a_new_class_weight_retraces_the_step():
     for weight in (10.0, 1.0):
         fresh = dp_model(base, **DP)
         fresh.set_weights(after_first)
-        fresh.fit(ds, class_weight={0: weight}, epochs=1, verbose=0)
+        fresh_ds = micro_batches(x[None], y[None], np.ones((1, B)), [True], fresh)
+        fresh.fit(fresh_ds, class_weight={0: weight}, epochs=1, verbose=0)
         references[weight] = flat(fresh.trainable_variables)
     got = flat(model.trainable_variables)
     np.testing.assert_allclose(got, references[10.0], atol=1e-6)

@@ -35,7 +35,9 @@ def test_an_out_of_range_label_is_dropped_and_counted(clipping, jit_compile):
     bad = y.copy()
     bad[2], bad[5] = 7, -1
     model = _model(base, clipping, jit_compile)
-    history = model.fit(micro_batches(x[None], bad[None], np.ones((1, 8)), [True]), verbose=0)
+    history = model.fit(
+        micro_batches(x[None], bad[None], np.ones((1, 8)), [True], model), verbose=0
+    )
     assert history.history["nonfinite_examples"][-1] == 2
     mask = np.ones(8)
     mask[[2, 5]] = 0
@@ -52,7 +54,7 @@ def test_the_loss_name_and_function_forms_are_covered_too():
     ):
         model = _model(base, "vectorized", False, loss=loss)
         history = model.fit(
-            micro_batches(x[None], np.full((1, 8), 9), np.ones((1, 8)), [True]), verbose=0
+            micro_batches(x[None], np.full((1, 8), 9), np.ones((1, 8)), [True], model), verbose=0
         )
         assert history.history["nonfinite_examples"][-1] == 8
 

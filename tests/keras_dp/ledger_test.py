@@ -11,8 +11,7 @@ let anyone subtract it.
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from _helpers import dense_model, dp_model, flat
+from _helpers import dense_model, dp_model, flat, micro_batches
 
 from tan_keras.keras_dp import checkpointing
 from tan_keras.keras_dp.callbacks import PrivacyAccountant
@@ -29,9 +28,7 @@ def _model(**kwargs):
 def _pure_noise_step(model):
     """One logical step on an all-padding micro-batch: the update is the noise."""
     x = np.zeros((1, 4, 30), np.float32)
-    ds = tf.data.Dataset.from_tensor_slices(
-        (x, np.zeros((1, 4), np.int32), np.zeros((1, 4), np.float32), np.ones((1, 4), bool))
-    )
+    ds = micro_batches(x, np.zeros((1, 4)), np.zeros((1, 4)), [True], model)
     before = flat(model.get_weights())
     model.fit(ds, verbose=0)
     return flat(model.get_weights()) - before

@@ -22,23 +22,30 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _wait_all_succeed(procs):
-    """Waits for every process (killing all if one hangs); each must exit 0."""
+def _wait_all(procs):
+    """Waits for every process (killing all if one hangs); returns [(code, stderr)]."""
     try:
         results = [p.communicate(timeout=300) for p in procs]
     finally:
         for p in procs:
             p.kill()
-    failed = [(p.returncode, err[-3000:]) for p, (_, err) in zip(procs, results) if p.returncode]
+    return [(p.returncode, err) for p, (_, err) in zip(procs, results)]
+
+
+def _wait_all_succeed(procs):
+    """Waits for every process (killing all if one hangs); each must exit 0."""
+    failed = [(code, err[-3000:]) for code, err in _wait_all(procs) if code]
     assert not failed, failed
 
 
-def _run(tmp_path, broken=False):
+def _start(tmp_path, broken=False, identity_check=True):
     key = "12345678901234567"
     ports = [str(_free_port()), str(_free_port())]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     if broken:
         env["TAN_TEST_BROKEN_SHARDING"] = "1"
+    if not identity_check:
+        env["TAN_TEST_NO_IDENTITY_CHECK"] = "1"
     outs = [tmp_path / f"w{i}.json" for i in range(2)] + [tmp_path / "single.json"]
     procs = [
         subprocess.Popen(
@@ -50,6 +57,11 @@ def _run(tmp_path, broken=False):
         )
         for index, out in zip(["0", "1", "single"], outs)
     ]
+    return procs, outs
+
+
+def _run(tmp_path, broken=False, identity_check=True):
+    procs, outs = _start(tmp_path, broken, identity_check)
     _wait_all_succeed(procs)
     return [json.loads(o.read_text()) for o in outs]
 
@@ -65,8 +77,18 @@ def test_two_workers_equal_the_single_device_run_without_noise(tmp_path):
     np.testing.assert_allclose(_flat(worker1), _flat(single), atol=1e-5)
 
 
-def test_power_check_hosts_feeding_the_whole_batch_are_detected(tmp_path):
-    worker0, _, single = _run(tmp_path, broken=True)
+def test_hosts_feeding_the_whole_batch_are_refused(tmp_path):
+    # The bug: every host feeds the whole global micro-batch, so each example
+    # would count twice. The rows' identities say which rows each replica
+    # must hold: the workers refuse before any update.
+    procs, _ = _start(tmp_path, broken=True)
+    results = _wait_all(procs)
+    for code, err in results[:2]:
+        assert code != 0 and "incomplete or out of order" in err, err[-3000:]
+
+
+def test_power_check_without_the_identity_check_the_whole_batch_changes_the_weights(tmp_path):
+    worker0, _, single = _run(tmp_path, broken=True, identity_check=False)
     assert not np.allclose(_flat(worker0), _flat(single), atol=1e-5)
 
 

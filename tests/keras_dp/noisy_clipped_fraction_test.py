@@ -69,7 +69,7 @@ def _released(steps=STEPS):
         on_train_batch_end=lambda batch, logs: batch_logs.append(dict(logs))
     )
     history = model.fit(
-        micro_batches(x, y, mask, ends),
+        micro_batches(x, y, mask, ends, model),
         verbose=0,
         callbacks=[recorder, PrivacyAccountant(delta=DELTA)],
         validation_data=(x[0], y[0]),
@@ -131,7 +131,7 @@ def test_steps_past_the_step_cap_release_no_fraction():
     model = _clipping_everything()
     model.set_step_limit(1)
     x, y = np.zeros((4, 8, 4)), np.zeros((4, 8))
-    model.fit(micro_batches(x, y, np.ones((4, 8)), np.ones(4, bool)), verbose=0)
+    model.fit(micro_batches(x, y, np.ones((4, 8)), np.ones(4, bool), model), verbose=0)
     assert int(model.dp_steps.numpy()) == 1
     # 4 steps ended; only the one within the cap released a fraction.
     assert float(model._trackers.noisy_clipped.count.numpy()) == 1.0

@@ -60,6 +60,7 @@ def _fit(model, x, y, mask=None, micro=1, steps=1):
         np.tile(y.reshape(micro, size), (steps, 1)),
         np.tile(mask.reshape(micro, size), (steps, 1)),
         np.tile(np.repeat(np.asarray(ends)[:, None], size, axis=1), (steps, 1)),
+        model,
     )
     history = model.fit(ds, epochs=1, verbose=0)
     return [v.numpy() for v in model.trainable_variables], history.history
@@ -200,7 +201,7 @@ def test_nonfinite_example_does_not_poison_loss_or_callbacks():
         expected_batch_size=8,
         dataset_size=100,
     )
-    ds = micro_batches(np.stack([x, x]), np.stack([y, y]), np.ones((2, 8)), [True, True])
+    ds = micro_batches(np.stack([x, x]), np.stack([y, y]), np.ones((2, 8)), [True, True], model)
     history = model.fit(ds, verbose=0, callbacks=[keras.callbacks.TerminateOnNaN()])
     assert np.isfinite(history.history["loss"][0])
     assert history.history["nonfinite_examples"] == [2.0]

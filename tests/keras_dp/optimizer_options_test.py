@@ -41,16 +41,18 @@ def test_gradient_accumulation_steps_averages_counted_noisy_steps():
         # The reference: a fresh model's single DP step on micro-batch `index`.
         model = _model(base, keras.optimizers.SGD(0.3))
         model.fit(
-            micro_batches(x[index : index + 1], y[index : index + 1], np.ones((1, B)), [True]),
+            micro_batches(
+                x[index : index + 1], y[index : index + 1], np.ones((1, B)), [True], model
+            ),
             verbose=0,
         )
         return flat(model.trainable_variables) - start
 
     model = _model(base, keras.optimizers.SGD(0.3, gradient_accumulation_steps=2))
-    model.fit(micro_batches(x[:1], y[:1], np.ones((1, B)), [True]), verbose=0)
+    model.fit(micro_batches(x[:1], y[:1], np.ones((1, B)), [True], model), verbose=0)
     np.testing.assert_array_equal(flat(model.trainable_variables), start)
     assert int(model.dp_steps.numpy()) == 1  # released (and accounted), not yet applied
-    model.fit(micro_batches(x[1:], y[1:], np.ones((1, B)), [True]), verbose=0)
+    model.fit(micro_batches(x[1:], y[1:], np.ones((1, B)), [True], model), verbose=0)
     assert int(model.dp_steps.numpy()) == 2
     expected = start + (one_step(0) + one_step(1)) / 2
     np.testing.assert_allclose(flat(model.trainable_variables), expected, atol=1e-6)

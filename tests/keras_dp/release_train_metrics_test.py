@@ -41,7 +41,7 @@ def _fit(tmp_path, **dp_kwargs):
     )
     recorder = _Recorder()
     history = model.fit(
-        micro_batches(x, y, np.ones((3, 8)), np.ones(3, bool)),
+        micro_batches(x, y, np.ones((3, 8)), np.ones(3, bool), model),
         epochs=2,
         verbose=1,  # the progress bar must cope with empty step logs
         validation_data=(x[0], y[0]),

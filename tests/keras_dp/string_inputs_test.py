@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from _helpers import flat
+from _helpers import flat, step_dataset
 
 import tan_keras
 from tan_keras.keras_dp.dp_model import DPKerasModel
@@ -50,11 +50,7 @@ def _id_model(**kwargs):
 
 def _step(model, x, y):
     model.compile(optimizer=keras.optimizers.SGD(0.5), loss=CE)
-    element = (x, y, np.ones(B, np.float32), np.ones(B, bool))
-    model.fit(
-        tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(lambda t: t[None], element)),
-        verbose=0,
-    )
+    model.fit(step_dataset(model, x, y), verbose=0)
     return flat(model.trainable_variables)
 
 
@@ -153,9 +149,6 @@ def test_a_string_model_saves_and_reloads_with_its_vocabulary(tmp_path):
     # The reloaded model is cut again: it trains on texts.
     y = np.array([0, 1, 1, 0, 1], np.int32)
     before = flat(loaded.trainable_variables)
-    element = ({"text": TEXTS, "num": np.ones((B, 2), np.float32)}, y, np.ones(B), np.ones(B, bool))
-    loaded.fit(
-        tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(lambda t: t[None], element)),
-        verbose=0,
-    )
+    x = {"text": TEXTS, "num": np.ones((B, 2), np.float32)}
+    loaded.fit(step_dataset(loaded, x, y), verbose=0)
     assert not np.allclose(flat(loaded.trainable_variables), before)

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from _helpers import dense_model, flat
+from _helpers import dense_model, flat, step_dataset
 
 import tan_keras
 from tan_keras.keras_dp import output_losses
@@ -90,17 +90,10 @@ def _private_copy(base, **kwargs):
     return model
 
 
-def _one_step_data(x, y):
-    """One logical step of B examples (mask 1, step end): (x, y, mask, step_end)."""
-    element = (x, y, np.ones(B, np.float32), np.ones(B, bool))
-    batched = tf.nest.map_structure(lambda t: np.asarray(t)[None], element)
-    return tf.data.Dataset.from_tensor_slices(batched)
-
-
 def _dp_step(base, x, y, clipping, loss, loss_weights, **kwargs):
     model = _private_copy(base, augmult=x["a"].shape[1], clipping=clipping, **kwargs)
     model.compile(optimizer=keras.optimizers.SGD(LR), loss=loss, loss_weights=loss_weights)
-    model.fit(_one_step_data(x, y), epochs=1, verbose=0)
+    model.fit(step_dataset(model, x, y), epochs=1, verbose=0)
     return flat(model.trainable_variables)
 
 
@@ -131,7 +124,7 @@ def test_structured_inputs_and_outputs_in_chunks(clipping):
         loss_weights={"reg": 0.5},
         metrics={"cls": ["accuracy"]},
     )
-    history = model.fit(_one_step_data(x, y), epochs=1, verbose=0).history
+    history = model.fit(step_dataset(model, x, y), epochs=1, verbose=0).history
     want = _reference_step(base, x, y, 0.5)
     np.testing.assert_allclose(flat(model.trainable_variables), want, atol=2e-5)
     # The train step's accuracy: the view-averaged logits of the weights before the step.
@@ -150,7 +143,7 @@ def test_list_inputs_and_outputs_with_losses_in_a_list():
     model = _private_copy(base)
     model.compile(optimizer=keras.optimizers.SGD(LR), loss=[CE, "mse"], loss_weights=[1.0, 0.5])
     # Tuples: tf.data reads a Python list as one tensor to stack.
-    model.fit(_one_step_data((x["a"], x["b"]), (y["cls"], y["reg"])), epochs=1, verbose=0)
+    model.fit(step_dataset(model, (x["a"], x["b"]), (y["cls"], y["reg"])), epochs=1, verbose=0)
     np.testing.assert_allclose(
         flat(model.trainable_variables), _reference_step(dict_base, x, y, 0.5), atol=2e-5
     )
@@ -250,7 +243,7 @@ def test_an_invalid_class_label_in_one_output_drops_the_example():
     bad["cls"][2] = 7  # out of [0, 3)
     model = _private_copy(base)
     model.compile(optimizer=keras.optimizers.SGD(LR), loss={"cls": CE, "reg": "mse"})
-    history = model.fit(_one_step_data(x, bad), epochs=1, verbose=0)
+    history = model.fit(step_dataset(model, x, bad), epochs=1, verbose=0)
     assert history.history["nonfinite_examples"][-1] == 1.0
     kept = [i for i in range(B) if i != 2]
     expected = _reference_step(base, x, y, 1.0, rows=kept)
@@ -290,7 +283,7 @@ def test_labels_missing_for_an_output_with_a_loss_are_refused():
     x, y = _data(1)
     x1 = {k: v[:, 0] for k, v in x.items()}
     with pytest.raises(ValueError, match=r"Invalid value for `y`: expected labels for every"):
-        model.fit(_one_step_data(x1, {"cls": y["cls"]}), epochs=1, verbose=0)
+        model.fit(step_dataset(model, x1, {"cls": y["cls"]}), epochs=1, verbose=0)
 
 
 def test_a_dict_key_wins_over_another_outputs_layer_name():
@@ -332,7 +325,7 @@ def test_class_weight_with_several_outputs_is_refused():
     x, y = _data(1)
     x1 = {k: v[:, 0] for k, v in x.items()}
     with pytest.raises(ValueError, match=r"Invalid value for `class_weight`"):
-        model.fit(_one_step_data(x1, y), class_weight={0: 2.0}, epochs=1, verbose=0)
+        model.fit(step_dataset(model, x1, y), class_weight={0: 2.0}, epochs=1, verbose=0)
 
 
 def test_a_single_loss_applies_to_every_output_against_its_own_labels():

@@ -16,8 +16,9 @@ N, B = 400, 20  # q = 0.05
 def _logical_batches(sampler, steps):
     """Reassembles logical batches (index lists) from the micro-batch stream."""
     batches, current = [], []
-    for idx, mask, end in sampler.micro_batches(steps):
+    for idx, mask, end, identity in sampler.micro_batches(steps):
         assert idx.shape == (sampler.physical_batch_size,)
+        assert identity.shape == (sampler.physical_batch_size, len(sampling.IDENTITY_COLUMNS))
         current.extend(idx.numpy()[mask.numpy() > 0].tolist())
         assert end.shape == (sampler.physical_batch_size,)
         assert end.numpy().all() or not end.numpy().any()
@@ -87,7 +88,7 @@ def test_large_samples_spill_into_more_micro_batches_never_truncated(poisson_bat
 
 def _micro_batches_per_step(sampler, steps):
     counts, current = [], 0
-    for _, _, end in sampler.micro_batches(steps):
+    for _, _, end, _ in sampler.micro_batches(steps):
         current += 1
         if end.numpy()[0]:
             counts.append(current)
@@ -114,9 +115,9 @@ def test_padded_steps_take_the_same_micro_batches_whatever_their_size():
 def test_empty_steps_are_valid_steps():
     sampler = sampling.PoissonSampler(1000, 1, physical_batch_size=4)  # q = 0.001
     items = list(sampler.micro_batches(50))
-    ends = [bool(e.numpy()[0]) for _, _, e in items]
+    ends = [bool(e.numpy()[0]) for _, _, e, _ in items]
     assert sum(ends) == 50  # one step_end per logical step, empty or not
-    assert any(m.numpy().sum() == 0 and e.numpy()[0] for _, m, e in items)
+    assert any(m.numpy().sum() == 0 and e.numpy()[0] for _, m, e, _ in items)
 
 
 def test_reiterating_never_replays_and_resume_reproduces():
@@ -163,9 +164,9 @@ def test_make_poisson_dataset_shapes_and_views():
     y = np.arange(N, dtype=np.int32)
     sampler = sampling.PoissonSampler(N, B, physical_batch_size=32)
     ds = sampling.make_poisson_dataset(x, y, sampler, steps=3, augmult=3)
-    for xb, yb, mask, _, tag in ds:
+    for xb, yb, mask, _, identity in ds:
         assert xb.shape == (32, 3, 2) and yb.shape == (32,) and mask.shape == (32,)
-        np.testing.assert_array_equal(tag.numpy(), np.tile([[N, B]], (32, 1)))
+        np.testing.assert_array_equal(identity.numpy()[:, 3:5], np.tile([[N, B]], (32, 1)))
         real = mask.numpy() > 0
         np.testing.assert_array_equal(xb.numpy()[real, 1, :], x[yb.numpy()[real]])
 
@@ -227,3 +228,23 @@ def test_shard_arguments_are_checked():
         sampling.make_poisson_dataset(x, y, sampler, num_shards=2, shard_index=2)
     with pytest.raises(ValueError, match="`secret_key`"):
         sampling.PoissonSampler(N, B, seed=1, secret_key=2)
+
+
+def test_every_row_carries_its_micro_batch_identity():
+    sampler = sampling.PoissonSampler(N, B, physical_batch_size=8, pad_steps=True)
+    per_step = sampler.steps_padded_to
+    items = [identity.numpy() for *_, identity in sampler.micro_batches(3)]
+    assert len(items) == 3 * per_step
+    source = items[0][0, 5]
+    for index, identity in enumerate(items):
+        step, micro = divmod(index, per_step)
+        want = [step, micro, per_step, N, B, source]
+        np.testing.assert_array_equal(identity[:, :6], np.tile(want, (8, 1)))
+        np.testing.assert_array_equal(identity[:, 6], np.arange(8))  # row positions
+        np.testing.assert_array_equal(identity[:, 7], np.full(8, 8))  # rows
+    # The stream id is a function of the key, the same on every host.
+    twin = sampling.PoissonSampler(
+        N, B, physical_batch_size=8, secret_key=int(sampler.key.numpy()) + 2**63
+    )
+    assert int(twin.source_id.numpy()) == int(source)
+    assert int(sampling.PoissonSampler(N, B).source_id.numpy()) != int(source)

@@ -52,7 +52,7 @@ def test_native_decoding_equals_the_python_path(imagenet):
     np.testing.assert_array_equal(x.numpy()[:rows], data.train_x[indices])
     np.testing.assert_array_equal(y.numpy()[:rows], data.train_y[indices])
     assert not x.numpy()[rows:].any()  # padding rows: zeros, never decoded
-    assert step_end.numpy().all() and tag.shape == (8, 2)
+    assert step_end.numpy().all() and tag.shape == (8, len(sampling.IDENTITY_COLUMNS))
     test = next(iter(train_data.test_dataset(data.test_x, data.test_y, 4)))
     np.testing.assert_array_equal(test[0].numpy(), data.test_x[np.arange(4)])
 
@@ -75,7 +75,7 @@ def test_views_are_keyed_by_example_on_every_host(imagenet, monkeypatch):
     # Each real row holds its example's label and the views `make_views`
     # draws for it from the decoded image, keyed by (step key, example,
     # view), the call the in-memory pipeline makes.
-    indices, _, _, key = next(iter(_sampler().micro_batches(1, with_seeds=True)))
+    indices, _, _, _, key = next(iter(_sampler().micro_batches(1, with_seeds=True)))
     indices = indices.numpy()[real]
     np.testing.assert_array_equal(y[real], data.train_y[indices])
     want = views.make_views(

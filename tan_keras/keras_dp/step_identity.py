@@ -1,0 +1,179 @@
+"""Every Poisson micro-batch is checked against the privacy ledger before it can count.
+
+The accountant's epsilon holds only if each logical step is a fresh Poisson
+sample used exactly once, whole: a replayed step (`.cache()` read again, a
+restarted generator) puts the same examples into a second update accounted
+as an independent one; a reordered, regrouped or partial step is no Poisson
+sample at all. A tag saying which sampler drew an element cannot tell; the
+identity each row carries can (`sampling.IDENTITY_COLUMNS`: logical step,
+index within the step, number of micro-batches of the step, N, B, the
+sampler's public stream id, the row's position among the micro-batch's
+rows and their number).
+
+The compiled train step compares it with the ledger (`check`): the step
+must be the next one the ledger will release (`dp_steps`), the micro-batch
+the next one of that step, every row the same micro-batch and all its rows
+there in order (each replica its share), the step's end where its
+identity says, one sampler per step, and (N, B) the model's. The
+first mismatch is recorded in a variable (not an assertion: XLA drops
+those) and blocks every update until the next `fit`; `DPKerasModel` then
+raises `SamplingIdentityError` naming what happened (`describe`). Once the
+step cap is reached nothing is released, so nothing is checked.
+"""
+
+from typing import Sequence
+
+import tensorflow as tf
+
+OK = 0
+REPLAYED = 1
+SKIPPED = 2
+OUT_OF_ORDER = 3
+WRONG_END = 4
+MIXED_ROWS = 5
+OTHER_SAMPLING = 6
+TWO_SOURCES = 7
+PARTIAL = 8
+
+# Columns of the identity (sampling.IDENTITY_COLUMNS).
+_ROW, _ROWS = 6, 7
+_SAME_ON_EVERY_ROW = [0, 1, 2, 3, 4, 5, 7]
+
+# A violation as recorded: code, then the micro-batch's step and index, then
+# the step and index the ledger expected.
+RECORD_SIZE = 5
+
+
+class SamplingIdentityError(ValueError):
+    """A micro-batch that the privacy ledger cannot account for reached the train step."""
+
+
+def check(
+    identity: tf.Tensor,
+    step_end: tf.Tensor,
+    expected_step: tf.Tensor,
+    expected_micro: tf.Tensor,
+    step_source: tf.Tensor,
+    dataset_size: int,
+    expected_batch_size: int,
+    replica_id=0,
+    num_replicas: int = 1,
+) -> tf.Tensor:
+    """The violation code of one replica's share of a micro-batch (OK = 0 when it may count).
+
+    Args:
+      identity: [rows, 8] int64, the identity of each row.
+      step_end: Scalar bool, whether the element says it ends its step.
+      expected_step: The step the ledger releases next (`dp_steps`).
+      expected_micro: Micro-batches of that step already accumulated.
+      step_source: The stream id of the step's first micro-batch (read only
+        when `expected_micro` > 0).
+      dataset_size: N the model accounts for.
+      expected_batch_size: B the model accounts for.
+      replica_id: This replica's index; it holds the rows [replica_id * rows,
+        (replica_id + 1) * rows) of the micro-batch.
+      num_replicas: The number of replicas sharing each micro-batch.
+
+    Returns:
+      A scalar int64 code; the first failing property in the order of the
+      constants above, except that mixed rows and another sampling are
+      reported first (the other fields are then meaningless).
+    """
+    identity = tf.cast(identity, tf.int64)
+    tag = identity[0]
+    step, micro, micro_batches, n, b, source, first_row, rows = tf.unstack(tag)
+    expected_step = tf.cast(expected_step, tf.int64)
+    expected_micro = tf.cast(expected_micro, tf.int64)
+    shared = tf.gather(identity, _SAME_ON_EVERY_ROW, axis=1)
+    rows_agree = tf.reduce_all(tf.equal(shared, shared[:1]))
+    # This replica's rows: its share of the micro-batch, whole and in order.
+    local = tf.shape(identity, out_type=tf.int64)[0]
+    positions = identity[:, _ROW]
+    expected_positions = tf.cast(replica_id, tf.int64) * local + tf.range(local, dtype=tf.int64)
+    whole = tf.logical_and(
+        tf.equal(local * num_replicas, rows), tf.reduce_all(tf.equal(positions, expected_positions))
+    )
+    sampling_ok = tf.logical_and(tf.equal(n, dataset_size), tf.equal(b, expected_batch_size))
+    ends_here = tf.equal(micro, micro_batches - 1)
+    end_ok = tf.logical_and(tf.equal(ends_here, tf.cast(step_end, tf.bool)), micro < micro_batches)
+    source_ok = tf.logical_or(tf.equal(expected_micro, 0), tf.equal(source, step_source))
+    # Checked in this order; the first that fails names the violation.
+    failures = [
+        (tf.logical_not(rows_agree), MIXED_ROWS),
+        (tf.logical_not(whole), PARTIAL),
+        (tf.logical_not(sampling_ok), OTHER_SAMPLING),
+        (step < expected_step, REPLAYED),
+        (step > expected_step, SKIPPED),
+        (tf.not_equal(micro, expected_micro), OUT_OF_ORDER),
+        (tf.logical_not(source_ok), TWO_SOURCES),
+        (tf.logical_not(end_ok), WRONG_END),
+    ]
+    del first_row  # checked with the other positions
+    code = tf.constant(OK, tf.int64)
+    for failed, value in reversed(failures):
+        code = tf.where(failed, tf.constant(value, tf.int64), code)
+    return code
+
+
+def describe(record: Sequence[int], dataset_size: int, expected_batch_size: int) -> str:
+    """The error message for a recorded violation (see `RECORD_SIZE`)."""
+    code, step, micro, expected_step, expected_micro = (int(v) for v in record)
+    resume = (
+        "Read the pipeline from the step the model releases next: a pipeline from "
+        "tan_keras.make_poisson_dataset is resumed there by fit() itself; for a sampler fit() "
+        f"cannot see, call sampler.resume_at(model.dp_steps) ({expected_step}) first."
+    )
+    transform = (
+        "Apply per-example transformations inside make_poisson_dataset (`augmenter=`) or "
+        "with dataset.map on whole elements, and nothing that caches, skips, shuffles, "
+        "filters, repeats or regroups its elements."
+    )
+    where = f"micro-batch {micro} of logical step {step}"
+    expected = f"micro-batch {expected_micro} of step {expected_step}"
+    messages = {
+        REPLAYED: (
+            f"The training input replayed a Poisson step: {where} arrived, but the privacy "
+            f"ledger has already released updates for steps 0..{expected_step - 1}. A "
+            "cached or re-read pipeline (`.cache()`, a restarted generator) would put the "
+            "same examples into a second update that the accountant counts as a fresh "
+            f"Poisson sample, under-reporting epsilon. {resume}"
+        ),
+        SKIPPED: (
+            f"The training input skipped Poisson steps: {where} arrived where {expected} was "
+            "next. Skipped steps (`skip`, `shard`, `filter`, a pipeline read ahead of the "
+            f"ledger) break the sampling the accountant assumes. {resume}"
+        ),
+        OUT_OF_ORDER: (
+            f"The training input reordered or dropped micro-batches: {where} arrived where "
+            f"{expected} was next. A logical step must arrive whole and in order; "
+            f"{transform}"
+        ),
+        WRONG_END: (
+            f"The step_end flag of {where} disagrees with its identity (the number of "
+            f"micro-batches of its step). {transform}"
+        ),
+        MIXED_ROWS: (
+            "The rows of one training element belong to different micro-batches: the "
+            "pipeline regrouped rows (`unbatch`, `batch`, `rebatch`, zipping pipelines), "
+            f"which can put one example twice into a step. {transform}"
+        ),
+        PARTIAL: (
+            f"The rows of {where} arrived incomplete or out of order: the pipeline cut, "
+            "filtered or permuted rows (`unbatch`, `filter`, `rebatch`), so what reaches "
+            "the update is no Poisson sample (which rows survive depends on which others "
+            f"were sampled). {transform}"
+        ),
+        OTHER_SAMPLING: (
+            "A micro-batch drawn for another (dataset_size, expected_batch_size) than the "
+            f"model accounts for ({dataset_size}, {expected_batch_size}) reached the train "
+            "step: the accountant would report the epsilon of the wrong sampling rate. "
+            "Build the PoissonSampler with the model's dataset_size and expected_batch_size."
+        ),
+        TWO_SOURCES: (
+            f"The micro-batches of logical step {step} come from two different samplers "
+            "(interleaved or concatenated pipelines): together they are no Poisson sample, "
+            "and one example may be in the step twice. Feed one pipeline at a time."
+        ),
+    }
+    message = messages.get(code, f"Unknown sampling identity violation {code}.")
+    return f"{message} No update was made from this micro-batch or any later one."

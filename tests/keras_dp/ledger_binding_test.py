@@ -1,0 +1,270 @@
+"""The privacy ledger belongs to the weights, not to the wrapper that trains them.
+
+Attacks (each an ordinary Keras habit that used to under-report epsilon):
+a second `make_private` over the same model started a second ledger at 0
+while both trained the same variables; `BackupAndRestore`, weight files and
+`tf.train.Checkpoint` restored weights into a fresh model whose ledger
+started at 0. Every test has a power check: the same scenario with the
+ledger kept on the wrapper (or left out of the files) fails it.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from _helpers import LOSS, dense_model
+
+import tan_keras
+from tan_keras.keras_dp import ledger as ledger_lib
+from tan_keras.keras_dp.callbacks import PrivacyAccountant
+from tan_keras.mechanism import sampling
+from tan_keras.privacy import accounting, releases
+
+N, B, DELTA = 64, 8, 1e-5
+DP = dict(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=B, dataset_size=N)
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(N, 4)).astype(np.float32), rng.integers(0, 3, N).astype(np.int32)
+
+
+def _private(model, **kwargs):
+    private = tan_keras.make_private(model, **{**DP, **kwargs})
+    private.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+    return private
+
+
+def _train(private, steps, callbacks=(), epochs=1):
+    x, y = _data()
+    config = private.dp_config
+    # The default physical batch holds a whole step with probability 1 - 3e-5;
+    # pad_steps makes every step exactly one micro-batch here.
+    sampler = sampling.PoissonSampler(
+        config.dataset_size, config.expected_batch_size, physical_batch_size=N, pad_steps=True
+    )
+    ds = sampling.make_poisson_dataset(x, y, sampler)
+    private.fit(ds, steps_per_epoch=steps, epochs=epochs, verbose=0, callbacks=list(callbacks))
+
+
+def _epsilon(private):
+    accountant = PrivacyAccountant(delta=DELTA)
+    accountant.set_model(private)
+    return accountant.epsilon()
+
+
+def _fresh_ledgers(monkeypatch):
+    """The bug: every private model starts a ledger of its own."""
+    monkeypatch.setattr(ledger_lib, "ledger_of", lambda objects: None)
+
+
+@pytest.mark.parametrize("power_check", [False, True])
+def test_a_second_make_private_shares_the_ledger(power_check, monkeypatch):
+    if power_check:
+        _fresh_ledgers(monkeypatch)
+    model = dense_model()
+    first = _private(model)
+    _train(first, 20)
+    second = _private(model)
+    _train(second, 20)
+    spent = accounting.compute_epsilon(1.0, B / N, 40, DELTA)
+    if power_check:
+        assert int(second.dp_steps.numpy()) == 20
+        assert _epsilon(second) < 0.9 * spent
+        return
+    assert int(second.dp_steps.numpy()) == int(first.dp_steps.numpy()) == 40
+    assert _epsilon(second) == pytest.approx(spent)
+    assert second.privacy_ledger is first.privacy_ledger
+
+
+def test_a_second_phase_with_other_settings_composes_with_the_first():
+    model = dense_model()
+    first = _private(model)
+    _train(first, 20)
+    second = _private(model, noise_multiplier=2.0, expected_batch_size=2 * B)
+    _train(second, 10)
+    entries = second.privacy_ledger.entries()
+    assert sorted((e.mechanism.noise_multiplier, e.steps) for e in entries) == [
+        (1.0, 20),
+        (2.0, 10),
+    ]
+    alone = accounting.compute_epsilon(2.0, 2 * B / N, 10, DELTA)
+    composed = releases.composed_epsilon(entries, DELTA)
+    assert _epsilon(second) == pytest.approx(composed)
+    assert composed > alone + 0.5 * accounting.compute_epsilon(1.0, B / N, 20, DELTA)
+
+
+def test_a_model_built_on_a_privately_trained_base_inherits_its_ledger():
+    base = dense_model()
+    first = _private(base)
+    _train(first, 15)
+    # Transfer learning: a new head on the privately trained layers.
+    head = keras.layers.Dense(2)(base.layers[-2].output)
+    transfer = _private(keras.Model(base.inputs, head))
+    assert int(transfer.dp_steps.numpy()) == 15
+    _train(transfer, 5)
+    assert _epsilon(transfer) == pytest.approx(accounting.compute_epsilon(1.0, B / N, 20, DELTA))
+
+
+def test_the_step_budget_counts_the_earlier_phase():
+    model = dense_model()
+    first = _private(model)
+    _train(first, 20)
+    target = accounting.compute_epsilon(1.0, B / N, 30, DELTA)
+    second = _private(model)
+    accountant = PrivacyAccountant(delta=DELTA, target_epsilon=target)
+    _train(second, 40, callbacks=[accountant])
+    assert int(second.dp_steps.numpy()) == 30
+    assert accountant.epsilon() <= target
+
+
+def test_two_growing_ledgers_are_not_merged():
+    a, b = dense_model(seed=1), dense_model(seed=2)
+    first, second = _private(a), _private(b)
+    _train(first, 2)
+    _train(second, 2)
+    inputs = keras.Input((4,))
+    both = keras.Model(inputs, keras.layers.Add()([a(inputs), b(inputs)]))
+    with pytest.raises(ValueError, match="two models that are trained privately"):
+        tan_keras.make_private(both, **DP)
+    assert first.dp_steps is not second.dp_steps  # both still alive
+
+
+def test_poisson_and_shuffled_training_of_the_same_weights_is_refused():
+    model = dense_model()
+    first = _private(model)
+    _train(first, 2)
+    with pytest.raises(ValueError, match="`sampling`"):
+        _private(model, sampling="shuffled")
+
+
+# ------------------------------------------------------ across weight files
+def _saved_and_restored(how, trained, base, tmp_path):
+    """Restores `trained`'s weights (it wraps `base`) into a fresh private model."""
+    fresh_base = dense_model(seed=5)
+    fresh = _private(fresh_base)
+    if how == "save_weights":
+        path = str(tmp_path / "w.weights.h5")
+        trained.save_weights(path)
+        fresh.load_weights(path)
+    elif how == "wrapped_model_files":
+        # The wrapped Keras model's own file, loaded after make_private.
+        path = str(tmp_path / "base.weights.h5")
+        base.save_weights(path)
+        fresh_base.load_weights(path)
+    elif how == "keras_file":
+        path = str(tmp_path / "m.keras")
+        trained.save(path)
+        fresh = keras.models.load_model(path)
+    elif how in ("model_checkpoint", "model_checkpoint_weights"):
+        weights_only = how == "model_checkpoint_weights"
+        path = str(tmp_path / ("c.weights.h5" if weights_only else "c.keras"))
+        callback = keras.callbacks.ModelCheckpoint(path, save_weights_only=weights_only)
+        _train(trained, 3, callbacks=[callback])
+        if weights_only:
+            fresh.load_weights(path)
+        else:
+            fresh = keras.models.load_model(path)
+    elif how == "tf_checkpoint":
+        path = tf.train.Checkpoint(model=trained).write(str(tmp_path / "tf" / "ckpt"))
+        tf.train.Checkpoint(model=fresh).read(path).assert_existing_objects_matched()
+    return fresh
+
+
+HOWS = [
+    "save_weights",
+    "wrapped_model_files",
+    "keras_file",
+    "model_checkpoint",
+    "model_checkpoint_weights",
+    "tf_checkpoint",
+]
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_weights_restored_in_a_fresh_model_bring_their_ledger(how, tmp_path):
+    base = dense_model()
+    trained = _private(base)
+    _train(trained, 12)
+    fresh = _saved_and_restored(how, trained, base, tmp_path)
+    spent = int(trained.dp_steps.numpy())
+    assert spent >= 12
+    assert int(fresh.dp_steps.numpy()) == spent
+    assert _epsilon(fresh) == pytest.approx(_epsilon(trained))
+
+
+@pytest.mark.parametrize("how", ["save_weights", "keras_file", "tf_checkpoint"])
+def test_power_check_files_without_the_ledger_restart_at_zero(how, tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger_lib._LedgerSaveable, "save_own_variables", lambda self, store: None)
+    monkeypatch.setattr(
+        ledger_lib._LedgerTensors,
+        "_serialize_to_tensors",
+        lambda self: {"table": tf.zeros([0, releases.TABLE_COLUMNS], tf.float64)},
+    )
+    base = dense_model()
+    trained = _private(base)
+    _train(trained, 12)
+    fresh = _saved_and_restored(how, trained, base, tmp_path)
+    assert int(fresh.dp_steps.numpy()) == 0
+
+
+@pytest.mark.parametrize("how", ["load_weights", "tf_checkpoint", "wrapped_model"])
+def test_restoring_older_weights_keeps_the_ledger(how, tmp_path):
+    base = dense_model()
+    private = _private(base)
+    _train(private, 5)
+    if how == "tf_checkpoint":
+        path = tf.train.Checkpoint(model=private).write(str(tmp_path / "tf" / "ckpt"))
+    else:
+        path = str(tmp_path / "old.weights.h5")
+        (base if how == "wrapped_model" else private).save_weights(path)
+    older = [v.numpy() for v in private.trainable_variables]
+    _train(private, 5)
+    if how == "tf_checkpoint":
+        tf.train.Checkpoint(model=private).read(path)
+    else:
+        (base if how == "wrapped_model" else private).load_weights(path)
+    np.testing.assert_array_equal(private.trainable_variables[0].numpy(), older[0])
+    assert int(private.dp_steps.numpy()) == 10
+
+
+def test_backup_and_restore_after_a_preemption_keeps_counting(tmp_path):
+    """Keras's preemption recovery: a fresh model restores the backup and goes on."""
+    backup = str(tmp_path / "backup")
+
+    class Preempted(Exception):
+        pass
+
+    class PreemptAfterEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise Preempted()
+
+    first = _private(dense_model())
+    with pytest.raises(Preempted):
+        _train(
+            first,
+            5,
+            callbacks=[keras.callbacks.BackupAndRestore(backup), PreemptAfterEpoch()],
+            epochs=4,
+        )
+    assert int(first.dp_steps.numpy()) == 10
+    # The restarted job: a new model object, new variables, the same backup.
+    restarted = _private(dense_model(seed=9))
+    _train(restarted, 5, callbacks=[keras.callbacks.BackupAndRestore(backup)], epochs=4)
+    # Epochs 0 and 1 were backed up; 2 and 3 run again after the restart.
+    assert int(restarted.dp_steps.numpy()) == 20
+    assert _epsilon(restarted) == pytest.approx(accounting.compute_epsilon(1.0, B / N, 20, DELTA))
+
+
+def test_get_weights_and_the_layers_do_not_list_the_ledger():
+    model = dense_model()
+    private = _private(model)
+    assert len(private.get_weights()) == len(model.get_weights())
+    assert not any("ledger" in v.path for v in private.weights)
+    assert not any("ledger" in layer.name for layer in private.layers)
+
+
+def test_a_file_from_another_version_of_the_ledger_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="`table`"):
+        ledger_lib.PrivacyLedger().merge_table(np.full((1, releases.TABLE_COLUMNS), 9.0))
