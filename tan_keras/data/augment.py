@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from tan_keras import _validate
 from tan_keras.data.policies import POLICIES
-from tan_keras.mechanism.views import TAKES_VIEW_KEYS, ViewKeys
+from tan_keras.mechanism.views import TAKES_VIEW_KEYS, ViewKeys, register_per_image
 
 IMAGENET_RESIZE = 256
 IMAGENET_CROP = 224
@@ -309,7 +309,9 @@ def make_augmenter(
         return tf.ensure_shape(images, [None, height, width, channels])
 
     setattr(augment, TAKES_VIEW_KEYS, True)
-    return augment
+    # Every op above treats each image alone (its own key, its own crop and
+    # flip): the micro-batch may go through in one call.
+    return register_per_image(augment)
 
 
 def decode_imagenet(jpeg: tf.Tensor) -> tf.Tensor:

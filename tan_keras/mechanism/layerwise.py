@@ -16,9 +16,11 @@ a contraction over that example's rows only:
            weight-standardized WSConv2D): the Conv2D rule on the effective
            kernel, pulled back through its (data-independent) map per example.
 
-This is exact, not an approximation: the loss is a sum over examples and no
-supported layer mixes examples (BatchNorm is refused), so row i of `g` is the
-gradient of example i's loss alone. The K views of an example are extra
+This is exact, not an approximation: the loss is a sum over examples (each
+example's loss computed from its own K views alone, whatever the loss
+function does with the batch it is given) and no supported layer mixes
+examples (BatchNorm is refused), so row i of `g` is the gradient of example
+i's loss alone. The K views of an example are extra
 positions s of the same example, so their gradients are summed (the loss
 already averages over views) before clipping.
 
@@ -264,6 +266,29 @@ def _layer_grads(layer, a, g, batch) -> Dict[int, tf.Tensor]:
     return _norm_grads(layer, a, g, batch)
 
 
+def _per_example_losses(loss_fn, y, pred, batch, num_views) -> tf.Tensor:
+    """[batch] view-averaged losses, the loss function called on one example at a time.
+
+    The model's pass is batched (its layers are checked to keep examples
+    apart), but the loss is the user's: one that centers predictions on the
+    batch mean, or contrasts the examples of a batch, would carry each
+    example's data into the others' gradients. Called on one example's K
+    views only (`tf.vectorized_map`, exact), it cannot.
+    """
+
+    def grouped(p):
+        return tf.reshape(p, tf.concat([[batch, num_views], tf.shape(p)[1:]], 0))
+
+    def one_example(args):
+        label, prediction = args
+        labels = tf.nest.map_structure(
+            lambda t: tf.repeat(tf.expand_dims(t, 0), num_views, axis=0), label
+        )
+        return tf.reduce_mean(loss_fn(labels, prediction))
+
+    return tf.vectorized_map(one_example, (y, tf.nest.map_structure(grouped, pred)))
+
+
 def per_example_gradients(
     model: keras.Model,
     loss_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
@@ -295,12 +320,10 @@ def per_example_gradients(
     rows = tf.nest.map_structure(
         lambda v: tf.reshape(v, tf.concat([[-1], tf.shape(v)[2:]], 0)), views
     )
-    labels = tf.nest.map_structure(lambda t: tf.repeat(t, num_views, axis=0), y)
     taps: List[tapping.Tap] = []
     with tf.GradientTape() as tape, tapping.recording(_supported_layers(model), taps):
         pred = model(rows, training=True)
-        per_view = tf.reshape(loss_fn(labels, pred), [batch, num_views])
-        losses = tf.reduce_mean(per_view, axis=1)
+        losses = _per_example_losses(loss_fn, y, pred, batch, num_views)
         if example_weights is not None:
             losses = losses * tf.cast(example_weights, losses.dtype)
         total = tf.reduce_sum(losses)

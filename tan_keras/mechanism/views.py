@@ -5,14 +5,25 @@ views and its gradient is the average of the K view gradients, clipped once.
 The views stay grouped by example, [batch, K, ...], so no later stage can
 mistake them for batch * K distinct examples (which would under-count the
 privacy cost by a factor K).
+
+An augmenter sees one example at a time, by construction: whatever it does
+with the batch it is given (blend images as mix-up does, normalize by the
+batch's statistics), it cannot carry one example's data into another's
+views, which would reach that other example's clipped gradient unbounded.
+Only the augmenters of `tan_keras.make_augmenter`, which the package owns and
+knows to be per image (`register_per_image`), get the whole micro-batch in
+one call, for speed. Augmenters that only exist to blend examples (Keras's
+MixUp and CutMix) are refused (`check_augmenter`).
 """
 
 import inspect
+import weakref
 from typing import Any, Callable, NamedTuple, Optional
 
+import keras
 import tensorflow as tf
 
-from tan_keras import _validate
+from tan_keras import _keras_internals, _validate
 
 Augmenter = Callable[[tf.Tensor], tf.Tensor]
 
@@ -22,6 +33,12 @@ _VIEW_SHIFT, _EXAMPLE_SHIFT = 8, 16
 MAX_VIEWS = 1 << (_EXAMPLE_SHIFT - _VIEW_SHIFT)
 # An augmenter with this attribute set to True takes `ViewKeys` as its seed.
 TAKES_VIEW_KEYS = "takes_view_keys"
+# Augmenters made by the package and known to treat each image alone.
+_PER_IMAGE = weakref.WeakSet()
+# Layers that exist to blend the examples of a batch (Keras's and KerasCV's
+# names): as an augmenter they would mix examples, called per example they
+# would do nothing.
+_BATCH_MIXING = frozenset({"MixUp", "CutMix", "FourierMix", "Mosaic"})
 # SplitMix64's finalizer (Steele, Lea, Flood 2014): a bijective 64-bit mix.
 _MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
@@ -79,6 +96,39 @@ def view_keys(key: tf.Tensor, example_ids: tf.Tensor, augmult: int) -> ViewKeys:
     return ViewKeys(tf.cast(key, tf.int64), tf.reshape(ids + views, [-1]))
 
 
+def register_per_image(augmenter: Augmenter) -> Augmenter:
+    """Marks a package-made augmenter as per image: it may get the whole batch in one call."""
+    _PER_IMAGE.add(augmenter)
+    return augmenter
+
+
+def check_augmenter(augmenter: Optional[Augmenter]) -> None:
+    """Refuses an augmenter that exists to blend the examples of a batch.
+
+    Raises:
+      ValueError: naming `augmenter`, for Keras's MixUp or CutMix (alone or
+        inside a Sequential or other layer), saying what to use instead.
+    """
+    if augmenter is None:
+        return
+    layers = (
+        _keras_internals.all_layers(augmenter, include_self=True)
+        if isinstance(augmenter, keras.layers.Layer)
+        else [augmenter]
+    )
+    for layer in layers:
+        if type(layer).__name__ in _BATCH_MIXING:
+            raise _validate.invalid(
+                "augmenter",
+                "an augmentation of one example at a time",
+                type(layer).__name__,
+                "It blends the examples of a batch, so one example's data would reach other "
+                "examples' clipped gradients. Use per-image augmentations "
+                "(tan_keras.make_augmenter, or Keras's random image layers) and augmentation "
+                "multiplicity (augmult=K) instead",
+            )
+
+
 def make_views(
     images: tf.Tensor,
     augmult: int,
@@ -89,48 +139,100 @@ def make_views(
     """Draws `augmult` independent augmented views of every image.
 
     Args:
-      images: [batch, H, W, C].
+      images: [batch, H, W, C] (or a structure of [batch, ...] features).
       augmult: K >= 1, the augmentation multiplicity.
       augmenter: Function from `make_augmenter`, or any `images -> images`.
+        Any augmenter not made by `make_augmenter` is called once per
+        example, on that example's K copies ([K, H, W, C]), so that it
+        cannot mix examples.
       seed: Optional stateless [2] seed, passed on to an augmenter that takes
         a `seed` argument (one from `make_augmenter` does).
       example_ids: Optional [batch] indices of the examples: then an
         augmenter marked with `TAKES_VIEW_KEYS` (those of `make_augmenter`)
         gets `ViewKeys`, each view keyed by (`seed`, example, view); any other
-        augmenter gets a [2] seed folded with the first example.
+        augmenter gets a [2] seed folded with its example's index. Without
+        them, examples are numbered by their row.
 
     Returns:
       [batch, K, H, W, C]; row i holds the K views of image i (K = 1 still
       has the views axis, so callers handle one layout).
 
     Raises:
-      ValueError: if `augmult` is not an integer in [1, `MAX_VIEWS`].
+      ValueError: if `augmult` is not an integer in [1, `MAX_VIEWS`], or the
+        augmenter blends examples (`check_augmenter`).
     """
     augmult = _validate.integer("augmult", augmult, low=1, high=MAX_VIEWS)
+    check_augmenter(augmenter)
     images = tf.nest.map_structure(tf.convert_to_tensor, images)
+    batch = tf.nest.flatten(images)[0].shape[0]
+    if augmenter in _PER_IMAGE:
+        views = _one_call(images, augmult, augmenter, seed, example_ids)
+    else:
+        views = _per_example(images, augmult, augmenter, seed, example_ids)
+
+    def grouped(t):
+        out_shape = tf.concat([[-1, augmult], tf.shape(t)[2:]], axis=0)
+        return tf.ensure_shape(tf.reshape(t, out_shape), [batch, augmult, *t.shape[2:]])
+
+    return tf.nest.map_structure(grouped, views)
+
+
+def _one_call(images, augmult, augmenter, seed, example_ids):
+    """A per-image augmenter on the [batch * K] copies at once: [batch, K, ...]."""
     if example_ids is not None and seed is not None:
         if getattr(augmenter, TAKES_VIEW_KEYS, False):
             seed = view_keys(seed, example_ids, augmult)
         else:
-            # Any other augmenter takes a [2] seed: one per micro-batch,
-            # folded with its first example (the micro-batches of a step
-            # differ in it), so a resumed run still draws the same views.
             seed = tf.random.experimental.stateless_fold_in(
                 tf.cast(seed, tf.int64), tf.cast(example_ids[0], tf.int64)
             )
-    # One augmenter call on [batch * K] images: each copy gets its own draw.
     repeated = tf.nest.map_structure(lambda t: tf.repeat(t, augmult, axis=0), images)
-    if seed is not None and _takes_seed(augmenter):
-        views = augmenter(repeated, seed=seed)
-    else:
-        views = augmenter(repeated)
-    batch = tf.nest.flatten(images)[0].shape[0]
+    views = (
+        augmenter(repeated, seed=seed)
+        if seed is not None and _takes_seed(augmenter)
+        else (augmenter(repeated))
+    )
+    return tf.nest.map_structure(
+        lambda t: tf.reshape(t, tf.concat([[-1, augmult], tf.shape(t)[1:]], 0)), views
+    )
 
-    def grouped(t):
-        out_shape = tf.concat([[-1, augmult], tf.shape(t)[1:]], axis=0)
-        return tf.ensure_shape(tf.reshape(t, out_shape), [batch, augmult, *t.shape[1:]])
 
-    return tf.nest.map_structure(grouped, views)
+def _per_example(images, augmult, augmenter, seed, example_ids):
+    """Any other augmenter, called on one example's K copies at a time: [batch, K, ...].
+
+    A loop over the examples (`tf.map_fn`): each call sees one example, and
+    a stateful augmenter (Keras's random layers) draws anew for each.
+    """
+    first = tf.nest.flatten(images)[0]
+    ids = (
+        tf.range(tf.shape(first)[0], dtype=tf.int64)
+        if example_ids is None
+        else tf.cast(example_ids, tf.int64)
+    )
+    takes_seed = seed is not None and _takes_seed(augmenter)
+
+    @tf.autograph.experimental.do_not_convert
+    def one_example(args):
+        example, example_id = args
+        copies = tf.nest.map_structure(lambda t: tf.repeat(t[None], augmult, axis=0), example)
+        if not takes_seed:
+            return augmenter(copies)
+        if getattr(augmenter, TAKES_VIEW_KEYS, False):
+            return augmenter(copies, seed=view_keys(seed, example_id[None], augmult))
+        # Each example its own draws, the same whichever micro-batch or host
+        # holds it (a resumed run draws the same views).
+        example_seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), example_id)
+        return augmenter(copies, seed=example_seed)
+
+    # The first example's call outside the loop gives the output's shape
+    # and type (an augmenter may crop or cast).
+    head = one_example(tf.nest.map_structure(lambda t: t[0], (images, ids)))
+    rest = tf.map_fn(
+        one_example,
+        tf.nest.map_structure(lambda t: t[1:], (images, ids)),
+        fn_output_signature=tf.nest.map_structure(tf.TensorSpec.from_tensor, head),
+    )
+    return tf.nest.map_structure(lambda h, r: tf.concat([h[None], r], axis=0), head, rest)
 
 
 def _takes_seed(augmenter) -> bool:

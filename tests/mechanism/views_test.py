@@ -108,10 +108,10 @@ def test_too_many_views_are_refused():
         views.make_views(tf.zeros([2, 8, 8, 3]), 257, augment.make_augmenter("cifar", (8, 8, 3)))
 
 
-def test_a_custom_augmenter_taking_a_seed_gets_a_plain_seed_per_micro_batch():
+def test_a_custom_augmenter_taking_a_seed_gets_a_plain_seed_per_example():
     # A user's augmenter written for stateless [2] seeds must keep working
-    # (ViewKeys would crash it), and two micro-batches of one step must not
-    # share a seed (the same draws row by row).
+    # (ViewKeys would crash it); it is called on one example at a time, and
+    # each example gets a seed of its own, the same whichever row holds it.
     seeds = []
 
     def flip(images, seed):
@@ -127,11 +127,14 @@ def test_a_custom_augmenter_taking_a_seed_gets_a_plain_seed_per_micro_batch():
     x = next(iter(dataset))[0]
     assert x.shape == (8, 2, 8, 8, 3) and all(s.shape == (2,) for s in seeds)
 
-    def seed_for(ids):
+    def seeds_for(ids):
         seeds.clear()
         views.make_views(tf.constant(images[:4]), 2, flip, seed=KEY, example_ids=ids)
-        return seeds[-1].numpy()
+        return [s.numpy() for s in seeds]
 
-    first = seed_for(tf.constant([0, 1, 2, 3], tf.int64))
-    np.testing.assert_array_equal(seed_for(tf.constant([0, 1, 2, 3], tf.int64)), first)
-    assert not np.array_equal(seed_for(tf.constant([9, 1, 2, 3], tf.int64)), first)
+    first = seeds_for(tf.constant([0, 1, 2, 3], tf.int64))
+    assert len({tuple(s) for s in first}) == 4  # one seed per example
+    np.testing.assert_array_equal(seeds_for(tf.constant([0, 1, 2, 3], tf.int64)), first)
+    moved = seeds_for(tf.constant([9, 0, 2, 3], tf.int64))
+    np.testing.assert_array_equal(moved[1], first[0])  # example 0 in another row
+    assert not np.array_equal(moved[0], first[0])
