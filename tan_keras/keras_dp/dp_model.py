@@ -195,10 +195,10 @@ class DPKerasModel(keras.Model):
     def __init__(
         self,
         *args,
-        l2_norm_clip: float,
-        noise_multiplier: float,
-        expected_batch_size: int,
-        dataset_size: int,
+        l2_norm_clip: Optional[float] = None,
+        noise_multiplier: Optional[float] = None,
+        expected_batch_size: Optional[int] = None,
+        dataset_size: Optional[int] = None,
         augmult: int = 1,
         ema_decay: Optional[float] = None,
         noise_seed: Optional[int] = None,
@@ -210,6 +210,20 @@ class DPKerasModel(keras.Model):
         **kwargs,
     ):
         # Validate before building anything: bad input must fail fast.
+        required = dict(
+            l2_norm_clip=l2_norm_clip,
+            noise_multiplier=noise_multiplier,
+            expected_batch_size=expected_batch_size,
+            dataset_size=dataset_size,
+        )
+        missing = [name for name, value in required.items() if value is None]
+        if missing:
+            raise ValueError(
+                f"DPKerasModel needs its DP settings; missing: {', '.join(missing)}. (Keras's "
+                "clone_model rebuilds a functional model without them: to copy a private "
+                "model, clone the wrapped Keras model and call tan_keras.make_private on the "
+                "copy; its weights bring their privacy ledger.)"
+            )
         config = DPConfig(
             l2_norm_clip=l2_norm_clip,
             noise_multiplier=noise_multiplier,
@@ -280,6 +294,8 @@ class DPKerasModel(keras.Model):
             ]
         ledger_lib.bind(ledger, self.weights)
         ledger_lib.attach(self, ledger)
+        # Weights copied as arrays from a privately trained model.
+        ledger_lib.recall(self, ledger)
         self._release_train_metrics = release_train_metrics
         self._trackers = dp_state.StepMetrics(
             release_train_metrics, noisy_clipped_fraction=config.clipped_fraction_std is not None
@@ -604,7 +620,15 @@ class DPKerasModel(keras.Model):
             # with them (BackupAndRestore), before the input is first read.
             callbacks.append(dp_state.SamplerResume(sampler, self.dp_steps))
         arguments["callbacks"] = callbacks
-        return super().fit(**arguments)
+        # Weights set as arrays since construction (set_weights from a
+        # privately trained model) bring what they went through.
+        ledger_lib.recall(self, self.privacy_ledger)
+        released_before = self.privacy_ledger.total_steps()
+        try:
+            return super().fit(**arguments)
+        finally:
+            if self.privacy_ledger.total_steps() > released_before:
+                ledger_lib.remember(self, self.privacy_ledger)
 
     def evaluate(self, *args, **kwargs):
         """`keras.Model.evaluate` (the test step is the plain one: no DP needed)."""

@@ -15,18 +15,26 @@ A ledger counts the private releases that shaped a set of weights (see
   weights: `save_weights`/`load_weights`, `.keras` files, `ModelCheckpoint`,
   `BackupAndRestore` (Keras weight files: a `privacy_ledger` entry written
   beside the layers) and `tf.train.Checkpoint` (a `dp_ledger` dependency).
+* **Weights copied as arrays in this process** (`clone_model` then
+  `set_weights(private.get_weights())`, another model's `set_weights`) are
+  recognised by their values: every private `fit` that released an update
+  remembers a fingerprint of the weights it left (`remember`), and a private
+  model built over, or trained from, weights with that fingerprint takes
+  the ledger they went through (`recall`).
 * **It only moves forward.** Loading any of those files merges the file's
   counts into the ledger by maximum: restoring older weights (EarlyStopping,
   an older checkpoint) keeps the count of the updates already released,
   and weights restored in a fresh process bring at least the count of the
   updates they went through.
 
-What the ledger cannot follow: weights copied as arrays (`get_weights` into
-another model's `set_weights`) or a file loaded into a plain Keras model
-that no private model wraps yet (Keras skips the entry). Load weights into
-the private model (or into the wrapped model after `make_private`).
+What the ledger cannot follow: arrays that leave the process (pickled
+`get_weights`) and a file loaded into a plain Keras model that no private
+model wraps yet (Keras skips the entry). Load weights into the private
+model (or into the wrapped model after `make_private`).
 """
 
+import collections
+import hashlib
 import weakref
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -300,3 +308,41 @@ class _LedgerTensors(tf.__internal__.tracking.Trackable):
     def _restore_from_tensors(self, restored_tensors):
         self._ledger.root().merge_table(restored_tensors["table"].numpy())
         return tf.no_op()
+
+
+# Fingerprints of weights left by private fits -> the ledger table then.
+_REMEMBERED: "collections.OrderedDict[bytes, np.ndarray]" = collections.OrderedDict()
+_REMEMBER_AT_MOST = 64
+
+
+def _fingerprint(model) -> Optional[bytes]:
+    """A hash of the values of the weights of `model`'s layers (not its own, e.g. EMA)."""
+    seen, digest = set(), hashlib.blake2b(digest_size=32)
+    for layer in model.layers:
+        for variable in layer.weights:
+            if id(variable) in seen:
+                continue
+            seen.add(id(variable))
+            value = np.asarray(variable.numpy())
+            digest.update(f"{value.dtype}{value.shape}".encode())
+            digest.update(value.tobytes())
+    return digest.digest() if seen else None
+
+
+def remember(model, ledger: PrivacyLedger) -> None:
+    """Records that `model`'s current weight values went through `ledger`'s releases."""
+    fingerprint = _fingerprint(model)
+    if fingerprint is None:
+        return
+    _REMEMBERED[fingerprint] = ledger.root().table()
+    _REMEMBERED.move_to_end(fingerprint)
+    while len(_REMEMBERED) > _REMEMBER_AT_MOST:
+        _REMEMBERED.popitem(last=False)
+
+
+def recall(model, ledger: PrivacyLedger) -> None:
+    """Merges into `ledger` what the weights `model` holds now went through, if known."""
+    fingerprint = _fingerprint(model)
+    table = _REMEMBERED.get(fingerprint) if fingerprint is not None else None
+    if table is not None:
+        ledger.root().merge_table(table)

@@ -56,6 +56,7 @@ def _epsilon(private):
 def _fresh_ledgers(monkeypatch):
     """The bug: every private model starts a ledger of its own."""
     monkeypatch.setattr(ledger_lib, "ledger_of", lambda objects: None)
+    monkeypatch.setattr(ledger_lib, "recall", lambda model, ledger: None)
 
 
 @pytest.mark.parametrize("power_check", [False, True])
@@ -268,3 +269,35 @@ def test_get_weights_and_the_layers_do_not_list_the_ledger():
 def test_a_file_from_another_version_of_the_ledger_is_refused(tmp_path):
     with pytest.raises(ValueError, match="`table`"):
         ledger_lib.PrivacyLedger().merge_table(np.full((1, releases.TABLE_COLUMNS), 9.0))
+
+
+@pytest.mark.parametrize("power_check", [False, True])
+@pytest.mark.parametrize("copy", ["clone_model", "plain_model", "set_after_make_private"])
+def test_weights_copied_as_arrays_bring_their_ledger(copy, power_check, monkeypatch):
+    if power_check:
+        monkeypatch.setattr(ledger_lib, "recall", lambda model, ledger: None)
+    inner = dense_model()
+    trained = _private(inner)
+    object.__setattr__(trained, "_inner", inner)
+    _train(trained, 7)
+    weights = trained.get_weights()
+    if copy == "clone_model":
+        # The Keras habit: clone the model, copy its weights, make it private.
+        clone = keras.models.clone_model(trained._inner)
+        clone.set_weights(trained._inner.get_weights())
+        fresh = _private(clone)
+    elif copy == "plain_model":
+        plain = dense_model(seed=3)
+        plain.set_weights(weights)
+        fresh = _private(plain)
+    else:
+        plain = dense_model(seed=3)
+        fresh = _private(plain)
+        plain.set_weights(weights)
+    _train(fresh, 1)
+    assert int(fresh.dp_steps.numpy()) == (1 if power_check else 8)
+
+
+def test_cloning_a_private_model_says_how_to_copy_it():
+    with pytest.raises(ValueError, match="missing: l2_norm_clip.*make_private on the copy"):
+        keras.models.clone_model(_private(dense_model()))
