@@ -47,7 +47,17 @@ def micro_batches(x, y, mask, ends, model=None):
     if model is None:
         return tf.data.Dataset.from_tensor_slices(parts)
     rows = parts[2].shape[1] if parts[2].ndim > 1 else 1
-    relative = identities(model, parts[3], rows=rows, start_step=0)
+    return _numbered(model, parts, parts[3], rows)
+
+
+def _numbered(model, parts, ends, rows):
+    """`parts` (stacked micro-batches) with identities numbered from `model.dp_steps`.
+
+    The numbering starts when an iterator starts (as `fit` resumes a Poisson
+    pipeline's sampler then), after `fit` has merged whatever ledger the
+    model's weights bring.
+    """
+    relative = identities(model, ends, rows=rows, start_step=0)
     data = tf.data.Dataset.from_tensor_slices(parts + (relative,))
     counter = model.dp_steps
     offset = np.zeros(8, np.int64)
@@ -55,10 +65,10 @@ def micro_batches(x, y, mask, ends, model=None):
 
     def numbered(_):
         start = tf.cast(counter.read_value(), tf.int64)
-        return data.map(lambda *e: (*e[:4], e[4] + start * offset))
+        return data.map(lambda *e: (*e[:-1], e[-1] + start * offset))
 
     numbered_data = tf.data.Dataset.from_tensors(0).flat_map(numbered)
-    return numbered_data.apply(tf.data.experimental.assert_cardinality(len(parts[0])))
+    return numbered_data.apply(tf.data.experimental.assert_cardinality(len(relative)))
 
 
 def identities(model, ends, rows, start_step=None, source=7):
@@ -94,10 +104,9 @@ def step_dataset(model, x, y, mask=None):
     """
     rows = len(tf.nest.flatten(y)[0])
     mask = np.ones(rows, np.float32) if mask is None else np.asarray(mask, np.float32)
-    identity = identities(model, [True], rows)[0]
-    element = (x, y, mask, np.ones(rows, bool), identity)
+    element = (x, y, mask, np.ones(rows, bool))
     batched = tf.nest.map_structure(lambda t: np.asarray(t)[None], element)
-    return tf.data.Dataset.from_tensor_slices(batched)
+    return _numbered(model, batched, [True], rows)
 
 
 def one_step(model, x, y, mask=None, micro=1):

@@ -622,13 +622,13 @@ class DPKerasModel(keras.Model):
         arguments["callbacks"] = callbacks
         # Weights set as arrays since construction (set_weights from a
         # privately trained model) bring what they went through.
-        ledger_lib.recall(self, self.privacy_ledger)
+        before = ledger_lib.recall(self, self.privacy_ledger)
         released_before = self.privacy_ledger.total_steps()
         try:
             return super().fit(**arguments)
         finally:
             if self.privacy_ledger.total_steps() > released_before:
-                ledger_lib.remember(self, self.privacy_ledger)
+                ledger_lib.remember(self, self.privacy_ledger, unless=before)
 
     def evaluate(self, *args, **kwargs):
         """`keras.Model.evaluate` (the test step is the plain one: no DP needed)."""

@@ -329,10 +329,18 @@ def _fingerprint(model) -> Optional[bytes]:
     return digest.digest() if seen else None
 
 
-def remember(model, ledger: PrivacyLedger) -> None:
-    """Records that `model`'s current weight values went through `ledger`'s releases."""
+def remember(model, ledger: PrivacyLedger, unless: Optional[bytes] = None) -> None:
+    """Records that `model`'s current weight values went through `ledger`'s releases.
+
+    Args:
+      model: The private model after a fit.
+      ledger: Its ledger.
+      unless: The fingerprint of the weights before the fit: unchanged
+        weights (updates of zero, sigma = 0) are not recorded, since other
+        models start from the same values.
+    """
     fingerprint = _fingerprint(model)
-    if fingerprint is None:
+    if fingerprint is None or fingerprint == unless:
         return
     _REMEMBERED[fingerprint] = ledger.root().table()
     _REMEMBERED.move_to_end(fingerprint)
@@ -340,9 +348,14 @@ def remember(model, ledger: PrivacyLedger) -> None:
         _REMEMBERED.popitem(last=False)
 
 
-def recall(model, ledger: PrivacyLedger) -> None:
-    """Merges into `ledger` what the weights `model` holds now went through, if known."""
+def recall(model, ledger: PrivacyLedger) -> Optional[bytes]:
+    """Merges into `ledger` what the weights `model` holds now went through, if known.
+
+    Returns:
+      The fingerprint of the weights (for `remember`'s `unless`).
+    """
     fingerprint = _fingerprint(model)
     table = _REMEMBERED.get(fingerprint) if fingerprint is not None else None
     if table is not None:
         ledger.root().merge_table(table)
+    return fingerprint
