@@ -34,6 +34,7 @@ from tan_keras.keras_dp import (
     ema,
     example_weights,
     fit_inputs,
+    id_inputs,
     labels,
     model_checks,
     output_losses,
@@ -233,6 +234,11 @@ class DPKerasModel(keras.Model):
         # Set around Keras's attribute tracking: the two cut models share the
         # layers of this one and must not be tracked (or saved) as its own.
         object.__setattr__(self, "_string_split", string_inputs.split(self))
+        # Out-of-range ids are dropped like invalid labels (id_inputs.py),
+        # checked on the model the per-example routes run.
+        id_inputs.check_lookups(self)
+        numeric = self if self._string_split is None else self._string_split.suffix
+        object.__setattr__(self, "_id_check", id_inputs.IdCheck.of(numeric))
         precision.check_precision(self)
         model_checks.check_model_is_dp_compatible(self)
         self._dp_config = config
@@ -775,7 +781,8 @@ class DPKerasModel(keras.Model):
         x, y, mask, step_end, sample_weight, identity = self._unpack(data)
         weights = example_weights.example_weights(y, sample_weight, self._class_table)
         y, mask, num_invalid = self._drop_invalid_labels(y, mask)
-        clipped, losses, y_pred = self._clipped_sum(x, y, mask, weights)
+        model, x, mask, num_bad_ids = self._per_example_inputs(x, mask)
+        clipped, losses, y_pred = self._clipped_sum(model, x, y, mask, weights)
         self._accumulate(clipped)
         step_end = self._ends_logical_step(step_end)
         release = self._releases_update(step_end)
@@ -783,7 +790,7 @@ class DPKerasModel(keras.Model):
             release = tf.logical_and(release, self._identity_holds(identity, step_end))
         self._noisy_update(self._accumulated(), release)
         self._close_logical_step(step_end)
-        return self._training_logs(clipped, losses, y, y_pred, num_invalid)
+        return self._training_logs(clipped, losses, y, y_pred, num_invalid + num_bad_ids)
 
     def _identity_holds(self, identity, step_end):
         """Checks the micro-batch's identity against the ledger (step_identity.py).
@@ -844,16 +851,27 @@ class DPKerasModel(keras.Model):
         dropped = tf.logical_and(tf.cast(real, tf.float32) > 0, tf.cast(mask, tf.float32) <= 0)
         return y, mask, tf.reduce_sum(tf.cast(dropped, tf.float32))
 
-    def _clipped_sum(self, x, y, mask, weights):
-        """Per-example gradients of the micro-batch (losses weighted), clipped to C, summed."""
+    def _per_example_inputs(self, x, mask):
+        """(model, views, mask, num_bad_ids): what the per-example routes run, on what.
+
+        The inputs as [batch, K, ...] views; strings become numbers once for
+        the micro-batch (string_inputs.py) and the routes run the numeric
+        rest of the model; examples with an invalid id are dropped (id_inputs.py).
+        """
         ranks = per_example.input_ranks(_keras_internals.inputs_structure(self), x)
         x = per_example.as_views(x, self._dp_config.augmult, ranks)
         model = self
         if self._string_split is not None:
-            # Strings become numbers once for the micro-batch (string_inputs.py);
-            # the per-example routes run the numeric rest of the model.
             x = self._string_split.numeric_views(self, x)
             model = self._string_split.suffix
+        if self._id_check is None:
+            return model, x, mask, 0.0
+        by_input = string_inputs.leaves_by_input(model, x)
+        x, mask, num_bad_ids = self._id_check.drop_invalid(x, by_input, mask)
+        return model, x, mask, num_bad_ids
+
+    def _clipped_sum(self, model, x, y, mask, weights):
+        """Per-example gradients of the micro-batch (losses weighted), clipped to C, summed."""
         ghost_layers = self._ghost_layers
 
         def compute(views, labels, loss_weights=None):

@@ -75,7 +75,7 @@ class StringSplit(NamedTuple):
         Returns:
           The suffix's inputs, [batch, K, ...] each, in its input order.
         """
-        by_input = _leaves_by_input(model, views)
+        by_input = leaves_by_input(model, views)
         strings = [by_input[id(t)] for t in self.string_inputs]
         first = strings[0]
         batch, count = tf.shape(first)[0], tf.shape(first)[1]
@@ -190,8 +190,14 @@ def _refusal(operation) -> ValueError:
     )
 
 
-def _leaves_by_input(model: keras.Model, x: Any) -> Dict[int, tf.Tensor]:
-    """Each tensor of `x` keyed by the id of the model input it feeds."""
+def leaves_by_input(model: keras.Model, x: Any) -> Dict[int, tf.Tensor]:
+    """Each tensor of `x` keyed by the id of the model input it feeds.
+
+    Args:
+      model: A functional model.
+      x: Inputs structured as the model's (a tensor, a list in input order,
+        or a dict keyed by input name).
+    """
     structure = _keras_internals.inputs_structure(model)
     flat_inputs = list(model.inputs)
     if not tf.nest.is_nested(x):
