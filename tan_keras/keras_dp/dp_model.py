@@ -39,6 +39,7 @@ from tan_keras.keras_dp import (
     model_checks,
     output_losses,
     precision,
+    provenance,
     step_identity,
     string_inputs,
 )
@@ -190,7 +191,9 @@ class DPKerasModel(keras.Model):
       ValueError: on an invalid DP argument, "layerwise" for a model it would
         get wrong, float16 computation, or a layer that breaks per-example
         privacy (BatchNormalization, activity regularizers, any layer whose
-        training call updates a variable).
+        training call updates a variable), preprocessing state adapted on
+        data that no mark vouches for (`provenance.py`), or a lookup layer
+        with `num_oov_indices=0` (`id_inputs.py`).
     """
 
     def __init__(
@@ -231,6 +234,10 @@ class DPKerasModel(keras.Model):
             )
         model_checks.check_no_custom_training_step(self, DPKerasModel)
         super().__init__(*args, **kwargs)
+        # Preprocessing state adapted on data is refused unless vouched for
+        # (provenance.py); a model being loaded gets its saved marks back first.
+        provenance.apply_restored(self)
+        provenance.check(self)
         # Set around Keras's attribute tracking: the two cut models share the
         # layers of this one and must not be tracked (or saved) as its own.
         object.__setattr__(self, "_string_split", string_inputs.split(self))
@@ -357,6 +364,9 @@ class DPKerasModel(keras.Model):
         dp["clipping"] = self._clipping_requested
         dp["examples_per_chunk"] = self._examples_per_chunk
         dp["release_train_metrics"] = self._release_train_metrics
+        marks = provenance.to_config(self)
+        if marks:
+            dp[provenance.CONFIG_KEY] = marks
         config.update(dp)
         # The ledger is not part of the config: it travels with the weights
         # (ledger.py), so a model rebuilt from its config alone, with fresh
@@ -367,6 +377,7 @@ class DPKerasModel(keras.Model):
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         dp_kwargs = {key: config.pop(key) for key in _DP_CONFIG_KEYS if key in config}
+        marks = config.pop(provenance.CONFIG_KEY, None)
         spent = config.pop("dp_steps", 0)
         epochs = config.pop("dp_epochs", 0)
         unknown = sorted(set(config) - _FUNCTIONAL_CONFIG_KEYS)
@@ -379,7 +390,8 @@ class DPKerasModel(keras.Model):
         # trainable, **dp_kwargs). A reloaded model draws fresh noise from OS
         # entropy: seeds are never saved. The ledger comes with the weights;
         # files written before it kept the count in the config.
-        model = super().from_config({**config, **dp_kwargs}, custom_objects=custom_objects)
+        with provenance.restoring(marks):
+            model = super().from_config({**config, **dp_kwargs}, custom_objects=custom_objects)
         model._advance_ledger(spent, epochs)
         return model
 
@@ -551,9 +563,11 @@ class DPKerasModel(keras.Model):
 
         Raises:
           ValueError: for a finite dataset of unknown length with several
-            epochs (Keras would cut logical steps at epoch boundaries), or a
-            model that was not compiled.
+            epochs (Keras would cut logical steps at epoch boundaries), a
+            model that was not compiled, or a preprocessing layer adapted on
+            data since the model was built (`provenance.py`).
         """
+        provenance.check(self)
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
         arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
         arguments.pop("self", None)

@@ -22,27 +22,18 @@ or `split` callable of `TextVectorization` sees the whole micro-batch: it
 must map each text by itself (not checked).
 """
 
-import warnings
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional
 
 import keras
 import tensorflow as tf
 
 from tan_keras import _keras_internals
-from tan_keras.mechanism import noise
 
 # Exact types: each maps a row to a row with fixed tables and no weights.
 _ROW_WISE_STRING_LAYERS = (
     keras.layers.TextVectorization,
     keras.layers.StringLookup,
     keras.layers.Hashing,
-)
-
-
-ADAPTED_VOCABULARY_WARNING = (
-    "The vocabulary of `{name}` was not given as `vocabulary=` (adapted, or set later). "
-    "If it came from the private training set, it is a release of that data that no "
-    "epsilon covers: adapt it on public data, or pass the vocabulary explicitly."
 )
 
 
@@ -140,13 +131,6 @@ def split(model: keras.Model) -> Optional[StringSplit]:
                 "on the other texts of its batch; give TextVectorization an "
                 "output_sequence_length (padding to the batch's longest text would let one "
                 "example change the others' inputs)."
-            )
-    for layer in prefix_layers.values():
-        if _keras_internals.vocabulary_given(layer) is False:
-            warnings.warn(
-                ADAPTED_VOCABULARY_WARNING.format(name=layer.name),
-                noise.NotPrivateWarning,
-                stacklevel=3,
             )
     numeric_inputs = [t for t in inputs if t.dtype != "string"]
     prefix = _keras_internals.submodel(
