@@ -29,11 +29,12 @@ row by itself with fixed tables, else one example at a time with
 `tf.vectorized_map`, as the per-example routes run the model (so one
 example's ids never depend on another's rows). An Embedding called inside a
 layer that no graph describes (a custom layer's or a subclassed model's
-`call`) is checked by running that layer again with its Embeddings' calls
-checked (one more forward pass of that layer, without gradients).
-A random layer on the path to the ids (its ids would differ between the
-check and the step) is refused, and so is a model whose all-zero input
-gives invalid ids itself (a dropped example's replacement would fail).
+`call`) is checked by running that layer again, in inference mode, with
+its Embeddings' calls checked (one more forward pass of that layer, without
+gradients). A random layer of the graph on the path to the ids (the ids
+checked would not be those the step reads) is refused, and so is a model
+whose all-zero input gives invalid ids itself (a dropped example's
+replacement would fail).
 
 Lookup layers (`IntegerLookup`, `StringLookup`) with `num_oov_indices=0`
 fail on any value outside their vocabulary, with a message that prints the
@@ -191,7 +192,9 @@ def _plan(graph, wanted) -> _Plan:
             step = _Step(node, "run", True)
         else:
             continue
-        if step.kind in ("run", "opaque") and _is_random(operation):
+        # Inside a custom layer the path to the ids is unknown: it runs as
+        # in inference (a random layer there is assumed not to move ids).
+        if step.kind == "run" and _is_random(operation):
             raise ValueError(
                 f"Invalid model: the ids of an Embedding or CategoryEncoding are computed "
                 f"through the random layer `{operation.name}` ({type(operation).__name__}), "

@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 from _helpers import LOSS, flat, step_dataset
 
+import tan_keras
 from tan_keras.keras_dp import id_inputs
 from tan_keras.keras_dp.dp_model import DPKerasModel
 
@@ -200,8 +201,24 @@ class _Embedder(keras.layers.Layer):
         return self.table(ids + 1)
 
 
+class SubclassedTagger(keras.Model):
+    """A subclassed model (make_private(model, input_shape=...)) with a Dropout."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.table = keras.layers.Embedding(VOCAB, 4)
+        self.drop = keras.layers.Dropout(0.0)
+        self.head = keras.layers.Dense(3)
+
+    def call(self, ids, training=False):
+        h = self.drop(self.table(ids), training=training)
+        return self.head(keras.ops.reshape(h, (-1, 12)))
+
+
 def _nested_model(kind):
     keras.utils.set_random_seed(4)
+    if kind == "subclassed":
+        return tan_keras.make_private(SubclassedTagger(), input_shape=(3,), clipping="vectorized", **DP)
     inp = keras.Input((3,), dtype="int32")
     if kind == "sequential":
         block = keras.Sequential(
@@ -213,7 +230,7 @@ def _nested_model(kind):
     return DPKerasModel(inp, keras.layers.Dense(3)(h), clipping="vectorized", **DP)
 
 
-@pytest.mark.parametrize("kind", ["sequential", "custom_layer"])
+@pytest.mark.parametrize("kind", ["sequential", "custom_layer", "subclassed"])
 def test_ids_read_inside_a_nested_model_or_a_custom_layer_are_checked(kind):
     x = np.random.default_rng(5).integers(0, VOCAB - 1, (8, 3)).astype(np.int32)
     y = np.arange(8, dtype=np.int32) % 3
