@@ -87,9 +87,12 @@ def private_adapt(
     features = tuple(shape[axis] for axis in keep)
     low = _bound("lower", lower, features)
     high = _bound("upper", upper, features)
-    if np.any(high <= low):
+    if np.any(high <= low) or not np.all(np.isfinite(high - low)):
         raise _validate.invalid(
-            "upper", "bounds greater than `lower` everywhere", upper, f"Received: lower={lower!r}"
+            "upper",
+            "bounds greater than `lower` everywhere, by a finite width",
+            upper,
+            f"Received: lower={lower!r}",
         )
     rng = moments.noise_generator(noise_seed)
     # Found before any data is read: a conflict fails before the release.

@@ -218,7 +218,8 @@ class SubclassedTagger(keras.Model):
 def _nested_model(kind):
     keras.utils.set_random_seed(4)
     if kind == "subclassed":
-        return tan_keras.make_private(SubclassedTagger(), input_shape=(3,), clipping="vectorized", **DP)
+        model = SubclassedTagger()
+        return tan_keras.make_private(model, input_shape=(3,), clipping="vectorized", **DP)
     inp = keras.Input((3,), dtype="int32")
     if kind == "sequential":
         block = keras.Sequential(

@@ -149,6 +149,7 @@ def test_a_seed_warns_that_the_release_is_not_private():
         (dict(noise_multiplier=0.0), "`noise_multiplier`: expected a finite float > 0"),
         (dict(noise_multiplier=float("nan")), "`noise_multiplier`: expected a finite float > 0"),
         (dict(lower=1.0, upper=1.0), "`upper`: expected bounds greater than `lower`"),
+        (dict(lower=-1e308, upper=1e308), "`upper`: expected bounds .* by a finite width"),
         (dict(lower=[0.0, 1.0]), "`lower`: expected a finite float or an array"),
         (dict(upper=float("inf")), "`upper`: expected a finite float"),
         (dict(noise_seed=-1), "`noise_seed`: expected an integer >= 0"),
