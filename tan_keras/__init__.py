@@ -27,6 +27,8 @@ _EXPORTS = {
     "NotPrivateWarning": "tan_keras.mechanism.noise",
     "make_augmenter": "tan_keras.data.augment",
     "make_views": "tan_keras.mechanism.views",
+    "mark_public": "tan_keras.keras_dp.provenance",
+    "private_adapt": "tan_keras.keras_dp.private_adapt",
 }
 
 __getattr__, __dir__, __all__ = _lazy.exports(__name__, _EXPORTS)

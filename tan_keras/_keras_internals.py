@@ -206,3 +206,51 @@ def optimizer_built_for(optimizer: Any) -> Optional[List[Any]]:
 def call_losses(layer: keras.layers.Layer) -> List[Any]:
     """The losses `layer` added with `add_loss` in its latest call."""
     return list(getattr(layer, "_losses", ()))
+
+
+def functional_graph(layer: Any) -> Optional[functional.Functional]:
+    """The functional graph that runs when `layer` is called, or None.
+
+    A functional model runs its own graph, a Sequential model built on a
+    known input shape the functional model it keeps; any other layer (and a
+    model class that overrides `call`) runs code that no graph describes.
+    """
+    if isinstance(layer, functional.Functional):
+        return layer if type(layer).call is functional.Functional.call else None
+    if isinstance(layer, keras.Sequential) and type(layer).call is keras.Sequential.call:
+        return getattr(layer, "_functional", None)
+    return None
+
+
+def graph_nodes(graph: functional.Functional) -> List[Any]:
+    """The nodes of a functional graph, in an order that runs producers first."""
+    by_depth = graph._nodes_by_depth
+    return [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
+
+
+def node_arguments(node: Any, values: Any) -> Tuple[tuple, dict]:
+    """The (args, kwargs) of a graph node's call, its tensors read from `values`.
+
+    Args:
+      node: A node of a functional graph (`graph_nodes`).
+      values: {id(symbolic tensor): value} for every tensor the node reads.
+    """
+    return node.arguments.fill_in(values)
+
+
+def child_layers(layer: keras.layers.Layer) -> List[Any]:
+    """The layers `layer` holds directly (not their own sub-layers)."""
+    return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
+def normalization_axes(
+    layer: keras.layers.Normalization,
+) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """(kept axes, reduced axes) of a built `Normalization`, of its input's axes (0: batch)."""
+    return tuple(layer._keep_axis), tuple(layer._reduce_axis)
+
+
+def normalization_input_shape(layer: keras.layers.Normalization) -> Optional[Tuple]:
+    """The input shape a `Normalization` was built for (None: not built)."""
+    shape = getattr(layer, "_build_input_shape", None)
+    return None if shape is None else tuple(shape)

@@ -4,8 +4,11 @@ Modules:
   dp_config: the privacy hyper-parameters of a model (`DPConfig`).
   dp_model: `DPKerasModel` and `make_private`: the private `train_step`.
   fit_inputs: which `fit` inputs keep the guarantee.
-  model_checks, precision, labels: models, dtypes and labels refused or
-    filtered before training.
+  model_checks, precision, labels, id_inputs: models, dtypes, labels and
+    out-of-range ids refused or filtered before training.
+  provenance: preprocessing state adapted on data, refused unless declared
+    public (`mark_public`) or privately adapted.
+  private_adapt: a Normalization adapted with noise, accounted in the ledger.
   callbacks: the privacy accountant that stops training at the budget.
   checkpointing: checkpoints that carry the privacy ledger.
 """

@@ -34,10 +34,12 @@ from tan_keras.keras_dp import (
     ema,
     example_weights,
     fit_inputs,
+    id_inputs,
     labels,
     model_checks,
     output_losses,
     precision,
+    provenance,
     step_identity,
     string_inputs,
 )
@@ -189,7 +191,9 @@ class DPKerasModel(keras.Model):
       ValueError: on an invalid DP argument, "layerwise" for a model it would
         get wrong, float16 computation, or a layer that breaks per-example
         privacy (BatchNormalization, activity regularizers, any layer whose
-        training call updates a variable).
+        training call updates a variable), preprocessing state adapted on
+        data that no mark vouches for (`provenance.py`), or a lookup layer
+        with `num_oov_indices=0` (`id_inputs.py`).
     """
 
     def __init__(
@@ -244,9 +248,18 @@ class DPKerasModel(keras.Model):
             )
         model_checks.check_no_custom_training_step(self, DPKerasModel)
         super().__init__(*args, **kwargs)
+        # Preprocessing state adapted on data is refused unless vouched for
+        # (provenance.py); a model being loaded gets its saved marks back first.
+        provenance.apply_restored(self)
+        provenance.check(self)
         # Set around Keras's attribute tracking: the two cut models share the
         # layers of this one and must not be tracked (or saved) as its own.
         object.__setattr__(self, "_string_split", string_inputs.split(self))
+        # Out-of-range ids are dropped like invalid labels (id_inputs.py),
+        # checked on the model the per-example routes run.
+        id_inputs.check_lookups(self)
+        numeric = self if self._string_split is None else self._string_split.suffix
+        object.__setattr__(self, "_id_check", id_inputs.IdCheck.of(numeric))
         precision.check_precision(self)
         model_checks.check_model_is_dp_compatible(self)
         self._dp_config = config
@@ -367,6 +380,9 @@ class DPKerasModel(keras.Model):
         dp["clipping"] = self._clipping_requested
         dp["examples_per_chunk"] = self._examples_per_chunk
         dp["release_train_metrics"] = self._release_train_metrics
+        marks = provenance.to_config(self)
+        if marks:
+            dp[provenance.CONFIG_KEY] = marks
         config.update(dp)
         # The ledger is not part of the config: it travels with the weights
         # (ledger.py), so a model rebuilt from its config alone, with fresh
@@ -377,6 +393,7 @@ class DPKerasModel(keras.Model):
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         dp_kwargs = {key: config.pop(key) for key in _DP_CONFIG_KEYS if key in config}
+        marks = config.pop(provenance.CONFIG_KEY, None)
         spent = config.pop("dp_steps", 0)
         epochs = config.pop("dp_epochs", 0)
         unknown = sorted(set(config) - _FUNCTIONAL_CONFIG_KEYS)
@@ -389,7 +406,8 @@ class DPKerasModel(keras.Model):
         # trainable, **dp_kwargs). A reloaded model draws fresh noise from OS
         # entropy: seeds are never saved. The ledger comes with the weights;
         # files written before it kept the count in the config.
-        model = super().from_config({**config, **dp_kwargs}, custom_objects=custom_objects)
+        with provenance.restoring(marks):
+            model = super().from_config({**config, **dp_kwargs}, custom_objects=custom_objects)
         model._advance_ledger(spent, epochs)
         return model
 
@@ -561,9 +579,11 @@ class DPKerasModel(keras.Model):
 
         Raises:
           ValueError: for a finite dataset of unknown length with several
-            epochs (Keras would cut logical steps at epoch boundaries), or a
-            model that was not compiled.
+            epochs (Keras would cut logical steps at epoch boundaries), a
+            model that was not compiled, or a preprocessing layer adapted on
+            data since the model was built (`provenance.py`).
         """
+        provenance.check(self)
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
         arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
         arguments.pop("self", None)
@@ -799,7 +819,8 @@ class DPKerasModel(keras.Model):
         x, y, mask, step_end, sample_weight, identity = self._unpack(data)
         weights = example_weights.example_weights(y, sample_weight, self._class_table)
         y, mask, num_invalid = self._drop_invalid_labels(y, mask)
-        clipped, losses, y_pred = self._clipped_sum(x, y, mask, weights)
+        model, x, mask, num_bad_ids = self._per_example_inputs(x, mask)
+        clipped, losses, y_pred = self._clipped_sum(model, x, y, mask, weights)
         self._accumulate(clipped)
         step_end = self._ends_logical_step(step_end)
         release = self._releases_update(step_end)
@@ -807,7 +828,7 @@ class DPKerasModel(keras.Model):
             release = tf.logical_and(release, self._identity_holds(identity, step_end))
         self._noisy_update(self._accumulated(), release)
         self._close_logical_step(step_end)
-        return self._training_logs(clipped, losses, y, y_pred, num_invalid)
+        return self._training_logs(clipped, losses, y, y_pred, num_invalid + num_bad_ids)
 
     def _identity_holds(self, identity, step_end):
         """Checks the micro-batch's identity against the ledger (step_identity.py).
@@ -868,16 +889,27 @@ class DPKerasModel(keras.Model):
         dropped = tf.logical_and(tf.cast(real, tf.float32) > 0, tf.cast(mask, tf.float32) <= 0)
         return y, mask, tf.reduce_sum(tf.cast(dropped, tf.float32))
 
-    def _clipped_sum(self, x, y, mask, weights):
-        """Per-example gradients of the micro-batch (losses weighted), clipped to C, summed."""
+    def _per_example_inputs(self, x, mask):
+        """(model, views, mask, num_bad_ids): what the per-example routes run, on what.
+
+        The inputs as [batch, K, ...] views; strings become numbers once for
+        the micro-batch (string_inputs.py) and the routes run the numeric
+        rest of the model; examples with an invalid id are dropped (id_inputs.py).
+        """
         ranks = per_example.input_ranks(_keras_internals.inputs_structure(self), x)
         x = per_example.as_views(x, self._dp_config.augmult, ranks)
         model = self
         if self._string_split is not None:
-            # Strings become numbers once for the micro-batch (string_inputs.py);
-            # the per-example routes run the numeric rest of the model.
             x = self._string_split.numeric_views(self, x)
             model = self._string_split.suffix
+        if self._id_check is None:
+            return model, x, mask, 0.0
+        by_input = string_inputs.leaves_by_input(model, x)
+        x, mask, num_bad_ids = self._id_check.drop_invalid(x, by_input, mask)
+        return model, x, mask, num_bad_ids
+
+    def _clipped_sum(self, model, x, y, mask, weights):
+        """Per-example gradients of the micro-batch (losses weighted), clipped to C, summed."""
         ghost_layers = self._ghost_layers
 
         def compute(views, labels, loss_weights=None):

@@ -22,27 +22,18 @@ or `split` callable of `TextVectorization` sees the whole micro-batch: it
 must map each text by itself (not checked).
 """
 
-import warnings
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional
 
 import keras
 import tensorflow as tf
 
 from tan_keras import _keras_internals
-from tan_keras.mechanism import noise
 
 # Exact types: each maps a row to a row with fixed tables and no weights.
 _ROW_WISE_STRING_LAYERS = (
     keras.layers.TextVectorization,
     keras.layers.StringLookup,
     keras.layers.Hashing,
-)
-
-
-ADAPTED_VOCABULARY_WARNING = (
-    "The vocabulary of `{name}` was not given as `vocabulary=` (adapted, or set later). "
-    "If it came from the private training set, it is a release of that data that no "
-    "epsilon covers: adapt it on public data, or pass the vocabulary explicitly."
 )
 
 
@@ -75,7 +66,7 @@ class StringSplit(NamedTuple):
         Returns:
           The suffix's inputs, [batch, K, ...] each, in its input order.
         """
-        by_input = _leaves_by_input(model, views)
+        by_input = leaves_by_input(model, views)
         strings = [by_input[id(t)] for t in self.string_inputs]
         first = strings[0]
         batch, count = tf.shape(first)[0], tf.shape(first)[1]
@@ -141,13 +132,6 @@ def split(model: keras.Model) -> Optional[StringSplit]:
                 "output_sequence_length (padding to the batch's longest text would let one "
                 "example change the others' inputs)."
             )
-    for layer in prefix_layers.values():
-        if _keras_internals.vocabulary_given(layer) is False:
-            warnings.warn(
-                ADAPTED_VOCABULARY_WARNING.format(name=layer.name),
-                noise.NotPrivateWarning,
-                stacklevel=3,
-            )
     numeric_inputs = [t for t in inputs if t.dtype != "string"]
     prefix = _keras_internals.submodel(
         model,
@@ -190,8 +174,14 @@ def _refusal(operation) -> ValueError:
     )
 
 
-def _leaves_by_input(model: keras.Model, x: Any) -> Dict[int, tf.Tensor]:
-    """Each tensor of `x` keyed by the id of the model input it feeds."""
+def leaves_by_input(model: keras.Model, x: Any) -> Dict[int, tf.Tensor]:
+    """Each tensor of `x` keyed by the id of the model input it feeds.
+
+    Args:
+      model: A functional model.
+      x: Inputs structured as the model's (a tensor, a list in input order,
+        or a dict keyed by input name).
+    """
     structure = _keras_internals.inputs_structure(model)
     flat_inputs = list(model.inputs)
     if not tf.nest.is_nested(x):

@@ -10,6 +10,8 @@ Modules:
     ghost (ghost norms), layerwise (closed-form per-layer gradients) and
     tapping (the taps both read) implement them.
   model_analysis: which Keras layers and model graphs each route accepts.
+  moments: a private mean and variance of bounded features (numpy), the
+    mechanism of `tan_keras.private_adapt`.
 
 Nothing here imports the Keras model wiring (`tan_keras.keras_dp`) or the
 training program.

@@ -5,8 +5,6 @@ numeric rest: one DP step on raw texts must equal the step of the same model
 fed the token ids directly, on every route that takes it.
 """
 
-import warnings
-
 import keras
 import numpy as np
 import pytest
@@ -15,7 +13,6 @@ from _helpers import flat, step_dataset
 
 import tan_keras
 from tan_keras.keras_dp.dp_model import DPKerasModel
-from tan_keras.mechanism import noise
 
 VOCAB = ["good", "bad", "not", "film", "plot", "great"]
 LENGTH = 6
@@ -118,16 +115,16 @@ def _text_only_model(vectorizer):
     return DPKerasModel(text, keras.layers.Dense(2)(h), **DP)
 
 
-def test_an_adapted_vocabulary_is_warned_about():
+def test_an_adapted_vocabulary_is_refused_unless_declared_public():
     adapted = keras.layers.TextVectorization(output_sequence_length=LENGTH, name="adapted")
     adapted.adapt(tf.constant(TEXTS[:, 0]))
-    with pytest.warns(noise.NotPrivateWarning, match="vocabulary of `adapted` was not given"):
+    with pytest.raises(ValueError, match="`adapted` \\(TextVectorization\\).*vocabulary="):
         _text_only_model(adapted)
-    # Power check: a given vocabulary (and Hashing, which has none) is not warned about.
+    tan_keras.mark_public(adapted, "a public word list")
+    _text_only_model(adapted)
+    # Power check: a given vocabulary (and Hashing, which has none) is accepted as it is.
     for given in (_vectorizer(), keras.layers.Hashing(20)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", noise.NotPrivateWarning)
-            _text_only_model(given)
+        _text_only_model(given)
 
 
 def test_xla_is_turned_off_by_keras_for_a_string_model():
