@@ -68,6 +68,37 @@ def build_compiled_metrics(model: keras.Model, y_spec) -> None:
     container.build(y, y_pred)
 
 
+def update_compiled_metrics(model: keras.Model, y_true, y_pred, row_weight, weighted) -> None:
+    """Updates the metrics given to `compile` with per-row weights.
+
+    Keras's container updates `metrics` without sample weights and
+    `weighted_metrics` with them; here `metrics` get `row_weight` (which
+    rows are examples at all) and `weighted_metrics` get `weighted` (those
+    rows times the examples' own weights).
+
+    Args:
+      model: A compiled model.
+      y_true: Labels, in the structure of the outputs.
+      y_pred: Predictions.
+      row_weight: [batch] weights of the `metrics`.
+      weighted: [batch] weights of the `weighted_metrics`.
+    """
+    container = getattr(model, "_compile_metrics", None)
+    if container is None:
+        return
+    if not container.built:
+        container.build(y_true, y_pred)
+    y_true = container._flatten_y(y_true)
+    y_pred = container._flatten_y(y_pred)
+    for metrics, weight in (
+        (container._flat_metrics, row_weight),
+        (container._flat_weighted_metrics, weighted),
+    ):
+        for metric, labels, predictions in zip(metrics, y_true, y_pred):
+            if metric:
+                metric.update_state(labels, predictions, sample_weight=weight)
+
+
 def inputs_structure(model: keras.Model) -> Any:
     """The model's inputs as it was built with them (a tensor, list or dict)."""
     structure = getattr(model, "_inputs_struct", None)

@@ -828,7 +828,9 @@ class DPKerasModel(keras.Model):
             release = tf.logical_and(release, self._identity_holds(identity, step_end))
         self._noisy_update(self._accumulated(), release)
         self._close_logical_step(step_end)
-        return self._training_logs(clipped, losses, y, y_pred, num_invalid + num_bad_ids)
+        return self._training_logs(
+            clipped, losses, y, y_pred, num_invalid + num_bad_ids, weights=weights
+        )
 
     def _identity_holds(self, identity, step_end):
         """Checks the micro-batch's identity against the ledger (step_identity.py).
@@ -987,7 +989,7 @@ class DPKerasModel(keras.Model):
         pending = self._secret.pending
         pending.assign(tf.where(step_end, tf.zeros_like(pending), pending + 1))
 
-    def _training_logs(self, clipped, losses, y, y_pred, num_invalid):
+    def _training_logs(self, clipped, losses, y, y_pred, num_invalid, weights=None):
         if not self._release_train_metrics:
             # Nothing computed without noise on the training examples leaves
             # the step: only the noisy clipped fraction, if released.
@@ -1019,7 +1021,16 @@ class DPKerasModel(keras.Model):
 
         y_pred = tf.nest.map_structure(kept_only, y_pred)
         y = self._output_losses.predictions_like_labels(y, y_pred)
-        return _logs_for_strategy(self.compute_metrics(None, y, y_pred, weight))
+        if type(self).compute_metrics is not keras.Model.compute_metrics:
+            # A compute_metrics of one's own decides what the weight means.
+            return _logs_for_strategy(self.compute_metrics(None, y, y_pred, weight))
+        # Keras updates `metrics` without sample weights (only
+        # `weighted_metrics` take them): the padding rows would count as
+        # examples. Every compiled metric is masked to the kept rows; the
+        # weighted ones also take the examples' weights, as in Keras.
+        weighted = weight if weights is None else weight * tf.cast(weights, tf.float32)
+        _keras_internals.update_compiled_metrics(self, y, y_pred, weight, weighted)
+        return _logs_for_strategy(self.get_metrics_result())
 
     def _noisy_update(self, grad_sum, apply):
         """Noises, normalizes and applies `grad_sum` where `apply` is True."""

@@ -7,6 +7,14 @@ data-dependent losses) leak outside that bound, so they are refused with an
 error that says why and what to use instead. State updates are found by
 behaviour, whatever the layer's class: one training-mode call is traced and
 every variable it writes is reported (`model_analysis.state_updates`).
+
+BatchNormalization in inference mode -- frozen (`trainable=False`), as in a
+pretrained base of the Keras transfer-learning recipe -- normalizes each
+example with fixed statistics and writes nothing: it is accepted. In
+training mode it both mixes the examples of the batch and writes its moving
+statistics, so the trace finds it. (Keras 3 overrides a nested model's
+`training=False` with the train step's `training=True`: only freezing the
+layer keeps it in inference mode.)
 """
 
 import os
@@ -18,11 +26,16 @@ from tan_keras import _keras_internals
 from tan_keras.mechanism import model_analysis
 
 _BATCH_NORM_HINT = (
-    "BatchNormalization mixes the examples of a batch (each output depends on the "
-    "batch mean and variance) and updates moving statistics from the data; neither "
-    "is covered by per-example clipping, so the DP guarantee would not hold. Use "
-    "keras.layers.GroupNormalization (e.g. groups=16) or LayerNormalization, or "
-    "weight-standardized convolutions as in tan_keras.models.nf_resnet50."
+    "BatchNormalization in training mode mixes the examples of a batch (each output "
+    "depends on the batch mean and variance) and updates moving statistics from the "
+    "data; neither is covered by per-example clipping, so the DP guarantee would not "
+    "hold. For a pretrained model, keep it in inference mode by freezing it: "
+    "layer.trainable = False on the layer (also when fine-tuning the rest of the base; "
+    "in Keras 3, calling the base with training=False does not survive the train "
+    "step's training=True); its fixed statistics then mix nothing. To train "
+    "normalization, use keras.layers.GroupNormalization (e.g. groups=16) or "
+    "LayerNormalization, or weight-standardized convolutions as in "
+    "tan_keras.models.nf_resnet50."
 )
 
 
@@ -39,12 +52,10 @@ def check_model_is_dp_compatible(model: keras.Model) -> None:
         any layer whose training-mode call writes
         a variable (found by tracing one call, see `model_analysis`).
     """
+    batch_norms = {}
     for layer in _keras_internals.all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
-            raise ValueError(
-                f"Layer `{layer.name}` ({type(layer).__name__}) cannot be trained "
-                f"with DP-SGD. {_BATCH_NORM_HINT}"
-            )
+            batch_norms[layer.name] = layer
         if isinstance(layer, keras.layers.RNN) and not layer.unroll:
             raise ValueError(
                 f"Layer `{layer.name}` ({type(layer).__name__}) runs its time steps in a "
@@ -78,6 +89,11 @@ def check_model_is_dp_compatible(model: keras.Model) -> None:
             "kernel_regularizer for a penalty that does not depend on data."
         )
     for write in model_analysis.state_updates(model):
+        if write.layer in batch_norms:
+            raise ValueError(
+                f"Layer `{write.layer}` ({write.layer_type}) runs in training mode, so it "
+                f"cannot be trained with DP-SGD. {_BATCH_NORM_HINT}"
+            )
         where = "Code outside every layer"
         if write.layer is not None:
             where = f"Layer `{write.layer}` ({write.layer_type})"

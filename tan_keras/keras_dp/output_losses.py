@@ -112,7 +112,7 @@ class OutputLosses(NamedTuple):
         for loss, weight, y_o, pred_o in zip(self.losses, self.weights, y_flat, pred_flat):
             if loss is None:
                 continue
-            value = _mean_per_row(loss(y_o, pred_o))
+            value = _mean_per_row(loss(*same_rank(y_o, pred_o)))
             if weight != 1.0:
                 value = value * tf.cast(weight, value.dtype)
             total = value if total is None else total + tf.cast(value, total.dtype)
@@ -123,6 +123,25 @@ class OutputLosses(NamedTuple):
         if not self.several:
             return y
         return tf.nest.pack_sequence_as(y_pred, list(y))
+
+
+def same_rank(y_true: tf.Tensor, y_pred: tf.Tensor):
+    """Labels and predictions whose ranks differ by a last axis of 1, made equal.
+
+    What Keras does before every loss it wraps, so that labels of shape
+    (N,) go with a one-unit output (N, 1), as `fit(x, y)` accepts them; a
+    loss given as a function name would otherwise be called on unequal ranks.
+    """
+    y_true = tf.convert_to_tensor(y_true)
+    y_pred = tf.convert_to_tensor(y_pred)
+    true_rank, pred_rank = y_true.shape.rank, y_pred.shape.rank
+    if true_rank is None or pred_rank is None:
+        return y_true, y_pred
+    if pred_rank == true_rank + 1 and y_pred.shape[-1] == 1:
+        return tf.expand_dims(y_true, -1), y_pred
+    if true_rank == pred_rank + 1 and y_true.shape[-1] == 1:
+        return tf.squeeze(y_true, -1), y_pred
+    return y_true, y_pred
 
 
 def _mean_per_row(values: tf.Tensor) -> tf.Tensor:
