@@ -45,7 +45,7 @@ def keras_train_step(model, data):
         from tan_keras.mechanism import sampling
 
         rows = len(data[2])
-        start = int(model.dp_steps.numpy())
+        start = int(model.sampling_position.numpy())
 
         def numbered(index, element):
             identity = sampling.identity_rows(

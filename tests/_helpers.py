@@ -33,7 +33,7 @@ def micro_batches(x, y, mask, ends, model=None):
     """A dataset of stacked micro-batches (x, y, mask, step_end[, identity]).
 
     With `model`, each micro-batch carries the sampling identity the model
-    expects (its steps numbered from `model.dp_steps` when an iterator
+    expects (its steps numbered from `model.sampling_position` when an iterator
     starts, as `fit` resumes a Poisson pipeline's sampler there), so that a
     model with sampling="poisson" takes it, epoch after epoch; without, the
     caller-drawn protocol (x, y, mask, step_end) of sampling="caller_poisson".
@@ -51,7 +51,7 @@ def micro_batches(x, y, mask, ends, model=None):
 
 
 def _numbered(model, parts, ends, rows):
-    """`parts` (stacked micro-batches) with identities numbered from `model.dp_steps`.
+    """`parts` (stacked micro-batches) with identities numbered from the model's position.
 
     The numbering starts when an iterator starts (as `fit` resumes a Poisson
     pipeline's sampler then), after `fit` has merged whatever ledger the
@@ -59,7 +59,7 @@ def _numbered(model, parts, ends, rows):
     """
     relative = identities(model, ends, rows=rows, start_step=0)
     data = tf.data.Dataset.from_tensor_slices(parts + (relative,))
-    counter = model.dp_steps
+    counter = model.sampling_position
     offset = np.zeros(8, np.int64)
     offset[0] = 1
 
@@ -74,7 +74,7 @@ def _numbered(model, parts, ends, rows):
 def identities(model, ends, rows, start_step=None, source=7):
     """[micro-batches, rows, 8] identities of consecutive steps ending where `ends` says."""
     config = model.dp_config
-    step = int(model.dp_steps.numpy()) if start_step is None else start_step
+    step = int(model.sampling_position.numpy()) if start_step is None else start_step
     ends = np.asarray(ends, bool)
     # One flag per micro-batch, or repeated on its rows.
     ends = [bool(e) for e in (ends[:, 0] if ends.ndim == 2 else ends)]

@@ -165,8 +165,9 @@ class DPCheckpoint:
         for counter, value in zip(counters, latest):
             counter.assign(max(int(counter.numpy()), value))
         spent = int(self.model.dp_steps.numpy())
+        self.model.privacy_ledger._sync_position()
         if self.sampler is not None:
-            self.sampler.resume_at(spent)
+            self.sampler.resume_at(int(self.model.sampling_position.numpy()))
         return spent
 
     def _restore_checked(self, path: str) -> None:

@@ -284,7 +284,9 @@ class DPKerasModel(keras.Model):
         ledger = ledger_lib.ledger_of(self.weights) or ledger_lib.PrivacyLedger()
         object.__setattr__(self, "_privacy_ledger", ledger)
         counters = ledger.counters(config.mechanism, owner=self)
-        self._secret = dp_state.SecretState(noise.make_noise_key(noise_seed), counters)
+        self._secret = dp_state.SecretState(
+            noise.make_noise_key(noise_seed), counters, ledger.position(owner=self)
+        )
         self._ema_variables = None
         self._ema_sources = []
         if ema_decay is not None:
@@ -342,6 +344,18 @@ class DPKerasModel(keras.Model):
         return self._secret.dp_steps
 
     @property
+    def sampling_position(self) -> tf.Variable:
+        """The logical step a Poisson pipeline must deliver next (read it, never assign).
+
+        The noisy updates of every mechanism of the weights' ledger so far: a
+        second training phase with other settings continues from the first
+        phase's position, so it never draws the same steps of a sampler
+        again. `fit` resumes a `make_poisson_dataset` pipeline there itself;
+        for a sampler it cannot see, call `sampler.resume_at(...)` with it.
+        """
+        return self._secret.position
+
+    @property
     def privacy_ledger(self) -> ledger_lib.PrivacyLedger:
         """Every private release these weights went through (`ledger.PrivacyLedger`)."""
         return self._privacy_ledger.root()
@@ -356,6 +370,7 @@ class DPKerasModel(keras.Model):
         for name, value in (("dp_steps", steps), ("dp_epochs", epochs)):
             counter = getattr(self._secret, name)
             counter.assign(max(int(counter.numpy()), _validate.integer(name, value, low=0)))
+        self.privacy_ledger._sync_position()
         return int(self._secret.dp_steps.numpy())
 
     @property
@@ -638,7 +653,7 @@ class DPKerasModel(keras.Model):
         if sampler is not None:
             # Last, after any callback that restores weights and the ledger
             # with them (BackupAndRestore), before the input is first read.
-            callbacks.append(dp_state.SamplerResume(sampler, self.dp_steps))
+            callbacks.append(dp_state.SamplerResume(sampler, self._secret.position))
         arguments["callbacks"] = callbacks
         # Weights set as arrays since construction (set_weights from a
         # privately trained model) bring what they went through.
@@ -846,7 +861,7 @@ class DPKerasModel(keras.Model):
         code = step_identity.check(
             identity,
             step_end,
-            self.dp_steps,
+            secret.position,
             secret.pending,
             secret.step_source,
             config.dataset_size,
@@ -867,7 +882,9 @@ class DPKerasModel(keras.Model):
                 code,
             )
         tag = tf.cast(identity[0], tf.int64)
-        record = tf.stack([code, tag[0], tag[1], tf.cast(self.dp_steps, tf.int64), secret.pending])
+        record = tf.stack(
+            [code, tag[0], tag[1], tf.cast(secret.position, tf.int64), secret.pending]
+        )
         first = tf.logical_and(
             tf.equal(secret.violation[0], step_identity.OK),
             tf.not_equal(code, step_identity.OK),
@@ -1136,6 +1153,8 @@ class DPKerasModel(keras.Model):
         """Advances the ledger by one released update where `applied`."""
         applied = tf.cast(applied, tf.int64)
         self.dp_steps.assign_add(applied)
+        # Every mechanism's update moves the ledger's sampling position.
+        self._secret.position.assign_add(applied)
         if self._dp_config.sampling == "shuffled":
             secret = self._secret
             secret.dp_epochs.assign_add(applied * (1 - secret.epoch_open))

@@ -79,9 +79,11 @@ class SecretState:
       key: The noise key (int64).
       counters: The ledger's counters of the model's mechanism (`steps`,
         `epochs`).
+      position: The ledger's sampling position (the logical step a Poisson
+        pipeline delivers next, over every mechanism).
     """
 
-    def __init__(self, key, counters):
+    def __init__(self, key, counters, position):
         self.key = tf.Variable(key, dtype=tf.int64, trainable=False, name="dp_noise_key")
         self.accumulators = None
         # (id, shape) of the variables the accumulators were built for.
@@ -91,6 +93,7 @@ class SecretState:
         # example takes part once per epoch), and whether the current
         # epoch has released one yet.
         self.dp_epochs = counters.epochs
+        self.position = position
         self.epoch_open = replicated_counter(0, "dp_epoch_open")
         # The first sampling identity violation of this fit (step_identity:
         # code, then the micro-batch's and the expected step and index; all 0
@@ -136,16 +139,16 @@ class SamplerResume(keras.callbacks.Callback):
 
     Args:
       sampler: The `PoissonSampler` of the pipeline `fit` reads.
-      dp_steps: The ledger's counter of the model's mechanism.
+      position: The ledger's sampling position (`PrivacyLedger.position`).
     """
 
-    def __init__(self, sampler, dp_steps):
+    def __init__(self, sampler, position):
         super().__init__()
         self._sampler = sampler
-        self._dp_steps = dp_steps
+        self._position = position
 
     def on_train_begin(self, logs=None):
-        self._sampler.resume_at(int(self._dp_steps.numpy()))
+        self._sampler.resume_at(int(self._position.numpy()))
 
 
 def assign_zero(variable):

@@ -10,7 +10,10 @@ A ledger counts the private releases that shaped a set of weights (see
   `private_adapt` of one of its layers all find and share that ledger, so a
   second training phase counts on top of the first. Models with the same DP
   mechanism (sampling, N, B, sigma) share its counters; another mechanism
-  adds an entry, and epsilon is that of the composition.
+  adds an entry, and epsilon is that of the composition. One `position`
+  counts the noisy updates of every mechanism: it is the logical step a
+  Poisson pipeline must deliver next, so that a second phase with other
+  settings never draws the first phase's steps of the same sampler again.
 * **Across processes**, the ledger travels with every file that holds the
   weights: `save_weights`/`load_weights`, `.keras` files, `ModelCheckpoint`,
   `BackupAndRestore` (Keras weight files: a `privacy_ledger` entry written
@@ -92,6 +95,7 @@ class PrivacyLedger:
     def __init__(self):
         self._counters: Dict[releases.Mechanism, _Counters] = {}
         self._absorbed_into: Optional[PrivacyLedger] = None
+        self._position: Optional[_Counters] = None
 
     # ----------------------------------------------------------------- reading
     def root(self) -> "PrivacyLedger":
@@ -135,6 +139,46 @@ class PrivacyLedger:
     def total_steps(self) -> int:
         """Noisy DP-SGD updates of every mechanism together."""
         return sum(e.steps for e in self.entries() if e.mechanism.kind != "gaussian")
+
+    def position(self, owner=None) -> tf.Variable:
+        """The logical step a Poisson pipeline must deliver next (int64 variable).
+
+        It counts the noisy updates of every mechanism of the ledger (at
+        least `total_steps()`), and moves forward with each of them: the
+        train step checks each micro-batch's identity against it, and `fit`
+        resumes a pipeline's sampler there.
+
+        Args:
+          owner: The private model whose compiled step advances it.
+
+        Raises:
+          ValueError: if it lives under another distribution strategy than
+            the current one while another model uses it.
+        """
+        root = self.root()
+        current = root._position
+        if current is not None and current.strategy is not tf.distribute.get_strategy():
+            if len(current.owners):
+                raise ValueError(
+                    "Invalid distribution strategy: these weights are trained privately by "
+                    "another model under another tf.distribute strategy, and both would "
+                    "advance one privacy ledger. Build every private model over these "
+                    "weights under the same strategy scope."
+                )
+            current = None
+        if current is None:
+            steps = root.total_steps()
+            if root._position is not None:
+                steps = max(steps, root._position.values()[0])
+            current = root._position = _Counters(steps)
+        if owner is not None:
+            current.owners.add(owner)
+        return current.steps
+
+    def _sync_position(self) -> None:
+        root = self.root()
+        if root._position is not None:
+            root._position.raise_to(root.total_steps(), 0)
 
     def table(self) -> np.ndarray:
         """The ledger in the format weight files carry (`releases.to_table`)."""
@@ -203,13 +247,18 @@ class PrivacyLedger:
             if counters is None:
                 counters = root.counters(entry.mechanism)
             counters.raise_to(entry.steps, entry.epochs)
+        root._sync_position()
 
     def merge_table(self, table) -> None:
         """`merge` of a table read from a weight file (`releases.from_table`)."""
         self.merge(releases.from_table(table))
 
     def _live(self) -> bool:
-        return any(len(c.owners) for c in self.root()._counters.values())
+        root = self.root()
+        counters = list(root._counters.values())
+        if root._position is not None:
+            counters.append(root._position)
+        return any(len(c.owners) for c in counters)
 
     def _absorb(self, other: "PrivacyLedger") -> None:
         """Adds `other`'s counts to this ledger's and makes it point here."""
@@ -223,6 +272,7 @@ class PrivacyLedger:
             counters.steps.assign(steps + entry.steps)
             counters.epochs.assign(epochs + entry.epochs)
         other._absorbed_into = root
+        root._sync_position()
 
 
 def ledger_of(objects: Sequence) -> Optional[PrivacyLedger]:

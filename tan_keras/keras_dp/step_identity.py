@@ -121,7 +121,7 @@ def describe(record: Sequence[int], dataset_size: int, expected_batch_size: int)
     resume = (
         "Read the pipeline from the step the model releases next: a pipeline from "
         "tan_keras.make_poisson_dataset is resumed there by fit() itself; for a sampler fit() "
-        f"cannot see, call sampler.resume_at(model.dp_steps) ({expected_step}) first."
+        f"cannot see, call sampler.resume_at(model.sampling_position) ({expected_step}) first."
     )
     transform = (
         "Apply per-example transformations inside make_poisson_dataset (`augmenter=`) or "

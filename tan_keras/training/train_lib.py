@@ -255,7 +255,7 @@ def fit(
         model.evaluate(test.take(1), verbose=0)
     while done < steps:
         # Batches drawn ahead by an earlier pipeline were never applied.
-        sampler.resume_at(done)
+        sampler.resume_at(int(model.sampling_position.numpy()))
         model.fit(
             train,
             steps_per_epoch=per_epoch * micro_per_step,

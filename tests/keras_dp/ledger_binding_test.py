@@ -16,6 +16,7 @@ from _helpers import LOSS, dense_model
 
 import tan_keras
 from tan_keras.keras_dp import ledger as ledger_lib
+from tan_keras.keras_dp import step_identity
 from tan_keras.keras_dp.callbacks import PrivacyAccountant
 from tan_keras.mechanism import sampling
 from tan_keras.privacy import accounting, releases
@@ -301,3 +302,42 @@ def test_weights_copied_as_arrays_bring_their_ledger(copy, power_check, monkeypa
 def test_cloning_a_private_model_says_how_to_copy_it():
     with pytest.raises(ValueError, match="missing: l2_norm_clip.*make_private on the copy"):
         keras.models.clone_model(_private(dense_model()))
+
+
+def test_a_second_phase_with_other_settings_never_draws_the_first_phases_steps():
+    """Phase 2's own count starts at 0, but the sampler's position goes on."""
+    model = dense_model()
+    first = _private(model)
+    x, y = _data()
+    sampler = sampling.PoissonSampler(N, B, physical_batch_size=N, pad_steps=True)
+    train = sampling.make_poisson_dataset(x, y, sampler)
+    first.fit(train, steps_per_epoch=12, verbose=0)
+    replay = list(sampling.make_poisson_dataset(x, y, _resumed(sampler, 0), steps=12))
+    second = _private(model, noise_multiplier=1.2)
+    assert int(second.dp_steps.numpy()) == 0 and int(second.sampling_position.numpy()) == 12
+    # Phase 1's steps fed again to phase 2 are replays, whatever its own count.
+    with pytest.raises(step_identity.SamplingIdentityError, match="replayed"):
+        second.fit(_generator(replay), steps_per_epoch=12, verbose=0)
+    # The same pipeline goes on from step 12: new samples.
+    second.fit(train, steps_per_epoch=12, verbose=0)
+    assert int(second.dp_steps.numpy()) == 12
+    assert int(second.sampling_position.numpy()) == int(first.sampling_position.numpy()) == 24
+
+
+def _resumed(sampler, step):
+    twin = sampling.PoissonSampler(
+        N,
+        B,
+        physical_batch_size=sampler.physical_batch_size,
+        pad_steps=sampler.pad_steps,
+        secret_key=int(sampler.key.numpy()) + 2**63,
+    )
+    twin.resume_at(step)
+    return twin
+
+
+def _generator(elements):
+    def generate():
+        yield from (tuple(np.asarray(t) for t in element) for element in elements)
+
+    return generate()
