@@ -27,7 +27,7 @@ _EXPORTS = {
     "NotPrivateWarning": "tan_keras.mechanism.noise",
     "make_augmenter": "tan_keras.data.augment",
     "make_views": "tan_keras.mechanism.views",
-    "mark_public": "tan_keras.keras_dp.provenance",
+    "mark_public": "tan_keras.mechanism.provenance",
     "private_adapt": "tan_keras.keras_dp.private_adapt",
 }
 

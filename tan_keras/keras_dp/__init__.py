@@ -6,8 +6,8 @@ Modules:
   fit_inputs: which `fit` inputs keep the guarantee.
   model_checks, precision, labels, id_inputs: models, dtypes, labels and
     out-of-range ids refused or filtered before training.
-  provenance: preprocessing state adapted on data, refused unless declared
-    public (`mark_public`) or privately adapted.
+  ledger: the privacy ledger, bound to the weights it protects.
+  step_identity: each Poisson micro-batch checked against the ledger.
   private_adapt: a Normalization adapted with noise, accounted in the ledger.
   callbacks: the privacy accountant that stops training at the budget.
   checkpointing: checkpoints that carry the privacy ledger.

@@ -17,16 +17,25 @@ Secrecy: a checkpoint contains the noise key, from which the noise of the
 whole run can be regenerated. Keep checkpoints as private as the training
 data; publish only the final weights (`model.save_weights`, `model.save`),
 which exclude the key.
+
+A checkpoint resumes its noise stream once. Restoring the same checkpoint
+again (a second run forked from it, a sweep started from one warm start)
+would draw the very same noise for both runs' next updates: the difference
+of their releases would carry none. So each restore leaves a marker next to
+the checkpoint, and a checkpoint restored again gets a fresh noise key from
+OS entropy (exact resume is then given up for that run, never privacy).
 """
 
 import json
+import logging
+import os
 from typing import Optional, Tuple
 
 import keras
 import tensorflow as tf
 
 from tan_keras import _private_files, _validate
-from tan_keras.mechanism import per_example
+from tan_keras.mechanism import noise, per_example
 
 _FINGERPRINT_KEYS = (
     "l2_norm_clip",
@@ -164,11 +173,30 @@ class DPCheckpoint:
         latest = self._latest_ledger()
         for counter, value in zip(counters, latest):
             counter.assign(max(int(counter.numpy()), value))
+        self._fresh_noise_if_restored_before(path)
         spent = int(self.model.dp_steps.numpy())
         self.model.privacy_ledger._sync_position()
         if self.sampler is not None:
             self.sampler.resume_at(int(self.model.sampling_position.numpy()))
         return spent
+
+    def _fresh_noise_if_restored_before(self, path: str) -> None:
+        """Marks `path` as resumed; re-keys the noise if it already was (see module doc)."""
+        marker = path + ".resumed"
+        if not _private_files.is_local(marker):
+            return
+        if os.path.exists(marker):
+            self.model.noise_key.assign(noise.make_noise_key())
+            logging.getLogger("tan_keras").warning(
+                "DP checkpoint %s was restored before: this run draws fresh noise (not the "
+                "noise the checkpoint's own run would have drawn), so that two runs resumed "
+                "from it never release the same noise.",
+                path,
+            )
+            return
+        with open(marker, "w") as handle:
+            handle.write("resumed\n")
+        _private_files.restrict(marker)
 
     def _restore_checked(self, path: str) -> None:
         expected = self._fingerprint.numpy()

@@ -39,13 +39,20 @@ from tan_keras.keras_dp import (
     model_checks,
     output_losses,
     precision,
-    provenance,
     step_identity,
     string_inputs,
 )
 from tan_keras.keras_dp import ledger as ledger_lib
 from tan_keras.keras_dp.dp_config import DPConfig
-from tan_keras.mechanism import chunking, ghost, layerwise, noise, per_example, sampling
+from tan_keras.mechanism import (
+    chunking,
+    ghost,
+    layerwise,
+    noise,
+    per_example,
+    provenance,
+    sampling,
+)
 from tan_keras.models import layer_rules  # noqa: F401  (the package's layers' rules)
 
 _DP_CONFIG_KEYS = (
@@ -308,7 +315,12 @@ class DPKerasModel(keras.Model):
                 for v in self._ema_sources
             ]
         ledger_lib.bind(ledger, self.weights)
-        ledger_lib.attach(self, ledger)
+        # The model's own files, and those of every model nested in it (a
+        # backbone saved on its own), carry the ledger.
+        for model in [self] + [
+            layer for layer in _keras_internals.all_layers(self) if isinstance(layer, keras.Model)
+        ]:
+            ledger_lib.attach(model, ledger)
         # Weights copied as arrays from a privately trained model.
         ledger_lib.recall(self, ledger)
         self._release_train_metrics = release_train_metrics
@@ -603,6 +615,8 @@ class DPKerasModel(keras.Model):
         arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
         arguments.pop("self", None)
         arguments.pop("kwargs", None)
+        # Before `prepare` wraps it: what was applied to the Poisson pipeline.
+        sampler = self._poisson_sampler(arguments.get("x"))
         arguments = fit_inputs.prepare(self._dp_config, arguments)
         class_weight = arguments.pop("class_weight", None)
         if class_weight is not None and len(self.outputs) > 1:
@@ -647,23 +661,42 @@ class DPKerasModel(keras.Model):
         # twice in one noisy update (sensitivity 2C). Drop it.
         self._reset_accumulators()
         callbacks = list(arguments.get("callbacks") or [])
+        fit_inputs.check_callbacks(callbacks)
         if self._dp_config.sampling == "shuffled":
             callbacks = [dp_state.EpochOpener(self._secret.epoch_open)] + callbacks
-        sampler = self._poisson_sampler(data)
         if sampler is not None:
             # Last, after any callback that restores weights and the ledger
             # with them (BackupAndRestore), before the input is first read.
             callbacks.append(dp_state.SamplerResume(sampler, self._secret.position))
         arguments["callbacks"] = callbacks
         # Weights set as arrays since construction (set_weights from a
-        # privately trained model) bring what they went through.
-        before = ledger_lib.recall(self, self.privacy_ledger)
-        released_before = self.privacy_ledger.total_steps()
+        # privately trained model) bring what they went through; what this
+        # fit changes is remembered at every epoch's end and at its end.
+        memory = dp_state.WeightsMemory(self, ledger_lib.recall(self, self.privacy_ledger))
+        arguments["callbacks"] = arguments["callbacks"] + [memory]
         try:
             return super().fit(**arguments)
         finally:
-            if self.privacy_ledger.total_steps() > released_before:
-                ledger_lib.remember(self, self.privacy_ledger, unless=before)
+            memory.remember()
+
+    def save(self, filepath, *args, **kwargs):
+        """`keras.Model.save`, refusing the legacy HDF5 format (it cannot hold the ledger).
+
+        Raises:
+          ValueError: for a `.h5`/`.hdf5` path.
+        """
+        fit_inputs.check_weight_file("filepath", filepath)
+        return super().save(filepath, *args, **kwargs)
+
+    def load_weights(self, filepath, *args, **kwargs):
+        """`keras.Model.load_weights`; a file that holds a privacy ledger brings it.
+
+        Raises:
+          ValueError: for a legacy `.h5`/`.hdf5` file, which cannot hold the
+            ledger of the updates its weights went through.
+        """
+        fit_inputs.check_weight_file("filepath", filepath)
+        return super().load_weights(filepath, *args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
         """`keras.Model.evaluate` (the test step is the plain one: no DP needed)."""
@@ -735,9 +768,11 @@ class DPKerasModel(keras.Model):
         """
         if not isinstance(data, tf.data.Dataset) or self._dp_config.sampling != "poisson":
             return None
-        sampler = sampling.sampler_of(data)
-        if sampler is None:
+        source = sampling.poisson_source(data)
+        if source is None:
             return None
+        sampler, transformations = source
+        sampling.check_transformations(transformations)
         drawn_for = (sampler.dataset_size, sampler.expected_batch_size)
         accounted = (self._dp_config.dataset_size, self._dp_config.expected_batch_size)
         if drawn_for != accounted:

@@ -11,6 +11,7 @@ fraction); `EpochOpener` marks the passes of sampling="shuffled".
 import keras
 import tensorflow as tf
 
+from tan_keras.keras_dp import ledger as ledger_lib
 from tan_keras.keras_dp import step_identity
 from tan_keras.keras_dp.ledger import replicated_counter
 
@@ -149,6 +150,34 @@ class SamplerResume(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._sampler.resume_at(int(self._position.numpy()))
+
+
+class WeightsMemory(keras.callbacks.Callback):
+    """Remembers the weight values a fit leaves, with their ledger (`ledger.remember`).
+
+    At every epoch's end (a callback may copy the weights then, e.g. for the
+    best epoch) and at the end of the fit, each weight this fit changed, the
+    EMA shadows included, is fingerprinted with the ledger table of the
+    moment: a model that later holds one of those values takes that ledger.
+
+    Args:
+      model: The private model.
+      before: The fingerprints of its layers' weights when the fit started.
+    """
+
+    def __init__(self, model, before):
+        super().__init__()
+        self._private = model
+        self._before = before
+        self._released = model.privacy_ledger.total_steps()
+
+    def remember(self):
+        ledger = self._private.privacy_ledger
+        if ledger.total_steps() > self._released:
+            ledger_lib.remember(self._private.weights, ledger, unless=self._before)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.remember()
 
 
 def assign_zero(variable):

@@ -23,6 +23,7 @@ happened, so the input decides it, not a warning:
 
 from typing import Any, Dict
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -200,3 +201,40 @@ def _check_shuffled_arrays(config: DPConfig, arguments: Dict[str, Any]) -> Dict[
                 value,
             )
     return arguments
+
+
+_LEGACY_WEIGHT_SUFFIXES = (".h5", ".hdf5")
+
+
+def check_weight_file(name: str, filepath: Any) -> None:
+    """Refuses a legacy HDF5 path for a private model's weights.
+
+    Keras 3 still writes and reads its old HDF5 format for such paths, and
+    that format has no place for the privacy ledger: weights restored from
+    it would look as if no update had been released.
+
+    Raises:
+      ValueError: naming `name`, for a `.h5`/`.hdf5` path other than `.weights.h5`.
+    """
+    path = str(filepath)
+    if path.endswith(_LEGACY_WEIGHT_SUFFIXES) and not path.endswith(".weights.h5"):
+        raise _validate.invalid(
+            name,
+            "a .keras file (the model) or a .weights.h5 file (its weights)",
+            path,
+            "The legacy HDF5 format cannot hold the privacy ledger, so weights restored "
+            "from it would lose the count of the updates they went through. To load public "
+            "weights from a legacy file, load them into the Keras model before make_private",
+        )
+
+
+def check_callbacks(callbacks) -> None:
+    """Refuses, before training, callbacks that would write weights without their ledger.
+
+    Raises:
+      ValueError: for a `ModelCheckpoint` or `BackupAndRestore` writing the
+        legacy HDF5 format.
+    """
+    for callback in callbacks:
+        if isinstance(callback, keras.callbacks.ModelCheckpoint):
+            check_weight_file("filepath", callback.filepath)

@@ -19,11 +19,13 @@ A ledger counts the private releases that shaped a set of weights (see
   `BackupAndRestore` (Keras weight files: a `privacy_ledger` entry written
   beside the layers) and `tf.train.Checkpoint` (a `dp_ledger` dependency).
 * **Weights copied as arrays in this process** (`clone_model` then
-  `set_weights(private.get_weights())`, another model's `set_weights`) are
-  recognised by their values: every private `fit` that released an update
-  remembers a fingerprint of the weights it left (`remember`), and a private
-  model built over, or trained from, weights with that fingerprint takes
-  the ledger they went through (`recall`).
+  `set_weights(private.get_weights())`, a layer's `set_weights`, the EMA
+  weights read inside `ema_weights()`) are recognised by their values: at
+  the end of every epoch and of every fit, private training remembers a
+  fingerprint of each weight it changed, EMA shadows included
+  (`remember`); a private model built over, or trained from, a weight with
+  such a fingerprint takes the ledger it went through (`recall`). A copy
+  whose values changed (a cast to float16, pruning) is not recognised.
 * **It only moves forward.** Loading any of those files merges the file's
   counts into the ledger by maximum: restoring older weights (EarlyStopping,
   an older checkpoint) keeps the count of the updates already released,
@@ -360,52 +362,74 @@ class _LedgerTensors(tf.__internal__.tracking.Trackable):
         return tf.no_op()
 
 
-# Fingerprints of weights left by private fits -> the ledger table then.
+# Fingerprints of weight values private training left -> the ledger table then.
 _REMEMBERED: "collections.OrderedDict[bytes, np.ndarray]" = collections.OrderedDict()
-_REMEMBER_AT_MOST = 64
+# Bounded: a variable of a few weights per layer, a few hundred layers, a few
+# recent epochs and models.
+_REMEMBER_AT_MOST = 8192
 
 
-def _fingerprint(model) -> Optional[bytes]:
-    """A hash of the values of the weights of `model`'s layers (not its own, e.g. EMA)."""
-    seen, digest = set(), hashlib.blake2b(digest_size=32)
+def _fingerprint(variable) -> bytes:
+    """A hash of one variable's value (with its shape and dtype)."""
+    value = np.asarray(variable.numpy())
+    digest = hashlib.blake2b(f"{value.dtype}{value.shape}".encode(), digest_size=24)
+    digest.update(value.tobytes())
+    return digest.digest()
+
+
+def _layer_weights(model) -> List:
+    """The weights of `model`'s layers, each once (not the model's own, e.g. EMA)."""
+    seen, weights = set(), []
     for layer in model.layers:
         for variable in layer.weights:
-            if id(variable) in seen:
-                continue
-            seen.add(id(variable))
-            value = np.asarray(variable.numpy())
-            digest.update(f"{value.dtype}{value.shape}".encode())
-            digest.update(value.tobytes())
-    return digest.digest() if seen else None
+            if id(variable) not in seen:
+                seen.add(id(variable))
+                weights.append(variable)
+    return weights
 
 
-def remember(model, ledger: PrivacyLedger, unless: Optional[bytes] = None) -> None:
-    """Records that `model`'s current weight values went through `ledger`'s releases.
+def fingerprints(variables: Iterable) -> Dict[int, bytes]:
+    """{id(variable): fingerprint} of `variables`' current values."""
+    return {id(v): _fingerprint(v) for v in variables}
+
+
+def remember(variables: Iterable, ledger: PrivacyLedger, unless: Dict[int, bytes]) -> None:
+    """Records that the current values of `variables` went through `ledger`'s releases.
+
+    One fingerprint per variable, so that a copy of some layers (a backbone
+    under a new head, the EMA shadows swapped in) is recognised too.
 
     Args:
-      model: The private model after a fit.
+      variables: The trained model's weights, its EMA shadows included.
       ledger: Its ledger.
-      unless: The fingerprint of the weights before the fit: unchanged
-        weights (updates of zero, sigma = 0) are not recorded, since other
-        models start from the same values.
+      unless: The fingerprints at the start of the fit: a variable that did
+        not change (frozen, or a zero update) is not recorded, since other
+        models hold the same initial values.
     """
-    fingerprint = _fingerprint(model)
-    if fingerprint is None or fingerprint == unless:
-        return
-    _REMEMBERED[fingerprint] = ledger.root().table()
-    _REMEMBERED.move_to_end(fingerprint)
+    table = ledger.root().table()
+    for variable in variables:
+        fingerprint = _fingerprint(variable)
+        if unless.get(id(variable)) == fingerprint:
+            continue
+        _REMEMBERED[fingerprint] = table
+        _REMEMBERED.move_to_end(fingerprint)
     while len(_REMEMBERED) > _REMEMBER_AT_MOST:
         _REMEMBERED.popitem(last=False)
 
 
-def recall(model, ledger: PrivacyLedger) -> Optional[bytes]:
-    """Merges into `ledger` what the weights `model` holds now went through, if known.
+def recall(model, ledger: PrivacyLedger) -> Dict[int, bytes]:
+    """Merges into `ledger` what any of `model`'s weights went through, if known.
+
+    Args:
+      model: A private model (its layers' weights are looked up).
+      ledger: Its ledger.
 
     Returns:
-      The fingerprint of the weights (for `remember`'s `unless`).
+      The fingerprints of the model's layers' weights (for `remember`'s `unless`).
     """
-    fingerprint = _fingerprint(model)
-    table = _REMEMBERED.get(fingerprint) if fingerprint is not None else None
-    if table is not None:
-        ledger.root().merge_table(table)
-    return fingerprint
+    found = fingerprints(_layer_weights(model))
+    for fingerprint in set(found.values()):
+        table = _REMEMBERED.get(fingerprint)
+        if table is not None:
+            ledger.root().merge_table(table)
+    return found

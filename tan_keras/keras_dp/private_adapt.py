@@ -16,8 +16,7 @@ import tensorflow as tf
 
 from tan_keras import _keras_internals, _validate
 from tan_keras.keras_dp import ledger as ledger_lib
-from tan_keras.keras_dp import provenance
-from tan_keras.mechanism import moments
+from tan_keras.mechanism import moments, provenance
 from tan_keras.privacy import releases
 
 # Rows of an in-memory array handled at once (bounded float64 copies).

@@ -10,6 +10,8 @@ Modules:
     ghost (ghost norms), layerwise (closed-form per-layer gradients) and
     tapping (the taps both read) implement them.
   model_analysis: which Keras layers and model graphs each route accepts.
+  provenance: preprocessing state adapted on data, refused unless declared
+    public (`mark_public`) or privately adapted (in a model or an augmenter).
   moments: a private mean and variance of bounded features (numpy), the
     mechanism of `tan_keras.private_adapt`.
 

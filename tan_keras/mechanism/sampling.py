@@ -30,7 +30,7 @@ import math
 import secrets
 import warnings
 import weakref
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -512,15 +512,58 @@ def sampler_of(dataset) -> Optional[PoissonSampler]:
     """The `PoissonSampler` that draws a dataset's micro-batches, or None.
 
     Found through the transformations applied after `make_poisson_dataset`
-    (`map`, `prefetch`, `cache`...): `DPKerasModel.fit` resumes it at the
-    privacy ledger's step before reading, so that a pipeline read again
-    (a second `fit`, a new epoch's iterator) continues where the released
+    (`prefetch`, `cache`...): `DPKerasModel.fit` resumes it at the privacy
+    ledger's position before reading, so that a pipeline read again (a
+    second `fit`, a new epoch's iterator) continues where the released
     updates stopped.
     """
-    pending = [dataset]
+    source = poisson_source(dataset)
+    return None if source is None else source[0]
+
+
+# Transformations that only select, order, repeat or regroup whole elements
+# (what they may get wrong, the model's identity check catches); any other,
+# a `map` above all, could compute across the rows of a micro-batch.
+_ELEMENT_TRANSFORMATIONS = frozenset(
+    {
+        "Prefetch",
+        "Options",
+        "Repeat",
+        "Take",
+        "Skip",
+        "Cache",
+        "Shuffle",
+        "Filter",
+        "Shard",
+        "Unbatch",
+        "Rebatch",
+        "Restructured",
+        "Concatenate",
+        "AssertCardinality",
+        "DirectedInterleave",
+        "IgnoreErrors",
+        "TakeWhile",
+        "Variant",
+    }
+)
+
+
+def poisson_source(dataset) -> Optional[Tuple[PoissonSampler, List[str]]]:
+    """(sampler, transformations) of a pipeline made by `make_poisson_dataset`, or None.
+
+    Args:
+      dataset: A `tf.data.Dataset`.
+
+    Returns:
+      None when no Poisson pipeline of this package is found upstream;
+      else its sampler and the names of the transformations applied on the
+      way, from `dataset` inwards (e.g. ["Prefetch", "Map"]; tf.data's class
+      names without underscores and "Dataset").
+    """
+    pending = [(dataset, [])]
     seen = set()
     while pending:
-        current = pending.pop()
+        current, path = pending.pop()
         if id(current) in seen:
             continue
         seen.add(id(current))
@@ -529,14 +572,41 @@ def sampler_of(dataset) -> Optional[PoissonSampler]:
         except TypeError:  # not weak-referenceable: not a dataset of ours
             sampler = None
         if sampler is not None:
-            return sampler
+            return sampler, path
+        # tf.data's (private, stable since TF 2.0) list of a dataset's inputs.
         inputs = getattr(current, "_inputs", None)
         if callable(inputs):
+            name = type(current).__name__.strip("_").removesuffix("Dataset")
             try:
-                pending.extend(inputs())
+                pending.extend((parent, path + [name]) for parent in inputs())
             except (TypeError, ValueError, NotImplementedError):
                 continue
     return None
+
+
+def check_transformations(transformations: List[str]) -> None:
+    """Refuses what was applied to a Poisson pipeline that could mix its rows.
+
+    Args:
+      transformations: From `poisson_source`.
+
+    Raises:
+      ValueError: naming `x` and the first transformation that is not an
+        element selection (e.g. a `map`, a `zip`).
+    """
+    for name in transformations:
+        if name not in _ELEMENT_TRANSFORMATIONS:
+            raise _validate.invalid(
+                "x",
+                "a make_poisson_dataset pipeline with nothing applied to it but element "
+                "selections (prefetch, repeat, take...)",
+                f"a pipeline transformed by {name}",
+                "A function over a whole micro-batch (a map, a zip of two pipelines) can mix "
+                "its examples (mix-up, batch standardization) before clipping. Transform "
+                "features and labels as arrays before make_poisson_dataset, and pass random "
+                "or per-example transformations as its augmenter=, which is called on one "
+                "example at a time",
+            )
 
 
 # Distributed Poisson datasets made here -> the (N, B) their samplers draw for.

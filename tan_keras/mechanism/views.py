@@ -13,7 +13,9 @@ views, which would reach that other example's clipped gradient unbounded.
 Only the augmenters of `tan_keras.make_augmenter`, which the package owns and
 knows to be per image (`register_per_image`), get the whole micro-batch in
 one call, for speed. Augmenters that only exist to blend examples (Keras's
-MixUp and CutMix) are refused (`check_augmenter`).
+MixUp and CutMix) are refused, and so are Keras augmenters holding
+preprocessing state adapted on data (`provenance.py`): both would carry one
+example into the others' views (`check_augmenter`).
 """
 
 import inspect
@@ -24,6 +26,7 @@ import keras
 import tensorflow as tf
 
 from tan_keras import _keras_internals, _validate
+from tan_keras.mechanism import provenance
 
 Augmenter = Callable[[tf.Tensor], tf.Tensor]
 
@@ -127,6 +130,13 @@ def check_augmenter(augmenter: Optional[Augmenter]) -> None:
                 "(tan_keras.make_augmenter, or Keras's random image layers) and augmentation "
                 "multiplicity (augmult=K) instead",
             )
+    if isinstance(augmenter, keras.layers.Layer):
+        # A Normalization adapted on the training set inside an augmenter
+        # carries every example's data into all the others' views.
+        try:
+            provenance.check(augmenter)
+        except ValueError as err:
+            raise ValueError(f"Invalid value for `augmenter`: {err}") from None
 
 
 def make_views(

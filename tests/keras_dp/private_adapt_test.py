@@ -17,9 +17,8 @@ import tensorflow as tf
 from _helpers import LOSS
 
 import tan_keras
-from tan_keras.keras_dp import provenance
 from tan_keras.keras_dp.callbacks import PrivacyAccountant
-from tan_keras.mechanism import noise, sampling
+from tan_keras.mechanism import noise, provenance, sampling
 from tan_keras.privacy import releases
 
 N, B, DELTA, SIGMA = 64, 16, 1e-5, 2.0

@@ -129,7 +129,7 @@ def mark_public(layer: keras.layers.Layer, reason: str) -> keras.layers.Layer:
     """Declares that a preprocessing layer's adapted state came from public data.
 
     A private model refuses a layer whose statistics or vocabulary were
-    adapted (see `tan_keras.keras_dp.provenance`): computed on the private
+    adapted (see `tan_keras.mechanism.provenance`): computed on the private
     training set, they would be released without noise. Call this after
     adapting the layer on data that is public (not the training set, nor
     anything derived from it); you vouch for it, tan_keras cannot check it.

@@ -17,8 +17,7 @@ import tensorflow as tf
 from _helpers import LOSS, flat
 
 import tan_keras
-from tan_keras.keras_dp import provenance
-from tan_keras.mechanism import sampling
+from tan_keras.mechanism import provenance, sampling
 
 N, B = 64, 16
 DP = dict(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=B, dataset_size=N)
