@@ -472,6 +472,7 @@ def make_poisson_dataset(
         divide the physical batch size.
     """
     augmult = _validate.positive_int("augmult", augmult)
+    views.check_augmenter(augmenter)
     begin, rows = shard_rows(sampler, num_shards, shard_index)
     check_dataset_size(sampler, _rows("features", features), _rows("labels", labels))
     features = tf.nest.map_structure(tf.convert_to_tensor, features)

@@ -138,3 +138,21 @@ def test_make_augmenter_keeps_its_one_call_and_its_keyed_views():
     alone = views.make_views(images[2:3], 2, augmenter, seed=seed, example_ids=ids[2:3]).numpy()
     # Keyed by (step, example, view): the same views whatever else is in the batch.
     np.testing.assert_array_equal(whole[2], alone[0])
+
+
+def test_an_augmenter_holding_statistics_adapted_on_the_data_is_refused():
+    # keras.io's ViT pattern moved into augmenter=: the adapted mean and
+    # variance carry every example into every other's views.
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
+    norm = keras.layers.Normalization()
+    norm.adapt(x)
+    augmenter = keras.Sequential([norm, keras.layers.GaussianNoise(0.1)])
+    with pytest.raises(ValueError, match="`augmenter`.*Normalization.*adapt"):
+        tan_keras.make_poisson_dataset(
+            x, np.zeros(32), sampling.PoissonSampler(32, 4), augmult=2, augmenter=augmenter
+        )
+    # Declared public (or privately adapted), it is accepted.
+    tan_keras.mark_public(norm, "adapted on a public proxy")
+    tan_keras.make_poisson_dataset(
+        x, np.zeros(32), sampling.PoissonSampler(32, 4), augmult=2, augmenter=augmenter
+    )

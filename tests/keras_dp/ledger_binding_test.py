@@ -341,3 +341,89 @@ def _generator(elements):
         yield from (tuple(np.asarray(t) for t in element) for element in elements)
 
     return generate()
+
+
+# ------------------------------------------- from the adversarial review's scripts
+class _KeepFirstEpoch(keras.callbacks.Callback):
+    """keras.io's own-callback pattern: keep the weights of the best (here: first) epoch."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            self.weights = self.model.get_weights()
+            self.steps = int(self.model.dp_steps.numpy())
+
+
+@pytest.mark.parametrize("copy", ["ema_weights", "layers_under_a_new_head", "epoch_snapshot"])
+def test_weights_copied_in_pieces_or_mid_fit_bring_their_ledger(copy):
+    base = dense_model()
+    trained = _private(base, ema_decay=0.5)
+    keep = _KeepFirstEpoch()
+    _train(trained, 5, callbacks=[keep], epochs=2)
+    spent = int(trained.dp_steps.numpy())
+    if copy == "ema_weights":
+        with trained.ema_weights():
+            weights = base.get_weights()
+        fresh = dense_model(seed=4)
+        fresh.set_weights(weights)
+    elif copy == "layers_under_a_new_head":
+        fresh = dense_model(seed=4, classes=5)
+        for old, new in zip(base.layers[:-1], fresh.layers[:-1]):
+            new.set_weights(old.get_weights())
+    else:
+        fresh = dense_model(seed=4)
+        fresh.set_weights(keep.weights[: len(base.weights)])
+        spent = keep.steps
+    private = _private(fresh)
+    assert int(private.dp_steps.numpy()) == spent
+
+
+def test_a_nested_backbones_own_file_brings_its_ledger(tmp_path):
+    def build(classes):
+        inputs = keras.Input((4,))
+        backbone = keras.Model(inputs, keras.layers.Dense(6, activation="tanh")(inputs))
+        outer = keras.Input((4,))
+        return backbone, keras.Model(outer, keras.layers.Dense(classes)(backbone(outer)))
+
+    backbone, model = build(3)
+    trained = _private(model)
+    _train(trained, 6)
+    path = str(tmp_path / "backbone.weights.h5")
+    backbone.save_weights(path)
+    # A fresh process: a new head on a new backbone, made private, then loaded.
+    fresh_backbone, fresh_model = build(2)
+    fresh = _private(fresh_model)
+    fresh_backbone.load_weights(path)
+    assert int(fresh.dp_steps.numpy()) == 6
+
+
+def test_legacy_hdf5_files_are_refused_for_private_models(tmp_path):
+    private = _private(dense_model())
+    for call in (private.save, private.load_weights):
+        with pytest.raises(ValueError, match="`filepath`.*legacy HDF5"):
+            call(str(tmp_path / "m.h5"))
+    checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "best.h5"))
+    with pytest.raises(ValueError, match="`filepath`.*legacy HDF5"):
+        _train(private, 2, callbacks=[checkpoint])
+    assert int(private.dp_steps.numpy()) == 0
+
+
+def test_a_dp_checkpoint_resumed_twice_never_gives_two_runs_the_same_noise(tmp_path):
+    from tan_keras.keras_dp import checkpointing
+
+    def resumed():
+        private = _private(dense_model())
+        ckpt = checkpointing.DPCheckpoint(str(tmp_path), private)
+        return private, ckpt
+
+    first, ckpt = resumed()
+    _train(first, 3)
+    ckpt.save()
+    key = first.noise_key.numpy().copy()
+    fork_a, ckpt_a = resumed()
+    ckpt_a.restore()
+    fork_b, ckpt_b = resumed()
+    ckpt_b.restore()
+    # The first resume continues the run exactly; the second draws fresh noise.
+    np.testing.assert_array_equal(fork_a.noise_key.numpy(), key)
+    assert not np.array_equal(fork_b.noise_key.numpy(), key)
+    assert int(fork_a.dp_steps.numpy()) == int(fork_b.dp_steps.numpy()) == 3
