@@ -18,6 +18,7 @@ _EXPORTS = {
     "DPConfig": "tan_keras.keras_dp.dp_config",
     "DPKerasModel": "tan_keras.keras_dp.dp_model",
     "make_private": "tan_keras.keras_dp.dp_model",
+    "make_private_with_epsilon": "tan_keras.keras_dp.budget",
     "PoissonSampler": "tan_keras.mechanism.sampling",
     "make_poisson_dataset": "tan_keras.mechanism.sampling",
     "PrivacyAccountant": "tan_keras.keras_dp.callbacks",

@@ -12,12 +12,15 @@ to a static physical size, split into micro-batches). Each element is
 `(x, y, mask, step_end)`: `mask` marks real rows (padding contributes exactly
 nothing) and `step_end` marks the last micro-batch of a logical step, when the
 accumulated clipped sum gets its noise -- once -- and the update is applied.
-Plain `(x, y)` or `(x, y, sample_weight)` batches are each one logical step.
+In-memory arrays are Poisson-sampled by the model (`array_inputs.py`); plain
+`(x, y)` or `(x, y, sample_weight)` batches are each one logical step with
+sampling="shuffled".
 """
 
 import contextlib
 import inspect
 import math
+import re
 from typing import Optional, Sequence, Union
 
 import keras
@@ -30,6 +33,7 @@ from tan_keras import (
     _validate,
 )
 from tan_keras.keras_dp import (
+    array_inputs,
     dp_state,
     ema,
     example_weights,
@@ -43,6 +47,7 @@ from tan_keras.keras_dp import (
     string_inputs,
 )
 from tan_keras.keras_dp import ledger as ledger_lib
+from tan_keras.keras_dp.callbacks import PrivacyAccountant
 from tan_keras.keras_dp.dp_config import DPConfig
 from tan_keras.mechanism import (
     chunking,
@@ -121,6 +126,32 @@ def _label_spec(arguments):
     )
 
 
+# TensorFlow's message for an index outside a table (gather, embedding
+# lookups, take): "indices[1,0,2] = 4242 is not in [0, 10)".
+_OUT_OF_RANGE_VALUE = re.compile(r"= -?\d+ is not in \[")
+
+
+def scrubbed_error(error: "tf.errors.InvalidArgumentError") -> Exception:
+    """`error` from inside a train step, its values withheld.
+
+    A runtime error of the compiled step is raised by the data of one
+    micro-batch, and TensorFlow prints what it found there: an out-of-range
+    id read by a custom layer ("indices[1,0,2] = 4242 is not in [0, 10)")
+    names a private value and its row. Numbers and quoted strings are
+    replaced, so the kind of failure and the op stay readable.
+    """
+    first_line = str(error.message).strip().splitlines()[0] if error.message else ""
+    withheld = re.sub(r"\d+", "#", re.sub(r"(['\"]).*?\1", "'...'", first_line))
+    return type(error)(
+        None,
+        None,
+        f"A training step failed inside TensorFlow ({type(error).__name__}): {withheld} "
+        "[values and positions withheld: they come from private training examples]. An id "
+        "out of range of a table is the usual cause: Embedding and lookup layers drop such "
+        "examples, a custom layer reading a table must check its ids itself.",
+    )
+
+
 @keras.saving.register_keras_serializable(package="tan_keras")
 @_keras_internals.skip_first_batch_build
 class DPKerasModel(keras.Model):
@@ -168,9 +199,10 @@ class DPKerasModel(keras.Model):
         in 256 MiB if all were formed (whatever the clipping mode, so that
         the chunk also bounds the activations); None processes the whole
         micro-batch at once; or an int >= 1.
-      sampling: "poisson" (default): batches from
-        `tan_keras.make_poisson_dataset`, accounted with
-        amplification by sampling; plain `(x, y)` batches are refused.
+      sampling: "poisson" (default): in-memory arrays passed to `fit`, or
+        batches from `tan_keras.make_poisson_dataset`, Poisson-sampled and
+        accounted with amplification by sampling; plain `(x, y)` batches
+        are refused.
         "shuffled": `fit(x, y, batch_size=expected_batch_size)` on arrays,
         accounted without amplification (see `DPConfig.sampling` and
         `tan_keras.keras_dp.fit_inputs`).
@@ -202,6 +234,10 @@ class DPKerasModel(keras.Model):
         data that no mark vouches for (`provenance.py`), or a lookup layer
         with `num_oov_indices=0` (`id_inputs.py`).
     """
+
+    # Set by `make_private_with_epsilon` (`budget.PrivacyBudget`): each fit
+    # then gets a PrivacyAccountant that stops at the budget.
+    privacy_budget = None
 
     def __init__(
         self,
@@ -597,8 +633,12 @@ class DPKerasModel(keras.Model):
     def fit(self, *args, **kwargs):
         """`keras.Model.fit`, guarded against inputs that would void DP.
 
-        Batches should come from `tan_keras.make_poisson_dataset`
-        (endless by default: pass `steps_per_epoch`, counted in micro-batches).
+        In-memory data (`fit(x, y, batch_size=B, epochs=E,
+        validation_split=...)`, arrays or dicts/lists of them) is
+        Poisson-sampled by the model itself (`array_inputs.py`): about N / B
+        noisy updates per epoch. A `tf.data` pipeline must come from
+        `tan_keras.make_poisson_dataset` (endless by default: pass
+        `steps_per_epoch`, counted in micro-batches).
         `sample_weight` and `class_weight` weigh each example's loss before
         its gradient is clipped (`example_weights.py`): clipping still bounds
         every example's contribution by C; a weight of 0 leaves the example
@@ -615,6 +655,9 @@ class DPKerasModel(keras.Model):
         arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
         arguments.pop("self", None)
         arguments.pop("kwargs", None)
+        if self._dp_config.sampling == "poisson" and fit_inputs.is_array(arguments.get("x")):
+            # The model draws the Poisson batches of in-memory data itself.
+            arguments = array_inputs.poisson_arguments(self._dp_config, arguments)
         # Before `prepare` wraps it: what was applied to the Poisson pipeline.
         sampler = self._poisson_sampler(arguments.get("x"))
         arguments = fit_inputs.prepare(self._dp_config, arguments)
@@ -662,6 +705,11 @@ class DPKerasModel(keras.Model):
         self._reset_accumulators()
         callbacks = list(arguments.get("callbacks") or [])
         fit_inputs.check_callbacks(callbacks)
+        budget = self.privacy_budget
+        if budget is not None and not any(isinstance(c, PrivacyAccountant) for c in callbacks):
+            callbacks.append(
+                PrivacyAccountant(budget.delta, budget.target_epsilon, accountant=budget.accountant)
+            )
         if self._dp_config.sampling == "shuffled":
             callbacks = [dp_state.EpochOpener(self._secret.epoch_open)] + callbacks
         if sampler is not None:
@@ -737,7 +785,12 @@ class DPKerasModel(keras.Model):
         checks_identity = self._dp_config.sampling == "poisson"
 
         def train_function(iterator):
-            logs = function(iterator)
+            try:
+                logs = function(iterator)
+            except tf.errors.InvalidArgumentError as error:
+                if _OUT_OF_RANGE_VALUE.search(str(error.message)):
+                    raise scrubbed_error(error) from None
+                raise
             if checks_identity:
                 # The compiled step blocked every update since the violation.
                 self._raise_on_identity_violation()

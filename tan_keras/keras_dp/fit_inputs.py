@@ -9,9 +9,11 @@ happened, so the input decides it, not a warning:
   identity (step, index in the step, N, B, sampler stream), which the train
   step checks against the privacy ledger (`step_identity.py`), whatever
   feeds `fit` (a dataset, a distributed dataset, a generator, a
-  `PyDataset`). Plain `(x, y)` batches -- `fit(x, y, batch_size=...)`, a
-  shuffled and batched dataset -- and micro-batches without identity are
-  refused: nothing says they are Poisson samples, each used once.
+  `PyDataset`). In-memory arrays, `fit(x, y, batch_size=B)`, are turned
+  into such a pipeline by the model (`array_inputs.py`). Plain `(x, y)`
+  batches -- a shuffled and batched dataset, a generator of batches -- and
+  micro-batches without identity are refused: nothing says they are Poisson
+  samples, each used once.
 * `sampling="caller_poisson"`: the opt-in for callers who draw Poisson
   micro-batches themselves, `(x, y, mask, step_end)`, and vouch for them.
 * `sampling="shuffled"`: `fit(x, y, batch_size=B)` on in-memory arrays,
@@ -40,9 +42,9 @@ NOT_POISSON_ERROR = (
     "Poisson sampling (sampling='poisson'): each example included independently with "
     "probability q = B/N at every step. Shuffled fixed-size batches do not satisfy it "
     "and the reported epsilon would not be a valid bound (audits measured 4-10x gaps). "
-    "Feed tan_keras.make_poisson_dataset(...) instead, or build the model with "
-    "sampling='shuffled' to train on fit(x, y, batch_size=expected_batch_size) with the "
-    "(larger) epsilon of shuffled batches without amplification."
+    "Pass the in-memory arrays themselves, fit(x, y, batch_size=expected_batch_size, "
+    "epochs=...), and the model draws Poisson batches from them; for a tf.data pipeline "
+    "feed tan_keras.make_poisson_dataset(...) instead."
 )
 
 NO_IDENTITY_ERROR = (
@@ -148,7 +150,14 @@ def prepare(config: DPConfig, arguments: Dict[str, Any]) -> Dict[str, Any]:
         return arguments
     if config.poisson:
         if is_array(data):
-            raise ValueError(NOT_POISSON_ERROR)
+            raise _validate.invalid(
+                "sampling",
+                "'poisson' to train on in-memory arrays (the model then draws the Poisson "
+                "batches itself)",
+                config.sampling,
+                "With sampling='caller_poisson' fit takes only the caller's micro-batches "
+                "(x, y, mask, step_end)",
+            )
         return arguments  # generators...: their elements are checked in train_step
     return _check_shuffled_arrays(config, arguments)
 

@@ -107,6 +107,11 @@ def fingerprint(layer: Any) -> str:
             token = token if isinstance(token, (str, bytes)) else str(token)
             digest.update(token.encode() if isinstance(token, str) else token)
             digest.update(b"\x00")
+        # tf-idf weights are adapted document frequencies: re-adapting on other
+        # data can change them and leave the vocabulary as it was.
+        idf = getattr(getattr(layer, "_lookup_layer", layer), "idf_weights", None)
+        if idf is not None:
+            digest.update(np.asarray(keras.ops.convert_to_numpy(idf), np.float64).tobytes())
     return digest.hexdigest()
 
 

@@ -433,6 +433,12 @@ def check_dataset_size(sampler: PoissonSampler, feature_rows: int, label_rows: i
         )
 
 
+def _padding_zeroed(rows: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """`rows` with the rows where `mask` is 0 replaced by zeros (empty strings)."""
+    real = tf.reshape(mask > 0, [-1] + [1] * (rows.shape.rank - 1))
+    return tf.where(real, rows, tf.zeros_like(rows))
+
+
 def make_poisson_dataset(
     features: np.ndarray,
     labels: np.ndarray,
@@ -483,11 +489,13 @@ def make_poisson_dataset(
         # the hosts together see each sampled example exactly once.
         indices, mask = indices[begin : begin + rows], mask[begin : begin + rows]
         step_end, identity = step_end[begin : begin + rows], identity[begin : begin + rows]
-        x = tf.nest.map_structure(lambda t: tf.gather(t, indices), features)
+        # Padding rows gather example 0; they are zeroed, so that no function
+        # over the micro-batch can reach an example the step did not sample.
+        x = tf.nest.map_structure(lambda t: _padding_zeroed(tf.gather(t, indices), mask), features)
         # Views keyed by (step key, example, view): whichever shard holds an
         # example draws the same views for it.
         x = views.sampled_views(x, augmult, augmenter, seed=seed, example_ids=indices)
-        y = tf.nest.map_structure(lambda t: tf.gather(t, indices), labels)
+        y = tf.nest.map_structure(lambda t: _padding_zeroed(tf.gather(t, indices), mask), labels)
         return x, y, mask, step_end, identity
 
     dataset = sampler.micro_batches(steps, with_seeds=augmenter is not None)
@@ -552,19 +560,25 @@ _ELEMENT_TRANSFORMATIONS = frozenset(
 def poisson_source(dataset) -> Optional[Tuple[PoissonSampler, List[str]]]:
     """(sampler, transformations) of a pipeline made by `make_poisson_dataset`, or None.
 
+    Every branch upstream of `dataset` is walked, not only the first that
+    reaches a Poisson pipeline: in `p.take(2).map(f).concatenate(p)` the
+    mapped branch counts as much as the plain one.
+
     Args:
       dataset: A `tf.data.Dataset`.
 
     Returns:
       None when no Poisson pipeline of this package is found upstream;
-      else its sampler and the names of the transformations applied on the
-      way, from `dataset` inwards (e.g. ["Prefetch", "Map"]; tf.data's class
+      else its sampler (the first found) and the names of every
+      transformation between `dataset` and the Poisson pipelines, on any
+      branch, outermost first (e.g. ["Prefetch", "Map"]; tf.data's class
       names without underscores and "Dataset").
     """
-    pending = [(dataset, [])]
+    pending = [dataset]
     seen = set()
+    found, transformations = None, []
     while pending:
-        current, path = pending.pop()
+        current = pending.pop(0)
         if id(current) in seen:
             continue
         seen.add(id(current))
@@ -573,16 +587,20 @@ def poisson_source(dataset) -> Optional[Tuple[PoissonSampler, List[str]]]:
         except TypeError:  # not weak-referenceable: not a dataset of ours
             sampler = None
         if sampler is not None:
-            return sampler, path
+            found = found or sampler
+            continue
+        name = type(current).__name__.strip("_").removesuffix("Dataset")
+        transformations.append(name)
         # tf.data's (private, stable since TF 2.0) list of a dataset's inputs.
         inputs = getattr(current, "_inputs", None)
         if callable(inputs):
-            name = type(current).__name__.strip("_").removesuffix("Dataset")
             try:
-                pending.extend((parent, path + [name]) for parent in inputs())
+                pending.extend(inputs())
             except (TypeError, ValueError, NotImplementedError):
                 continue
-    return None
+    if found is None:
+        return None
+    return found, transformations
 
 
 def check_transformations(transformations: List[str]) -> None:

@@ -1,4 +1,4 @@
-"""DP training under MirroredStrategy with 1, 2 and 4 replicas (CPU devices).
+"""DP training under MirroredStrategy with 1 and 2 replicas (CPU devices).
 
 Each configuration runs in a subprocess (`_distributed_worker.py`), since the
 number of logical devices is fixed when TensorFlow starts.
@@ -39,14 +39,14 @@ def _std_ok(result, rel_tol=0.03):
     return abs(result["noise_std"] / result["expected_std"] - 1) < rel_tol
 
 
-@pytest.mark.parametrize("replicas", [2, 4])
+@pytest.mark.parametrize("replicas", [2])
 def test_weights_equal_the_single_device_run_without_noise(replicas):
     single, multi = _run(1), _run(replicas)
     for a, b in zip(single["weights"], multi["weights"]):
         np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-5)
 
 
-@pytest.mark.parametrize("replicas", [1, 2, 4])
+@pytest.mark.parametrize("replicas", [1, 2])
 def test_adam_equals_the_run_without_a_strategy(replicas):
     # The gated update puts Adam's state back on micro-batches that end no
     # logical step: 3 updates, not 6, and the same weights as the one-device
@@ -62,7 +62,7 @@ def test_adam_equals_the_run_without_a_strategy(replicas):
     assert moved > 1e-4  # Adam's update differs from SGD's: the comparison means something
 
 
-@pytest.mark.parametrize("replicas", [1, 2, 4])
+@pytest.mark.parametrize("replicas", [1, 2])
 def test_optimizer_clipping_is_refused_with_several_replicas(replicas):
     # Keras clips each replica's partial (noisy) gradient before the
     # all-reduce: with R > 1 that is not post-processing of the noisy sum.
@@ -75,7 +75,7 @@ def test_optimizer_clipping_is_refused_with_several_replicas(replicas):
         assert result["late_clipnorm_untouched"]
 
 
-@pytest.mark.parametrize("replicas", [1, 2, 4])
+@pytest.mark.parametrize("replicas", [1, 2])
 def test_chunked_clipping_per_replica_equals_the_single_device_run(replicas):
     single, multi = _run(1), _run(replicas)
     for a, b in zip(single["weights"], multi["weights_chunked"]):
@@ -83,19 +83,19 @@ def test_chunked_clipping_per_replica_equals_the_single_device_run(replicas):
     assert multi["chunked_moved"] > 1e-3  # the steps moved the weights: equality means something
 
 
-@pytest.mark.parametrize("replicas", [1, 2, 4])
+@pytest.mark.parametrize("replicas", [1, 2])
 def test_noise_std_is_sigma_c_over_global_batch(replicas):
     result = _run(replicas)
     assert _std_ok(result), result["noise_std"] / result["expected_std"]
 
 
-@pytest.mark.parametrize("replicas,variant", [(2, "same_seed"), (4, "full_noise")])
+@pytest.mark.parametrize("replicas,variant", [(2, "same_seed"), (2, "full_noise")])
 def test_power_check_broken_replica_noise_fails_the_std_test(replicas, variant):
     result = _run(replicas, variant)
     assert not _std_ok(result), result["noise_std"] / result["expected_std"]
 
 
-@pytest.mark.parametrize("replicas", [2, 4])
+@pytest.mark.parametrize("replicas", [2])
 def test_per_replica_noise_is_uncorrelated(replicas):
     draws = np.array(_run(replicas)["replica_noise"])
     corr = np.corrcoef(draws)
@@ -109,14 +109,14 @@ def test_power_check_same_seed_replicas_are_correlated():
 
 
 def test_step_count_and_epsilon_do_not_depend_on_replicas():
-    steps = {r: _run(r)["dp_steps"] for r in (1, 2, 4)}
-    assert steps == {1: 3, 2: 3, 4: 3}
-    assert all(_run(r)["dp_steps_after_set_weights"] == 3 for r in (1, 2, 4))
+    steps = {r: _run(r)["dp_steps"] for r in (1, 2)}
+    assert steps == {1: 3, 2: 3}
+    assert all(_run(r)["dp_steps_after_set_weights"] == 3 for r in (1, 2))
     eps = {r: accounting.compute_epsilon(1.0, 8 / 64, s, 1e-5) for r, s in steps.items()}
     assert len(set(eps.values())) == 1
 
 
-@pytest.mark.parametrize("replicas", [1, 2, 4])
+@pytest.mark.parametrize("replicas", [1, 2])
 def test_weight_penalty_gradient_is_applied_once(replicas):
     result = _run(replicas)
     assert result["reg_update"] == pytest.approx(result["reg_expected"], rel=1e-5)
@@ -127,7 +127,7 @@ def test_power_check_penalty_added_on_every_replica_is_caught():
     assert result["reg_update"] == pytest.approx(2 * result["reg_expected"], rel=1e-5)
 
 
-@pytest.mark.parametrize("replicas", [1, 2, 4])
+@pytest.mark.parametrize("replicas", [1, 2])
 def test_invalid_labels_and_model_checks_hold_under_the_strategy(replicas):
     result = _run(replicas)
     assert result["invalid_labels_counted"] == 2
@@ -135,7 +135,7 @@ def test_invalid_labels_and_model_checks_hold_under_the_strategy(replicas):
     assert not result["tied_kernel_ghosted"]
 
 
-@pytest.mark.parametrize("replicas", [2, 4])
+@pytest.mark.parametrize("replicas", [2])
 def test_several_inputs_and_outputs_train_alike_on_any_number_of_replicas(replicas):
     single, many = _run(1), _run(replicas)
     assert single["structured_steps"] == many["structured_steps"] >= 1

@@ -1,0 +1,125 @@
+"""`make_private_with_epsilon`: a private model from a privacy budget in one call.
+
+The user says what they may spend (epsilon, delta) and how long they want to
+train (epochs at an expected batch size B on N examples); the noise
+multiplier that spends at most that budget over ceil(epochs * N / B) noisy
+updates is calibrated by the accountant, the plan is shown (sigma, steps,
+eta, eps_TAN, the overcharged regime), and every `fit` of the model carries
+a `PrivacyAccountant` that stops training BEFORE an update would take the
+ledger's epsilon past the budget -- the whole ledger's, so earlier releases
+of the same weights count too.
+"""
+
+import dataclasses
+from typing import Optional, Sequence
+
+import keras
+
+from tan_keras import _validate
+from tan_keras.privacy import cli
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyBudget:
+    """What a model made by `make_private_with_epsilon` may spend.
+
+    Attributes:
+      target_epsilon: The budget's epsilon, > 0.
+      delta: Its delta, in (0, 1).
+      accountant: "rdp" or "pld".
+      plan: The calibrated plan (`tan_keras.privacy.cli.report`'s dict).
+    """
+
+    target_epsilon: float
+    delta: float
+    accountant: str
+    plan: dict
+
+    def describe(self) -> str:
+        """The plan as printed when the model is made."""
+        return cli.format_report(self.plan)
+
+
+def make_private_with_epsilon(
+    model: keras.Model,
+    *,
+    target_epsilon: float,
+    delta: float,
+    epochs: float,
+    expected_batch_size: int,
+    dataset_size: int,
+    l2_norm_clip: float = 1.0,
+    accountant: str = "rdp",
+    input_shape: Optional[Sequence[int]] = None,
+    verbose: bool = True,
+    **dp_kwargs,
+):
+    """Makes `model` private with the noise that trains `epochs` within a budget.
+
+    Args:
+      model: A Keras 3 model, as for `make_private`.
+      target_epsilon: The privacy budget's epsilon, a float > 0.
+      delta: Its delta, a float in (0, 1); no default: take it well below
+        1 / dataset_size (e.g. 1e-5 for 50,000 examples).
+      epochs: Planned passes over the data, a float > 0: the noise is
+        calibrated for ceil(epochs * N / B) noisy updates.
+      expected_batch_size: B, the expected Poisson batch size.
+      dataset_size: N, the number of distinct training examples.
+      l2_norm_clip: C, the per-example clipping norm (default 1.0).
+      accountant: "rdp" (default) or "pld".
+      input_shape: For a subclassed model, as for `make_private`.
+      verbose: Print the plan (default True).
+      **dp_kwargs: Other `DPKerasModel` arguments (augmult, ema_decay,
+        clipping, sampling, clipped_fraction_std, ...); not noise_multiplier.
+
+    Returns:
+      A `DPKerasModel` (compile it, then fit): its `privacy_budget` holds the
+      budget and plan, and each `fit` without a `PrivacyAccountant` of its
+      own gets one that logs epsilon and stops at the budget.
+
+    Raises:
+      ValueError: before anything is built, on an argument out of range, a
+        `noise_multiplier` among `dp_kwargs`, or a budget the accountant
+        cannot meet.
+    """
+    from tan_keras.keras_dp import dp_model  # the model module imports this one
+
+    if "noise_multiplier" in dp_kwargs:
+        raise _validate.invalid(
+            "noise_multiplier",
+            "no value: make_private_with_epsilon calibrates it for target_epsilon",
+            dp_kwargs["noise_multiplier"],
+            "Use make_private to choose the noise multiplier yourself",
+        )
+    target_epsilon = _validate.positive("target_epsilon", target_epsilon)
+    delta = _validate.delta("delta", delta)
+    epochs = _validate.positive("epochs", epochs)
+    accountant = _validate.one_of("accountant", accountant, ("rdp", "pld"))
+    plan = cli.report(
+        dataset_size=dataset_size,
+        batch_size=expected_batch_size,
+        delta=delta,
+        epochs=epochs,
+        target_eps=target_epsilon,
+        augmult=dp_kwargs.get("augmult", 1),
+        accountant=accountant,
+        clipped_fraction_std=dp_kwargs.get("clipped_fraction_std"),
+    )
+    private = dp_model.make_private(
+        model,
+        input_shape=input_shape,
+        l2_norm_clip=l2_norm_clip,
+        noise_multiplier=plan["noise_multiplier"],
+        expected_batch_size=expected_batch_size,
+        dataset_size=dataset_size,
+        **dp_kwargs,
+    )
+    private.privacy_budget = PrivacyBudget(
+        target_epsilon=float(target_epsilon),
+        delta=float(delta),
+        accountant=accountant,
+        plan=plan,
+    )
+    if verbose:
+        print(private.privacy_budget.describe())
+    return private

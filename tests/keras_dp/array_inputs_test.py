@@ -1,0 +1,126 @@
+"""`fit(x, y, batch_size=B, epochs=E, validation_split=...)` on arrays, sampled by the model.
+
+A Keras user's first call. The model draws Poisson batches of expected size
+B from the training rows itself (each row carrying its sampling identity, as
+from make_poisson_dataset): about E * N / B noisy updates, the held-out rows
+of `validation_split` never trained on, and every mismatch refused before
+any update.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import tan_keras
+from tan_keras.mechanism import sampling
+
+N, B = 64, 8
+DP = dict(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=B, dataset_size=N)
+
+
+def _data(rows=N):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(rows, 4)).astype(np.float32), rng.integers(0, 3, rows)
+
+
+def _private(**overrides):
+    inputs = keras.Input((4,))
+    base = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Dense(5)(inputs)))
+    model = tan_keras.make_private(base, **{**DP, **overrides})
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def test_arrays_train_about_n_over_b_poisson_updates_per_epoch():
+    model = _private()
+    x, y = _data()
+    history = model.fit(x, y, batch_size=B, epochs=2, verbose=0)
+    # ceil(N / B) micro-batches per epoch; a logical step larger than the
+    # physical batch (probability ~1e-5 here) takes two.
+    assert int(model.dp_steps.numpy()) in (15, 16)
+    assert len(history.history["loss"]) == 2
+    # A second fit continues the ledger's sampling position.
+    model.fit(x, y, epochs=1, verbose=0)
+    assert int(model.dp_steps.numpy()) in (22, 23, 24)
+    assert int(model.sampling_position) == int(model.dp_steps.numpy())
+
+
+def test_validation_split_holds_out_the_last_rows_before_sampling(monkeypatch):
+    seen = []
+    original = sampling.make_poisson_dataset
+
+    def spy(features, labels, sampler, **kwargs):
+        seen.append((np.asarray(features), sampler.dataset_size))
+        return original(features, labels, sampler, **kwargs)
+
+    monkeypatch.setattr(sampling, "make_poisson_dataset", spy)
+    x, y = _data(80)
+    model = _private()  # dataset_size 64 = 80 * (1 - 0.2)
+    history = model.fit(x, y, batch_size=B, validation_split=0.2, verbose=0)
+    ((features, dataset_size),) = seen
+    np.testing.assert_array_equal(features, x[:64])
+    assert dataset_size == 64
+    assert "val_loss" in history.history and "val_accuracy" in history.history
+
+
+def test_dict_inputs_train():
+    a, b = keras.Input((2,), name="a"), keras.Input((2,), name="b")
+    base = keras.Model({"a": a, "b": b}, keras.layers.Dense(3)(keras.layers.Concatenate()([a, b])))
+    model = tan_keras.make_private(base, **DP)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = _data()
+    model.fit({"a": x[:, :2], "b": x[:, 2:]}, y, batch_size=B, epochs=1, verbose=0)
+    assert int(model.dp_steps.numpy()) in (7, 8)
+
+
+@pytest.mark.parametrize(
+    "arguments, rows, message",
+    [
+        (dict(batch_size=16), N, "batch_size.*expected_batch_size \\(8\\)"),
+        (dict(batch_size=B), N + 1, "dataset_size.*65"),
+        (dict(validation_split=0.5), N, "dataset_size.*32 \\(64 rows less validation_split"),
+        (dict(validation_split=1.5), N, "validation_split"),
+        (dict(sample_weight=np.ones(N)), N, "sample_weight"),
+        (dict(y=None), N, "`y`"),
+    ],
+)
+def test_mismatches_are_refused_before_any_update(arguments, rows, message):
+    model = _private()
+    weights = [w.copy() for w in model.get_weights()]
+    x, y = _data(rows)
+    call = {"y": y, **arguments}
+    with pytest.raises(ValueError, match=message):
+        model.fit(x, verbose=0, **call)
+    assert int(model.dp_steps.numpy()) == 0
+    for before, after in zip(weights, model.get_weights()):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_caller_poisson_arrays_are_refused_with_what_to_do():
+    model = _private(sampling="caller_poisson")
+    x, y = _data()
+    with pytest.raises(ValueError, match="sampling.*'poisson' to train on in-memory arrays"):
+        model.fit(x, y, batch_size=B, verbose=0)
+
+
+def test_batches_really_are_poisson_sampled(monkeypatch):
+    """The arrays are never cut by Keras: every micro-batch has a Poisson identity."""
+    model = _private()
+    x, y = _data()
+    seen = []
+    original = type(model).train_step
+
+    def spy(self, data):
+        seen.append(len(data))
+        return original(self, data)
+
+    monkeypatch.setattr(type(model), "train_step", spy)
+    model.fit(x, y, batch_size=B, epochs=1, verbose=0)
+    assert seen and set(seen) == {5}  # (x, y, mask, step_end, identity)
