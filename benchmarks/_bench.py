@@ -42,15 +42,23 @@ def keras_train_step(model, data):
     dataset = tf.data.Dataset.from_tensors(data).repeat()
     config = getattr(model, "dp_config", None)
     if config is not None and config.sampling == "poisson":
-        from tan_keras.mechanism import sampling
+        from tan_keras.mechanism import content_digest, sampling
 
         rows = len(data[2])
         start = int(model.sampling_position.numpy())
 
         def numbered(index, element):
             identity = sampling.identity_rows(
-                start + index, 0, 1, config.dataset_size, config.expected_batch_size, 0, rows
+                start + index,
+                0,
+                1,
+                config.dataset_size,
+                config.expected_batch_size,
+                0,
+                rows,
             )
+            # The pipelines that draw micro-batches seal them; this one is ours.
+            identity = content_digest.seal(tuple(element[:3]), identity)
             return (*element, identity)
 
         dataset = dataset.enumerate().map(numbered)

@@ -98,7 +98,7 @@ def _dp_update(width, sigma, clip, batch, x, y, mask, precision):
     import tensorflow as tf
 
     from tan_keras.keras_dp.dp_model import DPKerasModel
-    from tan_keras.mechanism import sampling
+    from tan_keras.mechanism import content_digest, sampling
 
     keras.mixed_precision.set_global_policy(precision)
     try:
@@ -119,7 +119,9 @@ def _dp_update(width, sigma, clip, batch, x, y, mask, precision):
             jit_compile=True,
         )
         start = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
-        identity = sampling.identity_rows(0, 0, 1, 10 * batch, batch, 0, len(y))
+        identity = content_digest.seal(
+            (x, y, mask), sampling.identity_rows(0, 0, 1, 10 * batch, batch, 0, len(y))
+        )
         element = (x, y, mask, np.ones(len(y), bool), identity)
         data = tf.data.Dataset.from_tensors(element)
         model.fit(data, verbose=0)

@@ -21,7 +21,7 @@ R, VARIANT = int(sys.argv[1]), sys.argv[2]
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * R)
 
-from _helpers import identities  # noqa: E402
+from _helpers import identities, sealed  # noqa: E402
 
 from tan_keras.keras_dp.callbacks import PrivacyAccountant  # noqa: E402
 from tan_keras.keras_dp.dp_model import DPKerasModel  # noqa: E402
@@ -84,13 +84,15 @@ def build(
 def dataset(model, x, y, mask, steps, micro):
     """`steps` logical steps of `micro` micro-batches of P rows each, the next ones of `model`."""
     ends = np.tile(np.arange(micro) == micro - 1, steps)
-    return tf.data.Dataset.from_tensor_slices(
-        (
-            x.reshape(-1, P, x.shape[-1]).astype(np.float32),
-            y.reshape(-1, P).astype(np.int32),
-            mask.reshape(-1, P).astype(np.float32),
-            np.repeat(ends[:, None], P, axis=1),
-            identities(model, ends, P),
+    return sealed(
+        tf.data.Dataset.from_tensor_slices(
+            (
+                x.reshape(-1, P, x.shape[-1]).astype(np.float32),
+                y.reshape(-1, P).astype(np.int32),
+                mask.reshape(-1, P).astype(np.float32),
+                np.repeat(ends[:, None], P, axis=1),
+                identities(model, ends, P),
+            )
         )
     )
 

@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from tan_keras.keras_dp.dp_model import DPKerasModel
+from tan_keras.mechanism import content_digest, sampling
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -60,19 +61,32 @@ def _numbered(model, parts, ends, rows):
     relative = identities(model, ends, rows=rows, start_step=0)
     data = tf.data.Dataset.from_tensor_slices(parts + (relative,))
     counter = model.sampling_position
-    offset = np.zeros(8, np.int64)
+    offset = np.zeros(len(sampling.IDENTITY_COLUMNS), np.int64)
     offset[0] = 1
 
     def numbered(_):
         start = tf.cast(counter.read_value(), tf.int64)
-        return data.map(lambda *e: (*e[:-1], e[-1] + start * offset))
+        return data.map(lambda *e: (*e[:-1], seal_row_content(e, e[-1] + start * offset)))
 
     numbered_data = tf.data.Dataset.from_tensors(0).flat_map(numbered)
     return numbered_data.apply(tf.data.experimental.assert_cardinality(len(relative)))
 
 
+def seal_row_content(element, identity):
+    """`identity` with the digest of the element's (x, y, mask), as the sampler writes it."""
+    return content_digest.seal(tuple(element[:3]), identity)
+
+
+def sealed(dataset):
+    """A dataset of (x, y, mask, step_end, identity) elements with their content sealed."""
+    return dataset.map(lambda *e: (*e[:4], seal_row_content(e, e[4])))
+
+
 def identities(model, ends, rows, start_step=None, source=7):
-    """[micro-batches, rows, 8] identities of consecutive steps ending where `ends` says."""
+    """[micro-batches, rows, 9] identities of consecutive steps ending where `ends` says.
+
+    Their content column is 0: seal each element (`sealed`, `seal_row_content`).
+    """
     config = model.dp_config
     step = int(model.sampling_position.numpy()) if start_step is None else start_step
     ends = np.asarray(ends, bool)
@@ -84,7 +98,8 @@ def identities(model, ends, rows, start_step=None, source=7):
         tag = [step, index, count, config.dataset_size, config.expected_batch_size, source]
         columns = np.tile(np.asarray(tag, np.int64), (rows, 1))
         positions = np.arange(rows, dtype=np.int64)[:, None]
-        return np.concatenate([columns, positions, np.full((rows, 1), rows, np.int64)], axis=1)
+        count = np.full((rows, 1), rows, np.int64)
+        return np.concatenate([columns, positions, count, np.zeros((rows, 1), np.int64)], axis=1)
 
     for index, end in enumerate(ends):
         if end:

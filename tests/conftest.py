@@ -52,6 +52,31 @@ SLOW_TESTS = {
     "tests/training/flags_test.py::test_flagfile_trains_two_steps[cifar10_wrn16_4.cfg-extra0]",
     # [test_weight_penalty_gradient_is_applied_once]
     "tests/keras_dp/distributed_test.py::test_power_check_penalty_added_on_every_replica_is_caught",
+    # [readme_test's Keras-project example; the text models of string_inputs_test]
+    "tests/readme_test.py::test_text_example_runs_and_learns_word_order_privately",
+    # [the other attacks of the same power check]
+    "tests/keras_dp/step_identity_test.py::test_power_check_without_the_identity_check_the_attack_trains[regroup]",
+    # [multiworker_test's two workers equal to one device; the same_seed power check]
+    "tests/keras_dp/distributed_test.py::test_weights_equal_the_single_device_run_without_noise[2]",
+    "tests/keras_dp/distributed_test.py::test_power_check_broken_replica_noise_fails_the_std_test[2-full_noise]",
+    # [the other injected faults; the other routes' audit]
+    "tests/keras_dp/audit_test.py::test_power_check_audit_catches_injected_fault[noise_reused_by_pairs_of_steps]",
+    "tests/keras_dp/audit_test.py::test_power_check_audit_catches_injected_fault[noise_x1e-3]",
+    "tests/keras_dp/audit_test.py::test_audit_lower_bound_stays_below_the_claimed_epsilon[layerwise]",
+    # [the other cancelling examples]
+    "tests/mechanism/ghost_test.py::test_a_cancelling_example_moves_the_dp_update_by_at_most_lr_c_over_b[two_cancelling_views]",
+    # [the same properties at another setting or on another route]
+    "tests/keras_dp/dp_model_test.py::test_gradient_accumulation_gives_the_same_update[2]",
+    "tests/keras_dp/step_identity_test.py::test_nothing_is_released_from_the_violation_on[True]",
+    "tests/mechanism/ghost_test.py::test_a_cancelling_example_moves_the_dp_update_by_at_most_lr_c_over_b[dense_then_pooling]",
+    "tests/keras_dp/audit_test.py::test_power_check_audit_catches_injected_fault[noise_reused_every_step]",
+    "tests/keras_dp/id_inputs_test.py::test_invalid_ids_of_an_input_are_dropped_and_counted[chunked-True]",
+    "tests/keras_dp/nonfinite_test.py::test_finite_input_with_nonfinite_gradient_is_zeroed[auto-True]",
+    # [benchmark_test's dp_step benchmark; imagenet_input_test]
+    "tests/benchmark_test.py::test_embedding_ghost_benchmark_prints_ratios_against_the_vectorized_step",
+    "tests/benchmark_test.py::test_imagenet_input_benchmark_prints_views_per_core",
+    # [the garbled index and foreign checkpoint refusals]
+    "tests/training/train_resume_test.py::test_corrupted_checkpoint_is_refused",
 }
 
 

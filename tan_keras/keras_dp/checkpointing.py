@@ -18,12 +18,23 @@ whole run can be regenerated. Keep checkpoints as private as the training
 data; publish only the final weights (`model.save_weights`, `model.save`),
 which exclude the key.
 
-A checkpoint resumes its noise stream once. Restoring the same checkpoint
-again (a second run forked from it, a sweep started from one warm start)
-would draw the very same noise for both runs' next updates: the difference
-of their releases would carry none. So each restore leaves a marker next to
-the checkpoint, and a checkpoint restored again gets a fresh noise key from
-OS entropy (exact resume is then given up for that run, never privacy).
+Restoring is a fork unless told otherwise. Two runs restored from one
+checkpoint (a sweep started from one warm start, a copied run directory, a
+job resumed twice) would, with the checkpoint's keys, draw the very same
+noise and batches for their next updates: the difference of their releases
+would carry none. Nothing on disk can tell a first restore from a second (a
+copy of the directory carries no trace of the other), so by default a
+restore draws a fresh noise key and, for a single-host sampler, a fresh
+sampling key from OS entropy: the run continues with the same count,
+weights and optimizer, privately, but not bit for bit as the uninterrupted
+run would have. `restore(exact_resume=True)` keeps the keys, for a run
+resumed after a preemption that nobody else restores (it is then your
+promise that the checkpoint is never restored twice; a local checkpoint
+restored again is still given fresh noise, as a safety net). Runs with
+explicit seeds (`noise_seed`, a seeded sampler) are not private against
+whoever knows the seeds and keep them. The privacy ledger counts every
+restore's updates apart from the checkpoint's own (`ledger.py`), so forks
+add up when their weights meet.
 """
 
 import json
@@ -35,7 +46,8 @@ import keras
 import tensorflow as tf
 
 from tan_keras import _private_files, _validate
-from tan_keras.mechanism import noise, per_example
+from tan_keras.keras_dp import ledger as ledger_lib
+from tan_keras.mechanism import noise, per_example, sampling
 
 _FINGERPRINT_KEYS = (
     "l2_norm_clip",
@@ -138,12 +150,17 @@ class DPCheckpoint:
         _private_files.restrict(self.directory)
         return path
 
-    def restore(self, path: Optional[str] = None) -> int:
+    def restore(self, path: Optional[str] = None, exact_resume: bool = False) -> int:
         """Restores a checkpoint (default: the latest) and rewinds the sampler.
 
         Args:
           path: A checkpoint path prefix; None restores the latest one. With no
             checkpoint at all, nothing is restored and 0 is returned.
+          exact_resume: Keep the checkpoint's noise and sampling keys, so that
+            the run continues exactly as if never interrupted. Only for the
+            one continuation of a run: two runs restored with it from one
+            checkpoint (or copies of it) release the same noise. False
+            (default): fresh keys from OS entropy (see the module doc).
 
         Returns:
           The privacy ledger after the restore (`dp_steps`): the checkpoint's
@@ -155,17 +172,18 @@ class DPCheckpoint:
           CheckpointError: if the checkpoint is unreadable or was written by a
             run with a different DP configuration.
         """
+        if not isinstance(exact_resume, bool):
+            raise _validate.invalid("exact_resume", "True or False", exact_resume)
         path = path or self.latest
         if path is None:
             return 0
         counters = (self.model.dp_steps, self.model.dp_epochs)
-        before = [int(c.numpy()) for c in counters]
-        try:
+        # Every restore counts its updates apart from the checkpoint's own
+        # (ledger.py): a copy of the checkpoint restored elsewhere cannot be
+        # told from a first restore, and the forks must add up. Even a
+        # refused checkpoint must not leave the ledger rewound.
+        with ledger_lib.restoring_checkpoint(self.model.privacy_ledger, counters):
             self._restore_checked(path)
-        finally:
-            # Even a refused checkpoint must not leave the ledger rewound.
-            for counter, value in zip(counters, before):
-                counter.assign(max(value, int(counter.numpy())))
         # The ledger only moves forward. Restoring an older checkpoint (in
         # this process, or while newer ones exist) brings back its weights,
         # not its step count: the updates released after it were spent, and
@@ -173,19 +191,35 @@ class DPCheckpoint:
         latest = self._latest_ledger()
         for counter, value in zip(counters, latest):
             counter.assign(max(int(counter.numpy()), value))
-        self._fresh_noise_if_restored_before(path)
+        if exact_resume:
+            self._fresh_noise_if_restored_before(path)
+        else:
+            self._fresh_keys()
         spent = int(self.model.dp_steps.numpy())
         self.model.privacy_ledger._sync_position()
         if self.sampler is not None:
             self.sampler.resume_at(int(self.model.sampling_position.numpy()))
         return spent
 
+    def _fresh_keys(self) -> None:
+        """New noise and sampling keys from OS entropy, unless the run chose seeds."""
+        if not self.model.noise_seeded:
+            self.model.noise_key.assign(noise.make_noise_key())
+        if self.sampler is not None and self.sampler.key_is_secret_and_local:
+            self.sampler.key.assign(sampling.entropy_int64())
+
+    @staticmethod
+    def _restored_before(path: str) -> bool:
+        """Whether `path` has its `.resumed` marker (never, for a non-local path)."""
+        marker = path + ".resumed"
+        return _private_files.is_local(marker) and os.path.exists(marker)
+
     def _fresh_noise_if_restored_before(self, path: str) -> None:
         """Marks `path` as resumed; re-keys the noise if it already was (see module doc)."""
         marker = path + ".resumed"
         if not _private_files.is_local(marker):
             return
-        if os.path.exists(marker):
+        if self._restored_before(path):
             self.model.noise_key.assign(noise.make_noise_key())
             logging.getLogger("tan_keras").warning(
                 "DP checkpoint %s was restored before: this run draws fresh noise (not the "

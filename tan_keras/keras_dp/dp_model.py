@@ -43,14 +43,15 @@ from tan_keras.keras_dp import (
     model_checks,
     output_losses,
     precision,
+    row_prefix,
     step_identity,
-    string_inputs,
 )
 from tan_keras.keras_dp import ledger as ledger_lib
 from tan_keras.keras_dp.callbacks import PrivacyAccountant
 from tan_keras.keras_dp.dp_config import DPConfig
 from tan_keras.mechanism import (
     chunking,
+    content_digest,
     ghost,
     layerwise,
     noise,
@@ -297,11 +298,11 @@ class DPKerasModel(keras.Model):
         provenance.check(self)
         # Set around Keras's attribute tracking: the two cut models share the
         # layers of this one and must not be tracked (or saved) as its own.
-        object.__setattr__(self, "_string_split", string_inputs.split(self))
+        object.__setattr__(self, "_row_prefix", row_prefix.split(self))
         # Out-of-range ids are dropped like invalid labels (id_inputs.py),
         # checked on the model the per-example routes run.
         id_inputs.check_lookups(self)
-        numeric = self if self._string_split is None else self._string_split.suffix
+        numeric = self if self._row_prefix is None else self._row_prefix.suffix
         object.__setattr__(self, "_id_check", id_inputs.IdCheck.of(numeric))
         precision.check_precision(self)
         model_checks.check_model_is_dp_compatible(self)
@@ -330,6 +331,9 @@ class DPKerasModel(keras.Model):
         self._secret = dp_state.SecretState(
             noise.make_noise_key(noise_seed), counters, ledger.position(owner=self)
         )
+        # A seeded run is reproducible by choice (and warned not private):
+        # a restored checkpoint keeps its key (checkpointing.py).
+        object.__setattr__(self, "noise_seeded", noise_seed is not None)
         self._ema_variables = None
         self._ema_sources = []
         if ema_decay is not None:
@@ -351,12 +355,12 @@ class DPKerasModel(keras.Model):
                 for v in self._ema_sources
             ]
         ledger_lib.bind(ledger, self.weights)
-        # The model's own files, and those of every model nested in it (a
-        # backbone saved on its own), carry the ledger.
-        for model in [self] + [
-            layer for layer in _keras_internals.all_layers(self) if isinstance(layer, keras.Model)
-        ]:
-            ledger_lib.attach(model, ledger)
+        # The model's own files, and those of any model built from its layers
+        # (a nested backbone saved on its own, a feature extractor cut from
+        # it), carry the ledger.
+        for layer in [self] + _keras_internals.all_layers(self):
+            if layer is self or isinstance(layer, keras.Model) or layer.weights:
+                ledger_lib.attach(layer, ledger)
         # Weights copied as arrays from a privately trained model.
         ledger_lib.recall(self, ledger)
         self._release_train_metrics = release_train_metrics
@@ -650,7 +654,7 @@ class DPKerasModel(keras.Model):
             model that was not compiled, or a preprocessing layer adapted on
             data since the model was built (`provenance.py`).
         """
-        provenance.check(self)
+        provenance.check(self, getattr(self, "loss", None))
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
         arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
         arguments.pop("self", None)
@@ -719,8 +723,12 @@ class DPKerasModel(keras.Model):
         arguments["callbacks"] = callbacks
         # Weights set as arrays since construction (set_weights from a
         # privately trained model) bring what they went through; what this
-        # fit changes is remembered at every epoch's end and at its end.
-        memory = dp_state.WeightsMemory(self, ledger_lib.recall(self, self.privacy_ledger))
+        # fit changes is remembered wherever a copy could be taken.
+        memory = dp_state.WeightsMemory(
+            self,
+            ledger_lib.recall(self, self.privacy_ledger),
+            every_batch=any(dp_state.sees_weights_mid_epoch(c) for c in callbacks),
+        )
         arguments["callbacks"] = arguments["callbacks"] + [memory]
         try:
             return super().fit(**arguments)
@@ -928,14 +936,16 @@ class DPKerasModel(keras.Model):
         step_end = self._ends_logical_step(step_end)
         release = self._releases_update(step_end)
         if identity is not None:
-            release = tf.logical_and(release, self._identity_holds(identity, step_end))
+            # On the element as it arrived: (x, y, mask) as the pipeline sealed them.
+            content_ok = content_digest.matches(tuple(data[:3]), identity)
+            release = tf.logical_and(release, self._identity_holds(identity, step_end, content_ok))
         self._noisy_update(self._accumulated(), release)
         self._close_logical_step(step_end)
         return self._training_logs(
             clipped, losses, y, y_pred, num_invalid + num_bad_ids, weights=weights
         )
 
-    def _identity_holds(self, identity, step_end):
+    def _identity_holds(self, identity, step_end, content_ok):
         """Checks the micro-batch's identity against the ledger (step_identity.py).
 
         Records the first violation (every replica agrees on it) and returns
@@ -956,6 +966,7 @@ class DPKerasModel(keras.Model):
             config.expected_batch_size,
             replica_id=replica.replica_id_in_sync_group,
             num_replicas=replica.num_replicas_in_sync,
+            content_ok=content_ok,
         )
         # Past the step cap nothing is released, so nothing needs to match.
         code = tf.where(capped, tf.constant(step_identity.OK, tf.int64), code)
@@ -999,19 +1010,20 @@ class DPKerasModel(keras.Model):
     def _per_example_inputs(self, x, mask):
         """(model, views, mask, num_bad_ids): what the per-example routes run, on what.
 
-        The inputs as [batch, K, ...] views; strings become numbers once for
-        the micro-batch (string_inputs.py) and the routes run the numeric
-        rest of the model; examples with an invalid id are dropped (id_inputs.py).
+        The inputs as [batch, K, ...] views; string preprocessing and random
+        augmentation run once on the micro-batch (row_prefix.py) and the
+        routes run the rest of the model; examples with an invalid id are
+        dropped (id_inputs.py).
         """
         ranks = per_example.input_ranks(_keras_internals.inputs_structure(self), x)
         x = per_example.as_views(x, self._dp_config.augmult, ranks)
         model = self
-        if self._string_split is not None:
-            x = self._string_split.numeric_views(self, x)
-            model = self._string_split.suffix
+        if self._row_prefix is not None:
+            x = self._row_prefix.suffix_views(self, x)
+            model = self._row_prefix.suffix
         if self._id_check is None:
             return model, x, mask, 0.0
-        by_input = string_inputs.leaves_by_input(model, x)
+        by_input = row_prefix.leaves_by_input(model, x)
         x, mask, num_bad_ids = self._id_check.drop_invalid(x, by_input, mask)
         return model, x, mask, num_bad_ids
 

@@ -152,29 +152,74 @@ class SamplerResume(keras.callbacks.Callback):
         self._sampler.resume_at(int(self._position.numpy()))
 
 
+# Keras callbacks that show no one the weights between two epochs: they read
+# only logs, or write files that carry the ledger (ModelCheckpoint and
+# BackupAndRestore with a save_freq in batches).
+_NO_WEIGHTS_MID_EPOCH = (
+    keras.callbacks.BackupAndRestore,
+    keras.callbacks.CSVLogger,
+    keras.callbacks.EarlyStopping,
+    keras.callbacks.History,
+    keras.callbacks.LearningRateScheduler,
+    keras.callbacks.ModelCheckpoint,
+    keras.callbacks.ProgbarLogger,
+    keras.callbacks.ReduceLROnPlateau,
+    keras.callbacks.RemoteMonitor,
+    keras.callbacks.TensorBoard,
+    keras.callbacks.TerminateOnNaN,
+)
+_BATCH_HOOKS = ("on_train_batch_begin", "on_train_batch_end", "on_batch_begin", "on_batch_end")
+
+
+def sees_weights_mid_epoch(callback) -> bool:
+    """Whether `callback` runs code between two updates of an epoch that could copy the weights.
+
+    Any callback with a batch hook (a `LambdaCallback` given one included),
+    except Keras's own that read only logs or write files carrying the ledger
+    (exactly those classes, not subclasses) and the package's own.
+    """
+    kind = type(callback)
+    if kind in _NO_WEIGHTS_MID_EPOCH or kind.__module__.split(".")[0] == "tan_keras":
+        return False
+    for name in _BATCH_HOOKS:
+        method = getattr(callback, name, None)
+        if getattr(method, "__func__", method) is not getattr(keras.callbacks.Callback, name):
+            return True
+    return False
+
+
 class WeightsMemory(keras.callbacks.Callback):
     """Remembers the weight values a fit leaves, with their ledger (`ledger.remember`).
 
-    At every epoch's end (a callback may copy the weights then, e.g. for the
-    best epoch) and at the end of the fit, each weight this fit changed, the
-    EMA shadows included, is fingerprinted with the ledger table of the
-    moment: a model that later holds one of those values takes that ledger.
+    Each weight this fit changed, the EMA shadows included, is fingerprinted
+    with the ledger table of the moment, wherever code other than the
+    package's can copy it: at every epoch's end (a callback may keep the best
+    epoch's weights), at the end of the fit, and after every update when a
+    callback runs code between updates (`sees_weights_mid_epoch`: a snapshot
+    taken in `on_train_batch_end`). A model that later holds one of those
+    values takes that ledger.
 
     Args:
       model: The private model.
       before: The fingerprints of its layers' weights when the fit started.
+      every_batch: Whether to remember after every training batch too.
     """
 
-    def __init__(self, model, before):
+    def __init__(self, model, before, every_batch: bool = False):
         super().__init__()
         self._private = model
         self._before = before
+        self._every_batch = every_batch
         self._released = model.privacy_ledger.total_steps()
 
     def remember(self):
         ledger = self._private.privacy_ledger
         if ledger.total_steps() > self._released:
             ledger_lib.remember(self._private.weights, ledger, unless=self._before)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._every_batch:
+            self.remember()
 
     def on_epoch_end(self, epoch, logs=None):
         self.remember()

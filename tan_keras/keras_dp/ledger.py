@@ -16,38 +16,60 @@ A ledger counts the private releases that shaped a set of weights (see
   settings never draws the first phase's steps of the same sampler again.
 * **Across processes**, the ledger travels with every file that holds the
   weights: `save_weights`/`load_weights`, `.keras` files, `ModelCheckpoint`,
-  `BackupAndRestore` (Keras weight files: a `privacy_ledger` entry written
-  beside the layers) and `tf.train.Checkpoint` (a `dp_ledger` dependency).
+  `BackupAndRestore` (Keras weight files: a ledger entry written beside the
+  model and beside each layer that holds weights) and `tf.train.Checkpoint`
+  (a `dp_ledger` dependency of the model and of each such layer). Written
+  per layer, it goes into the file of any model built from those layers (a
+  feature extractor cut from a private model and saved as plain Keras); a
+  plain layer loaded from such a file takes it back (`_restore_from_file`),
+  and a restored `tf.train.Checkpoint` hands it over when a private model
+  is built over the layers.
 * **Weights copied as arrays in this process** (`clone_model` then
   `set_weights(private.get_weights())`, a layer's `set_weights`, the EMA
   weights read inside `ema_weights()`) are recognised by their values: at
-  the end of every epoch and of every fit, private training remembers a
+  the end of every epoch and of every fit, and after every update when a
+  callback runs code between updates, private training remembers a
   fingerprint of each weight it changed, EMA shadows included
-  (`remember`); a private model built over, or trained from, a weight with
-  such a fingerprint takes the ledger it went through (`recall`). A copy
-  whose values changed (a cast to float16, pruning) is not recognised.
-* **It only moves forward.** Loading any of those files merges the file's
-  counts into the ledger by maximum: restoring older weights (EarlyStopping,
-  an older checkpoint) keeps the count of the updates already released,
-  and weights restored in a fresh process bring at least the count of the
-  updates they went through.
+  (`remember`; never forgotten); a private model built over, or trained
+  from, a weight with such a fingerprint takes the ledger it went through
+  (`recall`). The fingerprint is of the values as float64, whatever their
+  dtype and shape (a lossless copy into float64 variables, a Dense kernel
+  reused as a 1x1 convolution kernel are recognised); a copy whose values
+  changed (a cast to float16, pruning) is not.
+* **Segments: one history met twice is merged, two histories are added.**
+  Each ledger has a random `uid` and advances only its own counts, its
+  segment. What it learns from elsewhere (a file, a ledger it absorbs, a
+  remembered fingerprint) it keeps as base segments, by uid. Two copies of
+  one segment are snapshots of it (lower bounds of its count): they merge
+  by maximum. Segments of different uids are added. Files, checkpoints and
+  remembered fingerprints carry every segment. So restoring older weights
+  (EarlyStopping, an older checkpoint, the model's own file) never rewinds
+  nor doubles the count, while two branches forked from one file and
+  trained apart add both branches' updates when their weights meet again
+  (had both taken the file's uid as their own, a maximum would drop one
+  branch). No ledger ever takes another's uid, not even a `DPCheckpoint`
+  restore (`restoring_checkpoint`): nothing tells the one continuation of a
+  run from a copy of its checkpoint restored elsewhere, and counting the
+  checkpoint's segment as a base one is exact in both cases. A ledger's
+  counters (`dp_steps`) hold its total, base segments included, and only
+  move forward.
 
 What the ledger cannot follow: arrays that leave the process (pickled
-`get_weights`) and a file loaded into a plain Keras model that no private
-model wraps yet (Keras skips the entry). Load weights into the private
-model (or into the wrapped model after `make_private`).
+`get_weights`) and a file loaded before tan_keras is imported (nothing
+reads the entry then; plain Keras skips it).
 """
 
-import collections
+import contextlib
 import hashlib
+import secrets
 import weakref
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tan_keras import _validate
+from tan_keras import _keras_internals, _validate
 from tan_keras.privacy import releases
 
 # The attribute that binds a variable, or a model, to its ledger.
@@ -55,6 +77,17 @@ _ATTRIBUTE = "_tan_keras_ledger"
 # The name of the ledger's entry in Keras weight files and TF checkpoints.
 SAVED_NAME = "privacy_ledger"
 _CHECKPOINT_NAME = "dp_ledger"
+
+# A segment: the counts (steps, epochs) of one history, by mechanism.
+Segment = Dict[releases.Mechanism, Tuple[int, int]]
+# Every segment a ledger knows of, by uid.
+Segments = Dict[int, Segment]
+# uids are 52-bit, so that a float64 table holds them exactly.
+_UID_BITS = 52
+
+
+def _new_uid() -> int:
+    return secrets.randbits(_UID_BITS)
 
 
 def replicated_counter(value: int, name: str) -> tf.Variable:
@@ -95,7 +128,12 @@ class PrivacyLedger:
     """
 
     def __init__(self):
+        # Names this ledger's own segment wherever its weights go (module doc).
+        self.uid = _new_uid()
+        # The counters hold the totals: the own segment plus every base one.
         self._counters: Dict[releases.Mechanism, _Counters] = {}
+        # What it learned from elsewhere: {uid: segment}, never its own uid.
+        self._base: Segments = {}
         self._absorbed_into: Optional[PrivacyLedger] = None
         self._position: Optional[_Counters] = None
 
@@ -240,20 +278,74 @@ class PrivacyLedger:
         counters.steps.assign_add(1)
 
     def merge(self, entries: Iterable[releases.LedgerEntry]) -> None:
-        """Raises each mechanism's counts to at least those of `entries` (never lowers)."""
-        entries = list(entries)
-        root = self.root()
-        releases.check_adjacency([e.mechanism for e in entries] + list(root._counters))
-        for entry in entries:
-            counters = root._counters.get(entry.mechanism)
-            if counters is None:
-                counters = root.counters(entry.mechanism)
-            counters.raise_to(entry.steps, entry.epochs)
-        root._sync_position()
+        """Adds `entries`, a history of unknown origin, as a segment of its own.
+
+        Adding never under-counts; a history met again must come with its
+        uid (a file, a checkpoint) to be merged instead.
+        """
+        self.root()._merge_segments({_new_uid(): _segment(entries)})
 
     def merge_table(self, table) -> None:
-        """`merge` of a table read from a weight file (`releases.from_table`)."""
+        """`merge` of a table in the format of `table()` (`releases.from_table`)."""
         self.merge(releases.from_table(table))
+
+    # ---------------------------------------------------------------- segments
+    def segments(self) -> Segments:
+        """Every segment the counts add up: {uid: {mechanism: (steps, epochs)}}.
+
+        The own segment (under `uid`, every mechanism of the ledger) and the
+        base segments (those with counts).
+        """
+        root = self.root()
+        segments = {uid: dict(segment) for uid, segment in root._base.items()}
+        segments[root.uid] = root._own()
+        return segments
+
+    def _base_sum(self, mechanism: releases.Mechanism) -> Tuple[int, int]:
+        steps = epochs = 0
+        for segment in self._base.values():
+            s, e = segment.get(mechanism, (0, 0))
+            steps, epochs = steps + s, epochs + e
+        return steps, epochs
+
+    def _own(self) -> Segment:
+        """The own segment: each counter less the base segments' counts."""
+        own = {}
+        for mechanism, counters in self._counters.items():
+            steps, epochs = counters.values()
+            base_steps, base_epochs = self._base_sum(mechanism)
+            own[mechanism] = (max(steps - base_steps, 0), max(epochs - base_epochs, 0))
+        return own
+
+    def _merge_segments(self, segments: Segments) -> None:
+        """Merges snapshots of segments: per uid by maximum, across uids added.
+
+        A segment under this ledger's own uid raises its own counts.
+
+        Raises:
+          ValueError: if the ledger would mix Poisson and shuffled sampling.
+        """
+        root = self.root()
+        mechanisms = {m for segment in segments.values() for m in segment}
+        releases.check_adjacency([*mechanisms, *root._counters])
+        for uid, segment in segments.items():
+            for mechanism, (steps, epochs) in segment.items():
+                # Existing counters as they are (a file loaded outside the
+                # strategy scope the model was built in).
+                counters = root._counters.get(mechanism) or root.counters(mechanism)
+                current_steps, current_epochs = counters.values()
+                if uid == root.uid:
+                    base_steps, base_epochs = root._base_sum(mechanism)
+                    counters.raise_to(base_steps + steps, base_epochs + epochs)
+                    continue
+                old = root._base.get(uid, {}).get(mechanism, (0, 0))
+                new = (max(old[0], steps), max(old[1], epochs))
+                if new == old:
+                    continue
+                root._base.setdefault(uid, {})[mechanism] = new
+                counters.steps.assign(current_steps + new[0] - old[0])
+                counters.epochs.assign(current_epochs + new[1] - old[1])
+        root._sync_position()
 
     def _live(self) -> bool:
         root = self.root()
@@ -263,18 +355,12 @@ class PrivacyLedger:
         return any(len(c.owners) for c in counters)
 
     def _absorb(self, other: "PrivacyLedger") -> None:
-        """Adds `other`'s counts to this ledger's and makes it point here."""
+        """Takes `other`'s segments (its own one as a base one) and makes it point here."""
         root, other = self.root(), other.root()
         if other is root:
             return
-        releases.check_adjacency(list(root._counters) + list(other._counters))
-        for entry in other.entries():
-            counters = root.counters(entry.mechanism)
-            steps, epochs = counters.values()
-            counters.steps.assign(steps + entry.steps)
-            counters.epochs.assign(epochs + entry.epochs)
+        root._merge_segments(other.segments())
         other._absorbed_into = root
-        root._sync_position()
 
 
 def ledger_of(objects: Sequence) -> Optional[PrivacyLedger]:
@@ -320,61 +406,221 @@ def bind(ledger: PrivacyLedger, variables: Iterable) -> None:
 
 
 def attach(obj, ledger: PrivacyLedger) -> None:
-    """Makes `obj` (a Keras model) write and read `ledger` with its weights.
+    """Makes `obj` (a Keras model or layer) write and read `ledger` with its weights.
 
     Keras weight files (`save_weights`, `.keras`, the callbacks that use
     them) find it as the `privacy_ledger` attribute; `tf.train.Checkpoint`
     as the `dp_ledger` dependency. It is not a weight: `get_weights` and
-    `set_weights` do not see it.
+    `set_weights` do not see it. Attached to every layer that holds weights,
+    it goes into the file of any model built from those layers (a feature
+    extractor cut from a private model, saved as a plain Keras model).
     """
     object.__setattr__(obj, _ATTRIBUTE, _LedgerSaveable(ledger))
     obj._track_trackable(_LedgerTensors(ledger), name=_CHECKPOINT_NAME, overwrite=True)
 
 
+def _segment(entries: Iterable[releases.LedgerEntry]) -> Segment:
+    segment: Segment = {}
+    for entry in entries:
+        steps, epochs = segment.get(entry.mechanism, (0, 0))
+        segment[entry.mechanism] = (max(steps, entry.steps), max(epochs, entry.epochs))
+    return segment
+
+
+def _checked_uid(row: np.ndarray) -> int:
+    """The uid in column 0 of a segments table's `row`."""
+    uid = row[0]
+    if not np.isfinite(uid) or uid != int(uid) or not 0 <= uid < 2**_UID_BITS:
+        raise _validate.invalid("table", f"integral uids in [0, 2**{_UID_BITS})", row.tolist())
+    return int(uid)
+
+
+def segments_table(segments: Segments) -> np.ndarray:
+    """Segments as a float64 table [rows, 1 + TABLE_COLUMNS]: the uid, a `to_table` row."""
+    rows = [
+        np.concatenate([[float(uid)], row])
+        for uid, segment in segments.items()
+        for row in releases.to_table(
+            [releases.LedgerEntry(m, steps, epochs) for m, (steps, epochs) in segment.items()]
+        )
+    ]
+    return np.asarray(rows, np.float64).reshape(len(rows), 1 + releases.TABLE_COLUMNS)
+
+
+def segments_from_table(table) -> Segments:
+    """The segments a table written by `segments_table` holds (merged per uid by maximum).
+
+    Raises:
+      ValueError: naming `table`, if it is not such a table.
+    """
+    array = np.asarray(table, np.float64)
+    if array.size == 0:
+        return {}
+    if array.ndim != 2 or array.shape[1] != 1 + releases.TABLE_COLUMNS:
+        raise _validate.invalid(
+            "table",
+            f"a privacy ledger segments table of shape [rows, {1 + releases.TABLE_COLUMNS}]",
+            array.shape,
+        )
+    segments: Segments = {}
+    for row in array:
+        merged = segments.setdefault(_checked_uid(row), {})
+        for mechanism, counts in _segment(releases.from_table(row[None, 1:])).items():
+            old = merged.get(mechanism, (0, 0))
+            merged[mechanism] = (max(old[0], counts[0]), max(old[1], counts[1]))
+    return segments
+
+
+def _segments_of_store(store) -> Segments:
+    """The segments a Keras weight-file entry holds: "2", or the total "0" of an older file."""
+    keys = list(store.keys())
+    if "2" in keys:
+        return segments_from_table(np.asarray(store["2"]))
+    if "0" in keys:
+        # Written before segments: a history of unknown uid, added.
+        segment = _segment(releases.from_table(np.asarray(store["0"])))
+        return {_new_uid(): segment} if segment else {}
+    return {}
+
+
 class _LedgerSaveable(keras.layers.Layer):
-    """The ledger as Keras saving sees it: a layer with one table, merged on load."""
+    """The ledger as Keras saving sees it: a layer with its tables, merged on load.
+
+    "0" is the total table (`releases.to_table`), "1" the writer's uid, "2"
+    the segments (`segments_table`).
+    """
 
     def __init__(self, ledger: PrivacyLedger):
         super().__init__(name=SAVED_NAME, trainable=False)
         object.__setattr__(self, "ledger", ledger)
 
     def save_own_variables(self, store):
-        store["0"] = self.ledger.root().table()
+        root = self.ledger.root()
+        store["0"] = root.table()
+        store["1"] = np.asarray([root.uid], np.int64)
+        store["2"] = segments_table(root.segments())
 
     def load_own_variables(self, store):
         # A file written before the ledger existed, or by a plain model,
         # has no table: nothing to merge (the ledger never moves back).
-        if "0" in list(store.keys()):
-            self.ledger.root().merge_table(np.asarray(store["0"]))
+        self.ledger.root()._merge_segments(_segments_of_store(store))
+
+
+def _checkpoint_table(ledger: PrivacyLedger) -> np.ndarray:
+    """A header row (the writer's uid, then zeros), then `segments_table` rows."""
+    root = ledger.root()
+    header = np.zeros((1, 1 + releases.TABLE_COLUMNS), np.float64)
+    header[0, 0] = float(root.uid)
+    return np.concatenate([header, segments_table(root.segments())])
+
+
+def _from_checkpoint_table(table) -> Tuple[Optional[int], Segments]:
+    """(writer's uid, segments) of a `_checkpoint_table`, or of an older total table."""
+    array = np.asarray(table, np.float64)
+    if array.ndim == 2 and array.shape[1] == releases.TABLE_COLUMNS:
+        # Written before segments (or empty): a history of unknown uid, added.
+        segment = _segment(releases.from_table(array))
+        return None, ({_new_uid(): segment} if segment else {})
+    if array.ndim != 2 or not len(array) or np.any(array[0, 1:]):
+        raise _validate.invalid(
+            "table", "a privacy ledger checkpoint table written by tan_keras", array.shape
+        )
+    return _checked_uid(array[0]), segments_from_table(array[1:])
 
 
 class _LedgerTensors(tf.__internal__.tracking.Trackable):
-    """The ledger as `tf.train.Checkpoint` sees it: one tensor, merged on restore."""
+    """The ledger as `tf.train.Checkpoint` sees it: one tensor, merged on restore.
+
+    One tensor, `_checkpoint_table` (a second one would make every
+    checkpoint written before it unreadable).
+    """
 
     def __init__(self, ledger: PrivacyLedger):
         self._ledger = ledger
 
     def _serialize_to_tensors(self):
-        return {"table": tf.constant(self._ledger.root().table(), tf.float64)}
+        return {"table": tf.constant(_checkpoint_table(self._ledger), tf.float64)}
 
     def _restore_from_tensors(self, restored_tensors):
-        self._ledger.root().merge_table(restored_tensors["table"].numpy())
+        uid, segments = _from_checkpoint_table(restored_tensors["table"].numpy())
+        if _RESTORING:
+            # A DPCheckpoint's restore: merged when it is over (`restoring_checkpoint`).
+            _RESTORING[-1].append((self._ledger, uid, segments))
+        else:
+            self._ledger.root()._merge_segments(segments)
         return tf.no_op()
 
 
-# Fingerprints of weight values private training left -> the ledger table then.
-_REMEMBERED: "collections.OrderedDict[bytes, np.ndarray]" = collections.OrderedDict()
-# Bounded: a variable of a few weights per layer, a few hundred layers, a few
-# recent epochs and models.
-_REMEMBER_AT_MOST = 8192
+# The ledger tables a DPCheckpoint restore met so far (`restoring_checkpoint`).
+_RESTORING: List[list] = []
 
 
-def _fingerprint(variable) -> bytes:
-    """A hash of one variable's value (with its shape and dtype)."""
+@contextlib.contextmanager
+def restoring_checkpoint(ledger: PrivacyLedger, counters: Sequence[tf.Variable]):
+    """Restores a DPCheckpoint's ledger, around its `tf.train.Checkpoint` restore.
+
+    The checkpoint restores the model's counters (`counters`: `dp_steps`,
+    `dp_epochs`: totals) and its ledger tables; the checkpoint's own segment
+    becomes a base segment of `ledger` like the others, so that every run
+    restored from it counts its own updates apart. The counters never move
+    back, even when the restore fails.
+
+    Args:
+      ledger: The model's ledger.
+      counters: The counter variables the checkpoint restores.
+    """
+    before = [int(c.numpy()) for c in counters]
+    met: list = []
+    _RESTORING.append(met)
+    succeeded = False
+    try:
+        yield
+        succeeded = True
+    finally:
+        del _RESTORING[next(i for i, m in enumerate(_RESTORING) if m is met)]
+        restored = [int(c.numpy()) for c in counters]
+        # The counters as they were: the tables, merged, bring the rest.
+        for counter, value in zip(counters, before):
+            counter.assign(value)
+        root = ledger.root()
+        # Tables of an older version (no uid): all of one checkpoint were
+        # written from one ledger at once, one history.
+        older = _new_uid()
+        for owner, uid, segments in met:
+            if uid is None:
+                # Its one segment (`_from_checkpoint_table`), under the shared uid.
+                segments = dict(zip([older], segments.values()))
+            target = owner.root()
+            try:
+                target._merge_segments(segments)
+            except ValueError:
+                if succeeded:
+                    raise
+        # A checkpoint without tables (or a refused one) still never rewinds.
+        for counter, value in zip(counters, restored):
+            counter.assign(max(int(counter.numpy()), value))
+        root._sync_position()
+
+
+# Fingerprints of weight values private training left -> the ledger's
+# segments then. Never evicted: a copy of early weights is recognised however
+# long training went on. An entry is an int and a reference to segments
+# shared by the whole call of `remember` (tens of bytes); a collision of two
+# 64-bit fingerprints could only add a history to a model, never remove one.
+_REMEMBERED: Dict[int, Segments] = {}
+
+
+def _fingerprint(variable) -> int:
+    """A 64-bit hash of one variable's values, as float64, in any dtype or shape."""
     value = np.asarray(variable.numpy())
-    digest = hashlib.blake2b(f"{value.dtype}{value.shape}".encode(), digest_size=24)
-    digest.update(value.tobytes())
-    return digest.digest()
+    try:
+        canonical = np.asarray(value, np.float64).ravel()
+    except (TypeError, ValueError):
+        # Not numbers (a string table): its own bytes.
+        canonical = np.asarray(value).ravel()
+    digest = hashlib.blake2b(str(canonical.dtype).encode(), digest_size=8)
+    digest.update(canonical.tobytes())
+    return int.from_bytes(digest.digest(), "little")
 
 
 def _layer_weights(model) -> List:
@@ -388,12 +634,12 @@ def _layer_weights(model) -> List:
     return weights
 
 
-def fingerprints(variables: Iterable) -> Dict[int, bytes]:
+def fingerprints(variables: Iterable) -> Dict[int, int]:
     """{id(variable): fingerprint} of `variables`' current values."""
     return {id(v): _fingerprint(v) for v in variables}
 
 
-def remember(variables: Iterable, ledger: PrivacyLedger, unless: Dict[int, bytes]) -> None:
+def remember(variables: Iterable, ledger: PrivacyLedger, unless: Dict[int, int]) -> None:
     """Records that the current values of `variables` went through `ledger`'s releases.
 
     One fingerprint per variable, so that a copy of some layers (a backbone
@@ -406,18 +652,15 @@ def remember(variables: Iterable, ledger: PrivacyLedger, unless: Dict[int, bytes
         not change (frozen, or a zero update) is not recorded, since other
         models hold the same initial values.
     """
-    table = ledger.root().table()
+    segments = ledger.root().segments()
     for variable in variables:
         fingerprint = _fingerprint(variable)
         if unless.get(id(variable)) == fingerprint:
             continue
-        _REMEMBERED[fingerprint] = table
-        _REMEMBERED.move_to_end(fingerprint)
-    while len(_REMEMBERED) > _REMEMBER_AT_MOST:
-        _REMEMBERED.popitem(last=False)
+        _REMEMBERED[fingerprint] = segments
 
 
-def recall(model, ledger: PrivacyLedger) -> Dict[int, bytes]:
+def recall(model, ledger: PrivacyLedger) -> Dict[int, int]:
     """Merges into `ledger` what any of `model`'s weights went through, if known.
 
     Args:
@@ -429,7 +672,36 @@ def recall(model, ledger: PrivacyLedger) -> Dict[int, bytes]:
     """
     found = fingerprints(_layer_weights(model))
     for fingerprint in set(found.values()):
-        table = _REMEMBERED.get(fingerprint)
-        if table is not None:
-            ledger.root().merge_table(table)
+        segments = _REMEMBERED.get(fingerprint)
+        if segments is not None:
+            ledger.root()._merge_segments(segments)
     return found
+
+
+def _restore_from_file(obj, read) -> None:
+    """Binds a layer Keras just loaded to the ledger its file holds beside it.
+
+    A layer of a private model loads its ledger through its own attribute.
+    A layer that has none (a plain Keras model loaded in a fresh process: a
+    feature extractor cut from a private model, the wrapped model's own
+    file) finds the entry at the same place and takes it, so that a private
+    model built over it later counts on top of what its weights went through.
+    Each layer gets a ledger of its own; a model over several layers of one
+    file merges their ledgers' segments, per uid, by maximum (`ledger_of`).
+    """
+    if not isinstance(obj, keras.layers.Layer) or isinstance(obj, _LedgerSaveable):
+        return
+    if isinstance(obj.__dict__.get(_ATTRIBUTE), _LedgerSaveable):
+        return
+    store = read(_ATTRIBUTE)
+    keys = list(store.keys())
+    if "0" not in keys and "2" not in keys:
+        return
+    ledger = (ledger_of(obj.weights) or PrivacyLedger()).root()
+    ledger._merge_segments(_segments_of_store(store))
+    bind(ledger, obj.weights)
+    attach(obj, ledger)
+
+
+# Looked up at each call, so that tests can see what happens without it.
+_keras_internals.after_loading_each_object(lambda obj, read: _restore_from_file(obj, read))

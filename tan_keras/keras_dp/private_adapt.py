@@ -109,6 +109,7 @@ def private_adapt(
     # The noise was drawn: the release is recorded before anything else.
     ledger.record_release(releases.Mechanism("gaussian", sigma))
     ledger_lib.bind(ledger, layer.weights)
+    ledger_lib.attach(layer, ledger)
     layer.adapt_mean.assign(statistics.mean.astype(np.float32))
     layer.adapt_variance.assign(statistics.variance.astype(np.float32))
     layer.finalize_state()

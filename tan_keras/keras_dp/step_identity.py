@@ -8,13 +8,16 @@ sample at all. A tag saying which sampler drew an element cannot tell; the
 identity each row carries can (`sampling.IDENTITY_COLUMNS`: logical step,
 index within the step, number of micro-batches of the step, N, B, the
 sampler's public stream id, the row's position among the micro-batch's
-rows and their number).
+rows and their number, and a digest of the row's content,
+`content_digest.py`).
 
 The compiled train step compares it with the ledger (`check`): the step
 must be the next one the ledger will release (`dp_steps`), the micro-batch
 the next one of that step, every row the same micro-batch and all its rows
 there in order (each replica its share), the step's end where its
-identity says, one sampler per step, and (N, B) the model's. The
+identity says, one sampler per step, (N, B) the model's, and every row's
+content the one its identity was sealed with (a generator or `PyDataset`
+that blends the rows it re-yields changes it). The
 first mismatch is recorded in a variable (not an assertion: XLA drops
 those) and blocks every update until the next `fit`; `DPKerasModel` then
 raises `SamplingIdentityError` naming what happened (`describe`). Once the
@@ -34,6 +37,7 @@ MIXED_ROWS = 5
 OTHER_SAMPLING = 6
 TWO_SOURCES = 7
 PARTIAL = 8
+CONTENT_CHANGED = 9
 
 # Columns of the identity (sampling.IDENTITY_COLUMNS).
 _ROW, _ROWS = 6, 7
@@ -58,11 +62,12 @@ def check(
     expected_batch_size: int,
     replica_id=0,
     num_replicas: int = 1,
+    content_ok=True,
 ) -> tf.Tensor:
     """The violation code of one replica's share of a micro-batch (OK = 0 when it may count).
 
     Args:
-      identity: [rows, 8] int64, the identity of each row.
+      identity: [rows, 9] int64, the identity of each row.
       step_end: Scalar bool, whether the element says it ends its step.
       expected_step: The step the ledger releases next (`dp_steps`).
       expected_micro: Micro-batches of that step already accumulated.
@@ -73,6 +78,8 @@ def check(
       replica_id: This replica's index; it holds the rows [replica_id * rows,
         (replica_id + 1) * rows) of the micro-batch.
       num_replicas: The number of replicas sharing each micro-batch.
+      content_ok: Scalar bool, whether every row's content matches the
+        digest in its identity (`content_digest.matches`).
 
     Returns:
       A scalar int64 code; the first failing property in the order of the
@@ -81,7 +88,7 @@ def check(
     """
     identity = tf.cast(identity, tf.int64)
     tag = identity[0]
-    step, micro, micro_batches, n, b, source, first_row, rows = tf.unstack(tag)
+    step, micro, micro_batches, n, b, source, first_row, rows, _ = tf.unstack(tag)
     expected_step = tf.cast(expected_step, tf.int64)
     expected_micro = tf.cast(expected_micro, tf.int64)
     shared = tf.gather(identity, _SAME_ON_EVERY_ROW, axis=1)
@@ -101,6 +108,7 @@ def check(
     failures = [
         (tf.logical_not(rows_agree), MIXED_ROWS),
         (tf.logical_not(whole), PARTIAL),
+        (tf.logical_not(tf.cast(content_ok, tf.bool)), CONTENT_CHANGED),
         (tf.logical_not(sampling_ok), OTHER_SAMPLING),
         (step < expected_step, REPLAYED),
         (step > expected_step, SKIPPED),
@@ -168,6 +176,18 @@ def describe(record: Sequence[int], dataset_size: int, expected_batch_size: int)
             f"model accounts for ({dataset_size}, {expected_batch_size}) reached the train "
             "step: the accountant would report the epsilon of the wrong sampling rate. "
             "Build the PoissonSampler with the model's dataset_size and expected_batch_size."
+        ),
+        CONTENT_CHANGED: (
+            f"The content of {where} is not the one the sampler built in this process: a "
+            "function between the Poisson pipeline and the model (a generator or PyDataset "
+            "that re-yields its elements, a MixUp or CutMix of its rows, a batch "
+            "statistic) rewrote its features, labels or mask, so one example's data could "
+            "reach other examples' clipped gradients or drop out of the sample; or the "
+            "element was built elsewhere (another process, a saved pipeline). Feed the "
+            "pipeline's elements unchanged, built in this process; augment inside "
+            "make_poisson_dataset (`augmenter=`) or in the model, one example at a time. "
+            "Micro-batches you draw yourself need sampling='caller_poisson' (unchecked, "
+            "and named so in the logs)."
         ),
         TWO_SOURCES: (
             f"The micro-batches of logical step {step} come from two different samplers "

@@ -32,6 +32,7 @@ import keras
 import numpy as np
 
 from tan_keras import _keras_internals, _validate
+from tan_keras.mechanism import captures
 
 PUBLIC = "public"
 PRIVATE = "private"
@@ -167,22 +168,33 @@ def mark_of(layer: Any) -> Optional[Mark]:
     return getattr(layer, _ATTRIBUTE, None)
 
 
-def check(model: keras.Model) -> None:
+def check(*roots: Any) -> None:
     """Refuses preprocessing state computed from data that no mark vouches for.
 
+    Every layer the roots reach is checked, not only those a model tracks: a
+    `Lambda`, a custom layer, an augmenter function or a loss that calls an
+    adapted layer held elsewhere (`captures.reachable_layers`).
+
     Args:
-      model: The private model.
+      *roots: The private model, and what else runs on its private data
+        (an augmenter, a loss).
 
     Raises:
       ValueError: naming the first such layer, why it is refused and the
         ways out.
     """
-    inside_checked = set()
-    for layer in _keras_internals.all_layers(model):
-        if id(layer) in inside_checked or not isinstance(layer, _STATEFUL):
+    layers = [layer for layer in captures.reachable_layers(*roots) if isinstance(layer, _STATEFUL)]
+    # A TextVectorization's own StringLookup is checked with it, whichever the
+    # walk met first.
+    inside = {
+        id(inner)
+        for layer in layers
+        for inner in _keras_internals.all_layers(layer)
+        if inner is not layer
+    }
+    for layer in layers:
+        if id(layer) in inside:
             continue
-        # A TextVectorization's own StringLookup is checked with it.
-        inside_checked.update(id(inner) for inner in _keras_internals.all_layers(layer))
         state = data_state(layer)
         if state is None:
             continue

@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from tan_keras import _validate
-from tan_keras.mechanism import views
+from tan_keras.mechanism import content_digest, views
 from tan_keras.mechanism.noise import NotPrivateWarning, entropy_int64
 
 SEEDED_SAMPLER_WARNING = (
@@ -116,6 +116,9 @@ class PoissonSampler(tf.Module):
             raise _validate.invalid(
                 "secret_key", "None when `seed` is given (they are alternatives)", secret_key
             )
+        # Whether a restored checkpoint may give it a fresh key (DPCheckpoint):
+        # not when other hosts share it, nor when the caller chose a seed.
+        self.key_is_secret_and_local = secret_key is None and seed is None
         if secret_key is not None:
             key = _validate.integer("secret_key", secret_key, low=0, high=2**64 - 1) - 2**63
         elif seed is None:
@@ -142,7 +145,7 @@ class PoissonSampler(tf.Module):
         return tf.random.stateless_uniform([], seed, minval=None, maxval=None, dtype=tf.int64)
 
     def _identity(self, step: tf.Tensor, num_micro: tf.Tensor) -> tf.Tensor:
-        """[num_micro, P, 8] int64: each row's identity (`IDENTITY_COLUMNS`)."""
+        """[num_micro, P, 9] int64: each row's identity (`IDENTITY_COLUMNS`), content 0."""
         size = self.physical_batch_size
         micro = tf.range(num_micro, dtype=tf.int64)[:, None]
         row = tf.range(size, dtype=tf.int64)[None, :]
@@ -160,6 +163,7 @@ class PoissonSampler(tf.Module):
             fill(self.source_id),
             row + tf.zeros_like(micro),
             fill(size),
+            fill(0),
         ]
         return tf.stack(columns, axis=-1)
 
@@ -227,7 +231,7 @@ class PoissonSampler(tf.Module):
 
         Returns:
           A dataset of `(indices [P] int64, mask [P] float32, step_end [P] bool,
-          identity [P, 8] int64)` (then `seed [2] int64` with `with_seeds`);
+          identity [P, 9] int64, content 0)` (then `seed [2] int64` with `with_seeds`);
           `step_end` is True on every row of a step's last micro-batch, and
           `identity` holds the micro-batch's identity on every row (see
           `IDENTITY_COLUMNS`).
@@ -287,9 +291,10 @@ _SOURCE_STREAM = -(2**62) + 1
 # the split of a micro-batch across replicas and hosts: which logical step it
 # belongs to, its index among the step's micro-batches and their number, the
 # (N, B) it was drawn for, the sampler's public stream id, and the row's
-# position among the micro-batch's rows. `DPKerasModel` checks it against its
-# privacy ledger before the micro-batch can reach an update
-# (`tan_keras.keras_dp.step_identity`).
+# position among the micro-batch's rows, and a digest of the row's content
+# written by the pipeline that builds the element (`content_digest.seal`).
+# `DPKerasModel` checks it against its privacy ledger and the row's content
+# before the micro-batch can reach an update (`tan_keras.keras_dp.step_identity`).
 IDENTITY_COLUMNS = (
     "step",
     "micro_batch",
@@ -299,17 +304,33 @@ IDENTITY_COLUMNS = (
     "source",
     "row",
     "rows",
+    "content",
 )
 
 
-def identity_rows(
-    step, micro_batch, micro_batches, dataset_size, expected_batch_size, source, rows
-) -> tf.Tensor:
-    """[rows, 8] int64: the identity of one micro-batch on each of its rows.
+def _lists_as_tuples(structure):
+    if isinstance(structure, (list, tuple)):
+        return tuple(_lists_as_tuples(item) for item in structure)
+    if isinstance(structure, dict):
+        return {key: _lists_as_tuples(value) for key, value in structure.items()}
+    return structure
 
-    What the sampler gives each micro-batch (`IDENTITY_COLUMNS`), for callers
-    that build Poisson micro-batches of their own and want the model to check
-    them like the sampler's (e.g. timing one micro-batch per step).
+
+def identity_rows(
+    step,
+    micro_batch,
+    micro_batches,
+    dataset_size,
+    expected_batch_size,
+    source,
+    rows,
+) -> tf.Tensor:
+    """[rows, 9] int64: the identity of one micro-batch on each of its rows.
+
+    What the sampler gives each micro-batch (`IDENTITY_COLUMNS`), its
+    content digest left 0: only the pipelines that draw the micro-batch seal
+    it (`content_digest.seal`), and the model refuses a row without a seal.
+    Callers who build their own micro-batches use `sampling="caller_poisson"`.
 
     Args:
       step: The logical step (scalar).
@@ -329,7 +350,10 @@ def identity_rows(
     )
     positions = tf.range(rows, dtype=tf.int64)[:, None]
     count = tf.fill([rows, 1], tf.constant(rows, tf.int64))
-    return tf.concat([tf.tile(fixed[None], [rows, 1]), positions, count], axis=1)
+    identity = tf.concat(
+        [tf.tile(fixed[None], [rows, 1]), positions, count, tf.zeros([rows, 1], tf.int64)], axis=1
+    )
+    return identity
 
 
 def check_sampling_tags(
@@ -481,8 +505,10 @@ def make_poisson_dataset(
     views.check_augmenter(augmenter)
     begin, rows = shard_rows(sampler, num_shards, shard_index)
     check_dataset_size(sampler, _rows("features", features), _rows("labels", labels))
-    features = tf.nest.map_structure(tf.convert_to_tensor, features)
-    labels = tf.nest.map_structure(tf.convert_to_tensor, labels)
+    # tf.data elements hold tuples, not lists (a list of inputs for a
+    # multi-input model, as keras.io's structured-data examples pass them).
+    features = _lists_as_tuples(tf.nest.map_structure(tf.convert_to_tensor, features))
+    labels = _lists_as_tuples(tf.nest.map_structure(tf.convert_to_tensor, labels))
 
     def gather(indices, mask, step_end, identity, seed=None):
         # Every shard draws the same global micro-batch and keeps its rows, so
@@ -496,7 +522,7 @@ def make_poisson_dataset(
         # example draws the same views for it.
         x = views.sampled_views(x, augmult, augmenter, seed=seed, example_ids=indices)
         y = tf.nest.map_structure(lambda t: _padding_zeroed(tf.gather(t, indices), mask), labels)
-        return x, y, mask, step_end, identity
+        return x, y, mask, step_end, content_digest.seal((x, y, mask), identity)
 
     dataset = sampler.micro_batches(steps, with_seeds=augmenter is not None)
     dataset = dataset.map(gather).prefetch(2)
@@ -531,8 +557,11 @@ def sampler_of(dataset) -> Optional[PoissonSampler]:
 
 
 # Transformations that only select, order, repeat or regroup whole elements
-# (what they may get wrong, the model's identity check catches); any other,
-# a `map` above all, could compute across the rows of a micro-batch.
+# without looking at their data (what they may get wrong, the model's identity
+# check catches); any other, a `map` above all, could compute across the rows
+# of a micro-batch. `filter` and `take_while` are not among them: a predicate
+# over a micro-batch decides from its data whether training goes on, and a
+# step the identity check refuses is only refused after the updates before it.
 _ELEMENT_TRANSFORMATIONS = frozenset(
     {
         "Prefetch",
@@ -542,7 +571,6 @@ _ELEMENT_TRANSFORMATIONS = frozenset(
         "Skip",
         "Cache",
         "Shuffle",
-        "Filter",
         "Shard",
         "Unbatch",
         "Rebatch",
@@ -551,7 +579,6 @@ _ELEMENT_TRANSFORMATIONS = frozenset(
         "AssertCardinality",
         "DirectedInterleave",
         "IgnoreErrors",
-        "TakeWhile",
         "Variant",
     }
 )

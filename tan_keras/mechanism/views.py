@@ -130,10 +130,11 @@ def check_augmenter(augmenter: Optional[Augmenter]) -> None:
                 "(tan_keras.make_augmenter, or Keras's random image layers) and augmentation "
                 "multiplicity (augmult=K) instead",
             )
-    if isinstance(augmenter, keras.layers.Layer) and tf.executing_eagerly():
-        # A Normalization adapted on the training set inside an augmenter
-        # carries every example's data into all the others' views. (Read
-        # eagerly: pipelines call this when they are built.)
+    if tf.executing_eagerly():
+        # A Normalization adapted on the training set inside an augmenter,
+        # or called by an augmenter function, carries every example's data
+        # into all the others' views. (Read eagerly: pipelines call this
+        # when they are built.)
         try:
             provenance.check(augmenter)
         except ValueError as err:

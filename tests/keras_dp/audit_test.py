@@ -48,7 +48,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from _helpers import identities
+from _helpers import identities, sealed
 
 from tan_keras.analysis import auditing
 from tan_keras.keras_dp import dp_model
@@ -89,13 +89,15 @@ def _batches(steps, model):
     mask = np.r_[np.ones(4), np.zeros(ROWS - 4)].astype(np.float32)
     masks = np.repeat(mask[None], steps, axis=0)
     masks[1::2, 0] = 0.0
-    return tf.data.Dataset.from_tensor_slices(
-        (
-            np.repeat(x[None], steps, axis=0),
-            np.full((steps, ROWS, OUTPUTS), TARGET, np.float32),
-            masks,
-            np.ones((steps, ROWS), bool),
-            identities(model, np.ones(steps, bool), rows=ROWS),
+    return sealed(
+        tf.data.Dataset.from_tensor_slices(
+            (
+                np.repeat(x[None], steps, axis=0),
+                np.full((steps, ROWS, OUTPUTS), TARGET, np.float32),
+                masks,
+                np.ones((steps, ROWS), bool),
+                identities(model, np.ones(steps, bool), rows=ROWS),
+            )
         )
     )
 

@@ -26,7 +26,7 @@ def _data():
     return rng.normal(size=(N, 4)).astype(np.float32), rng.integers(0, 3, N).astype(np.int32)
 
 
-def _run(directory, steps, resume=False, sigma=1.0, physical=4, noise_seed=11):
+def _run(directory, steps, resume=False, sigma=1.0, physical=4, noise_seed=11, exact=False, seed=5):
     """Builds model + sampler from scratch (as a new process would) and trains."""
     keras.utils.set_random_seed(0)
     inp = keras.Input((4,))
@@ -42,11 +42,11 @@ def _run(directory, steps, resume=False, sigma=1.0, physical=4, noise_seed=11):
             ema_decay=0.9,
             noise_seed=noise_seed,
         )
-        sampler = sampling.PoissonSampler(N, B, physical_batch_size=physical, seed=5)
+        sampler = sampling.PoissonSampler(N, B, physical_batch_size=physical, seed=seed)
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss=LOSS)
     ckpt = checkpointing.DPCheckpoint(str(directory), model, sampler)
     if resume:
-        ckpt.restore()
+        ckpt.restore(exact_resume=exact)
     x, y = _data()
     ds = sampling.make_poisson_dataset(x, y, sampler)
     accountant = PrivacyAccountant(delta=DELTA, max_steps=steps)
@@ -94,10 +94,33 @@ def test_power_check_resume_that_replays_batches_diverges(tmp_path, monkeypatch)
     assert not np.allclose(flat(resumed.get_weights()), flat(full.get_weights()), atol=1e-6)
 
 
-def test_secret_noise_key_is_restored(tmp_path):
+def test_secret_noise_key_is_restored_only_for_an_exact_resume(tmp_path):
     first, _ = _run(tmp_path / "a", steps=2, noise_seed=None)
-    resumed, _ = _run(tmp_path / "a", steps=3, resume=True, noise_seed=None)
+    resumed, _ = _run(tmp_path / "a", steps=3, resume=True, noise_seed=None, exact=True)
     np.testing.assert_array_equal(resumed.noise_key.numpy(), first.noise_key.numpy())
+
+
+def test_every_restore_of_a_copied_checkpoint_draws_fresh_keys(tmp_path):
+    # A copy of the checkpoint carries no trace of the other restore: two
+    # runs from one warm start (a sweep) must not share noise or batches.
+    import shutil
+
+    first, _ = _run(tmp_path / "a", steps=2, noise_seed=None, seed=None)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    keys = []
+    for directory in ("a", "b"):
+        resumed, _ = _run(tmp_path / directory, steps=3, resume=True, noise_seed=None, seed=None)
+        assert int(resumed.dp_steps.numpy()) == 3
+        keys.append(resumed.noise_key.numpy())
+    assert not np.array_equal(keys[0], keys[1])
+    assert not np.array_equal(keys[0], first.noise_key.numpy())
+    # Power check: with exact_resume both copies continue the same noise.
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    same = [
+        _run(tmp_path / d, steps=4, resume=True, noise_seed=None, seed=None, exact=True)[0]
+        for d in ("b", "c")
+    ]
+    np.testing.assert_array_equal(same[0].noise_key.numpy(), same[1].noise_key.numpy())
 
 
 def test_foreign_checkpoint_is_refused(tmp_path):

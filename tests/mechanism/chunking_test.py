@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from _helpers import LOSS, dense_model, dp_model, flat, identities, one_step
+from _helpers import LOSS, dense_model, dp_model, flat, identities, one_step, seal_row_content
 
 from tan_keras import _validate
 from tan_keras.mechanism import chunking, ghost, layerwise, per_example
@@ -195,17 +195,16 @@ def test_dp_model_chunks_a_run_time_batch_size(monkeypatch):
     results = []
     for setting in (None, 2):
         model = dp_model(base, examples_per_chunk=setting, **dp)
-        identity = identities(model, [True], 5)[0]
+        mask = np.ones(5, np.float32)
+        identity = seal_row_content((x, y, mask), identities(model, [True], 5)[0]).numpy()
         ds = tf.data.Dataset.from_generator(
-            lambda identity=identity: iter(
-                [(x, y, np.ones(5, np.float32), np.ones(5, bool), identity)]
-            ),
+            lambda identity=identity, mask=mask: iter([(x, y, mask, np.ones(5, bool), identity)]),
             output_signature=(
                 tf.TensorSpec([None, 4], tf.float32),
                 tf.TensorSpec([None], tf.int32),
                 tf.TensorSpec([None], tf.float32),
                 tf.TensorSpec([None], tf.bool),
-                tf.TensorSpec([None, 8], tf.int64),
+                tf.TensorSpec([None, 9], tf.int64),
             ),
         )
         model.fit(ds, verbose=0)

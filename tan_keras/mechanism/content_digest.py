@@ -1,0 +1,181 @@
+"""A digest of each row's content, so that a micro-batch's identity vouches for its data.
+
+The identity every Poisson row carries (`sampling.IDENTITY_COLUMNS`) says
+which logical step and micro-batch the row belongs to. Without its content it
+would survive any function applied between the sampler and the model: a
+generator or a `PyDataset` that re-yields the sampler's elements after
+blending their rows (mix-up, a batch statistic, another example's features
+pasted in) keeps every identity field and changes what reaches the update.
+So the pipelines that build Poisson micro-batches finish each element with
+`seal`, which writes a digest of every row's features, labels and mask into
+the identity's last column, and the train step recomputes it on what it
+received (`matches`): a row whose content changed after sealing is refused
+like a replayed step.
+
+The digest reads every value of the row: a polynomial hash modulo the prime
+2**31 - 1, evaluated at a point drawn from a secret of this process and the
+row's step and micro-batch. Two different contents of n values get the same
+digest for at most n of the 2**31 - 1 points, so a change of any value, in
+any position, is found with probability at least 1 - n / 2**31 whatever the
+change; and since the point is secret, recomputing the digest with this
+module's public code does not reproduce a seal (elements sealed in another
+process are refused too). There is no public way to seal a micro-batch:
+callers who build their own have the `caller_poisson` opt-in, which the
+plan and the logs name.
+
+Exactness: it is integer arithmetic on 16-bit words of the values (integers
+by value, floating values by their float32 bit pattern, strings by a keyed
+hash), the same on the host pipeline and inside an XLA-compiled step on any
+device. Each row's identity (step, micro-batch, row, rows, ...) is hashed
+with its content, so a row copied to another position or a micro-batch cut
+short does not match either. Its cost is a few integer operations per value
+read: small beside a forward pass.
+"""
+
+import math
+import secrets
+from typing import Any
+
+import tensorflow as tf
+
+# A prime modulus: products of two residues fit in int64.
+_PRIME = 2**31 - 1
+# This process's secret: the evaluation points derive from it (never saved).
+_SECRET = (secrets.randbits(64) % (_PRIME - 1) + 1, secrets.randbits(64) % (_PRIME - 1) + 1)
+# The identity column that holds the digest (sampling.IDENTITY_COLUMNS).
+COLUMN = 8
+
+
+def _halves(bits: tf.Tensor) -> tf.Tensor:
+    """[rows, 2 * n] int64: the 16-bit halves of int32 bit patterns (exact residues)."""
+    bits = tf.cast(bits, tf.int64)
+    return tf.concat(
+        [
+            tf.bitwise.bitwise_and(bits, 0xFFFF),
+            tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 16), 0xFFFF),
+        ],
+        axis=1,
+    )
+
+
+def _words(values: tf.Tensor) -> tf.Tensor:
+    """[rows, n] -> [rows, m] int64 words below 2**16 that determine `values`.
+
+    Integers by value, exactly (as int64: ids above 2**24 that a cast to
+    float32 would merge stay apart, and a pipeline's int64 matches the int32
+    a model may receive); floating values by their float32 bit pattern
+    (a pipeline may hand float64 arrays on, which Keras can cast); strings by
+    a 62-bit hash keyed by this process's secret.
+    """
+    if values.dtype == tf.string:
+        values = tf.strings.to_hash_bucket_strong(values, 2**62, key=list(_SECRET))
+    if values.dtype.is_floating:
+        return _halves(tf.bitcast(tf.cast(values, tf.float32), tf.int32))
+    pairs = tf.bitcast(tf.cast(values, tf.int64), tf.int32)  # [rows, n, 2]
+    return _halves(tf.reshape(pairs, [tf.shape(values)[0], -1]))
+
+
+def _point(step: tf.Tensor, micro_batch: tf.Tensor) -> tf.Tensor:
+    """The secret evaluation point in [1, _PRIME) of one micro-batch."""
+    first, second = (tf.constant(k, tf.int64) for k in _SECRET)
+    value = tf.math.floormod(first + tf.math.floormod(step, _PRIME), _PRIME)
+    for addend in (micro_batch, tf.constant(1, tf.int64)):
+        # A keyed quadratic round: its output is not affine in its input.
+        value = tf.math.floormod(value * value, _PRIME)
+        value = tf.math.floormod(value * second + tf.math.floormod(addend, _PRIME) + 1, _PRIME)
+    return tf.math.floormod(value, _PRIME - 1) + 1
+
+
+def _small_powers(base: tf.Tensor, count, bits: int) -> tf.Tensor:
+    """[count] int64: base**0, ..., base**(count - 1) modulo _PRIME (square and multiply).
+
+    `bits` bounds the exponents' bit length (few ops for a known small count).
+    """
+    exponents = tf.range(count, dtype=tf.int64)
+    result = tf.ones_like(exponents)
+    for bit in range(bits):
+        odd = tf.equal(tf.bitwise.bitwise_and(tf.bitwise.right_shift(exponents, bit), 1), 1)
+        result = tf.where(odd, tf.math.floormod(result * base, _PRIME), result)
+        base = tf.math.floormod(base * base, _PRIME)
+    return result
+
+
+def _powers(point: tf.Tensor, count) -> tf.Tensor:
+    """[count] int64: point**1, ..., point**count modulo _PRIME.
+
+    As an outer product of two tables of about sqrt(count) powers each, so
+    that the cost is one multiplication per value, not one per bit.
+    """
+    if isinstance(count, int):
+        side = math.isqrt(count) + 2
+        bits = max(1, side.bit_length())
+    else:  # a width known only when the step runs: exponents below 2**32
+        side = tf.cast(tf.math.ceil(tf.sqrt(tf.cast(count, tf.float64))), tf.int64) + 1
+        bits = 32
+    low = _small_powers(point, side, bits)  # point**0 .. point**(side - 1)
+    step = tf.math.floormod(low[-1] * point, _PRIME)  # point**side
+    high = _small_powers(step, side, bits)  # point**(side * k)
+    table = tf.math.floormod(high[:, None] * low[None, :], _PRIME)
+    # point**(e) for e = 1 .. count: row e // side, column e % side.
+    return tf.reshape(table, [-1])[1 : count + 1]
+
+
+# No data-dependent Python control flow: AutoGraph's conversion (in tf.data
+# maps and train steps) would only cost tracing time.
+@tf.autograph.experimental.do_not_convert
+def digest(structure: Any, identity: tf.Tensor) -> tf.Tensor:
+    """[rows] int64: each row's digest of `structure` (features, labels and mask).
+
+    Args:
+      structure: The element's content, leaves of shape [rows, ...] (dense
+        tensors; composite tensors are not read).
+      identity: [rows, len(IDENTITY_COLUMNS)] int64, the rows' identity: its
+        step and micro-batch choose the secret evaluation points.
+
+    Returns:
+      One residue in [0, 2**31 - 1) per row.
+    """
+    identity = tf.cast(identity, tf.int64)
+    # The row's own identity (step, micro-batch, count, N, B, source, row,
+    # rows) is part of what is hashed: a row copied into another position,
+    # or a micro-batch cut short with a new row count, does not match.
+    parts = [_words(identity[:, :COLUMN])]
+    for leaf in tf.nest.flatten(structure):
+        if isinstance(leaf, (tf.RaggedTensor, tf.SparseTensor)):
+            continue
+        leaf = tf.convert_to_tensor(leaf)
+        if leaf.shape.rank == 0:
+            continue
+        parts.append(_words(tf.reshape(leaf, [tf.shape(leaf)[0], -1])))
+    # One polynomial over all of a row's words: one table of powers.
+    words = tf.concat(parts, axis=1)
+    width = words.shape[1]
+    if width is None:
+        width = tf.shape(words, out_type=tf.int64)[1]
+    powers = _powers(_point(identity[0, 0], identity[0, 1]), width)
+    return tf.math.floormod(
+        tf.reduce_sum(tf.math.floormod(words * powers[None, :], _PRIME), axis=1), _PRIME
+    )
+
+
+@tf.autograph.experimental.do_not_convert
+def seal(content: Any, identity: tf.Tensor) -> tf.Tensor:
+    """`identity` with each row's digest of `content` in its last column.
+
+    Args:
+      content: `(x, y, mask)` as the element will hold them.
+      identity: [rows, len(IDENTITY_COLUMNS)] int64.
+
+    Returns:
+      The identity to put into the element.
+    """
+    identity = tf.cast(identity, tf.int64)
+    column = digest(content, identity)[:, None]
+    return tf.concat([identity[:, :COLUMN], column, identity[:, COLUMN + 1 :]], axis=1)
+
+
+@tf.autograph.experimental.do_not_convert
+def matches(content: Any, identity: tf.Tensor) -> tf.Tensor:
+    """Whether every row's content is the one its identity was sealed with (scalar bool)."""
+    identity = tf.cast(identity, tf.int64)
+    return tf.reduce_all(tf.equal(digest(content, identity), identity[:, COLUMN]))
