@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from tan_keras import _keras_internals
+from tan_keras.mechanism import captures
 
 # Ops that use a variable's resource handle without writing it.
 _READ_OPS = frozenset(
@@ -397,6 +398,37 @@ def _trace(model) -> Tuple[Tuple[VariableWrite, ...], Dict[int, VariableTie], Tu
             elif kind == "read":
                 unidentified = True
     return tuple(writes), _ties(layers, readers, unidentified), tuple(loss_layers)
+
+
+def function_writes(function, *specs) -> Tuple[str, ...]:
+    """The variables `function` writes when traced on `specs`, other than random state.
+
+    Random state is what Keras's own random layers reachable from `function`
+    advance (their `SeedGenerator`s) and `tf.random.Generator` counters:
+    writes that hold no data.
+
+    Args:
+      function: A function of tensors (an augmenter, a loss).
+      *specs: `tf.TensorSpec` structures of its arguments.
+
+    Returns:
+      The names of the variables it writes (empty for a function without state).
+    """
+    exempt = set()
+    for layer in captures.reachable_layers(function):
+        if type(layer).__module__.startswith("keras."):
+            for state in _keras_internals.seed_generator_states(layer):
+                exempt.update(id(handle) for handle in _handles(state))
+    graph = tf.function(function, autograph=False).get_concrete_function(*specs).graph
+    uses = _resource_uses(graph)
+    names = {id(h): _name(v) for v in graph.variables for h in _handles(v)}
+    written = []
+    for external, internal in graph.captures:
+        if internal.dtype != tf.resource or id(external) in exempt:
+            continue
+        if any(kind == "write" for _, _, kind in uses.get(internal.op.name, ())):
+            written.append(names.get(id(external), internal.op.name))
+    return tuple(written)
 
 
 def _name(variable) -> str:

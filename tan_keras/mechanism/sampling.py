@@ -509,6 +509,7 @@ def make_poisson_dataset(
     # multi-input model, as keras.io's structured-data examples pass them).
     features = _lists_as_tuples(tf.nest.map_structure(tf.convert_to_tensor, features))
     labels = _lists_as_tuples(tf.nest.map_structure(tf.convert_to_tensor, labels))
+    views.check_augmenter_state(augmenter, tf.nest.map_structure(lambda t: t[0], features), augmult)
 
     def gather(indices, mask, step_end, identity, seed=None):
         # Every shard draws the same global micro-batch and keeps its rows, so

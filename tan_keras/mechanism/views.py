@@ -26,7 +26,7 @@ import keras
 import tensorflow as tf
 
 from tan_keras import _keras_internals, _validate
-from tan_keras.mechanism import provenance
+from tan_keras.mechanism import model_analysis, provenance
 
 Augmenter = Callable[[tf.Tensor], tf.Tensor]
 
@@ -139,6 +139,42 @@ def check_augmenter(augmenter: Optional[Augmenter]) -> None:
             provenance.check(augmenter)
         except ValueError as err:
             raise ValueError(f"Invalid value for `augmenter`: {err}") from None
+
+
+def check_augmenter_state(augmenter: Optional[Augmenter], example: Any, augmult: int) -> None:
+    """Refuses an augmenter that writes state (a running mean in a `tf.Variable`).
+
+    Called on one example's K copies at a time, an augmenter that updates a
+    variable carries each example into every later one's views, across
+    steps, unclipped. Random state (Keras's random layers, `tf.random.Generator`)
+    holds no data and passes. The package's own augmenters are not traced.
+
+    Args:
+      augmenter: The augmenter, or None.
+      example: One example's features (tensors or specs, without the batch axis).
+      augmult: K.
+
+    Raises:
+      ValueError: naming `augmenter` and the variable it writes.
+    """
+    if augmenter is None or augmenter in _PER_IMAGE or not tf.executing_eagerly():
+        return
+    copies = tf.nest.map_structure(lambda t: tf.TensorSpec([augmult, *t.shape], t.dtype), example)
+    if _takes_seed(augmenter):
+        written = model_analysis.function_writes(
+            lambda c, s: augmenter(c, seed=s), copies, tf.TensorSpec([2], tf.int64)
+        )
+    else:
+        written = model_analysis.function_writes(augmenter, copies)
+    if written:
+        raise _validate.invalid(
+            "augmenter",
+            "an augmentation that keeps no state between examples",
+            f"one that writes the variable `{written[0]}`",
+            "Called on one example at a time, it would carry each example's data into the "
+            "views of every later one, unclipped. Compute statistics beforehand (from "
+            "public data) and pass them as constants",
+        )
 
 
 def make_views(

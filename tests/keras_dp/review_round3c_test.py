@@ -357,3 +357,35 @@ def test_large_integer_ids_are_digested_exactly():
     assert content_digest.matches((tf.cast(ids, tf.int64),), sealed)
     # Power check: as float32 the two ids are one value.
     assert tf.cast(ids[0], tf.float32) == tf.cast(ids[1], tf.float32)
+
+
+class _RunningMean:
+    """An augmenter that subtracts a running mean of what it has seen."""
+
+    def __init__(self):
+        self.mean = tf.Variable(tf.zeros([4]))
+
+    def __call__(self, copies):
+        self.mean.assign(0.9 * self.mean + 0.1 * tf.reduce_mean(copies, 0))
+        return copies - self.mean
+
+
+def _flip_then_noise(copies, seed):
+    return copies + tf.random.stateless_normal(tf.shape(copies), seed, stddev=0.1)
+
+
+def test_an_augmenter_that_keeps_state_between_examples_is_refused():
+    x, y = np.random.default_rng(6).normal(size=(N, 4)).astype(np.float32), np.ones((N, 1))
+    sampler = tan_keras.PoissonSampler(N, B)
+    with pytest.raises(ValueError, match="`augmenter`.*writes the variable"):
+        tan_keras.make_poisson_dataset(x, y, sampler, augmult=2, augmenter=_RunningMean())
+    # Power check: random state holds no data. Keras's random layers (their
+    # seed generators advance), a tf.random.Generator and a seeded function pass.
+    generator = tf.random.Generator.from_seed(1)
+    noise = keras.layers.GaussianNoise(0.1, seed=3)
+    for fine in (
+        lambda copies: noise(copies, training=True),
+        lambda copies: copies + generator.normal(tf.shape(copies)),
+        _flip_then_noise,
+    ):
+        tan_keras.make_poisson_dataset(x, y, sampler, augmult=2, augmenter=fine)
