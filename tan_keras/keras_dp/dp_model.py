@@ -54,6 +54,7 @@ from tan_keras.mechanism import (
     content_digest,
     ghost,
     layerwise,
+    model_analysis,
     noise,
     per_example,
     provenance,
@@ -515,6 +516,7 @@ class DPKerasModel(keras.Model):
         )
         self._output_losses = resolved
         self._per_example_loss = resolved.per_example_loss
+        self._loss_keeps_no_state = False
         self._build_dp_state()
 
     def _check_optimizer_clipping(self):
@@ -932,6 +934,7 @@ class DPKerasModel(keras.Model):
         y, mask, num_invalid = self._drop_invalid_labels(y, mask)
         model, x, mask, num_bad_ids = self._per_example_inputs(x, mask)
         clipped, losses, y_pred = self._clipped_sum(model, x, y, mask, weights)
+        self._refuse_loss_state(y, y_pred)
         self._accumulate(clipped)
         step_end = self._ends_logical_step(step_end)
         release = self._releases_update(step_end)
@@ -944,6 +947,42 @@ class DPKerasModel(keras.Model):
         return self._training_logs(
             clipped, losses, y, y_pred, num_invalid + num_bad_ids, weights=weights
         )
+
+    def _refuse_loss_state(self, y, y_pred):
+        """Refuses a loss that writes a variable, when the step is traced.
+
+        The loss runs once per example (or per view): a variable it writes (a
+        running mean, a counter of hard examples) carries each example's data
+        into the losses, and so the clipped gradients, of every later one:
+        one example could move many updates. Checked here, where the labels'
+        and predictions' specs are known for every kind of model, before the
+        traced step can run once.
+
+        Raises:
+          ValueError: naming the `loss` and the variable it writes.
+        """
+        if self._loss_keeps_no_state:
+            return
+
+        def spec(t):
+            return None if t is None else tf.TensorSpec(t.shape, t.dtype)
+
+        written = model_analysis.function_writes(
+            self._per_example_loss,
+            tf.nest.map_structure(spec, y),
+            tf.nest.map_structure(spec, y_pred),
+            autograph=True,
+        )
+        if written:
+            raise _validate.invalid(
+                "loss",
+                "a loss that keeps no state between examples",
+                f"one that writes the variable `{written[0]}`",
+                "Evaluated one example at a time, it would carry each example's data into "
+                "the clipped gradients of every later one. Compute what it keeps beforehand "
+                "(from public data) and pass it as a constant.",
+            )
+        self._loss_keeps_no_state = True
 
     def _identity_holds(self, identity, step_end, content_ok):
         """Checks the micro-batch's identity against the ledger (step_identity.py).

@@ -400,7 +400,7 @@ def _trace(model) -> Tuple[Tuple[VariableWrite, ...], Dict[int, VariableTie], Tu
     return tuple(writes), _ties(layers, readers, unidentified), tuple(loss_layers)
 
 
-def function_writes(function, *specs) -> Tuple[str, ...]:
+def function_writes(function, *specs, autograph: bool = False) -> Tuple[str, ...]:
     """The variables `function` writes when traced on `specs`, other than random state.
 
     Random state is what Keras's own random layers reachable from `function`
@@ -410,6 +410,8 @@ def function_writes(function, *specs) -> Tuple[str, ...]:
     Args:
       function: A function of tensors (an augmenter, a loss).
       *specs: `tf.TensorSpec` structures of its arguments.
+      autograph: Whether to convert Python control flow on tensors, as Keras
+        does for a loss called inside its train step.
 
     Returns:
       The names of the variables it writes (empty for a function without state).
@@ -419,7 +421,7 @@ def function_writes(function, *specs) -> Tuple[str, ...]:
         if type(layer).__module__.startswith("keras."):
             for state in _keras_internals.seed_generator_states(layer):
                 exempt.update(id(handle) for handle in _handles(state))
-    graph = tf.function(function, autograph=False).get_concrete_function(*specs).graph
+    graph = tf.function(function, autograph=autograph).get_concrete_function(*specs).graph
     uses = _resource_uses(graph)
     names = {id(h): _name(v) for v in graph.variables for h in _handles(v)}
     written = []

@@ -389,3 +389,49 @@ def test_an_augmenter_that_keeps_state_between_examples_is_refused():
         _flip_then_noise,
     ):
         tan_keras.make_poisson_dataset(x, y, sampler, augmult=2, augmenter=fine)
+
+
+class _LossWithMemory:
+    """A loss that shifts its target by a running sum of the labels it has seen."""
+
+    def __init__(self):
+        self.seen = tf.Variable(0.0)
+
+    def __call__(self, y_true, y_pred):
+        self.seen.assign_add(tf.reduce_sum(tf.cast(y_true, tf.float32)))
+        return tf.reduce_mean(tf.square(y_pred - self.seen), axis=-1)
+
+
+def _two_steps_with_memory(first_label, monkeypatch=None):
+    """The noiseless update of step 2 after step 1 held one example labelled `first_label`."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4,))
+    model = tan_keras.make_private(
+        keras.Model(inp, keras.layers.Dense(1, kernel_initializer="zeros")(inp)),
+        l2_norm_clip=C,
+        noise_multiplier=0.0,
+        expected_batch_size=B,
+        dataset_size=N,
+        clipping="vectorized",
+        sampling="caller_poisson",
+    )
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss=_LossWithMemory())
+    x = 1 + 0.1 * np.random.default_rng(7).normal(size=(2, B, 4)).astype(np.float32)
+    y = np.zeros((2, B, 1), np.float32)
+    y[0, 0] = first_label
+    steps = tf.data.Dataset.from_tensor_slices((x, y, np.ones((2, B), np.float32), [True, True]))
+    model.fit(steps.take(1), epochs=1, verbose=0)
+    before = flat(model.get_weights())
+    model.fit(steps.skip(1), epochs=1, verbose=0)
+    return flat(model.get_weights()) - before
+
+
+def test_a_loss_that_keeps_state_between_examples_is_refused(monkeypatch):
+    with pytest.raises(ValueError, match="`loss`.*writes the variable"):
+        _two_steps_with_memory(0.0)
+    # Power check: without the refusal, one example of step 1 moves the whole
+    # of step 2's update, which it is not part of: every one of its B clipped
+    # gradients, B times the replace-one bound.
+    monkeypatch.setattr(tan_keras.DPKerasModel, "_refuse_loss_state", lambda *_: None)
+    moved = np.linalg.norm(_two_steps_with_memory(0.0) - _two_steps_with_memory(100.0))
+    assert moved > 3 * BOUND, moved
