@@ -58,7 +58,7 @@ def keras_train_step(model, data):
                 rows,
             )
             # The pipelines that draw micro-batches seal them; this one is ours.
-            identity = content_digest.seal(tuple(element[:3]), identity)
+            identity = content_digest._seal(tuple(element[:3]), identity)
             return (*element, identity)
 
         dataset = dataset.enumerate().map(numbered)

@@ -119,7 +119,7 @@ def _dp_update(width, sigma, clip, batch, x, y, mask, precision):
             jit_compile=True,
         )
         start = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
-        identity = content_digest.seal(
+        identity = content_digest._seal(
             (x, y, mask), sampling.identity_rows(0, 0, 1, 10 * batch, batch, 0, len(y))
         )
         element = (x, y, mask, np.ones(len(y), bool), identity)

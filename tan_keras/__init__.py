@@ -9,7 +9,7 @@ Importing `tan_keras` is cheap: the TensorFlow-backed names below load on
 first use, so `python -m tan_keras.privacy` runs without TensorFlow.
 """
 
-from tan_keras import _lazy
+from tan_keras import _keras_saving, _lazy
 
 __version__ = "0.1.0"
 
@@ -33,4 +33,9 @@ _EXPORTS = {
 }
 
 __getattr__, __dir__, __all__ = _lazy.exports(__name__, _EXPORTS)
+
+# Every weight file Keras writes or reads from now on carries the privacy
+# ledger (tan_keras/keras_dp/ledger.py), even one loaded before any other
+# name of the package is used; TensorFlow still loads only with Keras.
+_keras_saving.install("tan_keras.keras_dp.ledger")
 __all__ = __all__ + ["__version__"]

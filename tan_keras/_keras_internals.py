@@ -285,35 +285,3 @@ def normalization_input_shape(layer: keras.layers.Normalization) -> Optional[Tup
     """The input shape a `Normalization` was built for (None: not built)."""
     shape = getattr(layer, "_build_input_shape", None)
     return None if shape is None else tuple(shape)
-
-
-def after_loading_each_object(hook: Any) -> None:
-    """Calls `hook(obj, read)` after Keras loads each object of a weight file.
-
-    Keras 3 loads `.keras` and `.weights.h5` files (`load_model`,
-    `load_weights`, the callbacks that use them) object by object, each from
-    the file's entry at its path; an entry the new object has no attribute
-    for is skipped. `read(name)` gives the entry of `obj`'s attribute `name`
-    (a store with `keys()`; empty if the file has none), so that state saved
-    beside a layer can be read back into a layer that does not know of it.
-    Installed once; a second hook replaces the first.
-
-    Args:
-      hook: Function `(obj, read) -> None`.
-    """
-    from keras.src.saving import saving_lib
-    from keras.src.utils import file_utils
-
-    original = getattr(saving_lib._load_state, "_tan_keras_original", saving_lib._load_state)
-
-    def load_state(saveable, weights_store, assets_store, inner_path, *args, **kwargs):
-        original(saveable, weights_store, assets_store, inner_path, *args, **kwargs)
-        if weights_store is not None:
-
-            def read(name):
-                return weights_store.get(file_utils.join(inner_path, name).replace("\\", "/"))
-
-            hook(saveable, read)
-
-    load_state._tan_keras_original = original
-    saving_lib._load_state = load_state

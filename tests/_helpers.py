@@ -74,7 +74,7 @@ def _numbered(model, parts, ends, rows):
 
 def seal_row_content(element, identity):
     """`identity` with the digest of the element's (x, y, mask), as the sampler writes it."""
-    return content_digest.seal(tuple(element[:3]), identity)
+    return content_digest._seal(tuple(element[:3]), identity)
 
 
 def sealed(dataset):

@@ -2,7 +2,8 @@
 
 Layers, bottom to top (a module may import its own package and lower layers,
 never a sibling or a higher layer, also not inside a function):
-  base      tan_keras._validate, _numbers, _lazy, _stack, _keras_internals, _startup, _cli
+  base      tan_keras._validate, _numbers, _lazy, _stack, _keras_internals, _keras_saving,
+            _startup, _cli
   privacy   accounting, TAN, planning (no TensorFlow)
   analysis  scaling law, auditing (no TensorFlow)
   mechanism clipping, noise, sampling, views, per-example routes
@@ -39,6 +40,7 @@ _BASE = {
     "_lazy",
     "_stack",
     "_keras_internals",
+    "_keras_saving",
     "_startup",
     "_cli",
     "_private_files",

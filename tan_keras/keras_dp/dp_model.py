@@ -507,8 +507,10 @@ class DPKerasModel(keras.Model):
             # fallback compiles badly and layerwise is 2x faster.
             # layerwise.supports also rules out tied variables and models that
             # mix examples in one batched pass (ghost is exact for both).
-            use_layerwise = bool(self.jit_compile) and layerwise.supports(
-                self, self._dp_config.augmult
+            use_layerwise = (
+                bool(self.jit_compile)
+                and not model_checks.vectorizing_crashes(self)
+                and layerwise.supports(self, self._dp_config.augmult)
             )
             self._clipping = "layerwise" if use_layerwise else "ghost"
         self._ghost_layers = (
@@ -517,6 +519,8 @@ class DPKerasModel(keras.Model):
         self._output_losses = resolved
         self._per_example_loss = resolved.per_example_loss
         self._loss_keeps_no_state = False
+        # Known once the model is traced (the row prefix cut included).
+        self._one_at_a_time = model_checks.vectorizing_crashes(self)
         self._build_dp_state()
 
     def _check_optimizer_clipping(self):
@@ -710,7 +714,7 @@ class DPKerasModel(keras.Model):
         # twice in one noisy update (sensitivity 2C). Drop it.
         self._reset_accumulators()
         callbacks = list(arguments.get("callbacks") or [])
-        fit_inputs.check_callbacks(callbacks)
+        fit_inputs.check_callbacks(callbacks, self._release_train_metrics)
         budget = self.privacy_budget
         if budget is not None and not any(isinstance(c, PrivacyAccountant) for c in callbacks):
             callbacks.append(
@@ -718,6 +722,10 @@ class DPKerasModel(keras.Model):
             )
         if self._dp_config.sampling == "shuffled":
             callbacks = [dp_state.EpochOpener(self._secret.epoch_open)] + callbacks
+        # After the callbacks that may set weights as arrays when training or
+        # an epoch starts (a warm start), before the first update and the
+        # sampler's resume: they bring what those values went through.
+        callbacks.append(dp_state.WeightsRecall(self, sampler))
         if sampler is not None:
             # Last, after any callback that restores weights and the ledger
             # with them (BackupAndRestore), before the input is first read.
@@ -933,6 +941,7 @@ class DPKerasModel(keras.Model):
         weights = example_weights.example_weights(y, sample_weight, self._class_table)
         y, mask, num_invalid = self._drop_invalid_labels(y, mask)
         model, x, mask, num_bad_ids = self._per_example_inputs(x, mask)
+        self._refuse_loss_state(y, self._symbolic_outputs())
         clipped, losses, y_pred = self._clipped_sum(model, x, y, mask, weights)
         self._refuse_loss_state(y, y_pred)
         self._accumulate(clipped)
@@ -948,20 +957,29 @@ class DPKerasModel(keras.Model):
             clipped, losses, y, y_pred, num_invalid + num_bad_ids, weights=weights
         )
 
+    def _symbolic_outputs(self):
+        # The outputs' structure of a model with known outputs; else None
+        # (a subclassed model: its predictions are known after the pass).
+        if not getattr(self, "outputs", None):
+            return None
+        return _keras_internals.outputs_structure(self)
+
     def _refuse_loss_state(self, y, y_pred):
-        """Refuses a loss that writes a variable, when the step is traced.
+        """Refuses a loss that keeps state between examples, when the step is traced.
 
         The loss runs once per example (or per view): a variable it writes (a
-        running mean, a counter of hard examples) carries each example's data
+        running mean, a counter of hard examples), or Python state behind a
+        `tf.py_function`, carries each example's data
         into the losses, and so the clipped gradients, of every later one:
         one example could move many updates. Checked here, where the labels'
         and predictions' specs are known for every kind of model, before the
         traced step can run once.
 
         Raises:
-          ValueError: naming the `loss` and the variable it writes.
+          ValueError: naming the `loss` and the variable it writes (or its
+            call into Python).
         """
-        if self._loss_keeps_no_state:
+        if self._loss_keeps_no_state or y_pred is None:
             return
 
         def spec(t):
@@ -977,7 +995,7 @@ class DPKerasModel(keras.Model):
             raise _validate.invalid(
                 "loss",
                 "a loss that keeps no state between examples",
-                f"one that writes the variable `{written[0]}`",
+                f"one that {written[0]}",
                 "Evaluated one example at a time, it would carry each example's data into "
                 "the clipped gradients of every later one. Compute what it keeps beforehand "
                 "(from public data) and pass it as a constant.",
@@ -1082,6 +1100,7 @@ class DPKerasModel(keras.Model):
                 labels,
                 ghost_layers=ghost_layers,
                 example_weights=loss_weights,
+                one_at_a_time=self._one_at_a_time,
             )
 
         variables = model.trainable_variables

@@ -152,6 +152,53 @@ class SamplerResume(keras.callbacks.Callback):
         self._sampler.resume_at(int(self._position.numpy()))
 
 
+class WeightsRecall(keras.callbacks.Callback):
+    """Recognises weights a callback wrote as arrays when training or an epoch starts.
+
+    A warm-start callback's `set_weights` in `on_train_begin` (or the first
+    epoch's `on_epoch_begin`) comes after `fit` looked the model's weights
+    up: this callback, after every user callback and before the first
+    update, looks them up again (`ledger.recall`), so the ledger takes what
+    those values went through. When that moves the ledger's sampling
+    position, a Poisson pipeline's sampler is resumed there (nothing was
+    read yet).
+
+    Later epochs are not looked up: the pipeline has drawn ahead by then,
+    and a run that repeats another's seeds (an exact resume beside the
+    uninterrupted run) meets that run's values mid-fit and would take its
+    history too.
+
+    Args:
+      model: The private model.
+      sampler: The `PoissonSampler` of the pipeline `fit` reads, or None.
+    """
+
+    def __init__(self, model, sampler=None):
+        super().__init__()
+        self._private = model
+        self._sampler = sampler
+        self._first_epoch = True
+
+    def _recall(self):
+        ledger = self._private.privacy_ledger
+        if self._sampler is None:
+            ledger_lib.recall(self._private, ledger)
+            return
+        before = int(self._private.sampling_position.numpy())
+        ledger_lib.recall(self._private, ledger)
+        after = int(self._private.sampling_position.numpy())
+        if after != before:
+            self._sampler.resume_at(after)
+
+    def on_train_begin(self, logs=None):
+        self._recall()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._first_epoch:
+            self._first_epoch = False
+            self._recall()
+
+
 # Keras callbacks that show no one the weights between two epochs: they read
 # only logs, or write files that carry the ledger (ModelCheckpoint and
 # BackupAndRestore with a save_freq in batches).

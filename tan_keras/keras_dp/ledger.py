@@ -23,19 +23,28 @@ A ledger counts the private releases that shaped a set of weights (see
   feature extractor cut from a private model and saved as plain Keras); a
   plain layer loaded from such a file takes it back (`_restore_from_file`),
   and a restored `tf.train.Checkpoint` hands it over when a private model
-  is built over the layers.
+  is built over the layers. The hooks into Keras's weight files are
+  installed at `import tan_keras` (`tan_keras._keras_saving`). A plain layer
+  whose values are remembered (below) writes their segments into the file
+  too (`_write_to_file`): `clone_model` + `set_weights(private.get_weights())`
+  then `save` carries the count.
 * **Weights copied as arrays in this process** (`clone_model` then
   `set_weights(private.get_weights())`, a layer's `set_weights`, the EMA
   weights read inside `ema_weights()`) are recognised by their values: at
   the end of every epoch and of every fit, and after every update when a
   callback runs code between updates, private training remembers a
   fingerprint of each weight it changed, EMA shadows included
-  (`remember`; never forgotten); a private model built over, or trained
-  from, a weight with such a fingerprint takes the ledger it went through
-  (`recall`). The fingerprint is of the values as float64, whatever their
-  dtype and shape (a lossless copy into float64 variables, a Dense kernel
-  reused as a 1x1 convolution kernel are recognised); a copy whose values
-  changed (a cast to float16, pruning) is not.
+  (`remember`; never forgotten; a value remembered again keeps what was
+  known of it), and so does loading a file or checkpoint with a ledger
+  (`_remember_loaded`); a private model built over, or trained from, a
+  weight with such a fingerprint takes the ledger it went through
+  (`recall`, also after the callbacks' `on_train_begin` and first
+  `on_epoch_begin`, where a warm start may set weights). The fingerprint
+  is of the values as float64, whatever their dtype and shape (a lossless
+  copy into float64 variables, a Dense kernel reused as a 1x1 convolution
+  kernel are recognised); a copy whose values changed (a cast to float16,
+  pruning) is not. Two runs with the same seeds in one process leave the
+  same values: a value met in both takes both histories (an over-count).
 * **Segments: one history met twice is merged, two histories are added.**
   Each ledger has a random `uid` and advances only its own counts, its
   segment. What it learns from elsewhere (a file, a ledger it absorbs, a
@@ -55,8 +64,12 @@ A ledger counts the private releases that shaped a set of weights (see
   move forward.
 
 What the ledger cannot follow: arrays that leave the process (pickled
-`get_weights`) and a file loaded before tan_keras is imported (nothing
-reads the entry then; plain Keras skips it).
+`get_weights`), a file loaded before tan_keras is imported (nothing
+reads the entry then; plain Keras skips it), a `tf.train.Checkpoint` of
+bare variables (`Checkpoint(weights=model.weights)`: no layer to hold the
+entry), and values copied into a variable of another shape (a widened
+layer, a grown head: the fingerprint is of the whole variable). A
+trainable `TFSMLayer` (a SavedModel, which has no ledger) is refused.
 """
 
 import contextlib
@@ -416,7 +429,7 @@ def attach(obj, ledger: PrivacyLedger) -> None:
     extractor cut from a private model, saved as a plain Keras model).
     """
     object.__setattr__(obj, _ATTRIBUTE, _LedgerSaveable(ledger))
-    obj._track_trackable(_LedgerTensors(ledger), name=_CHECKPOINT_NAME, overwrite=True)
+    obj._track_trackable(_LedgerTensors(ledger, obj), name=_CHECKPOINT_NAME, overwrite=True)
 
 
 def _segment(entries: Iterable[releases.LedgerEntry]) -> Segment:
@@ -532,11 +545,14 @@ class _LedgerTensors(tf.__internal__.tracking.Trackable):
     """The ledger as `tf.train.Checkpoint` sees it: one tensor, merged on restore.
 
     One tensor, `_checkpoint_table` (a second one would make every
-    checkpoint written before it unreadable).
+    checkpoint written before it unreadable). The values the checkpoint
+    restores into its owner's variables are remembered with the segments
+    restored (`_remember_restored`), once the restore is over.
     """
 
-    def __init__(self, ledger: PrivacyLedger):
+    def __init__(self, ledger: PrivacyLedger, owner=None):
         self._ledger = ledger
+        self._owner = None if owner is None else weakref.ref(owner)
 
     def _serialize_to_tensors(self):
         return {"table": tf.constant(_checkpoint_table(self._ledger), tf.float64)}
@@ -548,6 +564,11 @@ class _LedgerTensors(tf.__internal__.tracking.Trackable):
             _RESTORING[-1].append((self._ledger, uid, segments))
         else:
             self._ledger.root()._merge_segments(segments)
+        owner = None if self._owner is None else self._owner()
+        if owner is not None and uid is not None:
+            # The owner's variables may be restored after this tensor: their
+            # values are read once the restore is over.
+            _LOADED.append((_keras_internals.own_variables(owner), segments))
         return tf.no_op()
 
 
@@ -600,14 +621,20 @@ def restoring_checkpoint(ledger: PrivacyLedger, counters: Sequence[tf.Variable])
         for counter, value in zip(counters, restored):
             counter.assign(max(int(counter.numpy()), value))
         root._sync_position()
+        _remember_restored()
 
 
-# Fingerprints of weight values private training left -> the ledger's
-# segments then. Never evicted: a copy of early weights is recognised however
-# long training went on. An entry is an int and a reference to segments
-# shared by the whole call of `remember` (tens of bytes); a collision of two
-# 64-bit fingerprints could only add a history to a model, never remove one.
+# Fingerprints of weight values private training left, or a file with a
+# ledger loaded -> every segment they are known to have gone through (merged
+# per uid by maximum: what is known of a value only grows). Never evicted: a
+# copy of early weights is recognised however long training went on. An
+# entry is an int and a reference to segments shared by the whole call of
+# `remember` (tens of bytes); a collision of two 64-bit fingerprints could
+# only add a history to a model, never remove one.
 _REMEMBERED: Dict[int, Segments] = {}
+# Variables a `tf.train.Checkpoint` restore wrote, with the segments its
+# ledger tables held, to remember once the restore is over (`_remember_restored`).
+_LOADED: List[Tuple[List, Segments]] = []
 
 
 def _fingerprint(variable) -> int:
@@ -652,12 +679,61 @@ def remember(variables: Iterable, ledger: PrivacyLedger, unless: Dict[int, int])
         not change (frozen, or a zero update) is not recorded, since other
         models hold the same initial values.
     """
-    segments = ledger.root().segments()
+    _remember_restored()
+    _remember_values(variables, ledger.root().segments(), unless)
+
+
+def _remember_values(variables: Iterable, segments: Segments, unless=None) -> None:
+    """Records that the current values of `variables` went through `segments`.
+
+    A value already known keeps what was known of it: segments are merged
+    per uid by maximum, so a second model that holds the same values (a
+    copy made before, a warm start) never replaces a longer history with
+    its own.
+    """
+    unless = unless or {}
     for variable in variables:
         fingerprint = _fingerprint(variable)
         if unless.get(id(variable)) == fingerprint:
             continue
-        _REMEMBERED[fingerprint] = segments
+        _REMEMBERED[fingerprint] = _merged(_REMEMBERED.get(fingerprint), segments)
+
+
+def _merged(known: Optional[Segments], segments: Segments) -> Segments:
+    """`known` and `segments` merged per uid by maximum (`known` itself if nothing new)."""
+    if known is None or known is segments:
+        return segments
+    merged = {uid: dict(segment) for uid, segment in known.items()}
+    changed = False
+    for uid, segment in segments.items():
+        target = merged.setdefault(uid, {})
+        for mechanism, (steps, epochs) in segment.items():
+            old = target.get(mechanism, (0, 0))
+            new = (max(old[0], steps), max(old[1], epochs))
+            if new != old:
+                target[mechanism] = new
+                changed = True
+    return merged if changed else known
+
+
+def _remember_loaded(variables: Iterable, segments: Segments) -> None:
+    """Records that values a file or checkpoint loaded went through its `segments`.
+
+    So that a copy of them taken as arrays (`set_weights(loaded.get_weights())`
+    into a rebuilt model) is recognised like a copy of trained weights.
+    """
+    _remember_values(variables, segments)
+
+
+def _remember_restored() -> None:
+    """Remembers the values of the variables `tf.train.Checkpoint` restores wrote.
+
+    Called once a `DPCheckpoint` restore is over, else before the next look-up
+    (`recall`, `remember`): a plain restore gives no sign that it is over.
+    """
+    while _LOADED:
+        variables, segments = _LOADED.pop()
+        _remember_loaded(variables, segments)
 
 
 def recall(model, ledger: PrivacyLedger) -> Dict[int, int]:
@@ -670,6 +746,7 @@ def recall(model, ledger: PrivacyLedger) -> Dict[int, int]:
     Returns:
       The fingerprints of the model's layers' weights (for `remember`'s `unless`).
     """
+    _remember_restored()
     found = fingerprints(_layer_weights(model))
     for fingerprint in set(found.values()):
         segments = _REMEMBERED.get(fingerprint)
@@ -688,20 +765,69 @@ def _restore_from_file(obj, read) -> None:
     model built over it later counts on top of what its weights went through.
     Each layer gets a ledger of its own; a model over several layers of one
     file merges their ledgers' segments, per uid, by maximum (`ledger_of`).
+
+    Either way the values loaded are remembered with the segments the file
+    holds (`_remember_loaded`), so that a copy of them taken as arrays
+    (`set_weights(loaded.get_weights())` into a rebuilt model) is recognised.
     """
     if not isinstance(obj, keras.layers.Layer) or isinstance(obj, _LedgerSaveable):
-        return
-    if isinstance(obj.__dict__.get(_ATTRIBUTE), _LedgerSaveable):
         return
     store = read(_ATTRIBUTE)
     keys = list(store.keys())
     if "0" not in keys and "2" not in keys:
         return
-    ledger = (ledger_of(obj.weights) or PrivacyLedger()).root()
-    ledger._merge_segments(_segments_of_store(store))
-    bind(ledger, obj.weights)
-    attach(obj, ledger)
+    segments = _segments_of_store(store)
+    if not isinstance(obj.__dict__.get(_ATTRIBUTE), _LedgerSaveable):
+        ledger = (ledger_of(obj.weights) or PrivacyLedger()).root()
+        ledger._merge_segments(segments)
+        bind(ledger, obj.weights)
+        attach(obj, ledger)
+    if "2" in keys:
+        # (An older file's history has no uid: met again, it would be added.)
+        _remember_loaded(_keras_internals.own_variables(obj), segments)
 
 
-# Looked up at each call, so that tests can see what happens without it.
-_keras_internals.after_loading_each_object(lambda obj, read: _restore_from_file(obj, read))
+def _write_to_file(obj, make) -> None:
+    """Writes the ledger entry of a layer Keras just saved, if it has none of its own.
+
+    A layer that holds values private training left (or a file with a ledger
+    brought), copied as arrays into a plain model (`clone_model` then
+    `set_weights(private.get_weights())`), is saved with the segments those
+    values went through (`_REMEMBERED`), at the place a private layer writes
+    its ledger: loading the file brings them back (`_restore_from_file`),
+    in this process or a fresh one.
+    """
+    if not _REMEMBERED or not isinstance(obj, keras.layers.Layer):
+        return
+    if isinstance(obj, _LedgerSaveable) or isinstance(
+        obj.__dict__.get(_ATTRIBUTE), _LedgerSaveable
+    ):
+        return
+    segments: Segments = {}
+    for variable in _keras_internals.own_variables(obj):
+        known = _REMEMBERED.get(_fingerprint(variable))
+        if known is not None:
+            segments = _merged(segments, known) if segments else known
+    if not segments:
+        return
+    totals: Segment = {}
+    for segment in segments.values():
+        for mechanism, (steps, epochs) in segment.items():
+            old = totals.get(mechanism, (0, 0))
+            totals[mechanism] = (old[0] + steps, old[1] + epochs)
+    # The entry `_LedgerSaveable` writes, for a writer with no segment of its own.
+    store = make(_ATTRIBUTE)
+    store["0"] = releases.to_table([releases.LedgerEntry(m, *c) for m, c in totals.items()])
+    store["1"] = np.asarray([_new_uid()], np.int64)
+    store["2"] = segments_table(segments)
+
+
+def after_loading_each_object(obj, read) -> None:
+    """Keras's load hook (`tan_keras._keras_saving`): `_restore_from_file`."""
+    # Looked up at each call, so that tests can see what happens without it.
+    _restore_from_file(obj, read)
+
+
+def after_saving_each_object(obj, make) -> None:
+    """Keras's save hook (`tan_keras._keras_saving`): `_write_to_file`."""
+    _write_to_file(obj, make)

@@ -47,29 +47,32 @@ def check_model_is_dp_compatible(model: keras.Model) -> None:
 
     Raises:
       ValueError: naming the first offending layer, saying why it breaks the
-        guarantee and what to use instead: BatchNormalization,
+        guarantee and what to use instead: a trainable TFSMLayer (its
+        SavedModel has no privacy ledger), BatchNormalization,
         an activity regularizer, a layer calling add_loss on its inputs, or
         any layer whose training-mode call writes
-        a variable (found by tracing one call, see `model_analysis`).
+        a variable or runs Python code through `tf.py_function` (found by
+        tracing one call, see `model_analysis`).
     """
     batch_norms = {}
     for layer in _keras_internals.all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             batch_norms[layer.name] = layer
+        if _is_tfsm_layer(layer) and layer.trainable:
+            raise ValueError(
+                f"Layer `{layer.name}` (TFSMLayer) is trainable, but a SavedModel (the "
+                "output of `model.export()`) carries no privacy ledger: weights trained "
+                "privately before would be counted from zero, and epsilon under-reported. "
+                "Load the model's `.keras` or `.weights.h5` file instead (they carry the "
+                "ledger), or pass trainable=False to TFSMLayer (its weights then stay "
+                "fixed; what they went through before is yours to account)."
+            )
         if isinstance(layer, keras.layers.RNN) and not layer.unroll:
             raise ValueError(
                 f"Layer `{layer.name}` ({type(layer).__name__}) runs its time steps in a "
                 "while loop, which the per-example gradients cannot vectorize. Build it "
                 "with unroll=True (the sequence length must then be fixed; fine for short "
                 "sequences), or use a convolution or attention block over the sequence."
-            )
-        if isinstance(layer, keras.layers.MultiHeadAttention) and _onednn_on_cpu():
-            raise ValueError(
-                f"Layer `{layer.name}` (MultiHeadAttention) cannot run per example on "
-                "this CPU with oneDNN enabled: oneDNN's batched matrix products under "
-                "tf.vectorized_map abort TensorFlow (measured on TF 2.21, free(): invalid "
-                "pointer). Set the environment variable TF_ENABLE_ONEDNN_OPTS=0 before "
-                "TensorFlow loads (then it is supported), or train on a GPU."
             )
         if getattr(layer, "activity_regularizer", None) is not None:
             raise ValueError(
@@ -78,6 +81,16 @@ def check_model_is_dp_compatible(model: keras.Model) -> None:
                 "the DP guarantee would not hold. Remove it (weight regularizers "
                 "such as kernel_regularizer are fine: they do not depend on data)."
             )
+    python = sorted(model_analysis.PYTHON_OPS & model_analysis.op_types(model))
+    if python:
+        raise ValueError(
+            f"The model's training call runs Python code through a {python[0]} op "
+            "(tf.py_function or tf.numpy_function, in a Lambda, a custom layer or a "
+            "TextVectorization function). It cannot be trained with DP-SGD: that code "
+            "runs on each example and may keep state between examples (a running sum, a "
+            "list of what it saw), which no trace can see, so one example could move "
+            "every later update. Write the computation with TensorFlow or keras.ops."
+        )
     loss_layers = model_analysis.call_loss_layers(model)
     if loss_layers:
         raise ValueError(
@@ -107,6 +120,32 @@ def check_model_is_dp_compatible(model: keras.Model) -> None:
             "beforehand, or use a layer without data-dependent state (e.g. "
             "GroupNormalization instead of BatchNormalization)."
         )
+
+
+def vectorizing_crashes(model: keras.Model) -> bool:
+    """Whether `tf.vectorized_map` over `model`'s examples would crash TensorFlow.
+
+    With oneDNN on a CPU (TensorFlow's default on recent x86 CPUs), the
+    vectorized form of an `Einsum` op with a weight operand (`EinsumDense`,
+    so every `MultiHeadAttention`) aborts the process (measured on TF 2.21:
+    "Segmentation fault" / "free(): invalid pointer"). Such models take the
+    per-example gradients one example at a time instead: the same values,
+    slower, and no restart with TF_ENABLE_ONEDNN_OPTS=0 needed.
+
+    Args:
+      model: A built Keras model with known inputs.
+
+    Returns:
+      True when oneDNN runs on a CPU and the model's training call has an
+      `Einsum` op.
+    """
+    return _onednn_on_cpu() and "Einsum" in model_analysis.op_types(model)
+
+
+def _is_tfsm_layer(layer) -> bool:
+    """Whether `layer` is a `keras.layers.TFSMLayer` (a reloaded SavedModel)."""
+    tfsm_layer = getattr(keras.layers, "TFSMLayer", None)
+    return tfsm_layer is not None and isinstance(layer, tfsm_layer)
 
 
 def _onednn_on_cpu() -> bool:

@@ -7,10 +7,10 @@ generator or a `PyDataset` that re-yields the sampler's elements after
 blending their rows (mix-up, a batch statistic, another example's features
 pasted in) keeps every identity field and changes what reaches the update.
 So the pipelines that build Poisson micro-batches finish each element with
-`seal`, which writes a digest of every row's features, labels and mask into
-the identity's last column, and the train step recomputes it on what it
-received (`matches`): a row whose content changed after sealing is refused
-like a replayed step.
+`_seal` (package-internal, like `_digest`), which writes a digest of every
+row's features, labels and mask into the identity's last column, and the
+train step recomputes it on what it received (`matches`): a row whose
+content changed after sealing is refused like a replayed step.
 
 The digest reads every value of the row: a polynomial hash modulo the prime
 2**31 - 1, evaluated at a point drawn from a secret of this process and the
@@ -24,12 +24,13 @@ callers who build their own have the `caller_poisson` opt-in, which the
 plan and the logs name.
 
 Exactness: it is integer arithmetic on 16-bit words of the values (integers
-by value, floating values by their float32 bit pattern, strings by a keyed
-hash), the same on the host pipeline and inside an XLA-compiled step on any
-device. Each row's identity (step, micro-batch, row, rows, ...) is hashed
-with its content, so a row copied to another position or a micro-batch cut
-short does not match either. Its cost is a few integer operations per value
-read: small beside a forward pass.
+by value, float64 by its 64-bit pattern, other floating values by their
+float32 bit pattern, strings by a keyed hash), the same on the host
+pipeline and inside an XLA-compiled step on any device. Each row's identity
+(step, micro-batch, row, rows, ...) is hashed with its content, so a row
+copied to another position or a micro-batch cut short does not match
+either. Its cost is a few integer operations per value read: small beside a
+forward pass.
 """
 
 import math
@@ -63,12 +64,16 @@ def _words(values: tf.Tensor) -> tf.Tensor:
 
     Integers by value, exactly (as int64: ids above 2**24 that a cast to
     float32 would merge stay apart, and a pipeline's int64 matches the int32
-    a model may receive); floating values by their float32 bit pattern
-    (a pipeline may hand float64 arrays on, which Keras can cast); strings by
-    a 62-bit hash keyed by this process's secret.
+    a model may receive); float64 by its own 64-bit pattern (a change below
+    float32's precision still reaches a float64 model); other floating
+    values by their float32 bit pattern (an exact widening); strings by a
+    62-bit hash keyed by this process's secret.
     """
     if values.dtype == tf.string:
         values = tf.strings.to_hash_bucket_strong(values, 2**62, key=list(_SECRET))
+    if values.dtype == tf.float64:
+        pairs = tf.bitcast(values, tf.int32)  # [rows, n, 2]
+        return _halves(tf.reshape(pairs, [tf.shape(values)[0], -1]))
     if values.dtype.is_floating:
         return _halves(tf.bitcast(tf.cast(values, tf.float32), tf.int32))
     pairs = tf.bitcast(tf.cast(values, tf.int64), tf.int32)  # [rows, n, 2]
@@ -123,7 +128,7 @@ def _powers(point: tf.Tensor, count) -> tf.Tensor:
 # No data-dependent Python control flow: AutoGraph's conversion (in tf.data
 # maps and train steps) would only cost tracing time.
 @tf.autograph.experimental.do_not_convert
-def digest(structure: Any, identity: tf.Tensor) -> tf.Tensor:
+def _digest(structure: Any, identity: tf.Tensor) -> tf.Tensor:
     """[rows] int64: each row's digest of `structure` (features, labels and mask).
 
     Args:
@@ -159,7 +164,7 @@ def digest(structure: Any, identity: tf.Tensor) -> tf.Tensor:
 
 
 @tf.autograph.experimental.do_not_convert
-def seal(content: Any, identity: tf.Tensor) -> tf.Tensor:
+def _seal(content: Any, identity: tf.Tensor) -> tf.Tensor:
     """`identity` with each row's digest of `content` in its last column.
 
     Args:
@@ -170,7 +175,7 @@ def seal(content: Any, identity: tf.Tensor) -> tf.Tensor:
       The identity to put into the element.
     """
     identity = tf.cast(identity, tf.int64)
-    column = digest(content, identity)[:, None]
+    column = _digest(content, identity)[:, None]
     return tf.concat([identity[:, :COLUMN], column, identity[:, COLUMN + 1 :]], axis=1)
 
 
@@ -178,4 +183,4 @@ def seal(content: Any, identity: tf.Tensor) -> tf.Tensor:
 def matches(content: Any, identity: tf.Tensor) -> tf.Tensor:
     """Whether every row's content is the one its identity was sealed with (scalar bool)."""
     identity = tf.cast(identity, tf.int64)
-    return tf.reduce_all(tf.equal(digest(content, identity), identity[:, COLUMN]))
+    return tf.reduce_all(tf.equal(_digest(content, identity), identity[:, COLUMN]))

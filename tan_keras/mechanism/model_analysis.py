@@ -240,6 +240,7 @@ class _Analysis:
         self.writes: Optional[Tuple[VariableWrite, ...]] = None
         self.ties: Optional[Dict[int, VariableTie]] = None
         self.loss_layers: Tuple[str, ...] = ()
+        self.op_types: frozenset = frozenset()
         self.probe: Dict[int, Optional[str]] = {}
 
 
@@ -251,7 +252,7 @@ def _analysis(model) -> _Analysis:
     if entry is None:
         entry = _CACHE[model] = _Analysis()
     if entry.writes is None:
-        entry.writes, entry.ties, entry.loss_layers = _trace(model)
+        entry.writes, entry.ties, entry.loss_layers, entry.op_types = _trace(model)
     return entry
 
 
@@ -277,6 +278,19 @@ def call_loss_layers(model: keras.Model) -> Tuple[str, ...]:
       Their names (traced once, with `state_updates`); empty for most models.
     """
     return _analysis(model).loss_layers
+
+
+def op_types(model: keras.Model) -> frozenset:
+    """The TensorFlow op types of one training-mode call of `model`.
+
+    Args:
+      model: A built Keras model with known inputs.
+
+    Returns:
+      The op types of the traced call, those of nested function bodies
+      (conditionals, loops) included (traced once, with `state_updates`).
+    """
+    return _analysis(model).op_types
 
 
 def tied_variables(model: keras.Model) -> Dict[int, VariableTie]:
@@ -307,7 +321,9 @@ def _input_spec(model):
     )
 
 
-def _trace(model) -> Tuple[Tuple[VariableWrite, ...], Dict[int, VariableTie], Tuple[str, ...]]:
+def _trace(
+    model,
+) -> Tuple[Tuple[VariableWrite, ...], Dict[int, VariableTie], Tuple[str, ...], frozenset]:
     layers = _keras_internals.all_layers(model, include_self=True)
     calls: List[Tuple[tf.Graph, int, int, int]] = []
     patched = []
@@ -397,15 +413,20 @@ def _trace(model) -> Tuple[Tuple[VariableWrite, ...], Dict[int, VariableTie], Tu
                 readers.setdefault(id(variable), []).append(layer)
             elif kind == "read":
                 unidentified = True
-    return tuple(writes), _ties(layers, readers, unidentified), tuple(loss_layers)
+    types = graph_op_types(graph)
+    return tuple(writes), _ties(layers, readers, unidentified), tuple(loss_layers), types
+
+
+# Ops that run Python code: no trace sees the state that code keeps.
+PYTHON_OPS = frozenset({"EagerPyFunc", "PyFunc", "PyFuncStateless"})
 
 
 def function_writes(function, *specs, autograph: bool = False) -> Tuple[str, ...]:
-    """The variables `function` writes when traced on `specs`, other than random state.
+    """What `function`, traced on `specs`, keeps between calls, other than random state.
 
     Random state is what Keras's own random layers reachable from `function`
-    advance (their `SeedGenerator`s) and `tf.random.Generator` counters:
-    writes that hold no data.
+    advance (their `SeedGenerator`s) and `tf.random.Generator` counters
+    advanced by amounts fixed when traced: writes that hold no data.
 
     Args:
       function: A function of tensors (an augmenter, a loss).
@@ -414,7 +435,9 @@ def function_writes(function, *specs, autograph: bool = False) -> Tuple[str, ...
         does for a loss called inside its train step.
 
     Returns:
-      The names of the variables it writes (empty for a function without state).
+      Sentences completing "one that ...": each variable it writes, and any
+      call into Python (`tf.py_function`, `tf.numpy_function`), whose state
+      no trace can see; empty for a function without state.
     """
     exempt = set()
     for layer in captures.reachable_layers(function):
@@ -429,8 +452,23 @@ def function_writes(function, *specs, autograph: bool = False) -> Tuple[str, ...
         if internal.dtype != tf.resource or id(external) in exempt:
             continue
         if any(kind == "write" for _, _, kind in uses.get(internal.op.name, ())):
-            written.append(names.get(id(external), internal.op.name))
+            written.append(f"writes the variable `{names.get(id(external), internal.op.name)}`")
+    python = sorted(PYTHON_OPS & graph_op_types(graph))
+    if python:
+        written.append(
+            f"calls Python code through a {python[0]} op (tf.py_function or "
+            "tf.numpy_function), whose state no trace can see"
+        )
     return tuple(written)
+
+
+def graph_op_types(graph) -> frozenset:
+    """The op types of `graph`, those of the function bodies it calls included."""
+    definition = graph.as_graph_def()
+    types = {node.op for node in definition.node}
+    for function in definition.library.function:
+        types.update(node.op for node in function.node_def)
+    return frozenset(types)
 
 
 def _name(variable) -> str:
@@ -529,6 +567,7 @@ class _Scope:
     def __init__(self, nodes, outer: bool):
         self.outer = outer
         self.consumers: Dict[str, List[Tuple[object, int]]] = {}
+        self.nodes = {node.name: node for node in nodes}
         for node in nodes:
             for position, name in _inputs_of(node):
                 key = _graph_key(name) if outer else name
@@ -536,6 +575,19 @@ class _Scope:
 
     def output(self, node, index: int) -> str:
         return f"{node.name}:{index}" if self.outer else f"{node.name}:output:{index}"
+
+    def constant(self, name: str, depth: int = 0) -> bool:
+        """Whether the tensor `name` is computed from constants only (no data, no state)."""
+        node = self.nodes.get(name.lstrip("^").split(":")[0])
+        if node is None or depth > 64:
+            return False  # a function argument: data, as far as this scope knows
+        if node.op == "Const":
+            return True
+        if node.op in ("Placeholder", "ReadVariableOp") or not node.input:
+            return False
+        return all(
+            self.constant(source, depth + 1) for source in node.input if not source.startswith("^")
+        )
 
 
 def _called_functions(node, library) -> List[str]:
@@ -549,8 +601,12 @@ def _called_functions(node, library) -> List[str]:
     return names
 
 
-def _follow(scope, key, caller, library, scopes, found, seen):
-    """Appends the uses of the resource tensor `key` of `scope` to `found`."""
+def _follow(scope, key, caller, library, scopes, found, seen, guarded=False):
+    """Appends the uses of the resource tensor `key` of `scope` to `found`.
+
+    `guarded`: whether `scope` runs under a conditional or a loop, where
+    the data may decide how often a random generator advances.
+    """
     if (id(scope), key) in seen:
         return
     seen.add((id(scope), key))
@@ -558,26 +614,44 @@ def _follow(scope, key, caller, library, scopes, found, seen):
         site = caller if caller is not None else node.name
         if node.op in _PASS_OPS:
             out = 0 if node.op == "Identity" else position
-            _follow(scope, scope.output(node, out), caller, library, scopes, found, seen)
+            _follow(scope, scope.output(node, out), caller, library, scopes, found, seen, guarded)
             continue
         if node.op in _READ_OPS:
             found.append((site, node.op, "read"))
             continue
         if node.op in _RNG_OPS:
-            found.append((site, node.op, "rng"))
+            # A generator holds no data only if it advances by amounts fixed
+            # when traced: a skip or a shape computed from the data, or a draw
+            # the data decides to make, writes the data into its counter.
+            fixed = not guarded and all(
+                scope.constant(name) for at, name in _inputs_of(node) if at != position
+            )
+            found.append((site, node.op, "rng" if fixed else "write"))
             continue
         functions = _called_functions(node, library)
         if not functions:
             found.append((site, node.op, "write"))
             continue
+        inner_guarded = guarded or node.op in _CALLS_WITH_SELECTOR or node.op in _LOOPS
         argument = position - (1 if node.op in _CALLS_WITH_SELECTOR else 0)
         for name in functions:
             args = library[name].signature.input_arg
             if 0 <= argument < len(args):
-                _follow(scopes[name], args[argument].name, site, library, scopes, found, seen)
+                _follow(
+                    scopes[name],
+                    args[argument].name,
+                    site,
+                    library,
+                    scopes,
+                    found,
+                    seen,
+                    inner_guarded,
+                )
         if node.op in _LOOPS:
             # A loop passes its variables through: output i is input i.
-            _follow(scope, scope.output(node, position), caller, library, scopes, found, seen)
+            _follow(
+                scope, scope.output(node, position), caller, library, scopes, found, seen, guarded
+            )
 
 
 def cross_example_reason(model: keras.Model, augmult: int = 1) -> Optional[str]:

@@ -152,6 +152,14 @@ def first_leaf(structure: Any) -> tf.Tensor:
     return tf.nest.flatten(structure)[0]
 
 
+def _map_examples(fn, elems):
+    """`tf.map_fn(fn, elems)`, its output structure read from a trace of `fn`."""
+    one = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), elems)
+    outputs = tf.function(fn, autograph=False).get_concrete_function(one).structured_outputs
+    signature = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), outputs)
+    return tf.map_fn(fn, elems, fn_output_signature=signature)
+
+
 def per_example_gradients(
     model: keras.Model,
     loss_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
@@ -159,6 +167,7 @@ def per_example_gradients(
     y: tf.Tensor,
     ghost_layers: Sequence[keras.layers.Layer] = (),
     example_weights: Optional[tf.Tensor] = None,
+    one_at_a_time: bool = False,
 ) -> Tuple[List[Union[tf.Tensor, ghost.GhostGradient]], tf.Tensor, tf.Tensor]:
     """Gradient of each example's view-averaged loss, vectorized over examples.
 
@@ -175,6 +184,9 @@ def per_example_gradients(
         `ghost.GhostGradient`.
       example_weights: Optional [batch] weights: example i's loss is
         weights[i] times its view-averaged loss (before any clipping).
+      one_at_a_time: Loop over the examples (`tf.map_fn`) instead of
+        vectorizing: the same gradients, slower, for ops whose vectorized
+        form crashes (see `model_checks.vectorizing_crashes`).
 
     Returns:
       (grads, losses, predictions): grads holds, per trainable variable, a
@@ -224,7 +236,10 @@ def per_example_gradients(
 
     # The weights travel only when given: an unused input still costs pfor.
     elems = (views, y) if example_weights is None else (views, y, example_weights)
-    formed_grads, (tap_inputs, tap_grads), losses, preds = tf.vectorized_map(one_example, elems)
+    if one_at_a_time:
+        formed_grads, (tap_inputs, tap_grads), losses, preds = _map_examples(one_example, elems)
+    else:
+        formed_grads, (tap_inputs, tap_grads), losses, preds = tf.vectorized_map(one_example, elems)
     if not ghost_layers:
         return list(formed_grads), losses, preds
     calls = {}

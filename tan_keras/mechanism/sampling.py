@@ -292,7 +292,7 @@ _SOURCE_STREAM = -(2**62) + 1
 # belongs to, its index among the step's micro-batches and their number, the
 # (N, B) it was drawn for, the sampler's public stream id, and the row's
 # position among the micro-batch's rows, and a digest of the row's content
-# written by the pipeline that builds the element (`content_digest.seal`).
+# written by the pipeline that builds the element (`content_digest._seal`).
 # `DPKerasModel` checks it against its privacy ledger and the row's content
 # before the micro-batch can reach an update (`tan_keras.keras_dp.step_identity`).
 IDENTITY_COLUMNS = (
@@ -329,7 +329,7 @@ def identity_rows(
 
     What the sampler gives each micro-batch (`IDENTITY_COLUMNS`), its
     content digest left 0: only the pipelines that draw the micro-batch seal
-    it (`content_digest.seal`), and the model refuses a row without a seal.
+    it (`content_digest._seal`), and the model refuses a row without a seal.
     Callers who build their own micro-batches use `sampling="caller_poisson"`.
 
     Args:
@@ -523,7 +523,7 @@ def make_poisson_dataset(
         # example draws the same views for it.
         x = views.sampled_views(x, augmult, augmenter, seed=seed, example_ids=indices)
         y = tf.nest.map_structure(lambda t: _padding_zeroed(tf.gather(t, indices), mask), labels)
-        return x, y, mask, step_end, content_digest.seal((x, y, mask), identity)
+        return x, y, mask, step_end, content_digest._seal((x, y, mask), identity)
 
     dataset = sampler.micro_batches(steps, with_seeds=augmenter is not None)
     dataset = dataset.map(gather).prefetch(2)

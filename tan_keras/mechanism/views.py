@@ -170,7 +170,7 @@ def check_augmenter_state(augmenter: Optional[Augmenter], example: Any, augmult:
         raise _validate.invalid(
             "augmenter",
             "an augmentation that keeps no state between examples",
-            f"one that writes the variable `{written[0]}`",
+            f"one that {written[0]}",
             "Called on one example at a time, it would carry each example's data into the "
             "views of every later one, unclipped. Compute statistics beforehand (from "
             "public data) and pass them as constants",

@@ -89,7 +89,7 @@ def train_dataset(
         x = tf.ensure_shape(x, [sampler.physical_batch_size, *image_shape])
         y = tf.ensure_shape(y, [sampler.physical_batch_size])
         x = sampled_views(x, augmult, augmenter, seed=seed, example_ids=indices)
-        return x, y, mask, step_end, content_digest.seal((x, y, mask), identity)
+        return x, y, mask, step_end, content_digest._seal((x, y, mask), identity)
 
     return sampling.register_sampler(
         sampler.micro_batches(None, with_seeds=augmenter is not None)
@@ -188,7 +188,7 @@ def encoded_train_dataset(
 
 def _sealed(x, y, mask, step_end, identity):
     # The rows were decoded one by one; their digest is taken on the batch.
-    return x, y, mask, step_end, content_digest.seal((x, y, mask), identity)
+    return x, y, mask, step_end, content_digest._seal((x, y, mask), identity)
 
 
 def _decode(decode, jpeg, index, image_shape, split) -> tf.Tensor:

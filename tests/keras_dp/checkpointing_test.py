@@ -13,6 +13,7 @@ import tensorflow as tf
 from _helpers import LOSS, flat
 
 from tan_keras.keras_dp import checkpointing, step_identity
+from tan_keras.keras_dp import ledger as ledger_lib
 from tan_keras.keras_dp.callbacks import PrivacyAccountant
 from tan_keras.keras_dp.dp_model import DPKerasModel
 from tan_keras.mechanism import sampling
@@ -28,6 +29,11 @@ def _data():
 
 def _run(directory, steps, resume=False, sigma=1.0, physical=4, noise_seed=11, exact=False, seed=5):
     """Builds model + sampler from scratch (as a new process would) and trains."""
+    if resume:
+        # A new process remembers no weight values. (In this one, a run with
+        # the same seeds left the same values, with its own history: the
+        # fingerprint memory would add it, ledger.py.)
+        ledger_lib._REMEMBERED.clear()
     keras.utils.set_random_seed(0)
     inp = keras.Input((4,))
     with warnings.catch_warnings():

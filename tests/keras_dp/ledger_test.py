@@ -81,10 +81,10 @@ def test_early_stopping_restore_best_weights_keeps_the_spent_steps():
     x, y = rng.normal(size=(N, 4)).astype(np.float32), rng.integers(0, 3, N)
     ds = sampling.make_poisson_dataset(x, y, sampling.PoissonSampler(N, B))
     accountant = PrivacyAccountant(delta=1e-5)
-    # mode="max" on the loss: every epoch after the first is "worse", so
+    # mode="min" on epsilon: every epoch after the first is "worse", so
     # Keras stops and restores the weights of epoch 1.
     stopper = keras.callbacks.EarlyStopping(
-        monitor="loss", mode="max", patience=1, restore_best_weights=True
+        monitor="epsilon", mode="min", patience=1, restore_best_weights=True
     )
     model.fit(ds, epochs=6, steps_per_epoch=8, verbose=0, callbacks=[accountant, stopper])
     assert stopper.stopped_epoch > 0  # the restore really happened

@@ -86,24 +86,26 @@ def test_the_digest_is_exact_under_xla_and_finds_a_patch():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(6, 32, 32, 3)).astype(np.float32)
     y, mask = np.arange(6, dtype=np.int32), np.ones(6, np.float32)
-    identity = content_digest.seal((x, y, mask), sampling.identity_rows(5, 1, 2, N, B, 3, 6))
-    compiled = tf.function(content_digest.digest, jit_compile=True)
+    identity = content_digest._seal((x, y, mask), sampling.identity_rows(5, 1, 2, N, B, 3, 6))
+    compiled = tf.function(content_digest._digest, jit_compile=True)
     np.testing.assert_array_equal(compiled((x, y, mask), identity), identity[:, -1])
-    # The casts Keras applies to a generator's arrays change no digest.
-    assert content_digest.matches((x.astype(np.float64), y.astype(np.int64), mask), identity)
+    # Integers are hashed by value: a cast of the labels changes no digest.
+    assert content_digest.matches((x, y.astype(np.int64), mask), identity)
+    # float64 by its own bits (round 6): not the digest of the float32 values.
+    assert not content_digest.matches((x.astype(np.float64), y, mask), identity)
     # A CutMix patch (a quarter of the image), one value of a small input,
     # a label and a mask are each found on their row.
     patched = x.copy()
     patched[0, 8:24, 8:24] = x[1, 8:24, 8:24]
     small = np.arange(12, dtype=np.float32).reshape(6, 2)
-    small_identity = content_digest.seal((small, y, mask), identity)
+    small_identity = content_digest._seal((small, y, mask), identity)
     nudged = small.copy()
     nudged[2, 1] += 1e-6
     changed = [
-        content_digest.digest((patched, y, mask), identity) != identity[:, -1],
-        content_digest.digest((nudged, y, mask), small_identity) != small_identity[:, -1],
-        content_digest.digest((x, y[::-1].copy(), mask), identity) != identity[:, -1],
-        content_digest.digest((x, y, np.r_[0.0, mask[1:]]), identity) != identity[:, -1],
+        content_digest._digest((patched, y, mask), identity) != identity[:, -1],
+        content_digest._digest((nudged, y, mask), small_identity) != small_identity[:, -1],
+        content_digest._digest((x, y[::-1].copy(), mask), identity) != identity[:, -1],
+        content_digest._digest((x, y, np.r_[0.0, mask[1:]]), identity) != identity[:, -1],
     ]
     np.testing.assert_array_equal(changed[0], [True, False, False, False, False, False])
     np.testing.assert_array_equal(changed[1], [False, False, True, False, False, False])

@@ -160,7 +160,7 @@ def _mixed_and_sealed_again(secret):
             mixed = x + tf.reduce_mean(x, 0, keepdims=True)
             own, content_digest._SECRET = content_digest._SECRET, secret or content_digest._SECRET
             try:
-                identity = content_digest.seal((mixed, y, mask), identity)
+                identity = content_digest._seal((mixed, y, mask), identity)
             finally:
                 content_digest._SECRET = own
             yield mixed, y, mask, step_end, identity
@@ -186,14 +186,14 @@ def test_the_digest_finds_a_change_of_one_value_anywhere():
     rng = np.random.default_rng(2)
     x = tf.constant(rng.normal(size=(3, 40, 40, 3)).astype(np.float32))  # 4800 values a row
     identity = sampling.identity_rows(3, 1, 2, N, B, 0, 3)
-    before = content_digest.digest((x,), identity).numpy()
+    before = content_digest._digest((x,), identity).numpy()
     for position in (0, 1023, 1024, 2047, 4799):
         changed = tf.reshape(x, [3, -1]).numpy()
         changed[1, position] = np.nextafter(changed[1, position], np.float32(np.inf))
-        after = content_digest.digest((tf.reshape(changed, x.shape),), identity).numpy()
+        after = content_digest._digest((tf.reshape(changed, x.shape),), identity).numpy()
         assert after[1] != before[1] and after[0] == before[0] and after[2] == before[2]
     # Under XLA the digest is the same integer arithmetic.
-    compiled = tf.function(content_digest.digest, jit_compile=True)
+    compiled = tf.function(content_digest._digest, jit_compile=True)
     np.testing.assert_array_equal(compiled((x,), identity).numpy(), before)
 
 
@@ -352,7 +352,7 @@ def test_a_row_moved_or_a_micro_batch_cut_short_is_refused(between):
 def test_large_integer_ids_are_digested_exactly():
     ids = tf.constant([[2**30 + 1], [2**30 + 2]], tf.int64)  # equal as float32
     identity = sampling.identity_rows(0, 0, 1, N, B, 0, 2)
-    sealed = content_digest.seal((ids,), identity)
+    sealed = content_digest._seal((ids,), identity)
     assert not content_digest.matches((tf.constant([[2**30 + 2], [2**30 + 1]], tf.int64),), sealed)
     assert content_digest.matches((tf.cast(ids, tf.int64),), sealed)
     # Power check: as float32 the two ids are one value.
