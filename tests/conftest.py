@@ -86,6 +86,15 @@ SLOW_TESTS = {
     "tests/benchmark_test.py::test_imagenet_input_benchmark_prints_views_per_core",
     # [the garbled index and foreign checkpoint refusals]
     "tests/training/train_resume_test.py::test_corrupted_checkpoint_is_refused",
+    # [the same equality with 2 views, and on the ghost route with 1 and 2]
+    "tests/keras_dp/string_inputs_test.py::test_a_step_on_texts_equals_the_step_on_their_token_ids[vectorized-1]",
+    # [layerwise_test's test_dp_model_updates_agree_between_clipping_modes]
+    "tests/mechanism/ghost_test.py::test_dp_model_ghost_agrees_with_vectorized",
+    # [test_two_workers_equal_the_single_device_run_without_noise; train_test's runs]
+    "tests/keras_dp/multiworker_test.py::test_training_program_runs_on_two_workers",
+    # [first_day_test's frozen and fine-tuned BatchNormalization; its line count;
+    # examples/measure.py's full run] (MobileNetV2's per-example step takes a minute to build)
+    "tests/examples/examples_test.py::test_the_private_port_runs_at_epsilon_8[transfer_learning-kwargs3]",
 }
 
 

@@ -11,12 +11,13 @@ of the same weights count too.
 """
 
 import dataclasses
-from typing import Optional, Sequence
+import math
+from typing import List, Optional, Sequence, Tuple
 
 import keras
 
 from tan_keras import _validate
-from tan_keras.privacy import cli
+from tan_keras.privacy import cli, releases
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,10 +35,83 @@ class PrivacyBudget:
     delta: float
     accountant: str
     plan: dict
+    earlier_releases: Tuple[releases.LedgerEntry, ...] = ()
 
     def describe(self) -> str:
         """The plan as printed when the model is made."""
-        return cli.format_report(self.plan)
+        text = cli.format_report(self.plan)
+        if self.earlier_releases:
+            spent = releases.composed_epsilon(self.earlier_releases, self.delta, self.accountant)
+            total = releases.composed_epsilon(
+                list(self.earlier_releases) + [_training_entry(self.plan)],
+                self.delta,
+                self.accountant,
+            )
+            text += (
+                f"\nThe weights already went through {len(self.earlier_releases)} private "
+                f"release(s) (epsilon {spent:.3g} alone, e.g. a private_adapt): the noise "
+                f"multiplier is calibrated so that they and the training compose to "
+                f"epsilon {total:.3g} <= {self.target_epsilon:g}."
+            )
+        return text
+
+
+def _training_entry(plan: dict) -> releases.LedgerEntry:
+    sigma = plan["accounted_noise_multiplier"] or plan["noise_multiplier"]
+    mechanism = releases.Mechanism("poisson", sigma, plan["dataset_size"], plan["batch_size"])
+    return releases.LedgerEntry(mechanism, plan["steps"])
+
+
+def _earlier_releases(model: keras.Model) -> List[releases.LedgerEntry]:
+    """What the model's weights already went through (a private adapt, an earlier phase)."""
+    from tan_keras.keras_dp import ledger  # imports TensorFlow
+
+    found = ledger.ledger_of(list(model.weights)) if model.built else None
+    return [e for e in found.entries() if e.steps or e.epochs] if found else []
+
+
+def _plan_after(earlier, plan: dict, target_epsilon: float, settings: dict) -> dict:
+    """The plan whose training composes with `earlier` to at most `target_epsilon`.
+
+    A bisection on log(sigma) between the plan's sigma (the budget spent by
+    training alone: too little noise once the earlier releases count) and
+    a sigma whose composition fits; only a fitting sigma is returned.
+
+    Raises:
+      ValueError: when the earlier releases alone spend the budget.
+    """
+
+    def fits(candidate: dict) -> bool:
+        entries = list(earlier) + [_training_entry(candidate)]
+        return releases.composed_epsilon(entries, settings["delta"], settings["accountant"]) <= (
+            target_epsilon
+        )
+
+    spent = releases.composed_epsilon(earlier, settings["delta"], settings["accountant"])
+    if spent >= target_epsilon:
+        raise _validate.invalid(
+            "target_epsilon",
+            f"a float above the epsilon the weights already spent ({spent:.4g})",
+            target_epsilon,
+            "Their privacy ledger holds earlier releases (a private_adapt, an earlier "
+            "training phase); raise the budget or start from other weights",
+        )
+    low, high = plan["noise_multiplier"], plan["noise_multiplier"]
+    candidate = plan
+    while not fits(candidate):
+        low, high = high, high * 2
+        candidate = cli.report(noise_multiplier=high, **settings)
+    best = candidate
+    for _ in range(30):
+        if high / low < 1.001:
+            break
+        middle = math.sqrt(low * high)
+        candidate = cli.report(noise_multiplier=middle, **settings)
+        if fits(candidate):
+            high, best = middle, candidate
+        else:
+            low = middle
+    return best
 
 
 def make_private_with_epsilon(
@@ -55,6 +129,11 @@ def make_private_with_epsilon(
     **dp_kwargs,
 ):
     """Makes `model` private with the noise that trains `epochs` within a budget.
+
+    Releases the model's weights already went through (a `private_adapt` of
+    one of its layers, an earlier private training phase) count: sigma is
+    calibrated so that they and the planned training compose to at most
+    `target_epsilon`, and the printed plan says so.
 
     Args:
       model: A Keras 3 model, as for `make_private`.
@@ -79,8 +158,8 @@ def make_private_with_epsilon(
 
     Raises:
       ValueError: before anything is built, on an argument out of range, a
-        `noise_multiplier` among `dp_kwargs`, or a budget the accountant
-        cannot meet.
+        `noise_multiplier` among `dp_kwargs`, a budget the accountant
+        cannot meet, or one the weights' earlier releases already spent.
     """
     from tan_keras.keras_dp import dp_model  # the model module imports this one
 
@@ -95,16 +174,19 @@ def make_private_with_epsilon(
     delta = _validate.delta("delta", delta)
     epochs = _validate.positive("epochs", epochs)
     accountant = _validate.one_of("accountant", accountant, ("rdp", "pld"))
-    plan = cli.report(
+    settings = dict(
         dataset_size=dataset_size,
         batch_size=expected_batch_size,
         delta=delta,
         epochs=epochs,
-        target_eps=target_epsilon,
         augmult=dp_kwargs.get("augmult", 1),
         accountant=accountant,
         clipped_fraction_std=dp_kwargs.get("clipped_fraction_std"),
     )
+    plan = cli.report(target_eps=target_epsilon, **settings)
+    earlier = _earlier_releases(model)
+    if earlier:
+        plan = _plan_after(earlier, plan, target_epsilon, settings)
     private = dp_model.make_private(
         model,
         input_shape=input_shape,
@@ -119,6 +201,7 @@ def make_private_with_epsilon(
         delta=float(delta),
         accountant=accountant,
         plan=plan,
+        earlier_releases=tuple(earlier),
     )
     if verbose:
         print(private.privacy_budget.describe())

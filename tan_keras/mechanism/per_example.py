@@ -81,6 +81,10 @@ def as_views(x: Any, augmult: int, model_input_rank: Any) -> Any:
     if tf.nest.is_nested(x):
         return tf.nest.map_structure(lambda t, r: as_views(t, augmult, r), x, model_input_rank)
     rank = x.shape.rank
+    if rank == model_input_rank - 1 and rank >= 1:
+        # Keras feeds [batch] to an input of shape (1,) (texts, one column
+        # of a table) with the last axis added; do as it does.
+        x, rank = tf.expand_dims(x, -1), model_input_rank
     if rank == model_input_rank + 1:
         views = x.shape[1]
         if views is not None and views != augmult:

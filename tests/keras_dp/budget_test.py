@@ -91,3 +91,54 @@ def test_bad_arguments_are_refused_by_name(overrides, name):
     )
     with pytest.raises(ValueError, match=f"`{name}`"):
         tan_keras.make_private_with_epsilon(_base(), **{**arguments, **overrides})
+
+
+def _adapted_base(noise_multiplier):
+    """A model whose Normalization was adapted privately: a release already in its ledger."""
+    inputs = keras.Input((4,))
+    normalizer = keras.layers.Normalization()
+    x, _ = _data()
+    tan_keras.private_adapt(normalizer, x, lower=-4, upper=4, noise_multiplier=noise_multiplier)
+    return keras.Model(inputs, keras.layers.Dense(3)(normalizer(inputs)))
+
+
+def _planned_epsilon(model, delta=DELTA):
+    steps = model.privacy_budget.plan["steps"]
+    entries = model.privacy_ledger.entries()
+    (training,) = [e.mechanism for e in entries if e.mechanism.kind == "poisson"]
+    return model.privacy_ledger.epsilon(delta, steps={training: steps})
+
+
+def test_releases_already_in_the_weights_are_counted_in_the_calibration(capsys):
+    arguments = dict(
+        target_epsilon=EPS, delta=DELTA, epochs=2, expected_batch_size=B, dataset_size=N
+    )
+    model = tan_keras.make_private_with_epsilon(_adapted_base(3.0), **arguments)
+    alone = tan_keras.make_private_with_epsilon(_base(), **arguments, verbose=False)
+    assert "already went through 1 private release" in capsys.readouterr().out
+    # The planned training composed with the adapt's release fits the budget.
+    assert EPS - 0.05 <= _planned_epsilon(model) <= EPS
+    assert model.dp_config.noise_multiplier > alone.dp_config.noise_multiplier
+
+
+def test_power_check_calibrating_for_the_training_alone_overspends(monkeypatch):
+    from tan_keras.keras_dp import budget
+
+    monkeypatch.setattr(budget, "_earlier_releases", lambda model: [])
+    arguments = dict(
+        target_epsilon=EPS, delta=DELTA, epochs=2, expected_batch_size=B, dataset_size=N
+    )
+    model = tan_keras.make_private_with_epsilon(_adapted_base(3.0), **arguments, verbose=False)
+    assert _planned_epsilon(model) > EPS + 0.1
+
+
+def test_a_budget_the_earlier_releases_already_spent_is_refused():
+    with pytest.raises(ValueError, match="`target_epsilon`.*already spent"):
+        tan_keras.make_private_with_epsilon(
+            _adapted_base(0.3),
+            target_epsilon=1.0,
+            delta=DELTA,
+            epochs=2,
+            expected_batch_size=B,
+            dataset_size=N,
+        )
