@@ -8,13 +8,23 @@ privacy ledger releases next, so that each epoch is about N / B noisy
 updates of expected size B. Everything the pipeline route checks (the
 sampling identity of every micro-batch) holds here too: it is that route.
 
+`batch_size` keeps the meaning it has for Keras's memory: the rows of one
+forward and backward pass. Left out or equal to B, a logical step is one
+micro-batch of B + 4 std rows (as `PoissonSampler` pads by default). Below
+B, it is the physical micro-batch size P: each logical step of expected size
+B is cut into about B / P micro-batches whose clipped gradients add up to
+one noisy update (gradient accumulation, as Opacus's BatchMemoryManager), so
+a keras.io script that fits with `batch_size=32` keeps that line while the
+privacy plan draws larger batches. Above B it is refused: no update can hold
+more than its expected size promises.
+
 `validation_split` holds out the LAST fraction of the rows, as Keras does,
 before any sampling: those rows are never trained on, and N (the model's
 `dataset_size`) counts only the rows that are.
 """
 
 import math
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -58,12 +68,14 @@ def poisson_arguments(config: DPConfig, arguments: Dict[str, Any]) -> Dict[str, 
 
     Returns:
       The arguments with `x` an endless `make_poisson_dataset` of the
-      training rows, `steps_per_epoch` = ceil(N / B) unless given, and the
-      held-out rows as `validation_data`.
+      training rows in micro-batches of `batch_size` rows (see the module
+      docstring), `steps_per_epoch` the micro-batches of ceil(N / B) logical
+      steps on average unless given, and the held-out rows as
+      `validation_data`.
 
     Raises:
       ValueError: before any work, for missing labels, a `sample_weight`, a
-        `batch_size` other than the model's expected batch size, a
+        `batch_size` above the model's expected batch size, a
         `validation_split` outside [0, 1) or leaving no row out, or a number
         of training rows other than the model's `dataset_size`.
     """
@@ -82,14 +94,7 @@ def poisson_arguments(config: DPConfig, arguments: Dict[str, Any]) -> Dict[str, 
             "an array",
             "Weigh classes with class_weight, or leave an example out of x and y",
         )
-    batch_size = arguments.get("batch_size")
-    if batch_size is not None and batch_size != config.expected_batch_size:
-        raise _validate.invalid(
-            "batch_size",
-            f"None or the model's expected_batch_size ({config.expected_batch_size}): the "
-            "model draws Poisson batches of that expected size and divides the noisy sum by it",
-            batch_size,
-        )
+    physical_batch_size = physical_rows(config, arguments.get("batch_size"))
     total = rows(x)
     if rows(y) != total:
         raise _validate.invalid("y", f"one label per example ({total} rows, as x)", rows(y))
@@ -122,10 +127,13 @@ def poisson_arguments(config: DPConfig, arguments: Dict[str, Any]) -> Dict[str, 
             config.dataset_size,
             "N decides the sampling rate q = B / N the accountant uses",
         )
+    sampler = sampling.PoissonSampler(
+        config.dataset_size, config.expected_batch_size, physical_batch_size
+    )
     steps_per_epoch = arguments.get("steps_per_epoch")
     if steps_per_epoch is None:
-        steps_per_epoch = math.ceil(config.dataset_size / config.expected_batch_size)
-    sampler = sampling.PoissonSampler(config.dataset_size, config.expected_batch_size)
+        logical_steps = math.ceil(config.dataset_size / config.expected_batch_size)
+        steps_per_epoch = max(1, round(logical_steps * sampling.mean_micro_batches(sampler)))
     # Endless: Keras keeps one iterator across epochs, so a logical step that
     # spills into a second micro-batch at an epoch's end finishes in the next.
     pipeline = sampling.make_poisson_dataset(x, y, sampler, steps=None, augmult=config.augmult)
@@ -138,5 +146,27 @@ def poisson_arguments(config: DPConfig, arguments: Dict[str, Any]) -> Dict[str, 
     if validation is not None:
         rewritten["validation_data"] = validation
         if arguments.get("validation_batch_size") is None:
-            rewritten["validation_batch_size"] = config.expected_batch_size
+            rewritten["validation_batch_size"] = physical_batch_size or config.expected_batch_size
     return rewritten
+
+
+def physical_rows(config: DPConfig, batch_size: Any) -> Optional[int]:
+    """P for `fit`'s `batch_size`: None (the sampler's default) for None or B, else it.
+
+    Raises:
+      ValueError: naming `batch_size`, unless None or an integer in [1, B].
+    """
+    if batch_size is None or batch_size == config.expected_batch_size:
+        return None
+    return _validate.integer(
+        "batch_size",
+        batch_size,
+        low=1,
+        high=config.expected_batch_size,
+        hint=(
+            f"fit's batch_size is the rows of one micro-batch, at most the model's "
+            f"expected_batch_size ({config.expected_batch_size}): the model draws Poisson "
+            "batches of that expected size, accumulates their micro-batches and divides "
+            "the noisy sum by it"
+        ),
+    )

@@ -43,6 +43,7 @@ from tan_keras.keras_dp import (
     model_checks,
     output_losses,
     precision,
+    regime,
     row_prefix,
     step_identity,
 )
@@ -500,6 +501,7 @@ class DPKerasModel(keras.Model):
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
         precision.check_optimizer(self.optimizer)
         self._check_optimizer_clipping()
+        regime.warn_if_known_poor(self, self.optimizer, self._dp_config.noise_multiplier)
         if self._clipping_requested == "auto":
             # Measured on CPU (benchmarks/): without XLA, tf.vectorized_map with
             # ghost norms is the fastest (small CNN 1.5x, WRN-16-4 1.3x

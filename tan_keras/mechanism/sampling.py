@@ -34,6 +34,7 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
+from scipy import stats
 
 from tan_keras import _validate
 from tan_keras.mechanism import content_digest, views
@@ -60,6 +61,24 @@ def default_physical_batch_size(expected_batch_size: int, dataset_size: int) -> 
     q = expected_batch_size / dataset_size
     std = math.sqrt(expected_batch_size * (1.0 - q))
     return min(dataset_size, expected_batch_size + int(math.ceil(4.0 * std)))
+
+
+def mean_micro_batches(sampler: "PoissonSampler") -> float:
+    """E[micro-batches of one logical step] under `sampler`'s Poisson batch sizes.
+
+    Args:
+      sampler: A `PoissonSampler`.
+
+    Returns:
+      The mean over n ~ Binomial(N, q) of max(ceil(n / P), least), where least
+      is `steps_padded_to` (or 1): what a Keras epoch of micro-batches must
+      hold for its logical steps to average N / B examples.
+    """
+    size = sampler.physical_batch_size
+    least = sampler.steps_padded_to or 1
+    n = np.arange(sampler.dataset_size + 1)
+    probabilities = stats.binom.pmf(n, sampler.dataset_size, sampler.sampling_rate)
+    return float(np.sum(probabilities * np.maximum(-(-n // size), least)))
 
 
 class PoissonSampler(tf.Module):

@@ -83,7 +83,7 @@ def test_dict_inputs_train():
 @pytest.mark.parametrize(
     "arguments, rows, message",
     [
-        (dict(batch_size=16), N, "batch_size.*expected_batch_size \\(8\\)"),
+        (dict(batch_size=16), N, "batch_size.*\\[1, 8\\].*expected_batch_size \\(8\\)"),
         (dict(batch_size=B), N + 1, "dataset_size.*65"),
         (dict(validation_split=0.5), N, "dataset_size.*32 \\(64 rows less validation_split"),
         (dict(validation_split=1.5), N, "validation_split"),
@@ -124,3 +124,45 @@ def test_batches_really_are_poisson_sampled(monkeypatch):
     monkeypatch.setattr(type(model), "train_step", spy)
     model.fit(x, y, batch_size=B, epochs=1, verbose=0)
     assert seen and set(seen) == {5}  # (x, y, mask, step_end, identity)
+
+
+def test_a_smaller_batch_size_is_the_micro_batch_of_larger_logical_steps(monkeypatch):
+    """fit(batch_size=P < B): micro-batches of P rows, accumulated into steps of expected size B.
+
+    A keras.io script keeps `batch_size=32` (its memory) while the privacy
+    plan draws batches of expected size B; the noisy update still comes once
+    per logical step (the ledger counts steps, not micro-batches) and an
+    epoch still holds about N / B of them.
+    """
+    model = _private()
+    x, y = _data()
+    rows, ends = [], []
+    original = type(model).train_step
+
+    def spy(self, data):
+        rows.append(int(data[0].shape[0]))
+        ends.append(data[3])
+        return original(self, data)
+
+    monkeypatch.setattr(type(model), "train_step", spy)
+    history = model.fit(x, y, batch_size=3, epochs=4, verbose=0)
+    assert set(rows) == {3}
+    sampler = sampling.PoissonSampler(N, B, physical_batch_size=3)
+    per_epoch = round(N // B * sampling.mean_micro_batches(sampler))
+    assert per_epoch > N // B  # several micro-batches per logical step
+    assert len(history.history["loss"]) == 4
+    steps = int(model.dp_steps.numpy())
+    # 4 epochs of 8 logical steps on average: 32 +- 3 std of a step count
+    # whose micro-batches vary with the Poisson batch size.
+    assert 24 <= steps <= 40, steps
+    assert int(model.sampling_position) == steps
+
+
+def test_mean_micro_batches_counts_the_spill_of_large_poisson_batches():
+    # B = P: a step larger than B (probability about one half) takes two.
+    sampler = sampling.PoissonSampler(9600, 256, physical_batch_size=256)
+    assert 1.45 < sampling.mean_micro_batches(sampler) < 1.52
+    # The default P = B + 4 std almost never spills.
+    assert sampling.mean_micro_batches(sampling.PoissonSampler(9600, 256)) < 1.001
+    padded = sampling.PoissonSampler(9600, 256, physical_batch_size=32, pad_steps=True)
+    assert sampling.mean_micro_batches(padded) >= padded.steps_padded_to == 10
