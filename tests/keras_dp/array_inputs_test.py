@@ -136,20 +136,22 @@ def test_a_smaller_batch_size_is_the_micro_batch_of_larger_logical_steps(monkeyp
     """
     model = _private()
     x, y = _data()
-    rows, ends = [], []
+    rows = []  # the traced micro-batch shapes
     original = type(model).train_step
 
     def spy(self, data):
         rows.append(int(data[0].shape[0]))
-        ends.append(data[3])
         return original(self, data)
 
     monkeypatch.setattr(type(model), "train_step", spy)
-    history = model.fit(x, y, batch_size=3, epochs=4, verbose=0)
-    assert set(rows) == {3}
+    batches = []
+    counter = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: batches.append(b))
+    history = model.fit(x, y, batch_size=3, epochs=4, verbose=0, callbacks=[counter])
+    assert rows and set(rows) == {3}
     sampler = sampling.PoissonSampler(N, B, physical_batch_size=3)
     per_epoch = round(N // B * sampling.mean_micro_batches(sampler))
     assert per_epoch > N // B  # several micro-batches per logical step
+    assert len(batches) == 4 * per_epoch
     assert len(history.history["loss"]) == 4
     steps = int(model.dp_steps.numpy())
     # 4 epochs of 8 logical steps on average: 32 +- 3 std of a step count
