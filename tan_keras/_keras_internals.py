@@ -285,3 +285,29 @@ def normalization_input_shape(layer: keras.layers.Normalization) -> Optional[Tup
     """The input shape a `Normalization` was built for (None: not built)."""
     shape = getattr(layer, "_build_input_shape", None)
     return None if shape is None else tuple(shape)
+
+
+def call_shapes(layer: keras.layers.Layer) -> List[Tuple[List[Tuple], List[Tuple]]]:
+    """The shapes each symbolic call of `layer` was traced with (its graph nodes).
+
+    Args:
+      layer: A Keras layer.
+
+    Returns:
+      One (input shapes, output shapes) per node, batch axis first: the
+      tensors of the call's first positional argument (a list of them for a
+      merge layer; every tensor argument if the call had no positional one),
+      and the call's outputs. [] for a layer never called on symbolic tensors.
+    """
+    shapes = []
+    for node in getattr(layer, "_inbound_nodes", ()):
+        arguments = node.arguments
+        if arguments.args:
+            tensors = [
+                t for t in tree.flatten(arguments.args[0]) if isinstance(t, keras.KerasTensor)
+            ]
+        else:
+            tensors = list(arguments.keras_tensors)
+        outputs = [t for t in node.outputs if isinstance(t, keras.KerasTensor)]
+        shapes.append(([tuple(t.shape) for t in tensors], [tuple(t.shape) for t in outputs]))
+    return shapes

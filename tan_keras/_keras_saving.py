@@ -14,41 +14,63 @@ yet a file loaded right after it (before any other tan_keras name is used)
 must bring its ledger back. So the hooks go into Keras's saving library
 the moment it loads (at once, if it already has), and the module they call
 is imported at their first call, when Keras is fully loaded.
+
+SavedModels get the same treatment (`model.export()`, which writes through
+`keras.export.ExportArchive`, and `tf.saved_model.load`, through which
+`keras.layers.TFSMLayer` loads too): once an archive has gathered what it
+will write (`_filter_and_track_resources`), `after_tracking_export(archive)`
+may add an entry under `SAVED_MODEL_ENTRY` to the object it saves; once
+`tf.saved_model.load` has restored a SavedModel whose root has that entry,
+`after_loading_saved_model(root)` reads it. `tf.saved_model.save` of any
+other object first calls `before_saving_saved_model(obj)` (which refuses
+what it cannot carry). The save hooks are called only once the hooks module
+is loaded: before that, no weight can have a ledger.
 """
 
+import functools
 import importlib
 import sys
 
 _SAVING_LIB = "keras.src.saving.saving_lib"
+_EXPORT_ARCHIVE = "keras.src.export.saved_model_export_archive"
+_TF_LOAD = "tensorflow.python.saved_model.load"
+_TF_SAVE = "tensorflow.python.saved_model.save"
 _ORIGINAL = "_tan_keras_original"
+# The attribute of a SavedModel's root that holds the ledger's entry.
+SAVED_MODEL_ENTRY = "_tan_keras_privacy_ledger"
 
 
 def install(hooks_module: str) -> None:
-    """Hooks Keras's weight files to `hooks_module`'s functions (see module doc).
+    """Hooks Keras's weight files and SavedModels to `hooks_module`'s functions (module doc).
 
     Args:
-      hooks_module: The module that defines `after_saving_each_object` and
-        `after_loading_each_object`, imported at their first call.
+      hooks_module: The module that defines `after_saving_each_object`,
+        `after_loading_each_object`, `after_tracking_export`,
+        `after_loading_saved_model` and `before_saving_saved_model`,
+        imported at their first call.
     """
-    saving_lib = sys.modules.get(_SAVING_LIB)
-    if saving_lib is not None and hasattr(saving_lib, "_load_state"):
-        _patch(saving_lib, hooks_module)
-        return
-    for finder in sys.meta_path:
-        if isinstance(finder, _PatchOnImport):
-            finder.hooks_module = hooks_module
-            return
-    sys.meta_path.insert(0, _PatchOnImport(hooks_module))
+    for target, (ready, patch) in _TARGETS.items():
+        module = sys.modules.get(target)
+        if module is not None and hasattr(module, ready):
+            patch(module, hooks_module)
+            continue
+        for finder in sys.meta_path:
+            if isinstance(finder, _PatchOnImport) and finder.target == target:
+                finder.hooks_module = hooks_module
+                break
+        else:
+            sys.meta_path.insert(0, _PatchOnImport(hooks_module, target))
 
 
 class _PatchOnImport:
-    """A meta path finder that patches Keras's saving library once it has loaded."""
+    """A meta path finder that patches one module (`target`) once it has loaded."""
 
-    def __init__(self, hooks_module: str):
+    def __init__(self, hooks_module: str, target: str = _SAVING_LIB):
         self.hooks_module = hooks_module
+        self.target = target
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _SAVING_LIB:
+        if fullname != self.target:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -63,10 +85,11 @@ class _PatchOnImport:
             return spec
         execute = loader.exec_module
         hooks_module = self.hooks_module
+        patch = _TARGETS[self.target][1]
 
         def exec_module(module):
             execute(module)
-            _patch(module, hooks_module)
+            patch(module, hooks_module)
 
         # This spec's loader only (a loader object per module file).
         loader.exec_module = exec_module
@@ -107,3 +130,60 @@ def _patch(saving_lib, hooks_module: str) -> None:
     setattr(save_state, _ORIGINAL, save_original)
     saving_lib._load_state = load_state
     saving_lib._save_state = save_state
+
+
+def _patch_export(archive_lib, hooks_module: str) -> None:
+    archive_class = archive_lib.SavedModelExportArchive
+    original = archive_class._filter_and_track_resources
+    original = getattr(original, _ORIGINAL, original)
+
+    def _filter_and_track_resources(self, *args, **kwargs):
+        # Called by `write_out` right before `tf.saved_model.save`: what the
+        # archive will write is gathered, and the entry can join it.
+        original(self, *args, **kwargs)
+        if hooks_module in sys.modules:
+            importlib.import_module(hooks_module).after_tracking_export(self)
+
+    setattr(_filter_and_track_resources, _ORIGINAL, original)
+    archive_class._filter_and_track_resources = _filter_and_track_resources
+
+
+def _patch_tf_load(load_lib, hooks_module: str) -> None:
+    # `tf.saved_model.load` (and TFSMLayer through it) calls this module
+    # global: a single place that every load goes through.
+    original = getattr(load_lib.load_partial, _ORIGINAL, load_lib.load_partial)
+
+    @functools.wraps(original)
+    def load_partial(*args, **kwargs):
+        loaded = original(*args, **kwargs)
+        root = loaded.get("root") if isinstance(loaded, dict) else None
+        if root is not None and hasattr(root, SAVED_MODEL_ENTRY):
+            importlib.import_module(hooks_module).after_loading_saved_model(root)
+        return loaded
+
+    setattr(load_partial, _ORIGINAL, original)
+    load_lib.load_partial = load_partial
+
+
+def _patch_tf_save(save_lib, hooks_module: str) -> None:
+    # `tf.saved_model.save` calls this module global (so does ExportArchive).
+    original = save_lib.save_and_return_nodes
+    original = getattr(original, _ORIGINAL, original)
+
+    @functools.wraps(original)
+    def save_and_return_nodes(obj, *args, **kwargs):
+        if hooks_module in sys.modules:
+            importlib.import_module(hooks_module).before_saving_saved_model(obj)
+        return original(obj, *args, **kwargs)
+
+    setattr(save_and_return_nodes, _ORIGINAL, original)
+    save_lib.save_and_return_nodes = save_and_return_nodes
+
+
+# The modules hooked: {name: (an attribute it has once loaded, its patch)}.
+_TARGETS = {
+    _SAVING_LIB: ("_load_state", _patch),
+    _EXPORT_ARCHIVE: ("SavedModelExportArchive", _patch_export),
+    _TF_LOAD: ("load_partial", _patch_tf_load),
+    _TF_SAVE: ("save_and_return_nodes", _patch_tf_save),
+}

@@ -24,9 +24,11 @@ def _forget_remembered_weights():
     otherwise take each other's ledgers.
     """
     from tan_keras.keras_dp import ledger
+    from tan_keras.mechanism import data_copies
 
     ledger._REMEMBERED.clear()
     ledger._LOADED.clear()
+    data_copies.forget()
     yield
 
 

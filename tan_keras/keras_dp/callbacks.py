@@ -108,21 +108,48 @@ class PrivacyAccountant(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         config = self._dp()
+        if self.target_epsilon is not None and config.accounted_noise_multiplier == 0:
+            raise ValueError(
+                "Invalid value for `target_epsilon`: a budget cannot be met with "
+                "noise_multiplier=0 (every update has infinite epsilon). Received: "
+                f"target_epsilon={self.target_epsilon}"
+            )
+        self._step_limit = self._limit(config)
+        # The model enforces the cap in its train step; stopping from the
+        # callback only saves the compute of the discarded batches.
+        self.model.set_step_limit(self._step_limit)
+        self._stop_if_done()
+
+    def _limit(self, config) -> Optional[int]:
         limits = []
         if self.max_steps is not None:
             limits.append(self.max_steps)
-        if self.target_epsilon is not None:
-            if config.accounted_noise_multiplier == 0:
-                raise ValueError(
-                    "Invalid value for `target_epsilon`: a budget cannot be met with "
-                    "noise_multiplier=0 (every update has infinite epsilon). Received: "
-                    f"target_epsilon={self.target_epsilon}"
-                )
-            if config.poisson:
-                limits.append(self._max_steps_within_budget(config))
+        if self.target_epsilon is not None and config.poisson:
+            limits.append(self._max_steps_within_budget(config))
+        return min(limits) if limits else None
+
+    def ledger_changed(self, epoch_counted: bool = False) -> None:
+        """Sets the cap again from the ledger's counts, after a history merged into it mid-fit.
+
+        `fit` calls it when a weight set by a callback (a warm start from
+        another private model) brought the ledger of the updates it went
+        through (`ledger.recall`), before the next update: the cap set when
+        training or the epoch began used the counts of before. The cap only
+        goes down.
+
+        Args:
+          epoch_counted: With sampling="shuffled", whether an update of the
+            current epoch was released already (the epoch is counted in
+            `dp_epochs`); if not, the next update counts one more epoch.
+        """
+        config = self._dp()
+        limits = [limit for limit in (self._step_limit, self._limit(config)) if limit is not None]
+        steps = int(self.model.dp_steps.numpy())
+        if config.sampling == "shuffled" and self.target_epsilon is not None:
+            epochs = int(self.model.dp_epochs.numpy()) + (0 if epoch_counted else 1)
+            if self.shuffled_epsilon(epochs) > self.target_epsilon:
+                limits.append(steps)
         self._step_limit = min(limits) if limits else None
-        # The model enforces the cap in its train step; stopping from the
-        # callback only saves the compute of the discarded batches.
         self.model.set_step_limit(self._step_limit)
         self._stop_if_done()
 

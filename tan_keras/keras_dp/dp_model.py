@@ -53,6 +53,7 @@ from tan_keras.keras_dp.dp_config import DPConfig
 from tan_keras.mechanism import (
     chunking,
     content_digest,
+    data_copies,
     ghost,
     layerwise,
     model_analysis,
@@ -298,6 +299,7 @@ class DPKerasModel(keras.Model):
         # (provenance.py); a model being loaded gets its saved marks back first.
         provenance.apply_restored(self)
         provenance.check(self)
+        self._check_held_values()
         # Set around Keras's attribute tracking: the two cut models share the
         # layers of this one and must not be tracked (or saved) as its own.
         object.__setattr__(self, "_row_prefix", row_prefix.split(self))
@@ -525,6 +527,18 @@ class DPKerasModel(keras.Model):
         self._one_at_a_time = model_checks.vectorizing_crashes(self)
         self._build_dp_state()
 
+    def _check_held_values(self):
+        # What the traced computation holds, whatever reference led there: a
+        # copy of training rows or of adapted statistics is refused; a value
+        # private training or a private release left brings its ledger
+        # (`ledger.recall` reads the fingerprints).
+        values = model_analysis.held_values(self)
+        provenance.discover_adapted()
+        data_copies.check_values(values, f"The model `{self.name}`")
+        object.__setattr__(
+            self, ledger_lib.HELD_VALUES_ATTRIBUTE, data_copies.value_fingerprints(values)
+        )
+
     def _check_optimizer_clipping(self):
         # Keras applies clipnorm / global_clipnorm / clipvalue to each
         # replica's partial gradient before the all-reduce. Each partial sum
@@ -667,6 +681,9 @@ class DPKerasModel(keras.Model):
         arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
         arguments.pop("self", None)
         arguments.pop("kwargs", None)
+        if fit_inputs.is_array(arguments.get("x")):
+            data_copies.register_rows(arguments["x"])
+        self._check_held_values()
         if self._dp_config.sampling == "poisson" and fit_inputs.is_array(arguments.get("x")):
             # The model draws the Poisson batches of in-memory data itself.
             arguments = array_inputs.poisson_arguments(self._dp_config, arguments)
@@ -724,28 +741,44 @@ class DPKerasModel(keras.Model):
             )
         if self._dp_config.sampling == "shuffled":
             callbacks = [dp_state.EpochOpener(self._secret.epoch_open)] + callbacks
-        # After the callbacks that may set weights as arrays when training or
-        # an epoch starts (a warm start), before the first update and the
-        # sampler's resume: they bring what those values went through.
-        callbacks.append(dp_state.WeightsRecall(self, sampler))
+        # After the callbacks that may set weights as arrays (a warm start),
+        # before the next update and the sampler's resume: they bring what
+        # those values went through. Mid-fit only where a user callback runs
+        # code between updates (none: no cost).
+        between_batches = any(dp_state.sees_weights_mid_epoch(c) for c in callbacks)
+        recall = dp_state.WeightsRecall(
+            self,
+            sampler,
+            accountants=[c for c in callbacks if isinstance(c, PrivacyAccountant)],
+            between_epochs=any(dp_state.sees_weights_between_epochs(c) for c in callbacks),
+            between_batches=between_batches,
+            epoch_open=self._secret.epoch_open if self._dp_config.sampling == "shuffled" else None,
+        )
+        callbacks.append(recall)
         if sampler is not None:
             # Last, after any callback that restores weights and the ledger
             # with them (BackupAndRestore), before the input is first read.
             callbacks.append(dp_state.SamplerResume(sampler, self._secret.position))
+        if self._dp_config.sampling == "poisson":
+            # The stream the identity check holds every micro-batch to.
+            callbacks.append(dp_state.StreamPin(self._secret, self._dp_config, arguments.get("x")))
         arguments["callbacks"] = callbacks
         # Weights set as arrays since construction (set_weights from a
         # privately trained model) bring what they went through; what this
         # fit changes is remembered wherever a copy could be taken.
-        memory = dp_state.WeightsMemory(
-            self,
-            ledger_lib.recall(self, self.privacy_ledger),
-            every_batch=any(dp_state.sees_weights_mid_epoch(c) for c in callbacks),
-        )
+        memory = dp_state.WeightsMemory(self, ledger_lib.recall(self, self.privacy_ledger))
         arguments["callbacks"] = arguments["callbacks"] + [memory]
+        if recall.looks_mid_fit:
+            # First: sees each update's values before any user callback.
+            after_update = dp_state.AfterUpdate(memory, recall, every_batch=between_batches)
+            arguments["callbacks"] = [after_update] + arguments["callbacks"]
         try:
             return super().fit(**arguments)
         finally:
             memory.remember()
+            # TensorFlow keeps what Keras read a generator through: let go of
+            # the generator (and the pipelines it holds) once fit is over.
+            fit_inputs.detach(arguments.get("x"))
 
     def save(self, filepath, *args, **kwargs):
         """`keras.Model.save`, refusing the legacy HDF5 format (it cannot hold the ledger).
@@ -987,12 +1020,12 @@ class DPKerasModel(keras.Model):
         def spec(t):
             return None if t is None else tf.TensorSpec(t.shape, t.dtype)
 
-        written = model_analysis.function_writes(
-            self._per_example_loss,
-            tf.nest.map_structure(spec, y),
-            tf.nest.map_structure(spec, y_pred),
-            autograph=True,
-        )
+        specs = (tf.nest.map_structure(spec, y), tf.nest.map_structure(spec, y_pred))
+        written = model_analysis.function_writes(self._per_example_loss, *specs, autograph=True)
+        # A loss holding training rows or adapted statistics (a closure).
+        with tf.init_scope():  # read eagerly, out of the train step's trace
+            provenance.discover_adapted()
+        data_copies.check_function(self._per_example_loss, *specs, where="The loss")
         if written:
             raise _validate.invalid(
                 "loss",
@@ -1026,6 +1059,8 @@ class DPKerasModel(keras.Model):
             replica_id=replica.replica_id_in_sync_group,
             num_replicas=replica.num_replicas_in_sync,
             content_ok=content_ok,
+            pinned=secret.stream_pinned,
+            pinned_source=secret.pinned_source,
         )
         # Past the step cap nothing is released, so nothing needs to match.
         code = tf.where(capped, tf.constant(step_identity.OK, tf.int64), code)

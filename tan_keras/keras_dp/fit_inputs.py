@@ -9,8 +9,10 @@ happened, so the input decides it, not a warning:
   identity (step, index in the step, N, B, sampler stream), which the train
   step checks against the privacy ledger (`step_identity.py`), whatever
   feeds `fit` (a dataset, a distributed dataset, a generator, a
-  `PyDataset`). In-memory arrays, `fit(x, y, batch_size=B)`, are turned
-  into such a pipeline by the model (`array_inputs.py`). Plain `(x, y)`
+  `PyDataset`), and every micro-batch of a fit must come from the one
+  stream `fit` pinned before its first step (`stream_to_pin`): a generator
+  cannot pick among pipelines. In-memory arrays, `fit(x, y, batch_size=B)`,
+  are turned into such a pipeline by the model (`array_inputs.py`). Plain `(x, y)`
   batches -- a shuffled and batched dataset, a generator of batches -- and
   micro-batches without identity are refused: nothing says they are Poisson
   samples, each used once.
@@ -23,7 +25,9 @@ happened, so the input decides it, not a warning:
   epochs in which it released an update.
 """
 
-from typing import Any, Dict
+import types
+import weakref
+from typing import Any, Dict, Optional
 
 import keras
 import numpy as np
@@ -158,8 +162,110 @@ def prepare(config: DPConfig, arguments: Dict[str, Any]) -> Dict[str, Any]:
                 "With sampling='caller_poisson' fit takes only the caller's micro-batches "
                 "(x, y, mask, step_end)",
             )
+        if config.sampling == "poisson":
+            # Before the generator is first read: it must not be able to
+            # choose among pipelines, not even at its first step.
+            stream_to_pin(config, data)
+            if isinstance(data, types.GeneratorType):
+                return {**arguments, "x": _detachable(data)}
         return arguments  # generators...: their elements are checked in train_step
     return _check_shuffled_arrays(config, arguments)
+
+
+# Generators fit reads through (`_detachable`) -> the list holding the caller's.
+_HOLDERS = weakref.WeakKeyDictionary()
+
+
+def _detachable(generator: types.GeneratorType) -> types.GeneratorType:
+    """A generator relaying `generator`'s elements until `detach` lets go of it.
+
+    TensorFlow keeps what Keras reads a generator through (its
+    `from_generator` functions) for the life of the process: a pipeline the
+    caller's generator holds would stay alive, and count in every later
+    fit's `sampling.live_pipelines`.
+    """
+    holder = [generator]
+
+    def relay():
+        while holder:
+            try:
+                element = next(holder[0])
+            except StopIteration:
+                return
+            yield element
+
+    wrapper = relay()
+    _HOLDERS[wrapper] = holder
+    return wrapper
+
+
+def detach(data: Any) -> None:
+    """Lets go of the caller's generator behind `data` (from `prepare`), if any."""
+    try:
+        holder = _HOLDERS.pop(data, None)
+    except TypeError:  # not weak-referenceable: not a generator of ours
+        return
+    if holder is not None:
+        holder.clear()
+
+
+def stream_to_pin(config: DPConfig, data: Any) -> Optional[int]:
+    """The Poisson stream a fit on `data` must read from, pinned before its first step.
+
+    A generator or `PyDataset` re-yielding whole steps of several pipelines
+    (other keys, or one key over other data) could take each step from the
+    pipeline whose step suits it (one that holds a target example: measured
+    0.70 inclusion per step for q = 0.25), every element intact. So the
+    stream is fixed before the data can choose it:
+
+    * a `tf.data` input with pipelines of `make_poisson_dataset` upstream
+      (what the model builds from arrays included): the first one's stream;
+    * a Python generator: the only registered pipeline alive for the
+      model's (N, B) (`sampling.live_pipelines`; a generator's iterator
+      holds its pipeline), looked up before Keras reads it and again when
+      training begins (after Keras has read its first elements: a
+      generator may build its pipeline then); refused while several are;
+    * any other input code fit cannot see through (a `tf.data` input from
+      `from_generator`, a distributed dataset of your own): the most
+      recently built pipeline alive, chosen before that code has read
+      anything in this fit (Keras does not read a dataset ahead), since
+      TensorFlow keeps alive for good what an earlier `from_generator`
+      held;
+    * none when no pipeline is alive: then every micro-batch of a pipeline
+      is refused at the first step (`step_identity.NOT_PINNED`).
+
+    Args:
+      config: The model's DP configuration.
+      data: `fit`'s `x`, as `fit` passes it on.
+
+    Returns:
+      The stream id to pin, or None to pin none.
+
+    Raises:
+      ValueError: naming `x`, for a generator or `PyDataset` while several
+        pipelines for the model's (N, B) are alive: it could pick among them.
+    """
+    pipelines = sampling.poisson_pipelines(data)
+    if pipelines:
+        return sampling.stream_of(pipelines[0])
+    live = sampling.live_pipelines(config.dataset_size, config.expected_batch_size)
+    if not live:
+        return None
+    python_level = not isinstance(data, (tf.data.Dataset, tf.distribute.DistributedDataset))
+    if len(live) > 1 and python_level:
+        raise _validate.invalid(
+            "x",
+            "the Poisson pipeline itself (fit pins its stream), or a generator or PyDataset "
+            "while exactly one pipeline for the model's (dataset_size, expected_batch_size)="
+            f"({config.dataset_size}, {config.expected_batch_size}) is alive",
+            f"a {type(data).__name__} while {len(live)} such pipelines are alive",
+            "fit cannot see which pipeline a generator reads, and one that takes each step "
+            "from one of several pipelines (other keys, or one key over other data) picks "
+            "from their data which examples a step holds: an example would be in more steps "
+            "than q = B/N, which epsilon does not cover. Pass the make_poisson_dataset "
+            "pipeline to fit, or drop the other pipelines (del them) before fitting",
+        )
+    return sampling.stream_of(live[-1])
 
 
 def is_array(data: Any) -> bool:

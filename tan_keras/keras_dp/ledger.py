@@ -27,7 +27,15 @@ A ledger counts the private releases that shaped a set of weights (see
   installed at `import tan_keras` (`tan_keras._keras_saving`). A plain layer
   whose values are remembered (below) writes their segments into the file
   too (`_write_to_file`): `clone_model` + `set_weights(private.get_weights())`
-  then `save` carries the count.
+  then `save` carries the count. A SavedModel (`model.export()`,
+  `keras.export.ExportArchive`) carries the segments of each variable it
+  holds that has a ledger or remembered values (`_write_to_saved_model`: a
+  non-trainable float64 table beside those variables, never a secret), and
+  `tf.saved_model.load` (TFSMLayer's too) remembers the values it loads
+  with them (`_restore_from_saved_model`): a model rebuilt with
+  `set_weights` from the loaded variables gets the count back.
+  `tf.saved_model.save` of a Keras model or layer with such weights, which
+  could carry no entry, is refused (`before_saving_saved_model`).
 * **Weights copied as arrays in this process** (`clone_model` then
   `set_weights(private.get_weights())`, a layer's `set_weights`, the EMA
   weights read inside `ema_weights()`) are recognised by their values: at
@@ -39,12 +47,15 @@ A ledger counts the private releases that shaped a set of weights (see
   (`_remember_loaded`); a private model built over, or trained from, a
   weight with such a fingerprint takes the ledger it went through
   (`recall`, also after the callbacks' `on_train_begin` and first
-  `on_epoch_begin`, where a warm start may set weights). The fingerprint
+  `on_epoch_begin`, where a warm start may set weights, and, when a
+  callback runs code between updates, before every update for the weights
+  a callback changed since the last one). The fingerprint
   is of the values as float64, whatever their dtype and shape (a lossless
   copy into float64 variables, a Dense kernel reused as a 1x1 convolution
   kernel are recognised); a copy whose values changed (a cast to float16,
-  pruning) is not. Two runs with the same seeds in one process leave the
-  same values: a value met in both takes both histories (an over-count).
+  pruning, an average of several models' weights) is not. Two runs with
+  the same seeds in one process leave the same values: a value met in both
+  takes both histories (an over-count).
 * **Segments: one history met twice is merged, two histories are added.**
   Each ledger has a random `uid` and advances only its own counts, its
   segment. What it learns from elsewhere (a file, a ledger it absorbs, a
@@ -68,12 +79,12 @@ What the ledger cannot follow: arrays that leave the process (pickled
 reads the entry then; plain Keras skips it), a `tf.train.Checkpoint` of
 bare variables (`Checkpoint(weights=model.weights)`: no layer to hold the
 entry), and values copied into a variable of another shape (a widened
-layer, a grown head: the fingerprint is of the whole variable). A
-trainable `TFSMLayer` (a SavedModel, which has no ledger) is refused.
+layer, a grown head: the fingerprint is of the whole variable), nor
+weights read out of an ONNX, LiteRT or OpenVINO export. A trainable
+`TFSMLayer` is refused (weights trained through it go to no file).
 """
 
 import contextlib
-import hashlib
 import secrets
 import weakref
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -82,7 +93,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tan_keras import _keras_internals, _validate
+from tan_keras import _keras_internals, _keras_saving, _validate
+from tan_keras.mechanism import data_copies
 from tan_keras.privacy import releases
 
 # The attribute that binds a variable, or a model, to its ledger.
@@ -90,6 +102,9 @@ _ATTRIBUTE = "_tan_keras_ledger"
 # The name of the ledger's entry in Keras weight files and TF checkpoints.
 SAVED_NAME = "privacy_ledger"
 _CHECKPOINT_NAME = "dp_ledger"
+# The attribute of a private model holding the fingerprints of the values its
+# traced computation holds (`DPKerasModel._check_held_values`).
+HELD_VALUES_ATTRIBUTE = "_tan_keras_held_values"
 
 # A segment: the counts (steps, epochs) of one history, by mechanism.
 Segment = Dict[releases.Mechanism, Tuple[int, int]]
@@ -639,15 +654,7 @@ _LOADED: List[Tuple[List, Segments]] = []
 
 def _fingerprint(variable) -> int:
     """A 64-bit hash of one variable's values, as float64, in any dtype or shape."""
-    value = np.asarray(variable.numpy())
-    try:
-        canonical = np.asarray(value, np.float64).ravel()
-    except (TypeError, ValueError):
-        # Not numbers (a string table): its own bytes.
-        canonical = np.asarray(value).ravel()
-    digest = hashlib.blake2b(str(canonical.dtype).encode(), digest_size=8)
-    digest.update(canonical.tobytes())
-    return int.from_bytes(digest.digest(), "little")
+    return data_copies.value_fingerprint(variable.numpy())
 
 
 def _layer_weights(model) -> List:
@@ -666,7 +673,12 @@ def fingerprints(variables: Iterable) -> Dict[int, int]:
     return {id(v): _fingerprint(v) for v in variables}
 
 
-def remember(variables: Iterable, ledger: PrivacyLedger, unless: Dict[int, int]) -> None:
+def remember(
+    variables: Iterable,
+    ledger: PrivacyLedger,
+    unless: Dict[int, int],
+    found: Optional[Dict[int, int]] = None,
+) -> None:
     """Records that the current values of `variables` went through `ledger`'s releases.
 
     One fingerprint per variable, so that a copy of some layers (a backbone
@@ -678,12 +690,14 @@ def remember(variables: Iterable, ledger: PrivacyLedger, unless: Dict[int, int])
       unless: The fingerprints at the start of the fit: a variable that did
         not change (frozen, or a zero update) is not recorded, since other
         models hold the same initial values.
+      found: The fingerprints of `variables`' current values, if already
+        taken ({id(variable): fingerprint}, `fingerprints`).
     """
     _remember_restored()
-    _remember_values(variables, ledger.root().segments(), unless)
+    _remember_values(variables, ledger.root().segments(), unless, found)
 
 
-def _remember_values(variables: Iterable, segments: Segments, unless=None) -> None:
+def _remember_values(variables: Iterable, segments: Segments, unless=None, found=None) -> None:
     """Records that the current values of `variables` went through `segments`.
 
     A value already known keeps what was known of it: segments are merged
@@ -691,9 +705,11 @@ def _remember_values(variables: Iterable, segments: Segments, unless=None) -> No
     copy made before, a warm start) never replaces a longer history with
     its own.
     """
-    unless = unless or {}
+    unless, found = unless or {}, found or {}
     for variable in variables:
-        fingerprint = _fingerprint(variable)
+        fingerprint = found.get(id(variable))
+        if fingerprint is None:
+            fingerprint = _fingerprint(variable)
         if unless.get(id(variable)) == fingerprint:
             continue
         _REMEMBERED[fingerprint] = _merged(_REMEMBERED.get(fingerprint), segments)
@@ -736,19 +752,29 @@ def _remember_restored() -> None:
         _remember_loaded(variables, segments)
 
 
-def recall(model, ledger: PrivacyLedger) -> Dict[int, int]:
+def recall(model, ledger: PrivacyLedger, since: Optional[Dict[int, int]] = None) -> Dict[int, int]:
     """Merges into `ledger` what any of `model`'s weights went through, if known.
 
     Args:
       model: A private model (its layers' weights are looked up).
       ledger: Its ledger.
+      since: Fingerprints taken earlier ({id(variable): fingerprint}): if
+        given, only the weights whose values differ from them are looked up
+        (set since by code other than the model's update, mid-fit), not the
+        values held by its traced computation (fixed for the fit).
 
     Returns:
       The fingerprints of the model's layers' weights (for `remember`'s `unless`).
     """
     _remember_restored()
     found = fingerprints(_layer_weights(model))
-    for fingerprint in set(found.values()):
+    if since is not None:
+        looked_up = {f for key, f in found.items() if since.get(key) != f}
+    else:
+        # The values its traced computation holds besides its weights (a
+        # constant copy of private weights, statistics a private release set).
+        looked_up = set(found.values()) | set(getattr(model, HELD_VALUES_ATTRIBUTE, ()))
+    for fingerprint in looked_up:
         segments = _REMEMBERED.get(fingerprint)
         if segments is not None:
             ledger.root()._merge_segments(segments)
@@ -831,3 +857,158 @@ def after_loading_each_object(obj, read) -> None:
 def after_saving_each_object(obj, make) -> None:
     """Keras's save hook (`tan_keras._keras_saving`): `_write_to_file`."""
     _write_to_file(obj, make)
+
+
+# ------------------------------------------------------------------ SavedModels
+# The ledger's entry in a SavedModel: an attribute of its root, whose
+# `groups` each hold `variables` and their `segments` (a `segments_table`).
+SAVED_MODEL_ENTRY = _keras_saving.SAVED_MODEL_ENTRY
+
+
+def _has_counts(segments: Segments) -> bool:
+    return any(any(counts) for segment in segments.values() for counts in segment.values())
+
+
+def _backing(variable):
+    """The TensorFlow variable a Keras variable holds its values in (else itself)."""
+    value = variable.value if isinstance(variable, keras.Variable) else variable
+    # In an autocast scope `value` is a cast tensor: no match, values only.
+    return value if isinstance(value, tf.Variable) else variable
+
+
+def _saved_variables(root) -> List:
+    """The variables (Keras or TensorFlow) an export archive's `root` holds, each once."""
+    try:
+        found = tf.train.TrackableView(root).descendants()
+    except TypeError:
+        # (Keras's own walk of tracked objects can fail so on some Pythons.)
+        found = [*getattr(root, "_all_variables", ()), *getattr(root, "variables", ())]
+    seen, variables = set(), []
+    for obj in found:
+        if isinstance(obj, (keras.Variable, tf.Variable)) and id(obj) not in seen:
+            seen.add(id(obj))
+            variables.append(obj)
+    return variables
+
+
+def _segments_of_saved(variable, keras_of: Dict[int, object]) -> Segments:
+    """What the values of a variable an archive holds went through: its ledger, its values'."""
+    keras_variable = keras_of.get(id(variable), variable)
+    ledger = getattr(keras_variable, _ATTRIBUTE, None)
+    segments: Segments = ledger.root().segments() if isinstance(ledger, PrivacyLedger) else {}
+    known = _REMEMBERED.get(_fingerprint(variable))
+    if known is not None:
+        segments = _merged(segments, known) if segments else known
+    return segments
+
+
+def _write_to_saved_model(archive) -> None:
+    """Adds to an export archive the ledger segments of the variables it will write.
+
+    Like a Keras weight file (`_write_to_file`), a SavedModel carries what
+    its weights went through: the ledger bound to a private model's (or its
+    wrapped model's) variables, the segments remembered for their values
+    (a plain model that `set_weights` filled with private values). Variables
+    with the same segments form a group: its `variables` (the same objects
+    the SavedModel holds anyway) and `segments`, a non-trainable float64
+    variable holding their `segments_table` (counts and uids only: never the
+    noise key, which no private model tracks). The serving endpoints do not
+    read it. An archive without such variables is written as before.
+
+    Args:
+      archive: A Keras `ExportArchive`, its resources gathered.
+    """
+    root = archive._tf_trackable
+    if hasattr(root, SAVED_MODEL_ENTRY):
+        # A second `write_out`: computed again, from the weights as they are.
+        delattr(root, SAVED_MODEL_ENTRY)
+    _remember_restored()
+    variables = _saved_variables(root)
+    # The endpoints capture TensorFlow variables; the ledger is bound to the
+    # Keras variables that hold them (those of the layers the archive tracks).
+    keras_of: Dict[int, object] = {}
+    for resource in getattr(archive, "_tracked", ()):
+        if isinstance(resource, keras.layers.Layer):
+            for variable in resource.variables:
+                keras_of[id(_backing(variable))] = variable
+    for variable in variables:
+        if isinstance(variable, keras.Variable):
+            keras_of.setdefault(id(_backing(variable)), variable)
+    groups: Dict[bytes, Tuple[np.ndarray, List]] = {}
+    for variable in variables:
+        segments = _segments_of_saved(variable, keras_of)
+        if _has_counts(segments):
+            table = segments_table(segments)
+            groups.setdefault(table.tobytes(), (table, []))[1].append(variable)
+    if not groups:
+        return
+    entries = []
+    with tf.init_scope():
+        for table, members in groups.values():
+            group = tf.__internal__.tracking.AutoTrackable()
+            group.variables = members
+            group.segments = tf.Variable(
+                table, dtype=tf.float64, trainable=False, name="privacy_ledger_segments"
+            )
+            entries.append(group)
+    entry = tf.__internal__.tracking.AutoTrackable()
+    entry.groups = entries
+    setattr(root, SAVED_MODEL_ENTRY, entry)
+
+
+def _restore_from_saved_model(root) -> None:
+    """Remembers the values a SavedModel with a ledger entry loaded, with its segments.
+
+    So that a model rebuilt in this process with `set_weights` from the
+    loaded variables (or over a TFSMLayer of it) takes the ledger when it
+    is made private (`recall`), as after loading a Keras weight file.
+    """
+    if not tf.executing_eagerly():
+        # tf.compat.v1 graph mode: the values exist only in a session.
+        return
+    for group in getattr(getattr(root, SAVED_MODEL_ENTRY), "groups", ()):
+        segments = segments_from_table(group.segments.numpy())
+        _remember_loaded(list(group.variables), segments)
+
+
+def after_tracking_export(archive) -> None:
+    """Keras's export hook (`tan_keras._keras_saving`): `_write_to_saved_model`."""
+    _write_to_saved_model(archive)
+
+
+def after_loading_saved_model(root) -> None:
+    """`tf.saved_model.load`'s hook (`tan_keras._keras_saving`): `_restore_from_saved_model`."""
+    _restore_from_saved_model(root)
+
+
+def before_saving_saved_model(obj) -> None:
+    """`tf.saved_model.save`'s hook (`tan_keras._keras_saving`).
+
+    `tf.saved_model.save(model, path)` of a Keras model writes its layers'
+    variables but no ledger entry: a model rebuilt from them would count
+    from zero. So a Keras model or layer whose weights have a ledger, or
+    hold remembered private values, is refused; `model.export(path)` writes
+    the same variables with the ledger.
+
+    Args:
+      obj: The object `tf.saved_model.save` was given.
+
+    Raises:
+      ValueError: naming the layer and one such weight.
+    """
+    if not isinstance(obj, keras.layers.Layer):
+        return
+    _remember_restored()
+    for variable in obj.weights:
+        bound = isinstance(getattr(variable, _ATTRIBUTE, None), PrivacyLedger)
+        if bound or (_REMEMBERED and _fingerprint(variable) in _REMEMBERED):
+            raise ValueError(
+                f"Invalid object for tf.saved_model.save: `{obj.name}` "
+                f"({type(obj).__name__}) has weights with a privacy ledger (trained "
+                "privately, or copied from weights that were), and tf.saved_model.save "
+                "of a Keras object writes no ledger: a model rebuilt from the SavedModel "
+                "would count its privacy from zero. Use "
+                f"`{obj.name}.export(path)` or keras.export.ExportArchive (the "
+                "SavedModel then carries the ledger), or save a `.keras` / "
+                f"`.weights.h5` file. Received: weight `{variable.path}` with a ledger."
+            )

@@ -113,6 +113,9 @@ def private_adapt(
     layer.adapt_mean.assign(statistics.mean.astype(np.float32))
     layer.adapt_variance.assign(statistics.variance.astype(np.float32))
     layer.finalize_state()
+    # A copy of the released statistics (Normalization(mean=..., variance=...)
+    # in another model, a constant in a custom layer) brings the release.
+    ledger_lib.remember([layer.adapt_mean, layer.adapt_variance], ledger, unless={})
     provenance.mark(
         layer,
         provenance.PRIVATE,

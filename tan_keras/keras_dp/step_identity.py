@@ -15,9 +15,15 @@ The compiled train step compares it with the ledger (`check`): the step
 must be the next one the ledger will release (`dp_steps`), the micro-batch
 the next one of that step, every row the same micro-batch and all its rows
 there in order (each replica its share), the step's end where its
-identity says, one sampler per step, (N, B) the model's, and every row's
+identity says, one sampler per step, (N, B) the model's, every row's
 content the one its identity was sealed with (a generator or `PyDataset`
-that blends the rows it re-yields changes it). The
+that blends the rows it re-yields changes it), and the stream the one
+`fit` pinned before the first step (`stream_allowed`): a stream id names
+the sampler's key and the data it samples (`PoissonSampler.stream_id`),
+and `fit` pins the one pipeline it reads (`fit_inputs.stream_to_pin`), so
+that a generator cannot pick, step after step, among several pipelines
+the one whose step suits it (a07: the step holding a target example;
+a11: one key over `x` and `-x`). The
 first mismatch is recorded in a variable (not an assertion: XLA drops
 those) and blocks every update until the next `fit`; `DPKerasModel` then
 raises `SamplingIdentityError` naming what happened (`describe`). Once the
@@ -27,6 +33,8 @@ step cap is reached nothing is released, so nothing is checked.
 from typing import Sequence
 
 import tensorflow as tf
+
+from tan_keras.mechanism import sampling
 
 OK = 0
 REPLAYED = 1
@@ -38,6 +46,7 @@ OTHER_SAMPLING = 6
 TWO_SOURCES = 7
 PARTIAL = 8
 CONTENT_CHANGED = 9
+NOT_PINNED = 10
 
 # Columns of the identity (sampling.IDENTITY_COLUMNS).
 _ROW, _ROWS = 6, 7
@@ -63,6 +72,8 @@ def check(
     replica_id=0,
     num_replicas: int = 1,
     content_ok=True,
+    pinned=0,
+    pinned_source=0,
 ) -> tf.Tensor:
     """The violation code of one replica's share of a micro-batch (OK = 0 when it may count).
 
@@ -80,6 +91,8 @@ def check(
       num_replicas: The number of replicas sharing each micro-batch.
       content_ok: Scalar bool, whether every row's content matches the
         digest in its identity (`content_digest.matches`).
+      pinned: Scalar, nonzero when `fit` pinned a stream for this fit.
+      pinned_source: The pinned stream id (read only when `pinned`).
 
     Returns:
       A scalar int64 code; the first failing property in the order of the
@@ -114,6 +127,7 @@ def check(
         (step > expected_step, SKIPPED),
         (tf.not_equal(micro, expected_micro), OUT_OF_ORDER),
         (tf.logical_not(source_ok), TWO_SOURCES),
+        (tf.logical_not(stream_allowed(source, pinned, pinned_source)), NOT_PINNED),
         (tf.logical_not(end_ok), WRONG_END),
     ]
     del first_row  # checked with the other positions
@@ -121,6 +135,27 @@ def check(
     for failed, value in reversed(failures):
         code = tf.where(failed, tf.constant(value, tf.int64), code)
     return code
+
+
+def stream_allowed(source: tf.Tensor, pinned, pinned_source) -> tf.Tensor:
+    """Whether a micro-batch's stream may reach an update in this fit (scalar bool).
+
+    A stream a `PoissonSampler` drew (`sampling.is_pipeline_stream`) must be
+    the one `fit` pinned; with none pinned (no pipeline `fit` could find)
+    no such stream may. Identities built by hand with the package-internal
+    seal (tests) carry no mark and are only held to one stream per step.
+
+    Args:
+      source: The micro-batch's stream id.
+      pinned: Nonzero when a stream is pinned.
+      pinned_source: The pinned stream id.
+    """
+    source = tf.cast(source, tf.int64)
+    is_pinned = tf.logical_and(
+        tf.not_equal(tf.cast(pinned, tf.int64), 0),
+        tf.equal(source, tf.cast(pinned_source, tf.int64)),
+    )
+    return tf.logical_or(tf.logical_not(sampling.is_pipeline_stream(source)), is_pinned)
 
 
 def describe(record: Sequence[int], dataset_size: int, expected_batch_size: int) -> str:
@@ -193,6 +228,18 @@ def describe(record: Sequence[int], dataset_size: int, expected_batch_size: int)
             f"The micro-batches of logical step {step} come from two different samplers "
             "(interleaved or concatenated pipelines): together they are no Poisson sample, "
             "and one example may be in the step twice. Feed one pipeline at a time."
+        ),
+        NOT_PINNED: (
+            f"{where[0].upper() + where[1:]} comes from another Poisson stream than the one "
+            "this fit reads: before the first step fit pinned the stream of the one pipeline "
+            "it found (passed as x, or the only one alive for the model's dataset_size and "
+            "expected_batch_size), or none when no pipeline was alive, and a stream id names "
+            "the sampler's key and the data it samples. A generator or PyDataset that takes "
+            "each step from one of several pipelines (other keys, or one key over other "
+            "data) picks which examples a step holds from their data: a target example is "
+            "then in more steps than q = B/N says, which epsilon does not cover. Pass the "
+            "pipeline itself to fit (fit pins it), or re-yield the elements of one pipeline, "
+            "kept alive while fit runs."
         ),
     }
     message = messages.get(code, f"Unknown sampling identity violation {code}.")

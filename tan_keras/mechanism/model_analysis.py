@@ -23,12 +23,15 @@ private, and none of them can be read off layer classes alone:
   over all rows, so an op that mixes rows (centering by the batch mean)
   mixes examples. It is allowed only for models built from an explicit
   allow-list of per-example layer types (exact types) whose training-mode
-  outputs pass a gradient check on a small random batch (`cross_example_reason`).
+  outputs pass a gradient check on a small random batch (`cross_example_reason`),
+  after a static check that no axis argument of an allowed layer names the
+  batch axis (`batch_axis_reason`).
 
 The trace runs once per model and is cached (the probe of the last point once
 per model and number of views); nothing here runs per training step.
 """
 
+import inspect
 import weakref
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -37,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 from tan_keras import _keras_internals
-from tan_keras.mechanism import captures
+from tan_keras.mechanism import captures, data_copies
 
 # Ops that use a variable's resource handle without writing it.
 _READ_OPS = frozenset(
@@ -186,6 +189,198 @@ def per_example_layer_types() -> Tuple[type, ...]:
     return tuple(t for t in types if t is not None)
 
 
+# The allowed types whose `call` acts along axes named by an argument, and
+# the attribute `call` reads it from (read at check time: what the next call
+# uses, even if set after construction). Named as the batch axis (0, or
+# -rank of the input), the layer mixes the rows of a batch, and the gradient
+# probe sees that only where the layer's input varies on random data: behind
+# a gate that is constant there (a ReLU with a large threshold) it sees a
+# zero gradient. So the configuration is checked statically.
+_AXIS_ARGUMENTS = {
+    "Softmax": "axis",
+    "LayerNormalization": "axis",
+    "UnitNormalization": "axis",
+    "GroupNormalization": "axis",
+    "Concatenate": "axis",
+    "Dot": "axes",
+    "Permute": "dims",
+}
+# The other allowed types, each read for an argument that could name the
+# batch axis: none can. Dense, Embedding, RepeatVector act on the last axis
+# or add one after the batch axis; convolutions, pooling, global pooling,
+# cropping, padding, upsampling and Flatten take a `data_format`, which
+# places the channels among the non-batch axes (axis 0 is the batch in
+# both); Reshape's `target_shape` excludes the batch axis; the elementwise
+# merges and activations have no axis (an `activation` argument, on any
+# layer, is checked: a built-in Keras activation, its own default axis
+# normalised like the arguments above); PReLU's `shared_axes` only shapes its
+# weight, which spans the non-batch axes; Dropout's and AlphaDropout's
+# `noise_shape` only shares random draws, it carries no data between rows;
+# Rescaling's `scale` and `offset` broadcast against the input and are
+# checked not to reach its batch axis.
+
+
+def _builtin_activations() -> Dict[int, object]:
+    return {
+        id(function): function
+        for name in dir(keras.activations)
+        if not name.startswith("_") and name not in ("get", "serialize", "deserialize")
+        for function in [getattr(keras.activations, name)]
+        if callable(function)
+    }
+
+
+def _axis_list(value) -> Optional[List[int]]:
+    """The axes an axis argument names (None: every axis); ValueError if not integers."""
+    if value is None:
+        return None
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values
+    ):
+        raise ValueError(value)
+    return [int(v) for v in values]
+
+
+def _names_batch_axis(axes: Optional[List[int]], rank: int) -> bool:
+    """Whether `axes` of an input of `rank` include the batch axis (ValueError: out of range)."""
+    if axes is None:
+        return True
+    for axis in axes:
+        if not -rank <= axis < rank:
+            raise ValueError(axis)
+        if axis % rank == 0:
+            return True
+    return False
+
+
+def batch_axis_reason(layer: keras.layers.Layer) -> Optional[str]:
+    """Why `layer`'s configuration may act over the batch axis, or None.
+
+    A static check of every argument of an allowed layer type that names
+    axes (`axis` of Softmax, LayerNormalization, UnitNormalization,
+    GroupNormalization and Concatenate; `axes` of Dot; `dims` of Permute),
+    normalised against the rank of the layer's input in each of its calls
+    (axis -rank is the batch axis); of any `activation` argument (a built-in
+    Keras activation, whose default axis is normalised the same way against
+    the output); and of Rescaling's `scale` and `offset` (they must not
+    broadcast onto the batch axis). The gradient probe of
+    `cross_example_reason` cannot see a configuration that mixes rows behind
+    a gate constant on random data; this check does not depend on the data.
+
+    Args:
+      layer: A layer of an allowed type (`per_example_layer_types()`).
+
+    Returns:
+      None, or a sentence naming the layer, the argument and its value; an
+      argument that cannot be checked (not integers, out of range, or a
+      layer never called on symbolic inputs, so the rank is unknown) is a
+      reason too.
+    """
+    label = f"layer `{layer.name}` ({type(layer).__name__})"
+    calls = _keras_internals.call_shapes(layer)
+    attribute = _AXIS_ARGUMENTS.get(type(layer).__name__)
+    if attribute is not None and type(layer) is getattr(keras.layers, type(layer).__name__, None):
+        value = getattr(layer, attribute, None)
+        unknown = (
+            f"{label} has {attribute}={value!r}, which cannot be checked against the batch "
+            "axis (expected integers within the rank of each input the layer was called on)"
+        )
+        if not calls or not all(inputs for inputs, _ in calls):
+            return (
+                f"{label}: the rank of its input is unknown (it was never called on symbolic "
+                f"inputs), so its {attribute}={value!r} cannot be checked against the batch axis"
+            )
+        try:
+            if attribute == "axes" and isinstance(value, (list, tuple)):
+                # Dot: one axis per input.
+                per_input = [[a] for a in _axis_list(value)]
+            else:
+                per_input = None
+                axes = _axis_list(value)
+            for inputs, _ in calls:
+                for position, shape in enumerate(inputs):
+                    if per_input is not None:
+                        if position >= len(per_input):
+                            raise ValueError(value)
+                        axes = per_input[position]
+                    # (Permute transposes its input by (0,) + dims: a dim
+                    # naming axis 0 moves the batch axis.)
+                    if _names_batch_axis(axes, len(shape)):
+                        every = " (every axis)" if value is None else ""
+                        return (
+                            f"{label} has {attribute}={value!r}{every}, which on its rank-"
+                            f"{len(shape)} input {shape} includes the batch axis (axis 0, or "
+                            f"-{len(shape)}): the layer then acts across the examples of a batch"
+                        )
+        except ValueError:
+            return unknown
+    activation = getattr(layer, "activation", None)
+    if activation is not None:
+        builtins = _builtin_activations()
+        if id(activation) not in builtins:
+            return (
+                f"{label} has activation={activation!r}, which is not a built-in Keras "
+                "activation (a custom activation may mix the rows of a batch)"
+            )
+        axis = _default_axis(activation)
+        if axis is not _NO_AXIS:
+            name = getattr(activation, "__name__", repr(activation))
+            if not calls:
+                return (
+                    f"{label}: the rank of its output is unknown (it was never called on "
+                    f"symbolic inputs), so its activation={name!r} (along axis={axis!r}) "
+                    "cannot be checked against the batch axis"
+                )
+            try:
+                for _, outputs in calls:
+                    for shape in outputs:
+                        if _names_batch_axis(_axis_list(axis), len(shape)):
+                            return (
+                                f"{label} has activation={name!r}, which acts along "
+                                f"axis={axis!r}, the batch axis of its rank-{len(shape)} "
+                                f"output {shape}: it then acts across the examples of a batch"
+                            )
+            except ValueError:
+                return (
+                    f"{label} has activation={name!r}, whose axis={axis!r} cannot be checked "
+                    "against the batch axis"
+                )
+    if type(layer) is keras.layers.Rescaling:
+        for name in ("scale", "offset"):
+            value = getattr(layer, name)
+            rank = np.ndim(value)
+            if rank and keras.config.image_data_format() == "channels_first":
+                rank = max(rank, 3)  # Rescaling reshapes it to (C, 1, 1)
+            for inputs, _ in calls:
+                for shape in inputs:
+                    if rank >= len(shape):
+                        return (
+                            f"{label} has a {name} of rank {rank}, which reaches the batch "
+                            f"axis of its rank-{len(shape)} input {shape} when broadcast "
+                            f"(expected rank below {len(shape)})"
+                        )
+            if rank and not calls:
+                return (
+                    f"{label}: the rank of its input is unknown (it was never called on "
+                    f"symbolic inputs), so its {name} of rank {rank} cannot be checked "
+                    "against the batch axis"
+                )
+    return None
+
+
+_NO_AXIS = object()
+
+
+def _default_axis(function):
+    """The default `axis` of a built-in activation (softmax, glu, ...), or _NO_AXIS."""
+    try:
+        parameter = inspect.signature(function).parameters.get("axis")
+    except (TypeError, ValueError):
+        return None  # unknown: checked as "every axis"
+    return _NO_AXIS if parameter is None else parameter.default
+
+
 # Both records hold names, not layers: the cache must not keep a model alive.
 class VariableWrite(NamedTuple):
     """A write to a variable (or other resource) in a training-mode call.
@@ -304,6 +499,24 @@ def tied_variables(model: keras.Model) -> Dict[int, VariableTie]:
       weights (a shared layer) is not a tie.
     """
     return _analysis(model).ties
+
+
+def held_values(model: keras.Model) -> List[Tuple[str, np.ndarray]]:
+    """The numeric values one training-mode call of `model` holds (traced anew).
+
+    Constants and captured tensors, whatever reference led the trace to them,
+    and the variables it reads (`data_copies.graph_values`). Traced at every
+    call, not cached: a layer adapted since reads other values.
+
+    Args:
+      model: A built Keras model with known inputs.
+
+    Returns:
+      (name, array) pairs.
+    """
+    traced = tf.function(lambda x: model(x, training=True))
+    graph = traced.get_concrete_function(_input_spec(model)).graph
+    return data_copies.graph_values(graph)
 
 
 def _input_spec(model):
@@ -665,10 +878,14 @@ def cross_example_reason(model: keras.Model, augmult: int = 1) -> Optional[str]:
     mixing hidden behind `stop_gradient`); and in one training-mode call on 3 random
     examples of K views each (rows ordered as the layerwise route orders
     them), the gradients of the first and of the last example's outputs with
-    respect to the other examples' input rows are exactly zero (this catches
-    allowed layers configured to reduce over the batch axis, e.g.
-    `Softmax(axis=0)`). A single call, so random layers (Dropout) draw one
-    mask.
+    respect to the other examples' input rows are exactly zero. Allowed
+    layers configured to act over the batch axis (`Softmax(axis=0)`,
+    `Concatenate(axis=-2)` on rank-2 inputs) are refused first by a static
+    check of their configuration (`batch_axis_reason`), which holds whatever
+    the data: the probe only sees a mixing where the model's gradient on its
+    random batch is nonzero, not behind a gate that is constant there. The
+    probe stays as a second line. A single call, so random layers (Dropout)
+    draw one mask.
 
     Args:
       model: A built Keras model.
@@ -695,6 +912,10 @@ def cross_example_reason(model: keras.Model, augmult: int = 1) -> Optional[str]:
                 "(Lambda layers, `keras.ops` in functional models and custom layers may "
                 "mix the rows of a batch, e.g. centering by the batch mean)"
             )
+        if layer is not model:
+            configured = batch_axis_reason(layer)
+            if configured is not None:
+                return configured
     entry = _CACHE.get(model)
     if entry is None:
         entry = _CACHE[model] = _Analysis()

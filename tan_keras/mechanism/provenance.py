@@ -25,6 +25,7 @@ layer's path of names.
 
 import contextlib
 import contextvars
+import gc
 import hashlib
 from typing import Any, Dict, Iterator, NamedTuple, Optional
 
@@ -32,7 +33,7 @@ import keras
 import numpy as np
 
 from tan_keras import _keras_internals, _validate
-from tan_keras.mechanism import captures
+from tan_keras.mechanism import captures, data_copies
 
 PUBLIC = "public"
 PRIVATE = "private"
@@ -70,8 +71,47 @@ def data_state(layer: Any) -> Optional[str]:
 
     Returns:
       None for a layer without such state (or a preprocessing layer whose
-      state was given to its constructor, or never set).
+      state was given to its constructor, or never set, and is no copy of
+      an adapted layer's: `data_copies`).
     """
+    adapted = _adapted_state(layer)
+    if adapted is not None:
+        return adapted
+    # Copies are recognised among the states `discover_adapted` registered.
+    if isinstance(layer, keras.layers.Normalization) and layer.input_mean is not None:
+        return data_copies.copied_statistics([layer.input_mean, layer.input_variance], layer)
+    if isinstance(layer, keras.layers.Discretization) and layer.bin_boundaries is not None:
+        return data_copies.copied_statistics([layer.bin_boundaries], layer)
+    if isinstance(layer, _VOCABULARIES) and _keras_internals.vocabulary_given(layer):
+        return data_copies.copied_vocabulary(layer)
+    return None
+
+
+# Whether `discover_adapted` has looked through the live objects.
+_DISCOVERED = False
+
+
+def discover_adapted() -> None:
+    """Registers the state of every live adapted layer with `data_copies`, vouched or not.
+
+    `data_copies` hears of `adapt` calls made once it is imported; a layer
+    adapted before any tan_keras module that needs it was loaded is found
+    here, among the live objects. Once: every later `adapt` is heard.
+    """
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    for obj in gc.get_objects():
+        if not isinstance(obj, _STATEFUL) or _adapted_state(obj) is None:
+            continue
+        data_copies.register_adapted(obj)
+        vouched = mark_of(obj)
+        if vouched is not None and vouched.fingerprint == fingerprint(obj):
+            data_copies.vouch(obj, vouched.provenance)
+
+
+def _adapted_state(layer: Any) -> Optional[str]:
     if isinstance(layer, keras.layers.Normalization):
         if layer.input_mean is not None or not hasattr(layer, "adapt_mean"):
             return None
@@ -129,6 +169,7 @@ def _check_layer(name: str, layer: Any) -> None:
 def mark(layer: Any, provenance: str, reason: str) -> None:
     """Vouches for `layer`'s current state (see `mark_public`, `private_adapt`)."""
     object.__setattr__(layer, _ATTRIBUTE, Mark(provenance, reason, fingerprint(layer)))
+    data_copies.vouch(layer, provenance)
 
 
 def mark_public(layer: keras.layers.Layer, reason: str) -> keras.layers.Layer:
@@ -184,6 +225,8 @@ def check(*roots: Any) -> None:
         ways out.
     """
     layers = [layer for layer in captures.reachable_layers(*roots) if isinstance(layer, _STATEFUL)]
+    if layers:
+        discover_adapted()
     # A TextVectorization's own StringLookup is checked with it, whichever the
     # walk met first.
     inside = {

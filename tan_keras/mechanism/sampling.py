@@ -26,6 +26,8 @@ sampled, so the sampling RNG, like the noise RNG, is seeded from OS entropy
 unless a seed is given explicitly (debugging only; a warning says so).
 """
 
+import gc
+import hashlib
 import math
 import secrets
 import warnings
@@ -37,7 +39,7 @@ import tensorflow as tf
 from scipy import stats
 
 from tan_keras import _validate
-from tan_keras.mechanism import content_digest, views
+from tan_keras.mechanism import content_digest, data_copies, views
 from tan_keras.mechanism.noise import NotPrivateWarning, entropy_int64
 
 SEEDED_SAMPLER_WARNING = (
@@ -154,16 +156,36 @@ class PoissonSampler(tf.Module):
 
     @property
     def source_id(self) -> tf.Tensor:
-        """A public int64 naming this sampler's stream (all hosts sharing its key agree).
+        """The stream id of this sampler's micro-batches not bound to a source (`stream_id`)."""
+        return self.stream_id(None)
 
-        A pseudo-random function of the secret key (Philox on its own
-        stream), so it says nothing about the key or the batches; the model
-        checks that every micro-batch of a logical step comes from one stream.
+    def stream_id(self, source: Optional[int] = None) -> tf.Tensor:
+        """A public int64 naming the stream of micro-batches this sampler draws over `source`.
+
+        A pseudo-random function of the secret key and the source's
+        fingerprint (Philox on its own stream), so it says nothing about the
+        key or the batches; all hosts sharing the key and the data agree on
+        it. Two pipelines over different data (`x` and `-x`) with one key
+        are two streams. The model checks that every micro-batch of a
+        logical step comes from one stream, and that every micro-batch of a
+        fit comes from the stream `fit` pinned before the first step.
+
+        Args:
+          source: `source_fingerprint` of the data the pipeline samples, or
+            None for a pipeline that binds none.
+
+        Returns:
+          A scalar int64 whose low bits are `STREAM_MARK` (see `is_pipeline_stream`).
         """
         seed = tf.stack([self.key, tf.constant(_SOURCE_STREAM, tf.int64)])
-        return tf.random.stateless_uniform([], seed, minval=None, maxval=None, dtype=tf.int64)
+        if source is not None:
+            source = _validate.integer("source", source, low=-(2**63), high=2**63 - 1)
+            seed = tf.random.experimental.stateless_fold_in(seed, tf.constant(source, tf.int64))
+        value = tf.random.stateless_uniform([], seed, minval=None, maxval=None, dtype=tf.int64)
+        mark = tf.constant(STREAM_MARK, tf.int64)
+        return tf.bitwise.bitwise_or(tf.bitwise.bitwise_and(value, ~_STREAM_MARK_MASK), mark)
 
-    def _identity(self, step: tf.Tensor, num_micro: tf.Tensor) -> tf.Tensor:
+    def _identity(self, step: tf.Tensor, num_micro: tf.Tensor, source=None) -> tf.Tensor:
         """[num_micro, P, 9] int64: each row's identity (`IDENTITY_COLUMNS`), content 0."""
         size = self.physical_batch_size
         micro = tf.range(num_micro, dtype=tf.int64)[:, None]
@@ -179,7 +201,7 @@ class PoissonSampler(tf.Module):
             fill(num_micro),
             fill(self.dataset_size),
             fill(self.expected_batch_size),
-            fill(self.source_id),
+            fill(self.stream_id(source)),
             row + tf.zeros_like(micro),
             fill(size),
             fill(0),
@@ -233,7 +255,7 @@ class PoissonSampler(tf.Module):
         return tf.where(uniform < self.sampling_rate)[:, 0]
 
     def micro_batches(
-        self, steps: Optional[int] = None, with_seeds: bool = False
+        self, steps: Optional[int] = None, with_seeds: bool = False, source: Optional[int] = None
     ) -> tf.data.Dataset:
         """Logical steps cut into padded micro-batches.
 
@@ -247,6 +269,8 @@ class PoissonSampler(tf.Module):
             step; each view is then keyed by (that key, its example, its
             view) (`views.ViewKeys`), so a resumed run and every host draw
             the same views.
+          source: `source_fingerprint` of the data the micro-batches will
+            gather, bound into their stream id (`stream_id`); None binds none.
 
         Returns:
           A dataset of `(indices [P] int64, mask [P] float32, step_end [P] bool,
@@ -278,7 +302,7 @@ class PoissonSampler(tf.Module):
                 tf.reshape(padded, [num_micro, size]),
                 tf.reshape(mask, [num_micro, size]),
                 step_end,
-                self._identity(step, num_micro),
+                self._identity(step, num_micro, source),
             )
             if with_seeds:
                 # Derived from the key through Philox, apart from the
@@ -305,6 +329,29 @@ class PoissonSampler(tf.Module):
 # stream id (the sampling stream's is the step).
 _AUGMENT_STREAM = -(2**62)
 _SOURCE_STREAM = -(2**62) + 1
+
+# The low 16 bits of every stream id a sampler draws (`stream_id`): the model
+# tells a micro-batch of this package's pipelines from one whose identity was
+# built by hand (tests with the package-internal seal) without a table of the
+# streams the process made, and requires the former to come from the stream
+# `fit` pinned. 48 random bits are left: two streams collide with
+# probability ~2**-48.
+STREAM_MARK = 0x5A3C
+_STREAM_MARK_MASK = 0xFFFF
+
+
+def is_pipeline_stream(source: tf.Tensor) -> tf.Tensor:
+    """Whether int64 stream ids carry `STREAM_MARK` (drawn by a `PoissonSampler`).
+
+    Args:
+      source: int64 stream ids (the identity's `source` column).
+
+    Returns:
+      A bool tensor of the same shape.
+    """
+    low = tf.bitwise.bitwise_and(tf.cast(source, tf.int64), _STREAM_MARK_MASK)
+    return tf.equal(low, STREAM_MARK)
+
 
 # The identity every row of a Poisson micro-batch carries, so that it survives
 # the split of a micro-batch across replicas and hosts: which logical step it
@@ -524,11 +571,15 @@ def make_poisson_dataset(
     views.check_augmenter(augmenter)
     begin, rows = shard_rows(sampler, num_shards, shard_index)
     check_dataset_size(sampler, _rows("features", features), _rows("labels", labels))
+    # No computation of the run may hold a copy of these rows (data_copies.py).
+    data_copies.register_rows(features)
     # tf.data elements hold tuples, not lists (a list of inputs for a
     # multi-input model, as keras.io's structured-data examples pass them).
     features = _lists_as_tuples(tf.nest.map_structure(tf.convert_to_tensor, features))
     labels = _lists_as_tuples(tf.nest.map_structure(tf.convert_to_tensor, labels))
     views.check_augmenter_state(augmenter, tf.nest.map_structure(lambda t: t[0], features), augmult)
+    # Bound into the stream id: one key over other data is another stream.
+    source = source_fingerprint(features, labels)
 
     def gather(indices, mask, step_end, identity, seed=None):
         # Every shard draws the same global micro-batch and keeps its rows, so
@@ -544,23 +595,97 @@ def make_poisson_dataset(
         y = tf.nest.map_structure(lambda t: _padding_zeroed(tf.gather(t, indices), mask), labels)
         return x, y, mask, step_end, content_digest._seal((x, y, mask), identity)
 
-    dataset = sampler.micro_batches(steps, with_seeds=augmenter is not None)
+    dataset = sampler.micro_batches(steps, with_seeds=augmenter is not None, source=source)
     dataset = dataset.map(gather).prefetch(2)
     # The rows are sharded above; tf.distribute must not shard again by
     # whole micro-batches (that would split logical steps across hosts).
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return register_sampler(dataset.with_options(options), sampler)
+    return register_sampler(dataset.with_options(options), sampler, source=source)
 
 
-# Poisson pipelines made here -> the sampler that draws their micro-batches.
+def source_fingerprint(features, labels) -> int:
+    """A 64-bit fingerprint of the examples a pipeline samples from (bound into its stream id).
+
+    Read from every value: each leaf's structure position, dtype and shape,
+    and TensorFlow's farmhash fingerprint of each of its rows (strings
+    included), so every host holding the same arrays computes the same
+    value, and other data (`-x` for `x`, another label column) another one.
+    One pass over the data, in C++ (well under a second for CIFAR-10).
+
+    Args:
+      features: The structure of [N, ...] tensors or arrays a pipeline gathers from.
+      labels: Its labels, likewise.
+
+    Returns:
+      A signed 64-bit integer.
+    """
+    digest = hashlib.blake2b(digest_size=8, person=b"tan-source")
+    for structure in (features, labels):
+        digest.update(repr(tf.nest.map_structure(lambda _: 0, structure)).encode())
+        for leaf in tf.nest.flatten(structure):
+            leaf = tf.convert_to_tensor(leaf)
+            digest.update(f"{leaf.dtype.name}{leaf.shape.as_list()}".encode())
+            rows = tf.reshape(leaf, [tf.shape(leaf)[0], -1])
+            digest.update(tf.fingerprint(rows).numpy().tobytes())
+    return int.from_bytes(digest.digest(), "little", signed=True)
+
+
+# Poisson pipelines made here -> the sampler that draws their micro-batches,
+# and the fingerprint of the data they sample (None: not bound).
 _SAMPLER_OF = weakref.WeakKeyDictionary()
+_SOURCE_OF = weakref.WeakKeyDictionary()
 
 
-def register_sampler(dataset: tf.data.Dataset, sampler: PoissonSampler) -> tf.data.Dataset:
-    """Records that `sampler` draws `dataset`'s micro-batches (see `sampler_of`); returns it."""
+def register_sampler(
+    dataset: tf.data.Dataset, sampler: PoissonSampler, source: Optional[int] = None
+) -> tf.data.Dataset:
+    """Records that `sampler` draws `dataset`'s micro-batches (see `sampler_of`); returns it.
+
+    Args:
+      dataset: A pipeline of Poisson micro-batches.
+      sampler: The `PoissonSampler` that draws them.
+      source: The `source_fingerprint` its micro-batches' stream id is bound
+        to (`sampler.micro_batches(source=...)`), or None.
+
+    Returns:
+      `dataset`, now one of the live pipelines `fit` can pin (`stream_of`,
+      `live_pipelines`).
+    """
     _SAMPLER_OF[dataset] = sampler
+    _SOURCE_OF[dataset] = source
     return dataset
+
+
+def stream_of(pipeline: tf.data.Dataset) -> int:
+    """The stream id a registered pipeline's micro-batches carry now (its sampler's current key).
+
+    Raises:
+      KeyError: if `pipeline` was not registered (`register_sampler`).
+    """
+    return int(_SAMPLER_OF[pipeline].stream_id(_SOURCE_OF.get(pipeline)).numpy())
+
+
+def live_pipelines(dataset_size: int, expected_batch_size: int) -> List[tf.data.Dataset]:
+    """The registered Poisson pipelines still alive that draw for (N, B), oldest first.
+
+    Garbage is collected first: a pipeline nothing refers to any more
+    (the iterator of a generator holds its pipeline) does not count.
+    """
+
+    def matching():
+        return [
+            pipeline
+            for pipeline, sampler in list(_SAMPLER_OF.items())
+            if (sampler.dataset_size, sampler.expected_batch_size)
+            == (dataset_size, expected_batch_size)
+        ]
+
+    # A collection only when there is something it could drop (it is slow).
+    if not matching():
+        return []
+    gc.collect()
+    return matching()
 
 
 def sampler_of(dataset) -> Optional[PoissonSampler]:
@@ -621,9 +746,37 @@ def poisson_source(dataset) -> Optional[Tuple[PoissonSampler, List[str]]]:
       branch, outermost first (e.g. ["Prefetch", "Map"]; tf.data's class
       names without underscores and "Dataset").
     """
+    pipelines, transformations = _upstream(dataset)
+    if not pipelines:
+        return None
+    return _SAMPLER_OF[pipelines[0]], transformations
+
+
+def poisson_pipelines(dataset) -> List[tf.data.Dataset]:
+    """The registered Poisson pipelines upstream of `dataset` (itself included), first found first.
+
+    Args:
+      dataset: Anything `fit` accepts as `x`; a `tf.data.Dataset`, or a
+        distributed dataset from `distribute_host_datasets` (the pipelines
+        of this process's hosts), can have pipelines upstream.
+
+    Returns:
+      The pipelines (see `stream_of`), every branch walked; empty for
+      anything else.
+    """
+    if isinstance(dataset, tf.data.Dataset):
+        return _upstream(dataset)[0]
+    try:
+        return list(_DISTRIBUTED_PIPELINES.get(dataset, ()))
+    except TypeError:  # not weak-referenceable: not one of ours
+        return []
+
+
+def _upstream(dataset) -> Tuple[List[tf.data.Dataset], List[str]]:
+    """(registered pipelines, transformations) upstream of `dataset` (see `poisson_source`)."""
     pending = [dataset]
     seen = set()
-    found, transformations = None, []
+    found, transformations = [], []
     while pending:
         current = pending.pop(0)
         if id(current) in seen:
@@ -634,7 +787,7 @@ def poisson_source(dataset) -> Optional[Tuple[PoissonSampler, List[str]]]:
         except TypeError:  # not weak-referenceable: not a dataset of ours
             sampler = None
         if sampler is not None:
-            found = found or sampler
+            found.append(current)
             continue
         name = type(current).__name__.strip("_").removesuffix("Dataset")
         transformations.append(name)
@@ -645,8 +798,6 @@ def poisson_source(dataset) -> Optional[Tuple[PoissonSampler, List[str]]]:
                 pending.extend(inputs())
             except (TypeError, ValueError, NotImplementedError):
                 continue
-    if found is None:
-        return None
     return found, transformations
 
 
@@ -675,8 +826,10 @@ def check_transformations(transformations: List[str]) -> None:
             )
 
 
-# Distributed Poisson datasets made here -> the (N, B) their samplers draw for.
+# Distributed Poisson datasets made here -> the (N, B) their samplers draw for,
+# and the pipelines their hosts in this process read.
 _DISTRIBUTED_SAMPLING = weakref.WeakKeyDictionary()
+_DISTRIBUTED_PIPELINES = weakref.WeakKeyDictionary()
 
 
 def host_dataset_fn(
@@ -748,12 +901,17 @@ def distribute_host_datasets(
     probe = sampler_fn()
     sampling = (probe.dataset_size, probe.expected_batch_size)
     make = host_dataset_fn(sampler_fn, make_host_dataset)
+    pipelines = []
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        return check_sampling_tags(make(context), *sampling)
+        host = make(context)
+        # The pipelines this process's hosts read, whose stream fit pins.
+        pipelines.extend(poisson_pipelines(host))
+        return check_sampling_tags(host, *sampling)
 
     dataset = strategy.distribute_datasets_from_function(dataset_fn)
     _DISTRIBUTED_SAMPLING[dataset] = sampling
+    _DISTRIBUTED_PIPELINES[dataset] = pipelines
     return dataset
 
 

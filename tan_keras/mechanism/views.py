@@ -26,7 +26,7 @@ import keras
 import tensorflow as tf
 
 from tan_keras import _keras_internals, _validate
-from tan_keras.mechanism import model_analysis, provenance
+from tan_keras.mechanism import data_copies, model_analysis, provenance
 
 Augmenter = Callable[[tf.Tensor], tf.Tensor]
 
@@ -161,11 +161,17 @@ def check_augmenter_state(augmenter: Optional[Augmenter], example: Any, augmult:
         return
     copies = tf.nest.map_structure(lambda t: tf.TensorSpec([augmult, *t.shape], t.dtype), example)
     if _takes_seed(augmenter):
-        written = model_analysis.function_writes(
-            lambda c, s: augmenter(c, seed=s), copies, tf.TensorSpec([2], tf.int64)
-        )
+        specs = (copies, tf.TensorSpec([2], tf.int64))
+        function = lambda c, s: augmenter(c, seed=s)  # noqa: E731
     else:
-        written = model_analysis.function_writes(augmenter, copies)
+        specs, function = (copies,), augmenter
+    written = model_analysis.function_writes(function, *specs)
+    # A pool of training examples it closes over (to blend with) is refused.
+    try:
+        provenance.discover_adapted()
+        data_copies.check_function(function, *specs, where="The augmenter")
+    except ValueError as err:
+        raise ValueError(f"Invalid value for `augmenter`: {err}") from None
     if written:
         raise _validate.invalid(
             "augmenter",

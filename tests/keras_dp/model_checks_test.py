@@ -118,9 +118,13 @@ def test_batched_pass_mixing_examples_breaks_sensitivity_and_is_refused(kind):
 
 def test_the_gradient_probe_catches_allowed_layers_that_reduce_over_the_batch():
     model = _centering_model("softmax_over_batch")
+    # The probe (second line) sees it on its own ...
+    assert "depend on the inputs of other examples" in model_analysis._probe(model, 1)
+    # ... the static check of axis arguments (first line) reports it first
+    # (tests/mechanism/batch_axis_config_test.py: behind a gate, only it does).
     reason = layerwise.unsupported_reason(model)
-    assert "depend on the inputs of other examples" in reason
-    with pytest.raises(ValueError, match="other examples.*clipping='vectorized'"):
+    assert "`batch_softmax` (Softmax) has axis=0" in reason
+    with pytest.raises(ValueError, match="batch_softmax.*axis=0.*clipping='vectorized'"):
         _dp(lambda: _centering_model("softmax_over_batch"), "layerwise")
 
 

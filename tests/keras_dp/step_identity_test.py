@@ -160,7 +160,10 @@ def test_several_steps_per_execution_release_nothing_after_the_violation():
         steps_per_execution=4,
     )
     # Steps 0, 1, then 1 again: the third element is refused, the fourth too.
-    elements = list(_pipeline(steps=2).as_numpy_iterator())
+    # The pipeline stays alive while fit runs, so that fit can pin its stream
+    # (elements of pipelines no longer alive are refused: sampling_stream_test).
+    pipeline = _pipeline(steps=2)
+    elements = list(pipeline.as_numpy_iterator())
     with pytest.raises(step_identity.SamplingIdentityError, match="replayed"):
         model.fit(_generator(elements + elements), steps_per_epoch=4, verbose=0)
     assert int(model.dp_steps.numpy()) == 2

@@ -1,0 +1,341 @@
+"""Private data held inside a computation: copies of training rows and of adapted state.
+
+The provenance check (`provenance.py`) refuses preprocessing layers whose
+state came from data, and follows the Python references a model, an
+augmenter or a loss holds. Data can reach a computation without any layer
+carrying it where that walk looks: a custom layer or an augmenter that
+closes over the training array (a pool of examples to blend with, RBF
+centres drawn from the data), an adapted `Normalization` reached through an
+object the walk does not open, or a layer built with statistics or a
+vocabulary copied from an adapted layer (`Normalization(mean=adapted.mean)`,
+`IntegerLookup(vocabulary=adapted.get_vocabulary())`). Every such copy
+reaches every example's gradient without noise and is saved with the model.
+
+So what the computation holds is looked at after tracing it, whatever
+reference led there: every constant of the traced graph (captured tensors
+and `Const` nodes, those of nested function bodies too) and every variable
+it reads. A value is refused when
+
+* one of its rows is a row of a training array this process handed to
+  `make_poisson_dataset` (`register_rows`; the model's own `fit(x, y)` goes
+  through it), compared exactly after conversion to float64; or
+* it is the state a Keras preprocessing layer's `adapt` computed
+  (`register_adapted`, installed on `adapt` at import), unless the
+  layer was then declared public or adapted privately (`vouch`, called by
+  `provenance.mark`): a privately released value is followed by the privacy
+  ledger instead (`ledger.recall` looks up `value_fingerprints`).
+
+Vocabularies live in lookup tables, not in the traced graph: a lookup layer
+whose `vocabulary=` equals an adapted, unvouched vocabulary is refused by
+`copied_vocabulary` (called from `provenance.data_state`).
+
+What it cannot see: values changed on the way (scaled, shuffled within a
+row, cast to a lower precision), rows of data never handed to
+`make_poisson_dataset` (a `tf.data` source of your own), and constant rows
+(every value equal), which are too common to tell apart.
+"""
+
+import hashlib
+import weakref
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+# Constants smaller than this are not looked at: scalars, shapes, axes.
+_MIN_ELEMENTS = 2
+# Rows of a training array are recognised by a random projection in float64
+# (exact equality of identical rows; distinct rows collide with probability
+# ~0 for real data).
+_PROJECTION_SEED = 20261206
+# A value is cut into at most this many rows of a registered width.
+_MAX_ROWS_CHECKED = 2_000_000
+
+
+class _Adapted(NamedTuple):
+    layer: str
+    owner: "weakref.ref"
+
+
+# Training rows by row width: the sorted projections of the registered rows.
+_ROWS: Dict[int, np.ndarray] = {}
+# Adapted state: value fingerprint -> where it came from; vocabulary digest likewise.
+_ADAPTED: Dict[int, _Adapted] = {}
+_VOCABULARIES: Dict[int, _Adapted] = {}
+# id(layer) -> fingerprints it registered (to vouch for them).
+_BY_LAYER: Dict[int, List[Tuple[Dict[int, _Adapted], int]]] = {}
+_VOUCHED: Dict[int, str] = {}
+
+
+def value_fingerprint(value: Any) -> int:
+    """A 64-bit hash of an array's values as float64, in any dtype or shape."""
+    value = np.asarray(value)
+    try:
+        canonical = np.asarray(value, np.float64).ravel()
+    except (TypeError, ValueError):
+        # Not numbers (a string table): its own bytes.
+        canonical = np.asarray(value).ravel()
+    digest = hashlib.blake2b(str(canonical.dtype).encode(), digest_size=8)
+    digest.update(canonical.tobytes())
+    return int.from_bytes(digest.digest(), "little")
+
+
+def _projection(width: int) -> np.ndarray:
+    return np.random.default_rng([_PROJECTION_SEED, width]).normal(size=width)
+
+
+def _numeric(value: Any) -> Optional[np.ndarray]:
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf" or array.size < _MIN_ELEMENTS:
+        return None
+    return array
+
+
+def register_rows(features: Any) -> None:
+    """Remembers the rows of training arrays, so that no computation may hold a copy.
+
+    Args:
+      features: An array of [N, ...] examples, or a list/dict of such arrays.
+    """
+    for array in tf.nest.flatten(features):
+        array = _numeric(keras.ops.convert_to_numpy(array))
+        if array is None or array.ndim < 2:
+            continue
+        rows = array.reshape(len(array), -1).astype(np.float64)
+        width = rows.shape[1]
+        if width < 2:
+            continue
+        rows = rows[np.any(rows != rows[:, :1], axis=1)]
+        known = _ROWS.get(width, np.empty(0))
+        _ROWS[width] = np.unique(np.concatenate([known, rows @ _projection(width)]))
+
+
+def _holds_training_rows(value: np.ndarray) -> bool:
+    flat = value.astype(np.float64).ravel()
+    for width, known in _ROWS.items():
+        if flat.size < width or flat.size % width or flat.size // width > _MAX_ROWS_CHECKED:
+            continue
+        rows = flat.reshape(-1, width)
+        rows = rows[np.any(rows != rows[:, :1], axis=1)]
+        if rows.size and np.any(np.isin(rows @ _projection(width), known)):
+            return True
+    return False
+
+
+def _adapted_values(layer) -> List[Any]:
+    if isinstance(layer, keras.layers.Normalization):
+        return [getattr(layer, name, None) for name in ("adapt_mean", "adapt_variance")]
+    if isinstance(layer, keras.layers.Discretization):
+        return [layer.bin_boundaries]
+    return []
+
+
+def _vocabulary_digest(tokens: Iterable[Any]) -> int:
+    digest = hashlib.blake2b(digest_size=8)
+    for token in sorted(
+        t if isinstance(t, bytes) else str(t).encode() for t in tokens if t is not None
+    ):
+        digest.update(token + b"\x00")
+    return int.from_bytes(digest.digest(), "little")
+
+
+def _vocabulary(layer) -> Optional[List[Any]]:
+    get = getattr(layer, "get_vocabulary", None)
+    if get is None:
+        return None
+    tokens = get(include_special_tokens=False)
+    return [t.decode() if isinstance(t, bytes) else t for t in tokens]
+
+
+def register_adapted(layer) -> None:
+    """Remembers the state `adapt` just computed for `layer` (statistics, vocabulary)."""
+    source = _Adapted(layer.name, weakref.ref(layer))
+    # Vouching covers the layer's current state; copies of an earlier state
+    # stay registered as they were. Values once vouched for stay vouched for,
+    # whichever layer holds them (the same values come from the same data).
+    entries = _BY_LAYER[id(layer)] = []
+    for value in _adapted_values(layer):
+        if value is None:
+            continue
+        array = _numeric(keras.ops.convert_to_numpy(value))
+        if array is None:
+            continue
+        fingerprint = value_fingerprint(array)
+        _ADAPTED[fingerprint] = source
+        entries.append((_ADAPTED, fingerprint))
+    tokens = _vocabulary(layer)
+    if tokens:
+        fingerprint = _vocabulary_digest(tokens)
+        _VOCABULARIES[fingerprint] = source
+        entries.append((_VOCABULARIES, fingerprint))
+
+
+def vouch(layer, provenance: str) -> None:
+    """Records that `layer`'s adapted state is declared public or was released privately."""
+    for _, fingerprint in _BY_LAYER.get(id(layer), ()):
+        _VOUCHED[fingerprint] = provenance
+
+
+def forget() -> None:
+    """Forgets every registered row and adapted state (for tests that reuse data)."""
+    for table in (_ROWS, _ADAPTED, _VOCABULARIES, _BY_LAYER, _VOUCHED):
+        table.clear()
+
+
+def _unvouched(table: Dict[int, _Adapted], fingerprint: int) -> Optional[_Adapted]:
+    source = table.get(fingerprint)
+    if source is None or fingerprint in _VOUCHED:
+        return None
+    return source
+
+
+def copied_vocabulary(layer) -> Optional[str]:
+    """Which adapted, unvouched layer `layer`'s given vocabulary copies, in words, or None."""
+    tokens = _vocabulary(layer)
+    if not tokens:
+        return None
+    source = _unvouched(_VOCABULARIES, _vocabulary_digest(tokens))
+    if source is None or source.owner() is layer:
+        return None
+    return f"its `vocabulary=` is the vocabulary layer `{source.layer}` computed by `adapt`, copied"
+
+
+def copied_statistics(values: Iterable[Any], layer) -> Optional[str]:
+    """Which adapted, unvouched layer the `values` given to `layer` copy, in words, or None."""
+    for value in values:
+        array = _numeric(value) if value is not None else None
+        if array is None:
+            continue
+        source = _unvouched(_ADAPTED, value_fingerprint(array))
+        if source is not None and source.owner() is not layer:
+            return (
+                f"the statistics given to its constructor are those layer `{source.layer}` "
+                "computed by `adapt`, copied"
+            )
+    return None
+
+
+def graph_values(graph) -> List[Tuple[str, np.ndarray]]:
+    """The numeric values a traced graph holds: captured tensors, constants, variables read.
+
+    Args:
+      graph: A `FuncGraph` (a concrete function's `.graph`).
+
+    Returns:
+      (name, array) pairs; values smaller than two elements are left out.
+    """
+    values = []
+    for external, internal in graph.captures:
+        if internal.dtype == tf.resource:
+            continue
+        array = _numeric(_eager_value(external))
+        if array is not None:
+            values.append((internal.op.name, array))
+    for variable in graph.variables:
+        array = _numeric(_eager_value(variable))
+        if array is not None:
+            values.append((getattr(variable, "path", None) or variable.name, array))
+    definition = graph.as_graph_def()
+    nodes = list(definition.node)
+    for function in definition.library.function:
+        nodes.extend(function.node_def)
+    for node in nodes:
+        if node.op != "Const":
+            continue
+        tensor = node.attr["value"].tensor
+        size = int(np.prod([d.size for d in tensor.tensor_shape.dim] or [1]))
+        if size < _MIN_ELEMENTS or tensor.dtype == tf.string.as_datatype_enum:
+            continue
+        array = _numeric(tf.make_ndarray(tensor))
+        if array is not None:
+            values.append((node.name, array))
+    return values
+
+
+def _eager_value(tensor) -> Optional[np.ndarray]:
+    try:
+        return np.asarray(tensor.numpy())
+    except (AttributeError, TypeError, ValueError, tf.errors.OpError):
+        return None
+
+
+def value_fingerprints(values: Iterable[Tuple[str, np.ndarray]]) -> List[int]:
+    """The fingerprints of `values` (for `ledger.recall`)."""
+    return [value_fingerprint(array) for _, array in values]
+
+
+def check_values(values: Iterable[Tuple[str, np.ndarray]], where: str) -> None:
+    """Refuses a computation holding training rows or adapted, unvouched state.
+
+    Args:
+      values: From `graph_values`.
+      where: What was traced, for the message (e.g. "the model `m`").
+
+    Raises:
+      ValueError: naming the value, what it copies and the ways out.
+    """
+    for name, array in values:
+        source = _unvouched(_ADAPTED, value_fingerprint(array))
+        if source is not None:
+            raise ValueError(
+                f"{where} holds `{name}`, the state layer `{source.layer}` computed by "
+                "`adapt` (reached through a reference the layer checks do not follow, or "
+                "copied into a constant or another layer). Computed on the private training "
+                "set, it is a release of that data that epsilon does not cover. Declare the "
+                "adapted layer public (tan_keras.mark_public(layer, reason=...)) if its data "
+                "was public, or adapt it privately (tan_keras.private_adapt)."
+            )
+        if _holds_training_rows(array):
+            raise ValueError(
+                f"{where} holds `{name}` (shape {tuple(array.shape)}), which contains rows of "
+                "the training data given to make_poisson_dataset (or fit): a copy of private "
+                "examples inside the computation (a pool to blend with, centres drawn from "
+                "the data) reaches every example's clipped gradient without noise and is "
+                "saved with the model. Take such values from public data; combine private "
+                "examples only through the per-example gradients."
+            )
+
+
+def check_function(function, *specs, where: str) -> None:
+    """Traces `function` on `specs` and applies `check_values` to what it holds."""
+    # Traced outside any enclosing graph (a loss is checked while the train
+    # step is traced), so that captured tensors keep their values.
+    with tf.init_scope():
+        graph = tf.function(function).get_concrete_function(*specs).graph
+        values = graph_values(graph)
+    check_values(values, where)
+
+
+def _install() -> None:
+    """Registers the state of every preprocessing layer `adapt` computes, when it returns.
+
+    Only `adapt`: a vocabulary or statistics given to a constructor (or set
+    by `private_adapt`) are no copy of adapted state.
+    """
+    from keras.src.layers.preprocessing import index_lookup
+
+    kinds = (
+        keras.layers.Normalization,
+        keras.layers.Discretization,
+        index_lookup.IndexLookup,
+        keras.layers.IntegerLookup,
+        keras.layers.StringLookup,
+        keras.layers.TextVectorization,
+    )
+    for kind in kinds:
+        original = kind.__dict__.get("adapt")
+        if original is None or getattr(original, "_tan_keras_hook", False):
+            continue
+
+        def adapt(self, *args, _original=original, **kwargs):
+            result = _original(self, *args, **kwargs)
+            register_adapted(self)
+            return result
+
+        adapt._tan_keras_hook = True
+        adapt.__doc__ = original.__doc__
+        kind.adapt = adapt
+
+
+_install()

@@ -1,0 +1,221 @@
+"""Private data held inside the computation, whatever reference led there (`data_copies.py`).
+
+Review round 7 reached private data into a private model through habits the
+layer walk of `provenance.check` does not follow: a custom layer or an
+augmenter closing over the training array (a pool to blend with), an adapted
+`Normalization` held by a `tf.Module`, a deque, a weak reference or a NumPy
+object array, statistics or a vocabulary copied from an adapted layer into a
+new one, the output of `private_adapt` or a privately trained kernel copied
+into constants (the release then uncounted). Each is now found in the traced
+graph. Power checks: the layer walk alone passes each, and without the new
+check the copy ships in the model or the ledger misses the release.
+"""
+
+import collections
+import weakref
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from _helpers import LOSS
+
+import tan_keras
+from tan_keras.mechanism import data_copies, provenance, sampling
+
+N, B = 64, 16
+DP = dict(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=B, dataset_size=N)
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(N, 4)).astype(np.float32)
+    return x, (x[:, 0] > 0).astype(np.int32)
+
+
+def _model(*middle, inputs=4):
+    inp = keras.Input((inputs,))
+    hidden = inp
+    for layer in middle:
+        hidden = layer(hidden)
+    return keras.Model(inp, keras.layers.Dense(2)(hidden))
+
+
+class _Pool(keras.layers.Layer):
+    """Blends each input with a pool of examples it closes over (a mix-up pool)."""
+
+    def __init__(self, pool, **kwargs):
+        super().__init__(**kwargs)
+        self.pool = pool
+
+    def call(self, inputs):
+        return inputs + 0.1 * tf.reduce_mean(tf.constant(self.pool), axis=0)
+
+
+def _compiled(model):
+    private = tan_keras.make_private(model, **DP)
+    private.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+    return private
+
+
+def test_a_layer_closing_over_training_rows_is_refused_at_fit():
+    x, y = _data()
+    private = _compiled(_model(_Pool(x[:10])))
+    with pytest.raises(ValueError, match="contains rows of the training data"):
+        private.fit(x, y, batch_size=B, epochs=1, verbose=0)
+    assert int(private.dp_steps) == 0
+
+
+def test_power_check_the_pool_trains_and_ships_without_the_check(monkeypatch):
+    # The layer walk sees nothing: the pool is a NumPy array, no layer.
+    x, y = _data()
+    model = _model(_Pool(x[:10]))
+    provenance.check(model)
+    monkeypatch.setattr(data_copies, "check_values", lambda values, where: None)
+    private = _compiled(model)
+    private.fit(x, y, batch_size=B, epochs=1, verbose=0)
+    assert int(private.dp_steps) > 0
+    held = np.concatenate([a.ravel() for _, a in data_copies.graph_values(_traced(private))])
+    assert np.isin(x[0], held).all()
+
+
+def _traced(model):
+    spec = tf.TensorSpec(model.inputs[0].shape, model.inputs[0].dtype)
+    return tf.function(lambda t: model(t, training=True)).get_concrete_function(spec).graph
+
+
+def test_an_augmenter_closing_over_training_rows_is_refused_when_the_pipeline_is_built():
+    x, y = _data()
+    pool = tf.constant(x[:8])
+
+    def mix_with_pool(views):
+        return 0.9 * views + 0.1 * pool[:1]
+
+    with pytest.raises(ValueError, match="augmenter.*rows of the training data"):
+        sampling.make_poisson_dataset(x, y, sampling.PoissonSampler(N, B), augmenter=mix_with_pool)
+    public = tf.constant(np.full((1, 4), 0.5, np.float32) + np.arange(4, dtype=np.float32))
+    sampling.make_poisson_dataset(
+        x, y, sampling.PoissonSampler(N, B), augmenter=lambda v: 0.9 * v + 0.1 * public
+    )
+
+
+def test_a_loss_closing_over_training_rows_is_refused_when_the_step_is_traced():
+    x, y = _data()
+    anchors = tf.constant(x[:4])
+
+    def loss(y_true, y_pred):
+        # A pull towards the mean of a few training examples.
+        return LOSS(y_true, y_pred) + 0.01 * tf.reduce_mean(y_pred) * tf.reduce_mean(anchors)
+
+    private = tan_keras.make_private(_model(), **DP)
+    private.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss)
+    with pytest.raises(ValueError, match="The loss holds .*rows of the training data"):
+        private.fit(x, y, batch_size=B, epochs=1, verbose=0)
+    assert int(private.dp_steps) == 0
+
+
+def _holders(norm):
+    module = tf.Module()
+    module.norm = norm
+    return {
+        "tf.Module attribute": lambda: module.norm,
+        "deque": (lambda d: lambda: d[0])(collections.deque([norm])),
+        "weak reference": weakref.ref(norm),
+        "object array": (lambda a: lambda: a[0])(np.array([norm], dtype=object)),
+    }
+
+
+HOLDERS = ["tf.Module attribute", "deque", "weak reference", "object array"]
+
+
+@pytest.mark.parametrize("holder", HOLDERS)
+def test_an_adapted_normalization_reached_through_any_object_is_refused(holder):
+    # Data of its own: values declared public once are public wherever they are.
+    x, _ = _data(seed=1 + HOLDERS.index(holder))
+    norm = keras.layers.Normalization()
+    norm.adapt(x)
+    get = _holders(norm)[holder]
+
+    class Standardize(keras.layers.Layer):
+        def call(self, inputs):
+            return get()(inputs)
+
+    model = _model(Standardize())
+    # Power check: the reference walk does not open these holders.
+    provenance.check(model)
+    with pytest.raises(ValueError, match="computed by `adapt`"):
+        tan_keras.make_private(model, **DP)
+    tan_keras.mark_public(norm, reason="test: adapted on public data")
+    tan_keras.make_private(model, **DP)
+
+
+def test_statistics_copied_from_an_adapted_layer_are_refused_and_public_ones_pass():
+    x, _ = _data()
+    norm = keras.layers.Normalization()
+    norm.adapt(x)
+    copy = keras.layers.Normalization(
+        mean=norm.adapt_mean.numpy(), variance=norm.adapt_variance.numpy()
+    )
+    with pytest.raises(ValueError, match="statistics given to its constructor are those"):
+        tan_keras.make_private(_model(copy), **DP)
+    tan_keras.make_private(_model(keras.layers.Normalization(mean=0.5, variance=2.0)), **DP)
+
+
+def test_a_vocabulary_copied_from_an_adapted_lookup_is_refused_until_declared_public():
+    ids = np.arange(200) % 23 + 1000
+    adapted = keras.layers.IntegerLookup()
+    adapted.adapt(ids)
+    vocabulary = adapted.get_vocabulary(include_special_tokens=False)
+
+    def model():
+        inp = keras.Input((1,), dtype="int64")
+        lookup = keras.layers.IntegerLookup(vocabulary=vocabulary)
+        hidden = keras.layers.Flatten()(keras.layers.Embedding(30, 3)(lookup(inp)))
+        return keras.Model(inp, keras.layers.Dense(2)(hidden))
+
+    with pytest.raises(ValueError, match="vocabulary=` is the vocabulary layer"):
+        tan_keras.make_private(model(), **DP)
+    # A vocabulary of its own passes; so does the copy once its source is declared public.
+    tan_keras.mark_public(adapted, reason="test: the ids are public")
+    tan_keras.make_private(model(), **DP)
+
+
+def _gaussian_steps(private):
+    return sum(e.steps for e in private.privacy_ledger.entries() if e.mechanism.kind == "gaussian")
+
+
+def test_statistics_copied_from_private_adapt_bring_the_release(monkeypatch):
+    x, _ = _data()
+    norm = keras.layers.Normalization()
+    released = tan_keras.private_adapt(norm, x, lower=-5.0, upper=5.0, noise_multiplier=2.0)
+
+    def copied():
+        return _model(keras.layers.Normalization(mean=released.mean, variance=released.variance))
+
+    assert _gaussian_steps(tan_keras.make_private(copied(), **DP)) == 1
+    # Power check: without the held values' fingerprints the release is lost.
+    monkeypatch.setattr(data_copies, "value_fingerprints", lambda values: [])
+    assert _gaussian_steps(tan_keras.make_private(copied(), **DP)) == 0
+
+
+class _FixedKernel(keras.layers.Layer):
+    """A layer holding a kernel as a constant (no weight the ledger can see)."""
+
+    def __init__(self, kernel, **kwargs):
+        super().__init__(**kwargs)
+        self.kernel = tf.constant(kernel)
+
+    def call(self, inputs):
+        return tf.matmul(inputs, self.kernel)
+
+
+def test_a_privately_trained_kernel_copied_into_a_constant_brings_its_ledger(monkeypatch):
+    x, y = _data()
+    trained = _compiled(_model(keras.layers.Dense(3, name="features")))
+    trained.fit(x, y, batch_size=B, epochs=2, verbose=0)
+    steps = int(trained.dp_steps)
+    assert steps > 0
+    kernel = trained.get_layer("features").kernel.numpy()
+    assert int(tan_keras.make_private(_model(_FixedKernel(kernel)), **DP).dp_steps) >= steps
+    monkeypatch.setattr(data_copies, "value_fingerprints", lambda values: [])
+    assert int(tan_keras.make_private(_model(_FixedKernel(kernel)), **DP).dp_steps) == 0
