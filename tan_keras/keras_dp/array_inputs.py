@@ -12,11 +12,17 @@ sampling identity of every micro-batch) holds here too: it is that route.
 forward and backward pass. Left out or equal to B, a logical step is one
 micro-batch of B + 4 std rows (as `PoissonSampler` pads by default). Below
 B, it is the physical micro-batch size P: each logical step of expected size
-B is cut into about B / P micro-batches whose clipped gradients add up to
-one noisy update (gradient accumulation, as Opacus's BatchMemoryManager), so
-a keras.io script that fits with `batch_size=32` keeps that line while the
-privacy plan draws larger batches. Above B it is refused: no update can hold
-more than its expected size promises.
+B is cut into micro-batches whose clipped gradients add up to one noisy
+update, divided by B (gradient accumulation, as Opacus's
+BatchMemoryManager), so a keras.io script that fits with `batch_size=32`
+keeps that line while the privacy plan draws larger batches. Every step is
+padded to the same number of micro-batches, ceil((B + 4 std) / P)
+(`PoissonSampler(pad_steps=True)`): otherwise the Keras batches of a step
+(callbacks, the progress bar) would be ceil(n / P) for its realized Poisson
+size n, which nothing noises. A step above B + 4 std rows (probability
+about 3e-5) spills into one more micro-batch, as the sampler documents.
+Above B `batch_size` is refused: no update can hold more than its expected
+size promises.
 
 `validation_split` holds out the LAST fraction of the rows, as Keras does,
 before any sampling: those rows are never trained on, and N (the model's
@@ -68,10 +74,10 @@ def poisson_arguments(config: DPConfig, arguments: Dict[str, Any]) -> Dict[str, 
 
     Returns:
       The arguments with `x` an endless `make_poisson_dataset` of the
-      training rows in micro-batches of `batch_size` rows (see the module
-      docstring), `steps_per_epoch` the micro-batches of ceil(N / B) logical
-      steps on average unless given, and the held-out rows as
-      `validation_data`.
+      training rows in micro-batches of `batch_size` rows, every logical
+      step padded to the same number of them (see the module docstring),
+      `steps_per_epoch` the micro-batches of ceil(N / B) logical steps
+      unless given, and the held-out rows as `validation_data`.
 
     Raises:
       ValueError: before any work, for missing labels, a `sample_weight`, a
@@ -127,13 +133,20 @@ def poisson_arguments(config: DPConfig, arguments: Dict[str, Any]) -> Dict[str, 
             config.dataset_size,
             "N decides the sampling rate q = B / N the accountant uses",
         )
+    # pad_steps: every logical step is the same number of micro-batches (one
+    # at P = B), else the Keras batches per update (callbacks, progress bar,
+    # batches per epoch) would be ceil(n / P) for the realized Poisson size n,
+    # a count of the private sample that nothing noises.
     sampler = sampling.PoissonSampler(
-        config.dataset_size, config.expected_batch_size, physical_batch_size
+        config.dataset_size, config.expected_batch_size, physical_batch_size, pad_steps=True
     )
     steps_per_epoch = arguments.get("steps_per_epoch")
     if steps_per_epoch is None:
+        # Whole logical steps, so every epoch has the same layout; a step
+        # above B + 4 std rows (probability about 3e-5) spills into one more
+        # micro-batch, as the sampler documents, and shifts the layout by it.
         logical_steps = math.ceil(config.dataset_size / config.expected_batch_size)
-        steps_per_epoch = max(1, round(logical_steps * sampling.mean_micro_batches(sampler)))
+        steps_per_epoch = logical_steps * sampler.steps_padded_to
     # Endless: Keras keeps one iterator across epochs, so a logical step that
     # spills into a second micro-batch at an epoch's end finishes in the next.
     pipeline = sampling.make_poisson_dataset(x, y, sampler, steps=None, augmult=config.augmult)

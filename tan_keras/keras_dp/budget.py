@@ -53,6 +53,12 @@ class PrivacyBudget:
                 f"multiplier is calibrated so that they and the training compose to "
                 f"epsilon {total:.3g} <= {self.target_epsilon:g}."
             )
+            if releases.unchecked_sampling(self.earlier_releases):
+                text += (
+                    "\nunchecked_sampling: 1 -- some of those updates were on micro-batches "
+                    "the caller drew (sampling='caller_poisson'): their epsilon holds only if "
+                    "those were Poisson samples, each used once; nothing checked it."
+                )
         return text
 
 

@@ -23,8 +23,11 @@ class PrivacyAccountant(keras.callbacks.Callback):
     the update and the count together.
 
     Logged at every epoch end (and every `log_every_steps` updates if set):
-    `epsilon`, `eta`, `dp_steps`, and `unchecked_sampling: 1` for a model
-    with sampling="caller_poisson" (its batches' sampling was not checked).
+    `epsilon`, `eta`, `dp_steps`, and `unchecked_sampling: 1` when part of
+    that epsilon rests on sampling nothing checked: a model with
+    sampling="caller_poisson", or one whose ledger holds such updates (its
+    weights, or a copy of them, were trained so before: `set_weights`, a
+    file, a second `make_private`).
     Training stops BEFORE an update that would take epsilon above
     `target_epsilon`, and after `max_steps` updates.
 
@@ -64,6 +67,18 @@ class PrivacyAccountant(keras.callbacks.Callback):
         self._step_limit = None
         self._last_logged = None
         self.history = []
+
+    def unchecked_sampling(self) -> bool:
+        """Whether the model's epsilon rests partly on sampling nothing checked.
+
+        Returns:
+          True for a model with sampling="caller_poisson", or one whose
+          privacy ledger counts updates on caller-drawn micro-batches
+          (`releases.unchecked_sampling`).
+        """
+        if self._dp().sampling == "caller_poisson":
+            return True
+        return releases.unchecked_sampling(self.model.privacy_ledger.entries())
 
     def _dp(self):
         config = getattr(self.model, "dp_config", None)
@@ -184,7 +199,8 @@ class PrivacyAccountant(keras.callbacks.Callback):
             steps = int(self.model.dp_steps.numpy())
             if steps != self._last_logged and steps % self.log_every_steps == 0:
                 self._last_logged = steps
-                print(f"\ndp_steps={steps} epsilon={self.epsilon(steps):.4f}")
+                unchecked = " unchecked_sampling=1" if self.unchecked_sampling() else ""
+                print(f"\ndp_steps={steps} epsilon={self.epsilon(steps):.4f}{unchecked}")
 
     def on_train_end(self, logs=None):
         self.model.set_step_limit(None)
@@ -195,7 +211,9 @@ class PrivacyAccountant(keras.callbacks.Callback):
         eps = self.epsilon(steps)
         eta = tan.eta(config.accounted_noise_multiplier, config.sampling_rate, steps)
         record = {"dp_steps": steps, "epsilon": eps, "eta": eta}
-        if config.sampling == "caller_poisson":
+        if self.unchecked_sampling():
+            # The ledger's, not only this model's: weights trained on
+            # caller-drawn batches and copied here keep the flag.
             record["unchecked_sampling"] = 1
         if config.sampling == "shuffled":
             # eta describes Poisson sampling only.

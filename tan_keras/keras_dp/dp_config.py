@@ -113,12 +113,18 @@ class DPConfig:
 
     @property
     def mechanism(self) -> releases.Mechanism:
-        """The mechanism of one update, as the privacy ledger counts it."""
+        """The mechanism of one update, as the privacy ledger counts it.
+
+        With sampling="caller_poisson" it is an unchecked one: the ledger
+        counts those updates apart from checked Poisson ones, so the weights
+        keep that fact wherever they go.
+        """
         return releases.Mechanism(
             "poisson" if self.poisson else "shuffled",
             self.accounted_noise_multiplier,
             self.dataset_size,
             self.expected_batch_size,
+            unchecked=self.sampling == "caller_poisson",
         )
 
     @property

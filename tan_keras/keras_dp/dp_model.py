@@ -18,6 +18,7 @@ sampling="shuffled".
 """
 
 import contextlib
+import functools
 import inspect
 import math
 import re
@@ -676,13 +677,15 @@ class DPKerasModel(keras.Model):
             model that was not compiled, or a preprocessing layer adapted on
             data since the model was built (`provenance.py`).
         """
-        provenance.check(self, getattr(self, "loss", None))
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
         arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
         arguments.pop("self", None)
         arguments.pop("kwargs", None)
         if fit_inputs.is_array(arguments.get("x")):
+            # Before the checks that look for copies of them (data_copies.py).
             data_copies.register_rows(arguments["x"])
+        _refuse_training_rows_in_validation(arguments.get("validation_data"))
+        provenance.check(self, getattr(self, "loss", None))
         self._check_held_values()
         if self._dp_config.sampling == "poisson" and fit_inputs.is_array(arguments.get("x")):
             # The model draws the Poisson batches of in-memory data itself.
@@ -1424,6 +1427,66 @@ class DPKerasModel(keras.Model):
         variables = self.trainable_variables
         with ema.swapped_in(variables, self._shadows_of(variables)):
             yield self
+
+
+def _refuse_training_rows_in_validation(validation_data) -> None:
+    """Refuses validation arrays holding training examples (their `val_` metrics are noiseless).
+
+    `val_` metrics are taken to be public (callbacks may decide from them);
+    computed on training examples they are training statistics without noise
+    (measured: `fit(x, y, validation_data=(x, y))` with EarlyStopping on
+    `val_loss` decided the number of updates from the noiseless training loss).
+    """
+    if not isinstance(validation_data, (tuple, list)) or not validation_data:
+        return
+    features = validation_data[0]
+    if not fit_inputs.is_array(features):
+        return
+    if any(data_copies.holds_training_rows(a) for a in tf.nest.flatten(features)):
+        raise _validate.invalid(
+            "validation_data",
+            "examples that are not training examples",
+            "arrays holding rows of the training data",
+            "Their `val_` metrics would be statistics of the training set without noise, and "
+            "callbacks (EarlyStopping, ModelCheckpoint, ReduceLROnPlateau) would decide from "
+            "them. Hold out validation examples (validation_split, or a split made before "
+            "training)",
+        )
+
+
+def _refuse_plain_training(method_name: str):
+    """`keras.Model.<method_name>`, refused on a plain model training private weights.
+
+    After `make_private(model)`, `model.fit(...)` is an easy slip (the
+    private model shares its layers): the private weights would change with
+    no clipping or noise, and their ledger would not count it. Any plain
+    Keras model whose trainable weights are bound to a privacy ledger (the
+    wrapped model, a new model over a private model's layers) is refused.
+    """
+    original = getattr(keras.Model, method_name)
+    if getattr(original, "_tan_keras_refusal", False):
+        return
+
+    @functools.wraps(original)  # its signature too: DPKerasModel.fit binds to it
+    def method(self, *args, **kwargs):
+        if not isinstance(self, DPKerasModel) and ledger_lib.has_ledger(self.trainable_variables):
+            raise ValueError(
+                f"Invalid call of `{method_name}` on model `{self.name}`: its trainable weights "
+                "are those of a private model (bound to its privacy ledger). Plain Keras "
+                "training would change them without clipping or noise, and epsilon would not "
+                "count it. Train the private model that make_private returned (private.fit), "
+                "or make this model private (tan_keras.make_private(model, ...)): it shares "
+                "the ledger. To train a part of it on public data, freeze the private layers "
+                "(layer.trainable = False) first."
+            )
+        return original(self, *args, **kwargs)
+
+    method._tan_keras_refusal = True
+    setattr(keras.Model, method_name, method)
+
+
+for _name in ("fit", "train_on_batch"):
+    _refuse_plain_training(_name)
 
 
 def make_private(

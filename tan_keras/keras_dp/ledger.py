@@ -204,6 +204,16 @@ class PrivacyLedger:
             entries.append(releases.LedgerEntry(mechanism, count))
         return releases.composed_epsilon(entries, delta, accountant)
 
+    def unchecked_sampling(self) -> bool:
+        """Whether some counted updates were on micro-batches nothing checked.
+
+        Returns:
+          True when the weights went through updates of a model with
+          sampling="caller_poisson" (`releases.Mechanism.unchecked`), here
+          or in any history merged in (a file, a copy of the weights).
+        """
+        return releases.unchecked_sampling(self.entries())
+
     def total_steps(self) -> int:
         """Noisy DP-SGD updates of every mechanism together."""
         return sum(e.steps for e in self.entries() if e.mechanism.kind != "gaussian")
@@ -389,6 +399,14 @@ class PrivacyLedger:
             return
         root._merge_segments(other.segments())
         other._absorbed_into = root
+
+
+def has_ledger(objects: Iterable) -> bool:
+    """Whether any of `objects` (variables or models) is bound to a ledger (merges nothing)."""
+    return any(
+        isinstance(getattr(obj, _ATTRIBUTE, None), (PrivacyLedger, _LedgerSaveable))
+        for obj in objects
+    )
 
 
 def ledger_of(objects: Sequence) -> Optional[PrivacyLedger]:

@@ -60,6 +60,15 @@ class _Adapted(NamedTuple):
 
 # Training rows by row width: the sorted projections of the registered rows.
 _ROWS: Dict[int, np.ndarray] = {}
+# Per-feature means of registered training arrays, and the values of their
+# columns of categories with their counts.
+_MEANS: List[np.ndarray] = []
+_CATEGORIES: List[Dict[str, int]] = []
+# A column with more distinct values is no column of categories.
+_MAX_CATEGORIES = 100_000
+# A vocabulary drawn from the training values that holds a value seen fewer
+# times than this tells whether the few examples holding it are in the set.
+_RARE = 10
 # Adapted state: value fingerprint -> where it came from; vocabulary digest likewise.
 _ADAPTED: Dict[int, _Adapted] = {}
 _VOCABULARIES: Dict[int, _Adapted] = {}
@@ -95,12 +104,25 @@ def _numeric(value: Any) -> Optional[np.ndarray]:
 def register_rows(features: Any) -> None:
     """Remembers the rows of training arrays, so that no computation may hold a copy.
 
+    Also each feature's mean (statistics given to a `Normalization` equal to
+    them are computed from the training set) and the values of each column
+    of categories with their counts (a vocabulary made of the column's
+    values, rare ones included, is the training set's: keras.io's
+    `IntegerLookup(vocabulary=sorted(train[col].unique()))`).
+
     Args:
       features: An array of [N, ...] examples, or a list/dict of such arrays.
     """
     for array in tf.nest.flatten(features):
-        array = _numeric(keras.ops.convert_to_numpy(array))
-        if array is None or array.ndim < 2:
+        array = np.asarray(keras.ops.convert_to_numpy(array))
+        if array.ndim >= 1 and len(array) and (array.ndim == 1 or array[0].size == 1):
+            _register_categories(array.reshape(-1))
+        array = _numeric(array)
+        if array is None or array.ndim < 1 or not len(array):
+            continue
+        flat = array.reshape(len(array), -1).astype(np.float64)
+        _MEANS.append(flat.mean(axis=0))
+        if array.ndim < 2:
             continue
         rows = array.reshape(len(array), -1).astype(np.float64)
         width = rows.shape[1]
@@ -109,6 +131,25 @@ def register_rows(features: Any) -> None:
         rows = rows[np.any(rows != rows[:, :1], axis=1)]
         known = _ROWS.get(width, np.empty(0))
         _ROWS[width] = np.unique(np.concatenate([known, rows @ _projection(width)]))
+
+
+def _register_categories(column: np.ndarray) -> None:
+    if column.dtype.kind not in "biuSUO":
+        return
+    values, counts = np.unique(column.astype(str), return_counts=True)
+    if len(values) <= _MAX_CATEGORIES:
+        _CATEGORIES.append(dict(zip(values.tolist(), counts.tolist())))
+
+
+def holds_training_rows(value: Any) -> bool:
+    """Whether `value` (an array) holds a row of a registered training array, as rows or columns."""
+    value = _numeric(np.asarray(value))
+    if value is None:
+        return False
+    if _holds_training_rows(value):
+        return True
+    # Rows laid out as columns (a kernel initialised from examples).
+    return value.ndim == 2 and _holds_training_rows(value.T)
 
 
 def _holds_training_rows(value: np.ndarray) -> bool:
@@ -179,7 +220,7 @@ def vouch(layer, provenance: str) -> None:
 
 def forget() -> None:
     """Forgets every registered row and adapted state (for tests that reuse data)."""
-    for table in (_ROWS, _ADAPTED, _VOCABULARIES, _BY_LAYER, _VOUCHED):
+    for table in (_ROWS, _ADAPTED, _VOCABULARIES, _BY_LAYER, _VOUCHED, _MEANS, _CATEGORIES):
         table.clear()
 
 
@@ -196,17 +237,36 @@ def copied_vocabulary(layer) -> Optional[str]:
     if not tokens:
         return None
     source = _unvouched(_VOCABULARIES, _vocabulary_digest(tokens))
-    if source is None or source.owner() is layer:
-        return None
-    return f"its `vocabulary=` is the vocabulary layer `{source.layer}` computed by `adapt`, copied"
+    if source is not None and source.owner() is not layer:
+        return (
+            f"its `vocabulary=` is the vocabulary layer `{source.layer}` computed by "
+            "`adapt`, copied"
+        )
+    given = {str(t) for t in tokens}
+    for counts in _CATEGORIES:
+        if given <= counts.keys():
+            rare = min(given, key=lambda token: counts[token])
+            if counts[rare] < _RARE:
+                return (
+                    "its `vocabulary=` is made of values of a training column, one of "
+                    f"them ({rare!r}) held by {counts[rare]} training example(s) only: the "
+                    "vocabulary tells whether they are in the training set"
+                )
+    return None
 
 
 def copied_statistics(values: Iterable[Any], layer) -> Optional[str]:
     """Which adapted, unvouched layer the `values` given to `layer` copy, in words, or None."""
     for value in values:
-        array = _numeric(value) if value is not None else None
-        if array is None:
+        array = np.asarray(value) if value is not None else None
+        if array is None or array.dtype.kind not in "biuf" or not array.size:
             continue
+        for means in _MEANS:
+            if means.size == array.size and np.allclose(array.ravel(), means, rtol=1e-4):
+                return (
+                    "the statistics given to its constructor are the training data's own "
+                    "(its per-feature mean)"
+                )
         source = _unvouched(_ADAPTED, value_fingerprint(array))
         if source is not None and source.owner() is not layer:
             return (
@@ -286,7 +346,7 @@ def check_values(values: Iterable[Tuple[str, np.ndarray]], where: str) -> None:
                 "adapted layer public (tan_keras.mark_public(layer, reason=...)) if its data "
                 "was public, or adapt it privately (tan_keras.private_adapt)."
             )
-        if _holds_training_rows(array):
+        if holds_training_rows(array):
             raise ValueError(
                 f"{where} holds `{name}` (shape {tuple(array.shape)}), which contains rows of "
                 "the training data given to make_poisson_dataset (or fit): a copy of private "

@@ -4,7 +4,13 @@ The privacy ledger of a model (`tan_keras.keras_dp.ledger`) counts every
 private release that shaped its weights, by mechanism:
 
 * "poisson": DP-SGD updates on Poisson-sampled batches, each a
-  `PoissonSampledDpEvent(q, GaussianDpEvent(sigma))` (add/remove adjacency);
+  `PoissonSampledDpEvent(q, GaussianDpEvent(sigma))` (add/remove adjacency).
+  Updates on micro-batches the caller drew (`sampling="caller_poisson"`)
+  are accounted alike, on the caller's word, but counted apart, as
+  mechanisms with `unchecked=True`: the ledger keeps that part of its
+  epsilon rests on sampling nothing checked, wherever the weights go
+  (weight files, merges, remembered copies), and `unchecked_sampling`
+  says so;
 * "shuffled": epochs of DP-SGD on shuffled fixed-size batches, each at most
   one `GaussianDpEvent(sigma / 2)` (replace-one adjacency, no amplification;
   see `accounting.shuffled_dp_event`);
@@ -36,6 +42,11 @@ KINDS = ("poisson", "shuffled", "gaussian")
 TABLE_FORMAT = 1
 TABLE_COLUMNS = 7
 _KIND_CODES = {kind: code for code, kind in enumerate(KINDS, start=1)}
+# The kind column of an unchecked "poisson" mechanism. A code of its own,
+# not a new column or format: every table written before it still loads,
+# and a version that does not know it refuses the table (it would count
+# these updates as checked) instead of reading it.
+_UNCHECKED_POISSON_CODE = len(KINDS) + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,16 +59,31 @@ class Mechanism:
         `accounted_noise_multiplier`, which includes a noisy clipped count).
       dataset_size: N for "poisson" and "shuffled"; 0 for "gaussian".
       batch_size: B (expected for "poisson"); 0 for "gaussian".
+      unchecked: "poisson" only: the micro-batches were drawn by the caller
+        (`sampling="caller_poisson"`) and nothing checked that they are
+        Poisson samples, each used once. Accounted like checked ones, but a
+        mechanism of its own (never merged with the checked one), so that
+        the ledger can always say so (`unchecked_sampling`).
     """
 
     kind: str
     noise_multiplier: float
     dataset_size: int = 0
     batch_size: int = 0
+    unchecked: bool = False
 
     def __post_init__(self):
         set_ = object.__setattr__
         set_(self, "kind", _validate.one_of("kind", self.kind, KINDS))
+        if not isinstance(self.unchecked, (bool, np.bool_)):
+            raise _validate.invalid("unchecked", "True or False", self.unchecked)
+        set_(self, "unchecked", bool(self.unchecked))
+        if self.unchecked and self.kind != "poisson":
+            raise _validate.invalid(
+                "unchecked",
+                "False unless kind='poisson' (only Poisson batches can be drawn by the caller)",
+                self.unchecked,
+            )
         set_(
             self,
             "noise_multiplier",
@@ -87,9 +113,10 @@ class Mechanism:
         """A short human-readable name, e.g. "Poisson q=0.0819 (B=4096, N=50000), sigma=3"."""
         sigma = f"sigma={self.noise_multiplier:.4g}"
         if self.kind == "poisson":
+            unchecked = ", caller-drawn micro-batches, sampling unchecked" if self.unchecked else ""
             return (
                 f"DP-SGD, Poisson q={self.sampling_rate:.4g} (B={self.batch_size}, "
-                f"N={self.dataset_size}), {sigma}"
+                f"N={self.dataset_size}{unchecked}), {sigma}"
             )
         if self.kind == "shuffled":
             return f"DP-SGD, shuffled batches B={self.batch_size} of N={self.dataset_size}, {sigma}"
@@ -120,6 +147,20 @@ class LedgerEntry:
     def count(self) -> int:
         """The number of accounted mechanisms: epochs when shuffled, else steps."""
         return self.epochs if self.mechanism.kind == "shuffled" else self.steps
+
+
+def unchecked_sampling(entries: Iterable[LedgerEntry]) -> bool:
+    """Whether some of `entries`' releases are updates on sampling nothing checked.
+
+    Args:
+      entries: Ledger entries.
+
+    Returns:
+      True when an entry of an unchecked mechanism (`Mechanism.unchecked`)
+      counts at least one update: its epsilon is that of Poisson sampling
+      on the caller's word only.
+    """
+    return any(e.mechanism.unchecked and e.count > 0 for e in entries)
 
 
 def check_adjacency(mechanisms: Iterable[Mechanism]) -> None:
@@ -273,7 +314,7 @@ def to_table(entries: Sequence[LedgerEntry]) -> np.ndarray:
     rows = [
         [
             TABLE_FORMAT,
-            _KIND_CODES[e.mechanism.kind],
+            _UNCHECKED_POISSON_CODE if e.mechanism.unchecked else _KIND_CODES[e.mechanism.kind],
             e.mechanism.dataset_size,
             e.mechanism.batch_size,
             e.mechanism.noise_multiplier,
@@ -301,6 +342,7 @@ def from_table(table) -> List[LedgerEntry]:
         )
     entries = []
     kinds = {code: kind for kind, code in _KIND_CODES.items()}
+    kinds[_UNCHECKED_POISSON_CODE] = "poisson"
     for row in array:
         fmt, code, n, b, sigma, steps, epochs = row.tolist()
         if fmt != TABLE_FORMAT or code not in kinds:
@@ -314,6 +356,7 @@ def from_table(table) -> List[LedgerEntry]:
         integral = [n, b, steps, epochs]
         if any(not math.isfinite(v) or v != int(v) or v < 0 for v in integral):
             raise _validate.invalid("table", "integral sizes and counts >= 0", row.tolist())
-        mechanism = Mechanism(kinds[code], sigma, int(n), int(b))
+        unchecked = code == _UNCHECKED_POISSON_CODE
+        mechanism = Mechanism(kinds[code], sigma, int(n), int(b), unchecked=unchecked)
         entries.append(LedgerEntry(mechanism, int(steps), int(epochs)))
     return entries

@@ -10,9 +10,10 @@ any update.
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tan_keras
-from tan_keras.mechanism import sampling
+from tan_keras.mechanism import noise, sampling
 
 N, B = 64, 8
 DP = dict(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=B, dataset_size=N)
@@ -148,16 +149,97 @@ def test_a_smaller_batch_size_is_the_micro_batch_of_larger_logical_steps(monkeyp
     counter = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: batches.append(b))
     history = model.fit(x, y, batch_size=3, epochs=4, verbose=0, callbacks=[counter])
     assert rows and set(rows) == {3}
-    sampler = sampling.PoissonSampler(N, B, physical_batch_size=3)
-    per_epoch = round(N // B * sampling.mean_micro_batches(sampler))
-    assert per_epoch > N // B  # several micro-batches per logical step
-    assert len(batches) == 4 * per_epoch
+    # Every step padded to the micro-batches of B + 4 std = 19 rows: 7 of 3.
+    per_step = sampling.PoissonSampler(N, B, physical_batch_size=3, pad_steps=True).steps_padded_to
+    assert per_step == 7
+    assert len(batches) == 4 * N // B * per_step
     assert len(history.history["loss"]) == 4
     steps = int(model.dp_steps.numpy())
-    # 4 epochs of 8 logical steps on average: 32 +- 3 std of a step count
-    # whose micro-batches vary with the Poisson batch size.
-    assert 24 <= steps <= 40, steps
+    # 4 epochs of exactly 8 logical steps, unless a step spilled into an 8th
+    # micro-batch (probability about 7e-5 per step), which leaves the last
+    # step of the fit unfinished.
+    assert steps in (31, 32), steps
     assert int(model.sampling_position) == steps
+
+
+def _fixed_sampling_key(monkeypatch, key=12345):
+    # A test-only fixed key: the draws, so the test, are deterministic.
+    monkeypatch.setattr(sampling, "entropy_int64", lambda: key)
+
+
+def _keras_batches_per_step(model, x, y, **fit_arguments):
+    """The Keras batches (on_train_batch_end calls) of each completed logical step."""
+    counts, pending = [], [0, 0]  # [batches since the last update, updates seen]
+
+    def on_batch_end(batch, logs):
+        pending[0] += 1
+        steps = int(model.dp_steps.numpy())
+        if steps > pending[1]:
+            counts.append(pending[0])
+            pending[:] = [0, steps]
+
+    callback = keras.callbacks.LambdaCallback(on_train_batch_end=on_batch_end)
+    model.fit(x, y, verbose=0, callbacks=[callback], **fit_arguments)
+    return counts
+
+
+def test_every_logical_step_is_the_same_number_of_keras_batches(monkeypatch):
+    """fit(batch_size=P < B) pads every step: its Keras batches do not count its Poisson size.
+
+    Unpadded, a step is ceil(n / P) micro-batches for its realized size n, and
+    a callback, the progress bar or the batches per epoch read n without noise.
+    """
+    _fixed_sampling_key(monkeypatch)
+    x, y = _data()
+    counts = _keras_batches_per_step(_private(), x, y, batch_size=2, epochs=3)
+    per_step = sampling.PoissonSampler(N, B, physical_batch_size=2, pad_steps=True).steps_padded_to
+    assert counts == [per_step] * (3 * N // B), counts
+
+
+def test_power_check_unpadded_steps_reveal_their_poisson_size(monkeypatch):
+    """The same count, with the padding taken away, varies from step to step."""
+    _fixed_sampling_key(monkeypatch)
+    original = sampling.PoissonSampler
+
+    def unpadded(*arguments, **keywords):
+        return original(*arguments, **{**keywords, "pad_steps": False})
+
+    monkeypatch.setattr(sampling, "PoissonSampler", unpadded)
+    x, y = _data()
+    counts = _keras_batches_per_step(_private(), x, y, batch_size=2, steps_per_epoch=40)
+    assert len(counts) >= 5 and len(set(counts)) > 1, counts
+
+
+def test_padded_micro_batches_add_up_to_one_update_divided_by_b(monkeypatch):
+    """One padded step of micro-batches of 2 rows = the same step as one micro-batch.
+
+    Same key, so the same Poisson sample; noise taken away, so the updates
+    compare exactly: the clipped sum accumulated over the padded
+    micro-batches, noised once, divided by B as the one-micro-batch step.
+    """
+    _fixed_sampling_key(monkeypatch)
+    draws = tf.Variable(0, dtype=tf.int64, trainable=False)  # counted when run
+    original = noise.add_gaussian_noise
+
+    def noiseless(grad_sum, stddev, seed):
+        with tf.control_dependencies([draws.assign_add(1)]):
+            return [tf.identity(g) for g in original(grad_sum, 0.0 * stddev, seed)]
+
+    monkeypatch.setattr(noise, "add_gaussian_noise", noiseless)
+    x, y = _data()
+    per_step = sampling.PoissonSampler(N, B, physical_batch_size=2, pad_steps=True).steps_padded_to
+    updated = []
+    for batch_size, micro_batches in ((2, per_step), (B, 1)):
+        keras.utils.set_random_seed(7)
+        model = _private()
+        start = [v.numpy() for v in model.trainable_variables]
+        model.fit(x, y, batch_size=batch_size, steps_per_epoch=micro_batches, epochs=1, verbose=0)
+        assert int(model.dp_steps.numpy()) == 1
+        updated.append([v.numpy() - s for v, s in zip(model.trainable_variables, start)])
+    assert int(draws.numpy()) == 2  # once per fit's one logical step
+    assert any(np.abs(u).max() > 0 for u in updated[1])
+    for accumulated, single in zip(*updated):
+        np.testing.assert_allclose(accumulated, single, atol=1e-6)
 
 
 def test_mean_micro_batches_counts_the_spill_of_large_poisson_batches():
@@ -168,3 +250,20 @@ def test_mean_micro_batches_counts_the_spill_of_large_poisson_batches():
     assert sampling.mean_micro_batches(sampling.PoissonSampler(9600, 256)) < 1.001
     padded = sampling.PoissonSampler(9600, 256, physical_batch_size=32, pad_steps=True)
     assert sampling.mean_micro_batches(padded) >= padded.steps_padded_to == 10
+
+
+def test_at_batch_size_b_a_step_above_the_padded_size_spills_whole(monkeypatch):
+    """At batch_size=B a step is one micro-batch of B + 4 std = 19 rows; a larger one spills.
+
+    As `PoissonSampler` documents: never truncated, its second micro-batch
+    part of the same update (the 3e-5 tail where the layout shows n).
+    """
+    x, y = _data()
+    monkeypatch.setattr(
+        sampling.PoissonSampler, "sample_indices", lambda self, step: tf.range(30, dtype=tf.int64)
+    )
+    model = _private()
+    counts = _keras_batches_per_step(model, x, y, batch_size=B, epochs=1)
+    # 8 micro-batches (one per expected step), two per 30-row step: 4 updates.
+    assert counts == [2, 2, 2, 2], counts
+    assert int(model.dp_steps.numpy()) == 4

@@ -219,3 +219,50 @@ def test_a_privately_trained_kernel_copied_into_a_constant_brings_its_ledger(mon
     assert int(tan_keras.make_private(_model(_FixedKernel(kernel)), **DP).dp_steps) >= steps
     monkeypatch.setattr(data_copies, "value_fingerprints", lambda values: [])
     assert int(tan_keras.make_private(_model(_FixedKernel(kernel)), **DP).dp_steps) == 0
+
+
+def test_validation_data_holding_training_rows_is_refused_and_held_out_rows_pass():
+    x, y = _data()
+    private = _compiled(_model())
+    with pytest.raises(ValueError, match="validation_data"):
+        private.fit(x, y, batch_size=B, validation_data=(x[:8], y[:8]), verbose=0)
+    assert int(private.dp_steps) == 0
+    held_out, labels = _data(seed=5)
+    private.fit(x, y, batch_size=B, validation_data=(held_out[:8], labels[:8]), verbose=0)
+    assert int(private.dp_steps) > 0
+
+
+def test_statistics_computed_from_the_training_columns_are_refused_at_fit():
+    x, y = _data()
+    copy = keras.layers.Normalization(mean=x.mean(axis=0), variance=x.var(axis=0))
+    private = _compiled(_model(copy))
+    with pytest.raises(ValueError, match="training data's own"):
+        private.fit(x, y, batch_size=B, verbose=0)
+    assert int(private.dp_steps) == 0
+
+
+def _lookup_model(vocabulary):
+    inp = keras.Input((1,), dtype="int64")
+    lookup = keras.layers.IntegerLookup(vocabulary=vocabulary)
+    hidden = keras.layers.Flatten()(keras.layers.Embedding(len(vocabulary) + 2, 3)(lookup(inp)))
+    return keras.Model(inp, keras.layers.Dense(2)(hidden))
+
+
+def test_a_vocabulary_of_training_values_with_a_rare_one_is_refused():
+    # keras.io's IntegerLookup(vocabulary=sorted(train[col].unique())): one zip code
+    # held by one person; categories every value of which is common pass.
+    codes = np.array([94110] * 40 + [10001] * 23 + [94305])[:, None]
+    y = np.arange(N) % 2
+    private = _compiled(_lookup_model(sorted(np.unique(codes).tolist())))
+    with pytest.raises(ValueError, match="94305"):
+        private.fit(codes, y, batch_size=B, verbose=0)
+    common = np.array([94110] * 40 + [10001] * 24)[:, None]
+    _compiled(_lookup_model([94110, 10001])).fit(common, y, batch_size=B, verbose=0)
+
+
+def test_a_kernel_initialised_from_training_rows_laid_out_as_columns_is_refused():
+    x, y = _data()
+    dense = keras.layers.Dense(3, kernel_initializer=keras.initializers.Constant(x[:3].T))
+    private = _compiled(_model(dense))
+    with pytest.raises(ValueError, match="rows of the training data"):
+        private.fit(x, y, batch_size=B, verbose=0)
