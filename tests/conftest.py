@@ -37,6 +37,16 @@ def _forget_remembered_weights():
 # property they check is also checked by a faster test (in brackets). Run
 # them with TAN_KERAS_SLOW_TESTS=1.
 SLOW_TESTS = {
+    # [the power checks of the same look-up at a later batch, of the Poisson stop at a
+    # batch, of the budget stop with Poisson sampling]
+    "tests/keras_dp/warm_start_recall_test.py::test_a_warm_start_mid_fit_counts_the_source_updates[on_train_batch_begin-0-True]",
+    "tests/keras_dp/warm_start_recall_test.py::test_a_poisson_warm_start_after_the_pipeline_drew_ahead_stops_the_fit[on_epoch_begin-1-4-True]",
+    "tests/keras_dp/warm_start_recall_test.py::test_the_budget_stop_sees_the_merged_count[shuffled-True]",
+    # [the power checks of the private and plain-copy routes]
+    "tests/keras_dp/export_ledger_test.py::test_every_export_route_carries_the_ledger[wrapped-True]",
+    "tests/keras_dp/export_ledger_test.py::test_every_export_route_carries_the_ledger[archive-True]",
+    # [array_inputs_test's count of noise draws per padded logical step; the noise std tests]
+    "tests/keras_dp/dp_model_test.py::test_noise_is_added_once_per_logical_step_with_accumulation",
     # [the same equality without XLA; ghost_test's XLA-and-chunks case]
     "tests/mechanism/chunking_test.py::test_dp_model_with_chunks_matches_one_pass[True]",
     # [the vectorized route's audit; the injected faults]
