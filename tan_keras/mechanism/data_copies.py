@@ -62,8 +62,9 @@ class _Adapted(NamedTuple):
 _ROWS: Dict[int, np.ndarray] = {}
 # Per-feature means of registered training arrays, and the values of their
 # columns of categories with their counts.
-_MEANS: List[np.ndarray] = []
-_CATEGORIES: List[Dict[str, int]] = []
+# Keyed by a fingerprint: the same arrays given to every fit are kept once.
+_MEANS: Dict[int, np.ndarray] = {}
+_CATEGORIES: Dict[int, Dict[str, int]] = {}
 # A column with more distinct values is no column of categories.
 _MAX_CATEGORIES = 100_000
 # A vocabulary drawn from the training values that holds a value seen fewer
@@ -121,7 +122,8 @@ def register_rows(features: Any) -> None:
         if array is None or array.ndim < 1 or not len(array):
             continue
         flat = array.reshape(len(array), -1).astype(np.float64)
-        _MEANS.append(flat.mean(axis=0))
+        means = flat.mean(axis=0)
+        _MEANS[value_fingerprint(means)] = means
         if array.ndim < 2:
             continue
         rows = array.reshape(len(array), -1).astype(np.float64)
@@ -138,7 +140,8 @@ def _register_categories(column: np.ndarray) -> None:
         return
     values, counts = np.unique(column.astype(str), return_counts=True)
     if len(values) <= _MAX_CATEGORIES:
-        _CATEGORIES.append(dict(zip(values.tolist(), counts.tolist())))
+        key = value_fingerprint(counts) ^ value_fingerprint(np.asarray(values))
+        _CATEGORIES[key] = dict(zip(values.tolist(), counts.tolist()))
 
 
 def holds_training_rows(value: Any) -> bool:
@@ -243,7 +246,7 @@ def copied_vocabulary(layer) -> Optional[str]:
             "`adapt`, copied"
         )
     given = {str(t) for t in tokens}
-    for counts in _CATEGORIES:
+    for counts in _CATEGORIES.values():
         if given <= counts.keys():
             rare = min(given, key=lambda token: counts[token])
             if counts[rare] < _RARE:
@@ -261,7 +264,7 @@ def copied_statistics(values: Iterable[Any], layer) -> Optional[str]:
         array = np.asarray(value) if value is not None else None
         if array is None or array.dtype.kind not in "biuf" or not array.size:
             continue
-        for means in _MEANS:
+        for means in _MEANS.values():
             if means.size == array.size and np.allclose(array.ravel(), means, rtol=1e-4):
                 return (
                     "the statistics given to its constructor are the training data's own "
