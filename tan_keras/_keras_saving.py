@@ -22,9 +22,15 @@ will write (`_filter_and_track_resources`), `after_tracking_export(archive)`
 may add an entry under `SAVED_MODEL_ENTRY` to the object it saves; once
 `tf.saved_model.load` has restored a SavedModel whose root has that entry,
 `after_loading_saved_model(root)` reads it. `tf.saved_model.save` of any
-other object first calls `before_saving_saved_model(obj)` (which refuses
-what it cannot carry). The save hooks are called only once the hooks module
-is loaded: before that, no weight can have a ledger.
+other object first calls `before_saving_saved_model(obj)` (which adds the
+entry to a `tf.Module`, and refuses what it cannot carry). Every reader of
+a TensorFlow checkpoint (`tf.train.load_checkpoint`, `load_variable`,
+restores) is given to `after_opening_checkpoint(reader)`, so that tensors
+read from it as arrays keep what they went through; before a
+`tf.train.Checkpoint` writes, `before_writing_checkpoint(root)` adds a
+ledger entry to the plain layers that hold private values. The save hooks
+are called only once the hooks module is loaded: before that, no weight
+can have a ledger.
 """
 
 import functools
@@ -35,6 +41,8 @@ _SAVING_LIB = "keras.src.saving.saving_lib"
 _EXPORT_ARCHIVE = "keras.src.export.saved_model_export_archive"
 _TF_LOAD = "tensorflow.python.saved_model.load"
 _TF_SAVE = "tensorflow.python.saved_model.save"
+_TF_CHECKPOINT_READER = "tensorflow.python.training.py_checkpoint_reader"
+_TF_CHECKPOINT = "tensorflow.python.checkpoint.checkpoint"
 _ORIGINAL = "_tan_keras_original"
 # The attribute of a SavedModel's root that holds the ledger's entry.
 SAVED_MODEL_ENTRY = "_tan_keras_privacy_ledger"
@@ -180,10 +188,45 @@ def _patch_tf_save(save_lib, hooks_module: str) -> None:
     save_lib.save_and_return_nodes = save_and_return_nodes
 
 
+def _patch_checkpoint_reader(reader_lib, hooks_module: str) -> None:
+    # Every reader of a TensorFlow checkpoint's tensors is made by this module
+    # global (`tf.train.load_checkpoint`, `load_variable`, restores).
+    original = reader_lib.NewCheckpointReader
+    original = getattr(original, _ORIGINAL, original)
+
+    @functools.wraps(original)
+    def NewCheckpointReader(filepattern):  # noqa: N802 (TensorFlow's name)
+        reader = original(filepattern)
+        # A load: the hooks module is imported if it was not (a fresh process).
+        importlib.import_module(hooks_module).after_opening_checkpoint(reader)
+        return reader
+
+    setattr(NewCheckpointReader, _ORIGINAL, original)
+    reader_lib.NewCheckpointReader = NewCheckpointReader
+
+
+def _patch_checkpoint_saver(checkpoint_lib, hooks_module: str) -> None:
+    # `tf.train.Checkpoint.write` / `.save` (and the v1 `tf.train.Checkpoint`)
+    # write through this method.
+    saver = checkpoint_lib.TrackableSaver
+    original = getattr(saver.save, _ORIGINAL, saver.save)
+
+    @functools.wraps(original)
+    def save(self, *args, **kwargs):
+        if hooks_module in sys.modules:
+            importlib.import_module(hooks_module).before_writing_checkpoint(self._graph_view.root)
+        return original(self, *args, **kwargs)
+
+    setattr(save, _ORIGINAL, original)
+    saver.save = save
+
+
 # The modules hooked: {name: (an attribute it has once loaded, its patch)}.
 _TARGETS = {
     _SAVING_LIB: ("_load_state", _patch),
     _EXPORT_ARCHIVE: ("SavedModelExportArchive", _patch_export),
     _TF_LOAD: ("load_partial", _patch_tf_load),
     _TF_SAVE: ("save_and_return_nodes", _patch_tf_save),
+    _TF_CHECKPOINT_READER: ("NewCheckpointReader", _patch_checkpoint_reader),
+    _TF_CHECKPOINT: ("TrackableSaver", _patch_checkpoint_saver),
 }

@@ -238,3 +238,31 @@ def noiseless_statistics_released(run_dir, printed):
         text = path.read_text()
         found["files"] |= {name for name in NOISELESS if re.search(rf'"{name}"\s*:\s*[-\d.]', text)}
     return found
+
+
+def trained_dense_private(n, b, steps, dp):
+    """(private dense model trained `steps` noisy updates on fixed data, the model it wraps).
+
+    Every step is one micro-batch (`pad_steps`, P = n), so the fit runs
+    exactly `steps` updates.
+    """
+    import tan_keras
+
+    base = dense_model()
+    private = tan_keras.make_private(base, **dp)
+    private.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    y = rng.integers(0, 3, n).astype(np.int32)
+    sampler = sampling.PoissonSampler(n, b, physical_batch_size=n, pad_steps=True)
+    private.fit(sampling.make_poisson_dataset(x, y, sampler), steps_per_epoch=steps, verbose=0)
+    assert int(private.dp_steps.numpy()) == steps
+    return private, base
+
+
+def forget_remembered_values():
+    """What a fresh process knows of private values: nothing (`ledger._REMEMBERED`)."""
+    from tan_keras.keras_dp import ledger
+
+    ledger._REMEMBERED.clear()
+    ledger._LOADED.clear()

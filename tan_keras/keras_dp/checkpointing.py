@@ -198,7 +198,8 @@ class DPCheckpoint:
         spent = int(self.model.dp_steps.numpy())
         self.model.privacy_ledger._sync_position()
         if self.sampler is not None:
-            self.sampler.resume_at(int(self.model.sampling_position.numpy()))
+            position = int(self.model.sampling_position.numpy())
+            self.sampler.resume_at(position, keep_key=exact_resume)
         return spent
 
     def _fresh_keys(self) -> None:

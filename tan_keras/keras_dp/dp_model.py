@@ -748,12 +748,16 @@ class DPKerasModel(keras.Model):
         # before the next update and the sampler's resume: they bring what
         # those values went through. Mid-fit only where a user callback runs
         # code between updates (none: no cost).
-        between_batches = any(dp_state.sees_weights_mid_epoch(c) for c in callbacks)
+        # A generator's code runs between updates too: it can snapshot the
+        # weights there (review round 8, escape 18).
+        input_code = fit_inputs.runs_code_between_updates(arguments.get("x"))
+        between_batches = input_code or any(dp_state.sees_weights_mid_epoch(c) for c in callbacks)
         recall = dp_state.WeightsRecall(
             self,
             sampler,
             accountants=[c for c in callbacks if isinstance(c, PrivacyAccountant)],
-            between_epochs=any(dp_state.sees_weights_between_epochs(c) for c in callbacks),
+            between_epochs=input_code
+            or any(dp_state.sees_weights_between_epochs(c) for c in callbacks),
             between_batches=between_batches,
             epoch_open=self._secret.epoch_open if self._dp_config.sampling == "shuffled" else None,
         )
@@ -1462,6 +1466,8 @@ def _refuse_plain_training(method_name: str):
     no clipping or noise, and their ledger would not count it. Any plain
     Keras model whose trainable weights are bound to a privacy ledger (the
     wrapped model, a new model over a private model's layers) is refused.
+    A plain model holding copies of private values trains, and the values it
+    leaves keep their history (`ledger.carried_through_plain_training`).
     """
     original = getattr(keras.Model, method_name)
     if getattr(original, "_tan_keras_refusal", False):
@@ -1479,7 +1485,10 @@ def _refuse_plain_training(method_name: str):
                 "the ledger. To train a part of it on public data, freeze the private layers "
                 "(layer.trainable = False) first."
             )
-        return original(self, *args, **kwargs)
+        if isinstance(self, DPKerasModel):
+            return original(self, *args, **kwargs)
+        with ledger_lib.carried_through_plain_training(self):
+            return original(self, *args, **kwargs)
 
     method._tan_keras_refusal = True
     setattr(keras.Model, method_name, method)

@@ -268,6 +268,22 @@ def stream_to_pin(config: DPConfig, data: Any) -> Optional[int]:
     return sampling.stream_of(live[-1])
 
 
+def runs_code_between_updates(data: Any) -> bool:
+    """Whether reading `data` runs the caller's Python code during the fit.
+
+    A generator, a `PyDataset` or another Python iterator is read between
+    updates, so its code can copy the weights as they are mid-fit (the
+    model then remembers every update's values, `dp_state.AfterUpdate`).
+    """
+    if data is None or is_array(data) or isinstance(data, (tf.data.Dataset, str, bytes)):
+        return False
+    if isinstance(data, (types.GeneratorType, keras.utils.PyDataset)):
+        return True
+    return hasattr(data, "__next__") or (
+        hasattr(data, "__iter__") and not isinstance(data, tf.distribute.DistributedDataset)
+    )
+
+
 def is_array(data: Any) -> bool:
     """Whether `data` is in-memory arrays (Keras batches and shuffles those itself)."""
     return isinstance(data, (np.ndarray, tf.Tensor, list, dict)) or hasattr(data, "__array__")

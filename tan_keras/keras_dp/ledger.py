@@ -586,11 +586,23 @@ class _LedgerTensors(tf.__internal__.tracking.Trackable):
     def __init__(self, ledger: PrivacyLedger, owner=None):
         self._ledger = ledger
         self._owner = None if owner is None else weakref.ref(owner)
+        # Set by `before_saving_saved_model` (its graph cannot read the counters).
+        self.table_before_saving = None
 
     def _serialize_to_tensors(self):
-        return {"table": tf.constant(_checkpoint_table(self._ledger), tf.float64)}
+        if tf.executing_eagerly():
+            table = _checkpoint_table(self._ledger)
+        else:
+            # tf.saved_model.save writes it from a graph, where the counters
+            # cannot be read: the table read before the save began.
+            table = self.table_before_saving
+        return {"table": tf.constant(table, tf.float64)}
 
     def _restore_from_tensors(self, restored_tensors):
+        if not tf.executing_eagerly():
+            # tf.saved_model.save traces a restore function; a SavedModel
+            # carries the ledger in its own entry (`_add_saved_model_entry`).
+            return tf.no_op()
         uid, segments = _from_checkpoint_table(restored_tensors["table"].numpy())
         if _RESTORING:
             # A DPCheckpoint's restore: merged when it is over (`restoring_checkpoint`).
@@ -718,7 +730,8 @@ def remember(
 def _remember_values(variables: Iterable, segments: Segments, unless=None, found=None) -> None:
     """Records that the current values of `variables` went through `segments`.
 
-    A value already known keeps what was known of it: segments are merged
+    A matrix is remembered transposed too. A value already known keeps
+    what was known of it: segments are merged
     per uid by maximum, so a second model that holds the same values (a
     copy made before, a warm start) never replaces a longer history with
     its own.
@@ -731,6 +744,19 @@ def _remember_values(variables: Iterable, segments: Segments, unless=None, found
         if unless.get(id(variable)) == fingerprint:
             continue
         _REMEMBERED[fingerprint] = _merged(_REMEMBERED.get(fingerprint), segments)
+        for other in _rearranged_fingerprints(variable):
+            _REMEMBERED[other] = _merged(_REMEMBERED.get(other), segments)
+
+
+def _rearranged_fingerprints(variable) -> List[int]:
+    """Fingerprints of the usual rearranged copies of a variable's values.
+
+    A matrix's transpose: the tied decoder of an autoencoder
+    (`Dense(...).set_weights([W.T, b])`, review round 9).
+    """
+    if len(getattr(variable, "shape", ())) != 2:
+        return []
+    return [data_copies.value_fingerprint(np.asarray(variable.numpy()).T)]
 
 
 def _merged(known: Optional[Segments], segments: Segments) -> Segments:
@@ -768,6 +794,38 @@ def _remember_restored() -> None:
     while _LOADED:
         variables, segments = _LOADED.pop()
         _remember_loaded(variables, segments)
+
+
+@contextlib.contextmanager
+def carried_through_plain_training(model):
+    """Remembers the values plain training leaves with what the values it started from went through.
+
+    A plain copy of private weights (`clone_model` then `set_weights`)
+    trained further by plain Keras (`fit` or `train_on_batch`, on public
+    data) holds new values, which no fingerprint knew: made private next,
+    it would count from zero. Every value the training leaves depends on
+    all the values it started from, so each changed weight is remembered
+    with the merged history of all of them.
+
+    Args:
+      model: The plain Keras model about to train.
+
+    Yields:
+      Nothing; on exit (even after an error: some steps may have run) the
+      changed weights are remembered.
+    """
+    _remember_restored()
+    if not _REMEMBERED:
+        yield
+        return
+    variables = list(model.weights)
+    before = fingerprints(variables)
+    segments = _segments_of_values(variables)
+    try:
+        yield
+    finally:
+        if segments:
+            _remember_values(variables, segments, unless=before)
 
 
 def recall(model, ledger: PrivacyLedger, since: Optional[Dict[int, int]] = None) -> Dict[int, int]:
@@ -937,11 +995,6 @@ def _write_to_saved_model(archive) -> None:
       archive: A Keras `ExportArchive`, its resources gathered.
     """
     root = archive._tf_trackable
-    if hasattr(root, SAVED_MODEL_ENTRY):
-        # A second `write_out`: computed again, from the weights as they are.
-        delattr(root, SAVED_MODEL_ENTRY)
-    _remember_restored()
-    variables = _saved_variables(root)
     # The endpoints capture TensorFlow variables; the ledger is bound to the
     # Keras variables that hold them (those of the layers the archive tracks).
     keras_of: Dict[int, object] = {}
@@ -949,6 +1002,30 @@ def _write_to_saved_model(archive) -> None:
         if isinstance(resource, keras.layers.Layer):
             for variable in resource.variables:
                 keras_of[id(_backing(variable))] = variable
+    _add_saved_model_entry(root, keras_of)
+    # tf.saved_model.save, which the archive calls next, keeps this entry.
+    _EXPORT_ROOTS.add(root)
+
+
+# The roots export archives gave their entries (`before_saving_saved_model`).
+_EXPORT_ROOTS = weakref.WeakSet()
+
+
+def _add_saved_model_entry(root, keras_of: Dict[int, object]) -> None:
+    """Sets `root`'s `SAVED_MODEL_ENTRY` to the ledger groups of the variables it holds.
+
+    Args:
+      root: The object a SavedModel is written from (an archive's root, or
+        the `tf.Module` given to `tf.saved_model.save`).
+      keras_of: Keras variables by the id of the TensorFlow variable that
+        holds their values, for variables `root` reaches only as TensorFlow
+        variables; completed from those it reaches as Keras variables.
+    """
+    if hasattr(root, SAVED_MODEL_ENTRY):
+        # A second write: computed again, from the weights as they are.
+        delattr(root, SAVED_MODEL_ENTRY)
+    _remember_restored()
+    variables = _saved_variables(root)
     for variable in variables:
         if isinstance(variable, keras.Variable):
             keras_of.setdefault(id(_backing(variable)), variable)
@@ -989,6 +1066,107 @@ def _restore_from_saved_model(root) -> None:
         _remember_loaded(list(group.variables), segments)
 
 
+def _remember_checkpoint_tensors(reader) -> None:
+    """Remembers the tensors of a TensorFlow checkpoint with a ledger, with its segments.
+
+    Its tensors read as arrays (`tf.train.load_checkpoint(path).get_tensor`,
+    `tf.train.load_variable`) and set into a rebuilt model, in this process
+    or after a restart, are then recognised like weights a restore wrote.
+    Every ledger table of the checkpoint is merged for every tensor: a
+    checkpoint does not say which tables cover which variables, and a
+    history too long only makes epsilon larger. Constant tensors (a zero
+    bias, a step counter) are not remembered: other models hold them too.
+    """
+    suffix = f"{_CHECKPOINT_NAME}/.ATTRIBUTES/table"
+    names = reader.get_variable_to_shape_map()
+    segments: Segments = {}
+    for name in names:
+        if name.endswith(suffix):
+            _, found = _from_checkpoint_table(reader.get_tensor(name))
+            segments = _merged(segments, found) if segments else found
+    if not _has_counts(segments):
+        return
+    for name in names:
+        if name.endswith(suffix) or name == "_CHECKPOINTABLE_OBJECT_GRAPH":
+            continue
+        value = np.asarray(reader.get_tensor(name))
+        if value.dtype.kind not in "biuf" or value.size < 2 or np.all(value == value.flat[0]):
+            continue
+        fingerprint = data_copies.value_fingerprint(value)
+        _REMEMBERED[fingerprint] = _merged(_REMEMBERED.get(fingerprint), segments)
+
+
+def _ledger_entries_for_checkpoint(root) -> None:
+    """Gives the private values a `tf.train.Checkpoint` writes without a ledger one.
+
+    A plain model whose weights were copied from a private one (`clone_model`
+    then `set_weights(private.get_weights())`) has no ledger of its own; its
+    checkpoint would hold the private values with no entry, and restored in
+    a fresh process they would count from zero. Like a Keras weight file
+    (`_write_to_file`), the checkpoint gets, as each such layer's `dp_ledger`
+    dependency, the segments its values are known to have gone through; the
+    layer is not bound to it (it stays a plain layer). Variables reached
+    outside any layer (`tf.train.Checkpoint(weights=model.weights)`) get one
+    entry on the checkpoint's root. A fresh process that reads the file
+    remembers its tensors with them (`_remember_checkpoint_tensors`).
+    """
+    _remember_restored()
+    try:
+        objects = tf.train.TrackableView(root).descendants()
+    except TypeError:
+        return
+    covered, loose = set(), {}
+    for obj in objects:
+        if not isinstance(obj, keras.layers.Layer) or isinstance(obj, _LedgerSaveable):
+            continue
+        variables = _keras_internals.own_variables(obj)
+        covered.update(id(_backing(v)) for v in variables)
+        if isinstance(obj.__dict__.get(_ATTRIBUTE), _LedgerSaveable):
+            continue  # a private model's layer writes its own ledger
+        segments = _segments_of_values(variables)
+        if segments:
+            _track_detached(obj, segments)
+    for obj in objects:
+        if isinstance(obj, (keras.Variable, tf.Variable)) and id(_backing(obj)) not in covered:
+            loose[id(_backing(obj))] = obj
+    segments = _segments_of_values(loose.values())
+    if segments and not isinstance(root, keras.layers.Layer):
+        _track_detached(root, segments)
+
+
+def _segments_of_values(variables: Iterable) -> Segments:
+    """What `variables` went through: their ledgers' segments and their values'."""
+    segments: Segments = {}
+    for variable in variables:
+        ledger = getattr(variable, _ATTRIBUTE, None)
+        found = [ledger.root().segments()] if isinstance(ledger, PrivacyLedger) else []
+        known = _REMEMBERED.get(_fingerprint(variable)) if _REMEMBERED else None
+        for more in found + ([known] if known is not None else []):
+            segments = _merged(segments, more) if segments else more
+    return segments if _has_counts(segments) else {}
+
+
+def _track_detached(obj, segments: Segments) -> None:
+    """Makes `obj` write `segments` as its `dp_ledger` checkpoint dependency, unbound."""
+    detached = PrivacyLedger()
+    detached._merge_segments(segments)
+    owner = obj if isinstance(obj, keras.layers.Layer) else None
+    obj._track_trackable(_LedgerTensors(detached, owner), name=_CHECKPOINT_NAME, overwrite=True)
+
+
+def before_writing_checkpoint(root) -> None:
+    """`tf.train.Checkpoint`'s save hook (`tan_keras._keras_saving`).
+
+    See `_ledger_entries_for_checkpoint`.
+    """
+    _ledger_entries_for_checkpoint(root)
+
+
+def after_opening_checkpoint(reader) -> None:
+    """`NewCheckpointReader`'s hook (`tan_keras._keras_saving`): `_remember_checkpoint_tensors`."""
+    _remember_checkpoint_tensors(reader)
+
+
 def after_tracking_export(archive) -> None:
     """Keras's export hook (`tan_keras._keras_saving`): `_write_to_saved_model`."""
     _write_to_saved_model(archive)
@@ -1008,6 +1186,11 @@ def before_saving_saved_model(obj) -> None:
     hold remembered private values, is refused; `model.export(path)` writes
     the same variables with the ledger.
 
+    Any other object (a `tf.Module` holding a private model, its layers or
+    bare variables) gets the ledger entry an export writes
+    (`_add_saved_model_entry`), so that `tf.saved_model.load` remembers
+    what its values went through, in this process or a fresh one.
+
     Args:
       obj: The object `tf.saved_model.save` was given.
 
@@ -1015,6 +1198,12 @@ def before_saving_saved_model(obj) -> None:
       ValueError: naming the layer and one such weight.
     """
     if not isinstance(obj, keras.layers.Layer):
+        if isinstance(obj, tf.__internal__.tracking.AutoTrackable):
+            if obj not in _EXPORT_ROOTS:
+                _add_saved_model_entry(obj, {})
+            for tensors in tf.train.TrackableView(obj).descendants():
+                if isinstance(tensors, _LedgerTensors):
+                    tensors.table_before_saving = _checkpoint_table(tensors._ledger)
         return
     _remember_restored()
     for variable in obj.weights:

@@ -60,11 +60,14 @@ class _Adapted(NamedTuple):
 
 # Training rows by row width: the sorted projections of the registered rows.
 _ROWS: Dict[int, np.ndarray] = {}
-# Per-feature means of registered training arrays, and the values of their
+# Per-feature (and, for images, per-channel) statistics of registered
+# training arrays (`_statistics`: name, vector), and the values of their
 # columns of categories with their counts.
 # Keyed by a fingerprint: the same arrays given to every fit are kept once.
-_MEANS: Dict[int, np.ndarray] = {}
+_STATISTICS: Dict[int, Tuple[str, np.ndarray]] = {}
 _CATEGORIES: Dict[int, Dict[str, int]] = {}
+# Fingerprints (with the shape) of the arrays registered so far.
+_REGISTERED: set = set()
 # A column with more distinct values is no column of categories.
 _MAX_CATEGORIES = 100_000
 # A vocabulary drawn from the training values that holds a value seen fewer
@@ -105,7 +108,7 @@ def _numeric(value: Any) -> Optional[np.ndarray]:
 def register_rows(features: Any) -> None:
     """Remembers the rows of training arrays, so that no computation may hold a copy.
 
-    Also each feature's mean (statistics given to a `Normalization` equal to
+    Also each feature's usual statistics (`_statistics`: constants equal to
     them are computed from the training set) and the values of each column
     of categories with their counts (a vocabulary made of the column's
     values, rare ones included, is the training set's: keras.io's
@@ -116,14 +119,26 @@ def register_rows(features: Any) -> None:
     """
     for array in tf.nest.flatten(features):
         array = np.asarray(keras.ops.convert_to_numpy(array))
+        digest = hashlib.blake2b(f"{array.dtype}{array.shape}".encode(), digest_size=8)
+        digest.update(np.ascontiguousarray(array).data if array.dtype != object else b"")
+        fingerprint = digest.hexdigest() if array.dtype != object else None
+        if fingerprint is not None and fingerprint in _REGISTERED:
+            continue  # the same arrays given to every fit: recorded once
+        if fingerprint is not None:
+            _REGISTERED.add(fingerprint)
         if array.ndim >= 1 and len(array) and (array.ndim == 1 or array[0].size == 1):
             _register_categories(array.reshape(-1))
         array = _numeric(array)
         if array is None or array.ndim < 1 or not len(array):
             continue
         flat = array.reshape(len(array), -1).astype(np.float64)
-        means = flat.mean(axis=0)
-        _MEANS[value_fingerprint(means)] = means
+        groups = [flat]
+        if array.ndim >= 3:
+            # Per channel, as Normalization(axis=-1) on images computes them.
+            groups.append(array.reshape(-1, array.shape[-1]).astype(np.float64))
+        for group in groups:
+            for name, vector in _statistics(group):
+                _STATISTICS[value_fingerprint(vector)] = (name, vector)
         if array.ndim < 2:
             continue
         rows = array.reshape(len(array), -1).astype(np.float64)
@@ -133,6 +148,51 @@ def register_rows(features: Any) -> None:
         rows = rows[np.any(rows != rows[:, :1], axis=1)]
         known = _ROWS.get(width, np.empty(0))
         _ROWS[width] = np.unique(np.concatenate([known, rows @ _projection(width)]))
+
+
+def _statistics(columns: np.ndarray) -> List[Tuple[str, np.ndarray]]:
+    """The usual per-column statistics of [n, width] values, and their reciprocals.
+
+    Those a preprocessing constant is computed as by hand (a mean, a
+    variance or std, a median, extremes; `1 / std`, `1 / max` for a
+    scale). Vectors of one repeated value (a pixel range of 255 in every
+    column) say nothing of the data and are left out, as are vectors of
+    whole numbers (they match shapes, indices and one-hot constants by
+    chance) and a width of 1 (a scalar would match public constants).
+    """
+    if columns.shape[1] < 2:
+        return []
+    std = columns.std(axis=0)
+    absmax = np.abs(columns).max(axis=0)
+    found = [
+        ("per-feature mean", columns.mean(axis=0)),
+        ("per-feature variance", columns.var(axis=0)),
+        ("per-feature std", std),
+        ("per-feature median", np.median(columns, axis=0)),
+        ("per-feature minimum", columns.min(axis=0)),
+        ("per-feature maximum", columns.max(axis=0)),
+        ("per-feature absolute maximum", absmax),
+    ]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        found += [("1 / per-feature std", 1 / std), ("1 / per-feature maximum", 1 / absmax)]
+    return [
+        (name, vector)
+        for name, vector in found
+        if np.all(np.isfinite(vector))
+        and np.any(vector != vector[0])
+        and np.any(vector != np.round(vector))
+    ]
+
+
+def statistic_copied(array: np.ndarray) -> Optional[str]:
+    """The name of the training statistic `array` equals (rtol 1e-4), or None."""
+    if array.dtype.kind != "f" or array.size < 2:
+        return None
+    flat = array.ravel().astype(np.float64)
+    for name, vector in _STATISTICS.values():
+        if vector.size == flat.size and np.allclose(flat, vector, rtol=1e-4, atol=0):
+            return name
+    return None
 
 
 def _register_categories(column: np.ndarray) -> None:
@@ -223,7 +283,8 @@ def vouch(layer, provenance: str) -> None:
 
 def forget() -> None:
     """Forgets every registered row and adapted state (for tests that reuse data)."""
-    for table in (_ROWS, _ADAPTED, _VOCABULARIES, _BY_LAYER, _VOUCHED, _MEANS, _CATEGORIES):
+    tables = (_ROWS, _ADAPTED, _VOCABULARIES, _BY_LAYER, _VOUCHED, _STATISTICS, _CATEGORIES)
+    for table in tables + (_REGISTERED,):
         table.clear()
 
 
@@ -264,12 +325,12 @@ def copied_statistics(values: Iterable[Any], layer) -> Optional[str]:
         array = np.asarray(value) if value is not None else None
         if array is None or array.dtype.kind not in "biuf" or not array.size:
             continue
-        for means in _MEANS.values():
-            if means.size == array.size and np.allclose(array.ravel(), means, rtol=1e-4):
-                return (
-                    "the statistics given to its constructor are the training data's own "
-                    "(its per-feature mean)"
-                )
+        statistic = statistic_copied(array)
+        if statistic is not None:
+            return (
+                "the statistics given to its constructor are the training data's own "
+                f"(its {statistic})"
+            )
         source = _unvouched(_ADAPTED, value_fingerprint(array))
         if source is not None and source.owner() is not layer:
             return (
@@ -348,6 +409,16 @@ def check_values(values: Iterable[Tuple[str, np.ndarray]], where: str) -> None:
                 "set, it is a release of that data that epsilon does not cover. Declare the "
                 "adapted layer public (tan_keras.mark_public(layer, reason=...)) if its data "
                 "was public, or adapt it privately (tan_keras.private_adapt)."
+            )
+        statistic = statistic_copied(array)
+        if statistic is not None:
+            raise ValueError(
+                f"{where} holds `{name}` (shape {tuple(array.shape)}), equal to the "
+                f"{statistic} of the training data given to make_poisson_dataset (or fit): "
+                "a statistic computed from the private training set is a release that "
+                "epsilon does not cover, and through it one example moves every other "
+                "example's input. Take preprocessing constants from public knowledge or "
+                "public data, or release them with tan_keras.private_adapt."
             )
         if holds_training_rows(array):
             raise ValueError(

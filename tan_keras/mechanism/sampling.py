@@ -153,6 +153,8 @@ class PoissonSampler(tf.Module):
         # dataset continues the counter and never replays a batch.
         self.key = tf.Variable(key, dtype=tf.int64, trainable=False, name="key")
         self.next_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="next_step")
+        # Steps read ahead eagerly (`sample_indices`): drawn, for `resume_at`.
+        self._revealed = 0
 
     @property
     def source_id(self) -> tf.Tensor:
@@ -226,20 +228,42 @@ class PoissonSampler(tf.Module):
         rows = default_physical_batch_size(self.expected_batch_size, self.dataset_size)
         return -(-rows // self.physical_batch_size)
 
-    def resume_at(self, step: int) -> None:
+    def resume_at(self, step: int, keep_key: bool = False) -> None:
         """Makes the next logical batch the one of step `step` (0-based).
 
         Call it after restoring a checkpoint, with the number of noisy updates
         already applied (`model.dp_steps`): batches drawn ahead by the input
         pipeline but never applied are drawn again, applied ones never are.
 
+        Going back to a step this sampler has drawn already (a second `fit`
+        on the same pipeline after its prefetch drew ahead, a pipeline read
+        ahead by other code, a second model fed from the same pipeline)
+        gives a secret, local key a fresh value from OS entropy first: the
+        steps drawn again are new, independent Poisson draws, so no batch
+        that code outside the model has seen can be chosen for an update
+        (review round 8: one-step fits choosing, step by step, the one of
+        two pipelines whose next batch held a target example), and no two
+        models train on the same batches. Moving forward keeps the key, so
+        a restored run resumes exactly. A shared key (`secret_key`, all
+        hosts must agree) or a seed is kept: their batches are reproducible
+        by design.
+
         Args:
           step: Number of logical steps already applied.
+          keep_key: Keep the key even when going back
+            (`DPCheckpoint.restore(exact_resume=True)`).
 
         Raises:
           ValueError: if `step` is not an integer >= 0.
         """
-        self.next_step.assign(_validate.integer("step", step, low=0))
+        step = _validate.integer("step", step, low=0)
+        if not isinstance(keep_key, bool):
+            raise _validate.invalid("keep_key", "True or False", keep_key)
+        drawn = max(int(self.next_step.numpy()), self._revealed)
+        if step < drawn and self.key_is_secret_and_local and not keep_key:
+            self.key.assign(entropy_int64())
+            self._revealed = 0
+        self.next_step.assign(step)
 
     def sample_indices(self, step) -> tf.Tensor:
         """Draws the logical batch of step `step`: each index kept with prob. q.
@@ -247,9 +271,14 @@ class PoissonSampler(tf.Module):
         Args:
           step: Scalar int64 step index.
 
+        Called eagerly (code outside a pipeline reading a batch ahead), the
+        step counts as drawn: a `resume_at` back to it gives a fresh key.
+
         Returns:
           A 1-D int64 tensor of the selected indices (in increasing order).
         """
+        if tf.executing_eagerly():
+            self._revealed = max(self._revealed, int(step) + 1)
         seed = tf.stack([self.key, tf.cast(step, tf.int64)])
         uniform = tf.random.stateless_uniform([self.dataset_size], seed=seed, dtype=tf.float64)
         return tf.where(uniform < self.sampling_rate)[:, 0]

@@ -82,7 +82,9 @@ def test_power_check_resume_that_replays_batches_diverges(tmp_path, monkeypatch)
     """If the sampler restarted at step 0 (replaying batches), weights would differ."""
     full, _ = _run(tmp_path / "full", steps=4)
     _run(tmp_path / "split", steps=2)
-    monkeypatch.setattr(sampling.PoissonSampler, "resume_at", lambda self, step: None)
+    monkeypatch.setattr(
+        sampling.PoissonSampler, "resume_at", lambda self, step, keep_key=False: None
+    )
     original = checkpointing.DPCheckpoint.__init__
 
     def without_sampler(self, directory, model, sampler=None, max_to_keep=3):

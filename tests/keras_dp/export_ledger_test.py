@@ -23,11 +23,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from _helpers import LOSS, dense_model
+from _helpers import dense_model, forget_remembered_values, trained_dense_private
 
 import tan_keras
 from tan_keras.keras_dp import ledger as ledger_lib
-from tan_keras.mechanism import sampling
 from tan_keras.privacy import releases
 
 N, B = 64, 16
@@ -42,15 +41,7 @@ def _data():
 
 @pytest.fixture(scope="module")
 def _shared():
-    base = dense_model()
-    private = tan_keras.make_private(base, **DP)
-    private.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
-    x, y = _data()
-    sampler = sampling.PoissonSampler(N, B, physical_batch_size=N, pad_steps=True)
-    # pad_steps: every step is one micro-batch, so the fit runs STEPS updates.
-    private.fit(sampling.make_poisson_dataset(x, y, sampler), steps_per_epoch=STEPS, verbose=0)
-    assert int(private.dp_steps.numpy()) == STEPS
-    return private, base
+    return trained_dense_private(N, B, STEPS, DP)
 
 
 @pytest.fixture
@@ -65,10 +56,7 @@ def _trained(_shared):
     return private, base
 
 
-def _forget_this_process():
-    """What a fresh process knows: no remembered weights."""
-    ledger_lib._REMEMBERED.clear()
-    ledger_lib._LOADED.clear()
+_forget_this_process = forget_remembered_values
 
 
 def _steps_after_set_weights(loaded_variables):
@@ -128,7 +116,13 @@ _CHILD = textwrap.dedent(
     # Power checks first (a value remembered later would be recognised):
     # loaded before the hook existed; exported without the entry.
     unhooked = steps_after_set_weights(plain_values)
+    # (Its variables' checkpoint holds the private model's ledger tables,
+    # which the checkpoint-reader hook would find: turned off for this one.)
+    from tan_keras.keras_dp import ledger as ledger_lib
+    reader_hook = ledger_lib.after_opening_checkpoint
+    ledger_lib.after_opening_checkpoint = lambda reader: None
     without = tf.saved_model.load({without_ledger!r})
+    ledger_lib.after_opening_checkpoint = reader_hook
     no_entry = steps_after_set_weights([v.numpy() for v in without.variables])
     loaded = tf.saved_model.load({with_ledger!r})
     hooked = steps_after_set_weights([v.numpy() for v in loaded.variables])
@@ -146,7 +140,7 @@ def test_an_exported_model_brings_its_ledger_to_a_fresh_process(_trained, tmp_pa
     with_ledger, without_ledger = str(tmp_path / "with"), str(tmp_path / "without")
     private.export(with_ledger, verbose=False)
     with monkeypatch.context() as patch:  # the old export: no entry written
-        patch.setattr(ledger_lib, "after_tracking_export", lambda archive: None)
+        patch.setattr(ledger_lib, "_add_saved_model_entry", lambda root, keras_of: None)
         private.export(without_ledger, verbose=False)
     code = _CHILD.format(
         x=str(tmp_path / "x.npy"),
@@ -176,7 +170,9 @@ def test_every_export_route_carries_the_ledger(
 ):
     private, base = _trained
     if power_check:
-        monkeypatch.setattr(ledger_lib, "after_tracking_export", lambda archive: None)
+        monkeypatch.setattr(ledger_lib, "_add_saved_model_entry", lambda root, keras_of: None)
+        # (The variables' checkpoint holds the ledger tables a reader would find.)
+        monkeypatch.setattr(ledger_lib, "after_opening_checkpoint", lambda reader: None)
     path = str(tmp_path / "saved")
     if exported == "plain_copy":  # a plain model holding remembered private values
         copy = keras.models.clone_model(base)

@@ -176,6 +176,7 @@ def test_values_loaded_from_a_file_then_copied_as_arrays_are_recognised(
 ):
     if power_check:  # the former loads: only training remembered values
         monkeypatch.setattr(ledger_lib, "_remember_loaded", lambda variables, segments: None)
+        monkeypatch.setattr(ledger_lib, "after_opening_checkpoint", lambda reader: None)
     private = _private(dense_model())
     n = _train(private, 3)
     loaded = _load(route, private, str(tmp_path / "private"), tmp_path)

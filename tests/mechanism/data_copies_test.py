@@ -266,3 +266,55 @@ def test_a_kernel_initialised_from_training_rows_laid_out_as_columns_is_refused(
     private = _compiled(_model(dense))
     with pytest.raises(ValueError, match="rows of the training data"):
         private.fit(x, y, batch_size=B, verbose=0)
+
+
+class _Standardize(keras.layers.Layer):
+    """keras.io-style custom layer holding NumPy statistics as attributes."""
+
+    def __init__(self, mean, std, **kwargs):
+        super().__init__(**kwargs)
+        self.mean, self.std = mean, std
+
+    def call(self, inputs):
+        return (inputs - self.mean) / self.std
+
+
+def _statistic_layers(x):
+    """Review round 9 (E1, E2): statistics of the training columns computed by hand."""
+    return {
+        "median": lambda: keras.layers.Normalization(mean=np.median(x, 0), variance=np.ones(4)),
+        "variance_only": lambda: keras.layers.Normalization(mean=np.zeros(4), variance=x.var(0)),
+        "lambda_mean": lambda: keras.layers.Lambda(lambda t: t - x.mean(0)),
+        "custom_std": lambda: _Standardize(np.zeros(4, np.float32), x.std(0)),
+        "lambda_scale": lambda: keras.layers.Lambda(lambda t: t / np.abs(x).max(0)),
+    }
+
+
+@pytest.mark.parametrize(
+    "kind, power_check",
+    [("median", False), ("variance_only", False), ("lambda_mean", False)]
+    + [("custom_std", False), ("lambda_mean", True)],
+)
+def test_hand_computed_statistics_of_the_training_columns_are_refused(
+    kind, power_check, monkeypatch
+):
+    if power_check:
+        monkeypatch.setattr(data_copies, "statistic_copied", lambda array: None)
+    x, y = _data()
+    private = _compiled(_model(_statistic_layers(x)[kind]()))
+    if power_check:
+        private.fit(x, y, batch_size=B, verbose=0)
+        assert int(private.dp_steps) > 0
+        return
+    with pytest.raises(ValueError, match="per-feature"):
+        private.fit(x, y, batch_size=B, verbose=0)
+    assert int(private.dp_steps) == 0
+
+
+def test_statistics_of_other_data_pass():
+    x, y = _data()
+    public = _data(seed=5)[0]  # the same distribution, other rows: public statistics
+    layers = _statistic_layers(public)
+    _compiled(_model(layers["lambda_mean"](), layers["custom_std"]())).fit(
+        x, y, batch_size=B, verbose=0
+    )
