@@ -79,6 +79,9 @@ _VOCABULARIES: Dict[int, _Adapted] = {}
 # id(layer) -> fingerprints it registered (to vouch for them).
 _BY_LAYER: Dict[int, List[Tuple[Dict[int, _Adapted], int]]] = {}
 _VOUCHED: Dict[int, str] = {}
+# The values of vouched layers' state (as float64), by fingerprint: a graph
+# holds them reshaped, so a statistic they equal is matched by value.
+_VOUCHED_VALUES: Dict[int, np.ndarray] = {}
 
 
 def value_fingerprint(value: Any) -> int:
@@ -191,8 +194,15 @@ def statistic_copied(array: np.ndarray) -> Optional[str]:
     flat = array.ravel().astype(np.float64)
     for name, vector in _STATISTICS.values():
         if vector.size == flat.size and np.allclose(flat, vector, rtol=1e-4, atol=0):
-            return name
+            return None if _vouched_value(flat) else name
     return None
+
+
+def _vouched_value(flat: np.ndarray) -> bool:
+    return any(
+        vouched.size == flat.size and np.allclose(flat, vouched, rtol=1e-4, atol=0)
+        for vouched in _VOUCHED_VALUES.values()
+    )
 
 
 def _register_categories(column: np.ndarray) -> None:
@@ -279,11 +289,27 @@ def vouch(layer, provenance: str) -> None:
     """Records that `layer`'s adapted state is declared public or was released privately."""
     for _, fingerprint in _BY_LAYER.get(id(layer), ()):
         _VOUCHED[fingerprint] = provenance
+    # A layer adapted in another process (loaded with its mark) or on data
+    # that shares a statistic with the training set (a shifted copy has its
+    # variance) is matched by its current values.
+    for value in _adapted_values(layer):
+        array = _numeric(keras.ops.convert_to_numpy(value)) if value is not None else None
+        if array is not None and array.dtype.kind == "f":
+            _VOUCHED_VALUES[value_fingerprint(array)] = array.ravel().astype(np.float64)
 
 
 def forget() -> None:
     """Forgets every registered row and adapted state (for tests that reuse data)."""
-    tables = (_ROWS, _ADAPTED, _VOCABULARIES, _BY_LAYER, _VOUCHED, _STATISTICS, _CATEGORIES)
+    tables = (
+        _ROWS,
+        _ADAPTED,
+        _VOCABULARIES,
+        _BY_LAYER,
+        _VOUCHED,
+        _VOUCHED_VALUES,
+        _STATISTICS,
+        _CATEGORIES,
+    )
     for table in tables + (_REGISTERED,):
         table.clear()
 
