@@ -318,3 +318,24 @@ def test_statistics_of_other_data_pass():
     _compiled(_model(layers["lambda_mean"](), layers["custom_std"]())).fit(
         x, y, batch_size=B, verbose=0
     )
+
+
+@pytest.mark.parametrize("power_check", [False, True])
+def test_a_public_mark_exempts_only_the_values_of_the_marked_layer(power_check, monkeypatch):
+    # A public sample shifted from the training set shares its variance: the
+    # marked layer passes, and the training mean written by hand elsewhere is
+    # still refused (the exemption is by the marked layer's values, not global).
+    if power_check:
+        monkeypatch.setattr(data_copies, "_vouched_value", lambda flat: True)
+    x, y = _data()
+    norm = keras.layers.Normalization()
+    norm.adapt(x + 1.0)
+    tan_keras.mark_public(norm, reason="a public sample")
+    private = _compiled(_model(norm, _statistic_layers(x)["lambda_mean"]()))
+    if power_check:
+        private.fit(x, y, batch_size=B, verbose=0)
+        assert int(private.dp_steps) > 0
+        return
+    with pytest.raises(ValueError, match="per-feature mean"):
+        private.fit(x, y, batch_size=B, verbose=0)
+    assert int(private.dp_steps) == 0
