@@ -25,7 +25,15 @@ INSTALL_REQUIRES = [
 ]
 
 # pytest-xdist: the README's test command runs the suite on 2 processes.
-TEST_REQUIRES = ["pytest", "pytest-xdist", "hypothesis", "ruff"]
+# JAX: tests_jax/ (the JAX backend, tan_keras.jax_dp), run by tests/jax_backend_test.py
+# in a process of its own; JAX needs Python 3.11 or later.
+TEST_REQUIRES = [
+    "pytest",
+    "pytest-xdist",
+    "hypothesis",
+    "ruff",
+    "jax[cpu]>=0.7; python_version >= '3.11'",
+]
 
 setuptools.setup(
     name="tan_keras",

@@ -9,7 +9,7 @@ Importing `tan_keras` is cheap: the TensorFlow-backed names below load on
 first use, so `python -m tan_keras.privacy` runs without TensorFlow.
 """
 
-from tan_keras import _keras_saving, _lazy
+from tan_keras import _backend, _keras_saving, _lazy
 
 __version__ = "0.1.0"
 
@@ -32,10 +32,31 @@ _EXPORTS = {
     "private_adapt": "tan_keras.keras_dp.private_adapt",
 }
 
-__getattr__, __dir__, __all__ = _lazy.exports(__name__, _EXPORTS)
+# On Keras's JAX backend the private model is tan_keras.jax_dp's; the names
+# that backend does not have yet are refused by name when first read.
+_JAX = _backend.configured() == "jax"
+_JAX_EXPORTS = {
+    "DPConfig": "tan_keras.keras_dp.dp_config",
+    "DPKerasModel": "tan_keras.jax_dp.dp_model",
+    "make_private": "tan_keras.jax_dp.dp_model",
+}
+
+__getattr__, __dir__, __all__ = _lazy.exports(__name__, _JAX_EXPORTS if _JAX else _EXPORTS)
+if _JAX:
+    _jax_getattr = __getattr__
+
+    def __getattr__(name):  # noqa: F811
+        if name in _EXPORTS and name not in _JAX_EXPORTS:
+            raise AttributeError(
+                f"tan_keras.{name} needs Keras's TensorFlow backend for now; on the JAX "
+                f"backend tan_keras offers {', '.join(sorted(_JAX_EXPORTS))}."
+            )
+        return _jax_getattr(name)
+
 
 # Every weight file Keras writes or reads from now on carries the privacy
 # ledger (tan_keras/keras_dp/ledger.py), even one loaded before any other
 # name of the package is used; TensorFlow still loads only with Keras.
-_keras_saving.install("tan_keras.keras_dp.ledger")
+if not _JAX:
+    _keras_saving.install("tan_keras.keras_dp.ledger")
 __all__ = __all__ + ["__version__"]

@@ -10,6 +10,7 @@ never a sibling or a higher layer, also not inside a function):
   models    architectures; they register their layers' rules
   data      datasets, augmentations
   keras_dp  the Keras model, callbacks, checkpoints, input and model checks
+  jax_dp    the Keras model on the JAX backend (no TensorFlow)
   training  the program as a library
   mains     python -m tan_keras.train / tan_keras.search
 """
@@ -31,10 +32,12 @@ LAYERS = {
     "models": 3,
     "data": 4,
     "keras_dp": 5,
+    "jax_dp": 6,
     "training": 6,
     "mains": 7,
 }
 _BASE = {
+    "_backend",
     "_validate",
     "_numbers",
     "_lazy",
@@ -164,6 +167,42 @@ def test_tensorflow_free_layers_import_no_tensorflow(layer):
                 )
                 if name.startswith("tan_keras."):
                     assert _layer(name[len("tan_keras.") :]) in ("base", "privacy", "analysis")
+
+
+# What the JAX backend's modules may import from the package: TensorFlow-free modules.
+_JAX_MAY_IMPORT = ("keras_dp.dp_config",)
+
+
+def _jax_violations(imports) -> list:
+    """What the JAX backend would reach that it must not: a module not allowed, or TensorFlow."""
+    bad, seen, todo = [], set(), [target for target, _, _ in imports]
+    while todo:
+        module = todo.pop()
+        if module in seen or _layer(module) in ("base", "privacy") or module.startswith("jax_dp"):
+            continue
+        seen.add(module)
+        if module not in _JAX_MAY_IMPORT:
+            bad.append(f"tan_keras.{module} (not TensorFlow-free)")
+            continue
+        path = PACKAGE / (module.replace(".", "/") + ".py")
+        source = path.read_text()
+        if "import tensorflow" in source or "from tensorflow" in source:
+            bad.append(f"tan_keras.{module} imports TensorFlow")
+        todo += [target for target, _, _ in _imports(path)]
+    return bad
+
+
+def test_the_jax_backend_imports_no_tensorflow_module():
+    imports = [
+        found
+        for path in sorted((PACKAGE / "jax_dp").rglob("*.py"))
+        for found in _imports(path)
+        if not found[0].startswith("jax_dp")
+    ]
+    assert imports, "the walk starts from the JAX backend's imports"
+    assert _jax_violations(imports) == []
+    # Power check: an import of the TensorFlow route is caught.
+    assert _jax_violations([("keras_dp.ledger", 1, True)])
 
 
 def _loads_tensorflow(modules) -> bool:

@@ -1,0 +1,178 @@
+"""The noisy sum of clipped per-example gradients, in JAX.
+
+`clipped_sum` forms each example's gradient with `jax.vmap` (the gradient of
+the mean loss over its K views, so views are averaged BEFORE clipping),
+clips it to L2 norm C over all variables, and sums the kept examples. The
+examples are processed in chunks by `jax.lax.scan`, so at most `chunk_size`
+per-example gradients are in memory at once.
+
+On several devices the per-example work runs inside `jax.shard_map` over the
+batch axis and the sums are reduced with `psum`: left to automatic
+partitioning (GSPMD), vmapped convolution gradients came out wrong on every
+device but the first. The noise is drawn once, outside, from a key every
+device holds, so all replicas add the same noise exactly once.
+"""
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+# Where per-example results of a chunk go: the batch axis of the inputs.
+_P = jax.sharding.PartitionSpec
+
+
+class ClippedSum(NamedTuple):
+    """What one pass over a padded logical step produced.
+
+    Attributes:
+      grads: The sum of the clipped gradients of the kept examples (float32,
+        the structure of the parameters).
+      norms: [rows] the unclipped gradient norm of every row (0 for padding).
+      losses: [rows] each row's loss (the mean over its views).
+      outputs: The model's outputs per row, [rows, views, ...].
+      nonfinite: [rows] True where a kept row's gradient was not finite (it
+        then adds nothing).
+    """
+
+    grads: Any
+    norms: jax.Array
+    losses: jax.Array
+    outputs: Any
+    nonfinite: jax.Array
+
+
+def _global_norm(tree) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves))
+
+
+def _rows_of_chunks(tree, chunk_size: int):
+    return jax.tree_util.tree_map(
+        lambda a: a.reshape((a.shape[0] // chunk_size, chunk_size) + a.shape[1:]), tree
+    )
+
+
+def _rows(tree):
+    return jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), tree)
+
+
+def local_clipped_sum(
+    example_loss: Callable,
+    params,
+    examples,
+    keep: jax.Array,
+    l2_norm_clip: float,
+    chunk_size: int,
+) -> ClippedSum:
+    """The clipped sum over this device's rows (see the module docstring).
+
+    Args:
+      example_loss: (params, example) -> (loss, outputs) for ONE example
+        (the mean loss over its views, and the model's outputs on them).
+      params: The trainable parameters (a pytree of arrays).
+      examples: A pytree of arrays with a leading axis of rows, a multiple
+        of `chunk_size`.
+      keep: [rows] bool, False for padding rows and rows dropped before the
+        step (invalid labels).
+      l2_norm_clip: C.
+      chunk_size: Rows whose per-example gradients are formed at once.
+
+    Returns:
+      A `ClippedSum`.
+    """
+    value_and_grad = jax.value_and_grad(example_loss, has_aux=True)
+
+    def one_example(example, kept):
+        (loss, outputs), grads = value_and_grad(params, example)
+        norm = _global_norm(grads)
+        finite = jnp.isfinite(norm)
+        # min(1, C / norm) without dividing by 0; a non-finite gradient or a
+        # padding row contributes an exact 0 (a product with 0 would keep NaN).
+        scale = l2_norm_clip / jnp.maximum(norm, l2_norm_clip)
+        use = jnp.logical_and(kept, finite)
+        clipped = jax.tree_util.tree_map(
+            lambda g: jnp.where(use, g.astype(jnp.float32) * scale, 0.0), grads
+        )
+        norm = jnp.where(kept, norm, 0.0)
+        return clipped, norm, loss, outputs, jnp.logical_and(kept, jnp.logical_not(finite))
+
+    zero = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+    def chunk(total, inputs):
+        chunk_examples, chunk_keep = inputs
+        clipped, norms, losses, outputs, nonfinite = jax.vmap(one_example)(
+            chunk_examples, chunk_keep
+        )
+        total = jax.tree_util.tree_map(lambda t, c: t + jnp.sum(c, axis=0), total, clipped)
+        return total, (norms, losses, outputs, nonfinite)
+
+    total, (norms, losses, outputs, nonfinite) = jax.lax.scan(
+        chunk, zero, (_rows_of_chunks(examples, chunk_size), _rows_of_chunks(keep, chunk_size))
+    )
+    return ClippedSum(total, _rows(norms), _rows(losses), _rows(outputs), _rows(nonfinite))
+
+
+def clipped_sum(
+    example_loss: Callable,
+    params,
+    examples,
+    keep: jax.Array,
+    l2_norm_clip: float,
+    chunk_size: int,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    batch_axis: Optional[str] = None,
+) -> ClippedSum:
+    """`local_clipped_sum` over all rows, split across `mesh`'s `batch_axis` if given.
+
+    Args:
+      example_loss, params, examples, keep, l2_norm_clip, chunk_size: as in
+        `local_clipped_sum`; with a mesh, each device's share of the rows is
+        a multiple of `chunk_size`.
+      mesh: None (one device, or data not split), or the device mesh whose
+        `batch_axis` the rows are split over.
+      batch_axis: The mesh axis of the batch.
+
+    Returns:
+      A `ClippedSum` whose `grads` are the sum over all devices' rows.
+    """
+    if mesh is None or mesh.shape[batch_axis] == 1:
+        return local_clipped_sum(example_loss, params, examples, keep, l2_norm_clip, chunk_size)
+
+    def per_device(device_params, device_examples, device_keep):
+        result = local_clipped_sum(
+            example_loss, device_params, device_examples, device_keep, l2_norm_clip, chunk_size
+        )
+        return result._replace(grads=jax.lax.psum(result.grads, batch_axis))
+
+    rows = _P(batch_axis)
+    return jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(_P(), rows, rows),
+        out_specs=ClippedSum(_P(), rows, rows, rows, rows),
+        check_vma=False,
+    )(params, examples, keep)
+
+
+def add_noise(grads, key_data: jax.Array, stddev: float):
+    """`grads` plus N(0, stddev^2) noise on every coordinate, drawn from `key_data`.
+
+    Args:
+      grads: A pytree of float32 arrays (the clipped sum).
+      key_data: uint32[2], the raw threefry key of this logical step.
+      stddev: sigma * C; 0 adds nothing.
+
+    Returns:
+      The noisy pytree (float32).
+    """
+    if stddev == 0:
+        return grads
+    leaves, treedef = jax.tree_util.tree_flatten(grads)
+    key = jax.random.wrap_key_data(key_data.astype(jnp.uint32), impl="threefry2x32")
+    keys = jax.random.split(key, len(leaves))
+    noisy = [
+        leaf + stddev * jax.random.normal(k, leaf.shape, jnp.float32)
+        for leaf, k in zip(leaves, keys)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, noisy)

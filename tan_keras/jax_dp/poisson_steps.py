@@ -1,0 +1,87 @@
+"""Poisson-sampled logical steps over in-memory arrays, without TensorFlow.
+
+Each logical step includes every training row independently with probability
+q = B / N, drawn from a generator seeded with 128 bits of OS entropy (never a
+fixed default), and is padded to a fixed number of rows so that one compiled
+step serves (almost) every draw: a draw larger than the padded size gets the
+next multiple of `row_multiple` rows, which compiles once more and changes
+nothing else. Each step also carries its own noise key, 64 bits of OS
+entropy, so the secret of the noise never lives in the model's variables and
+cannot reach `get_weights`, a `.keras` file or a checkpoint.
+"""
+
+import functools
+import math
+import secrets
+from typing import Any, Iterator, Tuple
+
+import numpy as np
+from keras import tree
+
+
+def padded_rows(expected_batch_size: int, sampling_rate: float, row_multiple: int) -> int:
+    """The padded size of a step: B plus 4 standard deviations, a multiple of `row_multiple`.
+
+    A Poisson step exceeds B + 4 std with probability about 3e-5; such a step
+    is padded to the next multiple instead (one more compilation, the first
+    time that size occurs).
+
+    Args:
+      expected_batch_size: B.
+      sampling_rate: q.
+      row_multiple: The padded size is a multiple of it (chunk size times devices).
+
+    Returns:
+      The number of rows of a padded step.
+    """
+    std = math.sqrt(expected_batch_size * (1.0 - sampling_rate))
+    rows = expected_batch_size + 4.0 * std
+    return int(math.ceil(rows / row_multiple) * row_multiple)
+
+
+def _padded_take(array: np.ndarray, indices: np.ndarray, rows: int) -> np.ndarray:
+    # Padding rows are zeros, never copies of a training row: they are
+    # masked, but the data of an example must not appear where it was not drawn.
+    out = np.zeros((rows,) + array.shape[1:], dtype=array.dtype)
+    out[: len(indices)] = array[indices]
+    return out
+
+
+def poisson_steps(
+    x: Any,
+    y: Any,
+    sampling_rate: float,
+    expected_batch_size: int,
+    row_multiple: int,
+) -> Iterator[Tuple[Any, Any, dict]]:
+    """An endless sequence of padded Poisson steps over the rows of `x` and `y`.
+
+    Args:
+      x: The inputs: an array or a structure (dict, list) of arrays whose
+        first axis is the rows.
+      y: The labels, likewise.
+      sampling_rate: q, each row's probability of being in a step.
+      expected_batch_size: B (for the padded size).
+      row_multiple: The padded size is a multiple of it.
+
+    Yields:
+      (x_step, y_step, {"keep": bool[rows], "noise_key": uint32[rows, 2]}):
+      the drawn rows first, then zero padding; `keep` is True on drawn rows;
+      every row of `noise_key` holds the step's key (one per row, so that the
+      key is split over devices like the rows and every device holds it).
+    """
+    num_rows = len(tree.flatten(x)[0])
+    rng = np.random.Generator(np.random.PCG64(secrets.randbits(128)))
+    usual_rows = padded_rows(expected_batch_size, sampling_rate, row_multiple)
+    while True:
+        indices = np.flatnonzero(rng.random(num_rows) < sampling_rate)
+        rows = max(usual_rows, int(math.ceil(len(indices) / row_multiple) * row_multiple))
+        keep = np.zeros(rows, dtype=bool)
+        keep[: len(indices)] = True
+        key = np.frombuffer(secrets.token_bytes(8), dtype=np.uint32)
+        take = functools.partial(_padded_take, indices=indices, rows=rows)
+        yield (
+            tree.map_structure(take, x),
+            tree.map_structure(take, y),
+            {"keep": keep, "noise_key": np.tile(key, (rows, 1))},
+        )

@@ -1,0 +1,23 @@
+"""The JAX-backend suite: Keras on JAX, 4 virtual CPU devices, no TensorFlow.
+
+Run it on its own (`python -m pytest tests_jax`); `tests/jax_backend_test.py`
+does so in a subprocess, since a process has one Keras backend. The
+environment is set here, before anything imports Keras or JAX.
+"""
+
+import os
+
+os.environ["KERAS_BACKEND"] = "jax"
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+).strip()
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_distribution():
+    keras.distribution.set_distribution(None)
+    yield
+    keras.distribution.set_distribution(None)
