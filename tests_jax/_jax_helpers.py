@@ -57,8 +57,8 @@ def update(dp_model, x, y, **fit):
     return [a - b for a, b in zip(dp_model.get_weights(), before)]
 
 
-def one_step(dp_model, x, y, keep=None, key=(1, 2)):
-    """One jitted `train_step` on exactly these rows: (logs, weight changes).
+def one_step(dp_model, x, y, keep=None, key=(1, 2), return_state=False):
+    """One jitted `train_step` on exactly these rows: (logs, weight changes[, new state]).
 
     Args:
       dp_model: A compiled private model.
@@ -85,6 +85,8 @@ def one_step(dp_model, x, y, keep=None, key=(1, 2)):
     step = {"keep": keep, "noise_key": np.tile(np.asarray(key, np.uint32), (rows, 1))}
     logs, new_state = jax.jit(dp_model.train_step)(state, (x, y, step))
     changes = [np.asarray(new) - np.asarray(old) for new, old in zip(new_state[0], state[0])]
+    if return_state:
+        return logs, changes, new_state
     return logs, changes
 
 

@@ -82,11 +82,10 @@ def _refusal(case):
     x, y = helpers.data(16)
     if case == "batch_norm":
         helpers.private(_model_with_batch_norm(), 16).fit(x, y, verbose=0)
-    elif case == "activity_regularizer":
-        model = keras.Sequential(
-            [keras.Input((6,)), keras.layers.Dense(3, activity_regularizer="l2")]
-        )
-        helpers.private(model, 16)
+    elif case == "steps_per_execution":
+        dp_model = helpers.private(helpers.dense_model(), 16)
+        dp_model.compile("sgd", helpers.LOSS, steps_per_execution=4)
+        dp_model.fit(x, y, verbose=0)
     elif case == "float16":
         keras.config.set_dtype_policy("mixed_float16")
         try:
@@ -120,7 +119,7 @@ def _refusal(case):
     "case, names",
     [
         ("batch_norm", "moving_mean"),
-        ("activity_regularizer", "activity_regularizer"),
+        ("steps_per_execution", "steps_per_execution"),
         ("float16", "float16"),
         ("loss_scale", "optimizer"),
         ("batch_size", "batch_size"),
@@ -134,6 +133,75 @@ def _refusal(case):
 def test_what_would_break_the_guarantee_is_refused_by_name(case, names):
     with pytest.raises(ValueError, match=names):
         _refusal(case)
+
+
+class _PenaltyFromData(keras.layers.Layer):
+    """Adds a loss computed from the data it sees (as an activity regularizer does)."""
+
+    def call(self, inputs):
+        self.add_loss(keras.ops.sum(keras.ops.square(inputs)))
+        return inputs
+
+
+@pytest.mark.parametrize("how", ["activity_regularizer", "add_loss"])
+def test_losses_added_by_the_call_are_clipped_with_their_example(how):
+    # They are computed from one example's views (the per-example call), so
+    # they are part of its clipped loss: a huge example still moves the
+    # update by lr * C / B at most, and the penalty is not ignored.
+    def model(penalty):
+        dense = keras.layers.Dense(3, activity_regularizer="l2" if penalty else None)
+        layers = [keras.Input((6,)), dense]
+        if penalty and how == "add_loss":
+            dense.activity_regularizer = None
+            layers.append(_PenaltyFromData())
+        built = keras.Sequential(layers)
+        built.set_weights([np.full((6, 3), 0.1, "float32"), np.zeros(3, "float32")])
+        return helpers.private(built, 8, batch=4, l2_norm_clip=1e6 if penalty is None else 1.0)
+
+    x, y = helpers.data(8)
+    x[7] *= 1e4
+    without = np.arange(8) < 7
+    _, a = helpers.one_step(model(True), x, y, keep=without)
+    _, b = helpers.one_step(model(True), x, y)
+    assert np.linalg.norm(helpers.flat(b) - helpers.flat(a)) <= 0.25 * (1 + 1e-4)
+    _, plain = helpers.one_step(model(False), x, y, keep=without)
+    assert not np.allclose(helpers.flat(a), helpers.flat(plain), atol=1e-6)
+
+
+class _SeedWriter(keras.layers.Layer):
+    """A hostile layer: writes its input into its random generator's state."""
+
+    def __init__(self):
+        super().__init__()
+        self.generator = keras.random.SeedGenerator(0)
+
+    def call(self, inputs, training=False):
+        if training:
+            secret = keras.ops.cast(keras.ops.abs(inputs[0, :2]) * 1e6, "uint32")
+            self.generator.state.assign(secret)
+        return inputs
+
+
+def test_a_random_generator_state_carries_no_example_out_of_the_step():
+    model = keras.Sequential([keras.Input((6,)), _SeedWriter(), keras.layers.Dense(3)])
+    dp_model = helpers.private(model, 8)
+    x, y = helpers.data(8)
+    x[:, :2] = 0.654321
+    index = [id(v) for v in dp_model.non_trainable_variables].index(
+        id(model.layers[0].generator.state)
+    )
+    # The layer does write the example into the state inside its call (the
+    # power of the check below) ...
+    _, written = dp_model.stateless_call(
+        [v.value for v in dp_model.trainable_variables],
+        [v.value for v in dp_model.non_trainable_variables],
+        x[:1],
+        training=True,
+    )
+    assert 654321 in np.asarray(written[index])
+    # ... and the state the step leaves holds none of it.
+    _, _, state = helpers.one_step(dp_model, x, y, return_state=True)
+    assert 654321 not in np.asarray(state[1][index])
 
 
 def test_the_jax_backend_runs_where_tensorflow_cannot_be_imported(tmp_path):

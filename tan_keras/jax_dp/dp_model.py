@@ -55,16 +55,6 @@ def _refuse_custom_training_step(model: keras.Model, base: type) -> None:
             )
 
 
-def _refuse_activity_regularizers(model: keras.Model) -> None:
-    for layer in model._flatten_layers(include_self=False):
-        if getattr(layer, "activity_regularizer", None) is not None:
-            raise ValueError(
-                f"Layer {layer.name!r} has an activity_regularizer: its penalty depends on the "
-                "examples of the batch and is not clipped per example. Remove it (weight "
-                "regularizers are fine)."
-            )
-
-
 # What Keras's Functional.get_config writes (the layer graph).
 _FUNCTIONAL_CONFIG_KEYS = frozenset(
     {"name", "trainable", "layers", "input_layers", "output_layers"}
@@ -96,8 +86,12 @@ class DPKerasModel(keras.Model):
         clipping.
       examples_per_chunk: How many per-example gradients are formed at
         once (bounded memory, same result). "auto" (default): 32.
-      release_train_metrics: True (default): the loss and compiled metrics of
-        the real (unpadded) training examples, without noise, are logged.
+      release_train_metrics: True (default): the train step returns, and
+        Keras prints and logs, statistics computed WITHOUT noise on the drawn
+        training examples: loss, the compiled metrics, grad_norm,
+        clipped_fraction, nonfinite_examples. They are not covered by the
+        privacy guarantee (a callback that acts on them, ReduceLROnPlateau
+        or EarlyStopping monitoring a training metric, is not either).
         False: the train step returns no statistic of the training data.
       **kwargs: Other `keras.Model` keyword arguments; the TensorFlow route's
         `clipping`, `ema_decay`, `noise_seed`, `sampling` and
@@ -105,8 +99,8 @@ class DPKerasModel(keras.Model):
 
     Raises:
       ValueError: on a missing or invalid DP argument, an argument this
-        backend does not offer yet, a layer with an activity regularizer,
-        float16 computation, or an overridden training step.
+        backend does not offer yet, float16 computation, or an overridden
+        training step.
     """
 
     def __init__(
@@ -159,7 +153,6 @@ class DPKerasModel(keras.Model):
                 "float16 computation is refused: its loss scaling would scale the clipped sum. "
                 "Use bfloat16 (same speed on accelerators) or float32."
             )
-        _refuse_activity_regularizers(self)
         self._dp_steps = 0
 
     @property
@@ -215,6 +208,13 @@ class DPKerasModel(keras.Model):
 
     def _devices(self):
         """(mesh, batch axis, device count) of a data-parallel distribution, else Nones and 1."""
+        if jax.process_count() > 1:
+            # Every process would draw its own Poisson steps from its copy of
+            # the data: examples twice in a step, another sampling rate.
+            raise ValueError(
+                f"DP training on the JAX backend runs in one process (this is one of "
+                f"{jax.process_count()}); several hosts are not supported yet."
+            )
         distribution = keras.distribution.distribution()
         if distribution is None:
             return None, None, 1
@@ -263,6 +263,14 @@ class DPKerasModel(keras.Model):
             refused argument.
         """
         config = self._dp_config
+        if self.steps_per_execution != 1:
+            # Keras would pull whole executions of steps from the endless
+            # Poisson stream: more steps than E * round(N / B), counted once.
+            raise _validate.invalid(
+                "steps_per_execution",
+                "1 (in compile) for private training on the JAX backend",
+                self.steps_per_execution,
+            )
         for name in ("steps_per_epoch", "sample_weight", "class_weight", "shuffle"):
             if kwargs.get(name) is not None:
                 raise _validate.invalid(
@@ -349,6 +357,7 @@ class DPKerasModel(keras.Model):
     def _example_loss(self, non_trainable, metrics_state, seed_indices):
         config = self._dp_config
         names = [v.path for v in self.non_trainable_variables]
+        regularized = sum(v.regularizer is not None for v in self.trainable_variables)
 
         def example_loss(params, example):
             (views, labels), row = example
@@ -363,7 +372,9 @@ class DPKerasModel(keras.Model):
             for i in seed_indices:
                 state[i] = state[i] + jnp.array([row + 1, 0], state[i].dtype)
             kwargs = {"training": True} if self._call_has_training_arg else {}
-            outputs, new_state = self.stateless_call(params, state, views, **kwargs)
+            outputs, new_state, losses = self.stateless_call(
+                params, state, views, return_losses=True, **kwargs
+            )
             for i, (old, new) in enumerate(zip(state, new_state)):
                 if i not in seed_indices and new is not old:
                     raise ValueError(
@@ -375,23 +386,43 @@ class DPKerasModel(keras.Model):
                     )
             mapping = list(zip(self.metrics_variables, metrics_state))
             with keras_backend.StatelessScope(state_mapping=mapping):
-                loss = self._compile_loss(labels, outputs)
-            deltas = [new_state[i] - state[i] for i in seed_indices]
-            return jnp.asarray(loss, jnp.float32), (outputs, deltas)
+                loss = jnp.asarray(self._compile_loss(labels, outputs), jnp.float32)
+            # Losses the call added (add_loss, activity regularizers) saw this
+            # example's views only: they are part of its clipped loss. The
+            # weight regularizers, last in the list, depend on no data and
+            # are added outside the clipping.
+            for added in losses[: len(losses) - regularized]:
+                loss = loss + jnp.asarray(added, jnp.float32)
+            return loss, outputs
 
         return example_loss
 
-    def _regularization_gradients(self, trainable, non_trainable):
+    def _advanced_seed_states(self, trainable, non_trainable, x, seed_indices):
+        # The random layers' generators advance by what one call draws,
+        # taken from a call on zeros: a layer that wrote data into its
+        # generator state would otherwise carry an example out of the step.
+        if not seed_indices:
+            return []
+        views = tree.map_structure(
+            lambda a: jnp.zeros(
+                (1,) + a.shape[1:] if self._dp_config.augmult == 1 else a.shape[1:], a.dtype
+            ),
+            x,
+        )
+        kwargs = {"training": True} if self._call_has_training_arg else {}
+        _, new_state = self.stateless_call(trainable, non_trainable, views, **kwargs)
+        return [new_state[i] for i in seed_indices]
+
+    def _regularization_gradients(self, trainable):
+        if not any(v.regularizer is not None for v in self.trainable_variables):
+            return None
+
         def penalty(params):
-            mapping = list(zip(self.trainable_variables, params)) + list(
-                zip(self.non_trainable_variables, non_trainable)
-            )
+            mapping = list(zip(self.trainable_variables, params))
             with keras_backend.StatelessScope(state_mapping=mapping):
-                losses = self.losses
+                losses = self._get_regularization_losses()
             return sum((jnp.asarray(loss, jnp.float32) for loss in losses), jnp.float32(0.0))
 
-        if not self.losses:
-            return None
         return jax.grad(penalty)(trainable)
 
     def train_step(self, state, data):
@@ -412,19 +443,20 @@ class DPKerasModel(keras.Model):
             mesh=mesh,
             batch_axis=axis,
         )
+        advanced = self._advanced_seed_states(trainable, non_trainable, x, seed_indices)
         noisy = clipped_sum_lib.add_noise(result.grads, step["noise_key"][0], config.noise_stddev)
         grads = [g / config.expected_batch_size for g in noisy]
-        regularization = self._regularization_gradients(trainable, non_trainable)
+        regularization = self._regularization_gradients(trainable)
         if regularization is not None:
             grads = [g + r for g, r in zip(grads, regularization)]
         grads = [g.astype(v.dtype) for g, v in zip(grads, trainable)]
         trainable, optimizer_state = self.optimizer.stateless_apply(
             optimizer_state, grads, trainable
         )
-        outputs, seed_deltas = result.outputs
+        outputs = result.outputs
         non_trainable = list(non_trainable)
-        for i, delta in zip(seed_indices, seed_deltas):
-            non_trainable[i] = non_trainable[i] + delta[0]
+        for i, value in zip(seed_indices, advanced):
+            non_trainable[i] = value
         logs = {}
         if self._release_train_metrics:
             logs, metrics_state = self._training_logs(metrics_state, y, outputs, keep, result)
