@@ -118,6 +118,15 @@ SLOW_TESTS = {
 }
 
 
+def pytest_configure(config):
+    # `-n 2` hands out tests one by one ("load"); the tests of one file
+    # share runs cached in the worker process (distributed_test's subprocess
+    # runs, audit_test's statistics, module-level models), which "loadfile"
+    # makes once instead of once per worker.
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadfile"
+
+
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("TAN_KERAS_SLOW_TESTS") == "1":
         return
