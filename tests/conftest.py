@@ -5,6 +5,7 @@ the modules they share (`_helpers`, the subprocess workers) stay here, at
 the top, importable from every folder.
 """
 
+import gc
 import os
 import sys
 
@@ -29,6 +30,13 @@ def _forget_remembered_weights():
     ledger._REMEMBERED.clear()
     ledger._LOADED.clear()
     data_copies.forget()
+    # What earlier tests left alive (TensorFlow's and Keras's objects grow
+    # to millions in a worker) is moved out of the collector's reach: each
+    # full collection then scans this test's objects only, not the whole
+    # worker's history (which made late tests several times slower). The
+    # garbage of the last test is collected first, so nothing of it stays.
+    gc.collect()
+    gc.freeze()
     yield
 
 
@@ -115,6 +123,39 @@ SLOW_TESTS = {
     # [first_day_test's frozen and fine-tuned BatchNormalization; its line count;
     # examples/measure.py's full run] (MobileNetV2's per-example step takes a minute to build)
     "tests/examples/examples_test.py::test_the_private_port_runs_at_epsilon_8[transfer_learning-kwargs3]",
+    # [the same drop on every route without XLA, and on layerwise with XLA]
+    "tests/keras_dp/labels_test.py::test_an_out_of_range_label_is_dropped_and_counted[ghost-True]",
+    "tests/keras_dp/labels_test.py::test_an_out_of_range_label_is_dropped_and_counted[vectorized-True]",
+    "tests/keras_dp/id_inputs_test.py::test_invalid_ids_of_an_input_are_dropped_and_counted[ghost-True]",
+    "tests/keras_dp/id_inputs_test.py::test_invalid_ids_of_an_input_are_dropped_and_counted[vectorized-True]",
+    # [each kind of earlier layer on another route; XLA in the test above]
+    "tests/keras_dp/id_inputs_test.py::test_invalid_ids_computed_by_earlier_layers_are_dropped[lambda-ghost-True]",
+    "tests/keras_dp/id_inputs_test.py::test_invalid_ids_computed_by_earlier_layers_are_dropped[ops-vectorized-True]",
+    # [the other non-finite inputs, routes and XLA on vectorized]
+    "tests/keras_dp/nonfinite_test.py::test_nonfinite_input_is_zeroed_counted_and_the_step_taken[-inf-1-1-True-ghost]",
+    # [the same refusal at 128/8 with XLA and at 64/16 without]
+    "tests/keras_dp/fit_inputs_test.py::test_a_poisson_pipeline_for_another_sampling_rate_is_refused[64-16-True]",
+    # [the power check of the clone_model copy: the same look-up]
+    "tests/keras_dp/ledger_binding_test.py::test_weights_copied_as_arrays_bring_their_ledger[plain_model-True]",
+    "tests/keras_dp/ledger_binding_test.py::test_weights_copied_as_arrays_bring_their_ledger[set_after_make_private-True]",
+    # [the power check of the same weights: the same look-up]
+    "tests/keras_dp/unchecked_sampling_ledger_test.py::test_the_copy_keeps_the_unchecked_updates[_copy_by_set_weights-True]",
+    "tests/keras_dp/unchecked_sampling_ledger_test.py::test_the_copy_keeps_the_unchecked_updates[_copy_by_weights_file-True]",
+    # [the power check of the TensorFlow checkpoint: the same look-up]
+    "tests/keras_dp/review_round6_ledger_test.py::test_values_loaded_from_a_file_then_copied_as_arrays_are_recognised[weights-True]",
+    "tests/keras_dp/review_round6_ledger_test.py::test_values_loaded_from_a_file_then_copied_as_arrays_are_recognised[keras-True]",
+    "tests/keras_dp/review_round6_ledger_test.py::test_values_loaded_from_a_file_then_copied_as_arrays_are_recognised[dp_checkpoint-True]",
+    # [chunks of 1, 4 and 7 on every route]
+    "tests/mechanism/chunking_test.py::test_chunks_equal_the_whole_micro_batch[3-ghost]",
+    "tests/mechanism/chunking_test.py::test_chunks_equal_the_whole_micro_batch[3-vectorized]",
+    # [the ghost and vectorized routes' audits; layerwise_test's equality with formed gradients]
+    "tests/keras_dp/audit_test.py::test_canary_is_clipped_to_exactly_c_along_the_known_direction[layerwise]",
+    "tests/keras_dp/audit_test.py::test_measured_noise_std_is_sigma_c_over_b[layerwise]",
+    "tests/keras_dp/audit_test.py::test_consecutive_steps_draw_independent_noise[layerwise]",
+    # [the same model with oneDNN on, where the vectorized map would abort]
+    "tests/keras_dp/model_structure_test.py::test_attention_trains_where_onednn_would_abort_the_vectorized_map[0-False]",
+    # [benchmark_test's dp_step benchmark: the same script helpers]
+    "tests/benchmark_test.py::test_per_example_ops_benchmark_prints_ratios_against_each_baseline",
 }
 
 
