@@ -10,7 +10,6 @@ WRN-16-4 with 16 groups is the CIFAR-10 model of the TAN recipe.
 from typing import Sequence
 
 import keras
-import tensorflow as tf
 
 from tan_keras import _validate
 from tan_keras.models import _common
@@ -28,12 +27,14 @@ def _conv(filters: int, kernel_size: int, strides: int, name: str) -> keras.laye
     )
 
 
-def _relu_norm(x: tf.Tensor, groups: int, name: str) -> tf.Tensor:
+def _relu_norm(x: keras.KerasTensor, groups: int, name: str) -> keras.KerasTensor:
     x = keras.layers.ReLU(name=f"{name}_relu")(x)
     return keras.layers.GroupNormalization(groups=groups, name=f"{name}_gn")(x)
 
 
-def _block(x: tf.Tensor, filters: int, strides: int, groups: int, name: str) -> tf.Tensor:
+def _block(
+    x: keras.KerasTensor, filters: int, strides: int, groups: int, name: str
+) -> keras.KerasTensor:
     """Pre-activation basic block: two 3x3 convs plus an identity or 1x1 skip."""
     activated = keras.layers.ReLU(name=f"{name}_relu1")(x)
     out = keras.layers.GroupNormalization(groups=groups, name=f"{name}_gn1")(activated)

@@ -1,0 +1,131 @@
+"""DP step against the plain step on Keras's JAX backend (no TensorFlow).
+
+    KERAS_BACKEND=jax python benchmarks/jax_step_benchmark.py --batch_size=64
+
+For each model, the median time of Keras's plain `train_step` on B rows and
+of the private `train_step` (tan_keras.jax_dp) on one Poisson step padded as
+`fit` pads it (B + 4 std, a multiple of the chunk), both jitted, on the same
+device, side by side. Prints one line per model and the DP/plain ratio.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import tan_keras  # noqa: E402
+from tan_keras.jax_dp import poisson_steps  # noqa: E402
+from tan_keras.models import cnn, wrn  # noqa: E402
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def strided_cnn():
+    """The zoo's small CNN with strided convolutions and a dense head (issue 26)."""
+    return keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(32, 3, strides=2, activation="relu"),
+            keras.layers.Conv2D(64, 3, strides=2, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+MODELS = {
+    "small_cnn": lambda: cnn.small_cnn((32, 32, 3), 10),
+    "strided_cnn": strided_cnn,
+    "wrn16_4": lambda: wrn.wide_resnet((32, 32, 3), 10, depth=16, width=4),
+}
+
+
+def _state(model):
+    model.optimizer.build(model.trainable_variables)
+    return tuple(
+        [v.value for v in variables]
+        for variables in (
+            model.trainable_variables,
+            model.non_trainable_variables,
+            model.optimizer.variables,
+            model.metrics_variables,
+        )
+    )
+
+
+def _median_seconds(step, state, data, steps, warmup=2):
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        _, state = step(state, data)
+        jax.block_until_ready(state)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(name, batch_size, augmult, chunk, steps):
+    rng = np.random.default_rng(0)
+    dataset_size = 50 * batch_size
+    plain = MODELS[name]()
+    plain.compile(keras.optimizers.SGD(0.1), LOSS)
+    x = rng.normal(size=(batch_size, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 10, batch_size).astype("int32")
+    plain._symbolic_build(data_batch=(x[:1], y[:1]))
+    plain_time = _median_seconds(jax.jit(plain.train_step), _state(plain), (x, y), steps)
+
+    private = tan_keras.make_private(
+        MODELS[name](),
+        l2_norm_clip=1.0,
+        noise_multiplier=1.0,
+        expected_batch_size=batch_size,
+        dataset_size=dataset_size,
+        augmult=augmult,
+        examples_per_chunk=chunk,
+    )
+    private.compile(keras.optimizers.SGD(0.1), LOSS)
+    rows = poisson_steps.padded_rows(batch_size, batch_size / dataset_size, chunk)
+    shape = (rows, augmult, 32, 32, 3) if augmult > 1 else (rows, 32, 32, 3)
+    px = rng.normal(size=shape).astype("float32")
+    py = rng.integers(0, 10, rows).astype("int32")
+    keep = np.arange(rows) < batch_size
+    step = {"keep": keep, "noise_key": np.tile(np.array([1, 2], np.uint32), (rows, 1))}
+    one_view = px[:1, 0] if augmult > 1 else px[:1]
+    private._symbolic_build(data_batch=(one_view, py[:1]))
+    dp_time = _median_seconds(jax.jit(private.train_step), _state(private), (px, py, step), steps)
+    print(
+        f"{name:12s} B={batch_size} K={augmult} rows={rows} plain {plain_time * 1e3:8.1f} ms  "
+        f"DP {dp_time * 1e3:8.1f} ms  DP/plain {dp_time / plain_time:5.2f}x",
+        flush=True,
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="small_cnn,strided_cnn")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--augmult", type=int, default=1)
+    parser.add_argument("--examples_per_chunk", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    if keras.backend.backend() != "jax":
+        raise SystemExit("KERAS_BACKEND must be jax for this benchmark")
+    print(f"device: {jax.devices()[0].device_kind}, {jax.device_count()} device(s)")
+    for name in args.models.split(","):
+        if name not in MODELS:
+            raise SystemExit(f"--models: expected names among {sorted(MODELS)}, got {name!r}")
+        measure(name, args.batch_size, args.augmult, args.examples_per_chunk, args.steps)
+
+
+if __name__ == "__main__":
+    main()
