@@ -111,6 +111,8 @@ def _refusal(case):
         helpers.private(helpers.dense_model(), 16, ema_decay=0.9)
     elif case == "train_on_batch":
         helpers.private(helpers.dense_model(), 16).train_on_batch(x, y)
+    elif case == "views_shape":
+        helpers.private(helpers.dense_model(), 16, augmult=2).fit(x, y, verbose=0)
     elif case == "steps_per_epoch":
         helpers.private(helpers.dense_model(), 16).fit(x, y, steps_per_epoch=3, verbose=0)
 
@@ -128,6 +130,7 @@ def _refusal(case):
         ("ema_decay", "ema_decay"),
         ("train_on_batch", "train_on_batch"),
         ("steps_per_epoch", "steps_per_epoch"),
+        ("views_shape", r"augmult=2 .*\[N, 2, \.\.\.\]"),
     ],
 )
 def test_what_would_break_the_guarantee_is_refused_by_name(case, names):

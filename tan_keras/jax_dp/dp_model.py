@@ -315,6 +315,14 @@ class DPKerasModel(keras.Model):
                 "split): q = B / N must describe the sampling",
                 config.dataset_size,
             )
+        if config.augmult > 1:
+            bad = [a.shape for a in tree.flatten(x) if a.ndim < 2 or a.shape[1] != config.augmult]
+            if bad:
+                raise ValueError(
+                    f"Invalid value for `x`: with augmult={config.augmult} every input needs "
+                    f"the shape [N, {config.augmult}, ...] (the views of each example). "
+                    f"Received: shapes {bad}."
+                )
         epochs = _validate.positive_int("epochs", epochs)
         _, _, devices = self._devices()
         one_view = tree.map_structure(lambda a: a[:1, 0] if config.augmult > 1 else a[:1], x)
