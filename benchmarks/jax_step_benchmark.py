@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tan_keras  # noqa: E402
 from tan_keras.jax_dp import poisson_steps  # noqa: E402
+from tan_keras.jax_dp.dp_model import training_state  # noqa: E402
 from tan_keras.models import cnn, wrn  # noqa: E402
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -50,19 +51,6 @@ MODELS = {
 }
 
 
-def _state(model):
-    model.optimizer.build(model.trainable_variables)
-    return tuple(
-        [v.value for v in variables]
-        for variables in (
-            model.trainable_variables,
-            model.non_trainable_variables,
-            model.optimizer.variables,
-            model.metrics_variables,
-        )
-    )
-
-
 def _median_seconds(step, state, data, steps, warmup=2):
     times = []
     for i in range(warmup + steps):
@@ -82,7 +70,7 @@ def measure(name, batch_size, augmult, chunk, steps):
     x = rng.normal(size=(batch_size, 32, 32, 3)).astype("float32")
     y = rng.integers(0, 10, batch_size).astype("int32")
     plain._symbolic_build(data_batch=(x[:1], y[:1]))
-    plain_time = _median_seconds(jax.jit(plain.train_step), _state(plain), (x, y), steps)
+    plain_time = _median_seconds(jax.jit(plain.train_step), training_state(plain), (x, y), steps)
 
     private = tan_keras.make_private(
         MODELS[name](),
@@ -102,7 +90,9 @@ def measure(name, batch_size, augmult, chunk, steps):
     step = {"keep": keep, "noise_key": np.tile(np.array([1, 2], np.uint32), (rows, 1))}
     one_view = px[:1, 0] if augmult > 1 else px[:1]
     private._symbolic_build(data_batch=(one_view, py[:1]))
-    dp_time = _median_seconds(jax.jit(private.train_step), _state(private), (px, py, step), steps)
+    dp_time = _median_seconds(
+        jax.jit(private.train_step), training_state(private), (px, py, step), steps
+    )
     print(
         f"{name:12s} B={batch_size} K={augmult} rows={rows} plain {plain_time * 1e3:8.1f} ms  "
         f"DP {dp_time * 1e3:8.1f} ms  DP/plain {dp_time / plain_time:5.2f}x",

@@ -72,16 +72,9 @@ def one_step(dp_model, x, y, keep=None, key=(1, 2), return_state=False):
     keep = np.ones(rows, bool) if keep is None else np.asarray(keep, bool)
     one_view = x[:1, 0] if dp_model.dp_config.augmult > 1 else x[:1]
     dp_model._symbolic_build(data_batch=(one_view, y[:1]))
-    dp_model.optimizer.build(dp_model.trainable_variables)
-    state = tuple(
-        [v.value for v in variables]
-        for variables in (
-            dp_model.trainable_variables,
-            dp_model.non_trainable_variables,
-            dp_model.optimizer.variables,
-            dp_model.metrics_variables,
-        )
-    )
+    from tan_keras.jax_dp.dp_model import training_state
+
+    state = training_state(dp_model)
     step = {"keep": keep, "noise_key": np.tile(np.asarray(key, np.uint32), (rows, 1))}
     logs, new_state = jax.jit(dp_model.train_step)(state, (x, y, step))
     changes = [np.asarray(new) - np.asarray(old) for new, old in zip(new_state[0], state[0])]

@@ -518,6 +518,27 @@ class _StepCounter(keras.callbacks.Callback):
         self._private_model._dp_steps += 1
 
 
+def training_state(model: keras.Model) -> tuple:
+    """The state Keras's JAX `train_step` takes, read from a compiled, built model.
+
+    Args:
+      model: A compiled model whose layers are built.
+
+    Returns:
+      (trainable, non-trainable, optimizer, metrics) variable values, as lists.
+    """
+    model.optimizer.build(model.trainable_variables)
+    return tuple(
+        [v.value for v in variables]
+        for variables in (
+            model.trainable_variables,
+            model.non_trainable_variables,
+            model.optimizer.variables,
+            model.metrics_variables,
+        )
+    )
+
+
 def make_private(
     model: keras.Model, input_shape: Optional[Sequence[int]] = None, **dp_kwargs
 ) -> DPKerasModel:
