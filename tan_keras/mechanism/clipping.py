@@ -19,6 +19,7 @@ from typing import List, NamedTuple, Sequence, Union
 
 import tensorflow as tf
 
+from tan_keras.mechanism import ghost
 from tan_keras.mechanism.ghost import GhostGradient, split
 
 
@@ -63,11 +64,9 @@ def _rescaled_row_norms(g: tf.Tensor) -> tf.Tensor:
     return scale * tf.sqrt(tf.reduce_sum(tf.square(g / safe[:, None]), axis=1))
 
 
-def _rescaled_norms(flat: List[tf.Tensor], ghosts: List[GhostGradient]) -> tf.Tensor:
+def _rescaled_norms(flat: List[tf.Tensor], ghost_norms: List[tf.Tensor]) -> tf.Tensor:
     """Global norms from each piece's norm, combined as max * ||pieces / max||."""
-    pieces = tf.stack(
-        [_rescaled_row_norms(g) for g in flat] + [gh.rescaled_norms() for gh in ghosts]
-    )
+    pieces = tf.stack([_rescaled_row_norms(g) for g in flat] + ghost_norms)
     finite = tf.reduce_all(tf.math.is_finite(pieces), axis=0)
     top = tf.reduce_max(tf.where(tf.math.is_finite(pieces), pieces, tf.zeros_like(pieces)), 0)
     safe = tf.where(top > 0, top, tf.ones_like(top))
@@ -114,11 +113,14 @@ def _squared_row_norms(g: tf.Tensor) -> tf.Tensor:
 
 def _norms(flat: List[tf.Tensor], ghosts: List[GhostGradient]):
     """Returns (norms, fast) where fast says no rescaling was needed."""
+    # A ghost norm is computed on rescaled inputs already (never overflows):
+    # both branches use the same one, built once.
+    ghost_norms = [gh.rescaled_norms() for gh in ghosts]
     squared = tf.add_n(
-        [_squared_row_norms(g) for g in flat] + [gh.squared_norms() for gh in ghosts]
+        [_squared_row_norms(g) for g in flat] + [ghost.squared_bounds(n) for n in ghost_norms]
     )
     fast = tf.reduce_all(squared < _SAFE_SQUARED_NORM)  # False for NaN too
-    norms = tf.cond(fast, lambda: tf.sqrt(squared), lambda: _rescaled_norms(flat, ghosts))
+    norms = tf.cond(fast, lambda: tf.sqrt(squared), lambda: _rescaled_norms(flat, ghost_norms))
     return norms, fast
 
 

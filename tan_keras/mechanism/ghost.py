@@ -577,6 +577,20 @@ def _embedding_clipped_sum(layer, ids, grads, keep, denom, clip) -> tf.Tensor:
     return tf.math.unsorted_segment_sum(grouped.sums, grouped.tokens, int(layer.input_dim))
 
 
+def squared_bounds(norms: tf.Tensor) -> tf.Tensor:
+    """`norms` (upper bounds) squared, rounded up: the form `squared_norms` returns.
+
+    Args:
+      norms: [batch] norm bounds from `GhostGradient.norms()`.
+
+    Returns:
+      [batch] bounds of the squared norms: at least 2^-126 unless 0, NaN
+      where a norm is NaN, Inf where the square overflows.
+    """
+    squared = tf.maximum(tf.square(norms) * (1.0 + 2.0**-22), _TINY)
+    return tf.where(norms > 0, squared, tf.square(norms))  # 0, or NaN
+
+
 class GhostGradient(NamedTuple):
     """A kernel's per-example gradients, held as inputs and output gradients.
 
@@ -686,9 +700,7 @@ class GhostGradient(NamedTuple):
         when the bound exceeds about 1.8e19 (see `rescaled_norms`); at least
         2^-126 unless 0 (a smaller square would flush to zero).
         """
-        norms = self.norms()
-        squared = tf.maximum(tf.square(norms) * (1.0 + 2.0**-22), _TINY)
-        return tf.where(norms > 0, squared, tf.square(norms))  # 0, or NaN
+        return squared_bounds(self.norms())
 
     def rescaled_norms(self) -> tf.Tensor:
         """[batch] `norms()`: computed on rescaled inputs, they never overflow.

@@ -61,6 +61,11 @@ BATCH = 4  # expected batch size B: canary + 3 background rows; N = 4, q = 1
 LR = 1e-3
 DELTA = 1e-5
 TRIALS = 2000  # per world: 1000 to choose the threshold, 1000 to evaluate it
+# The power checks run 8 times fewer trials: a detector that fires with fewer
+# trials fires with more (the Clopper-Pearson bound and the std estimate only
+# sharpen), and at 250 trials the std's relative standard error (0.54%) is
+# still far inside the 3% tolerance, so a correct step would not fire it.
+POWER_CHECK_TRIALS = 250
 INPUTS, OUTPUTS, ROWS = 16, 2, 8  # 8 physical rows: 4 real + 4 padding
 TARGET = 1e4
 NOISE_SEED = 20230101
@@ -319,7 +324,7 @@ FAULTS = {
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_power_check_audit_catches_injected_fault(fault, monkeypatch):
     used = FAULTS[fault](monkeypatch)
-    stats = _analyse(_run())
+    stats = _analyse(_run(trials=POWER_CHECK_TRIALS))
     assert used, f"the {fault} patch was never called by the train step"
     _report(fault, stats)
     assert _detections(stats), stats

@@ -5,11 +5,13 @@ over loopback gRPC; both draw the same Poisson batches from a shared secret
 key and keep half of each micro-batch's rows.
 """
 
+import functools
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 
@@ -38,32 +40,46 @@ def _wait_all_succeed(procs):
     assert not failed, failed
 
 
+KEY = "12345678901234567"
+
+
+def _worker(ports, index, out, env):
+    return subprocess.Popen(
+        [sys.executable, WORKER, *ports, index, KEY, str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def _start(tmp_path, broken=False, identity_check=True):
-    key = "12345678901234567"
+    """Starts the two workers; returns (processes, their output files)."""
     ports = [str(_free_port()), str(_free_port())]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     if broken:
         env["TAN_TEST_BROKEN_SHARDING"] = "1"
     if not identity_check:
         env["TAN_TEST_NO_IDENTITY_CHECK"] = "1"
-    outs = [tmp_path / f"w{i}.json" for i in range(2)] + [tmp_path / "single.json"]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, WORKER, *ports, index, key, str(out)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for index, out in zip(["0", "1", "single"], outs)
-    ]
-    return procs, outs
+    outs = [tmp_path / f"w{i}.json" for i in range(2)]
+    return [_worker(ports, str(i), out, env) for i, out in enumerate(outs)], outs
+
+
+@functools.cache
+def _single_device_run():
+    """The one-device reference run (the same for every test: run once per worker)."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "single.json")
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        _wait_all_succeed([_worker(["0", "0"], "single", out, env)])
+        with open(out) as f:
+            return json.load(f)
 
 
 def _run(tmp_path, broken=False, identity_check=True):
     procs, outs = _start(tmp_path, broken, identity_check)
     _wait_all_succeed(procs)
-    return [json.loads(o.read_text()) for o in outs]
+    return [json.loads(o.read_text()) for o in outs] + [_single_device_run()]
 
 
 def _flat(result):
