@@ -144,3 +144,24 @@ def test_random_layers_draw_for_each_example_apart():
     _, all_rows = helpers.one_step(dp_model, x, y)
     _, first = helpers.one_step(dp_model, x, y, keep=np.arange(8) == 0)
     assert not np.allclose(helpers.flat(all_rows), 8 * helpers.flat(first), rtol=1e-3)
+
+
+def test_the_step_does_not_depend_on_the_chunk_size():
+    # 40 chunks of 1 run 16 unrolled and the rest in a loop; 5 chunks of 8 are
+    # all unrolled; one chunk of 40 is one vmap. Padding and a non-finite row
+    # add nothing, whichever chunk holds them.
+    x, y = helpers.data(40)
+    x[3] = np.nan
+    keep = np.arange(40) % 7 != 0
+    model = helpers.dense_model()
+    updates = {}
+    for chunk in (1, 8, 40):
+        twin = keras.models.clone_model(model)
+        twin.set_weights(model.get_weights())
+        dp_model = helpers.private(twin, 40, lr=1.0, l2_norm_clip=0.1, examples_per_chunk=chunk)
+        logs, changes = helpers.one_step(dp_model, x, y, keep=keep)
+        updates[chunk] = helpers.flat(changes)
+        assert float(logs["nonfinite_examples"]) == 1
+    assert np.abs(updates[40]).max() > 1e-3  # the step moved the weights
+    for chunk in (1, 8):
+        np.testing.assert_allclose(updates[chunk], updates[40], rtol=1e-5, atol=1e-7)

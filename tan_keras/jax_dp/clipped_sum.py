@@ -3,8 +3,9 @@
 `clipped_sum` forms each example's gradient with `jax.vmap` (the gradient of
 the mean loss over its K views, so views are averaged BEFORE clipping),
 clips it to L2 norm C over all variables, and sums the kept examples. The
-examples are processed in chunks by `jax.lax.scan`, so at most `chunk_size`
-per-example gradients are in memory at once.
+examples are processed in chunks by `jax.lax.scan`, so that one `vmap` forms
+at most `chunk_size` per-example gradients; up to 16 chunks are unrolled (no
+loop at run time).
 
 On several devices the per-example work runs inside `jax.shard_map` over the
 batch axis and the sums are reduced with `psum`: left to automatic
@@ -20,6 +21,8 @@ import jax.numpy as jnp
 
 # Where per-example results of a chunk go: the batch axis of the inputs.
 _P = jax.sharding.PartitionSpec
+# Chunks traced one after the other before the rest run in a loop.
+_UNROLLED_CHUNKS = 16
 
 
 class ClippedSum(NamedTuple):
@@ -83,32 +86,42 @@ def local_clipped_sum(
     """
     value_and_grad = jax.value_and_grad(example_loss, has_aux=True)
 
-    def one_example(example, kept):
+    def one_example(example):
         (loss, outputs), grads = value_and_grad(params, example)
-        norm = _global_norm(grads)
-        finite = jnp.isfinite(norm)
-        # min(1, C / norm) without dividing by 0; a non-finite gradient or a
-        # padding row contributes an exact 0 (a product with 0 would keep NaN).
-        scale = l2_norm_clip / jnp.maximum(norm, l2_norm_clip)
-        use = jnp.logical_and(kept, finite)
-        clipped = jax.tree_util.tree_map(
-            lambda g: jnp.where(use, g.astype(jnp.float32) * scale, 0.0), grads
-        )
-        norm = jnp.where(kept, norm, 0.0)
-        return clipped, norm, loss, outputs, jnp.logical_and(kept, jnp.logical_not(finite))
+        return grads, _global_norm(grads), loss, outputs
 
     zero = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
     def chunk(total, inputs):
-        chunk_examples, chunk_keep = inputs
-        clipped, norms, losses, outputs, nonfinite = jax.vmap(one_example)(
-            chunk_examples, chunk_keep
+        chunk_examples, kept = inputs
+        grads, norms, losses, outputs = jax.vmap(one_example)(chunk_examples)
+        finite = jnp.isfinite(norms)
+        # Each row's factor min(1, C / norm), without dividing by 0; 0 for a
+        # padding row or a non-finite gradient, whose entries are also set to
+        # 0 first (a product with 0 would keep NaN): those rows add an exact 0.
+        factors = jnp.where(
+            jnp.logical_and(kept, finite), l2_norm_clip / jnp.maximum(norms, l2_norm_clip), 0.0
         )
-        total = jax.tree_util.tree_map(lambda t, c: t + jnp.sum(c, axis=0), total, clipped)
-        return total, (norms, losses, outputs, nonfinite)
 
+        def add(t, g):
+            g = jnp.where(finite.reshape((-1,) + (1,) * (g.ndim - 1)), g.astype(jnp.float32), 0.0)
+            # One contraction over the rows: 3x faster on CPU than scaling
+            # every row's gradient and summing them (strided CNN, 96 rows).
+            return t + jnp.tensordot(factors, g, axes=1)
+
+        total = jax.tree_util.tree_map(add, total, grads)
+        nonfinite = jnp.logical_and(kept, jnp.logical_not(finite))
+        return total, (jnp.where(kept, norms, 0.0), losses, outputs, nonfinite)
+
+    chunks = keep.shape[0] // chunk_size
     total, (norms, losses, outputs, nonfinite) = jax.lax.scan(
-        chunk, zero, (_rows_of_chunks(examples, chunk_size), _rows_of_chunks(keep, chunk_size))
+        chunk,
+        zero,
+        (_rows_of_chunks(examples, chunk_size), _rows_of_chunks(keep, chunk_size)),
+        # Unrolled: on XLA's CPU backend the same chunk ran 4-6x slower inside
+        # a while loop (small CNN, B 64, chunks of 32: 259 ms in the loop, 44
+        # ms unrolled). The cap keeps compile time bounded for large batches.
+        unroll=min(chunks, _UNROLLED_CHUNKS),
     )
     return ClippedSum(total, _rows(norms), _rows(losses), _rows(outputs), _rows(nonfinite))
 
