@@ -96,12 +96,16 @@ def _small_powers(base: tf.Tensor, count, bits: int) -> tf.Tensor:
 
     `bits` bounds the exponents' bit length (few ops for a known small count).
     """
+    # The constants are made once: every Python number in an op is a new
+    # graph node, and this loop runs in every fit's input and train step.
+    prime, one = tf.constant(_PRIME, tf.int64), tf.constant(1, tf.int64)
     exponents = tf.range(count, dtype=tf.int64)
     result = tf.ones_like(exponents)
-    for bit in range(bits):
-        odd = tf.equal(tf.bitwise.bitwise_and(tf.bitwise.right_shift(exponents, bit), 1), 1)
-        result = tf.where(odd, tf.math.floormod(result * base, _PRIME), result)
-        base = tf.math.floormod(base * base, _PRIME)
+    for _ in range(bits):
+        odd = tf.equal(tf.bitwise.bitwise_and(exponents, one), one)
+        result = tf.where(odd, tf.math.floormod(result * base, prime), result)
+        base = tf.math.floormod(base * base, prime)
+        exponents = tf.bitwise.right_shift(exponents, one)
     return result
 
 
