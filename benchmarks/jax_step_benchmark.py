@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tan_keras  # noqa: E402
 from tan_keras.jax_dp import poisson_steps  # noqa: E402
-from tan_keras.jax_dp.dp_model import training_state  # noqa: E402
+from tan_keras.jax_dp.jax_step import training_state  # noqa: E402
 from tan_keras.models import cnn, wrn  # noqa: E402
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

@@ -18,7 +18,7 @@ _EXPORTS = {
     "DPConfig": "tan_keras.keras_dp.dp_config",
     "DPKerasModel": "tan_keras.keras_dp.dp_model",
     "make_private": "tan_keras.keras_dp.dp_model",
-    "make_private_with_epsilon": "tan_keras.keras_dp.budget",
+    "make_private_with_epsilon": "tan_keras.keras_dp.dp_model",
     "PoissonSampler": "tan_keras.mechanism.sampling",
     "make_poisson_dataset": "tan_keras.mechanism.sampling",
     "PrivacyAccountant": "tan_keras.keras_dp.callbacks",
@@ -38,7 +38,9 @@ _JAX = _backend.configured() == "jax"
 _JAX_EXPORTS = {
     "DPConfig": "tan_keras.keras_dp.dp_config",
     "DPKerasModel": "tan_keras.jax_dp.dp_model",
-    "make_private": "tan_keras.jax_dp.dp_model",
+    "make_private": "tan_keras.jax_dp.wrap",
+    "make_private_with_epsilon": "tan_keras.jax_dp.wrap",
+    "PrivacyAccountant": "tan_keras.keras_dp.callbacks",
 }
 
 __getattr__, __dir__, __all__ = _lazy.exports(__name__, _JAX_EXPORTS if _JAX else _EXPORTS)
@@ -55,8 +57,8 @@ if _JAX:
 
 
 # Every weight file Keras writes or reads from now on carries the privacy
-# ledger (tan_keras/keras_dp/ledger.py), even one loaded before any other
-# name of the package is used; TensorFlow still loads only with Keras.
-if not _JAX:
-    _keras_saving.install("tan_keras.keras_dp.ledger")
+# ledger (tan_keras/keras_dp/ledger.py, on either backend), even one loaded
+# before any other name of the package is used; TensorFlow still loads only
+# with Keras, and never on the JAX backend.
+_keras_saving.install("tan_keras.keras_dp.ledger")
 __all__ = __all__ + ["__version__"]

@@ -156,6 +156,15 @@ def skip_first_batch_build(model_class: type) -> type:
     return model_class
 
 
+def values_attached(variables) -> bool:
+    """Whether every variable holds its value (Keras's JAX `fit` detaches them).
+
+    The JAX trainer detaches the values while it trains and reattaches them
+    at its end; a fit that failed before its first step leaves them detached.
+    """
+    return all(v._value is not None for v in variables)
+
+
 def own_variables(layer: keras.layers.Layer) -> List[Any]:
     """The variables `layer` itself holds (not those of its sub-layers)."""
     return list(layer._trainable_variables) + list(layer._non_trainable_variables)

@@ -24,7 +24,17 @@ def exports(package: str, names: Dict[str, str]) -> Tuple[Callable, Callable, Li
         module = names.get(name)
         if module is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(module), name)
+        try:
+            loaded = importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if (error.name or "").split(".")[0] != "tensorflow":
+                raise
+            raise ImportError(
+                f"{package}.{name} runs on Keras's TensorFlow backend, and TensorFlow is not "
+                'installed: pip install "tan_keras[tensorflow]". On the JAX backend (no '
+                'TensorFlow): pip install "tan_keras[jax]" and set KERAS_BACKEND=jax.'
+            ) from error
+        value = getattr(loaded, name)
         # Cached in the package, so the lookup runs once per name.
         setattr(importlib.import_module(package), name, value)
         return value

@@ -1,9 +1,10 @@
-"""The one Keras tan_keras runs on: Keras 3 with the TensorFlow backend.
+"""The Keras the package's TensorFlow part runs on: Keras 3, TensorFlow backend.
 
-DP-SGD here is built from TensorFlow ops (`tf.vectorized_map`, gradient
-tapes, `tf.distribute`), so another Keras backend, or the legacy Keras 2
-package behind `tf.keras`, would not just be slower: the train step would not
-exist. Both are refused when the package's TensorFlow part is imported.
+That part's DP-SGD is built from TensorFlow ops (`tf.vectorized_map`,
+gradient tapes, `tf.distribute`), so another Keras backend, or the legacy
+Keras 2 package behind `tf.keras`, would not just be slower: the train step
+would not exist. Both are refused when it is imported. (On the JAX backend
+the package uses `tan_keras.jax_dp`, which never imports this module.)
 """
 
 import os
@@ -26,14 +27,20 @@ def check_keras() -> None:
     if major != "3":
         raise ImportError(
             f"tan_keras needs Keras 3 (keras>=3.13); found keras {keras.__version__}. "
-            "Install tan_keras's requirements: pip install -U tan_keras."
+            'Install tan_keras\'s requirements: pip install -U "tan_keras[tensorflow]".'
         )
     backend = keras.backend.backend()
     if backend != "tensorflow":
         raise ImportError(
-            "tan_keras needs Keras's TensorFlow backend (its DP-SGD step is written "
-            f"with TensorFlow ops); Keras runs on {backend!r}. Set "
-            "KERAS_BACKEND=tensorflow before importing keras."
+            "This part of tan_keras needs Keras's TensorFlow backend (its DP-SGD step is "
+            f"written with TensorFlow ops); Keras runs on {backend!r}. Set "
+            "KERAS_BACKEND=tensorflow before importing keras"
+            + (
+                ", or use what the JAX backend offers (tan_keras.DPKerasModel, "
+                "tan_keras.make_private)."
+                if backend == "jax"
+                else "."
+            )
         )
     legacy = os.environ.get("TF_USE_LEGACY_KERAS", "").strip().lower()
     if legacy in _LEGACY_VALUES:

@@ -3,7 +3,7 @@
 Layers, bottom to top (a module may import its own package and lower layers,
 never a sibling or a higher layer, also not inside a function):
   base      tan_keras._validate, _numbers, _lazy, _stack, _keras_internals, _keras_saving,
-            _startup, _cli
+            _startup, _cli, _fingerprints
   privacy   accounting, TAN, planning (no TensorFlow)
   analysis  scaling law, auditing (no TensorFlow)
   mechanism clipping, noise, sampling, views, per-example routes
@@ -47,6 +47,7 @@ _BASE = {
     "_startup",
     "_cli",
     "_private_files",
+    "_fingerprints",
     "__init__",
 }
 _MAINS = {"train", "search", "privacy.__main__"}
@@ -169,8 +170,34 @@ def test_tensorflow_free_layers_import_no_tensorflow(layer):
                     assert _layer(name[len("tan_keras.") :]) in ("base", "privacy", "analysis")
 
 
-# What the JAX backend's modules may import from the package: TensorFlow-free modules.
-_JAX_MAY_IMPORT = ("keras_dp.dp_config",)
+# What the JAX backend's modules may import from the package: TensorFlow-free
+# modules (the ledger imports TensorFlow only on the TensorFlow backend).
+_JAX_MAY_IMPORT = (
+    "keras_dp",  # its __init__: a docstring
+    "keras_dp.budget",
+    "keras_dp.callbacks",
+    "keras_dp.dp_config",
+    "keras_dp.ledger",
+    "keras_dp.plain_training",
+)
+
+
+def _imports_tensorflow_unconditionally(tree) -> bool:
+    """Whether a module imports TensorFlow other than under `if _TENSORFLOW:`."""
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "_TENSORFLOW":
+            guarded |= {id(child) for child in ast.walk(node)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        else:
+            continue
+        if id(node) not in guarded and any(n.split(".")[0] == "tensorflow" for n in names):
+            return True
+    return False
 
 
 def _jax_violations(imports) -> list:
@@ -185,8 +212,9 @@ def _jax_violations(imports) -> list:
             bad.append(f"tan_keras.{module} (not TensorFlow-free)")
             continue
         path = PACKAGE / (module.replace(".", "/") + ".py")
-        source = path.read_text()
-        if "import tensorflow" in source or "from tensorflow" in source:
+        if not path.exists():
+            path = PACKAGE / module.replace(".", "/") / "__init__.py"
+        if _imports_tensorflow_unconditionally(ast.parse(path.read_text())):
             bad.append(f"tan_keras.{module} imports TensorFlow")
         todo += [target for target, _, _ in _imports(path)]
     return bad
@@ -201,8 +229,16 @@ def test_the_jax_backend_imports_no_tensorflow_module():
     ]
     assert imports, "the walk starts from the JAX backend's imports"
     assert _jax_violations(imports) == []
-    # Power check: an import of the TensorFlow route is caught.
-    assert _jax_violations([("keras_dp.ledger", 1, True)])
+    # Power checks: an import of the TensorFlow route is caught, and so is an
+    # unguarded TensorFlow import.
+    assert _jax_violations([("keras_dp.dp_model", 1, True)])
+    assert _imports_tensorflow_unconditionally(ast.parse("import tensorflow as tf"))
+    assert _imports_tensorflow_unconditionally(
+        ast.parse("if _TENSORFLOW:\n    pass\nfrom tensorflow import nest")
+    )
+    assert not _imports_tensorflow_unconditionally(
+        ast.parse("if _TENSORFLOW:\n    import tensorflow as tf")
+    )
 
 
 def _loads_tensorflow(modules) -> bool:

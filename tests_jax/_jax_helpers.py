@@ -72,7 +72,7 @@ def one_step(dp_model, x, y, keep=None, key=(1, 2), return_state=False):
     keep = np.ones(rows, bool) if keep is None else np.asarray(keep, bool)
     one_view = x[:1, 0] if dp_model.dp_config.augmult > 1 else x[:1]
     dp_model._symbolic_build(data_batch=(one_view, y[:1]))
-    from tan_keras.jax_dp.dp_model import training_state
+    from tan_keras.jax_dp.jax_step import training_state
 
     state = training_state(dp_model)
     step = {"keep": keep, "noise_key": np.tile(np.asarray(key, np.uint32), (rows, 1))}

@@ -17,6 +17,16 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
+def _forget_remembered_weights():
+    """Each test starts with no weight values remembered from another test (ledger.py)."""
+    from tan_keras.keras_dp import ledger
+
+    ledger._REMEMBERED.clear()
+    ledger._LOADED.clear()
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _no_distribution():
     keras.distribution.set_distribution(None)
     yield

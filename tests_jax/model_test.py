@@ -32,7 +32,7 @@ def test_fit_on_arrays_trains_privately_and_counts_its_steps():
         examples_per_chunk=32,  # the default: chunking is tested elsewhere
     )
     history = dp_model.fit(x, y, epochs=3, validation_split=0.2, verbose=0)
-    assert dp_model.dp_steps == 3 * 8
+    assert int(dp_model.dp_steps) == 3 * 8
     assert history.history["val_accuracy"][-1] > 0.85
     assert set(history.history) >= {"loss", "accuracy", "grad_norm", "clipped_fraction"}
 

@@ -5,5 +5,11 @@ Modules:
     a scan over chunks, `shard_map` over devices) and the Gaussian noise.
   poisson_steps: Poisson-sampled logical steps over in-memory arrays, with
     the noise key of each step drawn from OS entropy.
-  dp_model: `DPKerasModel` and `make_private` for the JAX backend.
+  example_loss: one example's loss (its K views), per-example randomness,
+    the refusal of layers that write state while training.
+  train_logs: the training statistics of the drawn examples only.
+  fit_arrays: what `fit` accepts (in-memory arrays), checked first.
+  jax_step: the devices and the state of Keras's stateless train step.
+  dp_model: `DPKerasModel` for the JAX backend.
+  wrap: `make_private` and `make_private_with_epsilon`.
 """

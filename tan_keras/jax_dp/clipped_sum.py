@@ -50,6 +50,18 @@ def _global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves))
 
 
+def _rescaled_global_norm(tree) -> jax.Array:
+    """max|g| * ||g / max|g|||: finite for a finite gradient whose squares overflow.
+
+    A NaN or infinite entry still gives a non-finite norm (NaN propagates
+    through the max; an infinite max leaves an infinite sum).
+    """
+    leaves = [leaf.astype(jnp.float32) for leaf in jax.tree_util.tree_leaves(tree)]
+    top = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)) for leaf in leaves]))
+    safe = jnp.where(jnp.logical_and(top > 0, jnp.isfinite(top)), top, 1.0)
+    return top * jnp.sqrt(sum(jnp.sum(jnp.square(leaf / safe)) for leaf in leaves))
+
+
 def _rows_of_chunks(tree, chunk_size: int):
     return jax.tree_util.tree_map(
         lambda a: a.reshape((a.shape[0] // chunk_size, chunk_size) + a.shape[1:]), tree
@@ -95,6 +107,16 @@ def local_clipped_sum(
     def chunk(total, inputs):
         chunk_examples, kept = inputs
         grads, norms, losses, outputs = jax.vmap(one_example)(chunk_examples)
+        # A finite gradient whose squares overflow float32 (norm above ~1.8e19)
+        # must be clipped, not dropped as non-finite: its norm is taken again,
+        # rescaled, but only in a chunk where some kept row's norm came out
+        # non-finite (one more pass over the gradients, rarely).
+        norms = jax.lax.cond(
+            jnp.any(jnp.logical_and(kept, jnp.logical_not(jnp.isfinite(norms)))),
+            lambda g: jax.vmap(_rescaled_global_norm)(g),
+            lambda g: norms,
+            grads,
+        )
         finite = jnp.isfinite(norms)
         # Each row's factor min(1, C / norm), without dividing by 0; 0 for a
         # padding row or a non-finite gradient, whose entries are also set to

@@ -10,25 +10,30 @@ variable, and the noise key comes with the step's input from OS entropy.
 
 Training input: in-memory arrays (or dicts and lists of arrays) given to
 `fit(x, y, epochs=E)`; the model draws E * round(N / B) Poisson steps itself.
-What the TensorFlow route has and this one does not yet (the privacy
-ledger carried by weight files, tf.data input, ghost and layerwise clipping,
-EMA, the released clipped fraction, budget stops) is refused by argument,
-never silently ignored.
+The privacy ledger is the TensorFlow route's (`keras_dp/ledger.py`): bound
+to the weights, shared by every private model over them, carried by Keras
+weight files, recognised in weights copied as arrays; a budget
+(`PrivacyAccountant`, `make_private_with_epsilon`) caps the Poisson steps
+the model draws. What the TensorFlow route has and this one does not yet
+(tf.data input, ghost and layerwise clipping, EMA, the released clipped
+fraction) is refused by argument, never silently ignored.
 """
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
-import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
 from keras import tree
-from keras.src import backend as keras_backend
 
 from tan_keras import _keras_internals, _validate
 from tan_keras.jax_dp import clipped_sum as clipped_sum_lib
-from tan_keras.jax_dp import poisson_steps
+from tan_keras.jax_dp import example_loss as example_loss_lib
+from tan_keras.jax_dp import fit_arrays, jax_step, poisson_steps, train_logs
+from tan_keras.keras_dp import ledger as ledger_lib
+from tan_keras.keras_dp import plain_training
+from tan_keras.keras_dp.callbacks import PrivacyAccountant
 from tan_keras.keras_dp.dp_config import DPConfig
 
 # Arguments of the TensorFlow route that this backend does not offer yet, and
@@ -44,7 +49,7 @@ _NOT_YET = {
 _DP_STEP_METHODS = ("train_step", "compute_loss", "compute_loss_and_updates")
 
 
-def _refuse_custom_training_step(model: keras.Model, base: type) -> None:
+def refuse_custom_training_step(model: keras.Model, base: type) -> None:
     for name in _DP_STEP_METHODS:
         if getattr(type(model), name) is not getattr(base, name):
             raise ValueError(
@@ -103,6 +108,10 @@ class DPKerasModel(keras.Model):
         training step.
     """
 
+    # Set by `make_private_with_epsilon` (`budget.PrivacyBudget`): each fit
+    # then gets a PrivacyAccountant that stops at the budget.
+    privacy_budget = None
+
     def __init__(
         self,
         *args,
@@ -146,14 +155,26 @@ class DPKerasModel(keras.Model):
         if not isinstance(release_train_metrics, (bool, np.bool_)):
             raise _validate.invalid("release_train_metrics", "True or False", release_train_metrics)
         self._release_train_metrics = bool(release_train_metrics)
-        _refuse_custom_training_step(self, DPKerasModel)
+        refuse_custom_training_step(self, DPKerasModel)
         super().__init__(*args, **kwargs)
         if self.dtype_policy.compute_dtype == "float16":
             raise ValueError(
                 "float16 computation is refused: its loss scaling would scale the clipped sum. "
                 "Use bfloat16 (same speed on accelerators) or float32."
             )
-        self._dp_steps = 0
+        # The ledger of these weights, the TensorFlow route's
+        # (keras_dp/ledger.py): a second make_private over them, or a model
+        # over a privately trained model's layers, shares it; weight files
+        # carry it; weights copied as arrays from a trained model bring it.
+        ledger = ledger_lib.ledger_of(self.weights) or ledger_lib.PrivacyLedger()
+        object.__setattr__(self, "_privacy_ledger", ledger)
+        ledger.counters(self._dp_config.mechanism, owner=self)
+        ledger_lib.bind(ledger, self.weights)
+        for layer in _keras_internals.all_layers(self, include_self=True):
+            if layer is self or isinstance(layer, keras.Model) or layer.weights:
+                ledger_lib.attach(layer, ledger)
+        ledger_lib.recall(self, ledger)
+        self._step_limit = None
 
     @property
     def dp_config(self) -> DPConfig:
@@ -161,9 +182,41 @@ class DPKerasModel(keras.Model):
         return self._dp_config
 
     @property
-    def dp_steps(self) -> int:
-        """The noisy updates this model has applied (logical steps)."""
-        return self._dp_steps
+    def privacy_ledger(self) -> ledger_lib.PrivacyLedger:
+        """Every private release these weights went through (`ledger.PrivacyLedger`).
+
+        `model.privacy_ledger.epsilon(delta)` is the epsilon they spent.
+        """
+        return self._privacy_ledger.root()
+
+    @property
+    def dp_steps(self) -> ledger_lib.HostCounter:
+        """Noisy updates of this model's mechanism these weights went through (read it).
+
+        Its count in the privacy ledger (`privacy_ledger`), shared with every
+        private model of the same mechanism over these weights, and brought
+        back by their weight files; it only moves forward. Read it as on the
+        TensorFlow backend: `int(model.dp_steps)` or `model.dp_steps.numpy()`.
+        """
+        return self._counters().steps
+
+    def set_step_limit(self, steps: Optional[int]) -> None:
+        """Caps the total number of noisy updates (None removes the cap).
+
+        Enforced by the model's own Poisson steps: `fit` draws no step once
+        `dp_steps` would pass the cap, whatever the callbacks do. The
+        `PrivacyAccountant` callback sets it from its budget.
+
+        Args:
+          steps: The cap, an integer >= 0, or None.
+
+        Raises:
+          ValueError: if `steps` is not None or an integer >= 0.
+        """
+        self._step_limit = None if steps is None else _validate.integer("steps", steps, low=0)
+
+    def _counters(self):
+        return self.privacy_ledger.counters(self._dp_config.mechanism, owner=self)
 
     @property
     def release_train_metrics(self) -> bool:
@@ -206,29 +259,6 @@ class DPKerasModel(keras.Model):
         """Recompiles a loaded model from its saved compile config."""
         self.compile(**keras.saving.deserialize_keras_object(config))
 
-    def _devices(self):
-        """(mesh, batch axis, device count) of a data-parallel distribution, else Nones and 1."""
-        if jax.process_count() > 1:
-            # Every process would draw its own Poisson steps from its copy of
-            # the data: examples twice in a step, another sampling rate.
-            raise ValueError(
-                f"DP training on the JAX backend runs in one process (this is one of "
-                f"{jax.process_count()}); several hosts are not supported yet."
-            )
-        distribution = keras.distribution.distribution()
-        if distribution is None:
-            return None, None, 1
-        if not isinstance(distribution, keras.distribution.DataParallel):
-            raise ValueError(
-                f"Invalid distribution: {type(distribution).__name__}. DP training on the JAX "
-                "backend runs on one device or under keras.distribution.DataParallel."
-            )
-        from keras.src.backend.jax import distribution_lib
-
-        mesh = distribution_lib._to_backend_mesh(distribution.device_mesh)
-        axis = distribution.batch_dim_name
-        return mesh, axis, mesh.shape[axis]
-
     def fit(
         self,
         x=None,
@@ -263,87 +293,75 @@ class DPKerasModel(keras.Model):
             refused argument.
         """
         config = self._dp_config
-        if self.steps_per_execution != 1:
-            # Keras would pull whole executions of steps from the endless
-            # Poisson stream: more steps than E * round(N / B), counted once.
-            raise _validate.invalid(
-                "steps_per_execution",
-                "1 (in compile) for private training on the JAX backend",
-                self.steps_per_execution,
-            )
-        for name in ("steps_per_epoch", "sample_weight", "class_weight", "shuffle"):
-            if kwargs.get(name) is not None:
-                raise _validate.invalid(
-                    name, "None (the model draws its Poisson steps itself)", kwargs[name]
-                )
-        if batch_size is not None and batch_size != config.expected_batch_size:
-            raise _validate.invalid(
-                "batch_size",
-                f"None or the model's expected_batch_size ({config.expected_batch_size})",
-                batch_size,
-            )
-        leaves = tree.flatten((x, y))
-        if y is None or not leaves or not all(isinstance(a, np.ndarray) for a in leaves):
-            raise ValueError(
-                "Invalid value for `x`/`y`: expected in-memory numpy arrays (or dicts or lists "
-                "of them) with one row per example; on the JAX backend the model draws its "
-                f"Poisson steps from them. Received: x={type(x).__name__}, y={type(y).__name__}."
-            )
-        validation_split = _validate.real(
-            "validation_split", validation_split, low=0.0, high=1.0, high_inclusive=False
+        x, y, validation_data = fit_arrays.checked(
+            config,
+            self.steps_per_execution,
+            x,
+            y,
+            batch_size,
+            validation_split,
+            validation_data,
+            kwargs,
         )
-        rows = len(leaves[0])
-        if any(len(a) != rows for a in leaves):
-            raise ValueError(
-                f"Invalid value for `x`/`y`: every array needs the same number of rows. "
-                f"Received: {sorted({len(a) for a in leaves})}."
-            )
-        if validation_split:
-            if validation_data is not None:
-                raise _validate.invalid(
-                    "validation_split", "0 when validation_data is given", validation_split
-                )
-            held = int(rows * validation_split)
-            split = rows - held
-            validation_data = tree.map_structure(lambda a: a[split:], (x, y))
-            x, y = tree.map_structure(lambda a: a[:split], (x, y))
-            rows = split
-        if rows != config.dataset_size:
-            raise _validate.invalid(
-                "dataset_size",
-                f"the number of training rows given to fit ({rows}, after any validation "
-                "split): q = B / N must describe the sampling",
-                config.dataset_size,
-            )
-        if config.augmult > 1:
-            bad = [a.shape for a in tree.flatten(x) if a.ndim < 2 or a.shape[1] != config.augmult]
-            if bad:
-                raise ValueError(
-                    f"Invalid value for `x`: with augmult={config.augmult} every input needs "
-                    f"the shape [N, {config.augmult}, ...] (the views of each example). "
-                    f"Received: shapes {bad}."
-                )
         epochs = _validate.positive_int("epochs", epochs)
-        _, _, devices = self._devices()
+        _, _, devices = jax_step.data_parallel()
         one_view = tree.map_structure(lambda a: a[:1, 0] if config.augmult > 1 else a[:1], x)
         self._symbolic_build(data_batch=(one_view, tree.map_structure(lambda a: a[:1], y)))
+        # The step counter first: every later callback sees the count of
+        # the update just applied.
+        callbacks = [_StepCounter(self)] + list(kwargs.pop("callbacks", None) or [])
+        budget = self.privacy_budget
+        if budget is not None and not any(isinstance(c, PrivacyAccountant) for c in callbacks):
+            callbacks.append(
+                PrivacyAccountant(budget.delta, budget.target_epsilon, accountant=budget.accountant)
+            )
+        # Weights set as arrays since construction (set_weights from a
+        # privately trained model) bring what they went through; the values
+        # this fit leaves are remembered, so that a copy of them does too.
+        before = ledger_lib.recall(self, self.privacy_ledger)
+        # The accountants' caps are set before the first step is drawn (Keras
+        # draws it when fit starts, before the callbacks' on_train_begin),
+        # and the steps stop there: no update beyond a cap can exist.
+        self._step_limit = None
+        for accountant in callbacks:
+            if isinstance(accountant, PrivacyAccountant):
+                accountant.set_model(self)
+                accountant.on_train_begin()
+        start = int(self.dp_steps)
+        if self._step_limit is not None and start >= self._step_limit:
+            if kwargs.get("verbose", "auto") != 0:
+                print(
+                    f"No update: these weights' {start} updates already reach the cap of "
+                    f"{self._step_limit} (the privacy budget, or max_steps)."
+                )
+            self.set_step_limit(None)
+            history = keras.callbacks.History()
+            history.set_model(self)
+            return history
         steps = poisson_steps.poisson_steps(
             x,
             y,
             config.sampling_rate,
             config.expected_batch_size,
             row_multiple=self._examples_per_chunk * devices,
+            may_draw=lambda drawn: self._step_limit is None or start + drawn < self._step_limit,
         )
-        callbacks = list(kwargs.pop("callbacks", None) or []) + [_StepCounter(self)]
-        return super().fit(
-            steps,
-            epochs=epochs,
-            steps_per_epoch=_steps_per_epoch(config),
-            validation_data=validation_data,
-            callbacks=callbacks,
-            shuffle=False,
-            **kwargs,
-        )
+        try:
+            return super().fit(
+                steps,
+                epochs=epochs,
+                steps_per_epoch=_steps_per_epoch(config),
+                validation_data=validation_data,
+                callbacks=callbacks,
+                shuffle=False,
+                **kwargs,
+            )
+        finally:
+            self.set_step_limit(None)
+            # (Values left detached by a fit that failed before its first
+            # step trained nothing.)
+            if _keras_internals.values_attached(self.weights):
+                ledger_lib.remember(self.weights, self.privacy_ledger, unless=before)
 
     def train_on_batch(self, *args, **kwargs):
         """Refused: a single batch is not a Poisson step; use `fit`."""
@@ -352,97 +370,16 @@ class DPKerasModel(keras.Model):
             "with fit(x, y, epochs=...), which draws its steps itself."
         )
 
-    def _seed_state_indices(self):
-        # Dropout and other random layers keep their generator state in
-        # non-trainable variables; it is advanced per call, not written from data.
-        states = {
-            id(generator.state)
-            for layer in self._flatten_layers()
-            for generator in getattr(layer, "_seed_generators", [])
-        }
-        return [i for i, v in enumerate(self.non_trainable_variables) if id(v) in states]
-
-    def _example_loss(self, non_trainable, metrics_state, seed_indices):
-        config = self._dp_config
-        names = [v.path for v in self.non_trainable_variables]
-        regularized = sum(v.regularizer is not None for v in self.trainable_variables)
-
-        def example_loss(params, example):
-            (views, labels), row = example
-            if config.augmult == 1:
-                views = tree.map_structure(lambda a: a[None], views)
-            labels = tree.map_structure(
-                lambda a: jnp.repeat(a[None], config.augmult, axis=0), labels
-            )
-            # Each row draws its own randomness (dropout masks): its seed
-            # states are offset by its row number within the step.
-            state = list(non_trainable)
-            for i in seed_indices:
-                state[i] = state[i] + jnp.array([row + 1, 0], state[i].dtype)
-            kwargs = {"training": True} if self._call_has_training_arg else {}
-            outputs, new_state, losses = self.stateless_call(
-                params, state, views, return_losses=True, **kwargs
-            )
-            for i, (old, new) in enumerate(zip(state, new_state)):
-                if i not in seed_indices and new is not old:
-                    raise ValueError(
-                        f"The model writes the variable {names[i]!r} when it trains: a state "
-                        "computed from the training batch (BatchNormalization's moving "
-                        "statistics, for instance) is not clipped per example. Freeze the "
-                        "layer (trainable=False and call it with training=False) or use "
-                        "GroupNormalization/LayerNormalization."
-                    )
-            mapping = list(zip(self.metrics_variables, metrics_state))
-            with keras_backend.StatelessScope(state_mapping=mapping):
-                loss = jnp.asarray(self._compile_loss(labels, outputs), jnp.float32)
-            # Losses the call added (add_loss, activity regularizers) saw this
-            # example's views only: they are part of its clipped loss. The
-            # weight regularizers, last in the list, depend on no data and
-            # are added outside the clipping.
-            for added in losses[: len(losses) - regularized]:
-                loss = loss + jnp.asarray(added, jnp.float32)
-            return loss, outputs
-
-        return example_loss
-
-    def _advanced_seed_states(self, trainable, non_trainable, x, seed_indices):
-        # The random layers' generators advance by what one call draws,
-        # taken from a call on zeros: a layer that wrote data into its
-        # generator state would otherwise carry an example out of the step.
-        if not seed_indices:
-            return []
-        views = tree.map_structure(
-            lambda a: jnp.zeros(
-                (1,) + a.shape[1:] if self._dp_config.augmult == 1 else a.shape[1:], a.dtype
-            ),
-            x,
-        )
-        kwargs = {"training": True} if self._call_has_training_arg else {}
-        _, new_state = self.stateless_call(trainable, non_trainable, views, **kwargs)
-        return [new_state[i] for i in seed_indices]
-
-    def _regularization_gradients(self, trainable):
-        if not any(v.regularizer is not None for v in self.trainable_variables):
-            return None
-
-        def penalty(params):
-            mapping = list(zip(self.trainable_variables, params))
-            with keras_backend.StatelessScope(state_mapping=mapping):
-                losses = self._get_regularization_losses()
-            return sum((jnp.asarray(loss, jnp.float32) for loss in losses), jnp.float32(0.0))
-
-        return jax.grad(penalty)(trainable)
-
     def train_step(self, state, data):
         trainable, non_trainable, optimizer_state, metrics_state = state
         x, y, step = data
         keep = step["keep"]
         config = self._dp_config
-        seed_indices = self._seed_state_indices()
-        mesh, axis, _ = self._devices()
+        seed_indices = example_loss_lib.seed_state_indices(self)
+        mesh, axis, _ = jax_step.data_parallel()
         rows = jnp.arange(keep.shape[0], dtype=jnp.uint32)
         result = clipped_sum_lib.clipped_sum(
-            self._example_loss(non_trainable, metrics_state, seed_indices),
+            example_loss_lib.example_loss(self, non_trainable, metrics_state, seed_indices),
             trainable,
             ((x, y), rows),
             keep,
@@ -451,10 +388,12 @@ class DPKerasModel(keras.Model):
             mesh=mesh,
             batch_axis=axis,
         )
-        advanced = self._advanced_seed_states(trainable, non_trainable, x, seed_indices)
+        advanced = example_loss_lib.advanced_seed_states(
+            self, trainable, non_trainable, x, seed_indices
+        )
         noisy = clipped_sum_lib.add_noise(result.grads, step["noise_key"][0], config.noise_stddev)
         grads = [g / config.expected_batch_size for g in noisy]
-        regularization = self._regularization_gradients(trainable)
+        regularization = example_loss_lib.regularization_gradients(self, trainable)
         if regularization is not None:
             grads = [g + r for g, r in zip(grads, regularization)]
         grads = [g.astype(v.dtype) for g, v in zip(grads, trainable)]
@@ -467,44 +406,14 @@ class DPKerasModel(keras.Model):
             non_trainable[i] = value
         logs = {}
         if self._release_train_metrics:
-            logs, metrics_state = self._training_logs(metrics_state, y, outputs, keep, result)
+            logs, metrics_state = train_logs.training_logs(
+                self, metrics_state, y, outputs, keep, result
+            )
         return logs, (trainable, non_trainable, optimizer_state, metrics_state)
 
-    def _training_logs(self, metrics_state, y, outputs, keep, result):
-        # Statistics of the examples that contributed: padding and non-finite
-        # rows are selected away (0 * NaN would still poison an average), and
-        # each example weighs 1 in all, whatever its number of views.
-        views = self._dp_config.augmult
-        kept = jnp.logical_and(keep, jnp.logical_not(result.nonfinite))
-        real = kept.astype(jnp.float32)
-        count = jnp.sum(real)
 
-        def kept_views(prediction):
-            rows = kept.reshape((-1,) + (1,) * (prediction.ndim - 1))
-            prediction = jnp.where(rows, prediction, jnp.zeros_like(prediction))
-            return prediction.reshape((-1,) + prediction.shape[2:])
-
-        labels = tree.map_structure(lambda a: jnp.repeat(a, views, axis=0), y)
-        weights = jnp.repeat(real / views, views)
-        mapping = list(zip(self.metrics_variables, metrics_state))
-        with keras_backend.StatelessScope(state_mapping=mapping) as scope:
-            mean_loss = jnp.sum(jnp.where(kept, result.losses, 0.0)) / jnp.maximum(count, 1.0)
-            self._loss_tracker.update_state(mean_loss, sample_weight=count)
-            # Keras updates `metrics` without sample weights: padding rows
-            # would count as examples, so every compiled metric gets them.
-            _keras_internals.update_compiled_metrics(
-                self, labels, tree.map_structure(kept_views, outputs), weights, weights
-            )
-            logs = dict(self.get_metrics_result())
-        new_state = []
-        for ref, value in zip(self.metrics_variables, metrics_state):
-            current = scope.get_current_value(ref)
-            new_state.append(value if current is None else current)
-        clipped = jnp.logical_and(kept, result.norms > self._dp_config.l2_norm_clip)
-        logs["grad_norm"] = jnp.sum(jnp.where(kept, result.norms, 0.0)) / jnp.maximum(count, 1.0)
-        logs["clipped_fraction"] = jnp.sum(clipped) / jnp.maximum(count, 1.0)
-        logs["nonfinite_examples"] = jnp.sum(result.nonfinite)
-        return logs, new_state
+# Plain Keras training of private weights is refused (plain_training.py).
+plain_training.guard(DPKerasModel)
 
 
 class _StepCounter(keras.callbacks.Callback):
@@ -515,71 +424,7 @@ class _StepCounter(keras.callbacks.Callback):
         self._private_model = model
 
     def on_train_batch_end(self, batch, logs=None):
-        self._private_model._dp_steps += 1
-
-
-def training_state(model: keras.Model) -> tuple:
-    """The state Keras's JAX `train_step` takes, read from a compiled, built model.
-
-    Args:
-      model: A compiled model whose layers are built.
-
-    Returns:
-      (trainable, non-trainable, optimizer, metrics) variable values, as lists.
-    """
-    model.optimizer.build(model.trainable_variables)
-    return tuple(
-        [v.value for v in variables]
-        for variables in (
-            model.trainable_variables,
-            model.non_trainable_variables,
-            model.optimizer.variables,
-            model.metrics_variables,
-        )
-    )
-
-
-def make_private(
-    model: keras.Model, input_shape: Optional[Sequence[int]] = None, **dp_kwargs
-) -> DPKerasModel:
-    """Makes an existing Keras model private (JAX backend); it shares its weights.
-
-    Args:
-      model: A functional or Sequential Keras 3 model with known inputs, or a
-        subclassed one (then pass `input_shape`).
-      input_shape: The shape of one example, for a model without known inputs.
-      **dp_kwargs: The DP arguments of `DPKerasModel`.
-
-    Returns:
-      A `DPKerasModel` over the same layers.
-
-    Raises:
-      ValueError: if `model` is not a Keras model, overrides its training
-        step, has no known inputs and no `input_shape`, or on a bad DP argument.
-    """
-    if not isinstance(model, keras.Model):
-        raise _validate.invalid("model", "a Keras 3 model", type(model).__name__)
-    _refuse_custom_training_step(model, keras.Model)
-    try:
-        known = bool(model.inputs) and bool(model.outputs)
-    except (AttributeError, ValueError):
-        known = False
-    if known:
-        inputs = _keras_internals.inputs_structure(model)
-        outputs = _keras_internals.outputs_structure(model)
-    elif input_shape is not None:
-        shape = tuple(_validate.positive_int("input_shape", d) for d in input_shape)
-        inputs = keras.Input(shape)
-        outputs = model(inputs)
-    else:
-        raise _validate.invalid(
-            "input_shape", "the shape of one example for a subclassed model", input_shape
-        )
-    if isinstance(inputs, list) and len(inputs) == 1:
-        inputs = inputs[0]
-    if isinstance(outputs, list) and len(outputs) == 1:
-        outputs = outputs[0]
-    return DPKerasModel(inputs=inputs, outputs=outputs, name=model.name, **dp_kwargs)
+        self._private_model._counters().steps.assign_add(1)
 
 
 def _steps_per_epoch(config: DPConfig) -> int:

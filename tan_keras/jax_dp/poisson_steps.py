@@ -13,7 +13,7 @@ cannot reach `get_weights`, a `.keras` file or a checkpoint.
 import functools
 import math
 import secrets
-from typing import Any, Iterator, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import numpy as np
 from keras import tree
@@ -53,8 +53,9 @@ def poisson_steps(
     sampling_rate: float,
     expected_batch_size: int,
     row_multiple: int,
+    may_draw: Optional[Callable[[int], bool]] = None,
 ) -> Iterator[Tuple[Any, Any, dict]]:
-    """An endless sequence of padded Poisson steps over the rows of `x` and `y`.
+    """A sequence of padded Poisson steps over the rows of `x` and `y` (endless by default).
 
     Args:
       x: The inputs: an array or a structure (dict, list) of arrays whose
@@ -63,6 +64,10 @@ def poisson_steps(
       sampling_rate: q, each row's probability of being in a step.
       expected_batch_size: B (for the padded size).
       row_multiple: The padded size is a multiple of it.
+      may_draw: Optional; called with the number of steps drawn so far
+        before each step: the sequence ends at the first False (a cap on the
+        updates, checked before a step exists, so no step beyond it can be
+        trained, however far ahead the consumer reads).
 
     Yields:
       (x_step, y_step, {"keep": bool[rows], "noise_key": uint32[rows, 2]}):
@@ -73,7 +78,9 @@ def poisson_steps(
     num_rows = len(tree.flatten(x)[0])
     rng = np.random.Generator(np.random.PCG64(secrets.randbits(128)))
     usual_rows = padded_rows(expected_batch_size, sampling_rate, row_multiple)
-    while True:
+    drawn = 0
+    while may_draw is None or may_draw(drawn):
+        drawn += 1
         indices = np.flatnonzero(rng.random(num_rows) < sampling_rate)
         rows = max(usual_rows, int(math.ceil(len(indices) / row_multiple) * row_multiple))
         keep = np.zeros(rows, dtype=bool)

@@ -6,7 +6,9 @@ Modules:
   fit_inputs: which `fit` inputs keep the guarantee.
   model_checks, precision, labels, id_inputs: models, dtypes, labels and
     out-of-range ids refused or filtered before training.
-  ledger: the privacy ledger, bound to the weights it protects.
+  ledger: the privacy ledger, bound to the weights it protects (both backends).
+  plain_training: plain Keras training of private weights refused (both backends).
+  budget: `make_private_with_epsilon`, calibrated to a budget (both backends).
   step_identity: each Poisson micro-batch checked against the ledger.
   private_adapt: a Normalization adapted with noise, accounted in the ledger.
   callbacks: the privacy accountant that stops training at the budget.

@@ -1,22 +1,25 @@
 """`make_private_with_epsilon`: a private model from a privacy budget in one call.
 
-The user says what they may spend (epsilon, delta) and how long they want to
-train (epochs at an expected batch size B on N examples); the noise
-multiplier that spends at most that budget over ceil(epochs * N / B) noisy
-updates is calibrated by the accountant, the plan is shown (sigma, steps,
-eta, eps_TAN, the overcharged regime), and every `fit` of the model carries
-a `PrivacyAccountant` that stops training BEFORE an update would take the
+One design for both Keras backends: each backend's `make_private_with_epsilon`
+is `calibrated` with its own `make_private`. The user says what they may
+spend (epsilon, delta) and how long they want to train (epochs at an
+expected batch size B on N examples); the noise multiplier that spends at
+most that budget over ceil(epochs * N / B) noisy updates is calibrated by
+the accountant, the plan is shown (sigma, steps, eta, eps_TAN, the
+overcharged regime), and every `fit` of the model carries a
+`PrivacyAccountant` that stops training BEFORE an update would take the
 ledger's epsilon past the budget -- the whole ledger's, so earlier releases
 of the same weights count too.
 """
 
 import dataclasses
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import keras
 
 from tan_keras import _validate
+from tan_keras.keras_dp import ledger
 from tan_keras.privacy import cli, releases
 
 
@@ -70,8 +73,6 @@ def _training_entry(plan: dict) -> releases.LedgerEntry:
 
 def _earlier_releases(model: keras.Model) -> List[releases.LedgerEntry]:
     """What the model's weights already went through (a private adapt, an earlier phase)."""
-    from tan_keras.keras_dp import ledger  # imports TensorFlow
-
     found = ledger.ledger_of(list(model.weights)) if model.built else None
     return [e for e in found.entries() if e.steps or e.epochs] if found else []
 
@@ -120,7 +121,8 @@ def _plan_after(earlier, plan: dict, target_epsilon: float, settings: dict) -> d
     return best
 
 
-def make_private_with_epsilon(
+def calibrated(
+    make_private: Callable,
     model: keras.Model,
     *,
     target_epsilon: float,
@@ -142,6 +144,7 @@ def make_private_with_epsilon(
     `target_epsilon`, and the printed plan says so.
 
     Args:
+      make_private: The backend's `make_private`.
       model: A Keras 3 model, as for `make_private`.
       target_epsilon: The privacy budget's epsilon, a float > 0.
       delta: Its delta, a float in (0, 1); no default: take it well below
@@ -167,8 +170,6 @@ def make_private_with_epsilon(
         `noise_multiplier` among `dp_kwargs`, a budget the accountant
         cannot meet, or one the weights' earlier releases already spent.
     """
-    from tan_keras.keras_dp import dp_model  # the model module imports this one
-
     if "noise_multiplier" in dp_kwargs:
         raise _validate.invalid(
             "noise_multiplier",
@@ -193,7 +194,7 @@ def make_private_with_epsilon(
     earlier = _earlier_releases(model)
     if earlier:
         plan = _plan_after(earlier, plan, target_epsilon, settings)
-    private = dp_model.make_private(
+    private = make_private(
         model,
         input_shape=input_shape,
         l2_norm_clip=l2_norm_clip,
@@ -212,3 +213,10 @@ def make_private_with_epsilon(
     if verbose:
         print(private.privacy_budget.describe())
     return private
+
+
+# The docstring of each backend's `make_private_with_epsilon` (`calibrated`
+# with that backend's `make_private`).
+MAKE_PRIVATE_WITH_EPSILON_DOC = calibrated.__doc__.replace(
+    "      make_private: The backend's `make_private`.\n", ""
+)

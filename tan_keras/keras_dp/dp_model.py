@@ -18,7 +18,6 @@ sampling="shuffled".
 """
 
 import contextlib
-import functools
 import inspect
 import math
 import re
@@ -35,6 +34,7 @@ from tan_keras import (
 )
 from tan_keras.keras_dp import (
     array_inputs,
+    budget,
     dp_state,
     ema,
     example_weights,
@@ -43,6 +43,7 @@ from tan_keras.keras_dp import (
     labels,
     model_checks,
     output_losses,
+    plain_training,
     precision,
     regime,
     row_prefix,
@@ -737,10 +738,10 @@ class DPKerasModel(keras.Model):
         self._reset_accumulators()
         callbacks = list(arguments.get("callbacks") or [])
         fit_inputs.check_callbacks(callbacks, self._release_train_metrics)
-        budget = self.privacy_budget
-        if budget is not None and not any(isinstance(c, PrivacyAccountant) for c in callbacks):
+        spend = self.privacy_budget
+        if spend is not None and not any(isinstance(c, PrivacyAccountant) for c in callbacks):
             callbacks.append(
-                PrivacyAccountant(budget.delta, budget.target_epsilon, accountant=budget.accountant)
+                PrivacyAccountant(spend.delta, spend.target_epsilon, accountant=spend.accountant)
             )
         if self._dp_config.sampling == "shuffled":
             callbacks = [dp_state.EpochOpener(self._secret.epoch_open)] + callbacks
@@ -1458,44 +1459,8 @@ def _refuse_training_rows_in_validation(validation_data) -> None:
         )
 
 
-def _refuse_plain_training(method_name: str):
-    """`keras.Model.<method_name>`, refused on a plain model training private weights.
-
-    After `make_private(model)`, `model.fit(...)` is an easy slip (the
-    private model shares its layers): the private weights would change with
-    no clipping or noise, and their ledger would not count it. Any plain
-    Keras model whose trainable weights are bound to a privacy ledger (the
-    wrapped model, a new model over a private model's layers) is refused.
-    A plain model holding copies of private values trains, and the values it
-    leaves keep their history (`ledger.carried_through_plain_training`).
-    """
-    original = getattr(keras.Model, method_name)
-    if getattr(original, "_tan_keras_refusal", False):
-        return
-
-    @functools.wraps(original)  # its signature too: DPKerasModel.fit binds to it
-    def method(self, *args, **kwargs):
-        if not isinstance(self, DPKerasModel) and ledger_lib.has_ledger(self.trainable_variables):
-            raise ValueError(
-                f"Invalid call of `{method_name}` on model `{self.name}`: its trainable weights "
-                "are those of a private model (bound to its privacy ledger). Plain Keras "
-                "training would change them without clipping or noise, and epsilon would not "
-                "count it. Train the private model that make_private returned (private.fit), "
-                "or make this model private (tan_keras.make_private(model, ...)): it shares "
-                "the ledger. To train a part of it on public data, freeze the private layers "
-                "(layer.trainable = False) first."
-            )
-        if isinstance(self, DPKerasModel):
-            return original(self, *args, **kwargs)
-        with ledger_lib.carried_through_plain_training(self):
-            return original(self, *args, **kwargs)
-
-    method._tan_keras_refusal = True
-    setattr(keras.Model, method_name, method)
-
-
-for _name in ("fit", "train_on_batch"):
-    _refuse_plain_training(_name)
+# Plain Keras training of private weights is refused (plain_training.py).
+plain_training.guard(DPKerasModel)
 
 
 def make_private(
@@ -1568,3 +1533,10 @@ def make_private(
     # the ledger too, and a later make_private of it finds the same one.
     ledger_lib.attach(model, private.privacy_ledger)
     return private
+
+
+def make_private_with_epsilon(model: keras.Model, **kwargs) -> DPKerasModel:
+    return budget.calibrated(make_private, model, **kwargs)
+
+
+make_private_with_epsilon.__doc__ = budget.MAKE_PRIVATE_WITH_EPSILON_DOC

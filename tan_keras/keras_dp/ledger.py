@@ -84,6 +84,8 @@ weights read out of an ONNX, LiteRT or OpenVINO export. A trainable
 `TFSMLayer` is refused (weights trained through it go to no file).
 """
 
+from __future__ import annotations
+
 import contextlib
 import secrets
 import weakref
@@ -91,11 +93,17 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from tan_keras import _keras_internals, _keras_saving, _validate
-from tan_keras.mechanism import data_copies
+from tan_keras import _fingerprints, _keras_internals, _keras_saving, _validate
 from tan_keras.privacy import releases
+
+# The ledger runs on both Keras backends. On TensorFlow its counters are
+# variables the compiled train step advances, and checkpoints and
+# SavedModels carry it too; on JAX (no TensorFlow) the counters live on the
+# host, where the JAX model counts its steps, and Keras weight files carry it.
+_TENSORFLOW = keras.backend.backend() == "tensorflow"
+if _TENSORFLOW:
+    import tensorflow as tf
 
 # The attribute that binds a variable, or a model, to its ledger.
 _ATTRIBUTE = "_tan_keras_ledger"
@@ -129,14 +137,49 @@ def replicated_counter(value: int, name: str) -> tf.Variable:
     )
 
 
+class HostCounter:
+    """An integer counter on the host, read and written like a counter variable.
+
+    The JAX backend's: its model counts each logical step on the host.
+    """
+
+    def __init__(self, value: int):
+        self._value = int(value)
+
+    def numpy(self) -> int:
+        return self._value
+
+    def __int__(self) -> int:
+        return self._value
+
+    __index__ = __int__
+
+    def __repr__(self) -> str:
+        return f"HostCounter({self._value})"
+
+    def assign(self, value) -> None:
+        self._value = int(value)
+
+    def assign_add(self, value) -> None:
+        self._value += int(value)
+
+
+def _strategy():
+    """The tf.distribute strategy counters are made under (None on JAX)."""
+    return tf.distribute.get_strategy() if _TENSORFLOW else None
+
+
 class _Counters:
-    """The counts of one mechanism: `steps`, `epochs` (int64 variables)."""
+    """The counts of one mechanism: `steps`, `epochs` (int64 variables on TensorFlow)."""
 
     def __init__(self, steps: int = 0, epochs: int = 0):
-        with tf.init_scope():
-            self.steps = replicated_counter(steps, "dp_steps")
-            self.epochs = replicated_counter(epochs, "dp_epochs")
-        self.strategy = tf.distribute.get_strategy()
+        if _TENSORFLOW:
+            with tf.init_scope():
+                self.steps = replicated_counter(steps, "dp_steps")
+                self.epochs = replicated_counter(epochs, "dp_epochs")
+        else:
+            self.steps, self.epochs = HostCounter(steps), HostCounter(epochs)
+        self.strategy = _strategy()
         # The private models whose compiled steps advance these variables.
         self.owners = weakref.WeakSet()
 
@@ -166,7 +209,7 @@ class PrivacyLedger:
         self._position: Optional[_Counters] = None
 
     # ----------------------------------------------------------------- reading
-    def root(self) -> "PrivacyLedger":
+    def root(self) -> PrivacyLedger:
         """The ledger this one was merged into, if any (else itself)."""
         ledger = self
         while ledger._absorbed_into is not None:
@@ -235,7 +278,7 @@ class PrivacyLedger:
         """
         root = self.root()
         current = root._position
-        if current is not None and current.strategy is not tf.distribute.get_strategy():
+        if current is not None and current.strategy is not _strategy():
             if len(current.owners):
                 raise ValueError(
                     "Invalid distribution strategy: these weights are trained privately by "
@@ -290,7 +333,7 @@ class PrivacyLedger:
         root = self.root()
         releases.check_adjacency([mechanism, *root._counters])
         counters = root._counters.get(mechanism)
-        strategy = tf.distribute.get_strategy()
+        strategy = _strategy()
         if counters is not None and counters.strategy is not strategy:
             if len(counters.owners):
                 raise ValueError(
@@ -392,7 +435,7 @@ class PrivacyLedger:
             counters.append(root._position)
         return any(len(c.owners) for c in counters)
 
-    def _absorb(self, other: "PrivacyLedger") -> None:
+    def _absorb(self, other: PrivacyLedger) -> None:
         """Takes `other`'s segments (its own one as a base one) and makes it point here."""
         root, other = self.root(), other.root()
         if other is root:
@@ -462,7 +505,8 @@ def attach(obj, ledger: PrivacyLedger) -> None:
     extractor cut from a private model, saved as a plain Keras model).
     """
     object.__setattr__(obj, _ATTRIBUTE, _LedgerSaveable(ledger))
-    obj._track_trackable(_LedgerTensors(ledger, obj), name=_CHECKPOINT_NAME, overwrite=True)
+    if _TENSORFLOW:
+        obj._track_trackable(_LedgerTensors(ledger, obj), name=_CHECKPOINT_NAME, overwrite=True)
 
 
 def _segment(entries: Iterable[releases.LedgerEntry]) -> Segment:
@@ -574,7 +618,7 @@ def _from_checkpoint_table(table) -> Tuple[Optional[int], Segments]:
     return _checked_uid(array[0]), segments_from_table(array[1:])
 
 
-class _LedgerTensors(tf.__internal__.tracking.Trackable):
+class _LedgerTensors(tf.__internal__.tracking.Trackable if _TENSORFLOW else object):
     """The ledger as `tf.train.Checkpoint` sees it: one tensor, merged on restore.
 
     One tensor, `_checkpoint_table` (a second one would make every
@@ -682,9 +726,17 @@ _REMEMBERED: Dict[int, Segments] = {}
 _LOADED: List[Tuple[List, Segments]] = []
 
 
+def _values(variable):
+    """A variable's values as an array."""
+    if _TENSORFLOW:
+        return variable.numpy()
+    # (Keras's `Variable.numpy()` warns on JAX with numpy 2.)
+    return np.asarray(variable.value)
+
+
 def _fingerprint(variable) -> int:
     """A 64-bit hash of one variable's values, as float64, in any dtype or shape."""
-    return data_copies.value_fingerprint(variable.numpy())
+    return _fingerprints.value_fingerprint(_values(variable))
 
 
 def _layer_weights(model) -> List:
@@ -756,7 +808,7 @@ def _rearranged_fingerprints(variable) -> List[int]:
     """
     if len(getattr(variable, "shape", ())) != 2:
         return []
-    return [data_copies.value_fingerprint(np.asarray(variable.numpy()).T)]
+    return [_fingerprints.value_fingerprint(np.asarray(_values(variable)).T)]
 
 
 def _merged(known: Optional[Segments], segments: Segments) -> Segments:
@@ -1092,7 +1144,7 @@ def _remember_checkpoint_tensors(reader) -> None:
         value = np.asarray(reader.get_tensor(name))
         if value.dtype.kind not in "biuf" or value.size < 2 or np.all(value == value.flat[0]):
             continue
-        fingerprint = data_copies.value_fingerprint(value)
+        fingerprint = _fingerprints.value_fingerprint(value)
         _REMEMBERED[fingerprint] = _merged(_REMEMBERED.get(fingerprint), segments)
 
 

@@ -43,6 +43,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tan_keras._fingerprints import value_fingerprint
+
 # Constants smaller than this are not looked at: scalars, shapes, axes.
 _MIN_ELEMENTS = 2
 # Rows of a training array are recognised by a random projection in float64
@@ -82,19 +84,6 @@ _VOUCHED: Dict[int, str] = {}
 # The values of vouched layers' state (as float64), by fingerprint: a graph
 # holds them reshaped, so a statistic they equal is matched by value.
 _VOUCHED_VALUES: Dict[int, np.ndarray] = {}
-
-
-def value_fingerprint(value: Any) -> int:
-    """A 64-bit hash of an array's values as float64, in any dtype or shape."""
-    value = np.asarray(value)
-    try:
-        canonical = np.asarray(value, np.float64).ravel()
-    except (TypeError, ValueError):
-        # Not numbers (a string table): its own bytes.
-        canonical = np.asarray(value).ravel()
-    digest = hashlib.blake2b(str(canonical.dtype).encode(), digest_size=8)
-    digest.update(canonical.tobytes())
-    return int.from_bytes(digest.digest(), "little")
 
 
 def _projection(width: int) -> np.ndarray:

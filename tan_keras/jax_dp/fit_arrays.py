@@ -1,0 +1,106 @@
+"""What `fit` accepts on the JAX backend: in-memory arrays, checked before any work.
+
+The model draws its Poisson steps itself from the arrays (`poisson_steps`),
+so everything that would choose batches for it (`steps_per_epoch`,
+`shuffle`, `sample_weight`, `class_weight`, another batch size, several
+steps per execution) is refused by name, and `validation_split` holds the
+split out of N before any sampling.
+"""
+
+from typing import Any, Tuple
+
+import numpy as np
+from keras import tree
+
+from tan_keras import _validate
+from tan_keras.keras_dp.dp_config import DPConfig
+
+
+def checked(
+    config: DPConfig,
+    steps_per_execution: int,
+    x: Any,
+    y: Any,
+    batch_size,
+    validation_split,
+    validation_data,
+    kwargs: dict,
+) -> Tuple[Any, Any, Any]:
+    """The training arrays and validation data of a private `fit`, checked.
+
+    Args:
+      config: The model's DP settings.
+      steps_per_execution: The compiled model's.
+      x, y, batch_size, validation_split, validation_data: `fit`'s.
+      kwargs: `fit`'s other keyword arguments (read, not changed).
+
+    Returns:
+      (x, y, validation_data): with a validation split, the training rows
+      and the held-out ones.
+
+    Raises:
+      ValueError: for input that is not in-memory arrays, row counts that
+        do not match `dataset_size`, a `batch_size` other than B, views
+        that do not match `augmult`, or a refused argument.
+    """
+    if steps_per_execution != 1:
+        # Keras would pull whole executions of steps from the endless
+        # Poisson stream: more steps than E * round(N / B), counted once.
+        raise _validate.invalid(
+            "steps_per_execution",
+            "1 (in compile) for private training on the JAX backend",
+            steps_per_execution,
+        )
+    for name in ("steps_per_epoch", "sample_weight", "class_weight", "shuffle"):
+        if kwargs.get(name) is not None:
+            raise _validate.invalid(
+                name, "None (the model draws its Poisson steps itself)", kwargs[name]
+            )
+    if batch_size is not None and batch_size != config.expected_batch_size:
+        raise _validate.invalid(
+            "batch_size",
+            f"None or the model's expected_batch_size ({config.expected_batch_size})",
+            batch_size,
+        )
+    leaves = tree.flatten((x, y))
+    if y is None or not leaves or not all(isinstance(a, np.ndarray) for a in leaves):
+        raise ValueError(
+            "Invalid value for `x`/`y`: expected in-memory numpy arrays (or dicts or lists "
+            "of them) with one row per example; on the JAX backend the model draws its "
+            f"Poisson steps from them. Received: x={type(x).__name__}, y={type(y).__name__}."
+        )
+    validation_split = _validate.real(
+        "validation_split", validation_split, low=0.0, high=1.0, high_inclusive=False
+    )
+    rows = len(leaves[0])
+    if any(len(a) != rows for a in leaves):
+        raise ValueError(
+            f"Invalid value for `x`/`y`: every array needs the same number of rows. "
+            f"Received: {sorted({len(a) for a in leaves})}."
+        )
+    if validation_split:
+        if validation_data is not None:
+            raise _validate.invalid(
+                "validation_split", "0 when validation_data is given", validation_split
+            )
+        held = int(rows * validation_split)
+        split = rows - held
+        validation_data = tree.map_structure(lambda a: a[split:], (x, y))
+        x, y = tree.map_structure(lambda a: a[:split], (x, y))
+        rows = split
+    if rows != config.dataset_size:
+        raise _validate.invalid(
+            "dataset_size",
+            f"the number of training rows given to fit ({rows}, after any validation "
+            "split): q = B / N must describe the sampling",
+            config.dataset_size,
+        )
+    if config.augmult > 1:
+        bad = [a.shape for a in tree.flatten(x) if a.ndim < 2 or a.shape[1] != config.augmult]
+        if bad:
+            raise ValueError(
+                f"Invalid value for `x`: with augmult={config.augmult} every input needs "
+                f"the shape [N, {config.augmult}, ...] (the views of each example). "
+                f"Received: shapes {bad}."
+            )
+    return x, y, validation_data
