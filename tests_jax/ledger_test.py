@@ -110,6 +110,12 @@ class _PreemptAfterEpoch(keras.callbacks.Callback):
             raise _Preempted()
 
 
+class _PreemptWhenStopped(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if self.model.stop_training:
+            raise _Preempted()
+
+
 @pytest.mark.parametrize("file_has_ledger", [True, False])
 def test_backup_and_restore_resumes_with_the_count(file_has_ledger, tmp_path, monkeypatch):
     # Keras's preemption recovery restores the weights and the epoch in a
@@ -204,3 +210,37 @@ def test_the_budget_stops_training_before_an_update_would_pass_it(capped, monkey
     unchanged = all(np.array_equal(a, b) for a, b in zip(before, dp_model.get_weights()))
     assert (int(dp_model.dp_steps) == steps and unchanged) == capped
     assert (dp_model.privacy_ledger.epsilon(DELTA) <= 2.0) == capped
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_a_restored_count_at_the_budget_trains_no_step(guarded, tmp_path, monkeypatch):
+    # Keras draws a fit's first step before BackupAndRestore restores the
+    # weights and their ledger, and reads stop_training only after a step.
+    # guarded=False (the guard off) is the power check: the step drawn first
+    # runs although the restored count is at the budget.
+    from tan_keras.jax_dp import step_count
+
+    if not guarded:
+        monkeypatch.setattr(step_count.CapGuard, "on_train_batch_begin", lambda *a, **k: None)
+    x, y = helpers.data(ROWS)
+    backup = str(tmp_path / "backup")
+    first = _with_budget(2.0, epochs=2)
+    first.compile(keras.optimizers.SGD(0.1), helpers.LOSS)
+    # The job is preempted right after the budget stopped it (the backup of
+    # that epoch written): the restarted job restores the spent budget.
+    with pytest.raises(_Preempted):
+        first.fit(
+            x,
+            y,
+            epochs=4,
+            verbose=0,
+            callbacks=[keras.callbacks.BackupAndRestore(backup), _PreemptWhenStopped()],
+        )
+    spent = int(first.dp_steps)
+    assert spent >= first.privacy_budget.plan["steps"]
+    ledger_lib._REMEMBERED.clear()
+    restarted = _with_budget(2.0, epochs=2)
+    restarted.compile(keras.optimizers.SGD(0.1), helpers.LOSS)
+    restarted.fit(x, y, epochs=8, verbose=0, callbacks=[keras.callbacks.BackupAndRestore(backup)])
+    assert (int(restarted.dp_steps) == spent) == guarded
+    assert (restarted.privacy_ledger.epsilon(DELTA) <= 2.0) == guarded

@@ -10,6 +10,8 @@ Modules:
   train_logs: the training statistics of the drawn examples only.
   fit_arrays: what `fit` accepts (in-memory arrays), checked first.
   jax_step: the devices and the state of Keras's stateless train step.
+  step_count: the ledger's count of updates, the accountants' caps.
+  ema: the exponential moving average of the weights.
   dp_model: `DPKerasModel` for the JAX backend.
   wrap: `make_private` and `make_private_with_epsilon`.
 """

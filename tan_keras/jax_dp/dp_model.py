@@ -19,6 +19,7 @@ the model draws. What the TensorFlow route has and this one does not yet
 fraction) is refused by argument, never silently ignored.
 """
 
+import contextlib
 import math
 from typing import Optional
 
@@ -29,18 +30,17 @@ from keras import tree
 
 from tan_keras import _keras_internals, _validate
 from tan_keras.jax_dp import clipped_sum as clipped_sum_lib
+from tan_keras.jax_dp import ema as ema_lib
 from tan_keras.jax_dp import example_loss as example_loss_lib
-from tan_keras.jax_dp import fit_arrays, jax_step, poisson_steps, train_logs
+from tan_keras.jax_dp import fit_arrays, jax_step, poisson_steps, step_count, train_logs
 from tan_keras.keras_dp import ledger as ledger_lib
 from tan_keras.keras_dp import plain_training
-from tan_keras.keras_dp.callbacks import PrivacyAccountant
 from tan_keras.keras_dp.dp_config import DPConfig
 
 # Arguments of the TensorFlow route that this backend does not offer yet, and
 # the one value of each it accepts (the default).
 _NOT_YET = {
     "clipping": "auto",
-    "ema_decay": None,
     "noise_seed": None,
     "sampling": "poisson",
     "clipped_fraction_std": None,
@@ -73,6 +73,7 @@ _DP_CONFIG_KEYS = (
     "augmult",
     "examples_per_chunk",
     "release_train_metrics",
+    "ema_decay",
 ) + tuple(_NOT_YET)
 
 
@@ -98,9 +99,11 @@ class DPKerasModel(keras.Model):
         privacy guarantee (a callback that acts on them, ReduceLROnPlateau
         or EarlyStopping monitoring a training metric, is not either).
         False: the train step returns no statistic of the training data.
+      ema_decay: Optional EMA decay d in [0, 1) of the weights, with warm-up
+        d_t = min(d, (1 + t) / (10 + t)); see `ema_weights()`.
       **kwargs: Other `keras.Model` keyword arguments; the TensorFlow route's
-        `clipping`, `ema_decay`, `noise_seed`, `sampling` and
-        `clipped_fraction_std` are accepted only at their defaults.
+        `clipping`, `noise_seed`, `sampling` and `clipped_fraction_std` are
+        accepted only at their defaults.
 
     Raises:
       ValueError: on a missing or invalid DP argument, an argument this
@@ -122,6 +125,7 @@ class DPKerasModel(keras.Model):
         augmult: int = 1,
         examples_per_chunk="auto",
         release_train_metrics: bool = True,
+        ema_decay: Optional[float] = None,
         **kwargs,
     ):
         for name, default in _NOT_YET.items():
@@ -162,6 +166,10 @@ class DPKerasModel(keras.Model):
                 "float16 computation is refused: its loss scaling would scale the clipped sum. "
                 "Use bfloat16 (same speed on accelerators) or float32."
             )
+        # The shadows are made before the ledger binds the weights: they
+        # are weights of the model, with the same history.
+        self._ema_decay = ema_lib.checked_decay(ema_decay)
+        self._ema_sources, self._ema_variables = ema_lib.make_shadows(self.weights, ema_decay)
         # The ledger of these weights, the TensorFlow route's
         # (keras_dp/ledger.py): a second make_private over them, or a model
         # over a privately trained model's layers, shares it; weight files
@@ -215,8 +223,42 @@ class DPKerasModel(keras.Model):
         """
         self._step_limit = None if steps is None else _validate.integer("steps", steps, low=0)
 
+    @property
+    def step_limit(self) -> Optional[int]:
+        """The cap on the total number of noisy updates (None: none), set by `set_step_limit`."""
+        return self._step_limit
+
     def _counters(self):
         return self.privacy_ledger.counters(self._dp_config.mechanism, owner=self)
+
+    @property
+    def ema_decay(self) -> Optional[float]:
+        """The EMA decay d, or None (no EMA kept)."""
+        return self._ema_decay
+
+    @property
+    def ema_variables(self):
+        """EMA shadows of the trainable variables, in their order (None without `ema_decay`)."""
+        if self._ema_variables is None:
+            return None
+        return ema_lib.shadows_of(self._ema_sources, self._ema_variables, self.trainable_variables)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Context manager: the model holds its EMA weights inside the block.
+
+        Example: `with model.ema_weights(): model.evaluate(x_test, y_test)`.
+
+        Raises:
+          ValueError: if the model has no EMA (`ema_decay` was None).
+        """
+        if self._ema_variables is None:
+            raise ValueError(
+                "This DPKerasModel keeps no EMA of its weights: pass ema_decay (e.g. 0.999)."
+            )
+        # Only what trains has an average; a frozen weight is used as it is.
+        with ema_lib.swapped_in(self.trainable_variables, self.ema_variables):
+            yield self
 
     @property
     def release_train_metrics(self) -> bool:
@@ -228,6 +270,7 @@ class DPKerasModel(keras.Model):
         config.update(self._dp_config.to_dict())
         config["examples_per_chunk"] = self._examples_per_chunk
         config["release_train_metrics"] = self._release_train_metrics
+        config["ema_decay"] = self._ema_decay
         return config
 
     @classmethod
@@ -307,35 +350,12 @@ class DPKerasModel(keras.Model):
         _, _, devices = jax_step.data_parallel()
         one_view = tree.map_structure(lambda a: a[:1, 0] if config.augmult > 1 else a[:1], x)
         self._symbolic_build(data_batch=(one_view, tree.map_structure(lambda a: a[:1], y)))
-        # The step counter first: every later callback sees the count of
-        # the update just applied.
-        callbacks = [_StepCounter(self)] + list(kwargs.pop("callbacks", None) or [])
-        budget = self.privacy_budget
-        if budget is not None and not any(isinstance(c, PrivacyAccountant) for c in callbacks):
-            callbacks.append(
-                PrivacyAccountant(budget.delta, budget.target_epsilon, accountant=budget.accountant)
-            )
-        # Weights set as arrays since construction (set_weights from a
-        # privately trained model) bring what they went through; the values
-        # this fit leaves are remembered, so that a copy of them does too.
+        callbacks = step_count.fit_callbacks(self, kwargs.pop("callbacks", None))
+        # Weights set as arrays since construction bring what they went
+        # through; the values this fit leaves are remembered (a copy too).
         before = ledger_lib.recall(self, self.privacy_ledger)
-        # The accountants' caps are set before the first step is drawn (Keras
-        # draws it when fit starts, before the callbacks' on_train_begin),
-        # and the steps stop there: no update beyond a cap can exist.
-        self._step_limit = None
-        for accountant in callbacks:
-            if isinstance(accountant, PrivacyAccountant):
-                accountant.set_model(self)
-                accountant.on_train_begin()
-        start = int(self.dp_steps)
-        if self._step_limit is not None and start >= self._step_limit:
-            if kwargs.get("verbose", "auto") != 0:
-                print(
-                    f"No update: these weights' {start} updates already reach the cap of "
-                    f"{self._step_limit} (the privacy budget, or max_steps)."
-                )
-            self.set_step_limit(None)
-            history = keras.callbacks.History()
+        start, history = int(self.dp_steps), step_count.history_of(callbacks)
+        if step_count.cap_reached_before_training(self, callbacks, kwargs.get("verbose", "auto")):
             history.set_model(self)
             return history
         steps = poisson_steps.poisson_steps(
@@ -344,7 +364,8 @@ class DPKerasModel(keras.Model):
             config.sampling_rate,
             config.expected_batch_size,
             row_multiple=self._examples_per_chunk * devices,
-            may_draw=lambda drawn: self._step_limit is None or start + drawn < self._step_limit,
+            may_draw=lambda drawn: self.step_limit is None or start + drawn < self.step_limit,
+            first_step=start,
         )
         try:
             return super().fit(
@@ -356,6 +377,8 @@ class DPKerasModel(keras.Model):
                 shuffle=False,
                 **kwargs,
             )
+        except step_count.CapReached:
+            return history
         finally:
             self.set_step_limit(None)
             # (Values left detached by a fit that failed before its first
@@ -404,6 +427,11 @@ class DPKerasModel(keras.Model):
         non_trainable = list(non_trainable)
         for i, value in zip(seed_indices, advanced):
             non_trainable[i] = value
+        if self._ema_variables is not None:
+            indices = ema_lib.shadow_indices(self, self.ema_variables)
+            non_trainable = ema_lib.updated(
+                non_trainable, indices, trainable, self._ema_decay, step["step"][0]
+            )
         logs = {}
         if self._release_train_metrics:
             logs, metrics_state = train_logs.training_logs(
@@ -414,17 +442,6 @@ class DPKerasModel(keras.Model):
 
 # Plain Keras training of private weights is refused (plain_training.py).
 plain_training.guard(DPKerasModel)
-
-
-class _StepCounter(keras.callbacks.Callback):
-    """Counts the noisy updates: each train batch is one logical step."""
-
-    def __init__(self, model: DPKerasModel):
-        super().__init__()
-        self._private_model = model
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._private_model._counters().steps.assign_add(1)
 
 
 def _steps_per_epoch(config: DPConfig) -> int:

@@ -54,6 +54,7 @@ def poisson_steps(
     expected_batch_size: int,
     row_multiple: int,
     may_draw: Optional[Callable[[int], bool]] = None,
+    first_step: int = 0,
 ) -> Iterator[Tuple[Any, Any, dict]]:
     """A sequence of padded Poisson steps over the rows of `x` and `y` (endless by default).
 
@@ -68,18 +69,22 @@ def poisson_steps(
         before each step: the sequence ends at the first False (a cap on the
         updates, checked before a step exists, so no step beyond it can be
         trained, however far ahead the consumer reads).
+      first_step: The number of the first step: the updates the weights
+        went through before it (the EMA's warm-up reads it).
 
     Yields:
-      (x_step, y_step, {"keep": bool[rows], "noise_key": uint32[rows, 2]}):
-      the drawn rows first, then zero padding; `keep` is True on drawn rows;
-      every row of `noise_key` holds the step's key (one per row, so that the
-      key is split over devices like the rows and every device holds it).
+      (x_step, y_step, {"keep": bool[rows], "noise_key": uint32[rows, 2],
+      "step": int32[rows]}): the drawn rows first, then zero padding; `keep`
+      is True on drawn rows; every row of `noise_key` holds the step's key,
+      and of `step` its number (one per row, so that they are split over
+      devices like the rows and every device holds them).
     """
     num_rows = len(tree.flatten(x)[0])
     rng = np.random.Generator(np.random.PCG64(secrets.randbits(128)))
     usual_rows = padded_rows(expected_batch_size, sampling_rate, row_multiple)
     drawn = 0
     while may_draw is None or may_draw(drawn):
+        number = first_step + drawn
         drawn += 1
         indices = np.flatnonzero(rng.random(num_rows) < sampling_rate)
         rows = max(usual_rows, int(math.ceil(len(indices) / row_multiple) * row_multiple))
@@ -90,5 +95,9 @@ def poisson_steps(
         yield (
             tree.map_structure(take, x),
             tree.map_structure(take, y),
-            {"keep": keep, "noise_key": np.tile(key, (rows, 1))},
+            {
+                "keep": keep,
+                "noise_key": np.tile(key, (rows, 1)),
+                "step": np.full(rows, number, np.int32),
+            },
         )
