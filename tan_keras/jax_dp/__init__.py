@@ -12,6 +12,8 @@ Modules:
   jax_step: the devices and the state of Keras's stateless train step.
   step_count: the ledger's count of updates, the accountants' caps.
   ema: the exponential moving average of the weights.
+  clipped_fraction: the privately released clipped fraction.
+  model_config: the arguments, configs and methods the model accepts.
   dp_model: `DPKerasModel` for the JAX backend.
   wrap: `make_private` and `make_private_with_epsilon`.
 """

@@ -29,52 +29,21 @@ import numpy as np
 from keras import tree
 
 from tan_keras import _keras_internals, _validate
+from tan_keras.jax_dp import (
+    clipped_fraction,
+    fit_arrays,
+    jax_step,
+    model_config,
+    poisson_steps,
+    step_count,
+    train_logs,
+)
 from tan_keras.jax_dp import clipped_sum as clipped_sum_lib
 from tan_keras.jax_dp import ema as ema_lib
 from tan_keras.jax_dp import example_loss as example_loss_lib
-from tan_keras.jax_dp import fit_arrays, jax_step, poisson_steps, step_count, train_logs
 from tan_keras.keras_dp import ledger as ledger_lib
 from tan_keras.keras_dp import plain_training
 from tan_keras.keras_dp.dp_config import DPConfig
-
-# Arguments of the TensorFlow route that this backend does not offer yet, and
-# the one value of each it accepts (the default).
-_NOT_YET = {
-    "clipping": "auto",
-    "noise_seed": None,
-    "sampling": "poisson",
-    "clipped_fraction_std": None,
-}
-# The training step of these methods is DPKerasModel's own.
-_DP_STEP_METHODS = ("train_step", "compute_loss", "compute_loss_and_updates")
-
-
-def refuse_custom_training_step(model: keras.Model, base: type) -> None:
-    for name in _DP_STEP_METHODS:
-        if getattr(type(model), name) is not getattr(base, name):
-            raise ValueError(
-                f"{type(model).__name__} overrides {name}(), which private training cannot "
-                "honour: DPKerasModel's train_step computes each example's loss with the loss "
-                "given to compile(), clips and noises it. Put custom loss logic into the loss "
-                "function passed to compile()."
-            )
-
-
-# What Keras's Functional.get_config writes (the layer graph).
-_FUNCTIONAL_CONFIG_KEYS = frozenset(
-    {"name", "trainable", "layers", "input_layers", "output_layers"}
-)
-# The DP settings in a config, as either backend's DPKerasModel writes them.
-_DP_CONFIG_KEYS = (
-    "l2_norm_clip",
-    "noise_multiplier",
-    "expected_batch_size",
-    "dataset_size",
-    "augmult",
-    "examples_per_chunk",
-    "release_train_metrics",
-    "ema_decay",
-) + tuple(_NOT_YET)
 
 
 @keras.saving.register_keras_serializable(package="tan_keras")
@@ -99,11 +68,14 @@ class DPKerasModel(keras.Model):
         privacy guarantee (a callback that acts on them, ReduceLROnPlateau
         or EarlyStopping monitoring a training metric, is not either).
         False: the train step returns no statistic of the training data.
+      clipped_fraction_std: None (default), or the std s > 0 of a privately
+        released clipped fraction, logged as `noisy_clipped_fraction`
+        (`clipped_fraction.py`); epsilon accounts it with the update.
       ema_decay: Optional EMA decay d in [0, 1) of the weights, with warm-up
         d_t = min(d, (1 + t) / (10 + t)); see `ema_weights()`.
       **kwargs: Other `keras.Model` keyword arguments; the TensorFlow route's
-        `clipping`, `noise_seed`, `sampling` and `clipped_fraction_std` are
-        accepted only at their defaults.
+        `clipping`, `noise_seed` and `sampling` are accepted only at their
+        defaults.
 
     Raises:
       ValueError: on a missing or invalid DP argument, an argument this
@@ -126,17 +98,10 @@ class DPKerasModel(keras.Model):
         examples_per_chunk="auto",
         release_train_metrics: bool = True,
         ema_decay: Optional[float] = None,
+        clipped_fraction_std: Optional[float] = None,
         **kwargs,
     ):
-        for name, default in _NOT_YET.items():
-            value = kwargs.pop(name, default)
-            if value != default:
-                raise _validate.invalid(
-                    name,
-                    f"{default!r} on the JAX backend (the other values exist on the "
-                    "TensorFlow backend only, for now)",
-                    value,
-                )
+        model_config.refuse_options_not_ported(kwargs)
         required = dict(
             l2_norm_clip=l2_norm_clip,
             noise_multiplier=noise_multiplier,
@@ -152,6 +117,7 @@ class DPKerasModel(keras.Model):
             expected_batch_size=expected_batch_size,
             dataset_size=dataset_size,
             augmult=augmult,
+            clipped_fraction_std=clipped_fraction_std,
         )
         if examples_per_chunk in ("auto", None):
             examples_per_chunk = 32
@@ -159,13 +125,17 @@ class DPKerasModel(keras.Model):
         if not isinstance(release_train_metrics, (bool, np.bool_)):
             raise _validate.invalid("release_train_metrics", "True or False", release_train_metrics)
         self._release_train_metrics = bool(release_train_metrics)
-        refuse_custom_training_step(self, DPKerasModel)
+        model_config.refuse_custom_training_step(self, DPKerasModel)
         super().__init__(*args, **kwargs)
         if self.dtype_policy.compute_dtype == "float16":
             raise ValueError(
                 "float16 computation is refused: its loss scaling would scale the clipped sum. "
                 "Use bfloat16 (same speed on accelerators) or float32."
             )
+        # The released noisy clipped fraction's epoch mean (None: not released).
+        self.noisy_clipped_tracker = (
+            clipped_fraction.tracker() if clipped_fraction_std is not None else None
+        )
         # The shadows are made before the ledger binds the weights: they
         # are weights of the model, with the same history.
         self._ema_decay = ema_lib.checked_decay(ema_decay)
@@ -275,16 +245,7 @@ class DPKerasModel(keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        dp_kwargs = {key: config.pop(key) for key in _DP_CONFIG_KEYS if key in config}
-        unknown = sorted(set(config) - _FUNCTIONAL_CONFIG_KEYS)
-        if unknown:
-            raise ValueError(
-                f"Invalid DPKerasModel config: unknown keys {unknown}; on the JAX backend, a "
-                "model saved with settings of the TensorFlow route only (a privacy ledger, "
-                "provenance marks) cannot be loaded yet."
-            )
-        return super().from_config({**config, **dp_kwargs}, custom_objects=custom_objects)
+        return super().from_config(model_config.accepted(config), custom_objects=custom_objects)
 
     def compile(self, optimizer="rmsprop", loss=None, **kwargs):
         """Keras's `compile`; a loss is required (it is what each example's gradient follows)."""
@@ -437,6 +398,11 @@ class DPKerasModel(keras.Model):
             logs, metrics_state = train_logs.training_logs(
                 self, metrics_state, y, outputs, keep, result
             )
+        if self.noisy_clipped_tracker is not None:
+            released, metrics_state = clipped_fraction.release(
+                self, metrics_state, result, keep, step["noise_key"][0]
+            )
+            logs.update(released)
         return logs, (trainable, non_trainable, optimizer_state, metrics_state)
 
 

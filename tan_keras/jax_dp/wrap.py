@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import keras
 
 from tan_keras import _keras_internals, _validate
-from tan_keras.jax_dp import dp_model
+from tan_keras.jax_dp import dp_model, model_config
 from tan_keras.keras_dp import budget
 from tan_keras.keras_dp import ledger as ledger_lib
 
@@ -36,7 +36,7 @@ def make_private(
     """
     if not isinstance(model, keras.Model):
         raise _validate.invalid("model", "a Keras 3 model", type(model).__name__)
-    dp_model.refuse_custom_training_step(model, keras.Model)
+    model_config.refuse_custom_training_step(model, keras.Model)
     try:
         known = bool(model.inputs) and bool(model.outputs)
     except (AttributeError, ValueError):
