@@ -151,18 +151,21 @@ def test_module_level_imports_have_no_cycle():
             visit(module, [])
 
 
+def _imported_names(node) -> list:
+    """The modules an AST node imports (none for a node that is no import)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom) and node.module:
+        return [node.module]
+    return []
+
+
 @pytest.mark.parametrize("layer", _NO_TENSORFLOW)
 def test_tensorflow_free_layers_import_no_tensorflow(layer):
     for path in sorted((PACKAGE / layer).rglob("*.py")):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            else:
-                continue
-            for name in names:
+            for name in _imported_names(node):
                 assert name.split(".")[0] not in ("tensorflow", "keras"), (
                     f"{path.name}:{node.lineno} imports {name}"
                 )
@@ -189,12 +192,7 @@ def _imports_tensorflow_unconditionally(tree) -> bool:
         if isinstance(node, ast.If) and getattr(node.test, "id", None) == "_TENSORFLOW":
             guarded |= {id(child) for child in ast.walk(node)}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module]
-        else:
-            continue
+        names = _imported_names(node)
         if id(node) not in guarded and any(n.split(".")[0] == "tensorflow" for n in names):
             return True
     return False

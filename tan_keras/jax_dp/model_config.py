@@ -10,6 +10,7 @@ be each example's).
 import keras
 
 from tan_keras import _validate
+from tan_keras.keras_dp.dp_config import MODEL_CONFIG_KEYS
 
 # Arguments of the TensorFlow route that this backend does not offer yet, and
 # the one value of each it accepts (the default).
@@ -24,18 +25,6 @@ _DP_STEP_METHODS = ("train_step", "compute_loss", "compute_loss_and_updates")
 _FUNCTIONAL_CONFIG_KEYS = frozenset(
     {"name", "trainable", "layers", "input_layers", "output_layers"}
 )
-# The DP settings in a config, as either backend's DPKerasModel writes them.
-_DP_CONFIG_KEYS = (
-    "l2_norm_clip",
-    "noise_multiplier",
-    "expected_batch_size",
-    "dataset_size",
-    "augmult",
-    "examples_per_chunk",
-    "release_train_metrics",
-    "ema_decay",
-    "clipped_fraction_std",
-) + tuple(_NOT_YET)
 
 
 def refuse_options_not_ported(kwargs: dict) -> None:
@@ -79,7 +68,7 @@ def accepted(config: dict) -> dict:
         TensorFlow route only).
     """
     config = dict(config)
-    dp_kwargs = {key: config.pop(key) for key in _DP_CONFIG_KEYS if key in config}
+    dp_kwargs = {key: config.pop(key) for key in MODEL_CONFIG_KEYS if key in config}
     unknown = sorted(set(config) - _FUNCTIONAL_CONFIG_KEYS)
     if unknown:
         raise ValueError(

@@ -9,6 +9,23 @@ from tan_keras.privacy import accounting, releases, tan
 SAMPLING_MODES = ("poisson", "caller_poisson", "shuffled")
 
 
+# The DP settings a DPKerasModel's config holds, on either backend: its
+# `from_config` takes them back as arguments.
+MODEL_CONFIG_KEYS = (
+    "l2_norm_clip",
+    "noise_multiplier",
+    "expected_batch_size",
+    "dataset_size",
+    "augmult",
+    "ema_decay",
+    "clipping",
+    "examples_per_chunk",
+    "sampling",
+    "clipped_fraction_std",
+    "release_train_metrics",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class DPConfig:
     """DP-SGD hyper-parameters; derived values are properties, never stored twice.

@@ -51,7 +51,7 @@ from tan_keras.keras_dp import (
 )
 from tan_keras.keras_dp import ledger as ledger_lib
 from tan_keras.keras_dp.callbacks import PrivacyAccountant
-from tan_keras.keras_dp.dp_config import DPConfig
+from tan_keras.keras_dp.dp_config import MODEL_CONFIG_KEYS, DPConfig
 from tan_keras.mechanism import (
     chunking,
     content_digest,
@@ -65,20 +65,6 @@ from tan_keras.mechanism import (
     sampling,
 )
 from tan_keras.models import layer_rules  # noqa: F401  (the package's layers' rules)
-
-_DP_CONFIG_KEYS = (
-    "l2_norm_clip",
-    "noise_multiplier",
-    "expected_batch_size",
-    "dataset_size",
-    "augmult",
-    "ema_decay",
-    "clipping",
-    "examples_per_chunk",
-    "sampling",
-    "clipped_fraction_std",
-    "release_train_metrics",
-)
 
 CLIPPING_MODES = ("auto", "ghost", "layerwise", "vectorized")
 
@@ -465,7 +451,7 @@ class DPKerasModel(keras.Model):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        dp_kwargs = {key: config.pop(key) for key in _DP_CONFIG_KEYS if key in config}
+        dp_kwargs = {key: config.pop(key) for key in MODEL_CONFIG_KEYS if key in config}
         marks = config.pop(provenance.CONFIG_KEY, None)
         spent = config.pop("dp_steps", 0)
         epochs = config.pop("dp_epochs", 0)
