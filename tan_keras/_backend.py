@@ -6,6 +6,7 @@ machine does not have; the package's import must stay cheap on both.
 
 import json
 import os
+import sys
 
 
 def configured() -> str:
@@ -23,3 +24,11 @@ def configured() -> str:
             return json.load(f).get("backend", "tensorflow")
     except (OSError, ValueError, AttributeError):
         return "tensorflow"
+
+
+def in_use() -> str:
+    """The backend of this process: Keras's own once it is imported, else `configured()`."""
+    keras = sys.modules.get("keras")
+    if keras is not None and hasattr(keras, "backend"):
+        return keras.backend.backend()
+    return configured()

@@ -12,6 +12,7 @@ TAN_KERAS_TF_STARTUP_LOG=1 to see TensorFlow's own lines. TensorFlow's
 Python INFO messages are turned off too; its warnings stay.
 """
 
+import contextlib
 import logging
 import os
 import sys
@@ -24,25 +25,32 @@ def _drop_tensorflow_info(record: logging.LogRecord) -> bool:
     return record.levelno > logging.INFO or f"{os.sep}tensorflow{os.sep}" not in record.pathname
 
 
+@contextlib.contextmanager
+def _stderr_muted():
+    """File descriptor 2 goes to /dev/null inside the block (C++ logs write there)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def load_tensorflow():
     """Imports TensorFlow and lists its devices with stderr muted; returns `tf`."""
     if os.environ.get(_SHOW_ENV, "").strip() not in ("", "0"):
         import tensorflow as tf
 
         return tf
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
+    with _stderr_muted():
         import tensorflow as tf
 
         gpus = tf.config.list_physical_devices("GPU")
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
     # TensorFlow's Python INFO lines (e.g. the checkpoint saver's "Sharding
     # callback duration", logged through absl) would reach the console.
     tf.get_logger().setLevel(logging.WARNING)
@@ -55,3 +63,21 @@ def load_tensorflow():
             stacklevel=2,
         )
     return tf
+
+
+def quiet_jax_start() -> None:
+    """Keeps start-up lines a user can do nothing about off a JAX run's console.
+
+    JAX logs at INFO that it found no TPU (absl's handler prints INFO under
+    `app.run`); Keras's saving imports TensorFlow wherever it is installed,
+    on any backend, and TensorFlow's C++ start-up lines would then reach
+    stderr at the first checkpoint: it is imported here with stderr muted.
+    """
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    if os.environ.get(_SHOW_ENV, "").strip() not in ("", "0"):
+        return
+    try:
+        with _stderr_muted():
+            import tensorflow  # noqa: F401
+    except ImportError:
+        pass  # not installed: nothing to mute

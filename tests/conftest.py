@@ -16,13 +16,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pytest  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _forget_remembered_weights():
-    """Each test starts with no weight values remembered from another test.
+def _forget_what_the_process_remembers():
+    """Forgets the weight values and data the package remembers per process.
 
-    The package remembers, per process, which weight values private training
-    left (`ledger.remember`); tests build the same seeded models and would
-    otherwise take each other's ledgers.
+    The package remembers which weight values private training left
+    (`ledger.remember`) and which data it saw; tests build the same seeded
+    models and would otherwise take each other's ledgers.
     """
     from tan_keras.keras_dp import ledger
     from tan_keras.mechanism import data_copies
@@ -30,6 +29,18 @@ def _forget_remembered_weights():
     ledger._REMEMBERED.clear()
     ledger._LOADED.clear()
     data_copies.forget()
+
+
+@pytest.fixture(autouse=True)
+def _forget_remembered_weights():
+    """Each test starts, and leaves, with no weight values remembered.
+
+    Forgotten at the end too: pytest builds a module-scoped fixture before
+    any function-scoped one, so a private model built by a module fixture
+    took the ledger of whatever test the worker ran just before (a CI
+    failure of raw_checkpoint_reads_test that depended on xdist's order).
+    """
+    _forget_what_the_process_remembers()
     # What earlier tests left alive (TensorFlow's and Keras's objects grow
     # to millions in a worker) is moved out of the collector's reach: each
     # full collection then scans this test's objects only, not the whole
@@ -38,6 +49,7 @@ def _forget_remembered_weights():
     gc.collect()
     gc.freeze()
     yield
+    _forget_what_the_process_remembers()
 
 
 # The slowest end-to-end runs (about a minute each on 2 cores), left out of

@@ -33,8 +33,8 @@ LAYERS = {
     "data": 4,
     "keras_dp": 5,
     "jax_dp": 6,
-    "training": 6,
-    "mains": 7,
+    "training": 7,
+    "mains": 8,
 }
 _BASE = {
     "_backend",

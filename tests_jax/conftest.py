@@ -16,14 +16,23 @@ import keras  # noqa: E402
 import pytest  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _forget_remembered_weights():
-    """Each test starts with no weight values remembered from another test (ledger.py)."""
+def _forget_remembered_values():
     from tan_keras.keras_dp import ledger
 
     ledger._REMEMBERED.clear()
     ledger._LOADED.clear()
+
+
+@pytest.fixture(autouse=True)
+def _forget_remembered_weights():
+    """Each test starts, and leaves, with no weight values remembered (ledger.py).
+
+    Forgotten at the end too: a module fixture is built before any function
+    fixture, and must not see what the previous test remembered.
+    """
+    _forget_remembered_values()
     yield
+    _forget_remembered_values()
 
 
 @pytest.fixture(autouse=True)

@@ -69,6 +69,27 @@ def test_ema_weights_are_swapped_in_and_back_and_saved(tmp_path):
         np.testing.assert_array_equal(np.array(a.value), b)
 
 
+def test_the_ema_weights_evaluate_after_a_fit_and_a_save(tmp_path):
+    # Keras's evaluate donates its state's buffers: the weights swapped in
+    # must not be the shadows' own buffers (XLA refused to donate one twice).
+    dp_model = helpers.private(
+        helpers.dense_model(), ROWS, batch=BATCH, lr=0.5, noise_multiplier=1.0, ema_decay=DECAY
+    )
+    x, y = helpers.data(ROWS)
+    dp_model.compile(keras.optimizers.SGD(0.5), helpers.LOSS, metrics=["accuracy"])
+    dp_model.fit(x, y, epochs=1, verbose=0)
+    dp_model.save(tmp_path / "m.keras")
+    plain = dp_model.evaluate(x, y, verbose=0, return_dict=True)
+    with dp_model.ema_weights():
+        averaged = dp_model.evaluate(x, y, verbose=0, return_dict=True)
+    copy = helpers.dense_model()
+    copy.set_weights([np.array(v.value) for v in dp_model.ema_variables])
+    copy.compile(loss=helpers.LOSS, metrics=["accuracy"])
+    expected = copy.evaluate(x, y, verbose=0, return_dict=True)
+    assert averaged["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert plain["loss"] != pytest.approx(averaged["loss"], rel=1e-5)
+
+
 def test_without_ema_decay_there_is_no_ema():
     dp_model = helpers.private(helpers.dense_model(), ROWS, batch=BATCH)
     assert dp_model.ema_variables is None

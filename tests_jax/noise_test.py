@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tan_keras.jax_dp import poisson_steps
+from tan_keras.jax_dp import example_source, poisson_steps
 
 
 def _zero_gradient_loss(y_true, y_pred):
@@ -65,9 +65,13 @@ def test_each_step_key_gives_other_noise_and_the_same_key_the_same():
 
 def test_steps_carry_fresh_keys_from_os_entropy():
     x, y = helpers.data(50)
-    steps = poisson_steps.poisson_steps(x, y, 0.2, 10, row_multiple=4)
+    steps = poisson_steps.poisson_steps(
+        example_source.array_rows(x, y), len(x), 0.2, 10, row_multiple=4
+    )
     keys = [tuple(next(steps)[2]["noise_key"][0]) for _ in range(20)]
-    again = poisson_steps.poisson_steps(x, y, 0.2, 10, row_multiple=4)
+    again = poisson_steps.poisson_steps(
+        example_source.array_rows(x, y), len(x), 0.2, 10, row_multiple=4
+    )
     assert len(set(keys)) == 20
     assert tuple(next(again)[2]["noise_key"][0]) not in keys
 

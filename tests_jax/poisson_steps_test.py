@@ -5,13 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from tan_keras.jax_dp import poisson_steps
+from tan_keras.jax_dp import example_source, poisson_steps
 
 
 def _z_of_inclusions(q_sampled, q_claimed, rows=200, steps=400):
     x = np.arange(rows, dtype="float32")[:, None]
     expected_batch = max(1, round(q_sampled * rows))
-    draws = poisson_steps.poisson_steps(x, x[:, 0], q_sampled, expected_batch, row_multiple=8)
+    draws = poisson_steps.poisson_steps(
+        example_source.array_rows(x, x[:, 0]), len(x), q_sampled, expected_batch, row_multiple=8
+    )
     total = sum(int(next(draws)[2]["keep"].sum()) for _ in range(steps))
     n = rows * steps
     return (total - n * q_claimed) / math.sqrt(n * q_claimed * (1 - q_claimed))
@@ -26,7 +28,9 @@ def test_each_row_is_drawn_with_probability_q():
 def test_a_step_holds_each_drawn_row_once_then_zero_padding():
     x = np.arange(1, 101, dtype="float32")[:, None] * np.ones((1, 3), "float32")
     y = np.arange(1, 101).astype("int32")
-    draws = poisson_steps.poisson_steps({"a": x}, y, 0.2, 20, row_multiple=8)
+    draws = poisson_steps.poisson_steps(
+        example_source.array_rows({"a": x}, y), len(x), 0.2, 20, row_multiple=8
+    )
     for _ in range(20):
         step_x, step_y, step = next(draws)
         keep = step["keep"]
@@ -43,6 +47,10 @@ def test_a_step_holds_each_drawn_row_once_then_zero_padding():
 def test_a_step_larger_than_the_usual_padding_gets_more_rows(rows, multiple):
     # q = 1: every row is drawn, more than B + 4 std when the std is 0.
     x = np.ones((rows, 2), "float32")
-    _, _, step = next(poisson_steps.poisson_steps(x, x[:, 0], 1.0, rows, row_multiple=multiple))
+    _, _, step = next(
+        poisson_steps.poisson_steps(
+            example_source.array_rows(x, x[:, 0]), len(x), 1.0, rows, row_multiple=multiple
+        )
+    )
     assert step["keep"].sum() == rows
     assert len(step["keep"]) == math.ceil(rows / multiple) * multiple

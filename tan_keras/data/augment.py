@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence, Union
 import tensorflow as tf
 
 from tan_keras import _validate
-from tan_keras.data.policies import POLICIES
+from tan_keras.data.policies import PADDING, POLICIES
 from tan_keras.mechanism.views import TAKES_VIEW_KEYS, ViewKeys, register_per_image
 
 IMAGENET_RESIZE = 256
@@ -25,7 +25,6 @@ IMAGENET_CROP = 224
 
 # Padding before the random crop: CIFAR 4 (reflect), ImageNet 20 (reflect) as
 # in TAN; digits 1 with zeros, the background colour of the digits images.
-_PAD = {"digits": (1, "CONSTANT"), "cifar": (4, "REFLECT"), "imagenet": (20, "REFLECT")}
 # torchvision ColorJitter(0.8, 0.8, 0.8, 0.2) applied with probability 0.3.
 _JITTER_STRENGTH = 0.8
 _JITTER_HUE = 0.2
@@ -285,7 +284,7 @@ def make_augmenter(
 
         return identity
 
-    pad, mode = _PAD[policy]
+    pad, mode = PADDING[policy]
     if mode == "REFLECT" and min(height, width) <= pad:
         raise _validate.invalid(
             "image_shape",

@@ -13,3 +13,8 @@ DEFAULT_POLICY = {
     "cifar100": "cifar",
     "imagenet2012": "imagenet",
 }
+
+# Each padding policy's (pixels on each side, mode) before its random crop:
+# digits are translated by a pixel over zeros; CIFAR and ImageNet images
+# are reflect-padded (the TAN recipes).
+PADDING = {"digits": (1, "CONSTANT"), "cifar": (4, "REFLECT"), "imagenet": (20, "REFLECT")}

@@ -9,14 +9,15 @@ processed in chunks inside it), so no gradient sum is ever kept in a
 variable, and the noise key comes with the step's input from OS entropy.
 
 Training input: in-memory arrays (or dicts and lists of arrays) given to
-`fit(x, y, epochs=E)`; the model draws E * round(N / B) Poisson steps itself.
+`fit(x, y, epochs=E)`, or a random-access source of examples
+(`example_source.py`); the model draws E * round(N / B) Poisson steps itself.
 The privacy ledger is the TensorFlow route's (`keras_dp/ledger.py`): bound
 to the weights, shared by every private model over them, carried by Keras
 weight files, recognised in weights copied as arrays; a budget
 (`PrivacyAccountant`, `make_private_with_epsilon`) caps the Poisson steps
 the model draws. What the TensorFlow route has and this one does not yet
-(tf.data input, ghost and layerwise clipping, EMA, the released clipped
-fraction) is refused by argument, never silently ignored.
+(tf.data input, ghost and layerwise clipping, a debugging noise seed) is
+refused by argument, never silently ignored.
 """
 
 import contextlib
@@ -31,6 +32,7 @@ from keras import tree
 from tan_keras import _keras_internals, _validate
 from tan_keras.jax_dp import (
     clipped_fraction,
+    example_source,
     fit_arrays,
     jax_step,
     model_config,
@@ -277,8 +279,11 @@ class DPKerasModel(keras.Model):
 
         Args:
           x: The training inputs: an array, or a dict or list of arrays, with
-            one row per example (K views per row when augmult > 1).
-          y: The labels, one row per example.
+            one row per example (K views per row when augmult > 1); or a
+            random-access source of examples (`len(x)` = N, `x[i]` ->
+            (inputs, label), e.g. `tan_keras.data.image_views.AugmentedImages`),
+            asked for each drawn example by its own index.
+          y: The labels, one row per example (None with a source).
           batch_size: None, or the expected batch size B (the model's).
           epochs: E: the model trains E * round(N / B) noisy steps.
           validation_split: A fraction in [0, 1) of the rows (the last ones)
@@ -309,8 +314,15 @@ class DPKerasModel(keras.Model):
         )
         epochs = _validate.positive_int("epochs", epochs)
         _, _, devices = jax_step.data_parallel()
-        one_view = tree.map_structure(lambda a: a[:1, 0] if config.augmult > 1 else a[:1], x)
-        self._symbolic_build(data_batch=(one_view, tree.map_structure(lambda a: a[:1], y)))
+        if y is None:  # a random-access source (`example_source`)
+            rows_of, num_rows = example_source.source_rows(x), len(x)
+            one_example = tree.map_structure(lambda a: a[None], example_source.first_example(x))
+        else:
+            rows_of, num_rows = example_source.array_rows(x, y), len(tree.flatten(x)[0])
+            one_example = tree.map_structure(lambda a: a[:1], (x, y))
+        one_x, one_y = one_example
+        one_view = tree.map_structure(lambda a: a[:, 0], one_x) if config.augmult > 1 else one_x
+        self._symbolic_build(data_batch=(one_view, one_y))
         callbacks = step_count.fit_callbacks(self, kwargs.pop("callbacks", None))
         # Weights set as arrays since construction bring what they went
         # through; the values this fit leaves are remembered (a copy too).
@@ -320,8 +332,8 @@ class DPKerasModel(keras.Model):
             history.set_model(self)
             return history
         steps = poisson_steps.poisson_steps(
-            x,
-            y,
+            rows_of,
+            num_rows,
             config.sampling_rate,
             config.expected_batch_size,
             row_multiple=self._examples_per_chunk * devices,

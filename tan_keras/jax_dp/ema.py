@@ -103,7 +103,10 @@ def swapped_in(variables: Sequence, shadows: Sequence):
     """
     backup = [np.array(v.value) for v in variables]
     for v, shadow in zip(variables, shadows):
-        v.assign(shadow.value)
+        # A copy: a variable holding the shadow's own buffer would be passed
+        # twice to Keras's steps, which donate their state's buffers (XLA
+        # refuses to donate one buffer twice: evaluate failed).
+        v.assign(np.array(shadow.value))
     try:
         yield
     finally:

@@ -1,4 +1,4 @@
-"""What `fit` accepts on the JAX backend: in-memory arrays, checked before any work.
+"""What `fit` accepts on the JAX backend: arrays or a source, checked before any work.
 
 The model draws its Poisson steps itself from the arrays (`poisson_steps`),
 so everything that would choose batches for it (`steps_per_epoch`,
@@ -13,6 +13,7 @@ import numpy as np
 from keras import tree
 
 from tan_keras import _validate
+from tan_keras.jax_dp import example_source
 from tan_keras.keras_dp.dp_config import DPConfig
 
 
@@ -62,12 +63,16 @@ def checked(
             f"None or the model's expected_batch_size ({config.expected_batch_size})",
             batch_size,
         )
+    if example_source.is_source(x, y):
+        return _checked_source(config, x, validation_split), None, validation_data
     leaves = tree.flatten((x, y))
     if y is None or not leaves or not all(isinstance(a, np.ndarray) for a in leaves):
         raise ValueError(
             "Invalid value for `x`/`y`: expected in-memory numpy arrays (or dicts or lists "
-            "of them) with one row per example; on the JAX backend the model draws its "
-            f"Poisson steps from them. Received: x={type(x).__name__}, y={type(y).__name__}."
+            "of them) with one row per example, or a random-access source as `x` "
+            "(`len(source)` examples, `source[i]` -> (inputs, label)); on the JAX backend the "
+            f"model draws its Poisson steps from them. Received: x={type(x).__name__}, "
+            f"y={type(y).__name__}."
         )
     validation_split = _validate.real(
         "validation_split", validation_split, low=0.0, high=1.0, high_inclusive=False
@@ -104,3 +109,30 @@ def checked(
                 f"Received: shapes {bad}."
             )
     return x, y, validation_data
+
+
+def _checked_source(config: DPConfig, source, validation_split):
+    """A random-access source of training examples (`example_source`), checked."""
+    if validation_split:
+        raise _validate.invalid(
+            "validation_split",
+            "0 with a random-access source (give validation_data: held-out arrays)",
+            validation_split,
+        )
+    if len(source) != config.dataset_size:
+        raise _validate.invalid(
+            "dataset_size",
+            f"the number of examples of the source given to fit ({len(source)}): q = B / N "
+            "must describe the sampling",
+            config.dataset_size,
+        )
+    inputs, _ = example_source.first_example(source)
+    if config.augmult > 1:
+        bad = [a.shape for a in tree.flatten(inputs) if a.ndim < 1 or a.shape[0] != config.augmult]
+        if bad:
+            raise ValueError(
+                f"Invalid value for `x`: with augmult={config.augmult} every input of an "
+                f"example needs the shape [{config.augmult}, ...] (its views). Received: "
+                f"shapes {bad} in source[0]."
+            )
+    return source

@@ -1,4 +1,4 @@
-"""Poisson-sampled logical steps over in-memory arrays, without TensorFlow.
+"""Poisson-sampled logical steps over the training examples, without TensorFlow.
 
 Each logical step includes every training row independently with probability
 q = B / N, drawn from a generator seeded with 128 bits of OS entropy (never a
@@ -10,13 +10,13 @@ entropy, so the secret of the noise never lives in the model's variables and
 cannot reach `get_weights`, a `.keras` file or a checkpoint.
 """
 
-import functools
 import math
 import secrets
 from typing import Any, Callable, Iterator, Optional, Tuple
 
 import numpy as np
-from keras import tree
+
+from tan_keras.jax_dp.example_source import Rows
 
 
 def padded_rows(expected_batch_size: int, sampling_rate: float, row_multiple: int) -> int:
@@ -39,17 +39,9 @@ def padded_rows(expected_batch_size: int, sampling_rate: float, row_multiple: in
     return int(math.ceil(rows / row_multiple) * row_multiple)
 
 
-def _padded_take(array: np.ndarray, indices: np.ndarray, rows: int) -> np.ndarray:
-    # Padding rows are zeros, never copies of a training row: they are
-    # masked, but the data of an example must not appear where it was not drawn.
-    out = np.zeros((rows,) + array.shape[1:], dtype=array.dtype)
-    out[: len(indices)] = array[indices]
-    return out
-
-
 def poisson_steps(
-    x: Any,
-    y: Any,
+    rows_of: Rows,
+    num_rows: int,
     sampling_rate: float,
     expected_batch_size: int,
     row_multiple: int,
@@ -59,9 +51,10 @@ def poisson_steps(
     """A sequence of padded Poisson steps over the rows of `x` and `y` (endless by default).
 
     Args:
-      x: The inputs: an array or a structure (dict, list) of arrays whose
-        first axis is the rows.
-      y: The labels, likewise.
+      rows_of: `rows_of(indices, count)` -> (x_step, y_step): the examples
+        at `indices` stacked, then zero rows up to `count`
+        (`example_source.array_rows` or `source_rows`).
+      num_rows: N, the number of training examples.
       sampling_rate: q, each row's probability of being in a step.
       expected_batch_size: B (for the padded size).
       row_multiple: The padded size is a multiple of it.
@@ -79,7 +72,6 @@ def poisson_steps(
       and of `step` its number (one per row, so that they are split over
       devices like the rows and every device holds them).
     """
-    num_rows = len(tree.flatten(x)[0])
     rng = np.random.Generator(np.random.PCG64(secrets.randbits(128)))
     usual_rows = padded_rows(expected_batch_size, sampling_rate, row_multiple)
     drawn = 0
@@ -91,10 +83,10 @@ def poisson_steps(
         keep = np.zeros(rows, dtype=bool)
         keep[: len(indices)] = True
         key = np.frombuffer(secrets.token_bytes(8), dtype=np.uint32)
-        take = functools.partial(_padded_take, indices=indices, rows=rows)
+        x_step, y_step = rows_of(indices, rows)
         yield (
-            tree.map_structure(take, x),
-            tree.map_structure(take, y),
+            x_step,
+            y_step,
             {
                 "keep": keep,
                 "noise_key": np.tile(key, (rows, 1)),

@@ -16,7 +16,6 @@ import math
 from typing import Sequence
 
 import keras
-import tensorflow as tf
 
 from tan_keras import _validate
 from tan_keras.models import _common
@@ -30,7 +29,7 @@ _STAGE_CHANNELS = (256, 512, 1024, 2048)
 _BOTTLENECK_RATIO = 0.25
 
 
-def _scaled_relu(x: tf.Tensor, scale: float, name: str) -> tf.Tensor:
+def _scaled_relu(x: keras.KerasTensor, scale: float, name: str) -> keras.KerasTensor:
     x = keras.layers.ReLU(name=f"{name}_relu")(x)
     return keras.layers.Rescaling(scale, name=f"{name}_scale")(x)
 
@@ -40,8 +39,8 @@ def _ws_conv(filters: int, kernel_size: int, strides: int, name: str) -> WSConv2
 
 
 def _block(
-    x: tf.Tensor, filters: int, strides: int, beta: float, alpha: float, name: str
-) -> tf.Tensor:
+    x: keras.KerasTensor, filters: int, strides: int, beta: float, alpha: float, name: str
+) -> keras.KerasTensor:
     """Bottleneck block: 1x1 -> 3x3 (strided) -> 1x1, scaled by alpha."""
     mid = int(filters * _BOTTLENECK_RATIO)
     # beta folds into the activation's scale: relu(x * beta) == relu(x) * beta.

@@ -10,7 +10,7 @@ examples and breaks the DP-SGD guarantee).
 """
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from tan_keras import _validate
 
@@ -57,7 +57,7 @@ class WSConv2D(keras.layers.Conv2D):
             dtype=self.dtype,
         )
 
-    def standardized_kernel(self, kernel=None) -> tf.Tensor:
+    def standardized_kernel(self, kernel=None):
         """Returns the kernel the convolution actually uses.
 
         Args:
@@ -70,9 +70,10 @@ class WSConv2D(keras.layers.Conv2D):
         fan_in = 1
         for dim in kernel.shape[:-1]:
             fan_in *= int(dim)
-        mean, var = tf.nn.moments(kernel, axes=[0, 1, 2], keepdims=True)
-        scale = tf.math.rsqrt(tf.maximum(var * fan_in, self.eps))
-        return (kernel - mean) * scale * tf.cast(self.gain, kernel.dtype)
+        mean = ops.mean(kernel, axis=(0, 1, 2), keepdims=True)
+        var = ops.var(kernel, axis=(0, 1, 2), keepdims=True)
+        scale = ops.rsqrt(ops.maximum(var * fan_in, self.eps))
+        return (kernel - mean) * scale * ops.cast(self.gain, kernel.dtype)
 
     def convolution_op(self, inputs, kernel):
         return super().convolution_op(inputs, self.standardized_kernel(kernel))

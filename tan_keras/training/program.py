@@ -1,7 +1,8 @@
 """The training program as a library: `run(config) -> metrics`.
 
 `python -m tan_keras.train` parses its flags into a `TrainConfig` and calls
-`run`; the search calls it in process for every grid point. TensorFlow loads
+`run`; the search calls it in process for every grid point. On Keras's JAX
+backend the run after the plan is `jax_run.run`'s, without TensorFlow. TensorFlow loads
 only after the checks that need no data or model (`train_config`,
 `train_plan` and the dataset's availability), so a refused run fails in a
 second, with nothing written.
@@ -12,9 +13,9 @@ import shutil
 import time
 from typing import Any, Dict, Optional
 
-from tan_keras import _startup, _validate
+from tan_keras import _backend, _startup, _validate
 from tan_keras.data import datasets
-from tan_keras.training import train_config, train_plan, training_set
+from tan_keras.training import run_results, train_config, train_plan, training_set
 from tan_keras.training.train_config import TrainConfig
 
 
@@ -38,6 +39,11 @@ def run(config: TrainConfig, start: Optional[float] = None) -> Optional[Dict[str
       RuntimeError: when training fails after it started.
     """
     start = time.monotonic() if start is None else start
+    on_jax = _backend.in_use() == "jax"
+    if on_jax:
+        from tan_keras.training import jax_run
+
+        jax_run.check_settings(config)
     model_dir = config.model_dir or train_config.default_model_dir(config.dataset, config.model)
     worker = train_config.worker_index() if config.strategy == "multiworker" else 0
     if worker:
@@ -67,6 +73,8 @@ def run(config: TrainConfig, start: Optional[float] = None) -> Optional[Dict[str
         config, data.size, training_set.reference_dataset_size(config, examples)
     )
 
+    if on_jax:
+        return jax_run.run(config, data, examples, plan, model_dir, metrics_path, start)
     # TensorFlow loads only now, after the checks that need no model.
     _startup.load_tensorflow()
     from tan_keras.data import augment
@@ -139,13 +147,13 @@ def run(config: TrainConfig, start: Optional[float] = None) -> Optional[Dict[str
             model, train_ds, sampler, checkpoint, plan, config, model_dir, test_ds
         )
         accuracies = train_lib.evaluate(model, test_ds, config.test_augmult, augmenter)
-        metrics = train_lib.final_metrics(
+        metrics = run_results.final_metrics(
             config, plan, dp_steps, accuracies, time.monotonic() - start, model_dir, examples
         )
-        train_lib.write_metrics(metrics_path, metrics)
+        run_results.write_metrics(metrics_path, metrics)
     except ValueError as err:
         raise RuntimeError(str(err)) from err
-    for line in train_lib.describe_metrics(metrics):
+    for line in run_results.describe_metrics(metrics):
         print(line)
     print(f"metrics: {metrics_path}", flush=True)
     if config.delete_checkpoints:

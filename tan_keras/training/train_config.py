@@ -20,7 +20,7 @@ import re
 import time
 from typing import Any, Callable, Dict, Optional
 
-from tan_keras import _private_files, _validate
+from tan_keras import _backend, _private_files, _validate
 from tan_keras.data.datasets import DATASET_NAMES
 from tan_keras.data.policies import DEFAULT_POLICY, POLICIES
 from tan_keras.data.splits import PARTS
@@ -472,6 +472,27 @@ def check_model_dir(model_dir: str, config: TrainConfig) -> None:
                 "another --model_dir",
             )
         return
+    if _backend.in_use() == "jax":
+        _check_keras_checkpoint(model_dir)
+    else:
+        _check_tensorflow_checkpoint(model_dir)
+    _check_saved_settings(model_dir, config)
+
+
+def _check_keras_checkpoint(model_dir: str) -> None:
+    """A JAX run's checkpoint: one Keras file of the private model (`jax_run`)."""
+    path = os.path.join(model_dir, CHECKPOINT_SUBDIR, "latest.keras")
+    if not os.path.isfile(path):
+        raise _validate.invalid(
+            "resume",
+            f"a checkpoint to continue in model_dir ({path} is missing)",
+            True,
+            "Drop --resume to start a new run in an empty --model_dir",
+        )
+
+
+def _check_tensorflow_checkpoint(model_dir: str) -> None:
+    """A TensorFlow run's checkpoint index, readable and not empty."""
     # TensorFlow only now: resuming needs it anyway.
     import tensorflow as tf
 
@@ -501,6 +522,10 @@ def check_model_dir(model_dir: str, config: TrainConfig) -> None:
             True,
             "Drop --resume to start a new run in an empty --model_dir",
         )
+
+
+def _check_saved_settings(model_dir: str, config: TrainConfig) -> None:
+    """The run-defining settings saved in model_dir equal `config`'s."""
     saved_path = os.path.join(model_dir, CONFIG_FILE)
     if not os.path.exists(saved_path):
         return  # The checkpoint's own DP fingerprint is still checked on restore.
@@ -508,9 +533,7 @@ def check_model_dir(model_dir: str, config: TrainConfig) -> None:
         with open(saved_path, encoding="utf-8") as f:
             saved = json.load(f)
     except (OSError, ValueError) as err:
-        raise CheckpointError(
-            f"Cannot read {saved_path!r} ({err}): model_dir is corrupted."
-        ) from None
+        raise _corrupted(f"Cannot read {saved_path!r} ({err}): model_dir is corrupted.") from None
     differences = config.differences(saved)
     if differences:
         name, value = next(iter(differences.items()))
@@ -521,3 +544,12 @@ def check_model_dir(model_dir: str, config: TrainConfig) -> None:
             getattr(config, name),
             f"Other saved values that differ: {others}" if others else "",
         )
+
+
+def _corrupted(message: str) -> ValueError:
+    """The error of a corrupted run directory: a `CheckpointError` on TensorFlow."""
+    if _backend.in_use() == "jax":
+        return ValueError(message)
+    from tan_keras.keras_dp.checkpointing import CheckpointError
+
+    return CheckpointError(message)

@@ -53,6 +53,7 @@ def format_plan(
     dataset: str,
     noiseless: Sequence[str] = (),
     examples: Optional[str] = None,
+    where_noiseless_go: str = "printed, and logged to TensorBoard",
 ) -> str:
     """The plan as text for a person, printed before training.
 
@@ -63,6 +64,8 @@ def format_plan(
         tuning split); None: "<dataset>, N=<N> training examples".
       noiseless: The outputs this run computes without noise on its training
         examples (`training_set.released_noiseless`): named as not covered.
+      where_noiseless_go: Where the run writes them (the JAX program logs
+        no TensorBoard).
 
     Returns:
       Multi-line text without a trailing newline.
@@ -123,8 +126,8 @@ def format_plan(
         )
     if noiseless and plan.private:
         lines.append(
-            f"Not covered by epsilon: {', '.join(noiseless)} (printed, and logged to "
-            "TensorBoard) are computed WITHOUT noise on the training examples. "
+            f"Not covered by epsilon: {', '.join(noiseless)} ({where_noiseless_go}) are "
+            "computed WITHOUT noise on the training examples. "
             "--release=private keeps them out of every output."
         )
     lines += [f"Warning: {note}" for note in plan.warnings]

@@ -1,0 +1,252 @@
+"""The training program on Keras's JAX backend: `KERAS_BACKEND=jax python -m tan_keras.train`.
+
+The same run as on TensorFlow (the plan, exactly S noisy updates with
+Poisson sampling, EMA, the final and EMA test accuracies, the metrics JSON),
+with no TensorFlow anywhere: the examples come from a random-access source
+that draws each example's K views on the host (`image_views.AugmentedImages`),
+the model draws its own Poisson steps from it, and every local device
+trains under `keras.distribution.DataParallel` when there are several.
+
+What needs TensorFlow is refused by flag before anything is read or
+written: tf.distribute strategies, the debugging noise seed, test-time
+augmentation, the ImageNet policy. Checkpoints are Keras files of the whole
+private model (weights, EMA, optimizer state and the privacy ledger; no
+secret key exists on this backend: every step draws its noise key from OS
+entropy), written every --checkpoint_every updates; --resume continues from
+the latest with the count it holds.
+"""
+
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, Optional
+
+import keras
+import numpy as np
+
+from tan_keras import _private_files, _startup, _validate, models
+from tan_keras.data import image_views
+from tan_keras.jax_dp.wrap import make_private
+from tan_keras.keras_dp.callbacks import PrivacyAccountant
+from tan_keras.privacy.plan import PrivacyPlan
+from tan_keras.training import run_results, train_plan, training_set
+from tan_keras.training.train_config import CHECKPOINT_SUBDIR, CONFIG_FILE, TrainConfig
+
+# Settings of the TensorFlow program this backend does not have, each with
+# the one value it accepts here and why.
+_TENSORFLOW_ONLY = {
+    "strategy": ("default", "every local device trains under keras.distribution.DataParallel"),
+    "tpu": (None, "tf.distribute's TPU strategy"),
+    "sampling_key_file": (None, "multi-worker tf.distribute training"),
+    "noise_seed": (None, "noise and batches come from OS entropy only"),
+    "test_augmult": (None, "test-time augmentation"),
+}
+# The checkpoint of a run: the whole private model as one Keras file.
+CHECKPOINT_FILE = "latest.keras"
+# Test examples per evaluation batch.
+_EVAL_BATCH = 256
+
+
+def check_settings(config: TrainConfig) -> None:
+    """Refuses, by flag, what the program cannot do on the JAX backend.
+
+    Raises:
+      ValueError: naming the flag, the value it takes here and the value given.
+    """
+    for name, (accepted, why) in _TENSORFLOW_ONLY.items():
+        value = getattr(config, name)
+        if value != accepted:
+            raise _validate.invalid(
+                name,
+                f"{accepted!r} on the JAX backend ({why}; the other values need the "
+                "TensorFlow backend)",
+                value,
+            )
+
+
+def run(
+    config: TrainConfig,
+    data,
+    examples: training_set.TrainingSet,
+    plan: PrivacyPlan,
+    model_dir: str,
+    metrics_path: str,
+    start: float,
+) -> Optional[Dict[str, Any]]:
+    """Trains, evaluates and writes the metrics (`program.run` on the JAX backend).
+
+    Args:
+      config: The run's settings (`check_settings` passed).
+      data: The dataset's arrays (`datasets.ArrayDataset`), the run's part.
+      examples: What the run trains on.
+      plan: The privacy plan.
+      model_dir: The run directory (checked: new, or a run to resume).
+      metrics_path: The metrics JSON's path.
+      start: `time.monotonic()` when the run was asked for.
+
+    Returns:
+      The metrics, or None for a dry run.
+
+    Raises:
+      ValueError: for a policy that does not fit the images, or a checkpoint
+        of another run, before anything is written.
+    """
+    image_views.check_policy(config.augment, data.input_shape)
+    _startup.quiet_jax_start()
+    print(
+        train_plan.format_plan(
+            plan,
+            config.dataset,
+            training_set.released_noiseless(config),
+            examples.describe(),
+            where_noiseless_go="printed",
+        ),
+        flush=True,
+    )
+    if config.dry_run:
+        print(f"dry run: {config.model} on {config.dataset}; nothing trained or written.")
+        return None
+    checkpoint_path = os.path.join(model_dir, CHECKPOINT_SUBDIR, CHECKPOINT_FILE)
+    model = _restored(checkpoint_path, plan) if config.resume else _built(config, plan, data)
+    _private_files.make_private_dir(model_dir)
+    run_results.write_json_atomically(os.path.join(model_dir, CONFIG_FILE), config.to_dict())
+    print(f"model_dir: {model_dir}", flush=True)
+    source = image_views.AugmentedImages(
+        data.train_x, data.train_y, config.augmult, config.augment, seed=config.seed
+    )
+    dp_steps = _fit(model, source, plan, config, checkpoint_path)
+    accuracies = _evaluate(model, data.test_x, data.test_y)
+    metrics = run_results.final_metrics(
+        config, plan, dp_steps, accuracies, time.monotonic() - start, model_dir, examples
+    )
+    run_results.write_metrics(metrics_path, metrics)
+    for line in run_results.describe_metrics(metrics):
+        print(line)
+    print(f"metrics: {metrics_path}", flush=True)
+    if config.delete_checkpoints:
+        _remove(checkpoint_path)
+        print("checkpoints deleted (--delete_checkpoints).", flush=True)
+    return metrics
+
+
+def _built(config: TrainConfig, plan: PrivacyPlan, data) -> keras.Model:
+    """The compiled private model of a new run."""
+    keras.utils.set_random_seed(config.seed)  # initialisation only: noise is OS entropy
+    model = make_private(
+        models.build_model(config.model, data.input_shape, data.num_classes),
+        l2_norm_clip=config.l2_norm_clip,
+        noise_multiplier=plan.noise_multiplier,
+        expected_batch_size=plan.batch_size,
+        dataset_size=plan.dataset_size,
+        augmult=config.augmult,
+        ema_decay=config.ema_decay,
+        examples_per_chunk=config.examples_per_chunk,
+        release_train_metrics=config.release == "all",
+        clipped_fraction_std=plan.clipped_fraction_std,
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(config.lr, momentum=config.momentum),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def _restored(checkpoint_path: str, plan: PrivacyPlan) -> keras.Model:
+    """The private model of the checkpoint to resume, checked against the plan.
+
+    Raises:
+      ValueError: naming `resume` when there is no checkpoint, or the
+        setting of the checkpoint's model that differs from the plan.
+    """
+    if not os.path.isfile(checkpoint_path):
+        raise _validate.invalid(
+            "resume",
+            f"a checkpoint to continue in model_dir ({checkpoint_path} is missing)",
+            True,
+            "Drop --resume to start a new run in an empty --model_dir",
+        )
+    model = keras.saving.load_model(checkpoint_path)
+    dp = model.dp_config
+    planned = dict(
+        noise_multiplier=plan.noise_multiplier,
+        expected_batch_size=plan.batch_size,
+        dataset_size=plan.dataset_size,
+    )
+    for name, value in planned.items():
+        if getattr(dp, name) != value:
+            raise _validate.invalid(
+                name,
+                f"{getattr(dp, name)!r}, the checkpoint's, when resuming it",
+                value,
+            )
+    print(f"Resumed {checkpoint_path} at dp_steps={int(model.dp_steps)}.", flush=True)
+    return model
+
+
+class _Checkpoint(keras.callbacks.Callback):
+    """Writes the whole private model every `every` updates, atomically."""
+
+    def __init__(self, path: str, every: int):
+        super().__init__()
+        self._path, self._every = path, every
+
+    def on_train_batch_end(self, batch, logs=None):
+        # The ledger's count is advanced by the model's first callback.
+        if int(self.model.dp_steps) % self._every == 0:
+            self.save()
+
+    def save(self):
+        os.makedirs(os.path.dirname(self._path), mode=0o700, exist_ok=True)
+        tmp = f"{self._path[: -len('.keras')]}.tmp-{os.getpid()}.keras"
+        self.model.save(tmp)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self._path)
+
+
+def _fit(model, source, plan: PrivacyPlan, config: TrainConfig, checkpoint_path: str) -> int:
+    """Trains until `plan.steps` noisy updates (or the budget); returns `dp_steps`."""
+    done = int(model.dp_steps)
+    if done < plan.steps:
+        per_epoch = max(1, int(math.floor(plan.dataset_size / plan.batch_size + 0.5)))
+        accountant = PrivacyAccountant(
+            delta=plan.delta,
+            target_epsilon=plan.target_epsilon,
+            max_steps=plan.steps,
+            accountant=plan.accountant,
+        )
+        checkpoint = _Checkpoint(checkpoint_path, config.checkpoint_every)
+        model.fit(
+            source,
+            epochs=math.ceil((plan.steps - done) / per_epoch),
+            # First: it adds epsilon and eta to the epoch logs the others read.
+            callbacks=[accountant, checkpoint],
+            verbose=1 if sys.stdout.isatty() else 2,
+        )
+        checkpoint.save()
+    done = int(model.dp_steps)
+    if done < plan.steps:
+        print(f"Stopped at dp_steps={done}: one more update would exceed target_eps.")
+    return done
+
+
+def _evaluate(model, test_x: np.ndarray, test_y: np.ndarray) -> Dict[str, Optional[float]]:
+    """Test accuracy of the final weights and of the EMA weights (None without EMA)."""
+
+    def accuracy():
+        logs = model.evaluate(test_x, test_y, batch_size=_EVAL_BATCH, verbose=0, return_dict=True)
+        return float(logs["accuracy"])
+
+    results = {"test_accuracy": accuracy(), "test_accuracy_ema": None, "test_accuracy_tta": None}
+    if model.ema_decay is not None:
+        with model.ema_weights():
+            results["test_accuracy_ema"] = accuracy()
+    return results
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
