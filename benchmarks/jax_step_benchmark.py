@@ -62,7 +62,7 @@ def _median_seconds(step, state, data, steps, warmup=2):
     return statistics.median(times)
 
 
-def measure(name, batch_size, augmult, chunk, steps):
+def measure(name, batch_size, augmult, chunk, steps, clippings=("auto",)):
     rng = np.random.default_rng(0)
     dataset_size = 50 * batch_size
     plain = MODELS[name]()
@@ -72,6 +72,19 @@ def measure(name, batch_size, augmult, chunk, steps):
     plain._symbolic_build(data_batch=(x[:1], y[:1]))
     plain_time = _median_seconds(jax.jit(plain.train_step), training_state(plain), (x, y), steps)
 
+    for clipping in clippings:
+        dp_time, rows = _private_step_seconds(
+            name, batch_size, dataset_size, augmult, chunk, steps, clipping, rng
+        )
+        print(
+            f"{name:12s} B={batch_size} K={augmult} rows={rows} {clipping:10s} plain "
+            f"{plain_time * 1e3:8.1f} ms  DP {dp_time * 1e3:8.1f} ms  "
+            f"DP/plain {dp_time / plain_time:5.2f}x",
+            flush=True,
+        )
+
+
+def _private_step_seconds(name, batch_size, dataset_size, augmult, chunk, steps, clipping, rng):
     private = tan_keras.make_private(
         MODELS[name](),
         l2_norm_clip=1.0,
@@ -80,6 +93,7 @@ def measure(name, batch_size, augmult, chunk, steps):
         dataset_size=dataset_size,
         augmult=augmult,
         examples_per_chunk=chunk,
+        clipping=clipping,
     )
     private.compile(keras.optimizers.SGD(0.1), LOSS)
     rows = poisson_steps.padded_rows(batch_size, batch_size / dataset_size, chunk)
@@ -90,14 +104,10 @@ def measure(name, batch_size, augmult, chunk, steps):
     step = {"keep": keep, "noise_key": np.tile(np.array([1, 2], np.uint32), (rows, 1))}
     one_view = px[:1, 0] if augmult > 1 else px[:1]
     private._symbolic_build(data_batch=(one_view, py[:1]))
-    dp_time = _median_seconds(
+    seconds = _median_seconds(
         jax.jit(private.train_step), training_state(private), (px, py, step), steps
     )
-    print(
-        f"{name:12s} B={batch_size} K={augmult} rows={rows} plain {plain_time * 1e3:8.1f} ms  "
-        f"DP {dp_time * 1e3:8.1f} ms  DP/plain {dp_time / plain_time:5.2f}x",
-        flush=True,
-    )
+    return seconds, rows
 
 
 def main():
@@ -107,6 +117,12 @@ def main():
     parser.add_argument("--augmult", type=int, default=1)
     parser.add_argument("--examples_per_chunk", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument(
+        "--clipping",
+        default="auto,vectorized",
+        help="DPKerasModel clipping routes to time, comma-separated (auto: Dense kernels by "
+        "their ghost norms; vectorized: every weight by its per-example gradient).",
+    )
     args = parser.parse_args()
     if keras.backend.backend() != "jax":
         raise SystemExit("KERAS_BACKEND must be jax for this benchmark")
@@ -114,7 +130,14 @@ def main():
     for name in args.models.split(","):
         if name not in MODELS:
             raise SystemExit(f"--models: expected names among {sorted(MODELS)}, got {name!r}")
-        measure(name, args.batch_size, args.augmult, args.examples_per_chunk, args.steps)
+        measure(
+            name,
+            args.batch_size,
+            args.augmult,
+            args.examples_per_chunk,
+            args.steps,
+            args.clipping.split(","),
+        )
 
 
 if __name__ == "__main__":

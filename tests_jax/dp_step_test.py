@@ -4,6 +4,7 @@ import functools
 
 import _jax_helpers as helpers
 import jax
+import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
@@ -56,23 +57,28 @@ def test_one_added_example_moves_the_update_by_at_most_lr_c_over_b(l2_norm_clip)
         assert moved > 1.5 * bound
 
 
+@pytest.mark.parametrize("clipping", ["vectorized", "auto"])
 @pytest.mark.parametrize("norm", ["package", "squares_only"])
-def test_a_finite_gradient_whose_squares_overflow_is_clipped_not_dropped(norm, monkeypatch):
+def test_a_finite_gradient_whose_squares_overflow_is_clipped_not_dropped(
+    norm, clipping, monkeypatch
+):
     # A linear model's gradient is the input times (p - y): an input of 3e19
     # gives finite entries whose squares overflow float32. "squares_only"
     # is the power check: the plain sum of squares calls the row non-finite
-    # and drops it, so it moves the update by 0.
-    from tan_keras.jax_dp import clipped_sum
+    # and drops it, so it moves the update by 0. ("auto" clips the kernel by
+    # its ghost norm: the same check on its rescaling.)
+    from tan_keras.jax_dp import clipped_sum, ghost_dense
 
     if norm == "squares_only":
         monkeypatch.setattr(clipped_sum, "_rescaled_global_norm", clipped_sum._global_norm)
+        monkeypatch.setattr(ghost_dense, "_rescaled", lambda a: (a, jnp.float32(1.0)))
     x, y = helpers.data(8)
     x[0] = 3e19
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
     # The saturated softmax gives (p - y) = 0 when the model is right about
     # the huge row: give it the label the model finds least likely.
     y[0] = int(np.argmin(model.predict(x[:1], verbose=0)[0]))
-    dp_model = helpers.private(model, 8, lr=1.0, l2_norm_clip=1.0)
+    dp_model = helpers.private(model, 8, lr=1.0, l2_norm_clip=1.0, clipping=clipping)
     logs, with_row = helpers.one_step(dp_model, x, y)
     _, without_row = helpers.one_step(dp_model, x, y, keep=np.arange(8) > 0)
     moved = np.linalg.norm(helpers.flat(with_row) - helpers.flat(without_row))

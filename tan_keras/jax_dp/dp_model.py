@@ -16,8 +16,9 @@ to the weights, shared by every private model over them, carried by Keras
 weight files, recognised in weights copied as arrays; a budget
 (`PrivacyAccountant`, `make_private_with_epsilon`) caps the Poisson steps
 the model draws. What the TensorFlow route has and this one does not yet
-(tf.data input, ghost and layerwise clipping, a debugging noise seed) is
-refused by argument, never silently ignored.
+(tf.data input, ghost norms of other layers than Dense, layerwise
+clipping, a debugging noise seed) is refused by argument, never silently
+ignored.
 """
 
 import contextlib
@@ -34,6 +35,7 @@ from tan_keras.jax_dp import (
     clipped_fraction,
     example_source,
     fit_arrays,
+    ghost_dense,
     jax_step,
     model_config,
     poisson_steps,
@@ -75,9 +77,13 @@ class DPKerasModel(keras.Model):
         (`clipped_fraction.py`); epsilon accounts it with the update.
       ema_decay: Optional EMA decay d in [0, 1) of the weights, with warm-up
         d_t = min(d, (1 + t) / (10 + t)); see `ema_weights()`.
+      clipping: "auto" (default): the kernels of plain Dense layers are
+        clipped by their ghost norms where that is cheaper than forming
+        their per-example gradients (`ghost_dense.py`), every other weight
+        by its per-example gradient; "vectorized": every weight by its
+        per-example gradient. The same clipped sum either way.
       **kwargs: Other `keras.Model` keyword arguments; the TensorFlow route's
-        `clipping`, `noise_seed` and `sampling` are accepted only at their
-        defaults.
+        `noise_seed` and `sampling` are accepted only at their defaults.
 
     Raises:
       ValueError: on a missing or invalid DP argument, an argument this
@@ -101,9 +107,11 @@ class DPKerasModel(keras.Model):
         release_train_metrics: bool = True,
         ema_decay: Optional[float] = None,
         clipped_fraction_std: Optional[float] = None,
+        clipping: str = "auto",
         **kwargs,
     ):
         model_config.refuse_options_not_ported(kwargs)
+        self._clipping = model_config.checked_clipping(clipping)
         required = dict(
             l2_norm_clip=l2_norm_clip,
             noise_multiplier=noise_multiplier,
@@ -243,6 +251,7 @@ class DPKerasModel(keras.Model):
         config["examples_per_chunk"] = self._examples_per_chunk
         config["release_train_metrics"] = self._release_train_metrics
         config["ema_decay"] = self._ema_decay
+        config["clipping"] = self._clipping
         return config
 
     @classmethod
@@ -374,15 +383,22 @@ class DPKerasModel(keras.Model):
         seed_indices = example_loss_lib.seed_state_indices(self)
         mesh, axis, _ = jax_step.data_parallel()
         rows = jnp.arange(keep.shape[0], dtype=jnp.uint32)
+        loss_fn = example_loss_lib.example_loss(self, non_trainable, metrics_state, seed_indices)
+        examples = ((x, y), rows)
+        ghost = []
+        if self._clipping == "auto":
+            first = tree.map_structure(lambda a: a[0], examples)
+            ghost = ghost_dense.ghost_kernels(self, loss_fn, trainable, first)
         result = clipped_sum_lib.clipped_sum(
-            example_loss_lib.example_loss(self, non_trainable, metrics_state, seed_indices),
+            loss_fn,
             trainable,
-            ((x, y), rows),
+            examples,
             keep,
             config.l2_norm_clip,
             self._examples_per_chunk,
             mesh=mesh,
             batch_axis=axis,
+            ghost=ghost,
         )
         advanced = example_loss_lib.advanced_seed_states(
             self, trainable, non_trainable, x, seed_indices

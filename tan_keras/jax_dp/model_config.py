@@ -15,7 +15,6 @@ from tan_keras.keras_dp.dp_config import MODEL_CONFIG_KEYS
 # Arguments of the TensorFlow route that this backend does not offer yet, and
 # the one value of each it accepts (the default).
 _NOT_YET = {
-    "clipping": "auto",
     "noise_seed": None,
     "sampling": "poisson",
 }
@@ -42,6 +41,26 @@ def refuse_options_not_ported(kwargs: dict) -> None:
                 "TensorFlow backend only, for now)",
                 value,
             )
+
+
+# The clipping routes of this backend (`DPKerasModel`'s `clipping`).
+CLIPPING_MODES = ("auto", "vectorized")
+
+
+def checked_clipping(clipping: str) -> str:
+    """`clipping`, one of `CLIPPING_MODES`.
+
+    Raises:
+      ValueError: naming the argument, the values this backend takes and the value.
+    """
+    if clipping not in CLIPPING_MODES:
+        raise _validate.invalid(
+            "clipping",
+            f'one of {CLIPPING_MODES} on the JAX backend ("auto" clips Dense kernels by '
+            'their ghost norms; the TensorFlow backend also has "ghost" and "layerwise")',
+            clipping,
+        )
+    return clipping
 
 
 def refuse_custom_training_step(model: keras.Model, base: type) -> None:

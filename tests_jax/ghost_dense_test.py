@@ -1,0 +1,164 @@
+"""Dense kernels clipped by their ghost norms equal the per-example route (JAX backend)."""
+
+import _jax_helpers as helpers
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import pytest
+
+from tan_keras.jax_dp import example_loss, ghost_dense
+
+ROWS = 16
+
+
+def _mlp():
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(32, activation="tanh"),
+            keras.layers.Dense(24, activation="relu"),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+def _sequence_model():
+    # Dense on [T, features] per example, T = 3: 3 (12 + 12) < 12 * 12.
+    return keras.Sequential(
+        [
+            keras.Input((3, 12)),
+            keras.layers.Dense(12, activation="tanh"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+def _strided_cnn():
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Conv2D(4, 3, strides=2, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+_MODELS = {
+    "mlp": (_mlp, (6,)),
+    "sequence": (_sequence_model, (3, 12)),
+    "cnn": (_strided_cnn, (8, 8, 3)),
+}
+
+
+def _ghosted(dp_model, x, y):
+    """The kernels `clipping="auto"` takes by their ghost norms, for this model and data."""
+    one_view = x[:1, 0] if dp_model.dp_config.augmult > 1 else x[:1]
+    dp_model._symbolic_build(data_batch=(one_view, y[:1]))
+    trainable = [v.value for v in dp_model.trainable_variables]
+    non_trainable = [v.value for v in dp_model.non_trainable_variables]
+    loss = example_loss.example_loss(
+        dp_model, non_trainable, [v.value for v in dp_model.metrics_variables], []
+    )
+    first = ((x[0], y[0]), jnp.uint32(0))
+    return ghost_dense.ghost_kernels(dp_model, loss, trainable, first)
+
+
+def _steps(name, augmult=1, keep=None, clip=0.05):
+    build, shape = _MODELS[name]
+    x, y = helpers.data(ROWS, shape=shape)
+    if augmult > 1:
+        rng = np.random.default_rng(1)
+        x = np.stack([x + 0.1 * rng.normal(size=x.shape).astype("float32")] * augmult, axis=1)
+    keras.utils.set_random_seed(0)
+    model = build()
+    results = {}
+    for clipping in ("auto", "vectorized"):
+        dp_model = helpers.private(
+            keras.models.clone_model(model),
+            ROWS,
+            l2_norm_clip=clip,
+            augmult=augmult,
+            clipping=clipping,
+        )
+        dp_model.set_weights(model.get_weights())
+        logs, changes = helpers.one_step(dp_model, x, y, keep=keep)
+        results[clipping] = (helpers.flat(changes), logs, _ghosted(dp_model, x, y))
+    return results
+
+
+@pytest.mark.parametrize("name, augmult", [("mlp", 1), ("mlp", 3), ("sequence", 1), ("cnn", 2)])
+def test_ghost_kernels_give_the_per_example_routes_clipped_sum(name, augmult):
+    keep = np.arange(ROWS) % 5 != 0  # some rows masked, as padding
+    results = _steps(name, augmult, keep)
+    ghost, ghost_logs, chosen = results["auto"]
+    vectorized, vectorized_logs, _ = results["vectorized"]
+    assert chosen, "auto took no kernel by its ghost norm: the comparison would be vacuous"
+    assert float(ghost_logs["clipped_fraction"]) > 0.5  # clipping is active
+    np.testing.assert_allclose(ghost, vectorized, rtol=2e-4, atol=1e-7)
+    np.testing.assert_allclose(
+        float(ghost_logs["grad_norm"]), float(vectorized_logs["grad_norm"]), rtol=1e-4
+    )
+
+
+def test_power_check_a_wrong_ghost_norm_is_told_apart(monkeypatch):
+    # The norm of the summed rows' product instead of the norm of the sum of
+    # the rows' products (the two differ when an example has several rows).
+    def wrong(inputs, grads):
+        a = inputs.reshape((-1, inputs.shape[-1])).sum(0)
+        d = grads.reshape((-1, grads.shape[-1])).sum(0)
+        return jnp.linalg.norm(a) * jnp.linalg.norm(d) * 2.0
+
+    monkeypatch.setattr(ghost_dense, "ghost_norm", wrong)
+    results = _steps("mlp", augmult=3)
+    assert not np.allclose(results["auto"][0], results["vectorized"][0], rtol=2e-4, atol=1e-7)
+
+
+def test_a_nonfinite_row_adds_nothing_on_the_ghost_route():
+    build, shape = _MODELS["mlp"]
+    x, y = helpers.data(ROWS, shape=shape)
+    x[4, 2] = np.nan
+    keras.utils.set_random_seed(0)
+    model = build()
+    dp_model = helpers.private(model, ROWS, l2_norm_clip=0.05)
+    logs, with_nan = helpers.one_step(dp_model, x, y)
+    _, without = helpers.one_step(dp_model, x, y, keep=np.arange(ROWS) != 4)
+    assert float(logs["nonfinite_examples"]) == 1
+    assert np.isfinite(helpers.flat(with_nan)).all()
+    np.testing.assert_allclose(helpers.flat(with_nan), helpers.flat(without), rtol=1e-5, atol=1e-8)
+
+
+def test_only_kernels_where_the_ghost_norm_pays_and_called_once_are_ghosted():
+    # A Dense layer on 64 rows per example (64 (4 + 4) > 4 * 4) and two
+    # called twice keep their per-example gradients; the head is ghosted.
+    inputs = keras.Input((64, 4))
+    wide = keras.layers.Dense(4)
+    shared = keras.layers.Dense(4)
+    twice = keras.layers.Dense(8)
+    flat = keras.layers.Flatten()(wide(inputs))
+    head = keras.layers.Dense(3)
+    out = head(keras.layers.Add()([shared(twice(flat)), shared(twice(flat))]))
+    dp_model = helpers.private(keras.Model(inputs, out), ROWS)
+    x, y = helpers.data(ROWS, shape=(64, 4))
+    chosen = [g.layer for g in _ghosted(dp_model, x, y)]
+    assert chosen == [head]
+
+
+def test_the_ghost_route_runs_on_four_devices_like_one():
+    if len(jax.devices()) < 4:
+        pytest.skip("needs the 4 virtual CPU devices of conftest.py")
+    build, shape = _MODELS["cnn"]
+    x, y = helpers.data(ROWS, shape=shape)
+    keras.utils.set_random_seed(0)
+    model = build()
+    one = helpers.private(keras.models.clone_model(model), ROWS, l2_norm_clip=0.05)
+    one.set_weights(model.get_weights())
+    _, single = helpers.one_step(one, x, y)
+    keras.distribution.set_distribution(keras.distribution.DataParallel())
+    four = helpers.private(keras.models.clone_model(model), ROWS, l2_norm_clip=0.05)
+    four.set_weights(model.get_weights())
+    _, split = helpers.one_step(four, x, y)
+    np.testing.assert_allclose(helpers.flat(split), helpers.flat(single), rtol=2e-4, atol=1e-7)
