@@ -162,3 +162,15 @@ def test_the_ghost_route_runs_on_four_devices_like_one():
     four.set_weights(model.get_weights())
     _, split = helpers.one_step(four, x, y)
     np.testing.assert_allclose(helpers.flat(split), helpers.flat(single), rtol=2e-4, atol=1e-7)
+
+
+def test_a_dense_layer_whose_call_was_replaced_keeps_its_per_example_gradient():
+    # A call set on the instance is the user's code, which the ghost tap would bypass.
+    model = _mlp()
+    last = model.layers[-1]
+    original = last.call
+    last.call = lambda inputs, training=None: original(inputs) * 2.0
+    dp_model = helpers.private(model, ROWS)
+    x, y = helpers.data(ROWS, shape=(6,))
+    assert last not in [g.layer for g in _ghosted(dp_model, x, y)]
+    assert len(_ghosted(dp_model, x, y)) == 2  # the other two Dense layers

@@ -138,3 +138,15 @@ def test_the_main_job_runs_where_tensorflow_cannot_be_imported(tmp_path):
     assert "dp_steps=3 epsilon=" in result.stdout
     # Nothing on stderr a user can do nothing about (JAX's TPU probe, C++ logs).
     assert result.stderr.strip() == "", result.stderr[-2000:]
+
+
+def test_a_checkpoint_of_another_run_is_refused_on_resume(tmp_path):
+    # The checkpoint file of a run with another clip norm, put in place of
+    # this run's: resuming would continue another mechanism under this plan.
+    _run(tmp_path)
+    other = tmp_path / "other"
+    program.run(TrainConfig(model_dir=str(other / "run"), **{**_SHORT, "l2_norm_clip": 0.5}))
+    name = os.path.join("run", "checkpoints", jax_run.CHECKPOINT_FILE)
+    os.replace(other / name, tmp_path / name)
+    with pytest.raises(ValueError, match="l2_norm_clip"):
+        _run(tmp_path, resume=True)

@@ -48,6 +48,8 @@ def _plain_dense(layer) -> bool:
     return (
         isinstance(layer, keras.layers.Dense)
         and type(layer).call is keras.layers.Dense.call
+        # (A call set on the instance is the user's: left alone.)
+        and "call" not in vars(layer)
         and layer.quantization_mode is None
         and not layer.lora_enabled
         and getattr(layer, "_kernel", None) is not None

@@ -108,7 +108,10 @@ def run(
         print(f"dry run: {config.model} on {config.dataset}; nothing trained or written.")
         return None
     checkpoint_path = os.path.join(model_dir, CHECKPOINT_SUBDIR, CHECKPOINT_FILE)
-    model = _restored(checkpoint_path, plan) if config.resume else _built(config, plan, data)
+    if config.resume:
+        model = _restored(checkpoint_path, plan, config)
+    else:
+        model = _built(config, plan, data)
     _private_files.make_private_dir(model_dir)
     run_results.write_json_atomically(os.path.join(model_dir, CONFIG_FILE), config.to_dict())
     print(f"model_dir: {model_dir}", flush=True)
@@ -153,7 +156,7 @@ def _built(config: TrainConfig, plan: PrivacyPlan, data) -> keras.Model:
     return model
 
 
-def _restored(checkpoint_path: str, plan: PrivacyPlan) -> keras.Model:
+def _restored(checkpoint_path: str, plan: PrivacyPlan, config: TrainConfig) -> keras.Model:
     """The private model of the checkpoint to resume, checked against the plan.
 
     Raises:
@@ -169,16 +172,24 @@ def _restored(checkpoint_path: str, plan: PrivacyPlan) -> keras.Model:
         )
     model = keras.saving.load_model(checkpoint_path)
     dp = model.dp_config
+    # The checkpoint must be this run's: a file of another run (other
+    # settings) would continue another mechanism under this plan's epsilon.
     planned = dict(
         noise_multiplier=plan.noise_multiplier,
         expected_batch_size=plan.batch_size,
         dataset_size=plan.dataset_size,
+        l2_norm_clip=config.l2_norm_clip,
+        augmult=config.augmult,
+        clipped_fraction_std=plan.clipped_fraction_std,
     )
-    for name, value in planned.items():
-        if getattr(dp, name) != value:
+    saved = {name: getattr(dp, name) for name in planned}
+    saved_ema = model.ema_decay
+    for name, value in list(planned.items()) + [("ema_decay", config.ema_decay)]:
+        found = saved_ema if name == "ema_decay" else saved[name]
+        if found != value:
             raise _validate.invalid(
                 name,
-                f"{getattr(dp, name)!r}, the checkpoint's, when resuming it",
+                f"{found!r}, the value of the checkpoint in {checkpoint_path}, when resuming it",
                 value,
             )
     print(f"Resumed {checkpoint_path} at dp_steps={int(model.dp_steps)}.", flush=True)
