@@ -44,11 +44,34 @@ def strided_cnn():
     )
 
 
+def text_conv1d():
+    """keras.io's text classifier from scratch: 20,000 words, 200 tokens, Conv1D."""
+    return keras.Sequential(
+        [
+            keras.Input((200,), dtype="int32"),
+            keras.layers.Embedding(20_000, 128),
+            keras.layers.Conv1D(128, 7, strides=3, activation="relu"),
+            keras.layers.Conv1D(128, 7, strides=3, activation="relu"),
+            keras.layers.GlobalMaxPooling1D(),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
 MODELS = {
     "small_cnn": lambda: cnn.small_cnn((32, 32, 3), 10),
     "strided_cnn": strided_cnn,
     "wrn16_4": lambda: wrn.wide_resnet((32, 32, 3), 10, depth=16, width=4),
+    "text_conv1d": text_conv1d,
 }
+
+
+def _inputs(name, shape, rng):
+    """Random inputs of `shape` (rows first) for the model: token ids, or images."""
+    if name.startswith("text"):
+        return rng.integers(0, 20_000, shape[:-3] + (200,)).astype("int32")
+    return rng.normal(size=shape).astype("float32")
 
 
 def _median_seconds(step, state, data, steps, warmup=2):
@@ -67,7 +90,7 @@ def measure(name, batch_size, augmult, chunk, steps, clippings=("auto",)):
     dataset_size = 50 * batch_size
     plain = MODELS[name]()
     plain.compile(keras.optimizers.SGD(0.1), LOSS)
-    x = rng.normal(size=(batch_size, 32, 32, 3)).astype("float32")
+    x = _inputs(name, (batch_size, 32, 32, 3), rng)
     y = rng.integers(0, 10, batch_size).astype("int32")
     plain._symbolic_build(data_batch=(x[:1], y[:1]))
     plain_time = _median_seconds(jax.jit(plain.train_step), training_state(plain), (x, y), steps)
@@ -98,7 +121,7 @@ def _private_step_seconds(name, batch_size, dataset_size, augmult, chunk, steps,
     private.compile(keras.optimizers.SGD(0.1), LOSS)
     rows = poisson_steps.padded_rows(batch_size, batch_size / dataset_size, chunk)
     shape = (rows, augmult, 32, 32, 3) if augmult > 1 else (rows, 32, 32, 3)
-    px = rng.normal(size=shape).astype("float32")
+    px = _inputs(name, shape, rng)
     py = rng.integers(0, 10, rows).astype("int32")
     keep = np.arange(rows) < batch_size
     step = {"keep": keep, "noise_key": np.tile(np.array([1, 2], np.uint32), (rows, 1))}

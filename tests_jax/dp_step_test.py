@@ -67,11 +67,11 @@ def test_a_finite_gradient_whose_squares_overflow_is_clipped_not_dropped(
     # is the power check: the plain sum of squares calls the row non-finite
     # and drops it, so it moves the update by 0. ("auto" clips the kernel by
     # its ghost norm: the same check on its rescaling.)
-    from tan_keras.jax_dp import clipped_sum, ghost_dense
+    from tan_keras.jax_dp import clipped_sum, ghost_norms
 
     if norm == "squares_only":
         monkeypatch.setattr(clipped_sum, "_rescaled_global_norm", clipped_sum._global_norm)
-        monkeypatch.setattr(ghost_dense, "_rescaled", lambda a: (a, jnp.float32(1.0)))
+        monkeypatch.setattr(ghost_norms, "_rescaled", lambda a: (a, jnp.float32(1.0)))
     x, y = helpers.data(8)
     x[0] = 3e19
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])

@@ -148,3 +148,21 @@ def test_a_policy_that_needs_tensorflow_or_does_not_fit_is_refused_by_name():
         image_views.check_policy("imagenet", (32, 32, 3))
     with pytest.raises(ValueError, match="augment.*reflect padding"):
         image_views.check_policy("cifar", (4, 4, 3))
+
+
+def test_an_examples_views_do_not_depend_on_which_examples_were_drawn_before():
+    # Review: one shared generator made every later example's views depend
+    # on the earlier draws, so an example changed steps it was not in.
+    images = np.random.default_rng(0).random((6, 8, 8, 1)).astype("float32")
+
+    def views_of_5_after(earlier):
+        source = image_views.AugmentedImages(images, np.arange(6), augmult=2, policy="cifar")
+        for index in earlier:
+            source[index]
+        return source[5][0]
+
+    np.testing.assert_array_equal(views_of_5_after([0, 1]), views_of_5_after([1]))
+    np.testing.assert_array_equal(views_of_5_after([]), views_of_5_after([2, 3, 4]))
+    # ... while its own draws differ call after call (fresh views every step).
+    source = image_views.AugmentedImages(images, np.arange(6), augmult=2, policy="cifar")
+    assert not np.array_equal(source[5][0], source[5][0])

@@ -102,7 +102,11 @@ class AugmentedImages:
       augmult: K >= 1 views per image.
       policy: The augmentation policy (`check_policy`).
       seed: Seed of the views' draws (they are not secret: which example a
-        step holds is, and that is drawn by the model).
+        step holds is, and that is drawn by the model). The views of example
+        i at its c-th call are drawn from (seed, i, c) alone: one shared
+        generator would make every later example's views depend on which
+        examples were drawn before, so that one example would change steps
+        it is not in.
 
     Raises:
       ValueError: for mismatched rows, a bad K or policy.
@@ -119,13 +123,18 @@ class AugmentedImages:
             )
         self._augmult = _validate.positive_int("augmult", augmult)
         self._pad, self._mode, self._flip = check_policy(policy, self._images.shape[1:])
-        self._rng = np.random.default_rng(_validate.integer("seed", seed, low=0))
+        self._seed = _validate.integer("seed", seed, low=0)
+        # How many times each example was asked for: its own draws only.
+        self._calls = np.zeros(len(self._images), np.int64)
 
     def __len__(self) -> int:
         return len(self._images)
 
     def __getitem__(self, index: int):
+        index = int(index)
         image = self._images[index]
-        drawn = views(image, self._augmult, self._pad, self._mode, self._flip, self._rng)
+        rng = np.random.default_rng((self._seed, index, int(self._calls[index])))
+        self._calls[index] += 1
+        drawn = views(image, self._augmult, self._pad, self._mode, self._flip, rng)
         # One view is the image's own shape: the model takes [N, K, ...] only for K > 1.
         return (drawn if self._augmult > 1 else drawn[0]), self._labels[index]

@@ -3,8 +3,8 @@
 `clipped_sum` forms each example's gradient with `jax.vmap` (the gradient of
 the mean loss over its K views, so views are averaged BEFORE clipping),
 clips it to L2 norm C over all variables, and sums the kept examples (the
-large Dense kernels by their ghost norms, `ghost_dense.py`, without forming
-their per-example gradients). The
+large Dense kernels and Embedding tables by their ghost norms,
+`ghost_norms.py`, without forming their per-example gradients). The
 examples are processed in chunks by `jax.lax.scan`, so that one `vmap` forms
 at most `chunk_size` per-example gradients; up to 16 chunks are unrolled (no
 loop at run time).
@@ -21,7 +21,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from tan_keras.jax_dp import ghost_dense
+from tan_keras.jax_dp import ghost_norms
 
 # Where per-example results of a chunk go: the batch axis of the inputs.
 _P = jax.sharding.PartitionSpec
@@ -95,7 +95,7 @@ def local_clipped_sum(
     keep: jax.Array,
     l2_norm_clip: float,
     chunk_size: int,
-    ghost: Sequence[ghost_dense.GhostKernel] = (),
+    ghost: Sequence[ghost_norms.GhostWeight] = (),
 ) -> ClippedSum:
     """The clipped sum over this device's rows (see the module docstring).
 
@@ -109,8 +109,8 @@ def local_clipped_sum(
         step (invalid labels).
       l2_norm_clip: C.
       chunk_size: Rows whose per-example gradients are formed at once.
-      ghost: The Dense kernels clipped by their ghost norm
-        (`ghost_dense.ghost_kernels`): their per-example gradients are
+      ghost: The weights clipped by their ghost norms
+        (`ghost_norms.ghost_weights`): their per-example gradients are
         never formed.
 
     Returns:
@@ -118,7 +118,7 @@ def local_clipped_sum(
     """
     ghost_indices = [g.index for g in ghost]
     free_indices = [i for i in range(len(params)) if i not in set(ghost_indices)]
-    layers = [g.layer for g in ghost]
+    layers, kinds = [g.layer for g in ghost], [g.kind for g in ghost]
 
     def loss_of(free, taps, example):
         # The ghost kernels are constants here: no gradient of theirs is formed.
@@ -126,7 +126,7 @@ def local_clipped_sum(
         for i, p in zip(free_indices, free):
             full[i] = p
         recorded = {}
-        with ghost_dense.tapped(layers, taps, recorded):
+        with ghost_norms.tapped(layers, kinds, taps, recorded):
             loss, outputs = example_loss(full, example)
         return loss, (outputs, [recorded[j][0][0] for j in range(len(layers))])
 
@@ -137,7 +137,10 @@ def local_clipped_sum(
         free = [params[i] for i in free_indices]
         (loss, (outputs, inputs)), (grads, tap_grads) = value_and_grad(free, taps, example)
         parts = [_global_norm(grads) if grads else jnp.float32(0.0)]
-        parts += [ghost_dense.ghost_norm(a, d) for a, d in zip(inputs, tap_grads)]
+        parts += [
+            ghost_norms.ghost_norm(g.kind, a, d, chunk_size)
+            for g, a, d in zip(ghost, inputs, tap_grads)
+        ]
         return grads, inputs, tap_grads, jnp.stack(parts), loss, outputs
 
     zero = [jnp.zeros(p.shape, jnp.float32) for p in params]
@@ -174,10 +177,8 @@ def local_clipped_sum(
             # One contraction over the rows: 3x faster on CPU than scaling
             # every row's gradient and summing them (strided CNN, 96 rows).
             total[i] = total[i] + jnp.tensordot(factors, _zeroed_where_not(finite, g), axes=1)
-        for i, a, d in zip(ghost_indices, inputs, tap_grads):
-            total[i] = total[i] + ghost_dense.clipped_kernel_sum(
-                _zeroed_where_not(finite, a), _zeroed_where_not(finite, d), factors
-            )
+        for g, a, d in zip(ghost, inputs, tap_grads):
+            total[g.index] = total[g.index] + ghost_norms.clipped_sum(g, a, d, factors, finite)
         nonfinite = jnp.logical_and(kept, jnp.logical_not(finite))
         return total, (jnp.where(kept, norms, 0.0), losses, outputs, nonfinite)
 
@@ -203,7 +204,7 @@ def clipped_sum(
     chunk_size: int,
     mesh: Optional[jax.sharding.Mesh] = None,
     batch_axis: Optional[str] = None,
-    ghost: Sequence[ghost_dense.GhostKernel] = (),
+    ghost: Sequence[ghost_norms.GhostWeight] = (),
 ) -> ClippedSum:
     """`local_clipped_sum` over all rows, split across `mesh`'s `batch_axis` if given.
 

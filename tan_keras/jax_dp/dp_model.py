@@ -16,7 +16,7 @@ to the weights, shared by every private model over them, carried by Keras
 weight files, recognised in weights copied as arrays; a budget
 (`PrivacyAccountant`, `make_private_with_epsilon`) caps the Poisson steps
 the model draws. What the TensorFlow route has and this one does not yet
-(tf.data input, ghost norms of other layers than Dense, layerwise
+(tf.data input, ghost norms of convolutions, layerwise
 clipping, a debugging noise seed) is refused by argument, never silently
 ignored.
 """
@@ -35,7 +35,7 @@ from tan_keras.jax_dp import (
     clipped_fraction,
     example_source,
     fit_arrays,
-    ghost_dense,
+    ghost_norms,
     jax_step,
     model_config,
     poisson_steps,
@@ -77,11 +77,12 @@ class DPKerasModel(keras.Model):
         (`clipped_fraction.py`); epsilon accounts it with the update.
       ema_decay: Optional EMA decay d in [0, 1) of the weights, with warm-up
         d_t = min(d, (1 + t) / (10 + t)); see `ema_weights()`.
-      clipping: "auto" (default): the kernels of plain Dense layers are
-        clipped by their ghost norms where that is cheaper than forming
-        their per-example gradients (`ghost_dense.py`), every other weight
-        by its per-example gradient; "vectorized": every weight by its
-        per-example gradient. The same clipped sum either way.
+      clipping: "auto" (default): the kernels of plain Dense layers and
+        the tables of Embedding layers are clipped by their ghost norms
+        where that is cheaper than forming their per-example gradients
+        (`ghost_norms.py`), every other weight by its per-example gradient;
+        "vectorized": every weight by its per-example gradient. The same
+        clipped sum either way.
       **kwargs: Other `keras.Model` keyword arguments; the TensorFlow route's
         `noise_seed` and `sampling` are accepted only at their defaults.
 
@@ -332,10 +333,10 @@ class DPKerasModel(keras.Model):
         one_x, one_y = one_example
         one_view = tree.map_structure(lambda a: a[:, 0], one_x) if config.augmult > 1 else one_x
         self._symbolic_build(data_batch=(one_view, one_y))
-        callbacks = step_count.fit_callbacks(self, kwargs.pop("callbacks", None))
         # Weights set as arrays since construction bring what they went
         # through; the values this fit leaves are remembered (a copy too).
         before = ledger_lib.recall(self, self.privacy_ledger)
+        callbacks = step_count.fit_callbacks(self, kwargs.pop("callbacks", None), before)
         start, history = int(self.dp_steps), step_count.history_of(callbacks)
         if step_count.cap_reached_before_training(self, callbacks, kwargs.get("verbose", "auto")):
             history.set_model(self)
@@ -388,7 +389,7 @@ class DPKerasModel(keras.Model):
         ghost = []
         if self._clipping == "auto":
             first = tree.map_structure(lambda a: a[0], examples)
-            ghost = ghost_dense.ghost_kernels(self, loss_fn, trainable, first)
+            ghost = ghost_norms.ghost_weights(self, loss_fn, trainable, first)
         result = clipped_sum_lib.clipped_sum(
             loss_fn,
             trainable,

@@ -56,8 +56,9 @@ def checked_clipping(clipping: str) -> str:
     if clipping not in CLIPPING_MODES:
         raise _validate.invalid(
             "clipping",
-            f'one of {CLIPPING_MODES} on the JAX backend ("auto" clips Dense kernels by '
-            'their ghost norms; the TensorFlow backend also has "ghost" and "layerwise")',
+            f'one of {CLIPPING_MODES} on the JAX backend ("auto" clips Dense kernels and '
+            'Embedding tables by their ghost norms; the TensorFlow backend also has "ghost" '
+            'and "layerwise")',
             clipping,
         )
     return clipping

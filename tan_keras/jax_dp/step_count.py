@@ -11,6 +11,7 @@ steps end there: no update beyond a cap can exist.
 
 import keras
 
+from tan_keras.jax_dp import weights_recall
 from tan_keras.keras_dp.callbacks import PrivacyAccountant
 
 
@@ -49,18 +50,21 @@ class CapGuard(keras.callbacks.Callback):
             raise CapReached()
 
 
-def fit_callbacks(model, callbacks) -> list:
-    """A fit's callbacks: the step counter, the user's, the budget's accountant, the guard.
+def fit_callbacks(model, callbacks, before) -> list:
+    """A fit's callbacks: the step counter, the memory, the user's, the accountant, the guards.
 
     Args:
       model: The private model.
       callbacks: The callbacks given to `fit` (None or a list).
+      before: The fingerprints of the model's weights when the fit started.
 
     Returns:
       The list to give Keras's `fit`: with a `History` (the user's, or one
       added) that holds what trained also when the guard ends the fit.
     """
-    callbacks = [StepCounter(model)] + list(callbacks or [])
+    users = list(callbacks or [])
+    between_batches = any(weights_recall.has_batch_hook(c) for c in users)
+    callbacks = list(users)
     budget = model.privacy_budget
     if budget is not None and not any(isinstance(c, PrivacyAccountant) for c in callbacks):
         callbacks.append(
@@ -68,7 +72,9 @@ def fit_callbacks(model, callbacks) -> list:
         )
     if not any(isinstance(c, keras.callbacks.History) for c in callbacks):
         callbacks.append(keras.callbacks.History())
-    return callbacks + [CapGuard(model)]
+    recall = weights_recall.RecallSetWeights(model, callbacks, between_batches)
+    remember = weights_recall.RememberUpdates(model, before, recall, between_batches)
+    return [StepCounter(model), remember] + callbacks + [recall, CapGuard(model)]
 
 
 def history_of(callbacks) -> keras.callbacks.History:

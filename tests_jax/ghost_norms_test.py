@@ -1,4 +1,4 @@
-"""Dense kernels clipped by their ghost norms equal the per-example route (JAX backend)."""
+"""Dense kernels and Embedding tables clipped by their ghost norms equal the per-example route."""
 
 import _jax_helpers as helpers
 import jax
@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from tan_keras.jax_dp import example_loss, ghost_dense
+from tan_keras.jax_dp import example_loss, ghost_norms
 
 ROWS = 16
 
@@ -47,10 +47,23 @@ def _strided_cnn():
     )
 
 
+def _text_model():
+    # Embedding on 5 ids per view, 2 views (100 < 32 * 200), repeated ids.
+    return keras.Sequential(
+        [
+            keras.Input((5,), dtype="int32"),
+            keras.layers.Embedding(200, 8),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
 _MODELS = {
     "mlp": (_mlp, (6,)),
     "sequence": (_sequence_model, (3, 12)),
     "cnn": (_strided_cnn, (8, 8, 3)),
+    "text": (_text_model, (5,)),
 }
 
 
@@ -64,14 +77,17 @@ def _ghosted(dp_model, x, y):
         dp_model, non_trainable, [v.value for v in dp_model.metrics_variables], []
     )
     first = ((x[0], y[0]), jnp.uint32(0))
-    return ghost_dense.ghost_kernels(dp_model, loss, trainable, first)
+    return ghost_norms.ghost_weights(dp_model, loss, trainable, first)
 
 
 def _steps(name, augmult=1, keep=None, clip=0.05):
     build, shape = _MODELS[name]
     x, y = helpers.data(ROWS, shape=shape)
-    if augmult > 1:
-        rng = np.random.default_rng(1)
+    rng = np.random.default_rng(1)
+    if name == "text":  # ids of 12 words: repeated within most examples
+        ids = [rng.integers(0, 12, size=(ROWS,) + shape).astype("int32") for _ in range(augmult)]
+        x = np.stack(ids, axis=1) if augmult > 1 else ids[0]
+    elif augmult > 1:
         x = np.stack([x + 0.1 * rng.normal(size=x.shape).astype("float32")] * augmult, axis=1)
     keras.utils.set_random_seed(0)
     model = build()
@@ -90,13 +106,17 @@ def _steps(name, augmult=1, keep=None, clip=0.05):
     return results
 
 
-@pytest.mark.parametrize("name, augmult", [("mlp", 1), ("mlp", 3), ("sequence", 1), ("cnn", 2)])
+@pytest.mark.parametrize(
+    "name, augmult", [("mlp", 1), ("mlp", 3), ("sequence", 1), ("cnn", 2), ("text", 1), ("text", 2)]
+)
 def test_ghost_kernels_give_the_per_example_routes_clipped_sum(name, augmult):
     keep = np.arange(ROWS) % 5 != 0  # some rows masked, as padding
     results = _steps(name, augmult, keep)
     ghost, ghost_logs, chosen = results["auto"]
     vectorized, vectorized_logs, _ = results["vectorized"]
-    assert chosen, "auto took no kernel by its ghost norm: the comparison would be vacuous"
+    assert chosen, "auto took no weight by its ghost norm: the comparison would be vacuous"
+    if name == "text":
+        assert ghost_norms.EMBEDDING in [g.kind for g in chosen]
     assert float(ghost_logs["clipped_fraction"]) > 0.5  # clipping is active
     np.testing.assert_allclose(ghost, vectorized, rtol=2e-4, atol=1e-7)
     np.testing.assert_allclose(
@@ -107,13 +127,28 @@ def test_ghost_kernels_give_the_per_example_routes_clipped_sum(name, augmult):
 def test_power_check_a_wrong_ghost_norm_is_told_apart(monkeypatch):
     # The norm of the summed rows' product instead of the norm of the sum of
     # the rows' products (the two differ when an example has several rows).
-    def wrong(inputs, grads):
+    def wrong(kind, inputs, grads, rows_per_sum):
         a = inputs.reshape((-1, inputs.shape[-1])).sum(0)
         d = grads.reshape((-1, grads.shape[-1])).sum(0)
         return jnp.linalg.norm(a) * jnp.linalg.norm(d) * 2.0
 
-    monkeypatch.setattr(ghost_dense, "ghost_norm", wrong)
+    monkeypatch.setattr(ghost_norms, "ghost_norm", wrong)
     results = _steps("mlp", augmult=3)
+    assert not np.allclose(results["auto"][0], results["vectorized"][0], rtol=2e-4, atol=1e-7)
+
+
+def test_power_check_an_embedding_norm_blind_to_repeated_ids_is_told_apart(monkeypatch):
+    # Each position's gradient counted as its own row of the table: wrong
+    # when an id repeats within an example (the rows add up first).
+    norm = ghost_norms.ghost_norm
+
+    def blind(kind, inputs, grads, rows_per_sum):
+        if kind != ghost_norms.EMBEDDING:
+            return norm(kind, inputs, grads, rows_per_sum)
+        return jnp.sqrt(jnp.sum(jnp.square(grads.astype(jnp.float32))))
+
+    monkeypatch.setattr(ghost_norms, "ghost_norm", blind)
+    results = _steps("text")
     assert not np.allclose(results["auto"][0], results["vectorized"][0], rtol=2e-4, atol=1e-7)
 
 
@@ -174,3 +209,26 @@ def test_a_dense_layer_whose_call_was_replaced_keeps_its_per_example_gradient():
     x, y = helpers.data(ROWS, shape=(6,))
     assert last not in [g.layer for g in _ghosted(dp_model, x, y)]
     assert len(_ghosted(dp_model, x, y)) == 2  # the other two Dense layers
+
+
+@pytest.mark.parametrize("bounded", [True, False])
+def test_rows_that_cancel_cannot_take_an_example_past_lr_c_over_b(bounded, monkeypatch):
+    # Review: two positions whose products a_t d_t^T nearly cancel; in float32
+    # the Gram form rounded to 0 while the contraction still added the
+    # example, unclipped (8x the bound). The norm now includes the rounding
+    # bounds; without them (the power check) the example escapes again.
+    if not bounded:
+        monkeypatch.setattr(ghost_norms, "_UNIT", 0.0)
+    inputs = keras.Input((2, 4))
+    pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Dense(8)(inputs))
+    keras.utils.set_random_seed(0)
+    model = helpers.private(
+        keras.Model(inputs, pooled), 1, lr=1.0, l2_norm_clip=1.0, loss="mse", examples_per_chunk=1
+    )
+    v = np.array([2.0, 3.0, 4.0, 4.0], np.float32)
+    x = (1e4 * np.stack([v, -(1 + 2.0**-12) * v]))[None].astype(np.float32)
+    y = np.full((1, 8), 1e4, np.float32)
+    assert [g.kind for g in _ghosted(model, x, y)] == [ghost_norms.DENSE]
+    _, changes = helpers.one_step(model, x, y)
+    moved = float(np.linalg.norm(helpers.flat(changes)))
+    assert (moved <= 1.0 * (1 + 1e-5)) == bounded, moved
