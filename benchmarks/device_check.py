@@ -23,10 +23,9 @@ It prints one table (and writes JSON with --json) and exits with status 1 if
 a check fails.
 """
 
-import argparse
-import json
 import sys
 
+import _device_checks
 from _bench import keras_train_step, median_seconds
 
 CONFIGS = (
@@ -36,7 +35,6 @@ CONFIGS = (
     ("nf_resnet50", (224, 224, 3), 32, 8),
 )
 SMOKE_CONFIGS = (("small_cnn", (8, 8, 1), 8, 2),)
-PRECISIONS = ("float32", "mixed_bfloat16")
 
 
 def _device():
@@ -171,30 +169,9 @@ def check_sensitivity(precision, width=10, clip=0.1, batch=8):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny models, seconds, any CPU")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (median)")
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--precisions", default=",".join(PRECISIONS))
-    parser.add_argument(
-        "--models", default=None, help="only these models (comma-separated), e.g. wrn16_4"
+    configs, precisions, steps, warmup, json_path = _device_checks.parse(
+        __doc__.splitlines()[0], CONFIGS, SMOKE_CONFIGS, 3, argv
     )
-    parser.add_argument("--json", default=None, help="write the results here")
-    args = parser.parse_args(argv)
-    precisions = args.precisions.split(",")
-    for precision in precisions:
-        if precision not in PRECISIONS:
-            parser.error(f"--precisions: unknown {precision!r}; expected {PRECISIONS}")
-    steps = (2 if args.smoke else 10) if args.steps is None else args.steps
-    warmup = (1 if args.smoke else 3) if args.warmup is None else args.warmup
-    if min(steps, warmup) < 1:
-        parser.error(f"--steps and --warmup: expected integers >= 1; received {steps}, {warmup}")
-    configs = SMOKE_CONFIGS if args.smoke else CONFIGS
-    if args.models:
-        configs = tuple(c for c in configs if c[0] in args.models.split(","))
-        if not configs:
-            parser.error(f"--models: none of {args.models!r} is in this mode's configurations")
-
     device = _device()
     print(f"device: {device}", flush=True)
     rows, checks = [], []
@@ -218,18 +195,7 @@ def main(argv=None):
             f"| {r['plain_examples_per_s']:.1f} | {r['dp_examples_per_s']:.1f} "
             f"| {r['dp_over_plain']:.2f}x |"
         )
-    for c in checks:
-        if c["check"] == "noise":
-            detail = f"update std {c['measured']:.5g}, expected sigma*C/B = {c['expected']:.5g}"
-        else:
-            detail = f"moved {c['moved']:.5g}, bound lr*C/B = {c['bound']:.5g}"
-        print(
-            f"check {c['check']:<11} {c['precision']:<14} {detail}: {'ok' if c['ok'] else 'FAILED'}"
-        )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device, "steps": rows, "checks": checks}, f, indent=2)
-    return 0 if all(c["ok"] for c in checks) else 1
+    return _device_checks.report(device, rows, checks, json_path)
 
 
 if __name__ == "__main__":

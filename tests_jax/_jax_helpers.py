@@ -7,6 +7,19 @@ import tan_keras
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
+# The start of a script that runs as on a machine without TensorFlow.
+NO_TENSORFLOW = """
+import sys
+
+class NoTensorFlow:
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "tensorflow":
+            raise ImportError("no TensorFlow on this machine")
+        return None
+
+sys.meta_path.insert(0, NoTensorFlow())
+"""
+
 
 def data(rows: int, shape=(6,), classes: int = 3, seed: int = 0):
     rng = np.random.default_rng(seed)

@@ -74,7 +74,7 @@ def test_fit_on_a_source_draws_poisson_steps_of_q():
         ("length", "dataset_size"),
         ("shape", r"source\[3\] must have the structure, shapes and dtypes"),
         ("split", "validation_split"),
-        ("views", r"augmult=2 every input of an example needs the shape \[2, ...\]"),
+        ("views", r"augmult=2 every input needs the shape \[2, ...\] per example"),
     ],
 )
 def test_a_source_that_does_not_fit_the_model_is_refused_by_name(bad, message):

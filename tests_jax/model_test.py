@@ -212,17 +212,8 @@ def test_a_random_generator_state_carries_no_example_out_of_the_step():
 def test_the_jax_backend_runs_where_tensorflow_cannot_be_imported(tmp_path):
     # TensorFlow is made unimportable, as on a machine without it: training,
     # saving, loading and the refusal of the names not ported yet all work.
-    script = textwrap.dedent(
+    script = helpers.NO_TENSORFLOW + textwrap.dedent(
         """
-        import sys
-
-        class NoTensorFlow:
-            def find_spec(self, name, path, target=None):
-                if name.split(".")[0] == "tensorflow":
-                    raise ImportError("no TensorFlow on this machine")
-                return None
-
-        sys.meta_path.insert(0, NoTensorFlow())
         import numpy as np
         import keras
         import tan_keras

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import _jax_helpers as helpers
 import keras
 import numpy as np
 import pytest
@@ -111,17 +112,9 @@ def test_a_finished_run_is_never_restarted_and_resuming_it_trains_nothing(tmp_pa
 def test_the_main_job_runs_where_tensorflow_cannot_be_imported(tmp_path):
     # `python -m tan_keras.train` as a user on a JAX-only machine runs it
     # (TensorFlow made unimportable), with a short run's flags.
-    script = textwrap.dedent(
+    script = helpers.NO_TENSORFLOW + textwrap.dedent(
         """
-        import runpy, sys
-
-        class NoTensorFlow:
-            def find_spec(self, name, path, target=None):
-                if name.split(".")[0] == "tensorflow":
-                    raise ImportError("no TensorFlow on this machine")
-                return None
-
-        sys.meta_path.insert(0, NoTensorFlow())
+        import runpy
         sys.argv = ["tan_keras.train"] + sys.argv[1:]
         runpy.run_module("tan_keras.train", run_name="__main__")
         """

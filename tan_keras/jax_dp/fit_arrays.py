@@ -93,22 +93,35 @@ def checked(
         validation_data = tree.map_structure(lambda a: a[split:], (x, y))
         x, y = tree.map_structure(lambda a: a[:split], (x, y))
         rows = split
+    _check_rows(config, rows, "training rows given to fit", " after any validation split")
+    _check_views(config, x, axis=1, where="")
+    return x, y, validation_data
+
+
+def _check_rows(config: DPConfig, rows: int, what: str, note: str = "") -> None:
     if rows != config.dataset_size:
         raise _validate.invalid(
             "dataset_size",
-            f"the number of training rows given to fit ({rows}, after any validation "
-            "split): q = B / N must describe the sampling",
+            f"the number of {what} ({rows}{',' if note else ''}{note}): q = B / N must "
+            "describe the sampling",
             config.dataset_size,
         )
-    if config.augmult > 1:
-        bad = [a.shape for a in tree.flatten(x) if a.ndim < 2 or a.shape[1] != config.augmult]
-        if bad:
-            raise ValueError(
-                f"Invalid value for `x`: with augmult={config.augmult} every input needs "
-                f"the shape [N, {config.augmult}, ...] (the views of each example). "
-                f"Received: shapes {bad}."
-            )
-    return x, y, validation_data
+
+
+def _check_views(config: DPConfig, inputs, axis: int, where: str) -> None:
+    """Every input holds K views on `axis` (1: arrays of examples; 0: one example)."""
+    if config.augmult == 1:
+        return
+    bad = [
+        a.shape for a in tree.flatten(inputs) if a.ndim <= axis or a.shape[axis] != config.augmult
+    ]
+    if bad:
+        layout = "[N, K, ...]" if axis == 1 else "[K, ...] per example"
+        raise ValueError(
+            f"Invalid value for `x`: with augmult={config.augmult} every input needs the "
+            f"shape {layout.replace('K', str(config.augmult))} (the views of each example). "
+            f"Received: shapes {bad}{where}."
+        )
 
 
 def _checked_source(config: DPConfig, source, validation_split):
@@ -119,20 +132,7 @@ def _checked_source(config: DPConfig, source, validation_split):
             "0 with a random-access source (give validation_data: held-out arrays)",
             validation_split,
         )
-    if len(source) != config.dataset_size:
-        raise _validate.invalid(
-            "dataset_size",
-            f"the number of examples of the source given to fit ({len(source)}): q = B / N "
-            "must describe the sampling",
-            config.dataset_size,
-        )
+    _check_rows(config, len(source), "examples of the source given to fit")
     inputs, _ = example_source.first_example(source)
-    if config.augmult > 1:
-        bad = [a.shape for a in tree.flatten(inputs) if a.ndim < 1 or a.shape[0] != config.augmult]
-        if bad:
-            raise ValueError(
-                f"Invalid value for `x`: with augmult={config.augmult} every input of an "
-                f"example needs the shape [{config.augmult}, ...] (its views). Received: "
-                f"shapes {bad} in source[0]."
-            )
+    _check_views(config, inputs, axis=0, where=" in source[0]")
     return source

@@ -65,6 +65,16 @@ def check_settings(config: TrainConfig) -> None:
             )
 
 
+def check_data(config: TrainConfig, data) -> None:
+    """Refuses an augmentation policy that does not fit the images, or needs TensorFlow.
+
+    Raises:
+      ValueError: naming `augment`.
+    """
+    image_views.check_policy(config.augment, data.input_shape)
+    _startup.quiet_jax_start()
+
+
 def run(
     config: TrainConfig,
     data,
@@ -73,11 +83,12 @@ def run(
     model_dir: str,
     metrics_path: str,
     start: float,
-) -> Optional[Dict[str, Any]]:
+) -> Dict[str, Any]:
     """Trains, evaluates and writes the metrics (`program.run` on the JAX backend).
 
     Args:
-      config: The run's settings (`check_settings` passed).
+      config: The run's settings (`check_settings` and `check_data` passed,
+        the plan printed).
       data: The dataset's arrays (`datasets.ArrayDataset`), the run's part.
       examples: What the run trains on.
       plan: The privacy plan.
@@ -86,27 +97,11 @@ def run(
       start: `time.monotonic()` when the run was asked for.
 
     Returns:
-      The metrics, or None for a dry run.
+      The metrics.
 
     Raises:
-      ValueError: for a policy that does not fit the images, or a checkpoint
-        of another run, before anything is written.
+      ValueError: for a checkpoint of another run, before anything is written.
     """
-    image_views.check_policy(config.augment, data.input_shape)
-    _startup.quiet_jax_start()
-    print(
-        train_plan.format_plan(
-            plan,
-            config.dataset,
-            training_set.released_noiseless(config),
-            examples.describe(),
-            where_noiseless_go="printed",
-        ),
-        flush=True,
-    )
-    if config.dry_run:
-        print(f"dry run: {config.model} on {config.dataset}; nothing trained or written.")
-        return None
     checkpoint_path = os.path.join(model_dir, CHECKPOINT_SUBDIR, CHECKPOINT_FILE)
     if config.resume:
         model = _restored(checkpoint_path, plan, config)
@@ -138,15 +133,7 @@ def _built(config: TrainConfig, plan: PrivacyPlan, data) -> keras.Model:
     keras.utils.set_random_seed(config.seed)  # initialisation only: noise is OS entropy
     model = make_private(
         models.build_model(config.model, data.input_shape, data.num_classes),
-        l2_norm_clip=config.l2_norm_clip,
-        noise_multiplier=plan.noise_multiplier,
-        expected_batch_size=plan.batch_size,
-        dataset_size=plan.dataset_size,
-        augmult=config.augmult,
-        ema_decay=config.ema_decay,
-        examples_per_chunk=config.examples_per_chunk,
-        release_train_metrics=config.release == "all",
-        clipped_fraction_std=plan.clipped_fraction_std,
+        **train_plan.model_settings(config, plan),
     )
     model.compile(
         optimizer=keras.optimizers.SGD(config.lr, momentum=config.momentum),
@@ -160,16 +147,10 @@ def _restored(checkpoint_path: str, plan: PrivacyPlan, config: TrainConfig) -> k
     """The private model of the checkpoint to resume, checked against the plan.
 
     Raises:
-      ValueError: naming `resume` when there is no checkpoint, or the
-        setting of the checkpoint's model that differs from the plan.
+      ValueError: naming the setting of the checkpoint's model that differs
+        from the run's.
     """
-    if not os.path.isfile(checkpoint_path):
-        raise _validate.invalid(
-            "resume",
-            f"a checkpoint to continue in model_dir ({checkpoint_path} is missing)",
-            True,
-            "Drop --resume to start a new run in an empty --model_dir",
-        )
+    # (Its presence was checked with the model_dir: `train_config.check_model_dir`.)
     model = keras.saving.load_model(checkpoint_path)
     dp = model.dp_config
     # The checkpoint must be this run's: a file of another run (other

@@ -73,37 +73,31 @@ def run(config: TrainConfig, start: Optional[float] = None) -> Optional[Dict[str
         config, data.size, training_set.reference_dataset_size(config, examples)
     )
 
+    augmenter, where_noiseless_go = None, "printed, and logged to TensorBoard"
     if on_jax:
-        return jax_run.run(config, data, examples, plan, model_dir, metrics_path, start)
-    # TensorFlow loads only now, after the checks that need no model.
-    _startup.load_tensorflow()
-    from tan_keras.data import augment
-    from tan_keras.mechanism import sampling
-    from tan_keras.training import train_data, train_lib
-
-    augmenter = None
-    if config.augment != "none":
-        try:
-            augmenter = augment.make_augmenter(config.augment, data.input_shape, seed=config.seed)
-        except ValueError as err:
-            raise _validate.invalid(
-                "augment",
-                f"a policy that fits {config.dataset} images of shape {data.input_shape}",
-                config.augment,
-                str(err),
-            ) from None
+        jax_run.check_data(config, data)
+        where_noiseless_go = "printed"
+    else:
+        # TensorFlow loads only now, after the checks that need no model.
+        _startup.load_tensorflow()
+        augmenter = _augmenter(config, data)
     print(
         train_plan.format_plan(
             plan,
             config.dataset,
             training_set.released_noiseless(config),
             examples.describe(),
+            where_noiseless_go,
         ),
         flush=True,
     )
     if config.dry_run:
         print(f"dry run: {config.model} on {config.dataset}; nothing trained or written.")
         return None
+    if on_jax:
+        return jax_run.run(config, data, examples, plan, model_dir, metrics_path, start)
+    from tan_keras.mechanism import sampling
+    from tan_keras.training import train_data, train_lib
 
     strategy = train_lib.make_strategy(config.strategy, config.tpu)
     with strategy.scope():
@@ -161,3 +155,24 @@ def run(config: TrainConfig, start: Optional[float] = None) -> Optional[Dict[str
         shutil.rmtree(os.path.join(model_dir, train_config.CHECKPOINT_SUBDIR), ignore_errors=True)
         print("checkpoints deleted (--delete_checkpoints).", flush=True)
     return metrics
+
+
+def _augmenter(config: TrainConfig, data):
+    """The TensorFlow augmentation of the run (None for "none").
+
+    Raises:
+      ValueError: naming `augment` for a policy that does not fit the images.
+    """
+    if config.augment == "none":
+        return None
+    from tan_keras.data import augment
+
+    try:
+        return augment.make_augmenter(config.augment, data.input_shape, seed=config.seed)
+    except ValueError as err:
+        raise _validate.invalid(
+            "augment",
+            f"a policy that fits {config.dataset} images of shape {data.input_shape}",
+            config.augment,
+            str(err),
+        ) from None

@@ -31,7 +31,7 @@ from tan_keras.keras_dp.callbacks import PrivacyAccountant
 from tan_keras.keras_dp.dp_model import DPKerasModel, make_private
 from tan_keras.mechanism import sampling
 from tan_keras.privacy.plan import PrivacyPlan
-from tan_keras.training import run_results, train_data
+from tan_keras.training import run_results, train_data, train_plan
 from tan_keras.training.train_config import (
     CHECKPOINT_SUBDIR,
     CONFIG_FILE,
@@ -135,16 +135,8 @@ def build_model(
     keras.utils.set_random_seed(config.seed)
     model = make_private(
         models.build_model(config.model, input_shape, num_classes),
-        l2_norm_clip=config.l2_norm_clip,
-        noise_multiplier=plan.noise_multiplier,
-        expected_batch_size=plan.batch_size,
-        dataset_size=plan.dataset_size,
-        augmult=config.augmult,
-        ema_decay=config.ema_decay,
         noise_seed=config.noise_seed,
-        examples_per_chunk=config.examples_per_chunk,
-        release_train_metrics=config.release == "all",
-        clipped_fraction_std=plan.clipped_fraction_std,
+        **train_plan.model_settings(config, plan),
     )
     model.compile(
         optimizer=keras.optimizers.SGD(config.lr, momentum=config.momentum),

@@ -152,3 +152,27 @@ def _clipped_fraction_lines(plan: PrivacyPlan) -> list:
         f"  accounted sigma      {plan.accounted_noise_multiplier:.4g}  (updates and "
         "clipped counts together: epsilon covers both)",
     ]
+
+
+def model_settings(config: TrainConfig, plan: PrivacyPlan) -> dict:
+    """The `make_private` arguments of a run, the same on both backends.
+
+    Args:
+      config: The run's settings.
+      plan: Its privacy plan.
+
+    Returns:
+      {argument: value}: C, sigma, B, N, K, the EMA decay, the chunk size,
+      what the train step releases and the clipped fraction's noise.
+    """
+    return dict(
+        l2_norm_clip=config.l2_norm_clip,
+        noise_multiplier=plan.noise_multiplier,
+        expected_batch_size=plan.batch_size,
+        dataset_size=plan.dataset_size,
+        augmult=config.augmult,
+        ema_decay=config.ema_decay,
+        examples_per_chunk=config.examples_per_chunk,
+        release_train_metrics=config.release == "all",
+        clipped_fraction_std=plan.clipped_fraction_std,
+    )
