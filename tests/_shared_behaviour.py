@@ -166,3 +166,51 @@ def test_plain_training_of_private_weights_and_chosen_batches_are_refused():
     with pytest.raises(ValueError):
         private.train_on_batch(x, y)
     assert int(private.dp_steps.numpy()) == 1
+
+
+def _budgeted(target=2.0):
+    model = tan_keras.make_private_with_epsilon(
+        _model(),
+        target_epsilon=target,
+        delta=1e-5,
+        epochs=2,
+        expected_batch_size=8,
+        dataset_size=32,
+        verbose=False,
+    )
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    return model
+
+
+@pytest.mark.parametrize("callbacks", ["logging", "two_accountants"])
+def test_the_budget_holds_beside_accountants_of_the_users(callbacks):
+    # Review: a user's logging PrivacyAccountant removed the budget of
+    # make_private_with_epsilon (40 updates for 8), and of two accountants
+    # the last one's lack of a cap lifted the other's.
+    x, y = _data(32)
+    model = _budgeted()
+    mine = [tan_keras.PrivacyAccountant(delta=1e-5)]
+    if callbacks == "two_accountants":
+        mine = [tan_keras.PrivacyAccountant(delta=1e-5, target_epsilon=2.0)] + mine
+        if keras.backend.backend() == "tensorflow":
+            # Several steps per execution: the callbacks' stop comes late,
+            # only the model's own cap holds (JAX takes 1 step per execution).
+            model.compile(keras.optimizers.SGD(0.1), LOSS, steps_per_execution=16)
+    model.fit(x, y, epochs=10, verbose=0, callbacks=mine)
+    assert int(model.dp_steps.numpy()) == 8
+    assert model.privacy_ledger.epsilon(1e-5) <= 2.0
+
+
+def test_a_saved_and_loaded_model_keeps_its_budget(tmp_path):
+    # Review: the budget was not in the model's config; a reloaded model
+    # trained on past it.
+    x, y = _data(32)
+    model = _budgeted()
+    model.fit(x, y, epochs=1, verbose=0)
+    model.save(tmp_path / "budgeted.keras")
+    loaded = keras.saving.load_model(tmp_path / "budgeted.keras")
+    assert loaded.privacy_budget is not None
+    assert loaded.privacy_budget.target_epsilon == 2.0
+    loaded.fit(x, y, epochs=10, verbose=0)
+    assert int(loaded.dp_steps.numpy()) == 8
+    assert loaded.privacy_ledger.epsilon(1e-5) <= 2.0

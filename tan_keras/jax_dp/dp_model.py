@@ -45,8 +45,8 @@ from tan_keras.jax_dp import (
 from tan_keras.jax_dp import clipped_sum as clipped_sum_lib
 from tan_keras.jax_dp import ema as ema_lib
 from tan_keras.jax_dp import example_loss as example_loss_lib
+from tan_keras.keras_dp import budget, plain_training
 from tan_keras.keras_dp import ledger as ledger_lib
-from tan_keras.keras_dp import plain_training
 from tan_keras.keras_dp.dp_config import DPConfig
 
 
@@ -253,11 +253,16 @@ class DPKerasModel(keras.Model):
         config["release_train_metrics"] = self._release_train_metrics
         config["ema_decay"] = self._ema_decay
         config["clipping"] = self._clipping
+        config.update(budget.to_config(self.privacy_budget))
         return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        return super().from_config(model_config.accepted(config), custom_objects=custom_objects)
+        config = dict(config)
+        saved_budget = config.pop(budget.CONFIG_KEY, None)
+        model = super().from_config(model_config.accepted(config), custom_objects=custom_objects)
+        budget.restore(model, saved_budget)
+        return model
 
     def compile(self, optimizer="rmsprop", loss=None, **kwargs):
         """Keras's `compile`; a loss is required (it is what each example's gradient follows)."""

@@ -66,7 +66,8 @@ def fit_callbacks(model, callbacks, before) -> list:
     between_batches = any(weights_recall.has_batch_hook(c) for c in users)
     callbacks = list(users)
     budget = model.privacy_budget
-    if budget is not None and not any(isinstance(c, PrivacyAccountant) for c in callbacks):
+    if budget is not None:
+        # Always, beside any accountant of the user's: the lowest cap holds.
         callbacks.append(
             PrivacyAccountant(budget.delta, budget.target_epsilon, accountant=budget.accountant)
         )

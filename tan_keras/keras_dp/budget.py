@@ -215,6 +215,41 @@ def calibrated(
     return private
 
 
+# The key of a private model's config that holds its budget.
+CONFIG_KEY = "privacy_budget"
+
+
+def to_config(budget: Optional[PrivacyBudget]) -> dict:
+    """{CONFIG_KEY: the budget} for a model's config (empty without a budget).
+
+    A model saved and loaded keeps its budget: without it a reloaded model
+    trained on past the budget with no stop and no epsilon logged (review).
+    The releases before the training are in the ledger, which travels with
+    the weights.
+    """
+    if budget is None:
+        return {}
+    return {
+        CONFIG_KEY: {
+            "target_epsilon": budget.target_epsilon,
+            "delta": budget.delta,
+            "accountant": budget.accountant,
+            "plan": budget.plan,
+        }
+    }
+
+
+def restore(model, saved: Optional[dict]) -> None:
+    """Gives a model loaded from its config the budget saved with it (`to_config`)."""
+    if saved is not None:
+        model.privacy_budget = PrivacyBudget(
+            target_epsilon=float(saved["target_epsilon"]),
+            delta=float(saved["delta"]),
+            accountant=str(saved["accountant"]),
+            plan=dict(saved["plan"]),
+        )
+
+
 # The docstring of each backend's `make_private_with_epsilon` (`calibrated`
 # with that backend's `make_private`).
 MAKE_PRIVATE_WITH_EPSILON_DOC = calibrated.__doc__.replace(

@@ -132,8 +132,21 @@ class PrivacyAccountant(keras.callbacks.Callback):
         self._step_limit = self._limit(config)
         # The model enforces the cap in its train step; stopping from the
         # callback only saves the compute of the discarded batches.
-        self.model.set_step_limit(self._step_limit)
+        self._cap_model()
         self._stop_if_done()
+
+    def _cap_model(self) -> None:
+        """Sets the model's cap to this accountant's, unless a lower one is set.
+
+        Several accountants may watch one fit (the budget of
+        `make_private_with_epsilon` beside a user's logging one): the
+        lowest cap holds; one without a cap never lifts another's (review:
+        the last accountant's None removed the budget's cap, 32 updates ran
+        for 7).
+        """
+        current = self.model.step_limit
+        if self._step_limit is not None and (current is None or self._step_limit < current):
+            self.model.set_step_limit(self._step_limit)
 
     def _limit(self, config) -> Optional[int]:
         limits = []
@@ -165,7 +178,7 @@ class PrivacyAccountant(keras.callbacks.Callback):
             if self.shuffled_epsilon(epochs) > self.target_epsilon:
                 limits.append(steps)
         self._step_limit = min(limits) if limits else None
-        self.model.set_step_limit(self._step_limit)
+        self._cap_model()
         self._stop_if_done()
 
     def _max_steps_within_budget(self, config) -> int:
@@ -190,7 +203,7 @@ class PrivacyAccountant(keras.callbacks.Callback):
         if self.shuffled_epsilon(int(self.model.dp_epochs.numpy()) + 1) > self.target_epsilon:
             steps = int(self.model.dp_steps.numpy())
             self._step_limit = steps if self._step_limit is None else min(self._step_limit, steps)
-            self.model.set_step_limit(self._step_limit)
+            self._cap_model()
             self.model.stop_training = True
 
     def on_train_batch_end(self, batch, logs=None):

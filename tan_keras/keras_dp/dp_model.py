@@ -443,6 +443,7 @@ class DPKerasModel(keras.Model):
         if marks:
             dp[provenance.CONFIG_KEY] = marks
         config.update(dp)
+        config.update(budget.to_config(self.privacy_budget))
         # The ledger is not part of the config: it travels with the weights
         # (ledger.py), so a model rebuilt from its config alone, with fresh
         # weights, starts at 0.
@@ -455,6 +456,7 @@ class DPKerasModel(keras.Model):
         marks = config.pop(provenance.CONFIG_KEY, None)
         spent = config.pop("dp_steps", 0)
         epochs = config.pop("dp_epochs", 0)
+        saved_budget = config.pop(budget.CONFIG_KEY, None)
         unknown = sorted(set(config) - _FUNCTIONAL_CONFIG_KEYS)
         if unknown:
             raise ValueError(
@@ -468,6 +470,7 @@ class DPKerasModel(keras.Model):
         with provenance.restoring(marks):
             model = super().from_config({**config, **dp_kwargs}, custom_objects=custom_objects)
         model._advance_ledger(spent, epochs)
+        budget.restore(model, saved_budget)
         return model
 
     # ----------------------------------------------------------------- compile
@@ -725,7 +728,9 @@ class DPKerasModel(keras.Model):
         callbacks = list(arguments.get("callbacks") or [])
         fit_inputs.check_callbacks(callbacks, self._release_train_metrics)
         spend = self.privacy_budget
-        if spend is not None and not any(isinstance(c, PrivacyAccountant) for c in callbacks):
+        if spend is not None:
+            # Always, beside any accountant of the user's (one that only logs
+            # epsilon removed the budget: review); the lowest cap holds.
             callbacks.append(
                 PrivacyAccountant(spend.delta, spend.target_epsilon, accountant=spend.accountant)
             )
@@ -909,6 +914,12 @@ class DPKerasModel(keras.Model):
             self._secret.step_limit.assign(-1)
         else:
             self._secret.step_limit.assign(_validate.integer("steps", steps, low=0))
+
+    @property
+    def step_limit(self) -> Optional[int]:
+        """The cap on the total number of noisy updates (None: none), set by `set_step_limit`."""
+        limit = int(self._secret.step_limit.numpy())
+        return None if limit < 0 else limit
 
     def at_step_boundary(self) -> bool:
         """Whether no logical step is half-accumulated (safe to checkpoint)."""

@@ -260,6 +260,20 @@ def test_a_vocabulary_of_training_values_with_a_rare_one_is_refused():
     _compiled(_lookup_model([94110, 10001])).fit(common, y, batch_size=B, verbose=0)
 
 
+def test_a_vocabulary_of_training_and_test_values_with_a_rare_one_is_refused():
+    # Review: the unique values of the whole table, taken before the split
+    # (training values plus one of the test split's), passed the test of a
+    # subset. A public list that holds the rare value among mostly other
+    # values passes (the power check of the "mostly").
+    codes = np.array([94110] * 40 + [10001] * 23 + [94305])[:, None]
+    y = np.arange(N) % 2
+    whole_table = sorted(np.unique(codes).tolist() + [60601])
+    with pytest.raises(ValueError, match="94305"):
+        _compiled(_lookup_model(whole_table)).fit(codes, y, batch_size=B, verbose=0)
+    public_list = [94305] + list(range(20000, 20010))
+    _compiled(_lookup_model(public_list)).fit(codes, y, batch_size=B, verbose=0)
+
+
 def test_a_kernel_initialised_from_training_rows_laid_out_as_columns_is_refused():
     x, y = _data()
     dense = keras.layers.Dense(3, kernel_initializer=keras.initializers.Constant(x[:3].T))
