@@ -36,6 +36,7 @@ row, cast to a lower precision), rows of data never handed to
 """
 
 import hashlib
+import re
 import weakref
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
@@ -72,6 +73,12 @@ _CATEGORIES: Dict[int, Dict[str, int]] = {}
 _REGISTERED: set = set()
 # A column with more distinct values is no column of categories.
 _MAX_CATEGORIES = 100_000
+# A column of texts with more distinct words is not recorded.
+_MAX_WORDS = 1_000_000
+# Tells a column's words from its whole values in `_CATEGORIES`.
+_WORDS_KEY = 0x5745_4F52_4453
+# What TextVectorization's default standardization strips (its DEFAULT_STRIP_REGEX).
+_STRIPPED = re.compile(r'[!"#$%&()\*\+,-\./:;<=>?@\[\\\]^_`{|}~\']')
 # A vocabulary drawn from the training values that holds a value seen fewer
 # times than this tells whether the few examples holding it are in the set.
 _RARE = 10
@@ -197,10 +204,39 @@ def _vouched_value(flat: np.ndarray) -> bool:
 def _register_categories(column: np.ndarray) -> None:
     if column.dtype.kind not in "biuSUO":
         return
+    if column.dtype.kind in "SO":
+        column = np.asarray([_text(value) for value in column.tolist()])
     values, counts = np.unique(column.astype(str), return_counts=True)
     if len(values) <= _MAX_CATEGORIES:
         key = value_fingerprint(counts) ^ value_fingerprint(np.asarray(values))
         _CATEGORIES[key] = dict(zip(values.tolist(), counts.tolist()))
+    if column.dtype.kind in "UO":
+        _register_words(values.tolist(), counts.tolist())
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _register_words(texts: List[str], repeats: List[int]) -> None:
+    """The words of a column of texts, each with the number of texts that hold it.
+
+    A `TextVectorization(vocabulary=...)` made of the training texts' words
+    names a word held by one text (review: a patient's name and diagnosis,
+    shipped in the `.keras` file). Words are counted as split on white
+    space and as `TextVectorization`'s default standardization makes them
+    (lower case, punctuation stripped).
+    """
+    if not any(any(c.isspace() for c in text) for text in texts[:1000]):
+        return  # no column of texts
+    counts: Dict[str, int] = {}
+    for text, repeat in zip(texts, repeats):
+        words = set(text.split()) | set(_STRIPPED.sub("", text.lower()).split())
+        for word in words:
+            counts[word] = counts.get(word, 0) + repeat
+    if len(counts) <= _MAX_WORDS:
+        key = value_fingerprint(np.asarray(sorted(counts))) ^ _WORDS_KEY
+        _CATEGORIES[key] = counts
 
 
 def holds_training_rows(value: Any) -> bool:

@@ -353,3 +353,27 @@ def test_a_public_mark_exempts_only_the_values_of_the_marked_layer(power_check, 
     with pytest.raises(ValueError, match="per-feature mean"):
         private.fit(x, y, batch_size=B, verbose=0)
     assert int(private.dp_steps) == 0
+
+
+def _text_model(vocabulary):
+    inp = keras.Input((1,), dtype="string")
+    ids = keras.layers.TextVectorization(vocabulary=vocabulary, output_sequence_length=6)(inp)
+    embedded = keras.layers.Embedding(len(vocabulary) + 2, 4)(ids)
+    return keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling1D()(embedded)))
+
+
+def test_a_text_vocabulary_of_the_training_texts_words_with_a_rare_one_is_refused():
+    # Review: TextVectorization(vocabulary={words of the training texts})
+    # shipped a word held by one text; the data recorded whole texts only.
+    # A vocabulary of the common words passes (the power check of the rule).
+    rng = np.random.default_rng(0)
+    texts = np.array(
+        [" ".join(rng.choice(["good", "bad", "film", "plot"], 4)) for _ in range(N)], dtype=object
+    )
+    texts[3] = "good film alice_smith_hiv_positive"
+    y = np.arange(N) % 2
+    words = sorted({w for t in texts for w in t.split()})
+    with pytest.raises(ValueError, match="alice_smith_hiv_positive"):
+        _compiled(_text_model(words)).fit(texts[:, None], y, batch_size=B, verbose=0)
+    common = ["bad", "film", "good", "plot"]
+    _compiled(_text_model(common)).fit(texts[:, None], y, batch_size=B, verbose=0)
