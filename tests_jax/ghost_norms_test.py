@@ -127,7 +127,7 @@ def test_ghost_kernels_give_the_per_example_routes_clipped_sum(name, augmult):
 def test_power_check_a_wrong_ghost_norm_is_told_apart(monkeypatch):
     # The norm of the summed rows' product instead of the norm of the sum of
     # the rows' products (the two differ when an example has several rows).
-    def wrong(kind, inputs, grads, rows_per_sum):
+    def wrong(kind, inputs, grads, rows_per_sum, vocabulary=0):
         a = inputs.reshape((-1, inputs.shape[-1])).sum(0)
         d = grads.reshape((-1, grads.shape[-1])).sum(0)
         return jnp.linalg.norm(a) * jnp.linalg.norm(d) * 2.0
@@ -142,9 +142,9 @@ def test_power_check_an_embedding_norm_blind_to_repeated_ids_is_told_apart(monke
     # when an id repeats within an example (the rows add up first).
     norm = ghost_norms.ghost_norm
 
-    def blind(kind, inputs, grads, rows_per_sum):
+    def blind(kind, inputs, grads, rows_per_sum, vocabulary=0):
         if kind != ghost_norms.EMBEDDING:
-            return norm(kind, inputs, grads, rows_per_sum)
+            return norm(kind, inputs, grads, rows_per_sum, vocabulary)
         return jnp.sqrt(jnp.sum(jnp.square(grads.astype(jnp.float32))))
 
     monkeypatch.setattr(ghost_norms, "ghost_norm", blind)
@@ -232,3 +232,29 @@ def test_rows_that_cancel_cannot_take_an_example_past_lr_c_over_b(bounded, monke
     _, changes = helpers.one_step(model, x, y)
     moved = float(np.linalg.norm(helpers.flat(changes)))
     assert (moved <= 1.0 * (1 + 1e-5)) == bounded, moved
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_a_negative_id_is_the_same_table_row_as_its_wrap(wrapped, monkeypatch):
+    # Review of this change: ids 9 and -1 read the same row of a 10-row
+    # table; the norm must add their gradients before squaring (the power
+    # check, wrapped=False, compares the raw ids and is told apart).
+    if not wrapped:
+        monkeypatch.setattr(ghost_norms, "table_rows", lambda ids, vocabulary: ids)
+    inputs = keras.Input((4,), dtype="int32")
+    pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(10, 3)(inputs))
+    keras.utils.set_random_seed(0)
+    base = keras.Model(inputs, keras.layers.Dense(2)(pooled))
+    x = np.tile(np.array([[9, -1, 9, -1]], np.int32), (ROWS, 1))
+    y = np.zeros(ROWS, np.int32)
+    results = {}
+    for clipping in ("auto", "vectorized"):
+        model = helpers.private(
+            keras.models.clone_model(base), ROWS, l2_norm_clip=0.01, clipping=clipping
+        )
+        model.set_weights(base.get_weights())
+        if clipping == "auto":
+            assert ghost_norms.EMBEDDING in [g.kind for g in _ghosted(model, x, y)]
+        results[clipping] = helpers.flat(helpers.one_step(model, x, y)[1])
+    close = np.allclose(results["auto"], results["vectorized"], rtol=2e-4, atol=1e-7)
+    assert close == wrapped

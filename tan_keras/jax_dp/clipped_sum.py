@@ -83,6 +83,10 @@ def _combined_norm(parts: jax.Array) -> jax.Array:
     return top * jnp.sqrt(jnp.sum(jnp.square(parts / safe[..., None]), axis=-1))
 
 
+def _vocabulary(ghost: ghost_norms.GhostWeight) -> int:
+    return int(ghost.layer.input_dim) if ghost.kind == ghost_norms.EMBEDDING else 0
+
+
 def _zeroed_where_not(finite: jax.Array, g: jax.Array) -> jax.Array:
     # A product with 0 would keep NaN: rows that add nothing are set to 0 first.
     return jnp.where(finite.reshape((-1,) + (1,) * (g.ndim - 1)), g.astype(jnp.float32), 0.0)
@@ -138,7 +142,7 @@ def local_clipped_sum(
         (loss, (outputs, inputs)), (grads, tap_grads) = value_and_grad(free, taps, example)
         parts = [_global_norm(grads) if grads else jnp.float32(0.0)]
         parts += [
-            ghost_norms.ghost_norm(g.kind, a, d, chunk_size)
+            ghost_norms.ghost_norm(g.kind, a, d, chunk_size, _vocabulary(g))
             for g, a, d in zip(ghost, inputs, tap_grads)
         ]
         return grads, inputs, tap_grads, jnp.stack(parts), loss, outputs

@@ -202,7 +202,18 @@ _EXACT = jax.lax.Precision.HIGHEST
 _UNIT = 2.0**-23
 
 
-def ghost_norm(kind: str, inputs: jax.Array, grads: jax.Array, rows_per_sum: int) -> jax.Array:
+def table_rows(ids: jax.Array, vocabulary: int) -> jax.Array:
+    """The table row each id reads: a negative id wraps as in numpy (`ops.take` does).
+
+    Two ids of one row (9 and -1 in a table of 10) must count as one in the
+    norm, or the norm would miss their gradients' sum (review of this change).
+    """
+    return jnp.where(ids < 0, ids + vocabulary, ids)
+
+
+def ghost_norm(
+    kind: str, inputs: jax.Array, grads: jax.Array, rows_per_sum: int, vocabulary: int = 0
+) -> jax.Array:
     """A norm of one example's gradient of the weight, never below what its clipped sum adds.
 
     The Gram form sum_{t,s} (a_t . a_s)(d_t . d_s) cancels: where the rows'
@@ -221,6 +232,7 @@ def ghost_norm(kind: str, inputs: jax.Array, grads: jax.Array, rows_per_sum: int
         the ids [...] for Embedding.
       grads: [..., out] the gradient at its (pre-activation) outputs (d).
       rows_per_sum: How many examples' rows one clipped sum adds up (the chunk).
+      vocabulary: For EMBEDDING, the table's rows.
 
     Returns:
       The norm (float32), taken on rescaled values so that it does not
@@ -239,7 +251,7 @@ def ghost_norm(kind: str, inputs: jax.Array, grads: jax.Array, rows_per_sum: int
         total = jnp.sum(jnp.sqrt(jnp.sum(jnp.square(a), axis=-1)) * d_norms)
     else:
         scale, fan_in = d_top, 0
-        ids = inputs.reshape((-1,))
+        ids = table_rows(inputs.reshape((-1,)), vocabulary)
         gram_a = (ids[:, None] == ids[None, :]).astype(jnp.float32)
         total = jnp.sum(d_norms)
     squared = jnp.sum(gram_a * jnp.matmul(d, d.T, precision=_EXACT))
@@ -272,7 +284,9 @@ def clipped_sum(
         a = inputs.astype(jnp.float32).reshape((rows, -1, inputs.shape[-1]))
         a = jnp.where(finite[:, None, None], a, 0.0)
         return jnp.einsum("r,rti,rto->io", factors, a, d, precision=_EXACT)
-    ids = jnp.where(finite[:, None], inputs.reshape((rows, -1)), 0)
+    ids = jnp.where(
+        finite[:, None], table_rows(inputs.reshape((rows, -1)), ghost.layer.input_dim), 0
+    )
     table = ghost.layer._embeddings
     weighted = (factors[:, None, None] * d).reshape((-1, d.shape[-1]))
     # (An id outside the table is dropped by the scatter; its row's output
