@@ -41,6 +41,7 @@ import os
 import statistics
 import sys
 
+import zoo
 from _bench import (
     check_args,
     child_result,
@@ -69,14 +70,25 @@ def _measure(model_name, method, batch, augmult, steps, warmup, jit, examples_pe
     from tan_keras.models import build_model
 
     keras.utils.set_random_seed(0)
-    shape = INPUT_SHAPES[model_name]
-    base = build_model(model_name, shape, 10)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     rng = np.random.default_rng(0)
+    if model_name in zoo.ZOO:
+        base = zoo.ZOO[model_name].build()
+
+        def inputs(leading):
+            return zoo.inputs(model_name, leading, rng)
+
+    else:
+        shape = INPUT_SHAPES[model_name]
+        base = build_model(model_name, shape, 10)
+
+        def inputs(leading):
+            return rng.random(leading + shape, dtype=np.float32)
+
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     y = rng.integers(0, 10, batch).astype(np.int32)
     if method in ("plain", TFP_PLAIN):
         model = base
-        x = rng.random((batch * augmult,) + shape, dtype=np.float32)
+        x = inputs((batch * augmult,))
         data = (x, np.repeat(y, augmult))
     elif method in DP_CLIPPING:
         from tan_keras.keras_dp.dp_model import make_private
@@ -90,15 +102,14 @@ def _measure(model_name, method, batch, augmult, steps, warmup, jit, examples_pe
             augmult=augmult,
             clipping=DP_CLIPPING[method],
             examples_per_chunk=examples_per_chunk,
+            **zoo.private_kwargs(model_name),
         )
-        x = rng.random((batch, augmult) + shape, dtype=np.float32)
-        if augmult == 1:
-            x = x[:, 0]
+        x = inputs((batch, augmult) if augmult > 1 else (batch,))
         data = (x, y, np.ones(batch, np.float32), np.ones(batch, bool))
     else:
         from tensorflow_privacy.privacy.keras_models.dp_keras_model import DPModel
 
-        if augmult != 1:
+        if augmult != 1 or model_name in zoo.ZOO:  # (Keras 2 lacks some zoo layers)
             return None
         model = DPModel(
             l2_norm_clip=1.0,
@@ -107,8 +118,7 @@ def _measure(model_name, method, batch, augmult, steps, warmup, jit, examples_pe
             inputs=base.inputs,
             outputs=base.outputs,
         )
-        x = rng.random((batch,) + shape, dtype=np.float32)
-        data = (x, y)
+        data = (inputs((batch,)), y)
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss, jit_compile=jit)
     seconds = median_seconds(keras_train_step(model, data), steps, warmup)
     return {"seconds_per_step": seconds, "peak_rss_mb": peak_rss_mb()}
@@ -171,9 +181,13 @@ def main(argv=None):
     methods = args.methods.split(",")
     batches = _int_list(parser, "batch_sizes", args.batch_sizes)
     augmults = _int_list(parser, "augmults", args.augmults)
+    if "zoo" in models:  # (the zoo's models, in its order, where "zoo" stands)
+        at = models.index("zoo")
+        models[at : at + 1] = list(zoo.ZOO)
     for name in models:
-        if name not in INPUT_SHAPES:
-            parser.error(f"--models: unknown model {name!r}; expected {sorted(INPUT_SHAPES)}")
+        if name not in INPUT_SHAPES and name not in zoo.ZOO:
+            known = sorted(INPUT_SHAPES) + ["zoo"] + list(zoo.ZOO)
+            parser.error(f"--models: unknown model {name!r}; expected one of {known}")
     check_args(parser, args, (("repeats", 1), ("steps", 1), ("warmup", 0)))
     for method in methods:
         if method not in METHODS + (TFP_PLAIN,) or (method == TFP_PLAIN and not args.child):

@@ -3,8 +3,9 @@
 `clipped_sum` forms each example's gradient with `jax.vmap` (the gradient of
 the mean loss over its K views, so views are averaged BEFORE clipping),
 clips it to L2 norm C over all variables, and sums the kept examples (the
-large Dense kernels and Embedding tables by their ghost norms,
-`ghost_norms.py`, without forming their per-example gradients). The
+large Dense kernels, Embedding tables and convolution kernels by their
+ghost norms or gradients formed from patches, `ghost_norms.py`, without
+vmapping their gradients). The
 examples are processed in chunks by `jax.lax.scan`, so that one `vmap` forms
 at most `chunk_size` per-example gradients; up to 16 chunks are unrolled (no
 loop at run time).
@@ -27,6 +28,7 @@ from tan_keras.jax_dp import ghost_norms
 _P = jax.sharding.PartitionSpec
 # Chunks traced one after the other before the rest run in a loop.
 _UNROLLED_CHUNKS = 16
+_EXACT = jax.lax.Precision.HIGHEST
 
 
 class ClippedSum(NamedTuple):
@@ -83,10 +85,6 @@ def _combined_norm(parts: jax.Array) -> jax.Array:
     return top * jnp.sqrt(jnp.sum(jnp.square(parts / safe[..., None]), axis=-1))
 
 
-def _vocabulary(ghost: ghost_norms.GhostWeight) -> int:
-    return int(ghost.layer.input_dim) if ghost.kind == ghost_norms.EMBEDDING else 0
-
-
 def _zeroed_where_not(finite: jax.Array, g: jax.Array) -> jax.Array:
     # A product with 0 would keep NaN: rows that add nothing are set to 0 first.
     return jnp.where(finite.reshape((-1,) + (1,) * (g.ndim - 1)), g.astype(jnp.float32), 0.0)
@@ -141,17 +139,18 @@ def local_clipped_sum(
         free = [params[i] for i in free_indices]
         (loss, (outputs, inputs)), (grads, tap_grads) = value_and_grad(free, taps, example)
         parts = [_global_norm(grads) if grads else jnp.float32(0.0)]
-        parts += [
-            ghost_norms.ghost_norm(g.kind, a, d, chunk_size, _vocabulary(g))
-            for g, a, d in zip(ghost, inputs, tap_grads)
-        ]
-        return grads, inputs, tap_grads, jnp.stack(parts), loss, outputs
+        carried = []
+        for g, a, d in zip(ghost, inputs, tap_grads):
+            norm, carry = ghost_norms.example_norm(g, a, d, chunk_size)
+            parts.append(norm)
+            carried.append(carry)
+        return grads, carried, jnp.stack(parts), loss, outputs
 
     zero = [jnp.zeros(p.shape, jnp.float32) for p in params]
 
     def chunk(total, chunk_inputs):
         chunk_examples, kept = chunk_inputs
-        grads, inputs, tap_grads, parts, losses, outputs = jax.vmap(one_example)(chunk_examples)
+        grads, carried, parts, losses, outputs = jax.vmap(one_example)(chunk_examples)
         # A finite gradient whose squares overflow float32 (norm above ~1.8e19)
         # must be clipped, not dropped as non-finite: its norm is taken again,
         # rescaled, but only in a chunk where some kept row's norm came out
@@ -180,9 +179,13 @@ def local_clipped_sum(
         for i, g in zip(free_indices, grads):
             # One contraction over the rows: 3x faster on CPU than scaling
             # every row's gradient and summing them (strided CNN, 96 rows).
-            total[i] = total[i] + jnp.tensordot(factors, _zeroed_where_not(finite, g), axes=1)
-        for g, a, d in zip(ghost, inputs, tap_grads):
-            total[g.index] = total[g.index] + ghost_norms.clipped_sum(g, a, d, factors, finite)
+            # In true float32: on GPUs the default precision may round the
+            # rows' gradients to TF32, adding up to 2^-11 of C past the clip.
+            total[i] = total[i] + jnp.tensordot(
+                factors, _zeroed_where_not(finite, g), axes=1, precision=_EXACT
+            )
+        for g, carry in zip(ghost, carried):
+            total[g.index] = total[g.index] + ghost_norms.clipped_sum(g, carry, factors, finite)
         nonfinite = jnp.logical_and(kept, jnp.logical_not(finite))
         return total, (jnp.where(kept, norms, 0.0), losses, outputs, nonfinite)
 
