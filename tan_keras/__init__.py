@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "DPConfig": "tan_keras.keras_dp.dp_config",
     "DPKerasModel": "tan_keras.keras_dp.dp_model",
-    "make_private": "tan_keras.keras_dp.dp_model",
-    "make_private_with_epsilon": "tan_keras.keras_dp.dp_model",
+    "make_private": "tan_keras.keras_dp.wrap",
+    "make_private_with_epsilon": "tan_keras.keras_dp.wrap",
     "PoissonSampler": "tan_keras.mechanism.sampling",
     "make_poisson_dataset": "tan_keras.mechanism.sampling",
     "PrivacyAccountant": "tan_keras.keras_dp.callbacks",
@@ -41,6 +41,7 @@ _JAX_EXPORTS = {
     "make_private": "tan_keras.jax_dp.wrap",
     "make_private_with_epsilon": "tan_keras.jax_dp.wrap",
     "PrivacyAccountant": "tan_keras.keras_dp.callbacks",
+    "mark_public": "tan_keras.mechanism.provenance",
 }
 
 __getattr__, __dir__, __all__ = _lazy.exports(__name__, _JAX_EXPORTS if _JAX else _EXPORTS)

@@ -214,3 +214,50 @@ def test_a_saved_and_loaded_model_keeps_its_budget(tmp_path):
     loaded.fit(x, y, epochs=10, verbose=0)
     assert int(loaded.dp_steps.numpy()) == 8
     assert loaded.privacy_ledger.epsilon(1e-5) <= 2.0
+
+
+@pytest.mark.parametrize("how", ["np.repeat", "concatenate", "dict of inputs"])
+def test_training_rows_that_repeat_an_example_are_refused_before_any_work(how):
+    # Review: oversampling (np.repeat of a rare class's rows) gave one
+    # example two independent Poisson draws; it could be in a step twice,
+    # its loss a group's, while epsilon counted one. A row repeats only
+    # when inputs and label both do.
+    x, y = _data()
+    if how == "np.repeat":
+        x, y = np.concatenate([x, np.repeat(x[:2], 2, axis=0)]), np.concatenate([y, y[:2], y[:2]])
+    elif how == "concatenate":
+        x, y = np.concatenate([x, x[5:6]]), np.concatenate([y, y[5:6]])
+    model = _model()
+    if how == "dict of inputs":
+        inputs = {"a": keras.Input((3,), name="a"), "b": keras.Input((3,), name="b")}
+        merged = keras.layers.Concatenate()([inputs["a"], inputs["b"]])
+        model = keras.Model(inputs, keras.layers.Dense(3)(merged))
+        x = {
+            "a": np.concatenate([x[:, :3], x[7:8, :3]]),
+            "b": np.concatenate([x[:, 3:], x[7:8, 3:]]),
+        }
+        y = np.concatenate([y, y[7:8]])
+    private = _private(model, 0.1, l2_norm_clip=1.0, noise_multiplier=1.0, dataset_size=len(y))
+    before = _weights(private)
+    with pytest.raises(ValueError, match=r"repeat an earlier row \(row 1[67] equals row \d+"):
+        private.fit(x, y, epochs=1, verbose=0)
+    assert int(private.dp_steps.numpy()) == 0
+    assert np.array_equal(_flat(_weights(private)), _flat(before))
+
+
+def test_equal_inputs_with_other_labels_and_declared_distinct_people_train():
+    # Two rows with the same inputs and different labels are two examples;
+    # equal records declared to be different people's are sampled as given.
+    x, y = _data()
+    x[4] = x[3]
+    y[4] = (y[3] + 1) % 3
+    private = _private(_model(), 0.1, l2_norm_clip=1.0, noise_multiplier=1.0)
+    private.fit(x, y, epochs=1, verbose=0)
+    assert int(private.dp_steps.numpy()) == 1
+    y[4] = y[3]
+    with pytest.raises(ValueError, match="repeated_rows='distinct_people'"):
+        private.fit(x, y, epochs=1, verbose=0)
+    private.fit(x, y, epochs=1, verbose=0, repeated_rows="distinct_people")
+    assert int(private.dp_steps.numpy()) == 2
+    with pytest.raises(ValueError, match=r"`repeated_rows`.*Received: repeated_rows='allow'"):
+        private.fit(x, y, epochs=1, verbose=0, repeated_rows="allow")

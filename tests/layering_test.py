@@ -3,7 +3,7 @@
 Layers, bottom to top (a module may import its own package and lower layers,
 never a sibling or a higher layer, also not inside a function):
   base      tan_keras._validate, _numbers, _lazy, _stack, _keras_internals, _keras_saving,
-            _startup, _cli, _fingerprints
+            _startup, _cli, _fingerprints, _repeated_rows
   privacy   accounting, TAN, planning (no TensorFlow)
   analysis  scaling law, auditing (no TensorFlow)
   mechanism clipping, noise, sampling, views, per-example routes
@@ -48,6 +48,7 @@ _BASE = {
     "_cli",
     "_private_files",
     "_fingerprints",
+    "_repeated_rows",
     "__init__",
 }
 _MAINS = {"train", "search", "privacy.__main__"}
@@ -178,10 +179,15 @@ def test_tensorflow_free_layers_import_no_tensorflow(layer):
 _JAX_MAY_IMPORT = (
     "keras_dp",  # its __init__: a docstring
     "keras_dp.budget",
+    "keras_dp.callback_checks",
     "keras_dp.callbacks",
     "keras_dp.dp_config",
     "keras_dp.ledger",
     "keras_dp.plain_training",
+    "mechanism",  # its __init__: a docstring
+    "mechanism.captures",
+    "mechanism.data_copies",  # TensorFlow on its backend only
+    "mechanism.provenance",
 )
 
 

@@ -12,7 +12,7 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from tan_keras import _validate
+from tan_keras import _repeated_rows, _validate
 from tan_keras.data.policies import PADDING, POLICIES
 
 # What needs TensorFlow's image ops (JPEG decoding, colour jitter).
@@ -107,12 +107,23 @@ class AugmentedImages:
         generator would make every later example's views depend on which
         examples were drawn before, so that one example would change steps
         it is not in.
+      repeated_rows: "refuse" (the default): images given twice with the
+        same label are refused, since each copy would be sampled on its own
+        (`tan_keras/_repeated_rows.py`); or "distinct_people".
 
     Raises:
-      ValueError: for mismatched rows, a bad K or policy.
+      ValueError: for mismatched rows, a bad K or policy, a repeated example.
     """
 
-    def __init__(self, images, labels, augmult: int, policy: str, seed: int = 0):
+    def __init__(
+        self,
+        images,
+        labels,
+        augmult: int,
+        policy: str,
+        seed: int = 0,
+        repeated_rows: str = _repeated_rows.REFUSE,
+    ):
         self._images = np.asarray(images)
         self._labels = np.asarray(labels)
         if self._images.ndim != 4 or len(self._images) != len(self._labels):
@@ -124,6 +135,7 @@ class AugmentedImages:
         self._augmult = _validate.positive_int("augmult", augmult)
         self._pad, self._mode, self._flip = check_policy(policy, self._images.shape[1:])
         self._seed = _validate.integer("seed", seed, low=0)
+        _repeated_rows.check(self._images, self._labels, repeated_rows)
         # How many times each example was asked for: its own draws only.
         self._calls = np.zeros(len(self._images), np.int64)
 

@@ -15,14 +15,13 @@ The privacy ledger is the TensorFlow route's (`keras_dp/ledger.py`): bound
 to the weights, shared by every private model over them, carried by Keras
 weight files, recognised in weights copied as arrays; a budget
 (`PrivacyAccountant`, `make_private_with_epsilon`) caps the Poisson steps
-the model draws. What the TensorFlow route has and this one does not yet
-(tf.data input, ghost norms of convolutions, layerwise
+the model draws (`fit` and its checks: `fit_entry.py`). What the
+TensorFlow route has and this one does not yet (tf.data input, layerwise
 clipping, a debugging noise seed) is refused by argument, never silently
 ignored.
 """
 
 import contextlib
-import math
 from typing import Optional
 
 import jax.numpy as jnp
@@ -33,13 +32,10 @@ from keras import tree
 from tan_keras import _keras_internals, _validate
 from tan_keras.jax_dp import (
     clipped_fraction,
-    example_source,
-    fit_arrays,
+    fit_entry,
     ghost_norms,
     jax_step,
     model_config,
-    poisson_steps,
-    step_count,
     train_logs,
 )
 from tan_keras.jax_dp import clipped_sum as clipped_sum_lib
@@ -48,10 +44,11 @@ from tan_keras.jax_dp import example_loss as example_loss_lib
 from tan_keras.keras_dp import budget, plain_training
 from tan_keras.keras_dp import ledger as ledger_lib
 from tan_keras.keras_dp.dp_config import DPConfig
+from tan_keras.mechanism import provenance
 
 
 @keras.saving.register_keras_serializable(package="tan_keras")
-class DPKerasModel(keras.Model):
+class DPKerasModel(fit_entry.FitEntry, keras.Model):
     """A `keras.Model` trained with DP-SGD, on the JAX backend.
 
     Args:
@@ -143,6 +140,10 @@ class DPKerasModel(keras.Model):
                 "float16 computation is refused: its loss scaling would scale the clipped sum. "
                 "Use bfloat16 (same speed on accelerators) or float32."
             )
+        # Preprocessing state adapted on data is refused unless vouched for
+        # (provenance.py); a model being loaded gets its saved marks back first.
+        provenance.apply_restored(self)
+        provenance.check(self)
         # The released noisy clipped fraction's epoch mean (None: not released).
         self.noisy_clipped_tracker = (
             clipped_fraction.tracker() if clipped_fraction_std is not None else None
@@ -253,6 +254,9 @@ class DPKerasModel(keras.Model):
         config["release_train_metrics"] = self._release_train_metrics
         config["ema_decay"] = self._ema_decay
         config["clipping"] = self._clipping
+        marks = provenance.to_config(self)
+        if marks:
+            config[provenance.CONFIG_KEY] = marks
         config.update(budget.to_config(self.privacy_budget))
         return config
 
@@ -260,7 +264,11 @@ class DPKerasModel(keras.Model):
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         saved_budget = config.pop(budget.CONFIG_KEY, None)
-        model = super().from_config(model_config.accepted(config), custom_objects=custom_objects)
+        marks = config.pop(provenance.CONFIG_KEY, None)
+        with provenance.restoring(marks):
+            model = super().from_config(
+                model_config.accepted(config), custom_objects=custom_objects
+            )
         budget.restore(model, saved_budget)
         return model
 
@@ -279,107 +287,6 @@ class DPKerasModel(keras.Model):
     def compile_from_config(self, config):
         """Recompiles a loaded model from its saved compile config."""
         self.compile(**keras.saving.deserialize_keras_object(config))
-
-    def fit(
-        self,
-        x=None,
-        y=None,
-        batch_size=None,
-        epochs=1,
-        validation_split=0.0,
-        validation_data=None,
-        **kwargs,
-    ):
-        """Trains on in-memory arrays with Poisson-sampled logical steps.
-
-        Args:
-          x: The training inputs: an array, or a dict or list of arrays, with
-            one row per example (K views per row when augmult > 1); or a
-            random-access source of examples (`len(x)` = N, `x[i]` ->
-            (inputs, label), e.g. `tan_keras.data.image_views.AugmentedImages`),
-            asked for each drawn example by its own index.
-          y: The labels, one row per example (None with a source).
-          batch_size: None, or the expected batch size B (the model's).
-          epochs: E: the model trains E * round(N / B) noisy steps.
-          validation_split: A fraction in [0, 1) of the rows (the last ones)
-            held out before sampling and used as validation data.
-          validation_data: As in Keras.
-          **kwargs: Other `keras.Model.fit` arguments (callbacks, verbose,
-            initial_epoch). `steps_per_epoch`, `shuffle`, `sample_weight` and
-            `class_weight` are refused: the model draws its steps itself.
-
-        Returns:
-          Keras's History.
-
-        Raises:
-          ValueError: for input that is not in-memory arrays, row counts that
-            do not match `dataset_size`, a `batch_size` other than B, or a
-            refused argument.
-        """
-        config = self._dp_config
-        x, y, validation_data = fit_arrays.checked(
-            config,
-            self.steps_per_execution,
-            x,
-            y,
-            batch_size,
-            validation_split,
-            validation_data,
-            kwargs,
-        )
-        epochs = _validate.positive_int("epochs", epochs)
-        _, _, devices = jax_step.data_parallel()
-        if y is None:  # a random-access source (`example_source`)
-            rows_of, num_rows = example_source.source_rows(x), len(x)
-            one_example = tree.map_structure(lambda a: a[None], example_source.first_example(x))
-        else:
-            rows_of, num_rows = example_source.array_rows(x, y), len(tree.flatten(x)[0])
-            one_example = tree.map_structure(lambda a: a[:1], (x, y))
-        one_x, one_y = one_example
-        one_view = tree.map_structure(lambda a: a[:, 0], one_x) if config.augmult > 1 else one_x
-        self._symbolic_build(data_batch=(one_view, one_y))
-        # Weights set as arrays since construction bring what they went
-        # through; the values this fit leaves are remembered (a copy too).
-        before = ledger_lib.recall(self, self.privacy_ledger)
-        callbacks = step_count.fit_callbacks(self, kwargs.pop("callbacks", None), before)
-        start, history = int(self.dp_steps), step_count.history_of(callbacks)
-        if step_count.cap_reached_before_training(self, callbacks, kwargs.get("verbose", "auto")):
-            history.set_model(self)
-            return history
-        steps = poisson_steps.poisson_steps(
-            rows_of,
-            num_rows,
-            config.sampling_rate,
-            config.expected_batch_size,
-            row_multiple=self._examples_per_chunk * devices,
-            may_draw=lambda drawn: self.step_limit is None or start + drawn < self.step_limit,
-            first_step=start,
-        )
-        try:
-            return super().fit(
-                steps,
-                epochs=epochs,
-                steps_per_epoch=_steps_per_epoch(config),
-                validation_data=validation_data,
-                callbacks=callbacks,
-                shuffle=False,
-                **kwargs,
-            )
-        except step_count.CapReached:
-            return history
-        finally:
-            self.set_step_limit(None)
-            # (Values left detached by a fit that failed before its first
-            # step trained nothing.)
-            if _keras_internals.values_attached(self.weights):
-                ledger_lib.remember(self.weights, self.privacy_ledger, unless=before)
-
-    def train_on_batch(self, *args, **kwargs):
-        """Refused: a single batch is not a Poisson step; use `fit`."""
-        raise ValueError(
-            "train_on_batch is refused: a batch the caller chose is not a Poisson step. Train "
-            "with fit(x, y, epochs=...), which draws its steps itself."
-        )
 
     def train_step(self, state, data):
         trainable, non_trainable, optimizer_state, metrics_state = state
@@ -442,8 +349,3 @@ class DPKerasModel(keras.Model):
 
 # Plain Keras training of private weights is refused (plain_training.py).
 plain_training.guard(DPKerasModel)
-
-
-def _steps_per_epoch(config: DPConfig) -> int:
-    """round(N / B): the logical steps of one epoch of `fit`."""
-    return max(1, int(math.floor(config.dataset_size / config.expected_batch_size + 0.5)))

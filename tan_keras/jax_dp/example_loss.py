@@ -6,7 +6,9 @@ with the losses its call adds (`add_loss`, activity regularizers: they saw
 this example only). Random layers draw per example (their seed states are
 offset by the row), and a layer that writes any other state while training
 is refused by name: that state would carry batch statistics out of the
-clipped step. The weight regularizers depend on no data: their gradient is
+clipped step. A loss that writes a variable (a running sum of the labels)
+is refused likewise: run per example, it would carry one example into the
+losses of the later ones. The weight regularizers depend on no data: their gradient is
 added outside the clipping (`regularization_gradients`).
 """
 
@@ -14,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from keras import tree
 from keras.src import backend as keras_backend
+
+from tan_keras import _validate
 
 
 def seed_state_indices(model) -> list:
@@ -58,8 +62,9 @@ def example_loss(model, non_trainable, metrics_state, seed_indices):
                     "GroupNormalization/LayerNormalization."
                 )
         mapping = list(zip(model.metrics_variables, metrics_state))
-        with keras_backend.StatelessScope(state_mapping=mapping):
+        with _WriteRecordingScope(state_mapping=mapping) as scope:
             loss = jnp.asarray(model._compile_loss(labels, outputs), jnp.float32)
+        _refuse_loss_state(scope.written)
         # Losses the call added (add_loss, activity regularizers) saw this
         # example's views only: they are part of its clipped loss. The
         # weight regularizers, last in the list, depend on no data and
@@ -69,6 +74,39 @@ def example_loss(model, non_trainable, metrics_state, seed_indices):
         return loss, outputs
 
     return one_example_loss
+
+
+class _WriteRecordingScope(keras_backend.StatelessScope):
+    """A stateless scope that records the variables written outside its mapping."""
+
+    def __init__(self, state_mapping):
+        super().__init__(state_mapping=state_mapping)
+        self._mapped = set(self.state_mapping)
+        self.written = []
+
+    def add_update(self, update):
+        variable, _ = update
+        if id(variable) not in self._mapped:
+            self.written.append(variable)
+        super().add_update(update)
+
+
+def _refuse_loss_state(written) -> None:
+    """Refuses a loss that wrote variables (module doc), as the TensorFlow route does."""
+    # Inside the step a write is dropped with the scope: the loss would
+    # silently read the value the variable had when the step was compiled.
+    # Run per example, a loss that keeps state (a running sum, a counter of
+    # hard examples) is not one example's loss, whatever it is for.
+    if written:
+        name = getattr(written[0], "path", None) or written[0].name
+        raise _validate.invalid(
+            "loss",
+            "a loss that keeps no state between examples",
+            f"one that writes the variable `{name}`",
+            "Evaluated one example at a time, it would carry each example's data into "
+            "the clipped gradients of every later one. Compute what it keeps beforehand "
+            "(from public data) and pass it as a constant.",
+        )
 
 
 def advanced_seed_states(model, trainable, non_trainable, x, seed_indices) -> list:

@@ -12,7 +12,7 @@ from typing import Any, Tuple
 import numpy as np
 from keras import tree
 
-from tan_keras import _validate
+from tan_keras import _repeated_rows, _validate
 from tan_keras.jax_dp import example_source
 from tan_keras.keras_dp.dp_config import DPConfig
 
@@ -33,7 +33,10 @@ def checked(
       config: The model's DP settings.
       steps_per_execution: The compiled model's.
       x, y, batch_size, validation_split, validation_data: `fit`'s.
-      kwargs: `fit`'s other keyword arguments (read, not changed).
+      kwargs: `fit`'s other keyword arguments (read, not changed), among
+        them `repeated_rows`: "refuse" (the default: training arrays with a
+        repeated example are refused, `_repeated_rows.py`) or
+        "distinct_people".
 
     Returns:
       (x, y, validation_data): with a validation split, the training rows
@@ -42,7 +45,7 @@ def checked(
     Raises:
       ValueError: for input that is not in-memory arrays, row counts that
         do not match `dataset_size`, a `batch_size` other than B, views
-        that do not match `augmult`, or a refused argument.
+        that do not match `augmult`, a repeated example, or a refused argument.
     """
     if steps_per_execution != 1:
         # Keras would pull whole executions of steps from the endless
@@ -95,6 +98,7 @@ def checked(
         rows = split
     _check_rows(config, rows, "training rows given to fit", " after any validation split")
     _check_views(config, x, axis=1, where="")
+    _repeated_rows.check(x, y, kwargs.get("repeated_rows", _repeated_rows.REFUSE))
     return x, y, validation_data
 
 

@@ -93,7 +93,6 @@ def accepted(config: dict) -> dict:
     if unknown:
         raise ValueError(
             f"Invalid DPKerasModel config: unknown keys {unknown}; on the JAX backend, a "
-            "model saved with settings of the TensorFlow route only (a privacy ledger, "
-            "provenance marks) cannot be loaded yet."
+            "model saved with settings of the TensorFlow route only cannot be loaded yet."
         )
     return {**config, **dp_kwargs}

@@ -2,7 +2,11 @@
 
 Modules:
   dp_config: the privacy hyper-parameters of a model (`DPConfig`).
-  dp_model: `DPKerasModel` and `make_private`: the private `train_step`.
+  dp_model: `DPKerasModel`, built from mixins: fit_entry (`fit` and the Keras
+    entry points around it), train_step (one micro-batch up to its update),
+    noisy_update (the noisy update, the EMA), secret_state (the ledger's
+    counters, the step cap, the logical step's sums).
+  wrap: `make_private` and `make_private_with_epsilon`.
   fit_inputs: which `fit` inputs keep the guarantee.
   model_checks, precision, labels, id_inputs: models, dtypes, labels and
     out-of-range ids refused or filtered before training.

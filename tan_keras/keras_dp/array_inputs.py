@@ -65,12 +65,16 @@ def split_rows(data: Any, at: int):
     return head, tail
 
 
-def poisson_arguments(config: DPConfig, arguments: Dict[str, Any]) -> Dict[str, Any]:
+def poisson_arguments(
+    config: DPConfig, arguments: Dict[str, Any], repeated_rows: str = "refuse"
+) -> Dict[str, Any]:
     """`fit`'s arguments for in-memory data, rewritten to read a Poisson pipeline.
 
     Args:
       config: The model's DP configuration (sampling="poisson").
       arguments: `fit`'s bound arguments by name; `x` is in-memory data.
+      repeated_rows: "refuse" (training rows holding an example twice are
+        refused) or "distinct_people" (`make_poisson_dataset`).
 
     Returns:
       The arguments with `x` an endless `make_poisson_dataset` of the
@@ -82,8 +86,9 @@ def poisson_arguments(config: DPConfig, arguments: Dict[str, Any]) -> Dict[str, 
     Raises:
       ValueError: before any work, for missing labels, a `sample_weight`, a
         `batch_size` above the model's expected batch size, a
-        `validation_split` outside [0, 1) or leaving no row out, or a number
-        of training rows other than the model's `dataset_size`.
+        `validation_split` outside [0, 1) or leaving no row out, a number
+        of training rows other than the model's `dataset_size`, or a
+        repeated example.
     """
     x, y = arguments.get("x"), arguments.get("y")
     if y is None:
@@ -149,7 +154,9 @@ def poisson_arguments(config: DPConfig, arguments: Dict[str, Any]) -> Dict[str, 
         steps_per_epoch = logical_steps * sampler.steps_padded_to
     # Endless: Keras keeps one iterator across epochs, so a logical step that
     # spills into a second micro-batch at an epoch's end finishes in the next.
-    pipeline = sampling.make_poisson_dataset(x, y, sampler, steps=None, augmult=config.augmult)
+    pipeline = sampling.make_poisson_dataset(
+        x, y, sampler, steps=None, augmult=config.augmult, repeated_rows=repeated_rows
+    )
     rewritten = {k: v for k, v in arguments.items() if k not in _KERAS_BATCHING}
     rewritten.update(
         x=pipeline,

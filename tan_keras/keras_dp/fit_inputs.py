@@ -34,6 +34,13 @@ import numpy as np
 import tensorflow as tf
 
 from tan_keras import _validate
+
+# (In a module without TensorFlow, for the JAX backend; still read from here.)
+from tan_keras.keras_dp.callback_checks import (  # noqa: F401
+    PRIVATE_TRAINING_LOGS,
+    check_callbacks,
+    check_weight_file,
+)
 from tan_keras.keras_dp.dp_config import DPConfig
 from tan_keras.mechanism import sampling
 
@@ -332,82 +339,3 @@ def _check_shuffled_arrays(config: DPConfig, arguments: Dict[str, Any]) -> Dict[
                 value,
             )
     return arguments
-
-
-_LEGACY_WEIGHT_SUFFIXES = (".h5", ".hdf5")
-
-
-def check_weight_file(name: str, filepath: Any) -> None:
-    """Refuses a legacy HDF5 path for a private model's weights.
-
-    Keras 3 still writes and reads its old HDF5 format for such paths, and
-    that format has no place for the privacy ledger: weights restored from
-    it would look as if no update had been released.
-
-    Raises:
-      ValueError: naming `name`, for a `.h5`/`.hdf5` path other than `.weights.h5`.
-    """
-    path = str(filepath)
-    if path.endswith(_LEGACY_WEIGHT_SUFFIXES) and not path.endswith(".weights.h5"):
-        raise _validate.invalid(
-            name,
-            "a .keras file (the model) or a .weights.h5 file (its weights)",
-            path,
-            "The legacy HDF5 format cannot hold the privacy ledger, so weights restored "
-            "from it would lose the count of the updates they went through. To load public "
-            "weights from a legacy file, load them into the Keras model before make_private",
-        )
-
-
-# Training logs that carry no private information beyond what epsilon covers:
-# the accountant's values and the statistics released with noise.
-PRIVATE_TRAINING_LOGS = frozenset(
-    {"epsilon", "eta", "dp_steps", "dp_epochs", "unchecked_sampling", "noisy_clipped_fraction"}
-)
-
-
-def check_callbacks(callbacks, releases_training_metrics: bool = False) -> None:
-    """Refuses, before training, callbacks that would void the guarantee.
-
-    Args:
-      callbacks: The callbacks given to `fit`.
-      releases_training_metrics: Whether the train step logs noiseless
-        statistics of the training examples (`release_train_metrics`).
-
-    Raises:
-      ValueError: for a `ModelCheckpoint` or `BackupAndRestore` writing the
-        legacy HDF5 format (weights without their ledger); for a callback that
-        decides from a noiseless training statistic (`EarlyStopping`,
-        `ReduceLROnPlateau`, `ModelCheckpoint(save_best_only=True)`, any
-        callback with a `monitor`) when to stop, what learning rate to use or
-        which weights to keep.
-    """
-    for callback in callbacks:
-        monitor = _noiseless_monitor(callback) if releases_training_metrics else None
-        if monitor is not None:
-            raise _validate.invalid(
-                f"{type(callback).__name__}(monitor=...)",
-                "a held-out statistic (a `val_` metric, with validation_data or "
-                f"validation_split) or one of {sorted(PRIVATE_TRAINING_LOGS)}",
-                monitor,
-                "The training statistics are computed without noise: deciding from them "
-                "when to stop, which learning rate to use or which weights to keep makes "
-                "the number and the size of the noisy updates depend on single training "
-                "examples, which epsilon does not cover",
-            )
-        if isinstance(callback, keras.callbacks.ModelCheckpoint):
-            check_weight_file("filepath", callback.filepath)
-
-
-def _noiseless_monitor(callback):
-    """The noiseless training log `callback` decides from, or None."""
-    monitor = getattr(callback, "monitor", None)
-    if not isinstance(monitor, str):
-        return None
-    if isinstance(callback, keras.callbacks.ModelCheckpoint) and not (
-        callback.save_best_only or getattr(callback, "initial_value_threshold", None) is not None
-    ):
-        return None  # saves every epoch: the monitor decides nothing
-    if monitor.startswith("val_") or monitor in PRIVATE_TRAINING_LOGS:
-        return None
-    return monitor

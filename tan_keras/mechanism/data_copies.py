@@ -33,6 +33,10 @@ What it cannot see: values changed on the way (scaled, shuffled within a
 row, cast to a lower precision), rows of data never handed to
 `make_poisson_dataset` (a `tf.data` source of your own), and constant rows
 (every value equal), which are too common to tell apart.
+
+TensorFlow is imported on its backend only: the functions that read its
+graphs (`graph_values`, `check_function`) serve the TensorFlow route, the
+rest the JAX backend too (`jax_dp/training_rows.py`, `jax_dp/traced_loss.py`).
 """
 
 import hashlib
@@ -42,9 +46,14 @@ from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from tan_keras._fingerprints import value_fingerprint
+
+# TensorFlow only on its backend: the graph functions (`graph_values`,
+# `check_function`) serve the TensorFlow route, the rest the JAX one too.
+_TENSORFLOW = keras.backend.backend() == "tensorflow"
+if _TENSORFLOW:
+    import tensorflow as tf
 
 # Constants smaller than this are not looked at: scalars, shapes, axes.
 _MIN_ELEMENTS = 2
@@ -116,7 +125,7 @@ def register_rows(features: Any) -> None:
     Args:
       features: An array of [N, ...] examples, or a list/dict of such arrays.
     """
-    for array in tf.nest.flatten(features):
+    for array in keras.tree.flatten(features):
         array = np.asarray(keras.ops.convert_to_numpy(array))
         digest = hashlib.blake2b(f"{array.dtype}{array.shape}".encode(), digest_size=8)
         digest.update(np.ascontiguousarray(array).data if array.dtype != object else b"")
@@ -357,22 +366,22 @@ def copied_vocabulary(layer) -> Optional[str]:
             f"its `vocabulary=` is the vocabulary layer `{source.layer}` computed by "
             "`adapt`, copied"
         )
-    given = {str(t) for t in tokens}
+    given = [str(t) for t in tokens]
     for counts in _CATEGORIES.values():
-        # Made mostly of a training column's values, it was taken from the
-        # data, whatever it adds (the test split's values, "missing"): a
-        # review's `sorted(set(train) | set(test))` passed the former test
-        # of a subset. A public list that happens to hold a rare value can
-        # be declared public (mark_public).
-        in_training = given & counts.keys()
-        if not in_training or 2 * len(in_training) < len(given):
-            continue
-        rare = min(in_training, key=lambda token: counts[token])
-        if counts[rare] < _RARE:
+        # Any rare training value in it tells whether the few examples
+        # holding it are in the training set, whatever else the vocabulary
+        # holds: a review padded a vocabulary of the training values with
+        # invented ones until they were not "mostly" the training set's
+        # (the former rule), and it passed. A public list that happens to
+        # hold a rare value is declared public (`mark_public`). The value is
+        # not named: an error message is no place for a rare record.
+        rare = [(counts[t], i) for i, t in enumerate(given) if counts.get(t, _RARE) < _RARE]
+        if rare:
+            count, entry = min(rare)
             return (
-                "its `vocabulary=` is made mostly of values of a training column, one of "
-                f"them ({rare!r}) held by {counts[rare]} training example(s) only: the "
-                "vocabulary tells whether they are in the training set"
+                f"its `vocabulary=` holds a value of a training column that only {count} "
+                f"training example(s) hold (entry {entry} of the vocabulary): the vocabulary "
+                "tells whether they are in the training set"
             )
     return None
 

@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 from scipy import stats
 
-from tan_keras import _validate
+from tan_keras import _repeated_rows, _validate
 from tan_keras.mechanism import content_digest, data_copies, views
 from tan_keras.mechanism.noise import NotPrivateWarning, entropy_int64
 
@@ -567,6 +567,7 @@ def make_poisson_dataset(
     augmenter: Optional[Callable[[tf.Tensor], tf.Tensor]] = None,
     num_shards: int = 1,
     shard_index: int = 0,
+    repeated_rows: str = _repeated_rows.REFUSE,
 ) -> tf.data.Dataset:
     """The training input of `DPKerasModel.fit` for an in-memory dataset.
 
@@ -586,6 +587,10 @@ def make_poisson_dataset(
         micro-batch; each keeps P / num_shards rows. All shards must use
         samplers with the same key (see `PoissonSampler.secret_key`).
       shard_index: This pipeline's shard, in [0, num_shards).
+      repeated_rows: "refuse" (the default): data holding an example twice
+        (the same inputs and label) is refused, since each copy would be
+        sampled on its own (`tan_keras/_repeated_rows.py`); or
+        "distinct_people" when equal records are different people's.
 
     Returns:
       A dataset of `(x, y, mask, step_end, identity)` micro-batches;
@@ -593,13 +598,14 @@ def make_poisson_dataset(
       `IDENTITY_COLUMNS`).
 
     Raises:
-      ValueError: if sizes disagree, `augmult` < 1, or the shards do not
-        divide the physical batch size.
+      ValueError: if sizes disagree, `augmult` < 1, the shards do not
+        divide the physical batch size, or an example is given twice.
     """
     augmult = _validate.positive_int("augmult", augmult)
     views.check_augmenter(augmenter)
     begin, rows = shard_rows(sampler, num_shards, shard_index)
     check_dataset_size(sampler, _rows("features", features), _rows("labels", labels))
+    _repeated_rows.check(features, labels, repeated_rows)
     # No computation of the run may hold a copy of these rows (data_copies.py).
     data_copies.register_rows(features)
     # tf.data elements hold tuples, not lists (a list of inputs for a

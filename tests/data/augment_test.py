@@ -156,6 +156,7 @@ def test_poisson_pipeline_views_resume_exactly_and_differ_across_shards():
             augmenter=aug,
             num_shards=shards,
             shard_index=shard,
+            repeated_rows="distinct_people",  # (one image for all, on purpose)
         )
         return [element[0].numpy() for element in ds]
 

@@ -110,7 +110,10 @@ def _custom_table_fit():
     x[:, 2] = SECRET_ID  # every sampled example carries the private id
     _, y = _data()
     model.fit(
-        sampling.make_poisson_dataset(x, y, sampling.PoissonSampler(N, B)),
+        # (Equal rows on purpose: each is its own person here.)
+        sampling.make_poisson_dataset(
+            x, y, sampling.PoissonSampler(N, B), repeated_rows="distinct_people"
+        ),
         steps_per_epoch=1,
         verbose=0,
     )
@@ -125,12 +128,13 @@ def test_an_error_from_inside_the_step_withholds_the_private_value():
 
 
 def test_power_check_tensorflow_s_own_message_names_the_value():
-    from tan_keras.keras_dp import dp_model as dp_model_module
+    # Where the train function looks it up (dp_model re-exports it).
+    from tan_keras.keras_dp import fit_entry
 
-    original = dp_model_module.scrubbed_error
+    original = fit_entry.scrubbed_error
     try:
-        dp_model_module.scrubbed_error = lambda error: error
+        fit_entry.scrubbed_error = lambda error: error
         with pytest.raises(tf.errors.InvalidArgumentError, match=str(SECRET_ID)):
             _custom_table_fit()
     finally:
-        dp_model_module.scrubbed_error = original
+        fit_entry.scrubbed_error = original

@@ -22,7 +22,7 @@ import tensorflow as tf
 from _helpers import flat
 
 import tan_keras
-from tan_keras.keras_dp import fit_inputs
+from tan_keras.keras_dp import callback_checks, fit_inputs
 from tan_keras.mechanism import content_digest, model_analysis, sampling
 
 B, N, C, LR = 8, 16, 1.0, 1.0
@@ -226,6 +226,6 @@ def test_held_out_and_private_statistics_may_drive_callbacks(monkeypatch):
     assert _early_stopped_steps(100.0, _stop_on_loss, release_train_metrics=False) == 4
     # Power check: allowed, the noiseless loss decides from one example's
     # label how many updates are made.
-    monkeypatch.setattr(fit_inputs, "_noiseless_monitor", lambda callback: None)
+    monkeypatch.setattr(callback_checks, "_noiseless_monitor", lambda callback: None)
     assert _early_stopped_steps(1.0, _stop_on_loss) == 4
     assert _early_stopped_steps(100.0, _stop_on_loss) < 4

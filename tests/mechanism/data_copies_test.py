@@ -254,8 +254,9 @@ def test_a_vocabulary_of_training_values_with_a_rare_one_is_refused():
     codes = np.array([94110] * 40 + [10001] * 23 + [94305])[:, None]
     y = np.arange(N) % 2
     private = _compiled(_lookup_model(sorted(np.unique(codes).tolist())))
-    with pytest.raises(ValueError, match="94305"):
+    with pytest.raises(ValueError, match=r"only 1 training example\(s\) hold \(entry 2 ") as error:
         private.fit(codes, y, batch_size=B, verbose=0)
+    assert "94305" not in str(error.value)  # (no rare record in an error message)
     common = np.array([94110] * 40 + [10001] * 24)[:, None]
     _compiled(_lookup_model([94110, 10001])).fit(common, y, batch_size=B, verbose=0)
 
@@ -263,15 +264,21 @@ def test_a_vocabulary_of_training_values_with_a_rare_one_is_refused():
 def test_a_vocabulary_of_training_and_test_values_with_a_rare_one_is_refused():
     # Review: the unique values of the whole table, taken before the split
     # (training values plus one of the test split's), passed the test of a
-    # subset. A public list that holds the rare value among mostly other
-    # values passes (the power check of the "mostly").
+    # subset; a later review padded the training values with invented ones
+    # until they were not "mostly" the training set's, and that passed the
+    # rule that followed. Any rare training value is refused now; a public
+    # list that holds one is declared public (the way out).
     codes = np.array([94110] * 40 + [10001] * 23 + [94305])[:, None]
     y = np.arange(N) % 2
     whole_table = sorted(np.unique(codes).tolist() + [60601])
-    with pytest.raises(ValueError, match="94305"):
+    with pytest.raises(ValueError, match="only 1 training example"):
         _compiled(_lookup_model(whole_table)).fit(codes, y, batch_size=B, verbose=0)
-    public_list = [94305] + list(range(20000, 20010))
-    _compiled(_lookup_model(public_list)).fit(codes, y, batch_size=B, verbose=0)
+    padded = [94305] + list(range(20000, 20010))
+    with pytest.raises(ValueError, match=r"only 1 training example.*mark_public"):
+        _compiled(_lookup_model(padded)).fit(codes, y, batch_size=B, verbose=0)
+    model = _lookup_model(padded)
+    tan_keras.mark_public(model.layers[1], reason="the postal service's list of codes")
+    _compiled(model).fit(codes, y, batch_size=B, verbose=0)
 
 
 def test_a_kernel_initialised_from_training_rows_laid_out_as_columns_is_refused():
@@ -372,8 +379,14 @@ def test_a_text_vocabulary_of_the_training_texts_words_with_a_rare_one_is_refuse
     )
     texts[3] = "good film alice_smith_hiv_positive"
     y = np.arange(N) % 2
+    # (Texts of 4 words out of 4 repeat: different people's equal reviews.)
     words = sorted({w for t in texts for w in t.split()})
-    with pytest.raises(ValueError, match="alice_smith_hiv_positive"):
-        _compiled(_text_model(words)).fit(texts[:, None], y, batch_size=B, verbose=0)
+    with pytest.raises(ValueError, match="only 1 training example") as error:
+        _compiled(_text_model(words)).fit(
+            texts[:, None], y, batch_size=B, verbose=0, repeated_rows="distinct_people"
+        )
+    assert "alice_smith" not in str(error.value)
     common = ["bad", "film", "good", "plot"]
-    _compiled(_text_model(common)).fit(texts[:, None], y, batch_size=B, verbose=0)
+    _compiled(_text_model(common)).fit(
+        texts[:, None], y, batch_size=B, verbose=0, repeated_rows="distinct_people"
+    )

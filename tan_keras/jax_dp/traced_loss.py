@@ -1,0 +1,150 @@
+"""What one example's loss runs and holds, read from its trace before training.
+
+The loss the train step differentiates per example (`example_loss.py`) is
+traced with `jax.make_jaxpr` at every `fit`, before any update, and refused
+when its trace (nested jaxprs included: jit, custom_jvp/custom_vjp, scan,
+while, cond) holds
+
+* a callback primitive (`jax.pure_callback`, `io_callback`,
+  `jax.debug.callback`, `jax.debug.print`): it runs Python code on each
+  example, and that code may keep state between examples (a running
+  maximum, a list of what it saw) that no trace can see, so one example
+  could move every later update; the TensorFlow route refuses
+  `tf.py_function` and `tf.numpy_function` likewise (`model_checks.py`);
+* a constant, or a variable of the model, holding rows of the training data,
+  a statistic of them, or state `adapt` computed and no mark vouches for
+  (`data_copies.check_values`, as the TensorFlow route checks the values its
+  traced graph holds): a Lambda closing over a pool of training examples, a
+  `Normalization` given the training set's mean by hand.
+
+Traced at every fit rather than once per compiled step: the training rows
+registered and the layers adapted may change between fits. One trace of the
+forward loss, on abstract values; nothing runs.
+"""
+
+from typing import Iterator, List, Optional, Tuple
+
+import jax
+import jax.extend.core as jax_core
+import numpy as np
+
+from tan_keras import _keras_internals
+from tan_keras.jax_dp import example_loss as example_loss_lib
+from tan_keras.mechanism import data_copies, provenance
+
+
+def check(model, example) -> None:
+    """Traces `model`'s one-example loss on `example`; refuses what the module doc names.
+
+    Args:
+      model: A compiled, built JAX `DPKerasModel`.
+      example: `(inputs, labels)` of one training example, without a batch
+        axis (inputs with their K views first when augmult > 1).
+
+    Raises:
+      ValueError: naming the layer (or the primitive) that calls back into
+        Python, the value that copies training data, or the variable the
+        loss writes (`example_loss`), with what to do instead.
+    """
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    metrics_state = [v.value for v in model.metrics_variables]
+    seed_indices = example_loss_lib.seed_state_indices(model)
+    loss_fn = example_loss_lib.example_loss(model, non_trainable, metrics_state, seed_indices)
+    trainable = [v.value for v in model.trainable_variables]
+    closed = jax.make_jaxpr(loss_fn)(trainable, (example, np.uint32(0)))
+    called = _callback(closed.jaxpr)
+    if called is not None:
+        raise ValueError(_callback_refusal(model, *called))
+    # The variables the loss reads (those not trained are closed over as
+    # constants, the trained ones are arguments: a kernel set from training
+    # rows counts too), by name, then every constant of the trace.
+    seeds = {id(model.non_trainable_variables[i]) for i in seed_indices}
+    weights = [v for v in model.weights if id(v) not in seeds]
+    values = [(v.path, array) for v in weights for _, array in _numeric([v.value])]
+    used_in = _where_used(closed.jaxpr)
+    values += [
+        (f"{used_in[i]}/constant" if used_in.get(i) else f"constant {i}", array)
+        for i, array in _numeric(closed.consts)
+    ]
+    values += _nested_constants(closed.jaxpr)
+    provenance.discover_adapted()
+    data_copies.check_values(values, f"The model `{model.name}`")
+
+
+def _equations(jaxpr, stack: str = "") -> Iterator[Tuple[object, str]]:
+    """Every equation of `jaxpr` and of the jaxprs nested in it, with its name stack."""
+    for eqn in jaxpr.eqns:
+        inner = str(eqn.source_info.name_stack)
+        where = "/".join(part for part in (stack, inner) if part)
+        yield eqn, where
+        for sub in _subjaxprs(eqn.params):
+            yield from _equations(sub.jaxpr if hasattr(sub, "consts") else sub, where)
+
+
+def _where_used(jaxpr) -> dict:
+    """Index of each top-level constant -> name stack of the first equation reading it."""
+    index = {id(var): i for i, var in enumerate(jaxpr.constvars)}
+    found = {}
+    for eqn in jaxpr.eqns:
+        for var in eqn.invars:
+            i = index.get(id(var))
+            if i is not None and i not in found:
+                found[i] = str(eqn.source_info.name_stack)
+    return found
+
+
+def _subjaxprs(params) -> Iterator[object]:
+    """The jaxprs (open or closed) among an equation's parameters."""
+    for value in params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, (jax_core.ClosedJaxpr, jax_core.Jaxpr)):
+                yield item
+
+
+def _callback(jaxpr) -> Optional[Tuple[str, str]]:
+    """(primitive name, name stack) of the first callback primitive, or None."""
+    for eqn, where in _equations(jaxpr):
+        if "callback" in eqn.primitive.name:
+            return eqn.primitive.name, where
+    return None
+
+
+def _callback_refusal(model, primitive: str, where: str) -> str:
+    layers = {layer.name for layer in _keras_internals.all_layers(model)}
+    named = [part for part in where.split("/") if part in layers]
+    who = f"Layer `{named[-1]}`" if named else "The model's loss"
+    return (
+        f"{who} runs Python code on each example through a `{primitive}` primitive "
+        "(jax.pure_callback, jax.experimental.io_callback, jax.debug.callback or "
+        "jax.debug.print). It cannot be trained with DP-SGD: that code may keep state "
+        "between examples (a running sum, a list of what it saw), which no trace can see, "
+        "so one example could move every later update. Write the computation with "
+        "jax.numpy or keras.ops (and debug outside the private training)."
+    )
+
+
+def _nested_constants(jaxpr) -> List[Tuple[str, np.ndarray]]:
+    """The constants of nested closed jaxprs, and the literals of every equation."""
+    found = []
+    for eqn, where in _equations(jaxpr):
+        for sub in _subjaxprs(eqn.params):
+            if hasattr(sub, "consts"):
+                found += [(f"{where}/constant", a) for _, a in _numeric(sub.consts)]
+        literals = [v.val for v in eqn.invars if isinstance(v, jax_core.Literal)]
+        found += [(f"{where}/constant", a) for _, a in _numeric(literals)]
+    return found
+
+
+def _numeric(values) -> List[Tuple[int, np.ndarray]]:
+    """(index, array) of the concrete numeric values among `values` (tracers left out)."""
+    found = []
+    for i, value in enumerate(values):
+        if isinstance(value, jax.core.Tracer):
+            continue
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError):
+            continue
+        if array.dtype.kind in "biuf" and array.size >= 2:
+            found.append((i, array))
+    return found

@@ -1,0 +1,387 @@
+"""`fit` and the Keras entry points around it, guarded against what would void DP.
+
+The `DPKerasModel` mixin of `fit` (its inputs, callbacks and Poisson sampler
+checked and prepared), `evaluate`, `save`/`load_weights` (no legacy HDF5),
+the train function (errors from inside the step scrubbed of private values,
+the identity check's verdict raised) and the refused `train_on_batch`; with
+the checks that construction, `compile` and every `fit` run on the model.
+"""
+
+import inspect
+import re
+
+import keras
+import tensorflow as tf
+
+from tan_keras import _keras_internals, _repeated_rows, _validate
+from tan_keras.keras_dp import array_inputs, dp_state, example_weights, fit_inputs, step_identity
+from tan_keras.keras_dp import ledger as ledger_lib
+from tan_keras.keras_dp.callbacks import PrivacyAccountant
+from tan_keras.keras_dp.train_step import _NOTHING_RELEASED
+from tan_keras.mechanism import data_copies, model_analysis, provenance, sampling
+
+
+def _label_spec(arguments):
+    """Shape and dtype of a batch of labels in fit's/evaluate's data, or None.
+
+    For several outputs, the same structure of specs as the labels.
+    """
+    data = arguments.get("x")
+    if isinstance(data, (tf.data.Dataset, tf.distribute.DistributedDataset)):
+        spec = data.element_spec
+        if isinstance(spec, tuple) and len(spec) >= 2:
+            leaves = tf.nest.flatten(spec[1])
+            if leaves and all(hasattr(leaf, "shape") for leaf in leaves):
+                return spec[1]
+        return None
+    labels = arguments.get("y")
+    leaves = tf.nest.flatten(labels) if labels is not None else []
+    if not leaves or not all(hasattr(t, "shape") and hasattr(t, "dtype") for t in leaves):
+        return None
+    return tf.nest.map_structure(
+        lambda t: tf.TensorSpec(tuple(t.shape), tf.as_dtype(t.dtype)), labels
+    )
+
+
+# TensorFlow's message for an index outside a table (gather, embedding
+# lookups, take): "indices[1,0,2] = 4242 is not in [0, 10)".
+_OUT_OF_RANGE_VALUE = re.compile(r"= -?\d+ is not in \[")
+
+
+def scrubbed_error(error: "tf.errors.InvalidArgumentError") -> Exception:
+    """`error` from inside a train step, its values withheld.
+
+    A runtime error of the compiled step is raised by the data of one
+    micro-batch, and TensorFlow prints what it found there: an out-of-range
+    id read by a custom layer ("indices[1,0,2] = 4242 is not in [0, 10)")
+    names a private value and its row. Numbers and quoted strings are
+    replaced, so the kind of failure and the op stay readable.
+    """
+    first_line = str(error.message).strip().splitlines()[0] if error.message else ""
+    withheld = re.sub(r"\d+", "#", re.sub(r"(['\"]).*?\1", "'...'", first_line))
+    return type(error)(
+        None,
+        None,
+        f"A training step failed inside TensorFlow ({type(error).__name__}): {withheld} "
+        "[values and positions withheld: they come from private training examples]. An id "
+        "out of range of a table is the usual cause: Embedding and lookup layers drop such "
+        "examples, a custom layer reading a table must check its ids itself.",
+    )
+
+
+def _refuse_training_rows_in_validation(validation_data) -> None:
+    """Refuses validation arrays holding training examples (their `val_` metrics are noiseless).
+
+    `val_` metrics are taken to be public (callbacks may decide from them);
+    computed on training examples they are training statistics without noise
+    (measured: `fit(x, y, validation_data=(x, y))` with EarlyStopping on
+    `val_loss` decided the number of updates from the noiseless training loss).
+    """
+    if not isinstance(validation_data, (tuple, list)) or not validation_data:
+        return
+    features = validation_data[0]
+    if not fit_inputs.is_array(features):
+        return
+    if any(data_copies.holds_training_rows(a) for a in tf.nest.flatten(features)):
+        raise _validate.invalid(
+            "validation_data",
+            "examples that are not training examples",
+            "arrays holding rows of the training data",
+            "Their `val_` metrics would be statistics of the training set without noise, and "
+            "callbacks (EarlyStopping, ModelCheckpoint, ReduceLROnPlateau) would decide from "
+            "them. Hold out validation examples (validation_split, or a split made before "
+            "training)",
+        )
+
+
+class _FitEntry:
+    """`fit` and the Keras entry points around it, guarded against what would void DP."""
+
+    # --------------------------------------------------------------------- fit
+    def fit(self, *args, **kwargs):
+        """`keras.Model.fit`, guarded against inputs that would void DP.
+
+        In-memory data (`fit(x, y, batch_size=B, epochs=E,
+        validation_split=...)`, arrays or dicts/lists of them) is
+        Poisson-sampled by the model itself (`array_inputs.py`): about N / B
+        noisy updates per epoch. A `tf.data` pipeline must come from
+        `tan_keras.make_poisson_dataset` (endless by default: pass
+        `steps_per_epoch`, counted in micro-batches).
+        `sample_weight` and `class_weight` weigh each example's loss before
+        its gradient is clipped (`example_weights.py`): clipping still bounds
+        every example's contribution by C; a weight of 0 leaves the example
+        out, a negative one is refused. `repeated_rows`: "refuse" (the
+        default: arrays holding an example twice are refused before any
+        work, `tan_keras/_repeated_rows.py`) or "distinct_people".
+
+        Raises:
+          ValueError: for a finite dataset of unknown length with several
+            epochs (Keras would cut logical steps at epoch boundaries), a
+            model that was not compiled, or a preprocessing layer adapted on
+            data since the model was built (`provenance.py`).
+        """
+        # Ours, not Keras's: whether equal training rows are distinct people.
+        repeated_rows = kwargs.pop("repeated_rows", _repeated_rows.REFUSE)
+        bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
+        arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
+        arguments.pop("self", None)
+        arguments.pop("kwargs", None)
+        if self._dp_config.sampling == "shuffled" and fit_inputs.is_array(arguments.get("x")):
+            _repeated_rows.check(arguments["x"], arguments.get("y"), repeated_rows)
+        if fit_inputs.is_array(arguments.get("x")):
+            # Before the checks that look for copies of them (data_copies.py).
+            data_copies.register_rows(arguments["x"])
+        _refuse_training_rows_in_validation(arguments.get("validation_data"))
+        provenance.check(self, getattr(self, "loss", None))
+        self._check_held_values()
+        if self._dp_config.sampling == "poisson" and fit_inputs.is_array(arguments.get("x")):
+            # The model draws the Poisson batches of in-memory data itself.
+            arguments = array_inputs.poisson_arguments(self._dp_config, arguments, repeated_rows)
+        # Before `prepare` wraps it: what was applied to the Poisson pipeline.
+        sampler = self._poisson_sampler(arguments.get("x"))
+        arguments = fit_inputs.prepare(self._dp_config, arguments)
+        class_weight = arguments.pop("class_weight", None)
+        if class_weight is not None and len(self.outputs) > 1:
+            raise _validate.invalid(
+                "class_weight",
+                "None for a model with several outputs (as in Keras: the class of an "
+                "example is not defined); weigh examples with sample_weight",
+                class_weight,
+            )
+        class_table = example_weights.class_weight_table(class_weight)
+        if not example_weights.same_table(class_table, self._class_table):
+            # The traced step holds the table as a constant: trace it again.
+            self._class_table = class_table
+            self.train_function = None
+        data = arguments.get("x")
+        epochs = arguments.get("epochs", 1) - arguments.get("initial_epoch", 0)
+        if (
+            isinstance(data, tf.data.Dataset)
+            and arguments.get("steps_per_epoch") is None
+            and epochs > 1
+            and data.cardinality() == tf.data.UNKNOWN_CARDINALITY
+        ):
+            raise ValueError(
+                "Invalid value for `steps_per_epoch`: expected an integer when fitting "
+                "several epochs on a dataset of unknown length (a Poisson pipeline: "
+                "its number of micro-batches is random). Received: steps_per_epoch=None. "
+                "Keras would stop each epoch after the first epoch's count and cut "
+                "logical steps in two. Use an endless make_poisson_dataset(steps=None) "
+                "with steps_per_epoch, or epochs=1."
+            )
+        if self._secret.accumulators is None:
+            raise ValueError("Compile the DPKerasModel before calling fit.")
+        # Again here: an option set on the optimizer after compile.
+        self._check_optimizer_clipping()
+        self._label_spec = _label_spec(arguments)
+        if not fit_inputs.is_array(data) and "shuffle" not in arguments:
+            # Datasets and generators are never shuffled by Keras; its
+            # default shuffle=True only draws a warning for them.
+            arguments["shuffle"] = False
+        # A partial logical step left by an earlier fit holds examples sampled
+        # for THAT step; merging it into a new step could include an example
+        # twice in one noisy update (sensitivity 2C). Drop it.
+        self._reset_accumulators()
+        callbacks = list(arguments.get("callbacks") or [])
+        fit_inputs.check_callbacks(callbacks, self._release_train_metrics)
+        spend = self.privacy_budget
+        if spend is not None:
+            # Always, beside any accountant of the user's (one that only logs
+            # epsilon removed the budget: review); the lowest cap holds.
+            callbacks.append(
+                PrivacyAccountant(spend.delta, spend.target_epsilon, accountant=spend.accountant)
+            )
+        if self._dp_config.sampling == "shuffled":
+            callbacks = [dp_state.EpochOpener(self._secret.epoch_open)] + callbacks
+        # After the callbacks that may set weights as arrays (a warm start),
+        # before the next update and the sampler's resume: they bring what
+        # those values went through. Mid-fit only where a user callback runs
+        # code between updates (none: no cost).
+        # A generator's code runs between updates too: it can snapshot the
+        # weights there (review round 8, escape 18).
+        input_code = fit_inputs.runs_code_between_updates(arguments.get("x"))
+        between_batches = input_code or any(dp_state.sees_weights_mid_epoch(c) for c in callbacks)
+        recall = dp_state.WeightsRecall(
+            self,
+            sampler,
+            accountants=[c for c in callbacks if isinstance(c, PrivacyAccountant)],
+            between_epochs=input_code
+            or any(dp_state.sees_weights_between_epochs(c) for c in callbacks),
+            between_batches=between_batches,
+            epoch_open=self._secret.epoch_open if self._dp_config.sampling == "shuffled" else None,
+        )
+        callbacks.append(recall)
+        if sampler is not None:
+            # Last, after any callback that restores weights and the ledger
+            # with them (BackupAndRestore), before the input is first read.
+            callbacks.append(dp_state.SamplerResume(sampler, self._secret.position))
+        if self._dp_config.sampling == "poisson":
+            # The stream the identity check holds every micro-batch to.
+            callbacks.append(dp_state.StreamPin(self._secret, self._dp_config, arguments.get("x")))
+        arguments["callbacks"] = callbacks
+        # Weights set as arrays since construction (set_weights from a
+        # privately trained model) bring what they went through; what this
+        # fit changes is remembered wherever a copy could be taken.
+        memory = dp_state.WeightsMemory(self, ledger_lib.recall(self, self.privacy_ledger))
+        arguments["callbacks"] = arguments["callbacks"] + [memory]
+        if recall.looks_mid_fit:
+            # First: sees each update's values before any user callback.
+            after_update = dp_state.AfterUpdate(memory, recall, every_batch=between_batches)
+            arguments["callbacks"] = [after_update] + arguments["callbacks"]
+        try:
+            return super().fit(**arguments)
+        finally:
+            memory.remember()
+            # TensorFlow keeps what Keras read a generator through: let go of
+            # the generator (and the pipelines it holds) once fit is over.
+            fit_inputs.detach(arguments.get("x"))
+
+    def save(self, filepath, *args, **kwargs):
+        """`keras.Model.save`, refusing the legacy HDF5 format (it cannot hold the ledger).
+
+        Raises:
+          ValueError: for a `.h5`/`.hdf5` path.
+        """
+        fit_inputs.check_weight_file("filepath", filepath)
+        return super().save(filepath, *args, **kwargs)
+
+    def load_weights(self, filepath, *args, **kwargs):
+        """`keras.Model.load_weights`; a file that holds a privacy ledger brings it.
+
+        Raises:
+          ValueError: for a legacy `.h5`/`.hdf5` file, which cannot hold the
+            ledger of the updates its weights went through.
+        """
+        fit_inputs.check_weight_file("filepath", filepath)
+        return super().load_weights(filepath, *args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        """`keras.Model.evaluate` (the test step is the plain one: no DP needed)."""
+        bound = inspect.signature(keras.Model.evaluate).bind(self, *args, **kwargs)
+        spec = _label_spec(bound.arguments)
+        if spec is not None and self._label_spec is None:
+            self._label_spec = spec
+        return super().evaluate(*args, **kwargs)
+
+    def train_on_batch(self, *args, **kwargs):
+        """Refused: a single batch carries no sampling the accountant can count.
+
+        Raises:
+          ValueError: always. Under sampling="poisson" a batch outside a
+            Poisson pipeline is not a Poisson sample; under
+            sampling="shuffled" the epochs that the accounting counts are
+            `fit`'s, and batches fed one by one could revisit an example
+            within what would be counted as one epoch.
+        """
+        raise ValueError(
+            "DPKerasModel.train_on_batch is not supported: the accountant could not "
+            "know how the batch was sampled. Use fit() with "
+            "tan_keras.make_poisson_dataset (sampling='poisson') or with "
+            "in-memory arrays (sampling='shuffled')."
+        )
+
+    def make_train_function(self, force=False):
+        """Keras's train function, without the placeholder of a step that releases nothing.
+
+        With release_train_metrics=False and no noisy clipped fraction the
+        train step returns one constant (Keras needs a tensor); the
+        callbacks, the progress bar and History get empty logs instead.
+        """
+        if self.train_function is not None and not force:
+            return self.train_function
+        super().make_train_function(force=force)
+        function = self.train_function
+        checks_identity = self._dp_config.sampling == "poisson"
+
+        def train_function(iterator):
+            try:
+                logs = function(iterator)
+            except tf.errors.InvalidArgumentError as error:
+                if _OUT_OF_RANGE_VALUE.search(str(error.message)):
+                    raise scrubbed_error(error) from None
+                raise
+            if checks_identity:
+                # The compiled step blocked every update since the violation.
+                self._raise_on_identity_violation()
+            if not self._release_train_metrics:
+                logs = {k: v for k, v in logs.items() if k != _NOTHING_RELEASED}
+            return logs
+
+        self.train_function = train_function
+        return self.train_function
+
+    def _poisson_sampler(self, data):
+        """The sampler of a Poisson pipeline `fit` reads, checked against the model, or None.
+
+        `fit` resumes it at the step the ledger releases next
+        (`dp_state.SamplerResume`): a pipeline read again (a second fit, one
+        drawn ahead by prefetching, weights restored by a callback) then
+        continues where the released updates stopped, and the identity check
+        finds each step exactly once.
+        """
+        if not isinstance(data, tf.data.Dataset) or self._dp_config.sampling != "poisson":
+            return None
+        source = sampling.poisson_source(data)
+        if source is None:
+            return None
+        sampler, transformations = source
+        sampling.check_transformations(transformations)
+        drawn_for = (sampler.dataset_size, sampler.expected_batch_size)
+        accounted = (self._dp_config.dataset_size, self._dp_config.expected_batch_size)
+        if drawn_for != accounted:
+            raise ValueError(
+                "Invalid value for `x`: its PoissonSampler draws for (dataset_size, "
+                f"expected_batch_size)={drawn_for} but the model accounts for {accounted}. "
+                "Build the PoissonSampler with the model's values."
+            )
+        return sampler
+
+    def _raise_on_identity_violation(self):
+        record = self._secret.violation.numpy()
+        if record[0] != step_identity.OK:
+            config = self._dp_config
+            raise step_identity.SamplingIdentityError(
+                step_identity.describe(record, config.dataset_size, config.expected_batch_size)
+            )
+
+    def _check_held_values(self):
+        # What the traced computation holds, whatever reference led there: a
+        # copy of training rows or of adapted statistics is refused; a value
+        # private training or a private release left brings its ledger
+        # (`ledger.recall` reads the fingerprints).
+        values = model_analysis.held_values(self)
+        provenance.discover_adapted()
+        data_copies.check_values(values, f"The model `{self.name}`")
+        object.__setattr__(
+            self, ledger_lib.HELD_VALUES_ATTRIBUTE, data_copies.value_fingerprints(values)
+        )
+
+    def _check_optimizer_clipping(self):
+        # Keras applies clipnorm / global_clipnorm / clipvalue to each
+        # replica's partial gradient before the all-reduce. Each partial sum
+        # carries noise of std sigma*C/sqrt(R) only, and a nonlinear function
+        # of the partials is not post-processing of the noisy total: with
+        # R > 1 the accounted sigma would not hold.
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        options = {
+            name: getattr(self.optimizer, name, None)
+            for name in ("clipnorm", "global_clipnorm", "clipvalue")
+        }
+        given = {name: value for name, value in options.items() if value is not None}
+        if given and replicas > 1:
+            name, value = next(iter(given.items()))
+            raise ValueError(
+                f"Invalid value for `{name}`: expected None with {replicas} replicas. "
+                f"Received: {name}={value}. Keras clips each replica's partial gradient "
+                "before summing them, and each partial carries only 1/sqrt(replicas) of "
+                "the noise, so the accounted noise multiplier would not hold. Per-example "
+                "clipping is l2_norm_clip; drop the optimizer's clipping (on one device it "
+                "is allowed: it then acts on the whole noisy gradient)."
+            )
+
+    def _dp_build_for_fit(self):
+        # Called by Keras under a strategy instead of reading a batch (see
+        # _keras_internals.skip_first_batch_build): everything else was built
+        # at compile; the compiled metrics need the labels' shape.
+        if self._label_spec is not None:
+            _keras_internals.build_compiled_metrics(self, self._label_spec)

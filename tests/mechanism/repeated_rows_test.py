@@ -1,0 +1,54 @@
+"""Training data holding an example twice is refused where the package takes arrays."""
+
+import numpy as np
+import pytest
+
+from tan_keras import _repeated_rows
+from tan_keras.mechanism import sampling
+
+
+def _data(rows=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(rows, 5)).astype("float32"), rng.integers(0, 3, rows)
+
+
+def test_first_repeat_names_the_earlier_row_the_repeating_row_and_the_count():
+    x, y = _data()
+    assert _repeated_rows.first_repeat(x, y) is None
+    x[9], y[9] = x[2], y[2]
+    x[20], y[20] = x[2], y[2]
+    assert _repeated_rows.first_repeat(x, y) == (2, 9, 2)
+    # Power check: the same inputs with another label are another example.
+    y[9], y[20] = (y[2] + 1) % 3, (y[2] + 2) % 3
+    assert _repeated_rows.first_repeat(x, y) is None
+
+
+def test_rows_compare_across_every_input_strings_included():
+    x, y = _data(8)
+    names = np.array(["ann", "bob", "cy", "dee", "ed", "flo", "gus", "hal"], dtype=object)
+    features = {"numbers": x, "name": names}
+    x[5] = x[1]
+    y[5] = y[1]
+    assert _repeated_rows.first_repeat(features, y) is None  # the names differ
+    names[5] = "bob"
+    assert _repeated_rows.first_repeat(features, y) == (1, 5, 1)
+
+
+def test_make_poisson_dataset_refuses_a_repeated_example_unless_declared_distinct_people():
+    x, y = _data()
+    x[7], y[7] = x[0], y[0]
+    sampler = sampling.PoissonSampler(32, 8)
+    with pytest.raises(ValueError, match=r"row 7 equals row 0"):
+        sampling.make_poisson_dataset(x, y, sampler)
+    sampling.make_poisson_dataset(x, y, sampler, repeated_rows="distinct_people")
+    with pytest.raises(ValueError, match="`repeated_rows`"):
+        sampling.make_poisson_dataset(x, y, sampler, repeated_rows="yes")
+
+
+def test_inputs_of_one_number_per_row_are_not_compared():
+    # A single category per row (a zip code): equal values are the column's
+    # nature. Power check: two numbers per row are compared.
+    codes = np.array([94110] * 6 + [10001] * 2)[:, None]
+    labels = np.arange(8) % 2
+    assert _repeated_rows.first_repeat(codes, labels) is None
+    assert _repeated_rows.first_repeat(np.concatenate([codes, codes], 1), labels) == (0, 2, 4)

@@ -1,0 +1,228 @@
+"""The JAX backend refuses what the TensorFlow backend refuses, before any update.
+
+Each habit a review found trained on JAX (while TensorFlow refused it) is
+refused here with its message, and leaves the weights and `dp_steps` as
+they were; the allowed variant of each trains (the power of the check).
+"""
+
+import _jax_helpers as helpers
+import jax
+import keras
+import numpy as np
+import pytest
+from jax.experimental import io_callback
+from keras import ops
+
+import tan_keras
+from tan_keras.mechanism import data_copies
+
+N = 16
+
+
+@pytest.fixture(autouse=True)
+def _no_registered_rows():
+    """Each test starts with no training rows or adapted state registered (data_copies.py)."""
+    data_copies.forget()
+    yield
+    data_copies.forget()
+
+
+def _regression(pre=None, shape=(3,)):
+    inp = keras.Input(shape)
+    h = pre(inp) if pre is not None else inp
+    return keras.Model(inp, keras.layers.Dense(1)(h))
+
+
+def _xy(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(N, 3)).astype("float32")
+    y = rng.normal(size=(N, 1)).astype("float32")
+    return x, y
+
+
+def _private(model, loss="mse"):
+    return helpers.private(model, N, batch=8, loss=loss)
+
+
+def _refused(dp_model, match, x, y, **fit):
+    """Asserts `fit` raises ValueError matching `match` and changes nothing."""
+    before = [w.copy() for w in dp_model.get_weights()]
+    with pytest.raises(ValueError, match=match):
+        dp_model.fit(x, y, epochs=1, verbose=0, **fit)
+    assert int(dp_model.dp_steps) == 0
+    for a, b in zip(dp_model.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def _trains(dp_model, x, y, **fit):
+    changes = helpers.update(dp_model, x, y, **fit)
+    assert int(dp_model.dp_steps) > 0
+    assert any(np.any(c != 0) for c in changes)
+
+
+# ---------------------------------------------------- callbacks on noiseless logs
+@pytest.mark.parametrize(
+    "callback",
+    [
+        lambda: keras.callbacks.EarlyStopping(monitor="loss", patience=0),
+        lambda: keras.callbacks.ReduceLROnPlateau(monitor="loss"),
+    ],
+    ids=["EarlyStopping", "ReduceLROnPlateau"],
+)
+def test_a_callback_deciding_from_the_noiseless_training_loss_is_refused(callback):
+    x, y = _xy()
+    _refused(
+        _private(_regression()),
+        r"monitor=\.\.\.\)`: expected a held-out statistic",
+        x,
+        y,
+        callbacks=[callback()],
+    )
+
+
+def test_a_callback_on_held_out_data_or_unreleased_metrics_trains():
+    x, y = _xy()
+    x_val, y_val = _xy(seed=1)
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=5)
+    _trains(_private(_regression()), x, y, validation_data=(x_val, y_val), callbacks=[stop])
+    # Nothing is released: the noiseless loss is not in the logs.
+    quiet = helpers.private(_regression(), N, batch=8, loss="mse", release_train_metrics=False)
+    _trains(quiet, x, y, callbacks=[keras.callbacks.EarlyStopping(monitor="loss")])
+
+
+# ------------------------------------------------------------ calls into Python
+def _with_pure_callback(t):
+    return jax.pure_callback(
+        lambda a: np.asarray(a), jax.ShapeDtypeStruct(t.shape, t.dtype), t, vmap_method="sequential"
+    )
+
+
+@jax.jit
+def _with_io_callback(t):
+    # Inside a jit: found in the nested jaxpr.
+    return io_callback(lambda a: np.asarray(a), jax.ShapeDtypeStruct(t.shape, t.dtype), t)
+
+
+def _with_debug_callback(t):
+    # Inside a cond branch: found in the nested jaxpr.
+    def noisy(u):
+        jax.debug.callback(lambda a: None, u)
+        return u
+
+    return jax.lax.cond(True, noisy, lambda u: u, t)
+
+
+@pytest.mark.parametrize(
+    "function, primitive",
+    [
+        (_with_pure_callback, "pure_callback"),
+        (_with_io_callback, "io_callback"),
+        (_with_debug_callback, "debug_callback"),
+    ],
+    ids=["pure_callback", "io_callback", "debug_callback"],
+)
+def test_a_layer_calling_back_into_python_is_refused_by_name(function, primitive):
+    x, y = _xy()
+    model = _regression(lambda t: keras.layers.Lambda(function, name="calls_python")(t))
+    _refused(_private(model), rf"Layer `calls_python` runs Python code .*`{primitive}`", x, y)
+
+
+def test_a_lambda_without_callbacks_trains():
+    x, y = _xy()
+    model = _regression(lambda t: keras.layers.Lambda(lambda u: 2.0 * u, name="pure")(t))
+    _trains(_private(model), x, y)
+
+
+# --------------------------------------------------------------- a loss's state
+class _RunningSumLoss(keras.losses.Loss):
+    def __init__(self, writes=True):
+        super().__init__()
+        self.writes = writes
+        self.total = keras.Variable(0.0, trainable=False, name="running_sum")
+
+    def call(self, y_true, y_pred):
+        if self.writes:
+            self.total.assign(self.total + ops.sum(y_true))
+        return ops.square(y_true - y_pred - self.total)
+
+
+def test_a_loss_writing_a_variable_is_refused():
+    x, y = _xy()
+    _refused(
+        _private(_regression(), loss=_RunningSumLoss()),
+        r"`loss`: expected a loss that keeps no state between examples.*`running_sum`",
+        x,
+        y,
+    )
+
+
+def test_a_loss_reading_a_variable_it_never_writes_trains():
+    x, y = _xy()
+    _trains(_private(_regression(), loss=_RunningSumLoss(writes=False)), x, y)
+
+
+# ------------------------------------------------- copies of the training data
+def test_a_normalization_adapted_on_the_training_set_is_refused():
+    x, y = _xy()
+    norm = keras.layers.Normalization()
+    norm.adapt(x)
+    model = _regression(norm)
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(ValueError, match=r"Layer `normalization\w*` .* set by `adapt`"):
+        _private(model)
+    for a, b in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_adapted_normalization_declared_public_trains_and_keeps_its_mark(tmp_path):
+    x, y = _xy()
+    public, _ = _xy(seed=2)
+    norm = keras.layers.Normalization()
+    norm.adapt(public)
+    tan_keras.mark_public(norm, reason="adapted on public data")
+    dp_model = _private(_regression(norm))
+    _trains(dp_model, x, y)
+    dp_model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert int(loaded.dp_steps) == int(dp_model.dp_steps)
+
+
+def test_statistics_of_the_training_set_given_by_hand_are_refused():
+    x, y = _xy()
+    model = _regression(keras.layers.Normalization(mean=x.mean(0), variance=x.var(0)))
+    _refused(_private(model), r"Layer `normalization\w*` .* the training data's own", x, y)
+
+
+def test_public_statistics_given_by_hand_train():
+    x, y = _xy()
+    model = _regression(keras.layers.Normalization(mean=[0.1, -0.2, 0.3], variance=[1.0, 2.0, 3.0]))
+    _trains(_private(model), x, y)
+
+
+def test_a_lambda_closing_over_training_rows_is_refused():
+    x, y = _xy()
+    pool = x[:4].copy()
+    model = _regression(
+        lambda t: keras.layers.Lambda(lambda u: u + ops.mean(ops.convert_to_tensor(pool)))(t)
+    )
+    _refused(_private(model), r"holds `lambda\w*/constant` .* contains rows of the training", x, y)
+
+
+def test_a_lambda_closing_over_public_rows_trains():
+    x, y = _xy()
+    pool, _ = _xy(seed=3)
+    model = _regression(
+        lambda t: keras.layers.Lambda(lambda u: u + ops.mean(ops.convert_to_tensor(pool[:4])))(t)
+    )
+    _trains(_private(model), x, y)
+
+
+def test_validation_data_holding_training_rows_is_refused():
+    x, y = _xy()
+    _refused(
+        _private(_regression()),
+        r"`validation_data`: expected examples that are not training examples",
+        x,
+        y,
+        validation_data=(x[:4], y[:4]),
+    )
