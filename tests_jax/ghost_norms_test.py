@@ -12,6 +12,13 @@ from tan_keras.jax_dp import example_loss, ghost_norms
 ROWS = 16
 
 
+@pytest.fixture(autouse=True)
+def _every_convolution_formed(monkeypatch):
+    # The tests' convolutions are small: all of them take the formed route
+    # here, whose kernel size threshold is a speed choice, not a correctness one.
+    monkeypatch.setattr(ghost_norms, "_FORMED_MIN_KERNEL", 0)
+
+
 def _mlp():
     return keras.Sequential(
         [
@@ -362,3 +369,13 @@ def test_a_tied_weight_keeps_its_per_example_gradient(detected, monkeypatch):
         results[clipping] = helpers.flat(helpers.one_step(dp_model, x, y)[1])
     close = np.allclose(results["auto"], results["vectorized"], rtol=2e-4, atol=1e-7)
     assert close == detected
+
+
+def test_a_small_convolution_keeps_its_vmapped_gradient_unless_its_gram_form_pays(monkeypatch):
+    # (Speed: for small kernels the vmapped backward pass was faster.)
+    monkeypatch.setattr(ghost_norms, "_FORMED_MIN_KERNEL", 32_768)
+    build, shape = _MODELS["convs"]
+    x, y = helpers.data(ROWS, shape=shape)
+    dp_model = helpers.private(build(), ROWS)
+    convs = [g for g in _ghosted(dp_model, x, y) if g.kind == ghost_norms.CONV]
+    assert [g.formed for g in convs] == [False]  # the one whose Gram form pays

@@ -17,13 +17,15 @@ patches: a_t is the receptive field of output position t (kernel size x
 input channels), so the same two forms hold with T the output positions
 (times the views). Where the Gram form pays (T (in + out) < in out, the
 small feature maps of a network's last stage) it is used with its rounding
-bounds; elsewhere each example's kernel gradient sum_t a_t d_t^T is FORMED,
-as one batched matrix product of the patches and d, and normed and summed as
-formed (no bound needed: the values normed are the values added). Formed
-from patches, it is 1.5-5.6x faster on CPU than vmapping the convolution's
-own backward pass, which XLA turns into a grouped convolution (measured on 2
-cores, B 64, 3x3 kernels: 32x32x64 -> 64, 383 ms vmapped, 253 ms formed;
-8x8x256 -> 256, 508 ms vmapped, 49 ms by the Gram form).
+bounds; elsewhere, for kernels of 32,768 weights or more, each example's
+kernel gradient sum_t a_t d_t^T is FORMED, as one batched matrix product of
+the patches and d, and normed and summed as formed (no bound needed: the
+values normed are the values added). Formed from patches, it is 1.5-5.6x
+faster on CPU than vmapping the convolution's own backward pass, which XLA
+turns into a grouped convolution (measured on 2 cores, 96 rows, 3x3
+kernels: 32x32x64 -> 64, 383 ms vmapped, 253 ms formed; 8x8x256 -> 256,
+508 ms vmapped, 49 ms by the Gram form); smaller kernels keep the vmapped
+gradient, faster for them inside the whole step (`_FORMED_MIN_KERNEL`).
 
 The layer's call is replaced while the per-example loss is traced: the same
 arithmetic as Keras's `Dense.call` / `Embedding.call` / `BaseConv.call`, plus
@@ -59,6 +61,14 @@ _CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D)
 # against 1,213 ms per-example; vocabulary 2,000 and T 512 (131 vocabularies),
 # 123 ms ghost against 41 ms per-example.
 _EMBEDDING_GRAM_PER_TABLE_ROW = 32
+# A convolution whose Gram form does not pay is taken with its per-example
+# kernel gradients formed from patches when the kernel has at least this
+# many weights (patch length x output channels); smaller ones keep the
+# vmapped gradient, faster for them inside the whole step. Measured on 2 CPU
+# cores, private steps at B 64: small CNN (kernels of 432 and 4,608) 47 ms
+# with all its convolutions formed, 30 ms with neither; WideResNet-16-4
+# 3.10 s with the kernels of 32,768 and more formed, 4.16 s with none.
+_FORMED_MIN_KERNEL = 32_768
 
 
 class GhostWeight(NamedTuple):
@@ -251,9 +261,9 @@ def _read_elsewhere(example_loss, params, example, layers, kinds, indices) -> Li
 def ghost_weights(model, example_loss, params, example) -> List[GhostWeight]:
     """The model's kernels and Embedding tables worth clipping by their ghost norms.
 
-    Every plain convolution qualifies (by its Gram form where that pays,
-    else formed from its patches); Dense kernels and Embedding tables where
-    the ghost norm pays (module docstring).
+    A plain convolution qualifies by its Gram form where that pays, else
+    formed from its patches if its kernel is large enough; Dense kernels
+    and Embedding tables where the ghost norm pays (module docstring).
 
     Args:
       model: The private model.
@@ -289,7 +299,12 @@ def ghost_weights(model, example_loss, params, example) -> List[GhostWeight]:
         if kind == DENSE:
             pays = _pays(inputs, outputs)
         elif kind == CONV:
-            pays, formed = True, not _pays(_patch_shape(layer, inputs), outputs)
+            patches = _patch_shape(layer, inputs)
+            formed = not _pays(patches, outputs)
+            # Formed from patches only for large kernels: for small ones the
+            # vmapped backward pass was faster inside the whole step.
+            kernel = int(patches.shape[-1]) * int(outputs.shape[-1])
+            pays = not formed or kernel >= _FORMED_MIN_KERNEL
         else:
             rows = _rows_per_example(tuple(inputs.shape) + (1,))
             pays = rows * rows < _EMBEDDING_GRAM_PER_TABLE_ROW * int(layer.input_dim)
