@@ -25,7 +25,7 @@ _EXPORTS = {
     "DPCheckpoint": "tan_keras.keras_dp.checkpointing",
     "DPCheckpointCallback": "tan_keras.keras_dp.checkpointing",
     "CheckpointError": "tan_keras.keras_dp.checkpointing",
-    "NotPrivateWarning": "tan_keras.mechanism.noise",
+    "NotPrivateWarning": "tan_keras.mechanism.not_private",
     "make_augmenter": "tan_keras.data.augment",
     "make_views": "tan_keras.mechanism.views",
     "mark_public": "tan_keras.mechanism.provenance",
@@ -42,6 +42,8 @@ _JAX_EXPORTS = {
     "make_private_with_epsilon": "tan_keras.jax_dp.wrap",
     "PrivacyAccountant": "tan_keras.keras_dp.callbacks",
     "mark_public": "tan_keras.mechanism.provenance",
+    "private_adapt": "tan_keras.keras_dp.private_adapt",
+    "NotPrivateWarning": "tan_keras.mechanism.not_private",
 }
 
 __getattr__, __dir__, __all__ = _lazy.exports(__name__, _JAX_EXPORTS if _JAX else _EXPORTS)

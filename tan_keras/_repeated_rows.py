@@ -114,3 +114,24 @@ def check(features: Any, labels: Any, repeated_rows: str) -> None:
         "loss instead), or, if each row is a different person who happens to share a "
         "record, pass repeated_rows='distinct_people' to fit."
     )
+
+
+def refuse_for_input(repeated_rows: Any, received: str, instead: str) -> None:
+    """Refuses `repeated_rows` given to `fit` with an input it does not check.
+
+    Args:
+      repeated_rows: What `fit` received for it (None when not given).
+      received: What `x` is, for the message.
+      instead: Where the check is made for such input.
+
+    Raises:
+      ValueError: when `repeated_rows` was given: accepted and ignored, it
+        would read as a check that never ran.
+    """
+    if repeated_rows is None:
+        return
+    raise ValueError(
+        f"Invalid value for `repeated_rows`: expected it only with in-memory arrays as "
+        f"`x`, whose rows fit compares. Received: repeated_rows={repeated_rows!r} with "
+        f"x={received}. {instead}"
+    )

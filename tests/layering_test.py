@@ -184,9 +184,13 @@ _JAX_MAY_IMPORT = (
     "keras_dp.dp_config",
     "keras_dp.ledger",
     "keras_dp.plain_training",
+    "keras_dp.private_adapt",  # TensorFlow only for a tf.data pipeline, if loaded
     "mechanism",  # its __init__: a docstring
     "mechanism.captures",
     "mechanism.data_copies",  # TensorFlow on its backend only
+    "mechanism.held_out",
+    "mechanism.moments",
+    "mechanism.not_private",
     "mechanism.provenance",
 )
 
@@ -232,6 +236,11 @@ def test_the_jax_backend_imports_no_tensorflow_module():
         if not found[0].startswith("jax_dp")
     ]
     assert imports, "the walk starts from the JAX backend's imports"
+    # And from the names `tan_keras` exports on the JAX backend.
+    import tan_keras
+
+    exported = set(tan_keras._JAX_EXPORTS.values())
+    imports += [(m[len("tan_keras.") :], 0, False) for m in sorted(exported)]
     assert _jax_violations(imports) == []
     # Power checks: an import of the TensorFlow route is caught, and so is an
     # unguarded TensorFlow import.

@@ -226,3 +226,89 @@ def test_validation_data_holding_training_rows_is_refused():
         y,
         validation_data=(x[:4], y[:4]),
     )
+
+
+# ------------------------------------------- what only the gradient's trace shows
+@jax.custom_vjp
+def _identity_calling_back_when_differentiated(t):
+    return t
+
+
+def _forward(t):
+    return t, None
+
+
+def _backward_calling_python(_, g):
+    # Runs only in the backward pass: a forward trace never sees it.
+    return (_with_pure_callback(g),)
+
+
+_identity_calling_back_when_differentiated.defvjp(_forward, _backward_calling_python)
+
+
+@jax.custom_vjp
+def _identity_with_a_pure_backward(t):
+    return t
+
+
+_identity_with_a_pure_backward.defvjp(_forward, lambda _, g: (2.0 * g,))
+
+
+def _after_a_dense(function, name):
+    # Behind a trained layer: its backward rule runs in the gradient.
+    return lambda t: keras.layers.Lambda(function, name=name)(keras.layers.Dense(3)(t))
+
+
+def test_a_custom_vjp_calling_back_into_python_in_its_backward_rule_is_refused():
+    x, y = _xy()
+    model = _regression(_after_a_dense(_identity_calling_back_when_differentiated, "backward_cb"))
+    _refused(_private(model), r"Layer `backward_cb` runs Python code .*pure_callback", x, y)
+
+
+def test_a_custom_vjp_with_a_pure_backward_rule_trains():
+    x, y = _xy()
+    _trains(_private(_regression(_after_a_dense(_identity_with_a_pure_backward, "pure"))), x, y)
+
+
+class _CountsInAnUntrackedVariable(keras.layers.Layer):
+    """Keeps a running sum of its inputs in a variable its weights do not list."""
+
+    def __init__(self, writes=True, **kwargs):
+        super().__init__(**kwargs)
+        self.writes = writes
+        with keras.src.utils.tracking.DotNotTrackScope():
+            self.seen = keras.Variable(np.zeros(3, "float32"), trainable=False, name="seen")
+
+    def call(self, t):
+        if self.writes:
+            self.seen.assign(self.seen + ops.sum(t, axis=0))
+        return t + 0.0 * self.seen
+
+
+def test_a_layer_writing_a_variable_it_does_not_track_is_refused():
+    x, y = _xy()
+    layer = _CountsInAnUntrackedVariable()
+    assert not any(v is layer.seen for v in layer.weights)  # (the premise)
+    _refused(
+        _private(_regression(layer)), r"writes the variable `seen`, which it does not track", x, y
+    )
+
+
+def test_a_layer_reading_an_untracked_variable_it_never_writes_trains():
+    x, y = _xy()
+    _trains(_private(_regression(_CountsInAnUntrackedVariable(writes=False))), x, y)
+
+
+def test_repeated_rows_given_with_a_source_is_refused_not_ignored():
+    from tan_keras.data.image_views import AugmentedImages
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(size=(N, 8, 8, 3)).astype("float32")
+    source = AugmentedImages(images, rng.integers(0, 2, size=N), augmult=1, policy="cifar")
+    model = keras.Sequential(
+        [keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(2)]
+    )
+    dp_model = _private(model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(ValueError, match=r"`repeated_rows`: expected it only with in-memory"):
+        dp_model.fit(source, epochs=1, verbose=0, repeated_rows="distinct_people")
+    assert int(dp_model.dp_steps) == 0

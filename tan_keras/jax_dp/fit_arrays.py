@@ -67,6 +67,12 @@ def checked(
             batch_size,
         )
     if example_source.is_source(x, y):
+        _repeated_rows.refuse_for_input(
+            kwargs.get("repeated_rows"),
+            type(x).__name__,
+            "A source's examples are checked where it is made: "
+            "AugmentedImages(..., repeated_rows=...).",
+        )
         return _checked_source(config, x, validation_split), None, validation_data
     leaves = tree.flatten((x, y))
     if y is None or not leaves or not all(isinstance(a, np.ndarray) for a in leaves):

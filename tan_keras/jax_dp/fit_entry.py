@@ -24,7 +24,7 @@ from tan_keras.jax_dp import (
 from tan_keras.keras_dp import callback_checks
 from tan_keras.keras_dp import ledger as ledger_lib
 from tan_keras.keras_dp.dp_config import DPConfig
-from tan_keras.mechanism import provenance
+from tan_keras.mechanism import held_out, provenance
 
 
 class FitEntry:
@@ -89,7 +89,7 @@ class FitEntry:
         kwargs.pop("repeated_rows", None)  # (Keras's fit does not take it)
         # Before the checks that look for copies of them (data_copies.py).
         training_rows.register(x, from_source=y is None)
-        training_rows.refuse_in_validation(given_validation)
+        held_out.refuse_training_rows(given_validation)
         provenance.check(self, getattr(self, "loss", None))
         epochs = _validate.positive_int("epochs", epochs)
         _, _, devices = jax_step.data_parallel()

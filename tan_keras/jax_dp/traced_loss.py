@@ -15,18 +15,26 @@ while, cond) holds
   a statistic of them, or state `adapt` computed and no mark vouches for
   (`data_copies.check_values`, as the TensorFlow route checks the values its
   traced graph holds): a Lambda closing over a pool of training examples, a
-  `Normalization` given the training set's mean by hand.
+  `Normalization` given the training set's mean by hand;
+* a write to a Keras variable the model does not track: dropped with the
+  step's stateless scope on JAX, it would silently not happen (and kept,
+  it would carry one example into the next ones' gradients).
+
+The trace is the gradient's (the forward and a custom_vjp's backward rule).
 
 Traced at every fit rather than once per compiled step: the training rows
 registered and the layers adapted may change between fits. One trace of the
-forward loss, on abstract values; nothing runs.
+loss and its gradient, on abstract values; nothing runs.
 """
 
+import contextlib
+import re
 from typing import Iterator, List, Optional, Tuple
 
 import jax
 import jax.extend.core as jax_core
 import numpy as np
+from keras.src import backend as keras_backend
 
 from tan_keras import _keras_internals
 from tan_keras.jax_dp import example_loss as example_loss_lib
@@ -51,7 +59,12 @@ def check(model, example) -> None:
     seed_indices = example_loss_lib.seed_state_indices(model)
     loss_fn = example_loss_lib.example_loss(model, non_trainable, metrics_state, seed_indices)
     trainable = [v.value for v in model.trainable_variables]
-    closed = jax.make_jaxpr(loss_fn)(trainable, (example, np.uint32(0)))
+    # The gradient's trace, not only the loss's: a custom_vjp's backward
+    # rule runs only when differentiated, and may call back into Python.
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    with _recording_writes() as written:
+        closed = jax.make_jaxpr(value_and_grad)(trainable, (example, np.uint32(0)))
+    _refuse_untracked_writes(model, written)
     called = _callback(closed.jaxpr)
     if called is not None:
         raise ValueError(_callback_refusal(model, *called))
@@ -71,14 +84,61 @@ def check(model, example) -> None:
     data_copies.check_values(values, f"The model `{model.name}`")
 
 
+@contextlib.contextmanager
+def _recording_writes() -> Iterator[list]:
+    """Records every Keras variable assigned in a stateless scope while tracing."""
+    written = []
+    add_update = keras_backend.StatelessScope.add_update
+
+    def recording(scope, update):
+        written.append(update[0])
+        return add_update(scope, update)
+
+    keras_backend.StatelessScope.add_update = recording
+    try:
+        yield written
+    finally:
+        keras_backend.StatelessScope.add_update = add_update
+
+
+def _refuse_untracked_writes(model, written) -> None:
+    """Refuses a write to a variable the model does not track (module doc)."""
+    # The model's own state writes are refused by `example_loss` (tracked
+    # non-trainable variables) with their name; a variable the model does
+    # not track is written in the scope and dropped with it, so the layer
+    # would silently read its old value on the next step.
+    tracked = {id(v) for v in (*model.variables, *model.metrics_variables)}
+    for variable in written:
+        if id(variable) not in tracked:
+            name = getattr(variable, "path", None) or getattr(variable, "name", "?")
+            raise ValueError(
+                f"The model writes the variable `{name}`, which it does not track (a "
+                "keras.Variable kept outside the layers' weights), while it trains. On the "
+                "JAX backend such a write is dropped after each step, and a state computed "
+                "from one example would carry it into the clipped gradients of the next "
+                "ones if it were kept. Make the variable a weight of its layer "
+                "(add_weight) that the training does not write, or compute the value "
+                "without state."
+            )
+
+
 def _equations(jaxpr, stack: str = "") -> Iterator[Tuple[object, str]]:
     """Every equation of `jaxpr` and of the jaxprs nested in it, with its name stack."""
     for eqn in jaxpr.eqns:
-        inner = str(eqn.source_info.name_stack)
+        inner = _layer_path(str(eqn.source_info.name_stack))
         where = "/".join(part for part in (stack, inner) if part)
         yield eqn, where
         for sub in _subjaxprs(eqn.params):
             yield from _equations(sub.jaxpr if hasattr(sub, "consts") else sub, where)
+
+
+def _layer_path(stack: str) -> str:
+    """A name stack without the wrappers differentiation adds ("transpose(jvp(dense))")."""
+    while True:
+        bare = re.sub(r"\b(?:jvp|transpose|vmap)\(([^()]*)\)", r"\1", stack)
+        if bare == stack:
+            return bare
+        stack = bare
 
 
 def _where_used(jaxpr) -> dict:
@@ -89,7 +149,7 @@ def _where_used(jaxpr) -> dict:
         for var in eqn.invars:
             i = index.get(id(var))
             if i is not None and i not in found:
-                found[i] = str(eqn.source_info.name_stack)
+                found[i] = _layer_path(str(eqn.source_info.name_stack))
     return found
 
 

@@ -18,7 +18,7 @@ from tan_keras.keras_dp import array_inputs, dp_state, example_weights, fit_inpu
 from tan_keras.keras_dp import ledger as ledger_lib
 from tan_keras.keras_dp.callbacks import PrivacyAccountant
 from tan_keras.keras_dp.train_step import _NOTHING_RELEASED
-from tan_keras.mechanism import data_copies, model_analysis, provenance, sampling
+from tan_keras.mechanism import data_copies, held_out, model_analysis, provenance, sampling
 
 
 def _label_spec(arguments):
@@ -69,31 +69,6 @@ def scrubbed_error(error: "tf.errors.InvalidArgumentError") -> Exception:
     )
 
 
-def _refuse_training_rows_in_validation(validation_data) -> None:
-    """Refuses validation arrays holding training examples (their `val_` metrics are noiseless).
-
-    `val_` metrics are taken to be public (callbacks may decide from them);
-    computed on training examples they are training statistics without noise
-    (measured: `fit(x, y, validation_data=(x, y))` with EarlyStopping on
-    `val_loss` decided the number of updates from the noiseless training loss).
-    """
-    if not isinstance(validation_data, (tuple, list)) or not validation_data:
-        return
-    features = validation_data[0]
-    if not fit_inputs.is_array(features):
-        return
-    if any(data_copies.holds_training_rows(a) for a in tf.nest.flatten(features)):
-        raise _validate.invalid(
-            "validation_data",
-            "examples that are not training examples",
-            "arrays holding rows of the training data",
-            "Their `val_` metrics would be statistics of the training set without noise, and "
-            "callbacks (EarlyStopping, ModelCheckpoint, ReduceLROnPlateau) would decide from "
-            "them. Hold out validation examples (validation_split, or a split made before "
-            "training)",
-        )
-
-
 class _FitEntry:
     """`fit` and the Keras entry points around it, guarded against what would void DP."""
 
@@ -121,17 +96,26 @@ class _FitEntry:
             data since the model was built (`provenance.py`).
         """
         # Ours, not Keras's: whether equal training rows are distinct people.
-        repeated_rows = kwargs.pop("repeated_rows", _repeated_rows.REFUSE)
+        repeated_rows = kwargs.pop("repeated_rows", None)
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
         arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
         arguments.pop("self", None)
         arguments.pop("kwargs", None)
+        if not fit_inputs.is_array(arguments.get("x")):
+            _repeated_rows.refuse_for_input(
+                repeated_rows,
+                type(arguments.get("x")).__name__,
+                "A pipeline's rows are checked where it is made: "
+                "make_poisson_dataset(..., repeated_rows=...).",
+            )
+        if repeated_rows is None:
+            repeated_rows = _repeated_rows.REFUSE
         if self._dp_config.sampling == "shuffled" and fit_inputs.is_array(arguments.get("x")):
             _repeated_rows.check(arguments["x"], arguments.get("y"), repeated_rows)
         if fit_inputs.is_array(arguments.get("x")):
             # Before the checks that look for copies of them (data_copies.py).
             data_copies.register_rows(arguments["x"])
-        _refuse_training_rows_in_validation(arguments.get("validation_data"))
+        held_out.refuse_training_rows(arguments.get("validation_data"))
         provenance.check(self, getattr(self, "loss", None))
         self._check_held_values()
         if self._dp_config.sampling == "poisson" and fit_inputs.is_array(arguments.get("x")):

@@ -8,11 +8,11 @@ privately adapted (so that the refusal of data-derived preprocessing state
 lets it pass, `provenance.py`).
 """
 
+import sys
 from typing import Any, Iterator, Optional, Tuple
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from tan_keras import _keras_internals, _validate
 from tan_keras.keras_dp import ledger as ledger_lib
@@ -60,8 +60,9 @@ def private_adapt(
     Args:
       layer: A `keras.layers.Normalization` whose statistics were not given
         to its constructor (built or not; its batch axis must not be kept).
-      data: The private examples: a numpy array or tensor [N, ...], or a
-        batched `tf.data.Dataset` of them (of x, or of (x, ...) tuples).
+      data: The private examples: a numpy array or tensor [N, ...], or (on
+        the TensorFlow backend) a batched `tf.data.Dataset` of them (of x,
+        or of (x, ...) tuples).
       lower: Public lower bound of the values: a float, or an array
         broadcastable to the layer's statistics (one per kept position).
       upper: Public upper bound, alike, > lower everywhere.
@@ -138,7 +139,10 @@ def _check_normalization(layer) -> None:
 
 def _batches(data) -> Tuple[Tuple, Iterator[np.ndarray]]:
     """(shape of the data, with None for the batch axis of a dataset; its batches)."""
-    if isinstance(data, tf.data.Dataset):
+    # TensorFlow only where it is loaded already: on the JAX backend the
+    # data are arrays (a tf.data pipeline exists only where TF is installed).
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and isinstance(data, tf.data.Dataset):
         spec = data.element_spec
         spec = spec[0] if isinstance(spec, tuple) else spec
         numeric = isinstance(spec, tf.TensorSpec) and (
@@ -159,8 +163,8 @@ def _batches(data) -> Tuple[Tuple, Iterator[np.ndarray]]:
                 yield np.asarray(element)
 
         return tuple(spec.shape), from_dataset()
-    if isinstance(data, np.ndarray) or tf.is_tensor(data):
-        array = np.asarray(data)
+    if isinstance(data, np.ndarray) or keras.ops.is_tensor(data):
+        array = keras.ops.convert_to_numpy(data)
         if array.ndim < 1 or array.dtype.kind not in "biuf":
             raise _validate.invalid(
                 "data", "numbers with a batch axis: an array [N, ...]", array.shape

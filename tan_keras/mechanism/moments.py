@@ -34,7 +34,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 from tan_keras import _validate
-from tan_keras.mechanism.noise import SEEDED_NOISE_WARNING, NotPrivateWarning
+from tan_keras.mechanism.not_private import SEEDED_NOISE_WARNING, NotPrivateWarning
 
 
 class ClippedMoments(NamedTuple):

@@ -27,18 +27,9 @@ from typing import List, Optional
 import tensorflow as tf
 
 from tan_keras import _validate
+from tan_keras.mechanism.not_private import SEEDED_NOISE_WARNING, NotPrivateWarning
 
 _INT64_MIN = -(2**63)
-
-SEEDED_NOISE_WARNING = (
-    "The DP noise was given an explicit seed ({seed}). The run is NOT private "
-    "against anyone who knows this seed: they can regenerate the noise and "
-    "subtract it. Use an explicit seed for debugging only."
-)
-
-
-class NotPrivateWarning(UserWarning):
-    """Warned when a setting voids the privacy guarantee against some observer."""
 
 
 def entropy_int64() -> int:

@@ -52,3 +52,25 @@ def test_inputs_of_one_number_per_row_are_not_compared():
     labels = np.arange(8) % 2
     assert _repeated_rows.first_repeat(codes, labels) is None
     assert _repeated_rows.first_repeat(np.concatenate([codes, codes], 1), labels) == (0, 2, 4)
+
+
+def test_fit_refuses_repeated_rows_given_with_a_pipeline_it_does_not_compare():
+    # Accepted and ignored, the argument would read as a check that ran.
+    import keras
+
+    import tan_keras
+
+    x, y = _data()
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+    private = tan_keras.make_private(
+        model, l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=8, dataset_size=32
+    )
+    private.compile(
+        optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    pipeline = sampling.make_poisson_dataset(x, y, sampling.PoissonSampler(32, 8))
+    with pytest.raises(ValueError, match=r"`repeated_rows`: expected it only with in-memory"):
+        private.fit(pipeline, steps_per_epoch=1, verbose=0, repeated_rows="distinct_people")
+    assert int(private.dp_steps.numpy()) == 0
+    private.fit(pipeline, steps_per_epoch=1, verbose=0)  # the power check: without it, it trains
+    assert int(private.dp_steps.numpy()) >= 1
