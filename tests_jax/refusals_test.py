@@ -312,3 +312,62 @@ def test_repeated_rows_given_with_a_source_is_refused_not_ignored():
     with pytest.raises(ValueError, match=r"`repeated_rows`: expected it only with in-memory"):
         dp_model.fit(source, epochs=1, verbose=0, repeated_rows="distinct_people")
     assert int(dp_model.dp_steps) == 0
+
+
+# --------------------------------------------- batching rules that see every row
+@jax.custom_batching.custom_vmap
+def _centred(t):
+    return t  # one example alone: unchanged
+
+
+@_centred.def_vmap
+def _centred_on_the_rows_mean(axis_size, in_batched, rows):
+    # Under the per-example vmap this sees every row of the step.
+    return rows - jax.numpy.mean(rows, axis=0, keepdims=True), True
+
+
+def test_a_function_with_its_own_batching_rule_is_refused():
+    # Review: one example moved the others' inputs (3.9x the bound).
+    x, y = _xy()
+    model = _regression(lambda t: keras.layers.Lambda(_centred, name="centres")(t))
+    _refused(_private(model), r"Layer `centres` calls a function with a batching rule", x, y)
+
+
+# ------------------------------------------------ constraints applied to the weights
+class _TowardsAMean(keras.constraints.Constraint):
+    """Writes a fixed vector (a mean, here) into the kernel after every update."""
+
+    def __init__(self, mean):
+        self.mean = mean
+
+    def __call__(self, w):
+        return 0.0 * w + ops.convert_to_tensor(self.mean)[:, None]
+
+
+def _constrained(constraint):
+    inp = keras.Input((3,))
+    return keras.Model(inp, keras.layers.Dense(1, kernel_constraint=constraint)(inp))
+
+
+def test_a_constraint_holding_a_statistic_of_the_training_data_is_refused():
+    # Review: the constraint wrote x.mean(0) into the kernel (1000x the bound).
+    x, y = _xy()
+    model = _constrained(_TowardsAMean(x.mean(0)))
+    _refused(_private(model), r"holds `dense\w*/kernel/constraint` .* per-feature mean", x, y)
+
+
+def test_a_constraint_calling_back_into_python_is_refused():
+    x, y = _xy()
+    _refused(_private(_constrained(_with_pure_callback)), r"constraint of .* Python code", x, y)
+
+
+@pytest.mark.parametrize(
+    "constraint",
+    [lambda: keras.constraints.MaxNorm(1.0), lambda: keras.constraints.NonNeg(), None],
+    ids=["MaxNorm", "NonNeg", "public mean"],
+)
+def test_keras_constraints_and_public_constants_train(constraint):
+    x, y = _xy()
+    public, _ = _xy(seed=4)
+    made = constraint() if constraint else _TowardsAMean(public.mean(0))
+    _trains(_private(_constrained(made)), x, y)

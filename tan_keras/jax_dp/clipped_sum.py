@@ -118,6 +118,7 @@ def local_clipped_sum(
     Returns:
       A `ClippedSum`.
     """
+    ghost_norms.check_distinct(ghost)
     ghost_indices = [g.index for g in ghost]
     free_indices = [i for i in range(len(params)) if i not in set(ghost_indices)]
     layers, kinds = [g.layer for g in ghost], [g.kind for g in ghost]

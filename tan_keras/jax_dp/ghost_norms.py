@@ -34,12 +34,14 @@ inputs recorded. Only plain layers qualify (their class's own `call` and
 convolution, none set on the instance, no LoRA, no quantization, channels
 last, no groups, no causal padding, a trainable weight, called once per
 forward pass, the weight read by nothing else: a tied weight's other use
-would add gradient that the taps do not see), and Dense and Embedding only
+would add gradient that the taps do not see, and no other tapped layer
+holding the same variable), and Dense and Embedding only
 where the ghost norm costs less than the gradient itself: for Dense
 T^2 (in + out) < T in out, for Embedding T^2 < 32 times the vocabulary
 (measured below), with T the rows the layer sees per example.
 """
 
+import collections
 import contextlib
 import math
 from typing import Any, Dict, List, NamedTuple, Optional
@@ -289,11 +291,20 @@ def ghost_weights(model, example_loss, params, example) -> List[GhostWeight]:
     indices = {id(v): i for i, v in enumerate(model.trainable_variables)}
     weight_indices = [indices.get(id(_weight(layer, kind))) for layer, kind in candidates]
     tied = _read_elsewhere(example_loss, params, example, layers, kinds, weight_indices)
+    # One variable held by two tapped layers (weights shared by assignment):
+    # each reads its own copy in `_read_elsewhere`'s trace, so neither looks
+    # tied, but the example's gradient of the variable is the SUM of their
+    # parts, whose norm the parts' norms do not give (measured: two layers
+    # moved the update by sqrt(2) lr C / B, ten by sqrt(10)).
+    shared = _held_by_several(weight_indices)
     chosen = []
     for j, (layer, kind) in enumerate(candidates):
         calls = recorded.get(j, [])
-        if len(calls) != 1 or weight_indices[j] is None or tied[j]:
-            continue  # a shared layer (two calls), one the loss does not reach, a tied weight
+        index = weight_indices[j]
+        if len(calls) != 1 or index is None or tied[j] or index in shared:
+            # A shared layer (two calls), one the loss does not reach, a
+            # tied weight, a weight held by another layer too.
+            continue
         inputs, outputs = calls[0]
         formed = False
         if kind == DENSE:
@@ -315,6 +326,24 @@ def ghost_weights(model, example_loss, params, example) -> List[GhostWeight]:
                 )
             )
     return chosen
+
+
+def _held_by_several(weight_indices: List[Optional[int]]) -> set:
+    """The indices of the trainable variables that several tapped layers hold."""
+    held_by = collections.Counter(i for i in weight_indices if i is not None)
+    return {i for i, count in held_by.items() if count > 1}
+
+
+def check_distinct(ghost: List[GhostWeight]) -> None:
+    """Refuses ghost weights that share a variable (`ghost_weights` leaves them out).
+
+    Raises:
+      ValueError: when two of them hold the same variable: the norms of its
+        parts would not bound the norm of their sum.
+    """
+    indices = [g.index for g in ghost]
+    if len(set(indices)) != len(indices):
+        raise ValueError("A variable is held by two ghost-clipped layers (ghost_weights).")
 
 
 def _patch_shape(layer, inputs) -> jax.ShapeDtypeStruct:

@@ -11,11 +11,14 @@ while, cond) holds
   maximum, a list of what it saw) that no trace can see, so one example
   could move every later update; the TensorFlow route refuses
   `tf.py_function` and `tf.numpy_function` likewise (`model_checks.py`);
+* a function with a batching rule of its own (`jax.custom_batching`): the
+  loss is vmapped over a step's rows, and such a rule sees all of them;
 * a constant, or a variable of the model, holding rows of the training data,
   a statistic of them, or state `adapt` computed and no mark vouches for
   (`data_copies.check_values`, as the TensorFlow route checks the values its
   traced graph holds): a Lambda closing over a pool of training examples, a
-  `Normalization` given the training set's mean by hand;
+  `Normalization` given the training set's mean by hand, a kernel
+  constraint pulling the weights towards the training data's mean;
 * a write to a Keras variable the model does not track: dropped with the
   step's stateless scope on JAX, it would silently not happen (and kept,
   it would carry one example into the next ones' gradients).
@@ -68,6 +71,9 @@ def check(model, example) -> None:
     called = _callback(closed.jaxpr)
     if called is not None:
         raise ValueError(_callback_refusal(model, *called))
+    batched = _batching_rule(closed.jaxpr)
+    if batched is not None:
+        raise ValueError(_batching_rule_refusal(model, batched))
     # The variables the loss reads (those not trained are closed over as
     # constants, the trained ones are arguments: a kernel set from training
     # rows counts too), by name, then every constant of the trace.
@@ -80,8 +86,37 @@ def check(model, example) -> None:
         for i, array in _numeric(closed.consts)
     ]
     values += _nested_constants(closed.jaxpr)
+    values += _constraint_values(model)
     provenance.discover_adapted()
     data_copies.check_values(values, f"The model `{model.name}`")
+
+
+def _constraint_values(model) -> List[Tuple[str, np.ndarray]]:
+    """The constants the trainable variables' constraints hold, read from their traces.
+
+    The optimizer applies a constraint to the noisy weights after each
+    update: a function of the weights alone is post-processing, but one
+    holding training data (their mean, rows) would write it into the weights.
+    A constraint that calls back into Python is refused as in the loss.
+    """
+    found = []
+    for variable in model.trainable_variables:
+        constraint = variable.constraint
+        if constraint is None:
+            continue
+        spec = jax.ShapeDtypeStruct(tuple(variable.shape), variable.dtype)
+        closed = jax.make_jaxpr(constraint)(spec)
+        where = f"{variable.path}/constraint"
+        called = _callback(closed.jaxpr)
+        if called is not None:
+            raise ValueError(
+                f"The constraint of `{variable.path}` runs Python code through a "
+                f"`{called[0]}` primitive: applied to the weights after every update, "
+                "that code may keep state no trace can see. Write it with keras.ops."
+            )
+        found += [(where, array) for _, array in _numeric(closed.consts)]
+        found += [(where, array) for _, array in _nested_constants(closed.jaxpr)]
+    return found
 
 
 @contextlib.contextmanager
@@ -169,12 +204,35 @@ def _callback(jaxpr) -> Optional[Tuple[str, str]]:
     return None
 
 
-def _callback_refusal(model, primitive: str, where: str) -> str:
+def _batching_rule(jaxpr) -> Optional[str]:
+    """The name stack of the first function with a batching rule of its own, or None."""
+    for eqn, where in _equations(jaxpr):
+        if eqn.primitive.name == "custom_vmap_call":
+            return where
+    return None
+
+
+def _batching_rule_refusal(model, where: str) -> str:
+    return (
+        f"{_who(model, where)} calls a function with a batching rule of its own "
+        "(jax.custom_batching.custom_vmap or sequential_vmap). The per-example loss is "
+        "vmapped over the rows of a step, and such a rule receives every row at once: it "
+        "could mix examples (centre on the rows' mean, say) before their gradients are "
+        "clipped, so that one example moves the others' gradients. Write the computation "
+        "for one example with jax.numpy or keras.ops."
+    )
+
+
+def _who(model, where: str) -> str:
+    """The innermost layer of the model named in a name stack, or its loss."""
     layers = {layer.name for layer in _keras_internals.all_layers(model)}
     named = [part for part in where.split("/") if part in layers]
-    who = f"Layer `{named[-1]}`" if named else "The model's loss"
+    return f"Layer `{named[-1]}`" if named else "The model's loss"
+
+
+def _callback_refusal(model, primitive: str, where: str) -> str:
     return (
-        f"{who} runs Python code on each example through a `{primitive}` primitive "
+        f"{_who(model, where)} runs Python code on each example through a `{primitive}` primitive "
         "(jax.pure_callback, jax.experimental.io_callback, jax.debug.callback or "
         "jax.debug.print). It cannot be trained with DP-SGD: that code may keep state "
         "between examples (a running sum, a list of what it saw), which no trace can see, "
