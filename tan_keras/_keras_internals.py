@@ -320,3 +320,25 @@ def call_shapes(layer: keras.layers.Layer) -> List[Tuple[List[Tuple], List[Tuple
         outputs = [t for t in node.outputs if isinstance(t, keras.KerasTensor)]
         shapes.append(([tuple(t.shape) for t in tensors], [tuple(t.shape) for t in outputs]))
     return shapes
+
+
+def set_random_seed_without_tensorflow(seed: int) -> None:
+    """`keras.utils.set_random_seed` on the JAX backend, without importing TensorFlow.
+
+    Keras's own also seeds TensorFlow when it is installed, which imports it
+    (seconds, and its start-up log) into a JAX program that never uses it.
+
+    Args:
+      seed: The seed of Python's, NumPy's and Keras's global generators.
+    """
+    import random
+
+    import numpy as np
+    from keras.src.backend.common import global_state
+    from keras.src.random import seed_generator
+    from keras.src.utils import rng_utils
+
+    global_state.set_global_attribute(rng_utils.GLOBAL_RANDOM_SEED, seed)
+    global_state.set_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR, None)
+    random.seed(seed)
+    np.random.seed(seed)

@@ -11,8 +11,9 @@ import keras
 import numpy as np
 import pytest
 
+from tan_keras import _startup
 from tan_keras.privacy import accounting
-from tan_keras.training import jax_run, program
+from tan_keras.training import jax_run, program, search_lib
 from tan_keras.training.train_config import TrainConfig
 
 # A short digits run: B 128 of N 1437, K 2 views, 4 updates.
@@ -45,6 +46,10 @@ def test_a_short_digits_run_trains_exactly_s_updates_and_writes_its_metrics(tmp_
     with open(tmp_path / "run" / "metrics.json", encoding="utf-8") as f:
         assert json.load(f)["steps"] == 4
     assert "epsilon" in out and "dp_steps=4" in out
+    # The suite's 4 virtual devices each took a share of every step; the
+    # distribution set for the run is gone after it.
+    assert "devices: 4 cpu (keras.distribution.DataParallel)" in out
+    assert keras.distribution.distribution() is None
     checkpoint = tmp_path / "run" / "checkpoints" / jax_run.CHECKPOINT_FILE
     assert oct(os.stat(checkpoint).st_mode & 0o777) == "0o600"
     assert int(keras.saving.load_model(checkpoint).dp_steps) == 4
@@ -63,6 +68,24 @@ def test_what_needs_tensorflow_is_refused_by_flag_before_anything_is_written(tmp
     with pytest.raises(ValueError, match=f"{name}.*JAX backend"):
         _run(tmp_path, **{name: value})
     assert not (tmp_path / "run").exists()
+
+
+def test_a_tfds_dataset_without_tensorflow_is_refused_by_name_before_anything_is_written(
+    tmp_path, monkeypatch
+):
+    # A Colab TPU runtime (tan_keras[jax]) has no TensorFlow to read CIFAR-10 with.
+    def no_tensorflow():
+        raise ImportError("No module named 'tensorflow'", name="tensorflow")
+
+    monkeypatch.setattr(_startup, "load_tensorflow", no_tensorflow)
+    with pytest.raises(ValueError, match=r"'cifar10' is read with TensorFlow Datasets.*tensorflow"):
+        _run(tmp_path, dataset="cifar10")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_search_prints_a_final_command_that_runs_on_this_backend():
+    command = search_lib.command_line(["--lr=2"])
+    assert command == "KERAS_BACKEND=jax python -m tan_keras.train --lr=2"
 
 
 class _Killed(Exception):

@@ -182,10 +182,28 @@ def _unavailable(name: str, data_dir: Optional[str]) -> DatasetUnavailableError:
     )
 
 
-def _builder(name: str, data_dir: Optional[str], download: bool):
-    _startup.load_tensorflow()  # before TFDS imports it, without its C++ log
-    import tensorflow_datasets as tfds
+def _tfds(name: str):
+    """TensorFlow Datasets, loaded after TensorFlow (without its C++ log).
 
+    Raises:
+      DatasetUnavailableError: where either is not installed.
+    """
+    try:
+        _startup.load_tensorflow()
+        import tensorflow_datasets as tfds
+    except ImportError as err:
+        # tan_keras[jax] (a Colab TPU runtime) has neither.
+        raise DatasetUnavailableError(
+            f"Dataset {name!r} is read with TensorFlow Datasets, which needs TensorFlow "
+            f"and tensorflow-datasets ({err.name or err} is not installed; tan_keras[jax] "
+            "brings neither). Install tan_keras[tensorflow] beside it (Keras can still run "
+            "on JAX), or train on the bundled 'digits' dataset."
+        ) from None
+    return tfds
+
+
+def _builder(name: str, data_dir: Optional[str], download: bool):
+    tfds = _tfds(name)
     builder = tfds.builder(name, data_dir=data_dir)
     if download:
         builder.download_and_prepare()
@@ -220,8 +238,7 @@ def load_tfds(
       DatasetUnavailableError: if the dataset is not prepared in `data_dir`.
     """
     _validate.one_of("dataset", name, _IN_MEMORY_TFDS)
-    _startup.load_tensorflow()  # before TFDS imports it, without its C++ log
-    import tensorflow_datasets as tfds
+    tfds = _tfds(name)
 
     builder = _builder(name, data_dir, download)
 
@@ -317,12 +334,11 @@ def load_imagenet(data_dir: Optional[str] = None, *, download: bool = False) -> 
       DatasetUnavailableError: if ImageNet is not prepared (in array_record
         format) in `data_dir`.
     """
-    _startup.load_tensorflow()  # before TFDS imports it, without its C++ log
-    import tensorflow_datasets as tfds
+    name = "imagenet2012"
+    tfds = _tfds(name)
 
     from tan_keras.data import augment
 
-    name = "imagenet2012"
     builder = _builder(name, data_dir, download)
     image_shape = (augment.IMAGENET_CROP, augment.IMAGENET_CROP, 3)
 

@@ -16,16 +16,17 @@ entropy), written every --checkpoint_every updates; --resume continues from
 the latest with the count it holds.
 """
 
+import contextlib
 import math
 import os
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import keras
 import numpy as np
 
-from tan_keras import _private_files, _startup, _validate, models
+from tan_keras import _keras_internals, _private_files, _startup, _validate, models
 from tan_keras.data import image_views
 from tan_keras.jax_dp.wrap import make_private
 from tan_keras.keras_dp.callbacks import PrivacyAccountant
@@ -44,7 +45,7 @@ _TENSORFLOW_ONLY = {
 }
 # The checkpoint of a run: the whole private model as one Keras file.
 CHECKPOINT_FILE = "latest.keras"
-# Test examples per evaluation batch.
+# Test examples per evaluation batch (a multiple of every TPU's core count).
 _EVAL_BATCH = 256
 
 
@@ -102,6 +103,13 @@ def run(
     Raises:
       ValueError: for a checkpoint of another run, before anything is written.
     """
+    # Before any variable is made: they are laid out for the distribution.
+    with _over_local_devices():
+        return _run(config, data, examples, plan, model_dir, metrics_path, start)
+
+
+def _run(config, data, examples, plan, model_dir, metrics_path, start) -> Dict[str, Any]:
+    """`run`, under the distribution it chose."""
     checkpoint_path = os.path.join(model_dir, CHECKPOINT_SUBDIR, CHECKPOINT_FILE)
     if config.resume:
         model = _restored(checkpoint_path, plan, config)
@@ -128,9 +136,31 @@ def run(
     return metrics
 
 
+@contextlib.contextmanager
+def _over_local_devices() -> Iterator[None]:
+    """Splits every step's rows over all local devices (the TPU's cores), when several.
+
+    A distribution the caller set is kept; the one set here is removed at
+    the end (a search runs many programs in one process, and so do tests).
+    """
+    import jax  # (after Keras: it is the backend's)
+
+    devices = jax.local_devices()
+    given = keras.distribution.distribution()
+    if len(devices) > 1 and given is None:
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    where = "keras.distribution.DataParallel" if len(devices) > 1 else "one device"
+    print(f"devices: {len(devices)} {devices[0].platform} ({where})", flush=True)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(given)
+
+
 def _built(config: TrainConfig, plan: PrivacyPlan, data) -> keras.Model:
     """The compiled private model of a new run."""
-    keras.utils.set_random_seed(config.seed)  # initialisation only: noise is OS entropy
+    # Initialisation only: the noise and the batches come from OS entropy.
+    _keras_internals.set_random_seed_without_tensorflow(config.seed)
     model = make_private(
         models.build_model(config.model, data.input_shape, data.num_classes),
         **train_plan.model_settings(config, plan),
@@ -226,9 +256,14 @@ def _fit(model, source, plan: PrivacyPlan, config: TrainConfig, checkpoint_path:
 def _evaluate(model, test_x: np.ndarray, test_y: np.ndarray) -> Dict[str, Optional[float]]:
     """Test accuracy of the final weights and of the EMA weights (None without EMA)."""
 
+    # Padded to whole batches: under DataParallel every batch must split
+    # evenly over the devices (a last batch of 104 rows on 8 cores would not).
+    padded = np.concatenate([test_x, np.zeros((-len(test_x) % _EVAL_BATCH,) + test_x.shape[1:])])
+    labels = np.asarray(test_y).reshape(-1)
+
     def accuracy():
-        logs = model.evaluate(test_x, test_y, batch_size=_EVAL_BATCH, verbose=0, return_dict=True)
-        return float(logs["accuracy"])
+        logits = model.predict(padded.astype(test_x.dtype), batch_size=_EVAL_BATCH, verbose=0)
+        return float(np.mean(np.argmax(logits[: len(labels)], axis=-1) == labels))
 
     results = {"test_accuracy": accuracy(), "test_accuracy_ema": None, "test_accuracy_tta": None}
     if model.ema_decay is not None:

@@ -42,7 +42,7 @@ import shutil
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from tan_keras import _validate
+from tan_keras import _backend, _validate
 from tan_keras.data import datasets
 from tan_keras.training import program, train_flags
 from tan_keras.training.train_config import (
@@ -413,8 +413,14 @@ def final_argv(spec: SearchSpec, config: Config) -> List[str]:
 
 
 def command_line(argv: Sequence[str]) -> str:
-    """'python -m tan_keras.train ...', quoted for a POSIX shell."""
-    return " ".join(["python -m tan_keras.train", *map(shlex.quote, argv)])
+    """'python -m tan_keras.train ...', quoted for a POSIX shell.
+
+    On Keras's JAX backend it starts with `KERAS_BACKEND=jax`: run as
+    printed elsewhere, the program would pick TensorFlow (Keras's default),
+    which a JAX-only runtime does not have.
+    """
+    prefix = ["KERAS_BACKEND=jax"] if _backend.in_use() == "jax" else []
+    return " ".join([*prefix, "python -m tan_keras.train", *map(shlex.quote, argv)])
 
 
 def in_process_runner(log_dir: Optional[str] = None) -> Runner:
