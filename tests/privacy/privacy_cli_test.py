@@ -1,11 +1,11 @@
 """`python -m tan_keras.privacy`: reports, plans, and one-line errors."""
 
-import concurrent.futures
 import json
 import os
 import subprocess
 import sys
 
+import _forked_cli
 import pytest
 from _helpers import refusal_line
 
@@ -175,11 +175,13 @@ BAD_INPUTS = [
 
 @pytest.fixture(scope="module")
 def bad_input_results():
-    # Each run is mostly interpreter and dp_accounting start-up (~1 s of CPU);
-    # two at a time use both cores of the CI machine without swamping it.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {case: pool.submit(_run, *flags) for case, flags, _ in BAD_INPUTS}
-        return {case: future.result() for case, future in futures.items()}
+    # One interpreter's imports, a forked run per input (`_forked_cli.py`).
+    results = _forked_cli.run_many(
+        "tan_keras.privacy",
+        [flags for _, flags, _ in BAD_INPUTS],
+        warm=["absl.app", "tan_keras.privacy.cli"],
+    )
+    return {case: result for (case, _, _), result in zip(BAD_INPUTS, results)}
 
 
 @pytest.mark.parametrize("case, name", [(c[0], c[2]) for c in BAD_INPUTS])
