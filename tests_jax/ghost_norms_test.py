@@ -184,7 +184,7 @@ def test_ghost_kernels_give_the_per_example_routes_clipped_sum(name, augmult):
 def test_power_check_a_wrong_ghost_norm_is_told_apart(monkeypatch):
     # The norm of the summed rows' product instead of the norm of the sum of
     # the rows' products (the two differ when an example has several rows).
-    def wrong(kind, inputs, grads, rows_per_sum, vocabulary=0):
+    def wrong(inputs, grads, rows_per_sum):
         a = inputs.reshape((-1, inputs.shape[-1])).sum(0)
         d = grads.reshape((-1, grads.shape[-1])).sum(0)
         return jnp.linalg.norm(a) * jnp.linalg.norm(d) * 2.0
@@ -197,14 +197,11 @@ def test_power_check_a_wrong_ghost_norm_is_told_apart(monkeypatch):
 def test_power_check_an_embedding_norm_blind_to_repeated_ids_is_told_apart(monkeypatch):
     # Each position's gradient counted as its own row of the table: wrong
     # when an id repeats within an example (the rows add up first).
-    norm = ghost_norms.ghost_norm
+    def blind(ids, grads, vocabulary):
+        rows = ghost_norms.table_rows(ids.reshape((-1,)).astype(jnp.int32), vocabulary)
+        return rows, grads.astype(jnp.float32).reshape((rows.shape[0], grads.shape[-1]))
 
-    def blind(kind, inputs, grads, rows_per_sum, vocabulary=0):
-        if kind != ghost_norms.EMBEDDING:
-            return norm(kind, inputs, grads, rows_per_sum, vocabulary)
-        return jnp.sqrt(jnp.sum(jnp.square(grads.astype(jnp.float32))))
-
-    monkeypatch.setattr(ghost_norms, "ghost_norm", blind)
+    monkeypatch.setattr(ghost_norms, "example_table_gradient", blind)
     results = _steps("text")
     assert not np.allclose(results["auto"][0], results["vectorized"][0], rtol=2e-4, atol=1e-7)
 
@@ -426,3 +423,36 @@ def test_a_variable_held_by_two_tapped_layers_keeps_the_bound(detected, monkeypa
         assert moved <= 1.0 + 1e-4
     else:
         assert moved > 1.3  # sqrt(2)
+
+
+@pytest.mark.parametrize(
+    "rank, padding, kernel, stride, dilation",
+    [
+        (1, "valid", 3, 2, 1),
+        (1, "same", 4, 3, 1),
+        (1, "same", 3, 1, 2),
+        (2, "valid", 3, 2, 1),
+        (2, "same", 4, 3, 1),
+        (2, "same", 1, 1, 1),
+        (2, "valid", 3, 1, 2),
+    ],
+)
+def test_sliced_patches_equal_the_identity_convolution(rank, padding, kernel, stride, dilation):
+    # The patches are strided slices (copies); XLA's identity-kernel
+    # convolution gives the same values in the same layout.
+    layer_class = keras.layers.Conv1D if rank == 1 else keras.layers.Conv2D
+    for length in (7, 8, 11):
+        layer = layer_class(5, kernel, strides=stride, dilation_rate=dilation, padding=padding)
+        shape = (2,) + (length,) * rank + (3,)
+        layer.build(shape)
+        x = np.random.default_rng(length).normal(size=shape).astype("float32")
+        expected = jax.lax.conv_general_dilated_patches(
+            x,
+            filter_shape=layer.kernel_size,
+            window_strides=layer.strides,
+            padding=padding.upper(),
+            rhs_dilation=layer.dilation_rate,
+            dimension_numbers=("NWC", "WIO", "NWC") if rank == 1 else ("NHWC", "HWIO", "NHWC"),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        np.testing.assert_array_equal(np.asarray(ghost_norms._patches(layer, x)), expected)

@@ -7,10 +7,11 @@ squared norm is sum_{t,s} (a_t . a_s)(d_t . d_s) (the "ghost norm",
 Goodfellow 2015; Li et al. 2022), and the clipped sum over examples is one
 contraction sum_i f_i sum_t a_it d_it^T with each example's factor
 f_i = min(1, C/||g_i||) (book-keeping, Bu et al. 2023). An Embedding table's
-per-example gradient puts d_t on row id_t: its squared norm is
-sum_{t,s} [id_t = id_s] (d_t . d_s), and the clipped sum one scatter-add of
-the rows' f_i d_it. So the per-example pass forms a (or the ids) and d,
-never an [in, out] or [vocabulary, dim] gradient per example.
+per-example gradient puts d_t on row id_t: the d_t of equal ids are summed
+(sorted, a segment sum: at most T rows per example), normed, and the clipped
+sum is one scatter-add of the rows' f_i-scaled sums. So the per-example pass
+forms a (or the ids) and d, never an [in, out] or [vocabulary, dim]
+gradient per example.
 
 A convolution (Conv1D, Conv2D) is a Dense layer on its unfolded input
 patches: a_t is the receptive field of output position t (kernel size x
@@ -35,14 +36,14 @@ convolution, none set on the instance, no LoRA, no quantization, channels
 last, no groups, no causal padding, a trainable weight, called once per
 forward pass, the weight read by nothing else: a tied weight's other use
 would add gradient that the taps do not see, and no other tapped layer
-holding the same variable), and Dense and Embedding only
-where the ghost norm costs less than the gradient itself: for Dense
-T^2 (in + out) < T in out, for Embedding T^2 < 32 times the vocabulary
-(measured below), with T the rows the layer sees per example.
+holding the same variable), and Dense only where the ghost norm costs less
+than the gradient itself: T^2 (in + out) < T in out, with T the rows the
+layer sees per example.
 """
 
 import collections
 import contextlib
+import itertools
 import math
 from typing import Any, Dict, List, NamedTuple, Optional
 
@@ -56,13 +57,6 @@ from keras.src.layers.convolutional.base_conv import BaseConv
 DENSE, EMBEDDING, CONV = "dense", "embedding", "conv"
 # The convolutions whose arithmetic the tap repeats (`_plain_convolution`).
 _CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D)
-# An Embedding table is taken by its ghost norm while T^2 < this * vocabulary:
-# a per-example table is written, normed and contracted, in memory, where the
-# Gram matrix is T^2 products in registers. Measured on 2 CPU cores (B 64,
-# dim 64): vocabulary 20,000 and T 200 (T^2 = 2 vocabularies), 24 ms ghost
-# against 1,213 ms per-example; vocabulary 2,000 and T 512 (131 vocabularies),
-# 123 ms ghost against 41 ms per-example.
-_EMBEDDING_GRAM_PER_TABLE_ROW = 32
 # A convolution whose Gram form does not pay is taken with its per-example
 # kernel gradients formed from patches when the kernel has at least this
 # many weights (patch length x output channels); smaller ones keep the
@@ -317,8 +311,9 @@ def ghost_weights(model, example_loss, params, example) -> List[GhostWeight]:
             kernel = int(patches.shape[-1]) * int(outputs.shape[-1])
             pays = not formed or kernel >= _FORMED_MIN_KERNEL
         else:
-            rows = _rows_per_example(tuple(inputs.shape) + (1,))
-            pays = rows * rows < _EMBEDDING_GRAM_PER_TABLE_ROW * int(layer.input_dim)
+            # The segment sum costs about the lookup's own backward pass,
+            # where a per-example table costs vocabulary x dim.
+            pays = True
         if pays:
             chosen.append(
                 GhostWeight(
@@ -355,19 +350,45 @@ def _patches(layer, inputs: jax.Array) -> jax.Array:
     """[n, *output positions, input channels x kernel size]: each output position's receptive field.
 
     The last axis runs over input channels first, then kernel offsets
-    (`_kernel_layout` puts a gradient of this layout in the kernel's).
+    (`_kernel_layout` puts a gradient of this layout in the kernel's), as
+    `lax.conv_general_dilated_patches` lays it out. Built from one strided
+    slice per kernel offset (copies): that function is a convolution with
+    an identity kernel, (in x kernel size)^2 products per output position
+    (for keras.io's text model's Conv1D of 7 x 128 inputs, 896 per value
+    copied), which took most of its private step.
     """
-    numbers = ("NWC", "WIO", "NWC") if layer.rank == 1 else ("NHWC", "HWIO", "NHWC")
-    inputs = inputs.astype(jnp.float32)
-    return jax.lax.conv_general_dilated_patches(
-        inputs.reshape((-1,) + inputs.shape[-layer.rank - 1 :]),
-        filter_shape=tuple(layer.kernel_size),
-        window_strides=tuple(layer.strides),
-        padding=layer.padding.upper(),
-        rhs_dilation=tuple(layer.dilation_rate),
-        dimension_numbers=numbers,
-        precision=_EXACT,  # (copies: on GPUs the default may round them to TF32)
-    )
+    x = inputs.astype(jnp.float32)
+    x = x.reshape((-1,) + x.shape[-layer.rank - 1 :])
+    pads, positions = [(0, 0)], []
+    geometry = list(zip(x.shape[1:-1], layer.kernel_size, layer.strides, layer.dilation_rate))
+    for length, size, stride, dilation in geometry:
+        span = (size - 1) * dilation + 1
+        if layer.padding == "same":  # (the split XLA and TensorFlow make)
+            out = -(-length // stride)
+            total = max((out - 1) * stride + span - length, 0)
+            pads.append((total // 2, total - total // 2))
+        else:
+            out = (length - span) // stride + 1
+            pads.append((0, 0))
+        positions.append(out)
+    x = jnp.pad(x, pads + [(0, 0)])
+    windows = []
+    for offsets in itertools.product(*(range(size) for size in layer.kernel_size)):
+        starts = [j * dilation for j, (_, _, _, dilation) in zip(offsets, geometry)]
+        limits = [
+            start + (out - 1) * stride + 1
+            for start, out, (_, _, stride, _) in zip(starts, positions, geometry)
+        ]
+        windows.append(
+            jax.lax.slice(
+                x,
+                (0, *starts, 0),
+                (x.shape[0], *limits, x.shape[-1]),
+                (1, *layer.strides, 1),
+            )
+        )
+    stacked = jnp.stack(windows, axis=-1)  # [n, *positions, in, offsets]
+    return stacked.reshape(stacked.shape[: layer.rank + 1] + (-1,))
 
 
 def _kernel_layout(layer, gradient: jax.Array) -> jax.Array:
@@ -401,10 +422,8 @@ def table_rows(ids: jax.Array, vocabulary: int) -> jax.Array:
     return jnp.where(ids < 0, ids + vocabulary, ids)
 
 
-def ghost_norm(
-    kind: str, inputs: jax.Array, grads: jax.Array, rows_per_sum: int, vocabulary: int = 0
-) -> jax.Array:
-    """A norm of one example's gradient of the weight, never below what its clipped sum adds.
+def ghost_norm(inputs: jax.Array, grads: jax.Array, rows_per_sum: int) -> jax.Array:
+    """A norm of one example's kernel gradient, never below what its clipped sum adds.
 
     The Gram form sum_{t,s} (a_t . a_s)(d_t . d_s) cancels: where the rows'
     products a_t d_t^T nearly cancel, its float32 value can be 0 while the
@@ -413,16 +432,14 @@ def ghost_norm(
     past lr C / B). So the norm returned is an upper bound of both: the
     Gram value plus its rounding bound (in + out + T^2 + 8) u S^2, square
     rooted, plus the contraction's rounding bound (rows_per_sum * T + 8) u S,
-    with S = sum_t |a_t| |d_t| (for Embedding: in = 0, S = sum_t |d_t|).
-    Without cancellation it exceeds the exact norm by a relative 1e-5 or so.
+    with S = sum_t |a_t| |d_t|. Without cancellation it exceeds the exact
+    norm by a relative 1e-5 or so.
 
     Args:
-      kind: DENSE or EMBEDDING.
-      inputs: The layer's inputs for one example: [..., in] (a) for Dense,
-        the ids [...] for Embedding.
+      inputs: The layer's inputs (or a convolution's patches) for one
+        example: [..., in] (a).
       grads: [..., out] the gradient at its (pre-activation) outputs (d).
       rows_per_sum: How many examples' rows one clipped sum adds up (the chunk).
-      vocabulary: For EMBEDDING, the table's rows.
 
     Returns:
       The norm (float32), taken on rescaled values so that it does not
@@ -432,23 +449,47 @@ def ghost_norm(
     d, d_top = _rescaled(d)
     d_norms = jnp.sqrt(jnp.sum(jnp.square(d), axis=-1))
     positions = d.shape[0]
-    if kind == DENSE:
-        a = inputs.astype(jnp.float32).reshape((-1, inputs.shape[-1]))
-        a, a_top = _rescaled(a)
-        scale = a_top * d_top
-        fan_in = a.shape[-1]
-        gram_a = jnp.matmul(a, a.T, precision=_EXACT)
-        total = jnp.sum(jnp.sqrt(jnp.sum(jnp.square(a), axis=-1)) * d_norms)
-    else:
-        scale, fan_in = d_top, 0
-        ids = table_rows(inputs.reshape((-1,)), vocabulary)
-        gram_a = (ids[:, None] == ids[None, :]).astype(jnp.float32)
-        total = jnp.sum(d_norms)
+    a = inputs.astype(jnp.float32).reshape((-1, inputs.shape[-1]))
+    a, a_top = _rescaled(a)
+    gram_a = jnp.matmul(a, a.T, precision=_EXACT)
+    total = jnp.sum(jnp.sqrt(jnp.sum(jnp.square(a), axis=-1)) * d_norms)
     squared = jnp.sum(gram_a * jnp.matmul(d, d.T, precision=_EXACT))
     total = total * (1.0 + 1e-5)  # (S itself is rounded)
-    gram_error = (fan_in + d.shape[-1] + positions * positions + 8) * _UNIT * total * total
+    gram_error = (a.shape[-1] + d.shape[-1] + positions * positions + 8) * _UNIT * total * total
     sum_error = (rows_per_sum * positions + 8) * _UNIT * total
-    return scale * (jnp.sqrt(jnp.maximum(squared, 0.0) + gram_error) + sum_error)
+    return a_top * d_top * (jnp.sqrt(jnp.maximum(squared, 0.0) + gram_error) + sum_error)
+
+
+def example_table_gradient(ids: jax.Array, grads: jax.Array, vocabulary: int):
+    """One example's gradient of an Embedding table: the rows it reads and their sums.
+
+    Position t adds d_t to row id_t: the example's gradient is, for each row
+    it reads, the sum of its positions' d_t. The ids are sorted and the d_t
+    of equal ids summed (a segment sum): T rows at most, in T log T + T dim
+    operations, where the Gram form took T^2 dim (3.7 GFLOP per step of
+    keras.io's text model, 200 tokens) and a table per example V dim. Its
+    norm is the norm of these sums, and the clipped sum adds these sums
+    scaled (`clipped_sum`): the values normed are the values added.
+
+    Args:
+      ids: The example's ids, any shape (views and positions).
+      grads: [..., dim] the gradient at the lookup's outputs (d).
+      vocabulary: The table's rows.
+
+    Returns:
+      (rows [T] int32, sums [T, dim] float32): the table rows read (a row
+      read at several positions once; the unused tail is row 0 with a sum
+      of 0).
+    """
+    rows = table_rows(ids.reshape((-1,)).astype(jnp.int32), vocabulary)
+    d = grads.astype(jnp.float32).reshape((rows.shape[0], grads.shape[-1]))
+    order = jnp.argsort(rows)
+    rows, d = rows[order], d[order]
+    starts = jnp.concatenate([jnp.ones((1,), bool), rows[1:] != rows[:-1]])
+    segment = jnp.cumsum(starts) - 1
+    sums = jax.ops.segment_sum(d, segment, num_segments=rows.shape[0])
+    touched = jnp.zeros_like(rows).at[segment].max(rows)
+    return touched, sums
 
 
 def example_norm(ghost: GhostWeight, inputs: jax.Array, grads: jax.Array, rows_per_sum: int):
@@ -466,13 +507,14 @@ def example_norm(ghost: GhostWeight, inputs: jax.Array, grads: jax.Array, rows_p
       `clipped_sum` takes for the example.
     """
     if ghost.kind == EMBEDDING:
-        vocabulary = int(ghost.layer.input_dim)
-        return ghost_norm(EMBEDDING, inputs, grads, rows_per_sum, vocabulary), (inputs, grads)
+        rows, sums = example_table_gradient(inputs, grads, int(ghost.layer.input_dim))
+        scaled, top = _rescaled(sums)
+        return top * jnp.sqrt(jnp.sum(jnp.square(scaled))), (rows, sums)
     if ghost.kind == DENSE:
-        return ghost_norm(DENSE, inputs, grads, rows_per_sum), (inputs, grads)
+        return ghost_norm(inputs, grads, rows_per_sum), (inputs, grads)
     patches = _patches(ghost.layer, inputs)
     if not ghost.formed:
-        return ghost_norm(DENSE, patches, grads, rows_per_sum), (inputs, grads)
+        return ghost_norm(patches, grads, rows_per_sum), (inputs, grads)
     a = patches.reshape((-1, patches.shape[-1]))
     d = grads.astype(jnp.float32).reshape((-1, grads.shape[-1]))
     formed = jnp.matmul(a.T, d, precision=_EXACT)
@@ -511,11 +553,7 @@ def clipped_sum(ghost: GhostWeight, carried: tuple, factors: jax.Array, finite) 
         a = jnp.where(finite[:, None, None], a, 0.0)
         total = jnp.einsum("r,rti,rto->io", factors, a, d, precision=_EXACT)
         return _kernel_layout(ghost.layer, total) if ghost.kind == CONV else total
-    ids = jnp.where(
-        finite[:, None], table_rows(inputs.reshape((rows, -1)), ghost.layer.input_dim), 0
-    )
-    table = ghost.layer._embeddings
+    # The rows' table gradients as normed (`example_table_gradient`), scaled.
     weighted = (factors[:, None, None] * d).reshape((-1, d.shape[-1]))
-    # (An id outside the table is dropped by the scatter; its row's output
-    # was not finite, so its factor is 0 anyway.)
-    return jnp.zeros(table.shape, jnp.float32).at[ids.reshape((-1,))].add(weighted, mode="drop")
+    table = ghost.layer._embeddings
+    return jnp.zeros(table.shape, jnp.float32).at[inputs.reshape((-1,))].add(weighted, mode="drop")
