@@ -30,7 +30,10 @@ read from it as arrays keep what they went through; before a
 `tf.train.Checkpoint` writes, `before_writing_checkpoint(root)` adds a
 ledger entry to the plain layers that hold private values. The save hooks
 are called only once the hooks module is loaded: before that, no weight
-can have a ledger.
+can have a ledger. Keras's legacy HDF5 writer (`.h5`: `save_model`,
+`Model.save`, `ModelCheckpoint`) first calls
+`before_writing_legacy_h5(model)`, which refuses weights with a ledger
+(the format cannot hold one), on either backend.
 """
 
 import functools
@@ -39,6 +42,7 @@ import sys
 
 _SAVING_LIB = "keras.src.saving.saving_lib"
 _EXPORT_ARCHIVE = "keras.src.export.saved_model_export_archive"
+_LEGACY_H5 = "keras.src.legacy.saving.legacy_h5_format"
 _TF_LOAD = "tensorflow.python.saved_model.load"
 _TF_SAVE = "tensorflow.python.saved_model.save"
 _TF_CHECKPOINT_READER = "tensorflow.python.training.py_checkpoint_reader"
@@ -221,6 +225,26 @@ def _patch_checkpoint_saver(checkpoint_lib, hooks_module: str) -> None:
     saver.save = save
 
 
+def _patch_legacy_h5(h5_lib, hooks_module: str) -> None:
+    # Keras's legacy HDF5 writer: `save_model` (and so `Model.save`,
+    # `ModelCheckpoint`) calls `save_model_to_hdf5` through this module;
+    # `save_weights_to_hdf5_group` writes the weights of any model.
+    for name in ("save_model_to_hdf5", "save_weights_to_hdf5_group"):
+        original = getattr(h5_lib, name)
+        original = getattr(original, _ORIGINAL, original)
+        model_at = 0 if name == "save_model_to_hdf5" else 1
+
+        def writer(*args, _original=original, _at=model_at, **kwargs):
+            model = args[_at] if len(args) > _at else kwargs.get("model")
+            if hooks_module in sys.modules:
+                importlib.import_module(hooks_module).before_writing_legacy_h5(model)
+            return _original(*args, **kwargs)
+
+        functools.update_wrapper(writer, original)
+        setattr(writer, _ORIGINAL, original)
+        setattr(h5_lib, name, writer)
+
+
 # The modules hooked: {name: (an attribute it has once loaded, its patch)}.
 _TARGETS = {
     _SAVING_LIB: ("_load_state", _patch),
@@ -229,4 +253,5 @@ _TARGETS = {
     _TF_SAVE: ("save_and_return_nodes", _patch_tf_save),
     _TF_CHECKPOINT_READER: ("NewCheckpointReader", _patch_checkpoint_reader),
     _TF_CHECKPOINT: ("TrackableSaver", _patch_checkpoint_saver),
+    _LEGACY_H5: ("save_weights_to_hdf5_group", _patch_legacy_h5),
 }

@@ -139,6 +139,31 @@ def test_a_second_make_private_over_the_same_weights_counts_on_top():
     assert int(_private(_model(seed=1), 0.1, **dp).dp_steps.numpy()) == 0
 
 
+def test_no_route_writes_private_weights_to_a_legacy_hdf5_file(tmp_path):
+    # Review: `keras.saving.save_model(private, "m.h5")` and the wrapped
+    # model's own `save("m.h5")` wrote the weights without their ledger; loaded
+    # in a fresh process and made private, they counted 0 of 6 updates.
+    x, y = _data()
+    base = _model()
+    private = _private(base, 0.1, l2_norm_clip=1.0, noise_multiplier=1.0)
+    private.fit(x, y, epochs=1, verbose=0)
+    writes = {
+        "save_model": lambda path: keras.saving.save_model(private, path),
+        "private.save": lambda path: private.save(path),
+        "wrapped.save": lambda path: base.save(path),
+    }
+    for route, write in writes.items():
+        path = tmp_path / f"{route}.h5"
+        with pytest.raises(
+            ValueError, match=r"legacy HDF5 format .*(holds no|cannot hold the privacy) ledger"
+        ):
+            write(str(path))
+        assert not path.exists(), route
+    # Power check: weights without a ledger still save in the legacy format.
+    _model(seed=1).save(str(tmp_path / "public.h5"))
+    assert (tmp_path / "public.h5").exists()
+
+
 def test_the_budget_stops_the_updates_where_epsilon_would_pass_it():
     x, y = _data(32)
     private = tan_keras.make_private_with_epsilon(

@@ -177,6 +177,9 @@ def test_tensorflow_free_layers_import_no_tensorflow(layer):
 # What the JAX backend's modules may import from the package: TensorFlow-free
 # modules (the ledger imports TensorFlow only on the TensorFlow backend).
 _JAX_MAY_IMPORT = (
+    "data",  # its __init__: a docstring
+    "data.image_views",
+    "data.policies",
     "keras_dp",  # its __init__: a docstring
     "keras_dp.budget",
     "keras_dp.callback_checks",

@@ -13,6 +13,7 @@ import numpy as np
 from keras import tree
 
 from tan_keras import _repeated_rows, _validate
+from tan_keras.data import image_views
 from tan_keras.jax_dp import example_source
 from tan_keras.keras_dp.dp_config import DPConfig
 
@@ -67,12 +68,7 @@ def checked(
             batch_size,
         )
     if example_source.is_source(x, y):
-        _repeated_rows.refuse_for_input(
-            kwargs.get("repeated_rows"),
-            type(x).__name__,
-            "A source's examples are checked where it is made: "
-            "AugmentedImages(..., repeated_rows=...).",
-        )
+        _check_source_promise(x, kwargs.get("repeated_rows"))
         return _checked_source(config, x, validation_split), None, validation_data
     leaves = tree.flatten((x, y))
     if y is None or not leaves or not all(isinstance(a, np.ndarray) for a in leaves):
@@ -131,6 +127,40 @@ def _check_views(config: DPConfig, inputs, axis: int, where: str) -> None:
             f"Invalid value for `x`: with augmult={config.augmult} every input needs the "
             f"shape {layout.replace('K', str(config.augmult))} (the views of each example). "
             f"Received: shapes {bad}{where}."
+        )
+
+
+def _check_source_promise(source, repeated_rows) -> None:
+    """Refuses a source whose examples nobody checked, unless the caller vouches for them.
+
+    `AugmentedImages` compares its rows when it is made (`repeated_rows`
+    there). Any other source computes its examples in code the model cannot
+    see: one that holds a person at several indices (an oversampling or
+    concatenating wrapper: measured 4x the bound for a person held 4 times)
+    or returns another example than the one asked for (a stream behind the
+    index: examples 5-6 times in 25 steps each) breaks the sampling the
+    accountant charges for. Its caller says each index is one person, and
+    source[i] always example i, with repeated_rows="distinct_people".
+    """
+    if isinstance(source, image_views.AugmentedImages):
+        _repeated_rows.refuse_for_input(
+            repeated_rows,
+            type(source).__name__,
+            "Its examples are checked where it is made: AugmentedImages(..., repeated_rows=...).",
+        )
+        return
+    if repeated_rows != _repeated_rows.DISTINCT_PEOPLE:
+        raise _validate.invalid(
+            "repeated_rows",
+            f"{_repeated_rows.DISTINCT_PEOPLE!r} with a source of your own "
+            f"({type(source).__name__}), declaring that each of its indices is a different "
+            "person and that source[i] always returns example i (its augmentation aside)",
+            repeated_rows,
+            "The model draws each step's indices with probability q = B / N and the "
+            "accountant charges one draw per person: a person held at several indices "
+            "(oversampling, a concatenation with overlaps) or a source that returns other "
+            "examples than those asked for is sampled otherwise, above the epsilon reported. "
+            "tan_keras.data.image_views.AugmentedImages checks its rows itself",
         )
 
 

@@ -14,7 +14,14 @@ import keras
 import tensorflow as tf
 
 from tan_keras import _keras_internals, _repeated_rows, _validate
-from tan_keras.keras_dp import array_inputs, dp_state, example_weights, fit_inputs, step_identity
+from tan_keras.keras_dp import (
+    array_inputs,
+    dp_state,
+    example_weights,
+    fit_inputs,
+    model_checks,
+    step_identity,
+)
 from tan_keras.keras_dp import ledger as ledger_lib
 from tan_keras.keras_dp.callbacks import PrivacyAccountant
 from tan_keras.keras_dp.train_step import _NOTHING_RELEASED
@@ -43,9 +50,56 @@ def _label_spec(arguments):
     )
 
 
-# TensorFlow's message for an index outside a table (gather, embedding
-# lookups, take): "indices[1,0,2] = 4242 is not in [0, 10)".
-_OUT_OF_RANGE_VALUE = re.compile(r"= -?\d+ is not in \[")
+# The forms in which TensorFlow 2.21's kernels print a value they found in the
+# data (and the row it sits in) when it is out of range: an id read by a
+# custom layer, a label read by a custom loss, a weight checked by an
+# assertion. Each names a private value or where it sits in the batch.
+_PRIVATE_VALUE_FORMS = (
+    # GatherV2, ResourceGather, ResourceScatter*, DynamicPartition:
+    # "indices[1,0,2] = 4242 is not in [0, 10)".
+    r"= -?\d+ is not in \[",
+    # UnsortedSegment*, also as the gradient of a gather or take_along_axis
+    # (a flat offset of value and row): "segment_ids[3,0] = 4251 is out of range [0, 48)".
+    r"= -?\d+ is out of range \[",
+    # SparseSegment*: "Bad: indices[2] == 4242 out of range [0, 3)".
+    r"== -?\d+ out of range \[",
+    # GatherNd, ScatterNd, TensorScatter*: "indices[2] = [4242] does not index into ...".
+    r"= \[[-\d, ]*\] does not index into",
+    # SparseToDense: "indices[1] = [4242] is out of bounds: need 0 <= index < [3]".
+    r"= \[[-\d, ]*\] is out of bounds",
+    # SparseSoftmaxCrossEntropyWithLogits: "Received a label value of 4242 which
+    # is outside the valid range of [0, 3).  Label values: 0 1 4242" (every label).
+    r"label value of -?\d+",
+    # StridedSlice and Slice at a position computed from the data.
+    r"slice index -?\d+ of dimension",
+    r"Expected begin\[\d+\] in \[",
+    # tf.debugging.assert_* (the sample_weight check among them) prints the
+    # first values of the checked tensor: "Condition x >= 0 did not hold
+    # element-wise:] [x (w:0) = ] [1 2 -4242]".
+    r"did not hold",
+)
+_OUT_OF_RANGE_VALUE = re.compile("|".join(f"(?:{form})" for form in _PRIVATE_VALUE_FORMS))
+# Where TensorFlow names the failing op: "[[{{node loop_body/GatherV2}}]]".
+_FAILED_NODE = re.compile(r"\{\{node ([^}]+)\}\}")
+
+
+def _withheld(text: str) -> str:
+    """`text` with its numbers and quoted strings replaced."""
+    return re.sub(r"\d+", "#", re.sub(r"(['\"]).*?\1", "'...'", text))
+
+
+def _failure_line(message: str) -> str:
+    """The line of a TensorFlow error message that says what failed.
+
+    A compiled step's message opens with "Graph execution error:" and the
+    traceback of the op; the kernel's own sentence (the out-of-range id) is
+    the line holding a known form, else the first line.
+    """
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    for line in lines:
+        if _OUT_OF_RANGE_VALUE.search(line):
+            return line
+    return lines[0] if lines else ""
 
 
 def scrubbed_error(error: "tf.errors.InvalidArgumentError") -> Exception:
@@ -53,19 +107,31 @@ def scrubbed_error(error: "tf.errors.InvalidArgumentError") -> Exception:
 
     A runtime error of the compiled step is raised by the data of one
     micro-batch, and TensorFlow prints what it found there: an out-of-range
-    id read by a custom layer ("indices[1,0,2] = 4242 is not in [0, 10)")
-    names a private value and its row. Numbers and quoted strings are
-    replaced, so the kind of failure and the op stay readable.
+    id read by a custom layer ("indices[1,0,2] = 4242 is not in [0, 10)"),
+    a label read by a custom loss ("segment_ids[3,0] = 4251 is out of range
+    [0, 48)", from which label and row can be computed) or the values an
+    assertion checked (`_PRIVATE_VALUE_FORMS`) name a private value and its
+    row. The failing sentence and op are kept, their numbers and quoted
+    strings replaced, so the kind of failure stays readable.
+
+    Args:
+      error: The error raised by the compiled train function.
+
+    Returns:
+      An error of the same type whose message holds no number of the data.
     """
-    first_line = str(error.message).strip().splitlines()[0] if error.message else ""
-    withheld = re.sub(r"\d+", "#", re.sub(r"(['\"]).*?\1", "'...'", first_line))
+    message = str(error.message) if error.message else ""
+    node = _FAILED_NODE.search(message)
+    where = f" (op `{_withheld(node.group(1))}`)" if node else ""
     return type(error)(
         None,
         None,
-        f"A training step failed inside TensorFlow ({type(error).__name__}): {withheld} "
+        f"A training step failed inside TensorFlow ({type(error).__name__}): "
+        f"{_withheld(_failure_line(message))}{where} "
         "[values and positions withheld: they come from private training examples]. An id "
-        "out of range of a table is the usual cause: Embedding and lookup layers drop such "
-        "examples, a custom layer reading a table must check its ids itself.",
+        "or label out of range of a table is the usual cause: Embedding and lookup layers "
+        "drop such examples, a custom layer or loss reading a table must check its ids "
+        "itself.",
     )
 
 
@@ -336,6 +402,9 @@ class _FitEntry:
         values = model_analysis.held_values(self)
         provenance.discover_adapted()
         data_copies.check_values(values, f"The model `{self.name}`")
+        # Constraints and weight regularizers act on the weights at every
+        # update, outside the clipping: held data reaches them unbounded.
+        values += model_checks.check_weight_functions(self)
         object.__setattr__(
             self, ledger_lib.HELD_VALUES_ATTRIBUTE, data_copies.value_fingerprints(values)
         )

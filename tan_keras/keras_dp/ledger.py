@@ -1238,6 +1238,43 @@ def after_loading_saved_model(root) -> None:
     _restore_from_saved_model(root)
 
 
+def _weight_with_ledger(layer) -> Optional[object]:
+    """The first weight of `layer` bound to a ledger or holding remembered private values."""
+    _remember_restored()
+    for variable in layer.weights:
+        bound = isinstance(getattr(variable, _ATTRIBUTE, None), PrivacyLedger)
+        if bound or (_REMEMBERED and _fingerprint(variable) in _REMEMBERED):
+            return variable
+    return None
+
+
+def before_writing_legacy_h5(obj) -> None:
+    """The legacy HDF5 writer's hook (`tan_keras._keras_saving`), before the file is opened.
+
+    The legacy format (`model.save("m.h5")`, `keras.saving.save_model(model,
+    "m.h5")`, `ModelCheckpoint("best.h5")`) holds no ledger: weights loaded
+    from it would count their privacy from zero, in any process. So the file
+    is refused, on either backend, by whichever route writes it (a review
+    found `keras.saving.save_model` and the wrapped model's own `save`
+    writing it, where only the private model's `save` refused).
+
+    Raises:
+      ValueError: for a Keras model or layer whose weights have a ledger or
+        hold remembered private values.
+    """
+    if not isinstance(obj, keras.layers.Layer):
+        return
+    variable = _weight_with_ledger(obj)
+    if variable is not None:
+        raise ValueError(
+            f"Invalid filepath for saving `{obj.name}`: expected a `.keras` or "
+            "`.weights.h5` file for weights with a privacy ledger (trained privately, or "
+            "copied from weights that were). The legacy HDF5 format (`.h5`, `.hdf5`) holds "
+            "no ledger: weights loaded from it would count their privacy from zero. "
+            f"Received: a legacy HDF5 file of weight `{variable.path}`, which has a ledger."
+        )
+
+
 def before_saving_saved_model(obj) -> None:
     """`tf.saved_model.save`'s hook (`tan_keras._keras_saving`).
 
@@ -1266,17 +1303,15 @@ def before_saving_saved_model(obj) -> None:
                 if isinstance(tensors, _LedgerTensors):
                     tensors.table_before_saving = _checkpoint_table(tensors._ledger)
         return
-    _remember_restored()
-    for variable in obj.weights:
-        bound = isinstance(getattr(variable, _ATTRIBUTE, None), PrivacyLedger)
-        if bound or (_REMEMBERED and _fingerprint(variable) in _REMEMBERED):
-            raise ValueError(
-                f"Invalid object for tf.saved_model.save: `{obj.name}` "
-                f"({type(obj).__name__}) has weights with a privacy ledger (trained "
-                "privately, or copied from weights that were), and tf.saved_model.save "
-                "of a Keras object writes no ledger: a model rebuilt from the SavedModel "
-                "would count its privacy from zero. Use "
-                f"`{obj.name}.export(path)` or keras.export.ExportArchive (the "
-                "SavedModel then carries the ledger), or save a `.keras` / "
-                f"`.weights.h5` file. Received: weight `{variable.path}` with a ledger."
-            )
+    variable = _weight_with_ledger(obj)
+    if variable is not None:
+        raise ValueError(
+            f"Invalid object for tf.saved_model.save: `{obj.name}` "
+            f"({type(obj).__name__}) has weights with a privacy ledger (trained "
+            "privately, or copied from weights that were), and tf.saved_model.save "
+            "of a Keras object writes no ledger: a model rebuilt from the SavedModel "
+            "would count its privacy from zero. Use "
+            f"`{obj.name}.export(path)` or keras.export.ExportArchive (the "
+            "SavedModel then carries the ledger), or save a `.keras` / "
+            f"`.weights.h5` file. Received: weight `{variable.path}` with a ledger."
+        )

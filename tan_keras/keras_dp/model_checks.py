@@ -18,12 +18,14 @@ layer keeps it in inference mode.)
 """
 
 import os
+from typing import List, Tuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tan_keras import _keras_internals
-from tan_keras.mechanism import model_analysis
+from tan_keras.mechanism import data_copies, model_analysis
 
 _BATCH_NORM_HINT = (
     "BatchNormalization in training mode mixes the examples of a batch (each output "
@@ -187,3 +189,68 @@ def check_no_custom_training_step(model: keras.Model, base: type) -> None:
                 "noise. Put custom loss logic into the loss function passed to compile(); "
                 "test_step and compute_metrics may be overridden."
             )
+
+
+# What the optimizer and the noisy update call on each trainable variable,
+# outside the per-example clipping: the constraint after every update
+# (`variable.assign(constraint(variable))`), the regularizer's gradient added
+# to the noisy gradient (noisy_update.py).
+_WEIGHT_FUNCTIONS = ("constraint", "regularizer")
+
+
+def check_weight_functions(model: keras.Model) -> List[Tuple[str, np.ndarray]]:
+    """Refuses a weight constraint or regularizer that holds training data or keeps state.
+
+    Both act on the weights without clipping or noise, at every update: one
+    built from the training data (a kernel_constraint pulling the kernel
+    toward the per-feature mean) writes that data into the weights, however
+    large the noise. Each is traced on its variable's spec, and the values
+    its trace holds (constants, variables read) and the arrays the object
+    holds go through the check of `data_copies.check_values` (training rows,
+    their statistics, adapted state); one that writes a variable or calls
+    Python (whose state no trace can see) is refused like an augmenter. Run
+    at every fit, once the training arrays are registered.
+
+    Args:
+      model: The model about to be trained.
+
+    Returns:
+      The (name, array) values they hold, for the ledger's fingerprints.
+
+    Raises:
+      ValueError: naming the variable, the constraint or regularizer and what
+        it holds or does.
+    """
+    values = []
+    for variable in model.trainable_variables:
+        for kind in _WEIGHT_FUNCTIONS:
+            function = getattr(variable, kind, None)
+            if function is not None:
+                values += _weight_function_values(variable, kind, function)
+    return values
+
+
+def _weight_function_values(variable, kind: str, function) -> List[Tuple[str, np.ndarray]]:
+    """What `function` (`variable`'s constraint or regularizer) holds, checked."""
+    path = getattr(variable, "path", None) or variable.name
+    where = f"The {kind} of `{path}` ({type(function).__name__})"
+    spec = tf.TensorSpec(tuple(variable.shape), variable.dtype)
+
+    def call(weight):
+        return function(weight)
+
+    written = model_analysis.function_writes(call, spec)
+    if written:
+        raise ValueError(
+            f"{where} {written[0]}. The optimizer applies it to the weights after every "
+            "update, outside the per-example clipping and the noise: state it keeps (or "
+            "reads from Python) can carry training data into them. Use a constraint or "
+            "regularizer that is a function of the weight alone (keras.constraints.MaxNorm, "
+            "NonNeg, UnitNorm, keras.regularizers.L2)."
+        )
+    with tf.init_scope():  # read eagerly: captured tensors keep their values
+        graph = tf.function(call).get_concrete_function(spec).graph
+        values = data_copies.graph_values(graph)
+    values += data_copies.held_arrays(function, f"{path}.{kind}")
+    data_copies.check_values(values, where)
+    return values

@@ -6,6 +6,8 @@ and the training logs (`release_train_metrics`). The update itself is
 `noisy_update.py`'s.
 """
 
+from typing import NamedTuple
+
 import keras
 import tensorflow as tf
 
@@ -38,6 +40,16 @@ def _logs_for_strategy(logs):
     if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
         return {name: tf.reshape(value, [1]) for name, value in logs.items()}
     return logs
+
+
+class _StepStatistics(NamedTuple):
+    """What the package's trackers take from one micro-batch (release_train_metrics)."""
+
+    losses: tf.Tensor
+    clipped_fraction: tf.Tensor
+    num_examples: tf.Tensor
+    norms: tf.Tensor
+    num_nonfinite: tf.Tensor
 
 
 class _TrainStep:
@@ -301,17 +313,16 @@ class _TrainStep:
         # (and trip TerminateOnNaN, EarlyStopping...).
         kept = clipped.kept
         weight = tf.cast(kept, tf.float32)
-        self._trackers.loss.update_state(
-            tf.where(kept, losses, tf.zeros_like(losses)), sample_weight=weight
-        )
         n_real = tf.maximum(clipped.num_examples, 1.0)
-        self._trackers.clipped.update_state(
-            clipped.num_clipped / n_real, sample_weight=clipped.num_examples
-        )
-        self._trackers.norm.update_state(clipped.norms, sample_weight=weight)
         # Examples dropped for an invalid label count with the non-finite ones
         # (see labels.py): either way their loss has no value.
-        self._trackers.nonfinite.update_state(clipped.num_nonfinite + num_invalid)
+        statistics = _StepStatistics(
+            tf.where(kept, losses, tf.zeros_like(losses)),
+            clipped.num_clipped / n_real,
+            clipped.num_examples,
+            clipped.norms,
+            clipped.num_nonfinite + num_invalid,
+        )
 
         def kept_only(prediction):
             kept_rows = tf.reshape(kept, [-1] + [1] * (prediction.shape.rank - 1))
@@ -319,16 +330,108 @@ class _TrainStep:
 
         y_pred = tf.nest.map_structure(kept_only, y_pred)
         y = self._output_losses.predictions_like_labels(y, y_pred)
+        weighted = weight if weights is None else weight * tf.cast(weights, tf.float32)
+        arguments = (statistics, y, y_pred, weight, weighted)
+        # Before the update is traced into the step, so that nothing of it runs.
+        self._refuse_metric_writes(arguments)
+        return _logs_for_strategy(self._update_metrics(*arguments))
+
+    def _update_metrics(self, statistics, y, y_pred, weight, weighted):
+        """Updates the trackers and the compiled (or own) metrics; returns the logs.
+
+        Args:
+          statistics: The micro-batch's `_StepStatistics`.
+          y: Labels, shaped like the predictions.
+          y_pred: Predictions, zero on the rows that did not contribute.
+          weight: [batch] 1 on the rows that contributed, else 0.
+          weighted: `weight` times the examples' own weights.
+
+        Returns:
+          The logs of the step.
+        """
+        trackers = self._trackers
+        trackers.loss.update_state(statistics.losses, sample_weight=weight)
+        trackers.clipped.update_state(
+            statistics.clipped_fraction, sample_weight=statistics.num_examples
+        )
+        trackers.norm.update_state(statistics.norms, sample_weight=weight)
+        trackers.nonfinite.update_state(statistics.num_nonfinite)
         if type(self).compute_metrics is not keras.Model.compute_metrics:
             # A compute_metrics of one's own decides what the weight means.
-            return _logs_for_strategy(self.compute_metrics(None, y, y_pred, weight))
+            return self.compute_metrics(None, y, y_pred, weight)
         # Keras updates `metrics` without sample weights (only
         # `weighted_metrics` take them): the padding rows would count as
         # examples. Every compiled metric is masked to the kept rows; the
         # weighted ones also take the examples' weights, as in Keras.
-        weighted = weight if weights is None else weight * tf.cast(weights, tf.float32)
         _keras_internals.update_compiled_metrics(self, y, y_pred, weight, weighted)
-        return _logs_for_strategy(self.get_metrics_result())
+        return self.get_metrics_result()
+
+    def _refuse_metric_writes(self, arguments):
+        """Refuses a metrics update that writes anything but the metrics' own variables.
+
+        The metrics see the whole micro-batch's predictions, without clipping
+        or noise. Their results are released (release_train_metrics), but a
+        variable they write that training reads (a weight a layer reads, a
+        compute_metrics of one's own keeping a statistic of the predictions
+        in it, a metric's update_state writing a model variable) carries that
+        statistic into every later update. So the update (trackers, compiled
+        metrics, a compute_metrics of one's own) may write only the variables
+        of metrics, and only those that the step traced so far (the forward
+        pass, the loss, the noisy update) did not capture. Checked when the
+        step is traced, before it can run once. Calls into Python are left
+        to it: nothing that trains may call Python (model, loss, augmenter
+        and constraints are refused if they do), so what it keeps there
+        reaches no update.
+
+        Args:
+          arguments: The arguments of `_update_metrics`.
+
+        Raises:
+          ValueError: naming the variable written.
+        """
+        earlier = frozenset()
+        if not tf.executing_eagerly():
+            # What the step traced so far captured: read by training.
+            earlier = model_analysis.captured_handles(tf.compat.v1.get_default_graph())
+        # (Run eagerly, with run_eagerly=True, there is no step graph to read:
+        # only writes to variables outside every metric are refused then, and
+        # after the step's noisy update, before the metrics are updated.)
+
+        def metric_variables():
+            # Called after the trace: a metric built on its first update counts.
+            metrics = list(self.metrics) + list(keras.Model.metrics.fget(self))
+            return [
+                variable
+                for metric in metrics
+                for variable in metric.variables
+                if not earlier or model_analysis.local_handle_id(variable) not in earlier
+            ]
+
+        def spec(t):
+            return tf.TensorSpec(t.shape, t.dtype)
+
+        specs = tf.nest.map_structure(spec, arguments)
+        written = model_analysis.function_writes(
+            self._update_metrics,
+            *specs,
+            autograph=True,
+            allowed=metric_variables,
+            python=False,
+            seed_states=False,
+        )
+        if written:
+            own = type(self).compute_metrics is not keras.Model.compute_metrics
+            name = "compute_metrics" if own else "metrics"
+            raise _validate.invalid(
+                name,
+                "a metrics update that writes only the variables of its metrics",
+                f"one that {written[0]}",
+                "The train step updates the metrics with the whole micro-batch's "
+                "predictions, without clipping or noise: a variable they write that "
+                "training reads (a weight, a variable read by a layer or the loss) carries "
+                "them into every later update. Keep what a metric accumulates in its own "
+                "variables (Metric.add_variable), read by nothing but the metric",
+            )
 
     @property
     def metrics(self):
@@ -348,6 +451,8 @@ class _TrainStep:
         losses = self._per_example_loss(y, y_pred)
         self._trackers.eval_loss.update_state(losses, sample_weight=sample_weight)
         y = self._output_losses.predictions_like_labels(y, y_pred)
+        # Unchecked, unlike the train step's metrics (`_refuse_metric_writes`):
+        # held-out data, no training example (held_out.py refuses those).
         self.compute_metrics(x, y, y_pred, sample_weight)
         logs = {"loss": self._trackers.eval_loss.result()}
         for metric in _keras_internals.compiled_metrics(self):

@@ -451,6 +451,63 @@ def _eager_value(tensor) -> Optional[np.ndarray]:
         return None
 
 
+# How deep `held_arrays` looks into the lists, tuples and dicts an object holds.
+_MAX_HELD_DEPTH = 3
+
+
+def held_arrays(holder: Any, name: str) -> List[Tuple[str, np.ndarray]]:
+    """The numeric arrays an object holds in its attributes, for `check_values`.
+
+    A weight constraint or regularizer is an object called on the weight
+    (`variable.constraint`, `variable.regularizer`): the arrays it was built
+    with (a per-feature mean, a pool of examples) reach every update whether
+    or not its trace shows them as constants. Arrays, tensors, variables and
+    lists of numbers are read, inside lists, tuples and dicts too. Serves
+    both backends (no TensorFlow).
+
+    Args:
+      holder: The object (its `__dict__` is read; none: nothing held).
+      name: What it is, for the values' names (e.g. "dense/kernel.constraint").
+
+    Returns:
+      (name, array) pairs; values smaller than two elements are left out.
+    """
+    found: List[Tuple[str, np.ndarray]] = []
+    for attribute, value in sorted(getattr(holder, "__dict__", {}).items()):
+        _collect_arrays(value, f"{name}.{attribute}", found, 0)
+    return found
+
+
+def _collect_arrays(value: Any, name: str, found: list, depth: int) -> None:
+    if isinstance(value, (str, bytes)) or depth > _MAX_HELD_DEPTH:
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _collect_arrays(item, f"{name}[{key!r}]", found, depth + 1)
+        return
+    if isinstance(value, (list, tuple)):
+        array = _as_array(value)
+        if array is not None:
+            found.append((name, array))
+            return
+        for index, item in enumerate(value):
+            _collect_arrays(item, f"{name}[{index}]", found, depth + 1)
+        return
+    if hasattr(value, "__array__") or isinstance(value, np.generic):
+        array = _as_array(value)
+        if array is not None:
+            found.append((name, array))
+
+
+def _as_array(value: Any) -> Optional[np.ndarray]:
+    """`value` as a numeric array of two elements or more, or None."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None  # ragged lists, tensors without a value (symbolic)
+    return _numeric(array)
+
+
 def value_fingerprints(values: Iterable[Tuple[str, np.ndarray]]) -> List[int]:
     """The fingerprints of `values` (for `ledger.recall`)."""
     return [value_fingerprint(array) for _, array in values]

@@ -33,7 +33,7 @@ per model and number of views); nothing here runs per training step.
 
 import inspect
 import weakref
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -634,7 +634,14 @@ def _trace(
 PYTHON_OPS = frozenset({"EagerPyFunc", "PyFunc", "PyFuncStateless"})
 
 
-def function_writes(function, *specs, autograph: bool = False) -> Tuple[str, ...]:
+def function_writes(
+    function,
+    *specs,
+    autograph: bool = False,
+    allowed: Optional[Callable[[], Iterable]] = None,
+    python: bool = True,
+    seed_states: bool = True,
+) -> Tuple[str, ...]:
     """What `function`, traced on `specs`, keeps between calls, other than random state.
 
     Random state is what Keras's own random layers reachable from `function`
@@ -646,6 +653,15 @@ def function_writes(function, *specs, autograph: bool = False) -> Tuple[str, ...
       *specs: `tf.TensorSpec` structures of its arguments.
       autograph: Whether to convert Python control flow on tensors, as Keras
         does for a loss called inside its train step.
+      allowed: None, or a function returning the variables whose writes are
+        expected (the metrics' own, for a metrics update). Called after the
+        trace, so that variables the traced code creates on its first call
+        (a metric built lazily) are among them.
+      python: Whether calls into Python are reported (for code whose state
+        nothing that trains can read: training code may not call Python).
+      seed_states: Whether writes to the seed states of the Keras random
+        layers reachable from `function` are exempt (an augmenter's random
+        draws); False for code that has no draws to make (a metrics update).
 
     Returns:
       Sentences completing "one that ...": each variable it writes, and any
@@ -653,11 +669,13 @@ def function_writes(function, *specs, autograph: bool = False) -> Tuple[str, ...
       no trace can see; empty for a function without state.
     """
     exempt = set()
-    for layer in captures.reachable_layers(function):
+    for layer in captures.reachable_layers(function) if seed_states else ():
         if type(layer).__module__.startswith("keras."):
             for state in _keras_internals.seed_generator_states(layer):
                 exempt.update(id(handle) for handle in _handles(state))
     graph = tf.function(function, autograph=autograph).get_concrete_function(*specs).graph
+    for variable in allowed() if allowed is not None else ():
+        exempt.update(id(handle) for handle in _handles(variable))
     uses = _resource_uses(graph)
     names = {id(h): _name(v) for v in graph.variables for h in _handles(v)}
     written = []
@@ -666,13 +684,50 @@ def function_writes(function, *specs, autograph: bool = False) -> Tuple[str, ...
             continue
         if any(kind == "write" for _, _, kind in uses.get(internal.op.name, ())):
             written.append(f"writes the variable `{names.get(id(external), internal.op.name)}`")
-    python = sorted(PYTHON_OPS & graph_op_types(graph))
-    if python:
+    calls = sorted(PYTHON_OPS & graph_op_types(graph)) if python else []
+    if calls:
         written.append(
-            f"calls Python code through a {python[0]} op (tf.py_function or "
+            f"calls Python code through a {calls[0]} op (tf.py_function or "
             "tf.numpy_function), whose state no trace can see"
         )
     return tuple(written)
+
+
+def captured_handles(graph) -> frozenset:
+    """The ids of the resource handles `graph` has captured so far.
+
+    In a graph being traced (a train step), the variables what was traced so
+    far reads or writes, nested function bodies included (their captures
+    are captured by the graph that calls them).
+
+    Args:
+      graph: A `FuncGraph`.
+
+    Returns:
+      `id`s of the captured handles (compare with `local_handle_id`).
+    """
+    return frozenset(
+        id(external) for external, internal in graph.captures if internal.dtype == tf.resource
+    )
+
+
+def local_handle_id(variable) -> int:
+    """The id of the handle through which code traced here reads `variable`.
+
+    Its own handle; under a distribution strategy, in replica context, the
+    current replica's component (or the packed handle): the replicas trace
+    into one graph, and another replica's capture of its own component says
+    nothing of this replica's reads.
+
+    Args:
+      variable: A Keras or TensorFlow variable, distributed or not.
+
+    Returns:
+      The `id` of the handle (compare with `captured_handles`).
+    """
+    if isinstance(variable, keras.Variable):
+        variable = variable.value
+    return id(variable.handle)
 
 
 def graph_op_types(graph) -> frozenset:

@@ -12,6 +12,7 @@ check the copy ships in the model or the ledger misses the release.
 """
 
 import collections
+import re
 import weakref
 
 import keras
@@ -390,3 +391,27 @@ def test_a_text_vocabulary_of_the_training_texts_words_with_a_rare_one_is_refuse
     _compiled(_text_model(common)).fit(
         texts[:, None], y, batch_size=B, verbose=0, repeated_rows="distinct_people"
     )
+
+
+class _Holder:
+    """An object holding values the way a constraint or regularizer may."""
+
+    def __init__(self, x):
+        self.rows = x[:2]
+        self.nested = {"stats": [list(x.mean(axis=0)), "a name"]}
+        self.scale = 2.0
+        self.tensor = tf.constant(x[2:4])
+        self.text = "abc"
+
+
+def test_held_arrays_reads_arrays_lists_and_tensors_inside_containers():
+    x, _ = _data()
+    held = dict(data_copies.held_arrays(_Holder(x), "c"))
+    assert sorted(held) == ["c.nested['stats'][0]", "c.rows", "c.tensor"]
+    np.testing.assert_array_equal(held["c.tensor"], x[2:4])
+    # Each is what check_values refuses: training rows, their per-feature mean.
+    data_copies.register_rows(x)
+    for name, array in held.items():
+        with pytest.raises(ValueError, match=f"holds `{re.escape(name)}`"):
+            data_copies.check_values([(name, array)], "The constraint")
+    assert data_copies.held_arrays(keras.constraints.MaxNorm(2.0), "c") == []
