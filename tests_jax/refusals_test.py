@@ -66,8 +66,9 @@ def _trains(dp_model, x, y, **fit):
     [
         lambda: keras.callbacks.EarlyStopping(monitor="loss", patience=0),
         lambda: keras.callbacks.ReduceLROnPlateau(monitor="loss"),
+        keras.callbacks.TerminateOnNaN,
     ],
-    ids=["EarlyStopping", "ReduceLROnPlateau"],
+    ids=["EarlyStopping", "ReduceLROnPlateau", "TerminateOnNaN"],
 )
 def test_a_callback_deciding_from_the_noiseless_training_loss_is_refused(callback):
     x, y = _xy()

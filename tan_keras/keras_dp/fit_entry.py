@@ -21,6 +21,7 @@ from tan_keras.keras_dp import (
     fit_inputs,
     model_checks,
     step_identity,
+    step_stderr,
 )
 from tan_keras.keras_dp import ledger as ledger_lib
 from tan_keras.keras_dp.callbacks import PrivacyAccountant
@@ -343,13 +344,25 @@ class _FitEntry:
         function = self.train_function
         checks_identity = self._dp_config.sampling == "poisson"
 
+        # TensorFlow's C++ log of a kernel failing on the data, scrubbed too.
+        stderr = step_stderr.StderrFilter(
+            lambda line: bool(_OUT_OF_RANGE_VALUE.search(line)), _withheld
+        )
+
         def train_function(iterator):
             try:
-                logs = function(iterator)
+                with stderr:
+                    logs = function(iterator)
             except tf.errors.InvalidArgumentError as error:
-                if _OUT_OF_RANGE_VALUE.search(str(error.message)):
-                    raise scrubbed_error(error) from None
-                raise
+                if not _OUT_OF_RANGE_VALUE.search(str(error.message)):
+                    raise
+                scrubbed = scrubbed_error(error)
+            else:
+                scrubbed = None
+            if scrubbed is not None:
+                # Raised outside the `except`: `from None` only hides the
+                # original, whose text (the value) `__context__` would keep.
+                raise scrubbed
             if checks_identity:
                 # The compiled step blocked every update since the violation.
                 self._raise_on_identity_violation()

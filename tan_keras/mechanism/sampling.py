@@ -142,6 +142,17 @@ class PoissonSampler(tf.Module):
         self.key_is_secret_and_local = secret_key is None and seed is None
         if secret_key is not None:
             key = _validate.integer("secret_key", secret_key, low=0, high=2**64 - 1) - 2**63
+            if secret_key < 2**32:
+                # A key of `new_secret_key()` is below 2**32 with chance 2**-32:
+                # this one was typed (a review passed secret_key=1 unwarned).
+                warnings.warn(
+                    f"The sampling key {secret_key} is a small constant, not a key from "
+                    "PoissonSampler.new_secret_key(): anyone who knows it can tell which "
+                    "examples each step holds, and the amplified epsilon reported does not "
+                    "hold against them. Use a small key for debugging only.",
+                    NotPrivateWarning,
+                    stacklevel=2,
+                )
         elif seed is None:
             key = entropy_int64()
         else:

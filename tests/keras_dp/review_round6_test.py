@@ -210,8 +210,11 @@ def _stop_on_loss():
         _stop_on_loss,
         lambda: keras.callbacks.ReduceLROnPlateau(monitor="loss"),
         lambda: keras.callbacks.ModelCheckpoint("/tmp/x.keras", "accuracy", save_best_only=True),
+        # (No monitor: it reads logs["loss"]; a review stopped a run with two
+        # crafted examples whose finite losses overflowed the epoch's mean.)
+        keras.callbacks.TerminateOnNaN,
     ],
-    ids=["EarlyStopping", "ReduceLROnPlateau", "ModelCheckpoint"],
+    ids=["EarlyStopping", "ReduceLROnPlateau", "ModelCheckpoint", "TerminateOnNaN"],
 )
 def test_a_callback_deciding_from_a_noiseless_training_statistic_is_refused(callback):
     with pytest.raises(ValueError, match=r"monitor=\.\.\.\)`: expected a held-out statistic"):

@@ -1,6 +1,7 @@
 """Poisson sampler: the sampling the accountant assumes, with static shapes."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -248,3 +249,13 @@ def test_every_row_carries_its_micro_batch_identity():
     )
     assert int(twin.source_id.numpy()) == int(source)
     assert int(sampling.PoissonSampler(N, B).source_id.numpy()) != int(source)
+
+
+def test_a_small_constant_sampling_key_warns_that_the_batches_are_not_secret():
+    # Review: secret_key=1 was taken silently; a key of new_secret_key() is
+    # a 64-bit draw (below 2**32 with chance 2**-32), which stays silent.
+    with pytest.warns(NotPrivateWarning, match="small constant"):
+        sampling.PoissonSampler(N, B, secret_key=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotPrivateWarning)
+        sampling.PoissonSampler(N, B, secret_key=2**40 + 12345)
