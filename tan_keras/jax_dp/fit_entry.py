@@ -139,11 +139,7 @@ class FitEntry:
             # (Values left detached by a fit that failed before its first
             # step trained nothing.)
             if _keras_internals.values_attached(self.weights):
-                ledger_lib.remember(
-                    self.weights + ledger_lib.optimizer_state(self),
-                    self.privacy_ledger,
-                    unless=before,
-                )
+                ledger_lib.remember(self.weights, self.privacy_ledger, unless=before)
 
     def train_on_batch(self, *args, **kwargs):
         """Refused: a single batch is not a Poisson step; use `fit`."""

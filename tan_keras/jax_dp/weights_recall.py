@@ -99,9 +99,8 @@ class RememberUpdates(keras.callbacks.Callback):
 
     def _remember(self) -> None:
         model = self.model  # (attaches the JAX state to the variables)
-        variables = model.weights + ledger_lib.optimizer_state(model)
-        found = ledger_lib.fingerprints(variables)
-        ledger_lib.remember(variables, model.privacy_ledger, unless=self._before, found=found)
+        found = ledger_lib.fingerprints(model.weights)
+        ledger_lib.remember(model.weights, model.privacy_ledger, unless=self._before, found=found)
         self._recall.seen(found)
 
     def on_train_batch_end(self, batch, logs=None):

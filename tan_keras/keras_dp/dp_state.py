@@ -461,8 +461,8 @@ class WeightsMemory(keras.callbacks.Callback):
         self._released = model.privacy_ledger.total_steps()
 
     def variables(self):
-        """The model's weights, the EMA shadows and the optimizer's slots included."""
-        return self._private.weights + ledger_lib.optimizer_state(self._private)
+        """The model's weights, the EMA shadows included."""
+        return self._private.weights
 
     def remember_now(self):
         """Remembers the current values if an update was released; returns their fingerprints."""

@@ -87,7 +87,6 @@ weights read out of an ONNX, LiteRT or OpenVINO export. A trainable
 from __future__ import annotations
 
 import contextlib
-import math
 import secrets
 import weakref
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -760,25 +759,6 @@ def _layer_weights(model) -> List:
     return weights
 
 
-def optimizer_state(model) -> List:
-    """The optimizer's slots of `model` (momentum, Adam's moments), if it is built.
-
-    They are functions of the noisy updates too: copied into a fresh private
-    model's optimizer, one step would carry every earlier update into the new
-    weights (a review measured 7 updates' worth counted as 1). So they are
-    remembered and looked up like weights. Scalars (the iteration count, the
-    learning rate) are left out: their values are shared by unrelated models.
-    """
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is None or not getattr(optimizer, "built", False):
-        return []
-    return [
-        v
-        for v in optimizer.variables
-        if len(v.shape) >= 1 and math.prod(v.shape) >= 2 and "float" in str(v.dtype)
-    ]
-
-
 def fingerprints(variables: Iterable) -> Dict[int, int]:
     """{id(variable): fingerprint} of `variables`' current values."""
     return {id(v): _fingerprint(v) for v in variables}
@@ -921,11 +901,10 @@ def recall(model, ledger: PrivacyLedger, since: Optional[Dict[int, int]] = None)
         values held by its traced computation (fixed for the fit).
 
     Returns:
-      The fingerprints of the model's layers' weights and optimizer slots
-      (`optimizer_state`), for `remember`'s `unless`.
+      The fingerprints of the model's layers' weights (for `remember`'s `unless`).
     """
     _remember_restored()
-    found = fingerprints(_layer_weights(model) + optimizer_state(model))
+    found = fingerprints(_layer_weights(model))
     if since is not None:
         looked_up = {f for key, f in found.items() if since.get(key) != f}
     else:
