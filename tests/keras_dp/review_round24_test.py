@@ -469,3 +469,39 @@ def test_tensorflow_s_own_log_of_a_failing_kernel_withholds_the_labels():
     filtered, unfiltered = result.stderr.split("=== filtered")[1].split("=== unfiltered")
     assert "label value of #" in filtered and "4711" not in filtered, filtered[-2000:]
     assert "4711" in unfiltered, unfiltered[-2000:]
+
+
+def _centred_on_the_batch(t):
+    return keras.ops.relu(t + keras.ops.mean(t, axis=0, keepdims=True))
+
+
+@pytest.mark.parametrize("change", ["activation", "softmax_axis", None])
+def test_a_model_changed_after_layerwise_was_chosen_is_refused_at_fit(change):
+    # Review: the layerwise route's check ran at construction only; an
+    # activation set afterwards that centres on the batch mean moved the
+    # update 2.06 times the replace-one bound. Power check: unchanged, it trains.
+    model = keras.Sequential(
+        [
+            keras.Input((D,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Softmax(),
+            keras.layers.Dense(2),
+        ]
+    )
+    private = tan_keras.make_private(model, clipping="layerwise", **DP)
+    if change == "activation":
+        model.layers[0].activation = _centred_on_the_batch
+    elif change == "softmax_axis":
+        model.layers[1].axis = 0
+    private.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = _x(), np.arange(N) % 2
+    if change is None:
+        private.fit(x, y, batch_size=B, epochs=1, verbose=0)
+        assert int(private.dp_steps.numpy()) == 1
+        return
+    with pytest.raises(ValueError, match="the model changed since clipping='layerwise'"):
+        private.fit(x, y, batch_size=B, epochs=1, verbose=0)
+    assert int(private.dp_steps.numpy()) == 0
