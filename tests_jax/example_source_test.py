@@ -195,3 +195,19 @@ def test_a_source_of_ones_own_trains_only_when_its_caller_vouches_for_it(source_
     assert int(model.dp_steps) == 0
     model.fit(source_class(x, y), epochs=1, verbose=0, **_PROMISE)
     assert int(model.dp_steps) == 1
+
+
+def test_a_subclass_of_augmented_images_needs_the_declaration_like_any_source():
+    # Its own __getitem__ is code the model cannot see into (it could return
+    # another example than the one asked for).
+    class Remapped(image_views.AugmentedImages):
+        def __getitem__(self, index):
+            return super().__getitem__(0)
+
+    rng = np.random.default_rng(0)
+    images = rng.random((16, 8, 8, 3)).astype("float32")
+    source = Remapped(images, rng.integers(0, 4, 16).astype("int32"), augmult=1, policy="cifar")
+    model = helpers.private(helpers.conv_model(), 16)
+    with pytest.raises(ValueError, match=r"`repeated_rows`: expected 'distinct_people'"):
+        model.fit(source, epochs=1, verbose=0)
+    assert int(model.dp_steps) == 0

@@ -372,3 +372,25 @@ def test_keras_constraints_and_public_constants_train(constraint):
     public, _ = _xy(seed=4)
     made = constraint() if constraint else _TowardsAMean(public.mean(0))
     _trains(_private(_constrained(made)), x, y)
+
+
+class _HoldsRowsUnused(keras.constraints.Constraint):
+    """Holds training rows its call does not read (a trace shows no constant)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __call__(self, w):
+        return w
+
+
+def test_a_constraint_holding_training_rows_it_does_not_trace_is_refused():
+    x, y = _xy()
+    _refused(
+        _private(_constrained(_HoldsRowsUnused(x[:4].copy()))),
+        r"constraint\.rows` .* contains rows of the training",
+        x,
+        y,
+    )
+    public, _ = _xy(seed=5)  # the power check: public rows train
+    _trains(_private(_constrained(_HoldsRowsUnused(public[:4]))), x, y)

@@ -142,7 +142,9 @@ def _check_source_promise(source, repeated_rows) -> None:
     accountant charges for. Its caller says each index is one person, and
     source[i] always example i, with repeated_rows="distinct_people".
     """
-    if isinstance(source, image_views.AugmentedImages):
+    # Exactly the package's class: a subclass's own __getitem__ is code the
+    # model cannot see into, like any other source.
+    if type(source) is image_views.AugmentedImages:
         _repeated_rows.refuse_for_input(
             repeated_rows,
             type(source).__name__,

@@ -466,8 +466,8 @@ def example_table_gradient(ids: jax.Array, grads: jax.Array, vocabulary: int):
     Position t adds d_t to row id_t: the example's gradient is, for each row
     it reads, the sum of its positions' d_t. The ids are sorted and the d_t
     of equal ids summed (a segment sum): T rows at most, in T log T + T dim
-    operations, where the Gram form took T^2 dim (3.7 GFLOP per step of
-    keras.io's text model, 200 tokens) and a table per example V dim. Its
+    operations, where the Gram form took T^2 dim and a table per example
+    V dim. Its
     norm is the norm of these sums, and the clipped sum adds these sums
     scaled (`clipped_sum`): the values normed are the values added.
 

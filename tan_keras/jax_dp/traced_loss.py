@@ -116,6 +116,8 @@ def _constraint_values(model) -> List[Tuple[str, np.ndarray]]:
             )
         found += [(where, array) for _, array in _numeric(closed.consts)]
         found += [(where, array) for _, array in _nested_constants(closed.jaxpr)]
+        # What it was built with, traced or not (as on TensorFlow).
+        found += data_copies.held_arrays(constraint, f"{variable.path}.constraint")
     return found
 
 
