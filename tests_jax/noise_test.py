@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tan_keras.jax_dp import example_source, poisson_steps
+from tan_keras.jax_dp import example_source, hosts, poisson_steps
 
 
 def _zero_gradient_loss(y_true, y_pred):
@@ -77,15 +77,22 @@ def test_steps_carry_fresh_keys_from_os_entropy():
 
 
 def _recorded_keys(monkeypatch):
+    # The step keys and the secret they derive from (its 16 bytes).
     recorded = []
-    token_bytes = poisson_steps.secrets.token_bytes
+    noise_key, shared_secret = poisson_steps._noise_key, hosts.shared_secret
 
-    def record(n):
-        value = token_bytes(n)
-        recorded.append(value)
+    def record_key(secret_bytes, draw):
+        value = noise_key(secret_bytes, draw)
+        recorded.append(value.tobytes())
         return value
 
-    monkeypatch.setattr(poisson_steps.secrets, "token_bytes", record)
+    def record_secret():
+        value = shared_secret()
+        recorded.append(value.to_bytes(16, "little"))
+        return value
+
+    monkeypatch.setattr(poisson_steps, "_noise_key", record_key)
+    monkeypatch.setattr(hosts, "shared_secret", record_secret)
     return recorded
 
 

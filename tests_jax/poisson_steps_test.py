@@ -54,3 +54,50 @@ def test_a_step_larger_than_the_usual_padding_gets_more_rows(rows, multiple):
     )
     assert step["keep"].sum() == rows
     assert len(step["keep"]) == math.ceil(rows / multiple) * multiple
+
+
+def _steps(secret, process=(0, 1), count=12, row_multiple=12):
+    x = np.arange(1, 201, dtype="float32")[:, None]
+    draws = poisson_steps.poisson_steps(
+        example_source.array_rows(x, x[:, 0].astype("int32")),
+        len(x),
+        0.1,
+        20,
+        row_multiple=row_multiple,
+        secret=secret,
+        process=process,
+    )
+    return [next(draws) for _ in range(count)]
+
+
+def test_processes_sharing_a_secret_split_each_step_between_them():
+    whole = _steps(secret=12345)
+    shares = [_steps(secret=12345, process=(p, 3), count=12) for p in range(3)]
+    other = _steps(secret=12346)
+    keys = set()
+    for step, *parts in zip(whole, *shares):
+        _, y, info = step
+        drawn = sorted(y[info["keep"]])
+        mine = [part[1][part[2]["keep"]] for part in parts]
+        assert sorted(np.concatenate(mine)) == drawn
+        assert all(len(part[2]["keep"]) * 3 == len(info["keep"]) for part in parts)
+        assert max(map(len, mine)) - min(map(len, mine)) <= 1  # an even split
+        for part in parts:
+            np.testing.assert_array_equal(
+                part[2]["noise_key"], info["noise_key"][: len(part[2]["keep"])]
+            )
+            assert not part[1][~part[2]["keep"]].any()
+        keys.add(tuple(info["noise_key"][0]))
+    assert len(keys) == len(whole)
+    # Power check: another secret draws other examples and other keys.
+    assert any(
+        sorted(a[1][a[2]["keep"]]) != sorted(b[1][b[2]["keep"]]) for a, b in zip(whole, other)
+    )
+    assert not keys & {tuple(step[2]["noise_key"][0]) for step in other}
+
+
+def test_several_processes_need_a_shared_secret_and_an_even_split():
+    with pytest.raises(ValueError, match="shared secret"):
+        _steps(secret=None, process=(0, 2), count=1)
+    with pytest.raises(ValueError, match="P dividing row_multiple"):
+        _steps(secret=1, process=(0, 3), count=1, row_multiple=8)

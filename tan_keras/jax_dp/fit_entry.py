@@ -15,6 +15,7 @@ from tan_keras import _keras_internals, _validate
 from tan_keras.jax_dp import (
     example_source,
     fit_arrays,
+    hosts,
     jax_step,
     poisson_steps,
     step_count,
@@ -121,17 +122,21 @@ class FitEntry:
             row_multiple=self._examples_per_chunk * devices,
             may_draw=lambda drawn: self.step_limit is None or start + drawn < self.step_limit,
             first_step=start,
+            # The same in every process of a multi-host run (hosts.py).
+            secret=hosts.shared_secret(),
+            process=hosts.share(),
         )
         try:
-            return super().fit(
-                steps,
-                epochs=epochs,
-                steps_per_epoch=_steps_per_epoch(config),
-                validation_data=validation_data,
-                callbacks=callbacks,
-                shuffle=False,
-                **kwargs,
-            )
+            with hosts.steps_fed_per_process():
+                return super().fit(
+                    steps,
+                    epochs=epochs,
+                    steps_per_epoch=_steps_per_epoch(config),
+                    validation_data=validation_data,
+                    callbacks=callbacks,
+                    shuffle=False,
+                    **kwargs,
+                )
         except step_count.CapReached:
             return history
         finally:

@@ -1,7 +1,8 @@
 """What Keras's stateless JAX train step runs over: its devices and its state."""
 
-import jax
 import keras
+
+from tan_keras.jax_dp import hosts
 
 
 def data_parallel() -> tuple:
@@ -12,18 +13,12 @@ def data_parallel() -> tuple:
       `keras.distribution.DataParallel`, else (None, None, 1).
 
     Raises:
-      ValueError: in a process of several (each would draw its own Poisson
-        steps), or under another distribution.
+      ValueError: under another distribution, or in a process of several
+        without a `DataParallel` over all their devices (`hosts.py`).
     """
-    if jax.process_count() > 1:
-        # Every process would draw its own Poisson steps from its copy of
-        # the data: examples twice in a step, another sampling rate.
-        raise ValueError(
-            f"DP training on the JAX backend runs in one process (this is one of "
-            f"{jax.process_count()}); several hosts are not supported yet."
-        )
     distribution = keras.distribution.distribution()
     if distribution is None:
+        hosts.check_mesh_spans_every_process(None)
         return None, None, 1
     if not isinstance(distribution, keras.distribution.DataParallel):
         raise ValueError(
@@ -34,6 +29,7 @@ def data_parallel() -> tuple:
 
     mesh = distribution_lib._to_backend_mesh(distribution.device_mesh)
     axis = distribution.batch_dim_name
+    hosts.check_mesh_spans_every_process(mesh)
     return mesh, axis, mesh.shape[axis]
 
 

@@ -145,6 +145,14 @@ def _over_local_devices() -> Iterator[None]:
     """
     import jax  # (after Keras: it is the backend's)
 
+    if jax.process_count() > 1:
+        # Every process would write the same run directory; the library's
+        # fit trains on many hosts (`jax_dp/hosts.py`).
+        raise ValueError(
+            f"The training program runs in one process (this is one of {jax.process_count()}). "
+            "On several hosts, train with DPKerasModel.fit under "
+            "keras.distribution.DataParallel() (README, 'Keras on JAX')."
+        )
     devices = jax.local_devices()
     given = keras.distribution.distribution()
     if len(devices) > 1 and given is None:
