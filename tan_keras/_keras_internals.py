@@ -10,6 +10,7 @@ from typing import Any, List, Optional, Tuple
 import keras
 from keras import tree
 from keras.src.models import functional
+from keras.src.utils.naming import get_object_name
 
 
 def all_layers(model: keras.layers.Layer, include_self: bool = False) -> List[Any]:
@@ -34,6 +35,47 @@ def compiled_metrics(model: keras.Model) -> List[keras.metrics.Metric]:
     """The metrics given to `compile(metrics=...)` (a container metric), or []."""
     container = getattr(model, "_compile_metrics", None)
     return [] if container is None else [container]
+
+
+def compiled_log_names(model: keras.Model) -> List[Tuple[str, str]]:
+    """The names the metrics and losses given to `compile` may be logged under.
+
+    Keras logs a compiled metric under its name (a string identifier as
+    given, an object's `name`, a function's snake-cased `__name__`),
+    prefixed with its output's name on a model with several outputs, and
+    each output's loss as `<output>_loss`. Read from what `compile`
+    received, so that it holds before the metrics are built, and from the
+    built metrics too (a name changed since). Every output prefix is paired
+    with every metric: a superset of what the logs will hold.
+
+    Args:
+      model: A Keras model, compiled or not.
+
+    Returns:
+      (argument of `compile`, log name) pairs; [] for a model not compiled.
+    """
+    container = getattr(model, "_compile_metrics", None)
+    found = []
+    if container is not None:
+        for argument, given, built in (
+            ("metrics", container._user_metrics, getattr(container, "_flat_metrics", None)),
+            (
+                "weighted_metrics",
+                container._user_weighted_metrics,
+                getattr(container, "_flat_weighted_metrics", None),
+            ),
+        ):
+            identifiers = [m for m in tree.flatten(given) if m is not None] if given else []
+            for metric_list in built or ():
+                identifiers += list(getattr(metric_list, "metrics", None) or ())
+            for identifier in identifiers:
+                name = identifier if isinstance(identifier, str) else get_object_name(identifier)
+                found.append((argument, str(name)))
+    outputs = list(getattr(model, "output_names", None) or ())
+    if len(outputs) > 1:
+        bases = found + [("loss", "loss")]
+        found += [(argument, f"{out}_{name}") for out in outputs for argument, name in bases]
+    return found
 
 
 def build_compiled_metrics(model: keras.Model, y_spec) -> None:

@@ -50,8 +50,8 @@ def record_steps(loaded):
     """Records the indices of every step's rows this process loads."""
     source_rows = example_source.source_rows
 
-    def recording(source):
-        rows = source_rows(source)
+    def recording(source, pool=None):
+        rows = source_rows(source, pool)
 
         def recorded(indices, count):
             loaded.append(np.asarray(indices))

@@ -61,12 +61,18 @@ def test_a_short_digits_run_trains_exactly_s_updates_and_writes_its_metrics(tmp_
         ("strategy", "mirrored"),
         ("noise_seed", 3),
         ("test_augmult", 2),
-        ("augment", "imagenet"),
     ],
 )
 def test_what_needs_tensorflow_is_refused_by_flag_before_anything_is_written(tmp_path, name, value):
     with pytest.raises(ValueError, match=f"{name}.*JAX backend"):
         _run(tmp_path, **{name: value})
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_policy_that_does_not_fit_the_images_is_refused_before_anything_is_written(tmp_path):
+    # The ImageNet policy runs on JAX (tests_jax/imagenet_test.py), not on 8x8 digits.
+    with pytest.raises(ValueError, match="augment.*reflect padding needs height and width > 20"):
+        _run(tmp_path, augment="imagenet")
     assert not (tmp_path / "run").exists()
 
 

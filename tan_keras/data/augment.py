@@ -17,18 +17,16 @@ from typing import Callable, Optional, Sequence, Union
 import tensorflow as tf
 
 from tan_keras import _validate
-from tan_keras.data.policies import PADDING, POLICIES
+from tan_keras.data.policies import (
+    IMAGENET_CROP,
+    IMAGENET_RESIZE,
+    JITTER_HUE,
+    JITTER_PROB,
+    JITTER_STRENGTH,
+    PADDING,
+    POLICIES,
+)
 from tan_keras.mechanism.views import TAKES_VIEW_KEYS, ViewKeys, register_per_image
-
-IMAGENET_RESIZE = 256
-IMAGENET_CROP = 224
-
-# Padding before the random crop: CIFAR 4 (reflect), ImageNet 20 (reflect) as
-# in TAN; digits 1 with zeros, the background colour of the digits images.
-# torchvision ColorJitter(0.8, 0.8, 0.8, 0.2) applied with probability 0.3.
-_JITTER_STRENGTH = 0.8
-_JITTER_HUE = 0.2
-_JITTER_PROB = 0.3
 
 Augmenter = Callable[[tf.Tensor], tf.Tensor]
 
@@ -200,15 +198,15 @@ def color_jitter(images: tf.Tensor, seed: Seed = None) -> tf.Tensor:
     def factors(offset):
         return _uniform(
             [batch],
-            1.0 - _JITTER_STRENGTH,
-            1.0 + _JITTER_STRENGTH,
+            1.0 - JITTER_STRENGTH,
+            1.0 + JITTER_STRENGTH,
             tf.float32,
             seed=_op_seed(seed, offset),
         )
 
     brightness, contrast, saturation = factors(0), factors(1), factors(2)
-    hue_shift = _uniform([batch], -_JITTER_HUE, _JITTER_HUE, tf.float32, seed=_op_seed(seed, 3))
-    apply = _uniform([batch], 0.0, 1.0, tf.float32, seed=_op_seed(seed, 4)) < _JITTER_PROB
+    hue_shift = _uniform([batch], -JITTER_HUE, JITTER_HUE, tf.float32, seed=_op_seed(seed, 3))
+    apply = _uniform([batch], 0.0, 1.0, tf.float32, seed=_op_seed(seed, 4)) < JITTER_PROB
     # Only the chosen 30% are jittered (the HSV round trip is most of an
     # ImageNet view's cost); every image's draws are made all the same.
     chosen = tf.where(apply)[:, 0]

@@ -17,7 +17,8 @@ from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 
-from tan_keras import _startup, _validate
+from tan_keras import _backend, _startup, _validate
+from tan_keras.data import policies
 
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagenet2012")
 _IN_MEMORY_TFDS = ("cifar10", "cifar100")
@@ -202,8 +203,25 @@ def _tfds(name: str):
     return tfds
 
 
-def _builder(name: str, data_dir: Optional[str], download: bool):
-    tfds = _tfds(name)
+def _tfds_without_tensorflow(name: str):
+    """TensorFlow Datasets on the JAX backend: its random-access data sources need no TensorFlow.
+
+    Raises:
+      DatasetUnavailableError: where tensorflow-datasets is not installed.
+    """
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as err:
+        raise DatasetUnavailableError(
+            f"Dataset {name!r} is read with TensorFlow Datasets ({err.name or err} is not "
+            "installed): install tan_keras[jax,imagenet] (tensorflow-datasets, array_record "
+            "and Pillow; no TensorFlow)."
+        ) from None
+    return tfds
+
+
+def _builder(name: str, data_dir: Optional[str], download: bool, tfds=None):
+    tfds = tfds or _tfds(name)
     builder = tfds.builder(name, data_dir=data_dir)
     if download:
         builder.download_and_prepare()
@@ -301,7 +319,8 @@ class _EncodedImages(_SourceView):
     """
 
     def __init__(self, source, key: str, decode: Callable, item_shape):
-        super().__init__(source, key, lambda jpeg: decode(jpeg).numpy(), item_shape, np.float32)
+        # (TensorFlow's decoder returns a tensor, the numpy one an array.)
+        super().__init__(source, key, lambda jpeg: np.asarray(decode(jpeg)), item_shape, np.float32)
         self.decode = decode
 
     def encoded(self, indices) -> np.ndarray:
@@ -318,7 +337,8 @@ def load_imagenet(data_dir: Optional[str] = None, *, download: bool = False) -> 
     Images are decoded on access and go through `augment.imagenet_preprocess`
     (shorter side to 256, center crop 224, float32 in [0, 1]); labels are read
     without decoding the images. The official validation split is the test
-    split.
+    split. On Keras's JAX backend nothing here uses TensorFlow: TFDS reads
+    the array_record files and Pillow decodes (`imagenet_numpy`).
 
     Args:
       data_dir: tfds data directory holding `imagenet2012` prepared in the
@@ -335,12 +355,18 @@ def load_imagenet(data_dir: Optional[str] = None, *, download: bool = False) -> 
         format) in `data_dir`.
     """
     name = "imagenet2012"
-    tfds = _tfds(name)
+    on_jax = _backend.in_use() == "jax"
+    tfds = _tfds_without_tensorflow(name) if on_jax else _tfds(name)
+    if on_jax:
+        from tan_keras.data import imagenet_numpy
 
-    from tan_keras.data import augment
+        decode = imagenet_numpy.decode_preprocess
+    else:
+        from tan_keras.data import augment
 
-    builder = _builder(name, data_dir, download)
-    image_shape = (augment.IMAGENET_CROP, augment.IMAGENET_CROP, 3)
+        decode = augment.decode_imagenet
+    builder = _builder(name, data_dir, download, tfds)
+    image_shape = (policies.IMAGENET_CROP, policies.IMAGENET_CROP, 3)
 
     def views(split):
         try:
@@ -354,7 +380,7 @@ def load_imagenet(data_dir: Optional[str] = None, *, download: bool = False) -> 
             # NotImplementedError (no random access). Same fix for both.
             raise _unavailable(name, data_dir) from error
         return (
-            _EncodedImages(source, "image", augment.decode_imagenet, image_shape),
+            _EncodedImages(source, "image", decode, image_shape),
             _SourceView(source, "label", lambda label: label, (), np.int32),
         )
 

@@ -18,3 +18,13 @@ DEFAULT_POLICY = {
 # digits are translated by a pixel over zeros; CIFAR and ImageNet images
 # are reflect-padded (the TAN recipes).
 PADDING = {"digits": (1, "CONSTANT"), "cifar": (4, "REFLECT"), "imagenet": (20, "REFLECT")}
+
+# ImageNet: the shorter side resized to 256, the center 224 x 224 kept.
+IMAGENET_RESIZE = 256
+IMAGENET_CROP = 224
+
+# The ImageNet policy's colour jitter: torchvision's ColorJitter(0.8, 0.8,
+# 0.8, 0.2) applied with probability 0.3 (the TAN recipe).
+JITTER_STRENGTH = 0.8
+JITTER_HUE = 0.2
+JITTER_PROB = 0.3

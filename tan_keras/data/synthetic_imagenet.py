@@ -19,7 +19,7 @@ from typing import Iterator, Tuple
 
 import numpy as np
 
-from tan_keras import _startup, _validate
+from tan_keras import _backend, _startup, _validate
 
 _SIZES = ((500, 375), (375, 500), (500, 333), (333, 500), (500, 400), (400, 500))
 
@@ -57,7 +57,8 @@ def make_synthetic_imagenet(
     train = _validate.positive_int("train", train)
     validation = _validate.positive_int("validation", validation)
     seed = _validate.integer("seed", seed, low=0)
-    _startup.load_tensorflow()
+    if _backend.in_use() != "jax":  # (TFDS writes without TensorFlow on JAX)
+        _startup.load_tensorflow()
     import tensorflow_datasets as tfds
 
     real = tfds.builder_cls("imagenet2012")

@@ -15,8 +15,18 @@ batch axis and the sums are reduced with `psum`: left to automatic
 partitioning (GSPMD), vmapped convolution gradients came out wrong on every
 device but the first. The noise is drawn once, outside, from a key every
 device holds, so all replicas add the same noise exactly once.
+
+The shard_map runs over a mesh of the same devices whose batch axis has a
+private name (`ROWS_AXIS`, a random suffix per process), not the
+distribution's `batch_dim_name`: a layer's collective over "batch" (a
+SyncBatchNorm-style `jax.lax.pmean`) would otherwise be bound inside the
+per-example computation, and each example's forward would read the rows
+at its position on the other devices, which no clip bounds. Unbound, the
+collective fails at trace (or a layer falls back to its one-device path),
+as in the one-example trace `traced_loss.check` refuses collectives in.
 """
 
+import secrets
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -29,6 +39,9 @@ _P = jax.sharding.PartitionSpec
 # Chunks traced one after the other before the rest run in a loop.
 _UNROLLED_CHUNKS = 16
 _EXACT = jax.lax.Precision.HIGHEST
+# The mesh axis the rows are split over inside the per-example computation:
+# a name no model code knows, so that no layer can bind a collective to it.
+ROWS_AXIS = f"tan_keras_rows_{secrets.token_hex(8)}"
 
 
 class ClippedSum(NamedTuple):
@@ -242,16 +255,22 @@ def clipped_sum(
             chunk_size,
             ghost,
         )
-        return result._replace(grads=jax.lax.psum(result.grads, batch_axis))
+        return result._replace(grads=jax.lax.psum(result.grads, ROWS_AXIS))
 
-    rows = _P(batch_axis)
+    rows = _P(ROWS_AXIS)
     return jax.shard_map(
         per_device,
-        mesh=mesh,
+        mesh=_private_mesh(mesh, batch_axis),
         in_specs=(_P(), rows, rows),
         out_specs=ClippedSum(_P(), rows, rows, rows, rows),
         check_vma=False,
     )(params, examples, keep)
+
+
+def _private_mesh(mesh: jax.sharding.Mesh, batch_axis: str) -> jax.sharding.Mesh:
+    """`mesh` (same devices, same order) with its batch axis renamed `ROWS_AXIS`."""
+    names = tuple(ROWS_AXIS if name == batch_axis else name for name in mesh.axis_names)
+    return jax.sharding.Mesh(mesh.devices, names, axis_types=mesh.axis_types)
 
 
 def add_noise(grads, key_data: jax.Array, stddev: float):

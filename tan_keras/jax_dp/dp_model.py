@@ -41,7 +41,7 @@ from tan_keras.jax_dp import (
 from tan_keras.jax_dp import clipped_sum as clipped_sum_lib
 from tan_keras.jax_dp import ema as ema_lib
 from tan_keras.jax_dp import example_loss as example_loss_lib
-from tan_keras.keras_dp import budget, plain_training
+from tan_keras.keras_dp import budget, optimizer_state, plain_training
 from tan_keras.keras_dp import ledger as ledger_lib
 from tan_keras.keras_dp.dp_config import DPConfig
 from tan_keras.mechanism import provenance
@@ -273,7 +273,20 @@ class DPKerasModel(fit_entry.FitEntry, keras.Model):
         return model
 
     def compile(self, optimizer="rmsprop", loss=None, **kwargs):
-        """Keras's `compile`; a loss is required (it is what each example's gradient follows)."""
+        """Keras's `compile`; a loss is required (it is what each example's gradient follows).
+
+        Args:
+          optimizer: As in Keras: a name, or an optimizer that is new or was
+            built for this model's trainable variables.
+          loss: The loss (required).
+          **kwargs: Keras's other `compile` arguments.
+
+        Raises:
+          ValueError: without a loss; for a loss-scaling optimizer, or one
+            built for other variables (another model's optimizer object,
+            whose slots would carry that model's noisy updates into this
+            one's unaccounted: `optimizer_state.py`).
+        """
         if loss is None:
             raise _validate.invalid(
                 "loss", "a loss (each example's gradient is that of its loss)", loss
@@ -283,6 +296,7 @@ class DPKerasModel(fit_entry.FitEntry, keras.Model):
             raise _validate.invalid(
                 "optimizer", "an optimizer without loss scaling", type(self.optimizer).__name__
             )
+        optimizer_state.check_built_for(self.optimizer, self.trainable_variables)
 
     def compile_from_config(self, config):
         """Recompiles a loaded model from its saved compile config."""

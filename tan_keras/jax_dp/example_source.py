@@ -13,7 +13,8 @@ Both kinds give the Poisson steps one function, `rows(indices, count)`: the
 drawn examples stacked, then zero rows up to `count`.
 """
 
-from typing import Any, Callable, Tuple
+import concurrent.futures
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 from keras import tree
@@ -50,20 +51,39 @@ def first_example(source) -> Tuple[Any, Any]:
     return tree.map_structure(np.asarray, tuple(source[0]))
 
 
-def source_rows(source) -> Rows:
+def loads_in_parallel(source) -> bool:
+    """Whether `source[i]` may be called from several threads at once.
+
+    Only the package's own sources say so (`image_views.AugmentedImages`,
+    whose example i's views depend on i and its own calls only); a source
+    of one's own is asked for its examples one at a time.
+    """
+    return getattr(type(source), "LOADS_IN_PARALLEL", False) is True
+
+
+def source_rows(source, pool: Optional[concurrent.futures.Executor] = None) -> Rows:
     """`rows` over a random-access source: one call per drawn example.
 
     Every example must have the structure, shapes and dtypes of example 0;
     a step is refused otherwise (its rows could not be stacked into the
     compiled step without changing what one example contributes).
+
+    Args:
+      source: `len(source)` examples, `source[i]` -> (inputs, label).
+      pool: Optional; the threads that load a step's examples at once (for
+        a source that `loads_in_parallel`: decoding and augmenting release
+        the GIL), in the order of the indices.
     """
     first = first_example(source)
     expected = _specs(first)
 
+    def fetch(index):
+        return tree.map_structure(np.asarray, tuple(source[int(index)]))
+
     def rows(indices: np.ndarray, count: int):
         examples = []
-        for index in indices:
-            example = tree.map_structure(np.asarray, tuple(source[int(index)]))
+        fetched = pool.map(fetch, indices) if pool is not None else map(fetch, indices)
+        for index, example in zip(indices, fetched):
             try:
                 tree.assert_same_structure(example, first)
                 same = _specs(example) == expected

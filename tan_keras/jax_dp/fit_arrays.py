@@ -15,7 +15,9 @@ from keras import tree
 from tan_keras import _repeated_rows, _validate
 from tan_keras.data import image_views
 from tan_keras.jax_dp import example_source
+from tan_keras.keras_dp import class_weights
 from tan_keras.keras_dp.dp_config import DPConfig
+from tan_keras.mechanism import held_out
 
 
 def checked(
@@ -46,7 +48,9 @@ def checked(
     Raises:
       ValueError: for input that is not in-memory arrays, row counts that
         do not match `dataset_size`, a `batch_size` other than B, views
-        that do not match `augmult`, a repeated example, or a refused argument.
+        that do not match `augmult`, a repeated example, a `validation_split`
+        holding out a copy of a training row (`held_out.py`), a `class_weight`
+        (`class_weights.py`), or a refused argument.
     """
     if steps_per_execution != 1:
         # Keras would pull whole executions of steps from the endless
@@ -56,7 +60,9 @@ def checked(
             "1 (in compile) for private training on the JAX backend",
             steps_per_execution,
         )
-    for name in ("steps_per_epoch", "sample_weight", "class_weight", "shuffle"):
+    # With its reason, before the refusals of what would batch for the model.
+    class_weights.refuse_class_weight(kwargs.get("class_weight"))
+    for name in ("steps_per_epoch", "sample_weight", "shuffle"):
         if kwargs.get(name) is not None:
             raise _validate.invalid(
                 name, "None (the model draws its Poisson steps itself)", kwargs[name]
@@ -98,6 +104,8 @@ def checked(
         validation_data = tree.map_structure(lambda a: a[split:], (x, y))
         x, y = tree.map_structure(lambda a: a[:split], (x, y))
         rows = split
+        # A record on both sides: its `val_` metrics would be a training statistic.
+        held_out.refuse_split_copies(x, validation_data[0])
     _check_rows(config, rows, "training rows given to fit", " after any validation split")
     _check_views(config, x, axis=1, where="")
     _repeated_rows.check(x, y, kwargs.get("repeated_rows", _repeated_rows.REFUSE))

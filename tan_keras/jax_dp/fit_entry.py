@@ -7,7 +7,9 @@ rows, preprocessing state and the traced loss checked before any update;
 the ledger recalled and remembered around the run; the budget's cap.
 """
 
+import concurrent.futures
 import math
+import os
 
 from keras import tree
 
@@ -22,7 +24,7 @@ from tan_keras.jax_dp import (
     traced_loss,
     training_rows,
 )
-from tan_keras.keras_dp import callback_checks
+from tan_keras.keras_dp import callback_checks, optimizer_state
 from tan_keras.keras_dp import ledger as ledger_lib
 from tan_keras.keras_dp.dp_config import DPConfig
 from tan_keras.mechanism import held_out, provenance
@@ -70,12 +72,18 @@ class FitEntry:
             (`callback_checks.py`); preprocessing state computed from data
             that no mark vouches for (`provenance.py`); a model or loss that
             calls back into Python, holds copies of training data or whose
-            loss writes a variable (`traced_loss.py`).
+            loss writes a variable, or that uses a collective across devices
+            (`traced_loss.py`); an optimizer built for other variables than
+            this model's trainable ones (`optimizer_state.py`).
         """
         config = self._dp_config
         # Callbacks deciding from noiseless training statistics, or writing
         # weights without their ledger (callback_checks.py).
-        callback_checks.check_callbacks(kwargs.get("callbacks"), self._release_train_metrics)
+        callback_checks.check_fit(self, kwargs.get("callbacks"), self._release_train_metrics)
+        # At every fit, not only at compile: `model.optimizer = other` after
+        # compile would otherwise bring another model's slots, which Keras's
+        # stateless step maps to these variables by position.
+        optimizer_state.check_built_for(self.optimizer, self.trainable_variables)
         given_validation = validation_data
         x, y, validation_data = fit_arrays.checked(
             config,
@@ -94,8 +102,12 @@ class FitEntry:
         provenance.check(self, getattr(self, "loss", None))
         epochs = _validate.positive_int("epochs", epochs)
         _, _, devices = jax_step.data_parallel()
+        pool = None
         if y is None:  # a random-access source (`example_source`)
-            rows_of, num_rows = example_source.source_rows(x), len(x)
+            if example_source.loads_in_parallel(x):
+                # Every core of the host decodes and augments a step's examples.
+                pool = concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0)))
+            rows_of, num_rows = example_source.source_rows(x, pool), len(x)
             one_example = tree.map_structure(lambda a: a[None], example_source.first_example(x))
         else:
             rows_of, num_rows = example_source.array_rows(x, y), len(tree.flatten(x)[0])
@@ -140,6 +152,8 @@ class FitEntry:
         except step_count.CapReached:
             return history
         finally:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
             self.set_step_limit(None)
             # (Values left detached by a fit that failed before its first
             # step trained nothing.)

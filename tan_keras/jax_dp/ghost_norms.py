@@ -64,7 +64,12 @@ _CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D)
 # cores, private steps at B 64: small CNN (kernels of 432 and 4,608) 47 ms
 # with all its convolutions formed, 30 ms with neither; WideResNet-16-4
 # 3.10 s with the kernels of 32,768 and more formed, 4.16 s with none.
+# On large feature maps every kernel is formed: XLA's CPU backend runs the
+# vmapped backward pass as a grouped convolution, slow in the positions
+# (small CNN on ImageNet's 224 x 224, kernels of 432 and 4,608, K 2, 32 rows:
+# 100 s a step vmapped, 25 s formed).
 _FORMED_MIN_KERNEL = 32_768
+_FORMED_MIN_POSITIONS = 64 * 64
 
 
 class GhostWeight(NamedTuple):
@@ -306,10 +311,16 @@ def ghost_weights(model, example_loss, params, example) -> List[GhostWeight]:
         elif kind == CONV:
             patches = _patch_shape(layer, inputs)
             formed = not _pays(patches, outputs)
-            # Formed from patches only for large kernels: for small ones the
-            # vmapped backward pass was faster inside the whole step.
+            # Formed from patches only for large kernels or feature maps:
+            # otherwise the vmapped backward pass was faster inside the step.
             kernel = int(patches.shape[-1]) * int(outputs.shape[-1])
-            pays = not formed or kernel >= _FORMED_MIN_KERNEL
+            spatial = (
+                outputs.shape[-3:-1]
+                if isinstance(layer, keras.layers.Conv2D)
+                else outputs.shape[-2:-1]
+            )
+            positions = math.prod(int(d) for d in spatial)
+            pays = not formed or kernel >= _FORMED_MIN_KERNEL or positions >= _FORMED_MIN_POSITIONS
         else:
             # The segment sum costs about the lookup's own backward pass,
             # where a per-example table costs vocabulary x dim.

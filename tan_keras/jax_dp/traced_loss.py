@@ -21,7 +21,15 @@ while, cond) holds
   constraint pulling the weights towards the training data's mean;
 * a write to a Keras variable the model does not track: dropped with the
   step's stateless scope on JAX, it would silently not happen (and kept,
-  it would carry one example into the next ones' gradients).
+  it would carry one example into the next ones' gradients);
+* a collective (`jax.lax.psum`, `pmean`, `pmax`, `all_gather`, `ppermute`,
+  `all_to_all`, `axis_index`, ...): a SyncBatchNorm-style mean over the
+  devices' rows would let each example's forward read the rows at its
+  position on the other devices, which no clip bounds. The trace binds the
+  mesh's axes (the distribution's `batch_dim_name` and the private name the
+  step's rows axis takes, `clipped_sum.ROWS_AXIS`), so that a layer
+  reaching for one shows it here rather than falling back to its
+  one-device path; in the step itself the distribution's name is unbound.
 
 The trace is the gradient's (the forward and a custom_vjp's backward rule).
 
@@ -40,6 +48,7 @@ import numpy as np
 from keras.src import backend as keras_backend
 
 from tan_keras import _keras_internals
+from tan_keras.jax_dp import clipped_sum, jax_step
 from tan_keras.jax_dp import example_loss as example_loss_lib
 from tan_keras.mechanism import data_copies, provenance
 
@@ -54,8 +63,9 @@ def check(model, example) -> None:
 
     Raises:
       ValueError: naming the layer (or the primitive) that calls back into
-        Python, the value that copies training data, or the variable the
-        loss writes (`example_loss`), with what to do instead.
+        Python, the value that copies training data, the variable the
+        loss writes (`example_loss`), or the collective it uses, with what
+        to do instead.
     """
     non_trainable = [v.value for v in model.non_trainable_variables]
     metrics_state = [v.value for v in model.metrics_variables]
@@ -66,8 +76,13 @@ def check(model, example) -> None:
     # rule runs only when differentiated, and may call back into Python.
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     with _recording_writes() as written:
-        closed = jax.make_jaxpr(value_and_grad)(trainable, (example, np.uint32(0)))
+        closed = jax.make_jaxpr(value_and_grad, axis_env=_step_axes())(
+            trainable, (example, np.uint32(0))
+        )
     _refuse_untracked_writes(model, written)
+    collective = _collective(closed.jaxpr)
+    if collective is not None:
+        raise ValueError(_collective_refusal(model, *collective))
     called = _callback(closed.jaxpr)
     if called is not None:
         raise ValueError(_callback_refusal(model, *called))
@@ -212,6 +227,47 @@ def _batching_rule(jaxpr) -> Optional[str]:
         if eqn.primitive.name == "custom_vmap_call":
             return where
     return None
+
+
+# Collective primitives (jax.lax's parallel operators; pmean is a psum).
+_COLLECTIVES = frozenset(
+    (
+        "psum psum2 psum_invariant unreduced_psum pmax pmin pbroadcast ppermute pshuffle "
+        "pgather all_gather all_gather_invariant all_gather_reduced all_to_all "
+        "ragged_all_to_all reduce_scatter unreduced_reduce_scatter axis_index psend precv"
+    ).split()
+)
+
+
+def _step_axes() -> List[Tuple[str, int]]:
+    """(name, size) of every axis a layer could name in the training step (module doc)."""
+    mesh, _, devices = jax_step.data_parallel()
+    axes = [(clipped_sum.ROWS_AXIS, devices)]
+    if mesh is not None:
+        axes += [(name, mesh.shape[name]) for name in mesh.axis_names]
+    return axes
+
+
+def _collective(jaxpr) -> Optional[Tuple[str, str, str]]:
+    """(primitive name, its axes, name stack) of the first collective, or None."""
+    for eqn, where in _equations(jaxpr):
+        name = eqn.primitive.name
+        if name.removesuffix("_start").removesuffix("_done") in _COLLECTIVES:
+            axes = eqn.params.get("axes", eqn.params.get("axis_name", "?"))
+            return name, str(axes), where
+    return None
+
+
+def _collective_refusal(model, primitive: str, axes: str, where: str) -> str:
+    return (
+        f"{_who(model, where)} uses the collective `{primitive}` over the axis {axes} "
+        "(jax.lax.psum, pmean, pmax, all_gather, ppermute, all_to_all, axis_index, ...). "
+        "The per-example loss must compute each example alone: a collective across "
+        "devices (a synchronized batch normalization, say) lets one example's forward read "
+        "the rows at its position on the other devices, which no clip bounds. Normalize "
+        "each example on its own (LayerNormalization, GroupNormalization) or compute "
+        "without collectives."
+    )
 
 
 def _batching_rule_refusal(model, where: str) -> str:

@@ -14,6 +14,7 @@ from keras.src import backend as keras_backend
 
 from tan_keras import _keras_internals
 from tan_keras.jax_dp.clipped_sum import ClippedSum
+from tan_keras.keras_dp import callback_checks
 
 
 def training_logs(model, metrics_state, y, outputs, keep, result: ClippedSum):
@@ -63,4 +64,6 @@ def training_logs(model, metrics_state, y, outputs, keep, result: ClippedSum):
     logs["grad_norm"] = jnp.sum(jnp.where(kept, result.norms, 0.0)) / jnp.maximum(count, 1.0)
     logs["clipped_fraction"] = jnp.sum(clipped) / jnp.maximum(count, 1.0)
     logs["nonfinite_examples"] = jnp.sum(result.nonfinite)
+    # Traced, not run: a `get_metrics_result` of one's own decides its keys.
+    callback_checks.check_step_logs(logs)
     return logs, new_state

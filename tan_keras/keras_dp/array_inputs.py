@@ -37,7 +37,7 @@ import tensorflow as tf
 
 from tan_keras import _validate
 from tan_keras.keras_dp.dp_config import DPConfig
-from tan_keras.mechanism import sampling
+from tan_keras.mechanism import held_out, sampling
 
 # fit() arguments that only mean something for Keras' own batching.
 _KERAS_BATCHING = ("batch_size", "shuffle", "validation_split", "y", "sample_weight")
@@ -86,7 +86,8 @@ def poisson_arguments(
     Raises:
       ValueError: before any work, for missing labels, a `sample_weight`, a
         `batch_size` above the model's expected batch size, a
-        `validation_split` outside [0, 1) or leaving no row out, a number
+        `validation_split` outside [0, 1), leaving no row out or holding
+        out a copy of a training row (`held_out.py`), a number
         of training rows other than the model's `dataset_size`, or a
         repeated example.
     """
@@ -103,7 +104,8 @@ def poisson_arguments(
             "sample_weight",
             "None for in-memory data with sampling='poisson' (the model draws the batches itself)",
             "an array",
-            "Weigh classes with class_weight, or leave an example out of x and y",
+            "Weigh examples inside the loss with constants known without the training data, "
+            "or leave an example out of x and y",
         )
     physical_batch_size = physical_rows(config, arguments.get("batch_size"))
     total = rows(x)
@@ -129,6 +131,8 @@ def poisson_arguments(
             )
         x, x_held = split_rows(x, train_rows)
         y, y_held = split_rows(y, train_rows)
+        # A record on both sides: its `val_` metrics would be a training statistic.
+        held_out.refuse_split_copies(x, x_held)
         validation = (x_held, y_held)
     if train_rows != config.dataset_size:
         held = f" ({total} rows less validation_split={split})" if train_rows != total else ""

@@ -38,6 +38,7 @@ from tan_keras import (
 )
 from tan_keras.keras_dp import (
     budget,
+    callback_checks,
     dp_state,
     id_inputs,
     model_checks,
@@ -287,8 +288,6 @@ class DPKerasModel(_FitEntry, _TrainStep, _SecretState, _NoisyUpdate, keras.Mode
         self._trackers = dp_state.StepMetrics(
             release_train_metrics, noisy_clipped_fraction=config.clipped_fraction_std is not None
         )
-        # fit's class_weight, as a lookup vector (example_weights.py).
-        self._class_table = None
         # Shape of a batch of labels, for building the compiled metrics.
         self._label_spec = None
 
@@ -373,6 +372,8 @@ class DPKerasModel(_FitEntry, _TrainStep, _SecretState, _NoisyUpdate, keras.Mode
         # Resolved before Keras compiles anything: bad input fails fast.
         resolved = output_losses.resolve(self, loss, kwargs.get("loss_weights"))
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+        # Metrics logged as `val_...` or as a key of the package's (fit checks again).
+        callback_checks.check_compiled_names(self)
         precision.check_optimizer(self.optimizer)
         self._check_optimizer_clipping()
         regime.warn_if_known_poor(self, self.optimizer, self._dp_config.noise_multiplier)

@@ -13,11 +13,11 @@ import re
 import keras
 import tensorflow as tf
 
-from tan_keras import _keras_internals, _repeated_rows, _validate
+from tan_keras import _keras_internals, _repeated_rows
 from tan_keras.keras_dp import (
     array_inputs,
+    class_weights,
     dp_state,
-    example_weights,
     fit_inputs,
     model_checks,
     step_identity,
@@ -156,18 +156,22 @@ class _FitEntry:
         noisy updates per epoch. A `tf.data` pipeline must come from
         `tan_keras.make_poisson_dataset` (endless by default: pass
         `steps_per_epoch`, counted in micro-batches).
-        `sample_weight` and `class_weight` weigh each example's loss before
-        its gradient is clipped (`example_weights.py`): clipping still bounds
-        every example's contribution by C; a weight of 0 leaves the example
-        out, a negative one is refused. `repeated_rows`: "refuse" (the
-        default: arrays holding an example twice are refused before any
-        work, `tan_keras/_repeated_rows.py`) or "distinct_people".
+        `sample_weight` weighs each example's loss before its gradient is
+        clipped (`example_weights.py`): clipping still bounds every
+        example's contribution by C; a weight of 0 leaves the example out, a
+        negative one is refused. `class_weight` is refused (a table the model
+        cannot tell from one computed from the training labels' counts).
+        `repeated_rows`: "refuse" (the default: arrays holding an example
+        twice are refused before any work, `tan_keras/_repeated_rows.py`) or
+        "distinct_people".
 
         Raises:
           ValueError: for a finite dataset of unknown length with several
             epochs (Keras would cut logical steps at epoch boundaries), a
-            model that was not compiled, or a preprocessing layer adapted on
-            data since the model was built (`provenance.py`).
+            `class_weight`, a model that was not compiled, a preprocessing
+            layer adapted on data since the model was built (`provenance.py`),
+            or a compiled metric named like a held-out or noise-covered log
+            (`callback_checks.py`).
         """
         # Ours, not Keras's: whether equal training rows are distinct people.
         repeated_rows = kwargs.pop("repeated_rows", None)
@@ -175,6 +179,8 @@ class _FitEntry:
         arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
         arguments.pop("self", None)
         arguments.pop("kwargs", None)
+        # Before any work: a table computed from the label counts (class_weights.py).
+        class_weights.refuse_class_weight(arguments.pop("class_weight", None))
         if not fit_inputs.is_array(arguments.get("x")):
             _repeated_rows.refuse_for_input(
                 repeated_rows,
@@ -199,19 +205,6 @@ class _FitEntry:
         # Before `prepare` wraps it: what was applied to the Poisson pipeline.
         sampler = self._poisson_sampler(arguments.get("x"))
         arguments = fit_inputs.prepare(self._dp_config, arguments)
-        class_weight = arguments.pop("class_weight", None)
-        if class_weight is not None and len(self.outputs) > 1:
-            raise _validate.invalid(
-                "class_weight",
-                "None for a model with several outputs (as in Keras: the class of an "
-                "example is not defined); weigh examples with sample_weight",
-                class_weight,
-            )
-        class_table = example_weights.class_weight_table(class_weight)
-        if not example_weights.same_table(class_table, self._class_table):
-            # The traced step holds the table as a constant: trace it again.
-            self._class_table = class_table
-            self.train_function = None
         data = arguments.get("x")
         epochs = arguments.get("epochs", 1) - arguments.get("initial_epoch", 0)
         if (
@@ -242,7 +235,9 @@ class _FitEntry:
         # twice in one noisy update (sensitivity 2C). Drop it.
         self._reset_accumulators()
         callbacks = list(arguments.get("callbacks") or [])
-        fit_inputs.check_callbacks(callbacks, self._release_train_metrics)
+        # Compiled metrics named like held-out or noise-covered values, then
+        # callbacks deciding from noiseless training statistics.
+        fit_inputs.check_fit(self, callbacks, self._release_train_metrics)
         spend = self.privacy_budget
         if spend is not None:
             # Always, beside any accountant of the user's (one that only logs

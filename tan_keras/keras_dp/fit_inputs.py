@@ -39,6 +39,7 @@ from tan_keras import _validate
 from tan_keras.keras_dp.callback_checks import (  # noqa: F401
     PRIVATE_TRAINING_LOGS,
     check_callbacks,
+    check_fit,
     check_weight_file,
 )
 from tan_keras.keras_dp.dp_config import DPConfig

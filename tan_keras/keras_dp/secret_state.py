@@ -14,7 +14,7 @@ from typing import Optional
 import tensorflow as tf
 
 from tan_keras import _keras_internals, _validate
-from tan_keras.keras_dp import dp_state
+from tan_keras.keras_dp import dp_state, optimizer_state
 from tan_keras.keras_dp import ledger as ledger_lib
 
 
@@ -114,17 +114,10 @@ class _SecretState:
                     shadow.assign(source)
             # Build optimizer slots now, so that the gated update can snapshot
             # and restore the complete optimizer state from the first step on.
-            built_for = _keras_internals.optimizer_built_for(self.optimizer)
-            if built_for is None:
+            # (One built for other variables is refused: optimizer_state.py.)
+            optimizer_state.check_built_for(self.optimizer, variables)
+            if _keras_internals.optimizer_built_for(self.optimizer) is None:
                 self.optimizer.build(variables)
-            elif [id(v) for v in built_for] != [id(v) for v in variables]:
-                raise ValueError(
-                    "Invalid value for `optimizer`: expected a new optimizer (or a name "
-                    "such as 'sgd') when the trainable variables changed since it was "
-                    f"built ({len(built_for)} variables then, {len(variables)} now): a "
-                    "built optimizer keeps state for the variables it was built for. "
-                    f"Received: optimizer={self.optimizer!r} (already built)"
-                )
 
     def _reset_accumulators(self):
         for acc in self._secret_accumulators():

@@ -12,7 +12,14 @@ import keras
 import tensorflow as tf
 
 from tan_keras import _keras_internals, _validate
-from tan_keras.keras_dp import example_weights, fit_inputs, labels, row_prefix, step_identity
+from tan_keras.keras_dp import (
+    callback_checks,
+    example_weights,
+    fit_inputs,
+    labels,
+    row_prefix,
+    step_identity,
+)
 from tan_keras.mechanism import (
     chunking,
     content_digest,
@@ -107,7 +114,7 @@ class _TrainStep:
         the examples that contributed.
         """
         x, y, mask, step_end, sample_weight, identity = self._unpack(data)
-        weights = example_weights.example_weights(y, sample_weight, self._class_table)
+        weights = example_weights.example_weights(sample_weight)
         y, mask, num_invalid = self._drop_invalid_labels(y, mask)
         model, x, mask, num_bad_ids = self._per_example_inputs(x, mask)
         self._refuse_loss_state(y, self._symbolic_outputs())
@@ -334,7 +341,10 @@ class _TrainStep:
         arguments = (statistics, y, y_pred, weight, weighted)
         # Before the update is traced into the step, so that nothing of it runs.
         self._refuse_metric_writes(arguments)
-        return _logs_for_strategy(self._update_metrics(*arguments))
+        logs = self._update_metrics(*arguments)
+        # Traced, not run: the keys are known before any update.
+        callback_checks.check_step_logs(logs)
+        return _logs_for_strategy(logs)
 
     def _update_metrics(self, statistics, y, y_pred, weight, weighted):
         """Updates the trackers and the compiled (or own) metrics; returns the logs.

@@ -6,7 +6,9 @@ unnoised); computed on training examples they are training statistics
 without noise (measured: `fit(x, y, validation_data=(x, y))` with
 EarlyStopping on `val_loss` decided the number of updates from the
 noiseless training loss). Training rows are recognised among the arrays
-registered with `data_copies` by the `fit` of either backend.
+registered with `data_copies` by the `fit` of either backend; the rows
+`validation_split` holds out are compared with the rows left for training
+(`refuse_split_copies`), the same refusal for the same rows however given.
 """
 
 from typing import Any
@@ -32,12 +34,38 @@ def refuse_training_rows(validation_data: Any) -> None:
         return
     leaves = tree.flatten(validation_data[0])
     if any(hasattr(a, "__array__") and data_copies.holds_training_rows(a) for a in leaves):
-        raise _validate.invalid(
-            "validation_data",
-            "examples that are not training examples",
-            "arrays holding rows of the training data",
-            "Their `val_` metrics would be statistics of the training set without noise, and "
-            "callbacks (EarlyStopping, ModelCheckpoint, ReduceLROnPlateau) would decide from "
-            "them. Hold out validation examples (validation_split, or a split made before "
-            "training)",
-        )
+        raise _refusal("validation_data", "arrays holding rows of the training data")
+
+
+def refuse_split_copies(training_inputs: Any, held_inputs: Any) -> None:
+    """Refuses a `validation_split` whose held-out rows copy rows left for training.
+
+    A record present twice in the arrays, once on each side of the split,
+    makes `val_` metrics statistics of a training example, as the same rows
+    passed as `validation_data` would (refused by `refuse_training_rows`).
+
+    Args:
+      training_inputs: The inputs of the rows trained on (an array, or a
+        dict or list of arrays).
+      held_inputs: The inputs of the rows held out, in the same structure.
+
+    Raises:
+      ValueError: naming `validation_split`, when an input array of the
+        held-out rows holds a row of the same input's training rows.
+    """
+    pairs = zip(tree.flatten(training_inputs), tree.flatten(held_inputs))
+    if any(data_copies.shares_rows(held, trained) for trained, held in pairs):
+        raise _refusal("validation_split", "a split whose held-out rows copy training rows")
+
+
+def _refusal(name: str, received: str) -> ValueError:
+    """The error for validation rows that are training rows, naming `name`."""
+    return _validate.invalid(
+        name,
+        "examples that are not training examples",
+        received,
+        "Their `val_` metrics would be statistics of the training set without noise, and "
+        "callbacks (EarlyStopping, ModelCheckpoint, ReduceLROnPlateau) would decide from "
+        "them. Hold out validation examples (validation_split on rows without copies on "
+        "both sides, or a split made before training)",
+    )

@@ -103,7 +103,9 @@ def discover_adapted() -> None:
         return
     _DISCOVERED = True
     for obj in gc.get_objects():
-        if not isinstance(obj, _STATEFUL) or _adapted_state(obj) is None:
+        # type(), not isinstance(): isinstance reads `__class__`, which some
+        # live objects compute (TFDS's lazy builder proxies log a warning).
+        if not issubclass(type(obj), _STATEFUL) or _adapted_state(obj) is None:
             continue
         data_copies.register_adapted(obj)
         vouched = mark_of(obj)

@@ -9,7 +9,9 @@ trains under `keras.distribution.DataParallel` when there are several.
 
 What needs TensorFlow is refused by flag before anything is read or
 written: tf.distribute strategies, the debugging noise seed, test-time
-augmentation, the ImageNet policy. Checkpoints are Keras files of the whole
+augmentation. ImageNet is read by TFDS without TensorFlow and decoded by
+Pillow (`imagenet_numpy`), its views drawn in numpy like the others.
+Checkpoints are Keras files of the whole
 private model (weights, EMA, optimizer state and the privacy ledger; no
 secret key exists on this backend: every step draws its noise key from OS
 entropy), written every --checkpoint_every updates; --resume continues from
@@ -45,8 +47,10 @@ _TENSORFLOW_ONLY = {
 }
 # The checkpoint of a run: the whole private model as one Keras file.
 CHECKPOINT_FILE = "latest.keras"
-# Test examples per evaluation batch (a multiple of every TPU's core count).
+# Test examples per evaluation batch (a multiple of every TPU's core count),
+# and per chunk read into memory (ImageNet: 1024 x 224 x 224 x 3 floats, 0.6 GB).
 _EVAL_BATCH = 256
+_EVAL_CHUNK = 1024
 
 
 def check_settings(config: TrainConfig) -> None:
@@ -119,7 +123,14 @@ def _run(config, data, examples, plan, model_dir, metrics_path, start) -> Dict[s
     run_results.write_json_atomically(os.path.join(model_dir, CONFIG_FILE), config.to_dict())
     print(f"model_dir: {model_dir}", flush=True)
     source = image_views.AugmentedImages(
-        data.train_x, data.train_y, config.augmult, config.augment, seed=config.seed
+        data.train_x,
+        data.train_y,
+        config.augmult,
+        config.augment,
+        seed=config.seed,
+        # ImageNet's images are decoded one at a time, never compared: each
+        # index is taken as a different person, as TensorFlow's route does.
+        repeated_rows="refuse" if isinstance(data.train_x, np.ndarray) else "distinct_people",
     )
     dp_steps = _fit(model, source, plan, config, checkpoint_path)
     accuracies = _evaluate(model, data.test_x, data.test_y)
@@ -261,23 +272,41 @@ def _fit(model, source, plan: PrivacyPlan, config: TrainConfig, checkpoint_path:
     return done
 
 
-def _evaluate(model, test_x: np.ndarray, test_y: np.ndarray) -> Dict[str, Optional[float]]:
-    """Test accuracy of the final weights and of the EMA weights (None without EMA)."""
+def _evaluate(model, test_x, test_y) -> Dict[str, Optional[float]]:
+    """Test accuracy of the final weights and of the EMA weights (None without EMA).
 
-    # Padded to whole batches: under DataParallel every batch must split
-    # evenly over the devices (a last batch of 104 rows on 8 cores would not).
-    padded = np.concatenate([test_x, np.zeros((-len(test_x) % _EVAL_BATCH,) + test_x.shape[1:])])
-    labels = np.asarray(test_y).reshape(-1)
+    The test images are read a chunk at a time (ImageNet's are decoded on
+    access: the whole split would not fit in memory), each chunk scored by
+    both weights.
+    """
+    hits = {"test_accuracy": 0, "test_accuracy_ema": 0}
+    total = len(test_y)
+    for start in range(0, total, _EVAL_CHUNK):
+        images = np.asarray(test_x[start : start + _EVAL_CHUNK], np.float32)
+        labels = np.asarray(test_y[start : start + _EVAL_CHUNK]).reshape(-1)
+        # Padded to whole batches: under DataParallel every batch must split
+        # evenly over the devices (a last batch of 104 rows on 8 cores would not).
+        padded = np.concatenate(
+            [images, np.zeros((-len(images) % _EVAL_BATCH,) + images.shape[1:], np.float32)]
+        )
 
-    def accuracy():
-        logits = model.predict(padded.astype(test_x.dtype), batch_size=_EVAL_BATCH, verbose=0)
-        return float(np.mean(np.argmax(logits[: len(labels)], axis=-1) == labels))
+        hits["test_accuracy"] += _correct(model, padded, labels)
+        if model.ema_decay is not None:
+            with model.ema_weights():
+                hits["test_accuracy_ema"] += _correct(model, padded, labels)
+    return {
+        "test_accuracy": hits["test_accuracy"] / total,
+        "test_accuracy_ema": (
+            hits["test_accuracy_ema"] / total if model.ema_decay is not None else None
+        ),
+        "test_accuracy_tta": None,
+    }
 
-    results = {"test_accuracy": accuracy(), "test_accuracy_ema": None, "test_accuracy_tta": None}
-    if model.ema_decay is not None:
-        with model.ema_weights():
-            results["test_accuracy_ema"] = accuracy()
-    return results
+
+def _correct(model, padded: np.ndarray, labels: np.ndarray) -> int:
+    """How many of the first len(labels) images the model classifies right."""
+    logits = model.predict(padded, batch_size=_EVAL_BATCH, verbose=0)
+    return int(np.sum(np.argmax(logits[: len(labels)], axis=-1) == labels))
 
 
 def _remove(path: str) -> None:

@@ -229,6 +229,6 @@ def test_held_out_and_private_statistics_may_drive_callbacks(monkeypatch):
     assert _early_stopped_steps(100.0, _stop_on_loss, release_train_metrics=False) == 4
     # Power check: allowed, the noiseless loss decides from one example's
     # label how many updates are made.
-    monkeypatch.setattr(callback_checks, "_noiseless_monitor", lambda callback: None)
+    monkeypatch.setattr(callback_checks, "_noiseless_monitor", lambda callback, *names: None)
     assert _early_stopped_steps(1.0, _stop_on_loss) == 4
     assert _early_stopped_steps(100.0, _stop_on_loss) < 4
