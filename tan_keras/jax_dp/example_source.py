@@ -77,13 +77,15 @@ def source_rows(source, pool: Optional[concurrent.futures.Executor] = None) -> R
     first = first_example(source)
     expected = _specs(first)
 
-    def fetch(index):
-        return tree.map_structure(np.asarray, tuple(source[int(index)]))
-
     def rows(indices: np.ndarray, count: int):
-        examples = []
-        fetched = pool.map(fetch, indices) if pool is not None else map(fetch, indices)
-        for index, example in zip(indices, fetched):
+        # Each example is written straight into its row of the step (zero
+        # rows after them: padding), by the thread that loaded it: one copy.
+        out = tree.map_structure(lambda a: np.zeros((count,) + a.shape, a.dtype), first)
+        leaves = tree.flatten(out)
+
+        def load(row: int) -> None:
+            index = int(indices[row])
+            example = tree.map_structure(np.asarray, tuple(source[index]))
             try:
                 tree.assert_same_structure(example, first)
                 same = _specs(example) == expected
@@ -91,15 +93,17 @@ def source_rows(source, pool: Optional[concurrent.futures.Executor] = None) -> R
                 same = False
             if not same:
                 raise ValueError(
-                    f"Invalid value for `x`: source[{int(index)}] must have the structure, "
+                    f"Invalid value for `x`: source[{index}] must have the structure, "
                     f"shapes and dtypes of source[0] ({expected}). Received: "
                     f"{_specs(example)}."
                 )
-            examples.append(example)
-        if not examples:
-            return tree.map_structure(lambda a: np.zeros((count,) + a.shape, a.dtype), first)
-        stacked = tree.map_structure(lambda *a: np.stack(a), *examples)
-        return tree.map_structure(lambda a: _padded(a, count), stacked)
+            for leaf, value in zip(leaves, tree.flatten(example)):
+                leaf[row] = value
+
+        rows_loaded = range(len(indices))
+        # (list(): the first error of a load is raised here, in row order.)
+        list(pool.map(load, rows_loaded) if pool is not None else map(load, rows_loaded))
+        return out
 
     return rows
 
