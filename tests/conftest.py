@@ -178,6 +178,14 @@ SLOW_TESTS = {
     "tests/keras_dp/model_structure_test.py::test_attention_trains_where_onednn_would_abort_the_vectorized_map[0-False]",
     # [benchmark_test's dp_step benchmark: the same script helpers]
     "tests/benchmark_test.py::test_per_example_ops_benchmark_prints_ratios_against_each_baseline",
+    # [the embedding case of the same test; chunking_test's XLA equality]
+    "tests/mechanism/ghost_test.py::test_under_xla_and_in_chunks[small_cnn]",
+    # [the lambda and ops cases of the same refusal]
+    "tests/keras_dp/model_checks_test.py::test_batched_pass_mixing_examples_breaks_sensitivity_and_is_refused[custom]",
+    # [the augmult case of the same real process; train_program_test's augment refusal]
+    "tests/training/train_test.py::test_real_process_exits_2_with_one_line[flags1-`augment`]",
+    # [the other non-finite inputs, views and routes]
+    "tests/keras_dp/nonfinite_test.py::test_nonfinite_input_is_zeroed_counted_and_the_step_taken[nan-3-2-True-vectorized]",
 }
 
 
