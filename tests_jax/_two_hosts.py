@@ -80,6 +80,13 @@ def main():
         except ValueError as error:
             refusals.append(str(error))
         keras.distribution.set_distribution(keras.distribution.DataParallel())
+        # The same arrays in both processes pass; a shard of each its own is refused.
+        x, y = np.arange(12, dtype="float32").reshape(6, 2), np.zeros(6, "int32")
+        hosts.check_same_examples(x, y)
+        try:
+            hosts.check_same_examples(x + PROCESS_ID, y)
+        except ValueError as error:
+            refusals.append(str(error))
     secrets_drawn = []
     shared_secret = hosts.shared_secret
 

@@ -3,6 +3,7 @@
 import concurrent.futures
 
 import _jax_helpers as helpers
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -232,3 +233,18 @@ def test_the_packages_images_load_on_several_threads_as_on_one():
     # A source of one's own is asked one example at a time (its thread
     # safety is unknown), a subclass of the package's too.
     assert not example_source.loads_in_parallel(_Recorded(x, y))
+
+    class Subclass(image_views.AugmentedImages):
+        pass
+
+    assert not example_source.loads_in_parallel(Subclass(x, y, 3, "imagenet"))
+
+
+def test_images_given_as_jax_arrays_are_compared_like_numpy_ones():
+    # Only views that read their rows on access (no __array__) skip the
+    # comparison; a jax.numpy copy of the arrays is compared.
+    x, y = helpers.data(10, shape=(8, 8, 3))
+    x[7], y[7] = x[2], y[2]
+    with pytest.raises(ValueError, match="repeat an earlier row"):
+        image_views.AugmentedImages(jnp.asarray(x), jnp.asarray(y), 2, "cifar")
+    assert len(image_views.AugmentedImages(jnp.asarray(x[:7]), y[:7], 2, "cifar")) == 7

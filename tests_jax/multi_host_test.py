@@ -82,7 +82,9 @@ def test_the_processes_share_one_secret_and_train_one_model(runs):
             np.testing.assert_array_equal(wa, wb)
     # Power of the split: a process alone, or a mesh of its own devices
     # only, is refused before any step.
-    (no_distribution, own_devices, program) = first[0]["refusals"]
+    (no_distribution, own_devices, program, other_data) = first[0]["refusals"]
+    assert "expected the same training examples in every process" in other_data
+    assert "processes [1] hold other data" in other_data
     assert "The training program runs in one process (this is one of 2)" in program
     assert "DataParallel() over every process's devices" in no_distribution
     assert "leaves out 2 of the 4 devices of the 2 processes" in own_devices

@@ -9,7 +9,7 @@
   `DataParallel` (a SyncBatchNorm-style `pmean`): bound inside the step's
   `shard_map`, each example's forward read the rows at its position on the
   other devices (6.08x the replace-one bound). The rows axis now has a
-  private name there (`clipped_sum.ROWS_AXIS`), and the loss's trace
+  name of its own there (`clipped_sum.ROWS_AXIS`), and the loss's trace
   refuses collectives (`traced_loss.py`).
 
 Each refusal comes with a variant that trains (the power of the check).

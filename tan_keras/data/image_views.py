@@ -144,9 +144,12 @@ class AugmentedImages:
         seed: int = 0,
         repeated_rows: str = _repeated_rows.REFUSE,
     ):
-        lazy = not isinstance(images, np.ndarray) and hasattr(images, "shape")
+        # A view that reads its rows on access (ImageNet's): no `__array__`,
+        # unlike numpy, JAX and TensorFlow arrays, which are compared as arrays.
+        lazy = hasattr(images, "shape") and not hasattr(images, "__array__")
         self._images = images if lazy else np.asarray(images)
-        self._labels = labels if lazy and hasattr(labels, "shape") else np.asarray(labels)
+        lazy_labels = hasattr(labels, "shape") and not hasattr(labels, "__array__")
+        self._labels = labels if lazy_labels else np.asarray(labels)
         shape = tuple(self._images.shape)
         if len(shape) != 4 or shape[0] != len(self._labels):
             raise _validate.invalid(

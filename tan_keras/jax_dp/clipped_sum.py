@@ -17,8 +17,8 @@ device but the first. The noise is drawn once, outside, from a key every
 device holds, so all replicas add the same noise exactly once.
 
 The shard_map runs over a mesh of the same devices whose batch axis has a
-private name (`ROWS_AXIS`, a random suffix per process), not the
-distribution's `batch_dim_name`: a layer's collective over "batch" (a
+name of the package's own (`ROWS_AXIS`), not the distribution's
+`batch_dim_name`: a layer's collective over "batch" (a
 SyncBatchNorm-style `jax.lax.pmean`) would otherwise be bound inside the
 per-example computation, and each example's forward would read the rows
 at its position on the other devices, which no clip bounds. Unbound, the
@@ -26,7 +26,6 @@ collective fails at trace (or a layer falls back to its one-device path),
 as in the one-example trace `traced_loss.check` refuses collectives in.
 """
 
-import secrets
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -39,9 +38,12 @@ _P = jax.sharding.PartitionSpec
 # Chunks traced one after the other before the rest run in a loop.
 _UNROLLED_CHUNKS = 16
 _EXACT = jax.lax.Precision.HIGHEST
-# The mesh axis the rows are split over inside the per-example computation:
-# a name no model code knows, so that no layer can bind a collective to it.
-ROWS_AXIS = f"tan_keras_rows_{secrets.token_hex(8)}"
+# The mesh axis the rows are split over inside the per-example computation,
+# not the distribution's "batch" that layers written for Keras name. A layer
+# naming this one is refused by the loss's trace, which binds it
+# (`traced_loss`); the same in every process of a multi-host run, so that
+# they compile one program.
+ROWS_AXIS = "tan_keras_rows"
 
 
 class ClippedSum(NamedTuple):

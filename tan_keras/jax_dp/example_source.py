@@ -55,10 +55,15 @@ def loads_in_parallel(source) -> bool:
     """Whether `source[i]` may be called from several threads at once.
 
     Only the package's own sources say so (`image_views.AugmentedImages`,
-    whose example i's views depend on i and its own calls only); a source
-    of one's own is asked for its examples one at a time.
+    whose example i's views depend on i and its own calls only, over arrays
+    or TFDS's ArrayRecord source, which shares one thread-safe reader per
+    shard); a source of one's own is asked for its examples one at a time,
+    a subclass of the package's too: the declaration is read from the
+    class itself, not inherited, since a `__getitem__` of its own could
+    share state between calls and return another example than the one
+    asked for.
     """
-    return getattr(type(source), "LOADS_IN_PARALLEL", False) is True
+    return vars(type(source)).get("LOADS_IN_PARALLEL", False) is True
 
 
 def source_rows(source, pool: Optional[concurrent.futures.Executor] = None) -> Rows:

@@ -96,6 +96,8 @@ class FitEntry:
             kwargs,
         )
         kwargs.pop("repeated_rows", None)  # (Keras's fit does not take it)
+        # Several processes draw one step from their copies of the data (hosts.py).
+        hosts.check_same_examples(x, y)
         # Before the checks that look for copies of them (data_copies.py).
         training_rows.register(x, from_source=y is None)
         held_out.refuse_training_rows(given_validation)

@@ -11,12 +11,14 @@ it.
 """
 
 import contextlib
+import hashlib
 import secrets
-from typing import Iterator, Tuple
+from typing import Any, Iterator, Tuple
 
 import jax
 import keras
 import numpy as np
+from keras import tree
 
 SECRET_BITS = 128
 
@@ -40,6 +42,54 @@ def shared_secret() -> int:
     words = np.array([(drawn >> (32 * i)) & 0xFFFFFFFF for i in range(4)], dtype=np.uint32)
     received = np.asarray(multihost_utils.broadcast_one_to_all(words)).astype(np.uint64)
     return sum(int(word) << (32 * i) for i, word in enumerate(received))
+
+
+def check_same_examples(x: Any, y: Any) -> None:
+    """Refuses a multi-host fit whose processes were given different training examples.
+
+    Every process loads the drawn examples p, p + P, ... of the global step
+    from its own copy of the data, by their global index: the steps are
+    Poisson samples of N examples only if every process holds the same N
+    (a host given only its own shard, the usual multi-host input habit,
+    would train on rows drawn with another probability than q = B / N).
+    Arrays are compared by a hash of their bytes, shapes and dtypes; a
+    random-access source by its length only (its examples are computed on
+    access and may be random views).
+
+    Args:
+      x, y: `fit`'s training inputs and labels (y None for a source).
+
+    Raises:
+      ValueError: with several processes, when their data differ.
+    """
+    if jax.process_count() == 1:
+        return
+    digest = hashlib.blake2b(digest_size=8)
+    if y is None:
+        digest.update(f"source of {len(x)} examples".encode())
+    else:
+        for array in tree.flatten((x, y)):
+            array = np.ascontiguousarray(array)
+            digest.update(f"{array.dtype.str}{array.shape}".encode())
+            if array.dtype == object:  # (strings: no buffer to hash)
+                digest.update(repr(array.tolist()).encode())
+            else:
+                # A memoryview of the array's buffer: no copy of the data.
+                digest.update(memoryview(array).cast("B"))
+    words = np.frombuffer(digest.digest(), dtype=np.uint32)
+    from jax.experimental import multihost_utils
+
+    every = np.asarray(multihost_utils.process_allgather(words)).reshape(-1, words.size)
+    differing = [i for i, row in enumerate(every) if not np.array_equal(row, every[0])]
+    if differing:
+        raise ValueError(
+            "Invalid value for `x`/`y`: expected the same training examples in every process "
+            "of a multi-host fit (each loads its share of every step from its own copy, by the "
+            "examples' global indices), but processes "
+            f"{differing} hold other data than process 0. Give every process all N examples "
+            "(not a shard of its own): the model draws each step's examples and splits them "
+            "over the hosts itself."
+        )
 
 
 def check_mesh_spans_every_process(mesh) -> None:

@@ -26,7 +26,7 @@ while, cond) holds
   `all_to_all`, `axis_index`, ...): a SyncBatchNorm-style mean over the
   devices' rows would let each example's forward read the rows at its
   position on the other devices, which no clip bounds. The trace binds the
-  mesh's axes (the distribution's `batch_dim_name` and the private name the
+  mesh's axes (the distribution's `batch_dim_name` and the name of its own the
   step's rows axis takes, `clipped_sum.ROWS_AXIS`), so that a layer
   reaching for one shows it here rather than falling back to its
   one-device path; in the step itself the distribution's name is unbound.
