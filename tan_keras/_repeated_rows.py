@@ -63,11 +63,9 @@ def first_repeat(features: Any, labels: Any) -> Optional[Tuple[int, int, int]]:
       None when every row is distinct, else (earlier row, repeating row,
       number of rows that repeat an earlier one).
     """
-    inputs = [np.asarray(leaf) for leaf in _leaves(features)]
-    inputs = [a for a in inputs if a.ndim >= 1]
-    numbers_per_row = sum(int(np.prod(a.shape[1:])) for a in inputs)
-    if numbers_per_row <= 1 and all(a.dtype != object and a.dtype.kind not in "SU" for a in inputs):
-        return None  # one number per row (module docstring)
+    inputs = _compared_inputs(features)
+    if inputs is None:
+        return None
     arrays = inputs + [np.asarray(leaf) for leaf in _leaves(labels)]
     arrays = [a for a in arrays if a.ndim >= 1]
     if not arrays or len(arrays[0]) < 2:
@@ -80,6 +78,41 @@ def first_repeat(features: Any, labels: Any) -> Optional[Tuple[int, int, int]]:
         return None
     row = int(repeats[0])
     return int(first[inverse[row]]), row, int(len(repeats))
+
+
+def _compared_inputs(features: Any) -> Optional[List[np.ndarray]]:
+    """The input arrays whose rows are compared; None for one number per row (module doc)."""
+    inputs = [np.asarray(leaf) for leaf in _leaves(features)]
+    inputs = [a for a in inputs if a.ndim >= 1]
+    numbers_per_row = sum(int(np.prod(a.shape[1:])) for a in inputs)
+    if numbers_per_row <= 1 and all(a.dtype != object and a.dtype.kind not in "SU" for a in inputs):
+        return None
+    return inputs
+
+
+def shares_a_record(features: Any, others: Any) -> bool:
+    """Whether a row of `others` equals a row of `features`, every input together.
+
+    Compared exactly, as repeated rows are (one number per row: not compared).
+
+    Args:
+      features: The inputs of N rows (an array, or a list/dict of arrays).
+      others: The inputs of M rows, in the same structure.
+
+    Returns:
+      True when some row of `others` repeats a row of `features`.
+    """
+    inputs, more = _compared_inputs(features), _compared_inputs(others)
+    if not inputs or not more or len(inputs) != len(more):
+        return False
+    try:
+        joined = [np.concatenate([a, b]) for a, b in zip(inputs, more)]
+    except ValueError:  # other row shapes: no row can be equal
+        return False
+    codes = np.stack([_row_codes(a) for a in joined], axis=1)
+    inverse = np.unique(codes, axis=0, return_inverse=True)[1].reshape(-1)
+    rows = len(inputs[0])
+    return bool(np.isin(inverse[rows:], inverse[:rows]).any())
 
 
 def check(features: Any, labels: Any, repeated_rows: str) -> None:

@@ -181,6 +181,7 @@ class _FitEntry:
         arguments.pop("kwargs", None)
         # Before any work: a table computed from the label counts (class_weights.py).
         class_weights.refuse_class_weight(arguments.pop("class_weight", None))
+        class_weights.refuse_label_table(arguments.get("sample_weight"), arguments.get("y"))
         if not fit_inputs.is_array(arguments.get("x")):
             _repeated_rows.refuse_for_input(
                 repeated_rows,

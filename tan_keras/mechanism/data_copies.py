@@ -259,32 +259,6 @@ def holds_training_rows(value: Any) -> bool:
     return value.ndim == 2 and _holds_training_rows(value.T)
 
 
-def shares_rows(value: Any, rows: Any) -> bool:
-    """Whether the array `value` holds a row of the array `rows` (the first axis).
-
-    Compared as registered training rows are (exactly, by their float64
-    projection); rows whose values are all equal are left out, as there.
-
-    Args:
-      value: An array of [n, ...] rows.
-      rows: An array of [m, ...] rows.
-
-    Returns:
-      True when some row of `value` equals a non-constant row of `rows`.
-    """
-    value = _numeric(keras.ops.convert_to_numpy(value))
-    rows = _numeric(keras.ops.convert_to_numpy(rows))
-    if value is None or rows is None or value.ndim < 1 or rows.ndim < 1:
-        return False
-    value = value.reshape(len(value), -1).astype(np.float64)
-    rows = rows.reshape(len(rows), -1).astype(np.float64)
-    if value.shape[1] != rows.shape[1]:
-        return False
-    rows = rows[np.any(rows != rows[:, :1], axis=1)]
-    projection = _projection(rows.shape[1])
-    return bool(rows.size) and bool(np.any(np.isin(value @ projection, rows @ projection)))
-
-
 def _holds_training_rows(value: np.ndarray) -> bool:
     flat = value.astype(np.float64).ravel()
     for width, known in _ROWS.items():

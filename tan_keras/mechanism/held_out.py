@@ -15,7 +15,7 @@ from typing import Any
 
 from keras import tree
 
-from tan_keras import _validate
+from tan_keras import _repeated_rows, _validate
 from tan_keras.mechanism import data_copies
 
 
@@ -50,11 +50,12 @@ def refuse_split_copies(training_inputs: Any, held_inputs: Any) -> None:
       held_inputs: The inputs of the rows held out, in the same structure.
 
     Raises:
-      ValueError: naming `validation_split`, when an input array of the
-        held-out rows holds a row of the same input's training rows.
+      ValueError: naming `validation_split`, when a held-out row's inputs
+        equal a training row's (all of them, exactly).
     """
-    pairs = zip(tree.flatten(training_inputs), tree.flatten(held_inputs))
-    if any(data_copies.shares_rows(held, trained) for trained, held in pairs):
+    # Whole records, every input together: a dict of one-column features
+    # (keras.io's structured data) repeats a record only across its columns.
+    if _repeated_rows.shares_a_record(training_inputs, held_inputs):
         raise _refusal("validation_split", "a split whose held-out rows copy training rows")
 
 

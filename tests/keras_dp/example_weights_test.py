@@ -87,6 +87,31 @@ def test_power_check_the_same_step_without_class_weight_trains():
     )
 
 
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_a_sample_weight_looked_up_by_label_is_refused_like_class_weight(one_hot):
+    # keras.io's recipe spelled out: sample_weight = (1 / counts)[y].
+    base = dense_model()
+    x, y = _data()
+    weights = (1.0 / np.bincount(y, minlength=3))[y].astype(np.float32)
+    labels = np.eye(3, dtype=np.float32)[y] if one_hot else y
+    model = dp_model(base, **{**DP, "sampling": "shuffled", "dataset_size": B})
+    if one_hot:
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
+    with pytest.raises(ValueError, match=r"Invalid value for `sample_weight`: expected weights"):
+        model.fit(x, labels, sample_weight=weights, batch_size=B, epochs=1, verbose=0)
+    assert int(model.dp_steps.numpy()) == 0
+
+
+def test_power_check_a_class_left_out_or_weights_within_a_class_train():
+    # A 0/1 weight per class (a class left out) is no table of counts, and
+    # weights that differ within a class are each example's own.
+    base = dense_model()
+    x, y = _data()
+    for weights in ((y != 1).astype(np.float32), np.linspace(0.5, 2.0, B).astype(np.float32)):
+        moved = _shuffled_step(base, x, y, weights) - flat(base.trainable_variables)
+        assert np.abs(moved).max() > 0
+
+
 def test_negative_sample_weight_is_refused():
     base = dense_model()
     x, y = _data()

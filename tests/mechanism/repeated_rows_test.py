@@ -74,3 +74,21 @@ def test_fit_refuses_repeated_rows_given_with_a_pipeline_it_does_not_compare():
     assert int(private.dp_steps.numpy()) == 0
     private.fit(pipeline, steps_per_epoch=1, verbose=0)  # the power check: without it, it trains
     assert int(private.dp_steps.numpy()) >= 1
+
+
+def test_a_record_shared_across_two_arrays_is_found_across_all_its_columns():
+    # keras.io's structured data: a dict of one-column features. A held-out
+    # record equal to a training one in every column is a copy.
+    rng = np.random.default_rng(0)
+    train = {"age": rng.integers(18, 90, (20, 1)), "hours": rng.normal(size=(20, 1))}
+    held = {name: column[:3].copy() for name, column in train.items()}
+    held["age"][1:], held["hours"][1:] = 200, -50.0  # rows 1, 2: new records
+    assert _repeated_rows.shares_a_record(train, held)
+    # Power: each column's values appear on the training side, but no whole
+    # record does (row 0's age with row 1's hours).
+    mixed = {"age": train["age"][:1], "hours": train["hours"][1:2]}
+    assert not _repeated_rows.shares_a_record(train, mixed)
+    held["age"][0] = 91
+    assert not _repeated_rows.shares_a_record(train, held)
+    # One number per row is not compared (equal values are what it holds).
+    assert not _repeated_rows.shares_a_record(train["age"][:, 0], train["age"][:3, 0])
