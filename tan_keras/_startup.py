@@ -21,8 +21,21 @@ import warnings
 _SHOW_ENV = "TAN_KERAS_TF_STARTUP_LOG"
 
 
+_QUIET_LIBRARIES = (f"{os.sep}tensorflow{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}")
+
+
 def _drop_tensorflow_info(record: logging.LogRecord) -> bool:
-    return record.levelno > logging.INFO or f"{os.sep}tensorflow{os.sep}" not in record.pathname
+    # TensorFlow's and TFDS's INFO lines ("Load dataset info from ...",
+    # "fields info.[module_name] differ on disk and in the code") say
+    # nothing a user can act on; their warnings and errors stay.
+    return record.levelno > logging.INFO or not any(
+        library in record.pathname for library in _QUIET_LIBRARIES
+    )
+
+
+def quiet_library_info() -> None:
+    """Drops TensorFlow's and TFDS's INFO log lines (on the JAX backend, TFDS without TF)."""
+    logging.getLogger("absl").addFilter(_drop_tensorflow_info)
 
 
 @contextlib.contextmanager

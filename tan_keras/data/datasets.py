@@ -209,6 +209,7 @@ def _tfds_without_tensorflow(name: str):
     Raises:
       DatasetUnavailableError: where tensorflow-datasets is not installed.
     """
+    _startup.quiet_library_info()
     try:
         import tensorflow_datasets as tfds
     except ImportError as err:

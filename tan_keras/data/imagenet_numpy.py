@@ -12,6 +12,7 @@ import io
 
 import numpy as np
 
+from tan_keras import _validate
 from tan_keras.data.policies import (
     IMAGENET_CROP,
     IMAGENET_RESIZE,
@@ -43,8 +44,16 @@ def decode_preprocess(
 
     Returns:
       float32 [crop, crop, 3] in [0, 1].
+
+    Raises:
+      ValueError: if `crop` > `resize` or either is not a positive integer.
     """
     from PIL import Image
+
+    resize = _validate.positive_int("resize", resize)
+    crop = _validate.integer(
+        "crop", crop, low=1, high=resize, hint="The crop must fit in the resized image"
+    )
 
     image = Image.open(io.BytesIO(jpeg))
     width, height = image.size

@@ -78,7 +78,7 @@ def test_pillows_crop_equals_tensorflows_up_to_resampling(size):
     theirs = augment.decode_imagenet(tf.constant(jpeg)).numpy()
     assert ours.shape == theirs.shape == (224, 224, 3) and ours.dtype == np.float32
     # Two JPEG decoders, two resampling kernels' roundings, uint8 output:
-    # a few levels of 255 apart at most, on average under one.
+    # measured 1.16-1.26 levels of 255 apart on average, 7-9 at most.
     assert np.abs(ours - theirs).mean() < 1.5 / 255
     # Power check: the crop one pixel over is farther than that.
     shifted = np.abs(ours[:, 1:] - theirs[:, :-1]).mean()
@@ -123,3 +123,9 @@ def test_the_imagenet_policy_jitters_three_views_in_ten():
 def test_the_imagenet_policy_needs_rgb_images():
     with pytest.raises(ValueError, match="augment.*3 channels"):
         image_views.check_policy("imagenet", (32, 32, 1))
+
+
+@pytest.mark.parametrize("resize, crop, name", [(0, 224, "resize"), (256, 300, "crop")])
+def test_sizes_that_cannot_crop_are_refused_by_name(resize, crop, name):
+    with pytest.raises(ValueError, match=f"Invalid value for `{name}`"):
+        imagenet_numpy.decode_preprocess(_jpeg(300, 300), resize=resize, crop=crop)
