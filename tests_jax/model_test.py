@@ -245,3 +245,34 @@ def test_the_jax_backend_runs_where_tensorflow_cannot_be_imported(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "loaded: DPKerasModel 1.0 True" in result.stdout
     assert "refused: tan_keras.PoissonSampler needs Keras's TensorFlow backend" in result.stdout
+
+
+def test_load_model_restores_the_optimizer_s_momentum_and_iteration_count(tmp_path):
+    # A loaded model's optimizer was left unbuilt, so Keras skipped the file's
+    # optimizer variables: training resumed with zero momentum and the
+    # iteration count (learning-rate schedules) back at 0.
+    x, y = _separable(64)
+    dp_model = tan_keras.make_private(
+        helpers.dense_model(classes=2),
+        l2_norm_clip=1.0,
+        noise_multiplier=1.0,
+        expected_batch_size=16,
+        dataset_size=64,
+    )
+    dp_model.compile(
+        keras.optimizers.SGD(0.1, momentum=0.9),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    dp_model.fit(x, y, epochs=1, verbose=0)
+    path = str(tmp_path / "m.keras")
+    dp_model.save(path)
+    loaded = keras.saving.load_model(path)
+    # (By position: the loaded layers' names may take another suffix.)
+    saved = [np.asarray(v) for v in dp_model.optimizer.variables]
+    restored = [np.asarray(v) for v in loaded.optimizer.variables]
+    assert [a.shape for a in restored] == [a.shape for a in saved]
+    assert int(np.asarray(loaded.optimizer.iterations)) == int(dp_model.dp_steps) > 0
+    momentums = [a for a in saved if a.ndim > 0]
+    assert momentums and all(np.abs(a).max() > 0 for a in momentums)
+    for restored_value, saved_value in zip(restored, saved):
+        np.testing.assert_array_equal(restored_value, saved_value)

@@ -299,8 +299,16 @@ class DPKerasModel(fit_entry.FitEntry, keras.Model):
         optimizer_state.check_built_for(self.optimizer, self.trainable_variables)
 
     def compile_from_config(self, config):
-        """Recompiles a loaded model from its saved compile config."""
+        """Recompiles a loaded model from its saved compile config.
+
+        The optimizer is built here, as Keras's own `compile_from_config`
+        does: the file's optimizer variables (momentum, the iteration count)
+        load only into a built optimizer, and were otherwise skipped, so a
+        loaded model resumed with fresh momentum.
+        """
         self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
 
     def train_step(self, state, data):
         trainable, non_trainable, optimizer_state, metrics_state = state
