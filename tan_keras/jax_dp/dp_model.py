@@ -297,6 +297,7 @@ class DPKerasModel(fit_entry.FitEntry, keras.Model):
                 "optimizer", "an optimizer without loss scaling", type(self.optimizer).__name__
             )
         optimizer_state.check_built_for(self.optimizer, self.trainable_variables)
+        optimizer_state.check_keeps_no_weight_average(self.optimizer)
 
     def compile_from_config(self, config):
         """Recompiles a loaded model from its saved compile config.

@@ -30,11 +30,16 @@ _BATCH_HOOKS = ("on_train_batch_begin", "on_train_batch_end", "on_batch_begin", 
 
 
 def has_batch_hook(callback) -> bool:
-    """Whether `callback` runs its own code between the updates of an epoch."""
-    return any(
-        getattr(type(callback), hook, None) is not getattr(keras.callbacks.Callback, hook)
-        for hook in _BATCH_HOOKS
-    )
+    """Whether `callback` runs its own code between the updates of an epoch.
+
+    Read from the instance, not its class: a `LambdaCallback` keeps the
+    functions it is given as attributes of the instance.
+    """
+    for hook in _BATCH_HOOKS:
+        method = getattr(callback, hook, None)
+        if getattr(method, "__func__", method) is not getattr(keras.callbacks.Callback, hook):
+            return True
+    return False
 
 
 class RecallSetWeights(keras.callbacks.Callback):

@@ -22,6 +22,7 @@ from typing import Any, FrozenSet, Iterable, Optional, Set
 import keras
 
 from tan_keras import _keras_internals, _validate
+from tan_keras.keras_dp import optimizer_state
 
 # Training logs that carry no private information beyond what epsilon covers:
 # the accountant's values and the statistics released with noise.
@@ -140,10 +141,12 @@ def check_step_logs(keys: Iterable[str]) -> None:
 def check_fit(
     model: Any, callbacks: Optional[Iterable[Any]], releases_training_metrics: bool
 ) -> None:
-    """The checks of a private `fit`'s metrics and callbacks, before any update.
+    """The checks of a private `fit`'s metrics, callbacks and optimizer, before any update.
 
     The names again (a metric renamed or added since `compile`), then the
-    callbacks, a monitor naming a compiled metric refused whatever its name.
+    callbacks, a monitor naming a compiled metric refused whatever its name,
+    then the optimizer's own weight average (`use_ema`, set since `compile`:
+    `SwapEMAWeights` would swap in values the ledger never saw).
 
     Args:
       model: The private model.
@@ -152,10 +155,12 @@ def check_fit(
         statistics of the training examples (`release_train_metrics`).
 
     Raises:
-      ValueError: as `check_compiled_names` and `check_callbacks`.
+      ValueError: as `check_compiled_names`, `check_callbacks` and
+        `optimizer_state.check_keeps_no_weight_average`.
     """
     names = check_compiled_names(model)
     check_callbacks(callbacks, releases_training_metrics, compiled_names=names)
+    optimizer_state.check_keeps_no_weight_average(model.optimizer)
 
 
 def check_callbacks(

@@ -45,6 +45,35 @@ def check_built_for(optimizer: Any, variables: Sequence[Any]) -> None:
         )
 
 
+def check_keeps_no_weight_average(optimizer: Any) -> None:
+    """Refuses an optimizer that keeps its own moving average of the weights.
+
+    Keras's `use_ema=True` keeps the average in optimizer variables that
+    `keras.callbacks.SwapEMAWeights` swaps into the model, and that the end of
+    `fit` writes over the weights: values the weights' ledger never saw, so a
+    callback copying them mid-training (the best epoch's weights) took them
+    out uncounted. The model's own `ema_decay` keeps the average with the
+    ledger.
+
+    Args:
+      optimizer: The model's optimizer (resolved by Keras's `compile`).
+
+    Raises:
+      ValueError: if the optimizer was made with `use_ema=True`.
+    """
+    if getattr(optimizer, "use_ema", False):
+        raise ValueError(
+            "Invalid value for `optimizer`: expected an optimizer without its own moving "
+            "average of the weights (use_ema=False), when this one keeps one: its "
+            "averaged weights are swapped into the model (SwapEMAWeights) and written "
+            "over the weights when fit ends without the privacy ledger seeing them. "
+            "Pass ema_decay=... to make_private or DPKerasModel instead: the same "
+            "average, counted by the ledger (ema_weights() swaps it in). Received: "
+            f"optimizer={type(optimizer).__name__}(use_ema=True, "
+            f"ema_momentum={getattr(optimizer, 'ema_momentum', None)})"
+        )
+
+
 def _names(variables: Sequence[Any], shown: int = 3) -> str:
     """The paths of the first few variables, for the message."""
     names = [str(getattr(v, "path", None) or getattr(v, "name", "?")) for v in variables]

@@ -116,6 +116,7 @@ class _SecretState:
             # and restore the complete optimizer state from the first step on.
             # (One built for other variables is refused: optimizer_state.py.)
             optimizer_state.check_built_for(self.optimizer, variables)
+            optimizer_state.check_keeps_no_weight_average(self.optimizer)
             if _keras_internals.optimizer_built_for(self.optimizer) is None:
                 self.optimizer.build(variables)
 
