@@ -61,10 +61,15 @@ def example_loss(model, non_trainable, metrics_state, seed_indices):
                     "layer (trainable=False and call it with training=False) or use "
                     "GroupNormalization/LayerNormalization."
                 )
-        mapping = list(zip(model.metrics_variables, metrics_state))
+        # The metrics' running values hold earlier batches' examples,
+        # unclipped (the metrics update on whole batches): inside one
+        # example's loss they start from zero, and a loss reading one it did
+        # not update itself is refused.
+        mapping = list(zip(model.metrics_variables, metric_values_in_the_loss(metrics_state)))
         with _WriteRecordingScope(state_mapping=mapping) as scope:
             loss = jnp.asarray(model._compile_loss(labels, outputs), jnp.float32)
         _refuse_loss_state(scope.written)
+        _refuse_metric_reads(scope.read_only())
         # Losses the call added (add_loss, activity regularizers) saw this
         # example's views only: they are part of its clipped loss. The
         # weight regularizers, last in the list, depend on no data and
@@ -76,19 +81,43 @@ def example_loss(model, non_trainable, metrics_state, seed_indices):
     return one_example_loss
 
 
+def metric_values_in_the_loss(metrics_state) -> list:
+    """The metrics' values one example's loss sees: zeros, whatever they hold.
+
+    (Their running values sum earlier batches, unclipped.)
+    """
+    return [jnp.zeros_like(value) for value in metrics_state]
+
+
 class _WriteRecordingScope(keras_backend.StatelessScope):
-    """A stateless scope that records the variables written outside its mapping."""
+    """A stateless scope that records the variables written outside its mapping.
+
+    And the mapped variables (the metrics') read before the code in the
+    scope wrote them: a read of a running value, not an update of it.
+    """
 
     def __init__(self, state_mapping):
         super().__init__(state_mapping=state_mapping)
         self._mapped = set(self.state_mapping)
+        self._updated = set()
+        self._read = []
         self.written = []
+
+    def get_current_value(self, variable):
+        if id(variable) in self._mapped and id(variable) not in self._updated:
+            self._read.append(variable)
+        return super().get_current_value(variable)
 
     def add_update(self, update):
         variable, _ = update
+        self._updated.add(id(variable))
         if id(variable) not in self._mapped:
             self.written.append(variable)
         super().add_update(update)
+
+    def read_only(self) -> list:
+        """The mapped variables read and never updated in the scope."""
+        return [v for v in self._read if id(v) not in self._updated]
 
 
 def _refuse_loss_state(written) -> None:
@@ -106,6 +135,21 @@ def _refuse_loss_state(written) -> None:
             "Evaluated one example at a time, it would carry each example's data into "
             "the clipped gradients of every later one. Compute what it keeps beforehand "
             "(from public data) and pass it as a constant.",
+        )
+
+
+def _refuse_metric_reads(read) -> None:
+    """Refuses a loss that reads a metric's running value (module doc)."""
+    if read:
+        name = getattr(read[0], "path", None) or read[0].name
+        raise _validate.invalid(
+            "loss",
+            "a loss that reads no metric's running value",
+            f"one that reads the metric variable `{name}`",
+            "The metrics update on whole batches, outside the per-example clipping: "
+            "a loss scaled by one (a running training error) would carry earlier "
+            "batches' examples, unclipped, into every later example's gradient. "
+            "Compute the scale beforehand (from public data) and pass it as a constant.",
         )
 
 
