@@ -8,7 +8,6 @@
   the ledger never saw. Refused; `ema_decay` is the counted average.
 """
 
-import _jax_helpers as helpers
 import keras
 import numpy as np
 import pytest

@@ -86,7 +86,8 @@ def metric_values_in_the_loss(metrics_state) -> list:
 
     (Their running values sum earlier batches, unclipped.)
     """
-    return [jnp.zeros_like(value) for value in metrics_state]
+    # (Made from the shapes: the values carry the mesh their sharding names.)
+    return [jnp.zeros(jnp.shape(value), value.dtype) for value in metrics_state]
 
 
 class _WriteRecordingScope(keras_backend.StatelessScope):
