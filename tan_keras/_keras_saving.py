@@ -30,8 +30,11 @@ read from it as arrays keep what they went through; before a
 `tf.train.Checkpoint` writes, `before_writing_checkpoint(root)` adds a
 ledger entry to the plain layers that hold private values. The save hooks
 are called only once the hooks module is loaded: before that, no weight
-can have a ledger. Keras's legacy HDF5 writer (`.h5`: `save_model`,
-`Model.save`, `ModelCheckpoint`) first calls
+can have a ledger. `keras.saving.KerasFileEditor(path)`, which reads a
+`.keras` or `.weights.h5` file's arrays as a tree (`weights_dict`) without
+loading them into any object, gives the file and the tree to
+`after_reading_weight_file(group, weights_dict)`. Keras's legacy HDF5
+writer (`.h5`: `save_model`, `Model.save`, `ModelCheckpoint`) first calls
 `before_writing_legacy_h5(model)`, which refuses weights with a ledger
 (the format cannot hold one), on either backend.
 """
@@ -43,6 +46,7 @@ import sys
 _SAVING_LIB = "keras.src.saving.saving_lib"
 _EXPORT_ARCHIVE = "keras.src.export.saved_model_export_archive"
 _LEGACY_H5 = "keras.src.legacy.saving.legacy_h5_format"
+_FILE_EDITOR = "keras.src.saving.file_editor"
 _TF_LOAD = "tensorflow.python.saved_model.load"
 _TF_SAVE = "tensorflow.python.saved_model.save"
 _TF_CHECKPOINT_READER = "tensorflow.python.training.py_checkpoint_reader"
@@ -245,6 +249,27 @@ def _patch_legacy_h5(h5_lib, hooks_module: str) -> None:
         setattr(h5_lib, name, writer)
 
 
+def _patch_file_editor(editor_lib, hooks_module: str) -> None:
+    # `keras.saving.KerasFileEditor(path)` reads every array of a `.keras` or
+    # `.weights.h5` file into `weights_dict` at construction, past
+    # `_load_state` (no object to load into), through this method: its
+    # outermost call (`inner_path` "") gets the file's root, still open.
+    editor = editor_lib.KerasFileEditor
+    original = editor._extract_weights_from_store
+    original = getattr(original, _ORIGINAL, original)
+
+    @functools.wraps(original)
+    def _extract_weights_from_store(self, data, metadata=None, inner_path=""):
+        found = original(self, data, metadata=metadata, inner_path=inner_path)
+        if inner_path == "":
+            # A load: the hooks module is imported if it was not (a fresh process).
+            importlib.import_module(hooks_module).after_reading_weight_file(data, found[0])
+        return found
+
+    setattr(_extract_weights_from_store, _ORIGINAL, original)
+    editor._extract_weights_from_store = _extract_weights_from_store
+
+
 # The modules hooked: {name: (an attribute it has once loaded, its patch)}.
 _TARGETS = {
     _SAVING_LIB: ("_load_state", _patch),
@@ -254,4 +279,5 @@ _TARGETS = {
     _TF_CHECKPOINT_READER: ("NewCheckpointReader", _patch_checkpoint_reader),
     _TF_CHECKPOINT: ("TrackableSaver", _patch_checkpoint_saver),
     _LEGACY_H5: ("save_weights_to_hdf5_group", _patch_legacy_h5),
+    _FILE_EDITOR: ("KerasFileEditor", _patch_file_editor),
 }

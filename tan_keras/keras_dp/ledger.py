@@ -34,6 +34,9 @@ A ledger counts the private releases that shaped a set of weights (see
   `tf.saved_model.load` (TFSMLayer's too) remembers the values it loads
   with them (`_restore_from_saved_model`): a model rebuilt with
   `set_weights` from the loaded variables gets the count back.
+  `keras.saving.KerasFileEditor(path)`, which reads a Keras file's arrays
+  without loading them into a model (`weights_dict`), remembers them with
+  the ledger entries of the file (`_remember_file_values`).
   `tf.saved_model.save` of a Keras model or layer with such weights, which
   could carry no entry, is refused (`before_saving_saved_model`).
 * **Weights copied as arrays in this process** (`clone_model` then
@@ -76,7 +79,8 @@ A ledger counts the private releases that shaped a set of weights (see
 
 What the ledger cannot follow: arrays that leave the process (pickled
 `get_weights`), a file loaded before tan_keras is imported (nothing
-reads the entry then; plain Keras skips it), a `tf.train.Checkpoint` of
+reads the entry then; plain Keras skips it), a Keras weight file's arrays
+read with `h5py` by hand (no Keras or TensorFlow reader sees them), a `tf.train.Checkpoint` of
 bare variables (`Checkpoint(weights=model.weights)`: no layer to hold the
 entry), and values copied into a variable of another shape (a widened
 layer, a grown head: the fingerprint is of the whole variable), nor
@@ -983,6 +987,86 @@ def _write_to_file(obj, make) -> None:
     store["0"] = releases.to_table([releases.LedgerEntry(m, *c) for m, c in totals.items()])
     store["1"] = np.asarray([_new_uid()], np.int64)
     store["2"] = segments_table(segments)
+
+
+def _file_entries(group) -> Dict[Tuple[str, ...], Segments]:
+    """The ledger entries of a Keras weight file, by the path of the object each was written beside.
+
+    `group` is the file's root (`h5py`), as `KerasFileEditor` reads it. A
+    path is that of the object's arrays in the editor's tree: the file's
+    components less its "vars" groups (`layers/dense/vars/0` is
+    `weights_dict["layers"]["dense"]["0"]`). Only entries with segments
+    ("2") count: an older file's history has no uid, and met again it would
+    be added.
+    """
+    names: List[str] = []
+    group.visit(names.append)
+    entries: Dict[Tuple[str, ...], Segments] = {}
+    for name in names:
+        parts = name.split("/")
+        if parts[-1] != "2" or _ATTRIBUTE not in parts[:-1]:
+            continue
+        at = len(parts) - 1 - parts[::-1].index(_ATTRIBUTE)
+        if parts[at + 1 : -1] not in ([], ["vars"]):
+            continue
+        path = tuple(part for part in parts[:at] if part != "vars")
+        found = segments_from_table(np.asarray(group[name][()]))
+        known = entries.get(path)
+        entries[path] = _merged(known, found) if known else found
+    return entries
+
+
+def _remember_file_values(
+    tree, entries: Dict[Tuple[str, ...], Segments], path: Tuple[str, ...] = (), inherited=None
+) -> None:
+    """Remembers the arrays of a Keras weight file read as a tree, with its ledger entries.
+
+    `keras.saving.KerasFileEditor(path).weights_dict` (a `.weights.h5` or
+    `.keras` file) gives the file's arrays as nested dicts (without the
+    layers' ledger entries: `_file_entries` reads them from the file). An
+    entry covers the arrays of the object it was written beside, nested
+    ones included (the model's covers every layer, a layer's its own
+    variables); arrays set into a rebuilt model (`set_weights`) are then
+    recognised like values `load_weights` loaded. Constant arrays (a zero
+    bias, an initial moving mean) are not remembered: other models hold
+    them too.
+    """
+    if not isinstance(tree, dict):
+        return
+    segments = inherited or {}
+    found = entries.get(path)
+    if found:
+        segments = _merged(segments, found) if segments else found
+    for key, value in tree.items():
+        if key == _ATTRIBUTE:
+            continue
+        if isinstance(value, dict):
+            _remember_file_values(value, entries, path + (key,), segments)
+        elif _has_counts(segments):
+            _remember_array(value, segments)
+
+
+def _remember_array(value, segments: Segments) -> None:
+    """Remembers one array read from a file (and a matrix's transpose) with `segments`."""
+    value = np.asarray(value)
+    if value.dtype.kind not in "biuf" or value.size < 2 or np.all(value == value.flat[0]):
+        return
+    arrangements = [value] + ([value.T] if value.ndim == 2 else [])
+    for arranged in arrangements:
+        fingerprint = _fingerprints.value_fingerprint(arranged)
+        _REMEMBERED[fingerprint] = _merged(_REMEMBERED.get(fingerprint), segments)
+
+
+def after_reading_weight_file(group, weights_dict) -> None:
+    """`KerasFileEditor`'s hook (`tan_keras._keras_saving`): `_remember_file_values`.
+
+    Args:
+      group: The root of the file read (`h5py`), still open.
+      weights_dict: The tree of its arrays the editor read.
+    """
+    entries = _file_entries(group)
+    if entries:
+        _remember_file_values(weights_dict, entries)
 
 
 def after_loading_each_object(obj, read) -> None:
