@@ -17,6 +17,9 @@ from typing import Optional
 
 import tensorflow as tf
 
+# The step's message for a negative weight (kept when fit scrubs the error).
+NEGATIVE_WEIGHT = "Invalid value for `sample_weight`: expected weights >= 0"
+
 
 def example_weights(sample_weight: Optional[tf.Tensor]) -> Optional[tf.Tensor]:
     """Each example's loss weight: its sample weight, checked to be >= 0.
@@ -30,8 +33,6 @@ def example_weights(sample_weight: Optional[tf.Tensor]) -> Optional[tf.Tensor]:
     if sample_weight is None:
         return None
     weights = tf.reshape(tf.cast(sample_weight, tf.float32), [-1])
-    check = tf.debugging.assert_non_negative(
-        weights, message="Invalid value for `sample_weight`: expected weights >= 0"
-    )
+    check = tf.debugging.assert_non_negative(weights, message=NEGATIVE_WEIGHT)
     with tf.control_dependencies([check]):
         return tf.identity(weights)

@@ -8,6 +8,7 @@ the checks that construction, `compile` and every `fit` run on the model.
 """
 
 import inspect
+import os
 import re
 
 import keras
@@ -18,6 +19,7 @@ from tan_keras.keras_dp import (
     array_inputs,
     class_weights,
     dp_state,
+    example_weights,
     fit_inputs,
     model_checks,
     step_identity,
@@ -61,7 +63,8 @@ def _label_spec(arguments):
 # The forms in which TensorFlow 2.21's kernels print a value they found in the
 # data (and the row it sits in) when it is out of range: an id read by a
 # custom layer, a label read by a custom loss, a weight checked by an
-# assertion. Each names a private value or where it sits in the batch.
+# assertion. Each names a private value or where it sits in the batch; the
+# line holding one is kept with its numbers and quoted strings replaced.
 _PRIVATE_VALUE_FORMS = (
     # GatherV2, ResourceGather, ResourceScatter*, DynamicPartition:
     # "indices[1,0,2] = 4242 is not in [0, 10)".
@@ -83,12 +86,55 @@ _PRIVATE_VALUE_FORMS = (
     r"Expected begin\[\d+\] in \[",
     # tf.debugging.assert_* (the sample_weight check among them) prints the
     # first values of the checked tensor: "Condition x >= 0 did not hold
-    # element-wise:] [x (w:0) = ] [1 2 -4242]".
+    # element-wise:] [x (w:0) = ] [1 2 -4242]" (only the condition is kept).
     r"did not hold",
 )
 _OUT_OF_RANGE_VALUE = re.compile("|".join(f"(?:{form})" for form in _PRIVATE_VALUE_FORMS))
+_CONDITION = re.compile(r"Condition [\w <>=!.]{1,40}? did not hold(?: element-wise)?")
+# TensorFlow's fixed sentences about shapes, dtypes and numerics, matched in
+# full: their only variable parts are numbers (replaced, a shape can be
+# computed from the data: a boolean_mask's, a unique's) and graph names.
+_STRUCTURAL_FORMS = tuple(
+    re.compile(form)
+    for form in (
+        r"Incompatible shapes: \[[\d,]*\] vs\. \[[\d,]*\]",
+        r"Matrix size-incompatible: In\[0\]: \[[\d,]*\], In\[1\]: \[[\d,]*\]",
+        r"Shape of tensor [\w/:.-]+ \[[\d,?]*\] is not compatible with expected shape "
+        r"\[[\d,?]*\]",
+        r"Input to reshape is a tensor with \d+ values, but the requested shape "
+        r"(?:has|requires a multiple of) \d+",
+        r"ConcatOp : Dimension \d+ in both shapes must be equal: shape\[\d+\] = \[[\d,]*\] "
+        r"vs\. shape\[\d+\] = \[[\d,]*\]",
+        r"cannot compute \w+ as input #\d+\(zero-based\) was expected to be a \w+ tensor "
+        r"but is a \w+ tensor",
+        r"Tensor had (?:NaN|[+-]?Inf)(?: and (?:NaN|[+-]?Inf))? values",
+        r"OOM when allocating tensor with shape\[[\d,]*\]",
+    )
+)
+# The package's own messages from inside the step (their values withheld).
+_OWN_MESSAGES = (
+    example_weights.NEGATIVE_WEIGHT,
+    # tan_keras.training.train_data's refusal of an undecodable image.
+    "could not be decoded as an image (corrupt, truncated, or not a JPEG, PNG, GIF or BMP): "
+    "re-encode it, or leave it out of the dataset (and out of N).",
+)
 # Where TensorFlow names the failing op: "[[{{node loop_body/GatherV2}}]]".
 _FAILED_NODE = re.compile(r"\{\{node ([^}]+)\}\}")
+# A frame of the op's "defined at (most recent call last):" trace (code, not data).
+_FRAME = re.compile(r'^\s*File "([^"\n]+)", line (\d+), in ([\w<>.]+)\s*$')
+# A line of TensorFlow's C++ log: "W0000 00:00:1796.04 26814 local_rendezvous.cc:412] ...".
+_LOG_LINE = re.compile(
+    r"^((?:[IWEF]\d{4} [\d:.]+\s+\d+ |\d{4}-\d\d-\d\d [\d:.]+: [IWEF] )[\w/.-]+:\d+\] ?)(.*)$"
+)
+# A status code in a log line: "... aborting with status: INVALID_ARGUMENT: ...".
+_STATUS = re.compile(r"\b[A-Z][A-Z_]{3,}: ")
+_HOW_TO_SEE = (
+    "TensorFlow's message of a failing op can print values computed from the data (an "
+    "assertion's tensors, a py_function's exception, a custom op's text), so during a "
+    "private fit it is kept only where its form is known to hold none. To see all of it, "
+    "run the same model with plain Keras (without make_private) on public or synthetic data "
+    "that fails the same way."
+)
 
 
 def _withheld(text: str) -> str:
@@ -96,51 +142,169 @@ def _withheld(text: str) -> str:
     return re.sub(r"\d+", "#", re.sub(r"(['\"]).*?\1", "'...'", text))
 
 
-def _failure_line(message: str) -> str:
-    """The line of a TensorFlow error message that says what failed.
+def _kept_sentence(message: str):
+    """What of a failing op's message holds no value of the data, and its kind.
 
-    A compiled step's message opens with "Graph execution error:" and the
-    traceback of the op; the kernel's own sentence (the out-of-range id) is
-    the line holding a known form, else the first line.
+    The package's own message, a known out-of-range form (its line, numbers
+    and quoted strings replaced; an assertion's condition only) or a
+    structural form (numbers replaced); else (None, None): withheld whole.
     """
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    for line in lines:
+    for own in _OWN_MESSAGES:
+        if own in message:
+            return own, "own"
+    for line in message.splitlines():
         if _OUT_OF_RANGE_VALUE.search(line):
-            return line
-    return lines[0] if lines else ""
+            condition = _CONDITION.search(line)
+            if condition:
+                return _withheld(condition.group(0)), "assertion"
+            if "did not hold" in line:
+                return "an assertion's condition did not hold", "assertion"
+            return _withheld(line.strip()), "index"
+    for form in _STRUCTURAL_FORMS:
+        found = form.search(message)
+        if found:
+            # (Digits after a lowercase letter are a dtype's: float32.)
+            return re.sub(r"(?<![a-z])\d+", "#", found.group(0)), "structure"
+    return None, None
 
 
-def scrubbed_error(error: "tf.errors.InvalidArgumentError") -> Exception:
+def _defined_at(message: str) -> str:
+    """' The op was defined at File "...", line N, in f.', or ''.
+
+    The innermost frame of the op's trace outside Keras, TensorFlow and the
+    package (the user's layer or loss) where there is one, else the innermost.
+    """
+    _, marker, rest = message.partition("defined at (most recent call last):")
+    frames = []
+    for line in rest.splitlines() if marker else ():
+        if not line.strip():
+            continue
+        frame = _FRAME.match(line)
+        if not frame:
+            break
+        frames.append(frame.groups())
+    if not frames:
+        return ""
+    libraries = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    libraries += [os.path.dirname(os.path.abspath(m.__file__)) for m in (keras, tf)]
+    own = [f for f in frames if not any(f[0].startswith(lib + os.sep) for lib in libraries)]
+    path, line, function = (own or frames)[-1]
+    return f' The op was defined at File "{path}", line {line}, in {function}.'
+
+
+def _failure_text(kind: str, message: str) -> str:
+    """The text of a scrubbed error: what failed, where, and how to see the rest."""
+    sentence, form = _kept_sentence(message)
+    node = _FAILED_NODE.search(message)
+    where = f" (op `{_withheld(node.group(1))}`)" if node else ""
+    hint = (
+        "An id or label out of range of a table is the usual cause: Embedding and lookup "
+        "layers drop such examples, a custom layer or loss reading a table must check its "
+        "ids itself. "
+        if form == "index"
+        else ""
+    )
+    return (
+        f"A training step failed inside TensorFlow ({kind}): "
+        f"{sentence or 'the message of the failing op'}{where} "
+        "[values and positions withheld: they come from private training examples]."
+        f"{_defined_at(message)} {hint}{_HOW_TO_SEE}"
+    )
+
+
+def scrubbed_error(error: "tf.errors.OpError") -> Exception:
     """`error` from inside a train step, its values withheld.
 
     A runtime error of the compiled step is raised by the data of one
-    micro-batch, and TensorFlow prints what it found there: an out-of-range
-    id read by a custom layer ("indices[1,0,2] = 4242 is not in [0, 10)"),
-    a label read by a custom loss ("segment_ids[3,0] = 4251 is out of range
-    [0, 48)", from which label and row can be computed) or the values an
-    assertion checked (`_PRIVATE_VALUE_FORMS`) name a private value and its
-    row. The failing sentence and op are kept, their numbers and quoted
-    strings replaced, so the kind of failure stays readable.
+    micro-batch, and its message can print what the failing op found there:
+    an out-of-range id read by a custom layer ("indices[1,0,2] = 4242 is not
+    in [0, 10)"), a label read by a custom loss, the tensors a
+    `tf.debugging.Assert` checked ("assertion failed: [[1234.5 ...]]", found by
+    a review), a py_function's exception, a custom op's text. Withheld by
+    default: only the error type, the failing op (its name and where it was
+    defined), the package's own messages and the forms known to hold no
+    value (`_kept_sentence`, their numbers replaced) are kept.
 
     Args:
       error: The error raised by the compiled train function.
 
     Returns:
-      An error of the same type whose message holds no number of the data.
+      An error of the same type whose message holds nothing of the data.
     """
-    message = str(error.message) if error.message else ""
-    node = _FAILED_NODE.search(message)
-    where = f" (op `{_withheld(node.group(1))}`)" if node else ""
-    return type(error)(
-        None,
-        None,
-        f"A training step failed inside TensorFlow ({type(error).__name__}): "
-        f"{_withheld(_failure_line(message))}{where} "
-        "[values and positions withheld: they come from private training examples]. An id "
-        "or label out of range of a table is the usual cause: Embedding and lookup layers "
-        "drop such examples, a custom layer or loss reading a table must check its ids "
-        "itself.",
+    message = str(getattr(error, "message", None) or "")
+    text = _failure_text(type(error).__name__, message)
+    try:
+        return type(error)(None, None, text)
+    except TypeError:
+        return tf.errors.UnknownError(None, None, text)
+
+
+def _raised_by_package(error: BaseException) -> bool:
+    """Whether `error` was raised by the package's own code (its messages are its own)."""
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    if traceback is None:
+        return False
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.abspath(traceback.tb_frame.f_code.co_filename).startswith(package + os.sep)
+
+
+def _scrubbed_python_error(error: Exception) -> Exception:
+    """A Python error of a step run eagerly, whose message may print the data."""
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    raised_at = (
+        f' It was raised at File "{traceback.tb_frame.f_code.co_filename}", line '
+        f"{traceback.tb_lineno}, in {traceback.tb_frame.f_code.co_name}."
+        if traceback is not None
+        else ""
     )
+    text = (
+        f"A training step run eagerly (run_eagerly=True) failed ({type(error).__name__}) "
+        "[message withheld: code run eagerly sees the values of private training examples, "
+        f"and its message may print them].{raised_at} {_HOW_TO_SEE}"
+    )
+    try:
+        scrubbed = type(error)(text)
+    except Exception:
+        return RuntimeError(text)
+    return scrubbed if str(scrubbed) == text else RuntimeError(text)
+
+
+def _scrubbed_log(text: str) -> str:
+    """TensorFlow's C++ log written during a step, what may hold the data withheld.
+
+    A log line reporting a status ("Local rendezvous is aborting with status:
+    INVALID_ARGUMENT: assertion failed: [[1234.5 ...]]"), or any warning or
+    error, keeps its prefix and what `_kept_sentence` keeps; the lines
+    continuing it (a multi-row tensor, a py_function's traceback) are
+    withheld. Other lines are kept, those holding a known out-of-range form
+    with their numbers replaced.
+    """
+    out, in_record = [], False
+    for line in text.splitlines(keepends=True):
+        logged = _LOG_LINE.match(line.rstrip("\r\n"))
+        if logged:
+            prefix, body = logged.groups()
+            in_record = prefix[0] in "WEF" or " W " in prefix or " E " in prefix
+            in_record = in_record or bool(_STATUS.search(body)) or "status" in body
+            if not in_record:
+                out.append(line)
+                continue
+            sentence, _ = _kept_sentence(body)
+            status = _STATUS.search(body)
+            code = f"{status.group(0)}" if status else ""
+            out.append(
+                f"{prefix}{code}{sentence or 'message'} [values withheld during a private "
+                "training step: they come from private training examples]\n"
+            )
+        elif in_record:
+            continue
+        else:
+            out.append(_withheld(line) if _OUT_OF_RANGE_VALUE.search(line) else line)
+    return "".join(out)
 
 
 class _FitEntry:
@@ -349,18 +513,24 @@ class _FitEntry:
         checks_identity = self._dp_config.sampling == "poisson"
 
         # TensorFlow's C++ log of a kernel failing on the data, scrubbed too.
-        stderr = step_stderr.StderrFilter(
-            lambda line: bool(_OUT_OF_RANGE_VALUE.search(line)), _withheld
-        )
+        stderr = step_stderr.StderrFilter(_scrubbed_log)
 
         def train_function(iterator):
             try:
                 with stderr:
                     logs = function(iterator)
-            except tf.errors.InvalidArgumentError as error:
-                if not _OUT_OF_RANGE_VALUE.search(str(error.message)):
-                    raise
+            except StopIteration:
+                raise
+            except tf.errors.OpError as error:
+                # Withheld whatever op raised it: its message is computed
+                # from the step's data.
                 scrubbed = scrubbed_error(error)
+            except Exception as error:
+                # A traced step's Python errors are raised while tracing, on
+                # symbolic tensors; a step run eagerly sees the data.
+                if not self.run_eagerly or _raised_by_package(error):
+                    raise
+                scrubbed = _scrubbed_python_error(error)
             else:
                 scrubbed = None
             if scrubbed is not None:

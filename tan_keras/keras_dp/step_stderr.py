@@ -8,8 +8,9 @@ sparse cross-entropy's "label value of 4711 ... Label values: 0 4711 2 ...",
 every label of the micro-batch (found by a review). The Python exception is
 scrubbed (`fit_entry.scrubbed_error`); this filter does the same for the log:
 while a step runs, file descriptor 2 writes into a file of the filter's, and
-after the step its lines are written to the real stderr, those that hold a
-private value (`is_private`) with their numbers replaced. Setting
+after the step it is written to the real stderr as `scrub` returns it
+(`fit_entry._scrubbed_log`: a log record of a failure keeps its prefix and
+what is known to hold no value, the rest withheld). Setting
 TF_CPP_MIN_LOG_LEVEL=2 before TensorFlow loads silences those lines
 altogether (the training program does), but a user's `import keras` loads
 TensorFlow first.
@@ -25,13 +26,11 @@ class StderrFilter:
     """A reusable context: fd 2 captured inside, replayed filtered on exit.
 
     Args:
-      is_private: Whether a line holds a private value.
-      withheld: The line with its values replaced.
+      scrub: The captured text as it may be written to stderr.
     """
 
-    def __init__(self, is_private: Callable[[str], bool], withheld: Callable[[str], str]):
-        self._is_private = is_private
-        self._withheld = withheld
+    def __init__(self, scrub: Callable[[str], str]):
+        self._scrub = scrub
         self._capture = None
         self._saved = None
 
@@ -54,9 +53,6 @@ class StderrFilter:
             text = capture.read(size).decode("utf-8", errors="replace")
             capture.seek(0)
             capture.truncate()
-            lines = text.splitlines(keepends=True)
-            sys.stderr.write(
-                "".join(self._withheld(line) if self._is_private(line) else line for line in lines)
-            )
+            sys.stderr.write(self._scrub(text))
             sys.stderr.flush()
         return False
