@@ -321,6 +321,7 @@ def _numeric(values) -> List[Tuple[int, np.ndarray]]:
             array = np.asarray(value)
         except (TypeError, ValueError):
             continue
-        if array.dtype.kind in "biuf" and array.size >= 2:
+        # Float scalars too: a one-column feature's statistic is one number.
+        if array.dtype.kind in "biuf" and (array.size >= 2 or array.dtype.kind == "f"):
             found.append((i, array))
     return found

@@ -23,7 +23,21 @@ it reads. A value is refused when
   (`register_adapted`, installed on `adapt` at import), unless the
   layer was then declared public or adapted privately (`vouch`, called by
   `provenance.mark`): a privately released value is followed by the privacy
-  ledger instead (`ledger.recall` looks up `value_fingerprints`).
+  ledger instead (`ledger.recall` looks up `value_fingerprints`); or
+* it is a statistic of the training data: per-feature vectors (rtol 1e-4),
+  or values each a single column's statistic (mean, variance, std, median
+  and percentiles, extremes, sums, reciprocals; rtol 1e-5), float scalars
+  included: keras.io's structured data gives each feature as its own
+  [N, 1] column, whose mean is one number. Numbers a person writes (whole,
+  p/q with q <= 16, four significant digits, or one over such: 0.5, 255,
+  1/255) are never taken for statistics.
+
+Validation data is compared by whole records (`holds_training_records`,
+called by `held_out.py`): every numeric input of a row together, so that a
+dict of one-column features, or one [N, 1] feature, copied from the
+training records is refused; matches are weighed against the rate at which
+the training records repeat among themselves, so held-out data of a few
+categories is not taken for a copy.
 
 Vocabularies live in lookup tables, not in the traced graph: a lookup layer
 whose `vocabulary=` equals an adapted, unvouched vocabulary is refused by
@@ -31,8 +45,10 @@ whose `vocabulary=` equals an adapted, unvouched vocabulary is refused by
 
 What it cannot see: values changed on the way (scaled, shuffled within a
 row, cast to a lower precision), rows of data never handed to
-`make_poisson_dataset` (a `tf.data` source of your own), and constant rows
-(every value equal), which are too common to tell apart.
+`make_poisson_dataset` (a `tf.data` source of your own), constant rows
+(every value equal), which are too common to tell apart, and validation
+records that chance could explain (one copied row among a thousand
+training rows, a copy of data with few distinct records).
 
 TensorFlow is imported on its backend only: the functions that read its
 graphs (`graph_values`, `check_function`) serve the TensorFlow route, the
@@ -55,8 +71,26 @@ _TENSORFLOW = keras.backend.backend() == "tensorflow"
 if _TENSORFLOW:
     import tensorflow as tf
 
-# Constants smaller than this are not looked at: scalars, shapes, axes.
+# Constants smaller than this are not looked at (shapes, axes), unless a
+# float: a float scalar is matched against the single-column statistics
+# (`_scalar_statistic`), never against rows.
 _MIN_ELEMENTS = 2
+# Per-column statistics are recorded as scalars for arrays of at most this
+# many columns (structured data; per-pixel scalars would match by chance).
+_MAX_SCALAR_COLUMNS = 64
+# Scalars match a statistic within this relative tolerance: Keras `adapt`,
+# numpy and jax.numpy in float32 land within 2e-7 of the float64 statistic
+# (measured, N up to 1e5); vectors use 1e-4, their elements matching jointly.
+_SCALAR_RTOL = 1e-5
+# Statistics of larger arrays are computed without sorting or copying them
+# (moments and extremes only).
+_MAX_SORTED_ELEMENTS = 10_000_000
+# Arrays with more elements are weights or data, not statistics: their
+# elements are not matched one by one.
+_MAX_SCALARS_CHECKED = 4096
+# Joined records (every numeric input of a row together) are recorded up to
+# this width; wider inputs are matched leaf by leaf (`_ROWS`).
+_MAX_RECORD_WIDTH = 4096
 # Rows of a training array are recognised by a random projection in float64
 # (exact equality of identical rows; distinct rows collide with probability
 # ~0 for real data).
@@ -100,6 +134,20 @@ _VOUCHED: Dict[int, str] = {}
 # The values of vouched layers' state (as float64), by fingerprint: a graph
 # holds them reshaped, so a statistic they equal is matched by value.
 _VOUCHED_VALUES: Dict[int, np.ndarray] = {}
+# Single-column statistics (a column's mean, variance, quantiles...) of the
+# registered arrays: (value, name) by registration, and the same sorted for
+# lookup (rebuilt when stale).
+_SCALARS: Dict[str, Tuple[np.ndarray, List[str]]] = {}
+_SCALAR_INDEX: List[Any] = []
+# Whole training records (every numeric input of a row, joined in the order
+# of `keras.tree.flatten`), by registration: (width, sorted keys, the rate
+# at which a held-out record matches one by chance). Keys are projections
+# for records of two numbers or more, the values themselves for one.
+# Kept for validation data only (`holds_training_records`).
+_RECORDS: Dict[str, Tuple[int, np.ndarray, float]] = {}
+# Validation rows matching training records count as a copy when chance
+# explains that many with probability under exp(-_RECORD_EVIDENCE) (1e-3).
+_RECORD_EVIDENCE = np.log(1000.0)
 
 
 def _projection(width: int) -> np.ndarray:
@@ -108,7 +156,9 @@ def _projection(width: int) -> np.ndarray:
 
 def _numeric(value: Any) -> Optional[np.ndarray]:
     array = np.asarray(value)
-    if array.dtype.kind not in "biuf" or array.size < _MIN_ELEMENTS:
+    if array.dtype.kind not in "biuf" or not array.size:
+        return None
+    if array.size < _MIN_ELEMENTS and array.dtype.kind != "f":
         return None
     return array
 
@@ -117,15 +167,19 @@ def register_rows(features: Any) -> None:
     """Remembers the rows of training arrays, so that no computation may hold a copy.
 
     Also each feature's usual statistics (`_statistics`: constants equal to
-    them are computed from the training set) and the values of each column
-    of categories with their counts (a vocabulary made of the column's
-    values, rare ones included, is the training set's: keras.io's
-    `IntegerLookup(vocabulary=sorted(train[col].unique()))`).
+    them are computed from the training set), each column's own statistics
+    as scalars (`_scalar_statistics`: a one-column feature's mean is one
+    number), the values of each column of categories with their counts (a
+    vocabulary made of the column's values, rare ones included, is the
+    training set's: keras.io's `IntegerLookup(vocabulary=sorted(train[col].unique()))`),
+    and the whole records (`_register_records`: validation data holding them
+    is refused).
 
     Args:
       features: An array of [N, ...] examples, or a list/dict of such arrays.
     """
-    for array in keras.tree.flatten(features):
+    _register_records(features)
+    for path, array in keras.tree.flatten_with_path(features):
         array = np.asarray(keras.ops.convert_to_numpy(array))
         digest = hashlib.blake2b(f"{array.dtype}{array.shape}".encode(), digest_size=8)
         digest.update(np.ascontiguousarray(array).data if array.dtype != object else b"")
@@ -147,6 +201,7 @@ def register_rows(features: Any) -> None:
         for group in groups:
             for name, vector in _statistics(group):
                 _STATISTICS[value_fingerprint(vector)] = (name, vector)
+        _register_scalars(fingerprint, _input_name(path), flat, groups[1:])
         if array.ndim < 2:
             continue
         rows = array.reshape(len(array), -1).astype(np.float64)
@@ -156,6 +211,276 @@ def register_rows(features: Any) -> None:
         rows = rows[np.any(rows != rows[:, :1], axis=1)]
         known = _ROWS.get(width, np.empty(0))
         _ROWS[width] = np.unique(np.concatenate([known, rows @ _projection(width)]))
+
+
+def _input_name(path: Tuple[Any, ...]) -> str:
+    return "input `" + "/".join(str(key) for key in path) + "`" if path else "the input"
+
+
+def _records(features: Any) -> Optional[np.ndarray]:
+    """[N, width] float64: every numeric input of each row, joined; None if not arrays.
+
+    Inputs that are not numbers (strings) are left out, in the training
+    records and in the validation records alike.
+    """
+    columns = []
+    for leaf in keras.tree.flatten(features):
+        if not hasattr(leaf, "__array__") and not isinstance(leaf, (list, tuple)):
+            return None
+        try:
+            array = np.asarray(keras.ops.convert_to_numpy(leaf))
+        except (TypeError, ValueError):
+            return None
+        if array.dtype.kind not in "biuf" or array.ndim < 1:
+            continue
+        columns.append(array.reshape(len(array), -1).astype(np.float64))
+    if not columns or any(len(c) != len(columns[0]) for c in columns):
+        return None
+    width = sum(c.shape[1] for c in columns)
+    if not len(columns[0]) or not width or width > _MAX_RECORD_WIDTH:
+        return None
+    return np.concatenate(columns, axis=1)
+
+
+def _register_records(features: Any) -> None:
+    """Remembers the training records, all inputs of a row together, for validation data.
+
+    keras.io's structured data gives each feature as its own [N, 1] column:
+    no array holds a row of more than one number, so a copy is told by the
+    whole record. Records of one number in all are compared by value, whole
+    numbers left out (equal ages tell no copy apart). With each, the rate
+    at which a fresh record of the same data matches a training record by
+    chance, estimated from the training records themselves (the fraction
+    that repeat another, leave one out, plus its error and 1/N).
+    """
+    leaves = keras.tree.flatten(features)
+    if len(leaves) == 1 and int(np.prod(np.shape(leaves[0])[1:])) >= 2:
+        return  # one array of rows: matched row by row (`_ROWS`)
+    records = _records(features)
+    if records is None:
+        return
+    key = hashlib.blake2b(records.tobytes(), digest_size=8).hexdigest() + str(records.shape)
+    if key in _RECORDS:
+        return
+    keys = _record_keys(records)
+    if len(keys) < 2:
+        return
+    _, counts = np.unique(keys, return_counts=True)
+    n = len(keys)
+    repeated = float(counts[counts > 1].sum()) / n
+    rate = min(1.0, repeated + 2 * np.sqrt(repeated * (1 - repeated) / n) + 1.0 / n)
+    _RECORDS[key] = (records.shape[1], np.unique(keys), rate)
+
+
+def _record_keys(records: np.ndarray) -> np.ndarray:
+    """One float per compared record: the value (one number), or a projection.
+
+    Records of one whole number, and records whose numbers are all equal,
+    are not compared (module doc: constant rows).
+    """
+    width = records.shape[1]
+    if width == 1:
+        values = records[:, 0]
+        return values[np.isfinite(values) & (values != np.round(values))]
+    rows = records[np.any(records != records[:, :1], axis=1)]
+    return rows @ _projection(width)
+
+
+def holds_training_records(features: Any) -> Optional[str]:
+    """Whether the records of `features` (validation inputs) are training records.
+
+    Every numeric input of a row is compared together, in the structure
+    the training inputs had (a dict of one-column features: the whole
+    record; one [N, 1] feature: its values, whole numbers left out). A
+    copy is more matches than chance explains: the binomial tail at the
+    registered chance rate (Chernoff bound) under 1e-3. A full copy, or a
+    part of a few rows, is refused; held-out data of few distinct records
+    (categories) is not.
+
+    Returns:
+      None, or how many validation rows repeat training records, in words.
+    """
+    records = _records(features)
+    if records is None:
+        return None
+    width = records.shape[1]
+    compared = None
+    for known_width, known, rate in _RECORDS.values():
+        if known_width != width:
+            continue
+        if compared is None:
+            compared = _record_keys(records)
+        matched = int(np.isin(compared, known).sum())
+        if matched and _beyond_chance(matched, len(compared), rate):
+            what = "hold a training value" if width == 1 else "are training records (all inputs)"
+            return f"{matched} of its {len(records)} rows {what}"
+    return None
+
+
+def _beyond_chance(matched: int, compared: int, rate: float) -> bool:
+    """Whether `matched` of `compared` exceeds chance at `rate` (tail under 1e-3)."""
+    share = matched / compared
+    if rate >= 1.0 or share <= rate:
+        return False
+    divergence = share * np.log(share / rate)
+    if share < 1.0:
+        divergence += (1 - share) * np.log((1 - share) / (1 - rate))
+    return compared * divergence > _RECORD_EVIDENCE
+
+
+def _register_scalars(key: str, name: str, flat: np.ndarray, channels: List[np.ndarray]) -> None:
+    """Records the single-column statistics of an array, as scalars (`_scalar_statistics`).
+
+    Each column's (for arrays of at most `_MAX_SCALAR_COLUMNS` columns),
+    each channel's (images), and the whole array's.
+    """
+    found: List[Tuple[str, np.ndarray]] = []
+    if flat.shape[1] == 1:
+        found += _scalar_statistics(flat, lambda s: f"{s} of {name}")
+    else:
+        if flat.shape[1] <= _MAX_SCALAR_COLUMNS:
+            found += _scalar_statistics(flat, lambda s: f"{s} of a column of {name}")
+        found += _scalar_statistics(flat.reshape(-1, 1), lambda s: f"{s} of {name}, all values")
+    for group in channels:
+        if group.shape[1] <= _MAX_SCALAR_COLUMNS:
+            found += _scalar_statistics(group, lambda s: f"{s} of a channel of {name}")
+    if not found:
+        return
+    values = np.concatenate([vector for _, vector in found])
+    names = [label for label, vector in found for _ in range(vector.size)]
+    keep = np.isfinite(values) & ~_simple(values)
+    entry = (values[keep], [label for label, k in zip(names, keep) if k])
+    _SCALARS[key] = entry
+    _SCALAR_INDEX.clear()
+
+
+def _scalar_statistics(columns: np.ndarray, label) -> List[Tuple[str, np.ndarray]]:
+    """What a preprocessing scalar is computed as from a column, per column of [n, width].
+
+    Mean, variance and std (ddof 0 and 1: numpy's and pandas'), median
+    and quantiles, extremes and range, sum and sum of squares, and the
+    reciprocals used as scales.
+    """
+    if len(columns) < 2:
+        return []
+    if columns.size > _MAX_SORTED_ELEMENTS:
+        return _large_scalar_statistics(columns, label)
+    quantiles = np.quantile(columns, [0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99], axis=0)
+    std, std1 = columns.std(axis=0), columns.std(axis=0, ddof=1)
+    low, high = columns.min(axis=0), columns.max(axis=0)
+    absmax = np.maximum(np.abs(low), np.abs(high))
+    found = [
+        ("mean", columns.mean(axis=0)),
+        ("variance", columns.var(axis=0)),
+        ("variance (ddof=1)", columns.var(axis=0, ddof=1)),
+        ("std", std),
+        ("std (ddof=1)", std1),
+        ("minimum", low),
+        ("maximum", high),
+        ("absolute maximum", absmax),
+        ("range", high - low),
+        ("sum", columns.sum(axis=0)),
+        ("sum of squares", np.square(columns).sum(axis=0)),
+    ]
+    found += [
+        ("median" if q == 50 else f"{q}th percentile", v)
+        for q, v in zip((1, 5, 10, 25, 50, 75, 90, 95, 99), quantiles)
+    ]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        found += [
+            ("1 / std", 1 / std),
+            ("1 / std (ddof=1)", 1 / std1),
+            ("1 / absolute maximum", 1 / absmax),
+            ("1 / range", 1 / (high - low)),
+        ]
+    return [(label(name), vector) for name, vector in found]
+
+
+def _large_scalar_statistics(columns: np.ndarray, label) -> List[Tuple[str, np.ndarray]]:
+    """The moments and extremes of a large array's columns, without copying it (no quantiles)."""
+    n = len(columns)
+    mean = columns.mean(axis=0)
+    squares = np.einsum("ij,ij->j", columns, columns)
+    variance = np.maximum(squares / n - mean**2, 0)
+    low, high = columns.min(axis=0), columns.max(axis=0)
+    absmax = np.maximum(np.abs(low), np.abs(high))
+    found = [
+        ("mean", mean),
+        ("variance", variance),
+        ("std", np.sqrt(variance)),
+        ("minimum", low),
+        ("maximum", high),
+        ("absolute maximum", absmax),
+        ("sum", mean * n),
+    ]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        found += [("1 / std", 1 / np.sqrt(variance)), ("1 / absolute maximum", 1 / absmax)]
+    return [(label(name), vector) for name, vector in found]
+
+
+def _simple(values: np.ndarray) -> np.ndarray:
+    """Which values are numbers a person writes (whole, p/q with q <= 16, 4 digits, or 1/such).
+
+    Such a statistic (a balanced binary column's mean of 0.5, a pixel
+    maximum of 255) would match public constants (a dropout rate, a
+    `Rescaling(1 / 255)`), so it is not recorded.
+    """
+    values = np.asarray(values, np.float64)
+    simple = values == 0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for candidate in (values, 1 / values):
+            scaled = candidate[:, None] * np.arange(1, 17)
+            simple |= np.any(np.abs(scaled - np.round(scaled)) <= 1e-6 * np.abs(scaled), axis=1)
+            magnitude = np.abs(candidate)
+            exponent = np.floor(np.log10(np.where(magnitude > 0, magnitude, 1)))
+            digits = magnitude / 10.0 ** (exponent - 3)
+            simple |= np.abs(digits - np.round(digits)) <= 1e-6 * digits
+    return simple
+
+
+def _scalar_index() -> Tuple[np.ndarray, List[str]]:
+    if not _SCALAR_INDEX:
+        values = [v for v, _ in _SCALARS.values()]
+        names = [n for _, found in _SCALARS.values() for n in found]
+        values = np.concatenate(values) if values else np.empty(0)
+        order = np.argsort(values, kind="stable")
+        _SCALAR_INDEX.extend([values[order], [names[i] for i in order]])
+    return _SCALAR_INDEX[0], _SCALAR_INDEX[1]
+
+
+def _scalar_statistic(flat: np.ndarray) -> Optional[str]:
+    """The statistic a float value's elements are, when every one that is not simple is one.
+
+    A scalar (`Normalization(mean=train["age"].mean())`) or a vector of
+    single-column statistics (the means of a dict's one-column features,
+    concatenated). Matched within `_SCALAR_RTOL`; values a person writes
+    (`_simple`) are no evidence; elements equal to vouched state are excused.
+    """
+    known, names = _scalar_index()
+    if not known.size or flat.size > _MAX_SCALARS_CHECKED:
+        return None
+    flat = flat[np.isfinite(flat)]
+    flat = flat[~_simple(flat)] if flat.size else flat
+    if not flat.size:
+        return None
+    position = np.clip(np.searchsorted(known, flat), 1, len(known) - 1) if len(known) > 1 else None
+    if position is None:
+        nearest = np.zeros(flat.size, int)
+    else:
+        left, right = known[position - 1], known[position]
+        nearest = np.where(np.abs(flat - left) <= np.abs(flat - right), position - 1, position)
+    close = np.abs(flat - known[nearest]) <= _SCALAR_RTOL * np.abs(known[nearest])
+    if not np.all(close):
+        return None
+    if _VOUCHED_VALUES:
+        vouched = np.concatenate(list(_VOUCHED_VALUES.values()))
+        excused = np.array(
+            [np.any(np.abs(vouched - v) <= _SCALAR_RTOL * abs(v)) for v in flat], bool
+        )
+        if np.all(excused):
+            return None
+        nearest = nearest[~excused]
+    return names[int(nearest[0])]
 
 
 def _statistics(columns: np.ndarray) -> List[Tuple[str, np.ndarray]]:
@@ -193,14 +518,19 @@ def _statistics(columns: np.ndarray) -> List[Tuple[str, np.ndarray]]:
 
 
 def statistic_copied(array: np.ndarray) -> Optional[str]:
-    """The name of the training statistic `array` equals (rtol 1e-4), or None."""
-    if array.dtype.kind != "f" or array.size < 2:
+    """The name of the training statistic `array` equals, or None.
+
+    A vector of per-feature statistics (rtol 1e-4), or values each a
+    single column's statistic (`_scalar_statistic`, rtol `_SCALAR_RTOL`).
+    """
+    array = np.asarray(array)
+    if array.dtype.kind != "f" or not array.size:
         return None
     flat = array.ravel().astype(np.float64)
     for name, vector in _STATISTICS.values():
         if vector.size == flat.size and np.allclose(flat, vector, rtol=1e-4, atol=0):
             return None if _vouched_value(flat) else name
-    return None
+    return _scalar_statistic(flat)
 
 
 def _vouched_value(flat: np.ndarray) -> bool:
@@ -343,9 +673,12 @@ def forget() -> None:
         _VOUCHED_VALUES,
         _STATISTICS,
         _CATEGORIES,
+        _SCALARS,
+        _RECORDS,
     )
     for table in tables + (_REGISTERED,):
         table.clear()
+    _SCALAR_INDEX.clear()
 
 
 def _unvouched(table: Dict[int, _Adapted], fingerprint: int) -> Optional[_Adapted]:
@@ -414,7 +747,8 @@ def graph_values(graph) -> List[Tuple[str, np.ndarray]]:
       graph: A `FuncGraph` (a concrete function's `.graph`).
 
     Returns:
-      (name, array) pairs; values smaller than two elements are left out.
+      (name, array) pairs; values smaller than two elements are left out,
+      but for float scalars (matched against single-column statistics).
     """
     values = []
     for external, internal in graph.captures:
@@ -435,8 +769,7 @@ def graph_values(graph) -> List[Tuple[str, np.ndarray]]:
         if node.op != "Const":
             continue
         tensor = node.attr["value"].tensor
-        size = int(np.prod([d.size for d in tensor.tensor_shape.dim] or [1]))
-        if size < _MIN_ELEMENTS or tensor.dtype == tf.string.as_datatype_enum:
+        if tensor.dtype == tf.string.as_datatype_enum:
             continue
         array = _numeric(tf.make_ndarray(tensor))
         if array is not None:
@@ -470,7 +803,7 @@ def held_arrays(holder: Any, name: str) -> List[Tuple[str, np.ndarray]]:
       name: What it is, for the values' names (e.g. "dense/kernel.constraint").
 
     Returns:
-      (name, array) pairs; values smaller than two elements are left out.
+      (name, array) pairs; values smaller than two elements are left out, but for floats.
     """
     found: List[Tuple[str, np.ndarray]] = []
     for attribute, value in sorted(getattr(holder, "__dict__", {}).items()):
@@ -493,14 +826,16 @@ def _collect_arrays(value: Any, name: str, found: list, depth: int) -> None:
         for index, item in enumerate(value):
             _collect_arrays(item, f"{name}[{index}]", found, depth + 1)
         return
-    if hasattr(value, "__array__") or isinstance(value, np.generic):
+    if isinstance(value, float) and _simple(np.array([value]))[0]:
+        return  # a setting a person writes (`MaxNorm(2.0)`), no statistic
+    if hasattr(value, "__array__") or isinstance(value, (np.generic, float)):
         array = _as_array(value)
         if array is not None:
             found.append((name, array))
 
 
 def _as_array(value: Any) -> Optional[np.ndarray]:
-    """`value` as a numeric array of two elements or more, or None."""
+    """`value` as a numeric array (two elements or more, or a float), or None."""
     try:
         array = np.asarray(value)
     except (TypeError, ValueError, RuntimeError):
@@ -525,6 +860,8 @@ def check_values(values: Iterable[Tuple[str, np.ndarray]], where: str) -> None:
     """
     for name, array in values:
         source = _unvouched(_ADAPTED, value_fingerprint(array))
+        if source is not None and array.size == 1 and _simple(array.ravel())[0]:
+            source = None  # a scalar a person writes (0.5): no evidence of a copy
         if source is not None:
             raise ValueError(
                 f"{where} holds `{name}`, the state layer `{source.layer}` computed by "

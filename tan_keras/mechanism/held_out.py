@@ -28,13 +28,19 @@ def refuse_training_rows(validation_data: Any) -> None:
 
     Raises:
       ValueError: naming `validation_data`, when its inputs hold a
-        registered training row.
+        registered training row, or its records (all inputs of a row
+        together) repeat training records (`data_copies.holds_training_records`).
     """
     if not isinstance(validation_data, (tuple, list)) or not validation_data:
         return
     leaves = tree.flatten(validation_data[0])
     if any(hasattr(a, "__array__") and data_copies.holds_training_rows(a) for a in leaves):
         raise _refusal("validation_data", "arrays holding rows of the training data")
+    # Whole records, every input together: keras.io's dict of one-column
+    # features (or one [N, 1] feature) holds no row of two numbers to match.
+    copied = data_copies.holds_training_records(validation_data[0])
+    if copied is not None:
+        raise _refusal("validation_data", f"inputs of which {copied}")
 
 
 def refuse_split_copies(training_inputs: Any, held_inputs: Any) -> None:
