@@ -85,6 +85,7 @@ def checked(
             f"model draws its Poisson steps from them. Received: x={type(x).__name__}, "
             f"y={type(y).__name__}."
         )
+    x, y = plain_arrays((x, y))
     validation_split = _validate.real(
         "validation_split", validation_split, low=0.0, high=1.0, high_inclusive=False
     )
@@ -110,6 +111,16 @@ def checked(
     _check_views(config, x, axis=1, where="")
     _repeated_rows.check(x, y, kwargs.get("repeated_rows", _repeated_rows.REFUSE))
     return x, y, validation_data
+
+
+def plain_arrays(arrays):
+    """`arrays` (a structure of numpy arrays) as base-class arrays sharing their data.
+
+    A subclass's own `__getitem__` (or its ufuncs) would build each Poisson
+    step's rows, seeing all of them: a review's subclass blended the step's
+    mean into every row (16.9 lr*C/B).
+    """
+    return tree.map_structure(np.asarray, arrays)
 
 
 def _check_rows(config: DPConfig, rows: int, what: str, note: str = "") -> None:
