@@ -111,6 +111,12 @@ class SecretState:
         # (step_identity.stream_allowed); 0 in `stream_pinned` while none is.
         self.stream_pinned = replicated_counter(0, "dp_stream_pinned")
         self.pinned_source = replicated_counter(0, "dp_pinned_source")
+        # The pinned pipeline's nonce (`sampling.pipeline_nonce`): the seals
+        # of a marked micro-batch are checked with it, so a twin pipeline
+        # (same key, same data, same stream id) is refused. Each process of
+        # a multi-worker run pins its own pipeline's (set outside the
+        # replicas, so each keeps its own value).
+        self.pinned_nonce = replicated_counter(0, "dp_pinned_nonce")
         # With a released clipped fraction: the number of the logical step's
         # examples clipped so far (per replica, like `accumulators`;
         # un-noised, so secret). Built at compile.
@@ -182,9 +188,11 @@ class StreamPin(keras.callbacks.Callback):
         self._data = data
 
     def on_train_begin(self, logs=None):
-        stream = fit_inputs.stream_to_pin(self._config, self._data)
-        self._secret.stream_pinned.assign(0 if stream is None else 1)
-        self._secret.pinned_source.assign(0 if stream is None else stream)
+        pin = fit_inputs.pin_of(self._config, self._data)
+        stream, nonce = (0, 0) if pin is None else pin
+        self._secret.stream_pinned.assign(0 if pin is None else 1)
+        self._secret.pinned_source.assign(stream)
+        self._secret.pinned_nonce.assign(nonce)
 
 
 class WeightsRecall(keras.callbacks.Callback):

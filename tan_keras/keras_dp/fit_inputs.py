@@ -27,7 +27,7 @@ happened, so the input decides it, not a warning:
 
 import types
 import weakref
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import keras
 import numpy as np
@@ -274,6 +274,33 @@ def stream_to_pin(config: DPConfig, data: Any) -> Optional[int]:
             "pipeline to fit, or drop the other pipelines (del them) before fitting",
         )
     return sampling.stream_of(live[-1])
+
+
+def pin_of(config: DPConfig, data: Any) -> Optional[Tuple[int, int]]:
+    """(stream id, pipeline nonce) a fit on `data` is pinned to, or None (`stream_to_pin`).
+
+    The stream id names the key and the data only, so twins (two pipelines
+    with one key over the same data: other augmenters) share it; the
+    pipeline's nonce, bound into every seal (`sampling.pipeline_nonce`),
+    tells them apart: the model checks every element's seal with the pinned
+    pipeline's nonce. It is the nonce of the pipeline `stream_to_pin` chose:
+    the first upstream of `data`, else the most recently built one alive
+    with that stream.
+
+    Raises:
+      ValueError: as `stream_to_pin`.
+    """
+    stream = stream_to_pin(config, data)
+    if stream is None:
+        return None
+    candidates = sampling.poisson_pipelines(data)
+    if not candidates:
+        # Collected by `stream_to_pin` just now (`live_pipelines`).
+        candidates = list(reversed(sampling.live_pipelines_uncollected()))
+    for pipeline in candidates:
+        if sampling.stream_of(pipeline) == stream:
+            return stream, sampling.nonce_of(pipeline)
+    return stream, 0
 
 
 def runs_code_between_updates(data: Any) -> bool:

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from tan_keras.mechanism import sampling
+from tan_keras.mechanism import content_digest, sampling
 
 OK = 0
 REPLAYED = 1
@@ -117,17 +117,23 @@ def check(
     ends_here = tf.equal(micro, micro_batches - 1)
     end_ok = tf.logical_and(tf.equal(ends_here, tf.cast(step_end, tf.bool)), micro < micro_batches)
     source_ok = tf.logical_or(tf.equal(expected_micro, 0), tf.equal(source, step_source))
+    allowed = stream_allowed(source, pinned, pinned_source)
+    # A seal is checked with the pinned pipeline's nonce, so another
+    # stream's element fails it too: it is named for its stream below.
+    changed = tf.logical_and(
+        tf.logical_not(tf.cast(content_ok, tf.bool)), tf.logical_and(source_ok, allowed)
+    )
     # Checked in this order; the first that fails names the violation.
     failures = [
         (tf.logical_not(rows_agree), MIXED_ROWS),
         (tf.logical_not(whole), PARTIAL),
-        (tf.logical_not(tf.cast(content_ok, tf.bool)), CONTENT_CHANGED),
+        (changed, CONTENT_CHANGED),
         (tf.logical_not(sampling_ok), OTHER_SAMPLING),
         (step < expected_step, REPLAYED),
         (step > expected_step, SKIPPED),
         (tf.not_equal(micro, expected_micro), OUT_OF_ORDER),
         (tf.logical_not(source_ok), TWO_SOURCES),
-        (tf.logical_not(stream_allowed(source, pinned, pinned_source)), NOT_PINNED),
+        (tf.logical_not(allowed), NOT_PINNED),
         (tf.logical_not(end_ok), WRONG_END),
     ]
     del first_row  # checked with the other positions
@@ -135,6 +141,39 @@ def check(
     for failed, value in reversed(failures):
         code = tf.where(failed, tf.constant(value, tf.int64), code)
     return code
+
+
+def refuse_unsealable(content) -> None:
+    """Refuses, when the train step is traced, an element whose content no seal covers.
+
+    The package's Poisson pipelines seal dense tensors only; a leaf the
+    digest cannot read (a `tf.RaggedTensor` or `tf.SparseTensor` input
+    added by a generator that re-yields the pipeline's elements, a
+    dtype without a digest) would reach the model beside the sealed rows:
+    a micro-batch statistic in it moves every example's gradient.
+
+    Args:
+      content: `(x, y, mask)` of a Poisson element, as it arrived.
+
+    Raises:
+      SamplingIdentityError: naming the leaf (x, y or the mask, and its
+        path), before any update.
+    """
+    bad = content_digest._unreadable(content)
+    if bad is None:
+        return
+    path, why = bad
+    names = {"[0]": "x", "[1]": "y", "[2]": "the mask"}
+    name = names.get(path[:3], "x") + path[3:]
+    raise SamplingIdentityError(
+        f"Invalid value for `x`: the training element's {name} is {why}. A Poisson "
+        "element's seal (content_digest.py) covers its dense features, labels and mask; "
+        "an input added beside them (a ragged or sparse tensor a generator or PyDataset "
+        "yields with the pipeline's elements) would reach the model unchecked, and a "
+        "statistic of the micro-batch in it would move every example's gradient. Feed "
+        "the pipeline's elements unchanged; give make_poisson_dataset every input the "
+        "model reads, as dense arrays. No update was made."
+    )
 
 
 def stream_allowed(source: tf.Tensor, pinned, pinned_source) -> tf.Tensor:
@@ -213,13 +252,17 @@ def describe(record: Sequence[int], dataset_size: int, expected_batch_size: int)
             "Build the PoissonSampler with the model's dataset_size and expected_batch_size."
         ),
         CONTENT_CHANGED: (
-            f"The content of {where} is not the one the sampler built in this process: a "
-            "function between the Poisson pipeline and the model (a generator or PyDataset "
-            "that re-yields its elements, a MixUp or CutMix of its rows, a batch "
-            "statistic) rewrote its features, labels or mask, so one example's data could "
-            "reach other examples' clipped gradients or drop out of the sample; or the "
-            "element was built elsewhere (another process, a saved pipeline). Feed the "
-            "pipeline's elements unchanged, built in this process; augment inside "
+            f"The content of {where} is not the one the pipeline this fit pinned built in "
+            "this process: a function between the Poisson pipeline and the model (a "
+            "generator or PyDataset that re-yields its elements, a MixUp or CutMix of its "
+            "rows, a batch statistic, an input added, removed or reshaped) rewrote its "
+            "features, labels or mask, so one example's data could reach other examples' "
+            "clipped gradients or drop out of the sample; or the element was built by "
+            "another pipeline (a twin with the same key over the same data, e.g. another "
+            "augmenter: one example's presence could pick which twin a step comes from) "
+            "or elsewhere (another process, a saved pipeline). Feed the elements of the "
+            "one pipeline fit pinned (passed as x, or the most recently built one alive) "
+            "unchanged, built in this process; augment inside "
             "make_poisson_dataset (`augmenter=`) or in the model, one example at a time. "
             "Micro-batches you draw yourself need sampling='caller_poisson' (unchecked, "
             "and named so in the logs)."

@@ -28,6 +28,7 @@ from tan_keras.mechanism import (
     model_analysis,
     per_example,
     provenance,
+    sampling,
 )
 
 # What the train step returns when it releases nothing (release_train_metrics
@@ -67,7 +68,9 @@ class _TrainStep:
         step_end, sample_weight, identity = None, None, None
         kind = fit_inputs.check_element(self._dp_config, data)
         if kind == fit_inputs.POISSON:
-            # The identity is checked against the ledger in train_step.
+            # The identity is checked against the ledger in train_step; the
+            # content it vouches for must be what its seal can read.
+            step_identity.refuse_unsealable(tuple(data[:3]))
             x, y, mask, step_end, identity = data
         elif kind == fit_inputs.MICRO_BATCHES:
             x, y, mask, step_end = data
@@ -125,7 +128,9 @@ class _TrainStep:
         release = self._releases_update(step_end)
         if identity is not None:
             # On the element as it arrived: (x, y, mask) as the pipeline sealed them.
-            content_ok = content_digest.matches(tuple(data[:3]), identity)
+            content_ok = content_digest.matches(
+                tuple(data[:3]), identity, self._pinned_nonce(identity)
+            )
             release = tf.logical_and(release, self._identity_holds(identity, step_end, content_ok))
         self._noisy_update(self._accumulated(), release)
         self._close_logical_step(step_end)
@@ -177,6 +182,20 @@ class _TrainStep:
                 "(from public data) and pass it as a constant.",
             )
         self._loss_keeps_no_state = True
+
+    def _pinned_nonce(self, identity):
+        """The nonce the element's seal is checked with (`SecretState.pinned_nonce`).
+
+        The pinned pipeline's for a micro-batch of a pipeline's stream (a
+        twin's seal, another nonce, does not match); 0 for identities built
+        by hand with the package-internal seal (tests), which carry no mark.
+        """
+        source = tf.cast(identity[0, 5], tf.int64)
+        return tf.where(
+            sampling.is_pipeline_stream(source),
+            tf.cast(self._secret.pinned_nonce, tf.int64),
+            tf.constant(0, tf.int64),
+        )
 
     def _identity_holds(self, identity, step_end, content_ok):
         """Checks the micro-batch's identity against the ledger (step_identity.py).

@@ -23,6 +23,17 @@ process are refused too). There is no public way to seal a micro-batch:
 callers who build their own have the `caller_poisson` opt-in, which the
 plan and the logs name.
 
+Every leaf is read (a scalar on every row), and so is the element's layout
+(each leaf's path, kind and rank): an input added, removed or reshaped after
+sealing does not match. A leaf the digest cannot read (a `tf.RaggedTensor`
+or `tf.SparseTensor`, which the package's pipelines never build) is refused
+when the train step is traced (`step_identity.refuse_unsealable`): content
+beside the sealed rows, a micro-batch statistic, would reach the model
+unchecked. Each pipeline seals with its own nonce
+(`sampling.pipeline_nonce`), and the model checks with the nonce of the
+pipeline `fit` pinned: a twin (one key over the same data, another
+augmenter) has the same stream id but not the same seals.
+
 Exactness: it is integer arithmetic on 16-bit words of the values (integers
 by value, float64 by its 64-bit pattern, other floating values by their
 float32 bit pattern, strings by a keyed hash), the same on the host
@@ -33,8 +44,11 @@ either. Its cost is a few integer operations per value read: small beside a
 forward pass.
 """
 
+import collections.abc
+import hashlib
 import math
 import secrets
+import typing
 from typing import Any
 
 import tensorflow as tf
@@ -129,32 +143,103 @@ def _powers(point: tf.Tensor, count) -> tf.Tensor:
     return tf.reshape(table, [-1])[1 : count + 1]
 
 
+def _kind(leaf: tf.Tensor) -> str:
+    """How `_words` reads a leaf's values (one letter), or a ValueError if it cannot."""
+    dtype = leaf.dtype
+    if dtype == tf.string:
+        return "s"
+    if dtype == tf.float64:
+        return "d"
+    if dtype.is_floating:
+        return "f"
+    if dtype.is_integer or dtype == tf.bool:
+        return "i"
+    raise ValueError(f"its dtype {dtype.name} cannot be digested")
+
+
+def _leaves(structure: Any, path: str = "") -> typing.List[typing.Tuple[str, Any]]:
+    """(path, leaf) of every leaf of `structure`, lists and tuples alike, dict keys sorted."""
+    if isinstance(structure, collections.abc.Mapping):
+        return [
+            item
+            for key in sorted(structure, key=repr)
+            for item in _leaves(structure[key], f"{path}[{key!r}]")
+        ]
+    if isinstance(structure, (list, tuple)):
+        return [
+            item for i, value in enumerate(structure) for item in _leaves(value, f"{path}[{i}]")
+        ]
+    return [(path, structure)]
+
+
+def _unreadable(structure: Any) -> typing.Optional[typing.Tuple[str, str]]:
+    """(path, why) of the first leaf of `structure` the digest cannot read, or None.
+
+    Every leaf must be a dense tensor (or what converts to one) of strings,
+    numbers or booleans: a `tf.RaggedTensor` or `tf.SparseTensor` (never
+    built by the package's Poisson pipelines) would carry content beside
+    the sealed rows.
+    """
+    for path, leaf in _leaves(structure):
+        if isinstance(leaf, tf.__internal__.CompositeTensor):
+            return path, f"a {type(leaf).__name__} (only dense tensors are sealed)"
+        try:
+            _kind(tf.convert_to_tensor(leaf))
+        except (TypeError, ValueError) as error:
+            return path, str(error)
+    return None
+
+
+def _layout(leaves: typing.List[typing.Tuple[str, tf.Tensor]]) -> int:
+    """A 63-bit digest of the element's structure: its leaves' paths, kinds and ranks.
+
+    Hashed with the content, so that an element with an input added,
+    removed, renamed or reshaped does not match its seal even when its
+    values' words would.
+    """
+    text = ";".join(f"{path}:{_kind(leaf)}{leaf.shape.rank}" for path, leaf in leaves)
+    digest = hashlib.blake2b(text.encode(), digest_size=8, person=b"tan-layout").digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 # No data-dependent Python control flow: AutoGraph's conversion (in tf.data
 # maps and train steps) would only cost tracing time.
 @tf.autograph.experimental.do_not_convert
-def _digest(structure: Any, identity: tf.Tensor) -> tf.Tensor:
+def _digest(structure: Any, identity: tf.Tensor, nonce=0) -> tf.Tensor:
     """[rows] int64: each row's digest of `structure` (features, labels and mask).
 
     Args:
-      structure: The element's content, leaves of shape [rows, ...] (dense
-        tensors; composite tensors are not read).
+      structure: The element's content, dense leaves of shape [rows, ...]
+        (a scalar leaf is read on every row).
       identity: [rows, len(IDENTITY_COLUMNS)] int64, the rows' identity: its
         step and micro-batch choose the secret evaluation points.
+      nonce: The int64 of the pipeline that sealed the element
+        (`sampling.pipeline_nonce`; 0 for identities built by hand): two
+        pipelines with one key over the same data seal the same rows
+        differently, so the model tells the one `fit` pinned from its twin.
 
     Returns:
       One residue in [0, 2**31 - 1) per row.
+
+    Raises:
+      ValueError: for a leaf the digest cannot read (`_unreadable`).
     """
     identity = tf.cast(identity, tf.int64)
+    rows = tf.shape(identity)[0]
+    bad = _unreadable(structure)
+    if bad is not None:
+        raise ValueError(f"The training element's leaf {bad[0] or 'x'} cannot be sealed: {bad[1]}.")
+    leaves = [(path, tf.convert_to_tensor(leaf)) for path, leaf in _leaves(structure)]
     # The row's own identity (step, micro-batch, count, N, B, source, row,
     # rows) is part of what is hashed: a row copied into another position,
-    # or a micro-batch cut short with a new row count, does not match.
-    parts = [_words(identity[:, :COLUMN])]
-    for leaf in tf.nest.flatten(structure):
-        if isinstance(leaf, (tf.RaggedTensor, tf.SparseTensor)):
-            continue
-        leaf = tf.convert_to_tensor(leaf)
+    # or a micro-batch cut short with a new row count, does not match; and
+    # so are the element's layout and the sealing pipeline's nonce.
+    extra = tf.stack([tf.constant(_layout(leaves), tf.int64), tf.cast(nonce, tf.int64)])
+    header = tf.concat([identity[:, :COLUMN], tf.tile(extra[None], [rows, 1])], axis=1)
+    parts = [_words(header)]
+    for _, leaf in leaves:
         if leaf.shape.rank == 0:
-            continue
+            leaf = tf.fill([rows], leaf)
         parts.append(_words(tf.reshape(leaf, [tf.shape(leaf)[0], -1])))
     # One polynomial over all of a row's words: one table of powers.
     words = tf.concat(parts, axis=1)
@@ -168,23 +253,28 @@ def _digest(structure: Any, identity: tf.Tensor) -> tf.Tensor:
 
 
 @tf.autograph.experimental.do_not_convert
-def _seal(content: Any, identity: tf.Tensor) -> tf.Tensor:
+def _seal(content: Any, identity: tf.Tensor, nonce=0) -> tf.Tensor:
     """`identity` with each row's digest of `content` in its last column.
 
     Args:
       content: `(x, y, mask)` as the element will hold them.
       identity: [rows, len(IDENTITY_COLUMNS)] int64.
+      nonce: The sealing pipeline's nonce (`_digest`).
 
     Returns:
       The identity to put into the element.
     """
     identity = tf.cast(identity, tf.int64)
-    column = _digest(content, identity)[:, None]
+    column = _digest(content, identity, nonce)[:, None]
     return tf.concat([identity[:, :COLUMN], column, identity[:, COLUMN + 1 :]], axis=1)
 
 
 @tf.autograph.experimental.do_not_convert
-def matches(content: Any, identity: tf.Tensor) -> tf.Tensor:
-    """Whether every row's content is the one its identity was sealed with (scalar bool)."""
+def matches(content: Any, identity: tf.Tensor, nonce=0) -> tf.Tensor:
+    """Whether every row's content is the one its identity was sealed with (scalar bool).
+
+    `nonce` is the one of the pipeline `fit` pinned (`_digest`): an element
+    sealed by another pipeline, even one with the same stream id, does not match.
+    """
     identity = tf.cast(identity, tf.int64)
-    return tf.reduce_all(tf.equal(_digest(content, identity), identity[:, COLUMN]))
+    return tf.reduce_all(tf.equal(_digest(content, identity, nonce), identity[:, COLUMN]))

@@ -26,6 +26,7 @@ sampled, so the sampling RNG, like the noise RNG, is seeded from OS entropy
 unless a seed is given explicitly (debugging only; a warning says so).
 """
 
+import contextlib
 import gc
 import hashlib
 import math
@@ -626,6 +627,8 @@ def make_poisson_dataset(
     views.check_augmenter_state(augmenter, tf.nest.map_structure(lambda t: t[0], features), augmult)
     # Bound into the stream id: one key over other data is another stream.
     source = source_fingerprint(features, labels)
+    # Bound into every seal: a twin (same key, same data) seals otherwise.
+    nonce = pipeline_nonce()
 
     def gather(indices, mask, step_end, identity, seed=None):
         # Every shard draws the same global micro-batch and keeps its rows, so
@@ -639,7 +642,7 @@ def make_poisson_dataset(
         # example draws the same views for it.
         x = views.sampled_views(x, augmult, augmenter, seed=seed, example_ids=indices)
         y = tf.nest.map_structure(lambda t: _padding_zeroed(tf.gather(t, indices), mask), labels)
-        return x, y, mask, step_end, content_digest._seal((x, y, mask), identity)
+        return x, y, mask, step_end, content_digest._seal((x, y, mask), identity, nonce)
 
     dataset = sampler.micro_batches(steps, with_seeds=augmenter is not None, source=source)
     dataset = dataset.map(gather).prefetch(2)
@@ -647,7 +650,7 @@ def make_poisson_dataset(
     # whole micro-batches (that would split logical steps across hosts).
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return register_sampler(dataset.with_options(options), sampler, source=source)
+    return register_sampler(dataset.with_options(options), sampler, source=source, nonce=nonce)
 
 
 def source_fingerprint(features, labels) -> int:
@@ -678,13 +681,48 @@ def source_fingerprint(features, labels) -> int:
 
 
 # Poisson pipelines made here -> the sampler that draws their micro-batches,
-# and the fingerprint of the data they sample (None: not bound).
+# the fingerprint of the data they sample (None: not bound), and the nonce
+# their seals are bound to (`pipeline_nonce`).
 _SAMPLER_OF = weakref.WeakKeyDictionary()
 _SOURCE_OF = weakref.WeakKeyDictionary()
+_NONCE_OF = weakref.WeakKeyDictionary()
+# While a distributed dataset builds its hosts' pipelines in this process:
+# the nonce they all share (`distribute_host_datasets`).
+_SHARED_NONCE = []
+
+
+def pipeline_nonce() -> int:
+    """A fresh nonce for a pipeline's seals (`content_digest._seal`), never 0.
+
+    A stream id names the key and the data only (every host of a
+    multi-worker run computes it alike), so two pipelines with one key over
+    the same data (other augmenters, other shards) carry the same one; a
+    generator could then take each step from the twin that suits it, every
+    element intact. Each pipeline seals its elements with its own nonce and
+    the model checks them with the nonce of the pipeline `fit` pinned
+    (`pinned_nonce`): a twin's elements do not match. The pipelines a
+    distributed dataset builds in one process share one
+    (`distribute_host_datasets`).
+    """
+    if _SHARED_NONCE:
+        return _SHARED_NONCE[-1]
+    return secrets.randbits(62) + 1
+
+
+@contextlib.contextmanager
+def _shared_nonce(nonce: int):
+    _SHARED_NONCE.append(nonce)
+    try:
+        yield
+    finally:
+        _SHARED_NONCE.pop()
 
 
 def register_sampler(
-    dataset: tf.data.Dataset, sampler: PoissonSampler, source: Optional[int] = None
+    dataset: tf.data.Dataset,
+    sampler: PoissonSampler,
+    source: Optional[int] = None,
+    nonce: int = 0,
 ) -> tf.data.Dataset:
     """Records that `sampler` draws `dataset`'s micro-batches (see `sampler_of`); returns it.
 
@@ -693,6 +731,7 @@ def register_sampler(
       sampler: The `PoissonSampler` that draws them.
       source: The `source_fingerprint` its micro-batches' stream id is bound
         to (`sampler.micro_batches(source=...)`), or None.
+      nonce: The `pipeline_nonce` its elements are sealed with.
 
     Returns:
       `dataset`, now one of the live pipelines `fit` can pin (`stream_of`,
@@ -700,6 +739,7 @@ def register_sampler(
     """
     _SAMPLER_OF[dataset] = sampler
     _SOURCE_OF[dataset] = source
+    _NONCE_OF[dataset] = nonce
     return dataset
 
 
@@ -710,6 +750,11 @@ def stream_of(pipeline: tf.data.Dataset) -> int:
       KeyError: if `pipeline` was not registered (`register_sampler`).
     """
     return int(_SAMPLER_OF[pipeline].stream_id(_SOURCE_OF.get(pipeline)).numpy())
+
+
+def nonce_of(pipeline: tf.data.Dataset) -> int:
+    """The nonce a registered pipeline seals its elements with (`pipeline_nonce`; 0: none)."""
+    return _NONCE_OF.get(pipeline, 0)
 
 
 def live_pipelines(dataset_size: int, expected_batch_size: int) -> List[tf.data.Dataset]:
@@ -732,6 +777,11 @@ def live_pipelines(dataset_size: int, expected_batch_size: int) -> List[tf.data.
         return []
     gc.collect()
     return matching()
+
+
+def live_pipelines_uncollected() -> List[tf.data.Dataset]:
+    """The registered pipelines not yet collected, oldest first (no garbage collection)."""
+    return [pipeline for pipeline, _ in list(_SAMPLER_OF.items())]
 
 
 def sampler_of(dataset) -> Optional[PoissonSampler]:
@@ -949,8 +999,13 @@ def distribute_host_datasets(
     make = host_dataset_fn(sampler_fn, make_host_dataset)
     pipelines = []
 
+    # One nonce for the pipelines this dataset builds in this process: fit
+    # pins one of them, and each replica reads whichever this process built.
+    nonce = pipeline_nonce()
+
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        host = make(context)
+        with _shared_nonce(nonce):
+            host = make(context)
         # The pipelines this process's hosts read, whose stream fit pins.
         pipelines.extend(poisson_pipelines(host))
         return check_sampling_tags(host, *sampling)

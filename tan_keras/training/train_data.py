@@ -84,18 +84,21 @@ def train_dataset(
             y[:n] = train_y[indices[:n]]
         return x, y
 
+    nonce = sampling.pipeline_nonce()
+
     def gather(indices, mask, step_end, identity, seed=None):
         x, y = tf.numpy_function(read, [indices, mask], [tf.float32, tf.int32], stateful=False)
         x = tf.ensure_shape(x, [sampler.physical_batch_size, *image_shape])
         y = tf.ensure_shape(y, [sampler.physical_batch_size])
         x = sampled_views(x, augmult, augmenter, seed=seed, example_ids=indices)
-        return x, y, mask, step_end, content_digest._seal((x, y, mask), identity)
+        return x, y, mask, step_end, content_digest._seal((x, y, mask), identity, nonce)
 
     return sampling.register_sampler(
         sampler.micro_batches(None, with_seeds=augmenter is not None)
         .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(2),
         sampler,
+        nonce=nonce,
     )
 
 
@@ -172,6 +175,12 @@ def encoded_train_dataset(
         return views[0], label, mask, step_end, identity
 
     parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    nonce = sampling.pipeline_nonce()
+
+    def sealed(x, y, mask, step_end, identity):
+        # The rows were decoded one by one; their digest is taken on the batch.
+        return x, y, mask, step_end, content_digest._seal((x, y, mask), identity, nonce)
+
     return sampling.register_sampler(
         sampler.micro_batches(None, with_seeds=augmenter is not None)
         # Reads overlap with decoding; rows are then decoded one example per
@@ -180,15 +189,11 @@ def encoded_train_dataset(
         .unbatch()
         .map(example_views, **parallel)
         .batch(rows, drop_remainder=True, **parallel)
-        .map(_sealed)
+        .map(sealed)
         .prefetch(2),
         sampler,
+        nonce=nonce,
     )
-
-
-def _sealed(x, y, mask, step_end, identity):
-    # The rows were decoded one by one; their digest is taken on the batch.
-    return x, y, mask, step_end, content_digest._seal((x, y, mask), identity)
 
 
 def _decode(decode, jpeg, index, image_shape, split) -> tf.Tensor:

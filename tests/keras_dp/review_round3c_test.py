@@ -160,7 +160,10 @@ def _mixed_and_sealed_again(secret):
             mixed = x + tf.reduce_mean(x, 0, keepdims=True)
             own, content_digest._SECRET = content_digest._SECRET, secret or content_digest._SECRET
             try:
-                identity = content_digest._seal((mixed, y, mask), identity)
+                # With the pipeline's own nonce (review round 7: each pipeline seals with its own).
+                identity = content_digest._seal(
+                    (mixed, y, mask), identity, sampling.nonce_of(pipeline)
+                )
             finally:
                 content_digest._SECRET = own
             yield mixed, y, mask, step_end, identity

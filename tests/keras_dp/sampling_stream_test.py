@@ -115,6 +115,9 @@ def test_a_generator_choosing_among_pipelines_is_refused_before_any_update(attac
 def _without_the_pin(monkeypatch):
     monkeypatch.setattr(fit_inputs, "stream_to_pin", lambda config, data: None)
     monkeypatch.setattr(step_identity, "stream_allowed", lambda *args: tf.constant(True))
+    # Each pipeline's seals are bound to its own nonce (review round 7's
+    # twins): without the pin, every pipeline seals with the one nonce 0.
+    monkeypatch.setattr(sampling, "pipeline_nonce", lambda: 0)
 
 
 def test_power_check_without_the_pin_a07_over_includes_its_target(monkeypatch):
@@ -165,6 +168,7 @@ def test_one_key_over_other_data_is_another_stream():
 
 def test_power_check_without_the_source_binding_one_key_over_other_data_trains(monkeypatch):
     monkeypatch.setattr(sampling, "source_fingerprint", lambda features, labels: None)
+    monkeypatch.setattr(sampling, "pipeline_nonce", lambda: 0)  # nor the pipeline's nonce
     model = dp_model(dense_model(), **DP)
     chosen = []
     model.fit(_other_sign_materialized(chosen), verbose=0)
@@ -188,6 +192,7 @@ def test_steps_of_pipelines_no_longer_alive_are_refused():
 
 def test_power_check_without_the_step_check_materialized_a07_over_includes(monkeypatch):
     monkeypatch.setattr(step_identity, "stream_allowed", lambda *args: tf.constant(True))
+    monkeypatch.setattr(sampling, "pipeline_nonce", lambda: 0)
     model = dp_model(dense_model(), **DP)
     chosen = []
     model.fit(_a07_materialized(chosen), verbose=0)
