@@ -214,10 +214,13 @@ def _subjaxprs(params) -> Iterator[object]:
 
 
 def _callback(jaxpr) -> Optional[Tuple[str, str]]:
-    """(primitive name, name stack) of the first callback primitive, or None."""
+    """(primitive name, name stack) of the first callback or print primitive, or None."""
+    # jax.debug.print is a primitive of its own (`debug_print` in JAX 0.10),
+    # not a callback: it would print examples' values out of the step.
     for eqn, where in _equations(jaxpr):
-        if "callback" in eqn.primitive.name:
-            return eqn.primitive.name, where
+        name = eqn.primitive.name
+        if "callback" in name or "print" in name:
+            return name, where
     return None
 
 

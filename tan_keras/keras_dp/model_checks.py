@@ -83,6 +83,9 @@ def check_model_is_dp_compatible(model: keras.Model) -> None:
                 "the DP guarantee would not hold. Remove it (weight regularizers "
                 "such as kernel_regularizer are fine: they do not depend on data)."
             )
+    printed = sorted(model_analysis.OUTPUT_OPS & model_analysis.op_types(model))
+    if printed:
+        raise ValueError(model_analysis.output_refusal("The model's training call", printed[0]))
     python = sorted(model_analysis.PYTHON_OPS & model_analysis.op_types(model))
     if python:
         raise ValueError(

@@ -632,6 +632,32 @@ def _trace(
 
 # Ops that run Python code: no trace sees the state that code keeps.
 PYTHON_OPS = frozenset({"EagerPyFunc", "PyFunc", "PyFuncStateless"})
+# Ops that write tensors out of the traced code, to the console or a summary
+# file: in training code they would publish examples' values (and which
+# examples a secret Poisson step drew) outside the noisy update.
+OUTPUT_OPS = frozenset(
+    {
+        "Print",
+        "PrintV2",
+        "WriteAudioSummary",
+        "WriteGraphSummary",
+        "WriteHistogramSummary",
+        "WriteImageSummary",
+        "WriteRawProtoSummary",
+        "WriteScalarSummary",
+        "WriteSummary",
+    }
+)
+
+
+def output_refusal(where: str, op_type: str) -> str:
+    """The sentence refusing `where` (e.g. "The model's training call") for an output op."""
+    return (
+        f"{where} writes tensors out of the training step through a {op_type} op "
+        "(tf.print, tf.summary). Run on the training examples, it would publish their "
+        "values (and which examples each secret Poisson step drew) outside the noisy "
+        "update. Remove it (debug the same code with plain Keras on public data)."
+    )
 
 
 def function_writes(
@@ -684,11 +710,18 @@ def function_writes(
             continue
         if any(kind == "write" for _, _, kind in uses.get(internal.op.name, ())):
             written.append(f"writes the variable `{names.get(id(external), internal.op.name)}`")
-    calls = sorted(PYTHON_OPS & graph_op_types(graph)) if python else []
+    op_types = graph_op_types(graph)
+    calls = sorted(PYTHON_OPS & op_types) if python else []
     if calls:
         written.append(
             f"calls Python code through a {calls[0]} op (tf.py_function or "
             "tf.numpy_function), whose state no trace can see"
+        )
+    outputs = sorted(OUTPUT_OPS & op_types)
+    if outputs:
+        written.append(
+            f"writes tensors out of the step through a {outputs[0]} op (tf.print, "
+            "tf.summary), publishing training values outside the noisy update"
         )
     return tuple(written)
 
