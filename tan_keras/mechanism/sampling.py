@@ -17,9 +17,10 @@ With a smaller P (the paper's recipes: P = 256 for B = 4096) the number of
 micro-batches of a step follows its realized size n, and so would anything
 that counts them: the updates done per Keras epoch, their epsilon, the time
 per step. n depends on which examples are in the data, and nothing noises
-it. `pad_steps=True` pads every step to the same number of micro-batches,
-enough for n <= B + 4 sqrt(B (1 - q)): the layout then depends on n only in
-that 3e-5 tail, for a few percent more padded rows.
+it. Every sampler (`pad_steps`, on unless it changes nothing) pads every
+step to the same number of micro-batches, enough for n <= B + 4 sqrt(B (1 -
+q)): the layout then depends on n only in that 3e-5 tail, for a few percent
+more padded rows.
 
 Secrecy: amplification by sampling assumes nobody knows which examples were
 sampled, so the sampling RNG, like the noise RNG, is seeded from OS entropy
@@ -104,7 +105,8 @@ class PoissonSampler(tf.Module):
       pad_steps: Pad every logical step to `steps_padded_to` micro-batches
         (see the module docstring), so that the micro-batches per step do not
         reveal the realized batch size; a larger step still spills into
-        more. False (default): ceil(n / P) micro-batches, at least one.
+        more. None (default) or True. False (ceil(n / P) micro-batches) only
+        where it changes nothing: P >= B + 4 std, one micro-batch a step.
 
     Raises:
       ValueError: on an invalid argument.
@@ -117,7 +119,7 @@ class PoissonSampler(tf.Module):
         physical_batch_size: Optional[int] = None,
         seed: Optional[int] = None,
         secret_key: Optional[int] = None,
-        pad_steps: bool = False,
+        pad_steps: Optional[bool] = None,
     ):
         super().__init__(name="poisson_sampler")
         self.dataset_size = _validate.positive_int("dataset_size", dataset_size)
@@ -131,9 +133,23 @@ class PoissonSampler(tf.Module):
         self.physical_batch_size = _validate.positive_int(
             "physical_batch_size", physical_batch_size
         )
-        if not isinstance(pad_steps, bool):
-            raise _validate.invalid("pad_steps", "True or False", pad_steps)
-        self.pad_steps = pad_steps
+        if pad_steps is not None and not isinstance(pad_steps, bool):
+            raise _validate.invalid("pad_steps", "None, True or False", pad_steps)
+        padded_rows = default_physical_batch_size(self.expected_batch_size, self.dataset_size)
+        if pad_steps is False and self.physical_batch_size < padded_rows:
+            # Unpadded, a step's micro-batches would count its realized size n
+            # (ceil(n / P)): Keras's progress bar, the batch callbacks and the
+            # updates per epoch would release it without noise (review round 8).
+            raise _validate.invalid(
+                "pad_steps",
+                f"True or None when physical_batch_size ({self.physical_batch_size}) is "
+                f"below B + 4 std ({padded_rows} rows): unpadded, the number of "
+                "micro-batches of a step is ceil(n / P) for its realized batch size n, "
+                "which Keras's progress bar, the batch callbacks and the updates counted "
+                "per epoch would release without noise",
+                pad_steps,
+            )
+        self.pad_steps = pad_steps is not False
         if seed is not None and secret_key is not None:
             raise _validate.invalid(
                 "secret_key", "None when `seed` is given (they are alternatives)", secret_key

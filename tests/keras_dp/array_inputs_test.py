@@ -202,7 +202,9 @@ def test_power_check_unpadded_steps_reveal_their_poisson_size(monkeypatch):
     original = sampling.PoissonSampler
 
     def unpadded(*arguments, **keywords):
-        return original(*arguments, **{**keywords, "pad_steps": False})
+        sampler = original(*arguments, **keywords)
+        sampler.pad_steps = False  # by hand: the argument is refused below B + 4 std
+        return sampler
 
     monkeypatch.setattr(sampling, "PoissonSampler", unpadded)
     x, y = _data()
@@ -245,6 +247,7 @@ def test_padded_micro_batches_add_up_to_one_update_divided_by_b(monkeypatch):
 def test_mean_micro_batches_counts_the_spill_of_large_poisson_batches():
     # B = P: a step larger than B (probability about one half) takes two.
     sampler = sampling.PoissonSampler(9600, 256, physical_batch_size=256)
+    sampler.pad_steps = False  # by hand: the argument is refused below B + 4 std
     assert 1.45 < sampling.mean_micro_batches(sampler) < 1.52
     # The default P = B + 4 std almost never spills.
     assert sampling.mean_micro_batches(sampling.PoissonSampler(9600, 256)) < 1.001

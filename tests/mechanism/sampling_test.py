@@ -102,8 +102,13 @@ def test_padded_steps_take_the_same_micro_batches_whatever_their_size():
     sampler = sampling.PoissonSampler(N, B, physical_batch_size=16, pad_steps=True)
     assert sampler.steps_padded_to == 3
     assert set(_micro_batches_per_step(sampler, 200)) == {3}
-    # Power check: unpadded, the count follows the realized size n.
+    # Padded by default; unpadded is refused where it would count n.
+    assert sampling.PoissonSampler(N, B, physical_batch_size=16).steps_padded_to == 3
+    with pytest.raises(ValueError, match="pad_steps.*realized batch size"):
+        sampling.PoissonSampler(N, B, physical_batch_size=16, pad_steps=False)
+    # Power check: unpadded (the attribute set by hand), the count follows n.
     unpadded = sampling.PoissonSampler(N, B, physical_batch_size=16)
+    unpadded.pad_steps = False
     assert len(set(_micro_batches_per_step(unpadded, 200))) > 1
     assert unpadded.steps_padded_to is None
     # A step above B + 4 std still spills, whole: padding never truncates.

@@ -52,7 +52,9 @@ def test_native_decoding_equals_the_python_path(imagenet):
     np.testing.assert_array_equal(x.numpy()[:rows], data.train_x[indices])
     np.testing.assert_array_equal(y.numpy()[:rows], data.train_y[indices])
     assert not x.numpy()[rows:].any()  # padding rows: zeros, never decoded
-    assert step_end.numpy().all() and tag.shape == (8, len(sampling.IDENTITY_COLUMNS))
+    # Padded to 2 micro-batches (B + 4 std = 15 rows): the step ends in the second.
+    assert _sampler().steps_padded_to == 2 and not step_end.numpy().any()
+    assert tag.shape == (8, len(sampling.IDENTITY_COLUMNS))
     test = next(iter(train_data.test_dataset(data.test_x, data.test_y, 4)))
     np.testing.assert_array_equal(test[0].numpy(), data.test_x[np.arange(4)])
 
