@@ -18,6 +18,7 @@ from tan_keras import _keras_internals, _repeated_rows
 from tan_keras.keras_dp import (
     array_inputs,
     class_weights,
+    debug_dumps,
     dp_state,
     example_weights,
     fit_inputs,
@@ -403,6 +404,7 @@ class _FitEntry:
         # Compiled metrics named like held-out or noise-covered values, then
         # callbacks deciding from noiseless training statistics.
         fit_inputs.check_fit(self, callbacks, self._release_train_metrics)
+        debug_dumps.refuse_tensor_dumps()
         spend = self.privacy_budget
         if spend is not None:
             # Always, beside any accountant of the user's (one that only logs
