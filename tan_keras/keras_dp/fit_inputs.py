@@ -285,7 +285,7 @@ def pin_of(config: DPConfig, data: Any) -> Optional[Tuple[int, int]]:
     tells them apart: the model checks every element's seal with the pinned
     pipeline's nonce. It is the nonce of the pipeline `stream_to_pin` chose:
     the first upstream of `data`, else the most recently built one alive
-    with that stream.
+    for the model's (N, B) with that stream.
 
     Raises:
       ValueError: as `stream_to_pin`.
@@ -295,12 +295,29 @@ def pin_of(config: DPConfig, data: Any) -> Optional[Tuple[int, int]]:
         return None
     candidates = sampling.poisson_pipelines(data)
     if not candidates:
-        # Collected by `stream_to_pin` just now (`live_pipelines`).
-        candidates = list(reversed(sampling.live_pipelines_uncollected()))
+        # The pipelines alive for the model's (N, B), most recent first:
+        # `stream_to_pin` chose the first (it collected the garbage just
+        # now, `live_pipelines`). Only those are read: a pipeline other
+        # tests or phases left alive for another (N, B) is no candidate,
+        # and its stream is not looked up.
+        candidates = [
+            pipeline
+            for pipeline in reversed(sampling.live_pipelines_uncollected())
+            if _draws_for(pipeline, config)
+        ]
     for pipeline in candidates:
         if sampling.stream_of(pipeline) == stream:
             return stream, sampling.nonce_of(pipeline)
     return stream, 0
+
+
+def _draws_for(pipeline: Any, config: DPConfig) -> bool:
+    """Whether a registered pipeline's sampler draws for the model's (N, B)."""
+    sampler = sampling.sampler_of(pipeline)
+    return sampler is not None and (sampler.dataset_size, sampler.expected_batch_size) == (
+        config.dataset_size,
+        config.expected_batch_size,
+    )
 
 
 def runs_code_between_updates(data: Any) -> bool:

@@ -95,9 +95,10 @@ def check(
       pinned_source: The pinned stream id (read only when `pinned`).
 
     Returns:
-      A scalar int64 code; the first failing property in the order of the
-      constants above, except that mixed rows and another sampling are
-      reported first (the other fields are then meaningless).
+      A scalar int64 code: the first failing property of mixed or partial
+      rows (the other fields are then meaningless), another sampling, a
+      replayed, skipped or out-of-order micro-batch, two streams in a step,
+      a stream not pinned, a changed content (the seal), a wrong step end.
     """
     identity = tf.cast(identity, tf.int64)
     tag = identity[0]
@@ -117,23 +118,25 @@ def check(
     ends_here = tf.equal(micro, micro_batches - 1)
     end_ok = tf.logical_and(tf.equal(ends_here, tf.cast(step_end, tf.bool)), micro < micro_batches)
     source_ok = tf.logical_or(tf.equal(expected_micro, 0), tf.equal(source, step_source))
-    allowed = stream_allowed(source, pinned, pinned_source)
-    # A seal is checked with the pinned pipeline's nonce, so another
-    # stream's element fails it too: it is named for its stream below.
-    changed = tf.logical_and(
-        tf.logical_not(tf.cast(content_ok, tf.bool)), tf.logical_and(source_ok, allowed)
-    )
-    # Checked in this order; the first that fails names the violation.
+    # Checked in this order; the first that fails names the violation. The
+    # seal comes after what the identity itself says (another (N, B), a
+    # replayed, skipped or reordered step, another stream): it is checked
+    # with the pinned pipeline's nonce, so every element of another pipeline
+    # fails it too (another sampling rate, phase 1's steps fed to phase 2),
+    # and the identity names what is wrong with those more precisely. An
+    # element whose identity is right but whose content is not (rewritten,
+    # or sealed by a twin pipeline, or its identity edited to pass: the
+    # identity is part of the seal) is refused for its content.
     failures = [
         (tf.logical_not(rows_agree), MIXED_ROWS),
         (tf.logical_not(whole), PARTIAL),
-        (changed, CONTENT_CHANGED),
         (tf.logical_not(sampling_ok), OTHER_SAMPLING),
         (step < expected_step, REPLAYED),
         (step > expected_step, SKIPPED),
         (tf.not_equal(micro, expected_micro), OUT_OF_ORDER),
         (tf.logical_not(source_ok), TWO_SOURCES),
-        (tf.logical_not(allowed), NOT_PINNED),
+        (tf.logical_not(stream_allowed(source, pinned, pinned_source)), NOT_PINNED),
+        (tf.logical_not(tf.cast(content_ok, tf.bool)), CONTENT_CHANGED),
         (tf.logical_not(end_ok), WRONG_END),
     ]
     del first_row  # checked with the other positions
