@@ -108,28 +108,18 @@ def _point(step: tf.Tensor, micro_batch: tf.Tensor) -> tf.Tensor:
 def _small_powers(base: tf.Tensor, count, bits: int) -> tf.Tensor:
     """[count] int64: base**0, ..., base**(count - 1) modulo _PRIME (square and multiply).
 
-    `bits` bounds the exponents' bit length. One `tf.while_loop` over the
-    bits: the unrolled loop's few hundred ops were a tenth of the time of a
-    test's fit, built again in every fit's input and train step.
+    `bits` bounds the exponents' bit length (few ops for a known small count).
     """
+    # The constants are made once: every Python number in an op is a new
+    # graph node, and this loop runs in every fit's input and train step.
     prime, one = tf.constant(_PRIME, tf.int64), tf.constant(1, tf.int64)
     exponents = tf.range(count, dtype=tf.int64)
-
-    def square_and_multiply(i, result, base, exponents):
+    result = tf.ones_like(exponents)
+    for _ in range(bits):
         odd = tf.equal(tf.bitwise.bitwise_and(exponents, one), one)
         result = tf.where(odd, tf.math.floormod(result * base, prime), result)
-        return (
-            i + 1,
-            result,
-            tf.math.floormod(base * base, prime),
-            tf.bitwise.right_shift(exponents, one),
-        )
-
-    _, result, _, _ = tf.while_loop(
-        lambda i, *_: i < bits,
-        square_and_multiply,
-        (tf.constant(0), tf.ones_like(exponents), tf.convert_to_tensor(base, tf.int64), exponents),
-    )
+        base = tf.math.floormod(base * base, prime)
+        exponents = tf.bitwise.right_shift(exponents, one)
     return result
 
 
