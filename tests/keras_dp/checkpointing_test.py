@@ -29,11 +29,14 @@ def _data():
 
 def _run(directory, steps, resume=False, sigma=1.0, physical=4, noise_seed=11, exact=False, seed=5):
     """Builds model + sampler from scratch (as a new process would) and trains."""
-    if resume:
-        # A new process remembers no weight values. (In this one, a run with
-        # the same seeds left the same values, with its own history: the
-        # fingerprint memory would add it, ledger.py.)
-        ledger_lib._REMEMBERED.clear()
+    # Every run stands for a process of its own, which remembers no weight
+    # values. In this one, an earlier run with the same seeds left the same
+    # values, with its own history, and the fingerprint memory (ledger.py)
+    # would add it: to a restored model, or to a checkpoint of this run (a
+    # padded step ends a Keras epoch here, where the earlier run remembered
+    # its values; SGD's momentum after step 1 equals the zero-initialized
+    # bias after it, and the momentum is written outside any layer).
+    ledger_lib._REMEMBERED.clear()
     keras.utils.set_random_seed(0)
     inp = keras.Input((4,))
     with warnings.catch_warnings():
@@ -66,16 +69,23 @@ def _run(directory, steps, resume=False, sigma=1.0, physical=4, noise_seed=11, e
     return model, accountant
 
 
-def test_resume_continues_exactly_where_it_stopped(tmp_path):
-    full, full_acc = _run(tmp_path / "full", steps=6)
-    _run(tmp_path / "split", steps=3)
-    resumed, resumed_acc = _run(tmp_path / "split", steps=6, resume=True)
+# 19 rows (B + 4 std): one micro-batch a step, steps span Keras epochs; 4
+# rows: every step padded to 5 micro-batches, one Keras epoch each.
+@pytest.mark.parametrize("physical", [19, 4])
+def test_resume_continues_exactly_where_it_stopped(tmp_path, physical):
+    full, full_acc = _run(tmp_path / "full", steps=6, physical=physical)
+    _run(tmp_path / "split", steps=3, physical=physical)
+    resumed, resumed_acc = _run(tmp_path / "split", steps=6, resume=True, physical=physical)
     assert int(resumed.dp_steps.numpy()) == int(full.dp_steps.numpy()) == 6
     assert resumed_acc.epsilon() == full_acc.epsilon()
     # Same seeds: identical weights, EMA and optimizer state prove that no
     # batch or noise draw was replayed or skipped.
     np.testing.assert_allclose(flat(resumed.get_weights()), flat(full.get_weights()), atol=1e-6)
     np.testing.assert_allclose(flat(resumed.ema_variables), flat(full.ema_variables), atol=1e-6)
+    assert int(resumed.optimizer.iterations.numpy()) == int(full.optimizer.iterations.numpy())
+    np.testing.assert_allclose(
+        flat(resumed.optimizer.variables), flat(full.optimizer.variables), atol=1e-6
+    )
 
 
 def test_power_check_resume_that_replays_batches_diverges(tmp_path, monkeypatch):

@@ -65,11 +65,18 @@ def _variables(model_dir):
     reader = tf.train.load_checkpoint(str(model_dir / "checkpoints"))
     names = reader.get_variable_to_shape_map()
     # The sampler's counter includes batches the input pipeline drew ahead
-    # (never applied; rewound on resume): it depends on timing.
+    # (never applied; rewound on resume): it depends on timing. The privacy
+    # ledger's tables name each run's history by a random uid, and a resumed
+    # run's checkpoint holds one more (on its root: the restored optimizer
+    # slots, written outside any layer, carry the checkpoint's history); the
+    # ledger is compared through the steps and epsilon in metrics.json.
     return {
         name: reader.get_tensor(name)
         for name in names
-        if "save_counter" not in name and "sampler/next_step" not in name
+        if "save_counter" not in name
+        and "sampler/next_step" not in name
+        and "dp_ledger/" not in name
+        and name != "_CHECKPOINTABLE_OBJECT_GRAPH"
     }
 
 
