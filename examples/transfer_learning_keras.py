@@ -29,6 +29,9 @@ def main(train_size=12_000, epochs=(5, 2), verbose=2):
         x_train, y_train, batch_size=32, epochs=epochs[0], validation_split=0.2, verbose=verbose
     )
     base.trainable = True
+    for layer in base.layers:  # the BatchNormalization layers stay in inference mode
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
     model.compile(optimizer=keras.optimizers.Adam(1e-5), loss=loss, metrics=metrics)
     model.fit(
         x_train, y_train, batch_size=32, epochs=epochs[1], validation_split=0.2, verbose=verbose

@@ -372,6 +372,9 @@ class DPKerasModel(_FitEntry, _TrainStep, _SecretState, _NoisyUpdate, keras.Mode
         # Resolved before Keras compiles anything: bad input fails fast.
         resolved = output_losses.resolve(self, loss, kwargs.get("loss_weights"))
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+        # Again, as at construction: layers frozen or unfrozen since (keras.io's
+        # fine-tuning) change what a training call writes (fit checks again).
+        model_checks.check_model_is_dp_compatible(self)
         # Metrics logged as `val_...` or as a key of the package's (fit checks again).
         callback_checks.check_compiled_names(self)
         precision.check_optimizer(self.optimizer)

@@ -405,6 +405,9 @@ class _FitEntry:
         # callbacks deciding from noiseless training statistics.
         fit_inputs.check_fit(self, callbacks, self._release_train_metrics)
         debug_dumps.refuse_tensor_dumps()
+        # The layers' `trainable` flags may have changed since compile
+        # (traced again only then: model_analysis caches per flags).
+        model_checks.check_model_is_dp_compatible(self)
         spend = self.privacy_budget
         if spend is not None:
             # Always, beside any accountant of the user's (one that only logs

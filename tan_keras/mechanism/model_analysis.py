@@ -429,9 +429,10 @@ class VariableTie(NamedTuple):
 
 
 class _Analysis:
-    """The cached results for one model."""
+    """The cached results for one model, in one state of its layers' `trainable` flags."""
 
-    def __init__(self):
+    def __init__(self, signature=None):
+        self.signature = signature
         self.writes: Optional[Tuple[VariableWrite, ...]] = None
         self.ties: Optional[Dict[int, VariableTie]] = None
         self.loss_layers: Tuple[str, ...] = ()
@@ -442,10 +443,19 @@ class _Analysis:
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _trainable_flags(model) -> tuple:
+    # What a training-mode call does depends on them: a BatchNormalization
+    # frozen runs in inference mode, unfrozen (keras.io's fine-tuning) it
+    # writes its moving statistics (review round 9: traced once, the unfrozen
+    # layer's writes went unseen and moved an update 258x the bound).
+    return tuple(bool(layer.trainable) for layer in model._flatten_layers(include_self=True))
+
+
 def _analysis(model) -> _Analysis:
+    signature = _trainable_flags(model)
     entry = _CACHE.get(model)
-    if entry is None:
-        entry = _CACHE[model] = _Analysis()
+    if entry is None or entry.signature != signature:
+        entry = _CACHE[model] = _Analysis(signature)
     if entry.writes is None:
         entry.writes, entry.ties, entry.loss_layers, entry.op_types = _trace(model)
     return entry
