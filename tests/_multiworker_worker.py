@@ -77,7 +77,7 @@ from tan_keras.keras_dp.callbacks import PrivacyAccountant  # noqa: E402
 model.fit(
     data,
     epochs=1,
-    steps_per_epoch=6,
+    steps_per_epoch=9,  # 3 logical steps of 3 padded micro-batches (B + 4 std = 19 rows)
     verbose=0,
     callbacks=[PrivacyAccountant(delta=1e-5, max_steps=3)],
 )

@@ -13,10 +13,13 @@ import jax_device_check  # noqa: E402
 
 
 def test_the_smoke_run_times_both_steps_and_its_checks_pass(tmp_path, capsys):
-    assert jax_device_check.main(["--smoke", f"--json={tmp_path / 'check.json'}"]) == 0
+    # mixed_bfloat16 only (the float32 noise and sensitivity of the step are
+    # noise_test's and dp_step_test's; the power checks below run float32).
+    json_path = f"--json={tmp_path / 'check.json'}"
+    assert jax_device_check.main(["--smoke", "--precisions=mixed_bfloat16", json_path]) == 0
     out = capsys.readouterr().out
     assert "| small_cnn | 8 | 2 | mixed_bfloat16 |" in out
-    assert out.count(": ok") == 4
+    assert out.count(": ok") == 2
 
 
 def test_the_checks_reject_too_much_noise_and_an_unclipped_example(monkeypatch):
