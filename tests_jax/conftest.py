@@ -64,6 +64,8 @@ SLOW_TESTS = {
     "tests_jax/ghost_norms_test.py::test_ghost_kernels_give_the_per_example_routes_clipped_sum[mlp-3]",
     "tests_jax/ghost_norms_test.py::test_ghost_kernels_give_the_per_example_routes_clipped_sum[text-2]",
     "tests_jax/ghost_norms_test.py::test_ghost_kernels_give_the_per_example_routes_clipped_sum[convs-2]",
+    # [4 devices: the same equality, the shard_map over more of them]
+    "tests_jax/dp_step_test.py::test_several_devices_equal_one_on_convolutions[2]",
 }
 
 
