@@ -8,7 +8,9 @@ offset by the row), and a layer that writes any other state while training
 is refused by name: that state would carry batch statistics out of the
 clipped step. A loss that writes a variable (a running sum of the labels)
 is refused likewise: run per example, it would carry one example into the
-losses of the later ones. The weight regularizers depend on no data: their gradient is
+losses of the later ones. So is a loss that reads a metric's running value
+(metrics update on whole batches, unclipped); one example's loss sees the
+metrics at zero. The weight regularizers depend on no data: their gradient is
 added outside the clipping (`regularization_gradients`).
 """
 
@@ -127,30 +129,35 @@ def _refuse_loss_state(written) -> None:
     # silently read the value the variable had when the step was compiled.
     # Run per example, a loss that keeps state (a running sum, a counter of
     # hard examples) is not one example's loss, whatever it is for.
-    if written:
-        name = getattr(written[0], "path", None) or written[0].name
-        raise _validate.invalid(
-            "loss",
-            "a loss that keeps no state between examples",
-            f"one that writes the variable `{name}`",
-            "Evaluated one example at a time, it would carry each example's data into "
-            "the clipped gradients of every later one. Compute what it keeps beforehand "
-            "(from public data) and pass it as a constant.",
-        )
+    _refuse_loss_use(
+        written,
+        "keeps no state between examples",
+        "writes the variable",
+        "Evaluated one example at a time, it would carry each example's data into "
+        "the clipped gradients of every later one",
+    )
 
 
 def _refuse_metric_reads(read) -> None:
     """Refuses a loss that reads a metric's running value (module doc)."""
-    if read:
-        name = getattr(read[0], "path", None) or read[0].name
+    _refuse_loss_use(
+        read,
+        "reads no metric's running value",
+        "reads the metric variable",
+        "The metrics update on whole batches, outside the per-example clipping: "
+        "a loss scaled by one (a running training error) would carry earlier "
+        "batches' examples, unclipped, into every later example's gradient",
+    )
+
+
+def _refuse_loss_use(variables, expected: str, use: str, why: str) -> None:
+    if variables:
+        name = getattr(variables[0], "path", None) or variables[0].name
         raise _validate.invalid(
             "loss",
-            "a loss that reads no metric's running value",
-            f"one that reads the metric variable `{name}`",
-            "The metrics update on whole batches, outside the per-example clipping: "
-            "a loss scaled by one (a running training error) would carry earlier "
-            "batches' examples, unclipped, into every later example's gradient. "
-            "Compute the scale beforehand (from public data) and pass it as a constant.",
+            f"a loss that {expected}",
+            f"one that {use} `{name}`",
+            f"{why}. Compute it beforehand (from public data) and pass it as a constant.",
         )
 
 

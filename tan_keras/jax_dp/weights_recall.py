@@ -22,6 +22,7 @@ JAX state to the variables first (mid-epoch, the variables hold nothing).
 
 import keras
 
+from tan_keras.keras_dp import callback_checks
 from tan_keras.keras_dp import ledger as ledger_lib
 from tan_keras.keras_dp.callbacks import PrivacyAccountant
 
@@ -30,16 +31,8 @@ _BATCH_HOOKS = ("on_train_batch_begin", "on_train_batch_end", "on_batch_begin", 
 
 
 def has_batch_hook(callback) -> bool:
-    """Whether `callback` runs its own code between the updates of an epoch.
-
-    Read from the instance, not its class: a `LambdaCallback` keeps the
-    functions it is given as attributes of the instance.
-    """
-    for hook in _BATCH_HOOKS:
-        method = getattr(callback, hook, None)
-        if getattr(method, "__func__", method) is not getattr(keras.callbacks.Callback, hook):
-            return True
-    return False
+    """Whether `callback` runs its own code between the updates of an epoch."""
+    return callback_checks.overrides_any(callback, _BATCH_HOOKS)
 
 
 class RecallSetWeights(keras.callbacks.Callback):

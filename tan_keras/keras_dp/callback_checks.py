@@ -138,6 +138,19 @@ def check_step_logs(keys: Iterable[str]) -> None:
             )
 
 
+def overrides_any(callback: Any, hooks: Iterable[str]) -> bool:
+    """Whether `callback` runs code of its own in any of `hooks` (Keras callback method names).
+
+    Read from the instance, not its class: a `LambdaCallback` keeps the
+    functions it is given as attributes of the instance.
+    """
+    for name in hooks:
+        method = getattr(callback, name, None)
+        if getattr(method, "__func__", method) is not getattr(keras.callbacks.Callback, name):
+            return True
+    return False
+
+
 def check_fit(
     model: Any, callbacks: Optional[Iterable[Any]], releases_training_metrics: bool
 ) -> None:

@@ -11,7 +11,7 @@ fraction); `EpochOpener` marks the passes of sampling="shuffled".
 import keras
 import tensorflow as tf
 
-from tan_keras.keras_dp import fit_inputs, step_identity
+from tan_keras.keras_dp import callback_checks, fit_inputs, step_identity
 from tan_keras.keras_dp import ledger as ledger_lib
 from tan_keras.keras_dp.ledger import replicated_counter
 
@@ -418,11 +418,7 @@ def _runs_code_in(callback, hooks) -> bool:
     kind = type(callback)
     if kind in _NO_WEIGHTS_MID_EPOCH or kind.__module__.split(".")[0] == "tan_keras":
         return False
-    for name in hooks:
-        method = getattr(callback, name, None)
-        if getattr(method, "__func__", method) is not getattr(keras.callbacks.Callback, name):
-            return True
-    return False
+    return callback_checks.overrides_any(callback, hooks)
 
 
 def sees_weights_mid_epoch(callback) -> bool:
